@@ -1,0 +1,1 @@
+"""Export stage: Hugging Face checkpoints -> ONNX (parity-checked) -> a Triton model repository."""

@@ -1,0 +1,90 @@
+"""``vlmserve export``: build (or refresh) a model repository for a model set."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from export import siglip, tiny
+from export.progress import Progress
+from export.repository import ExportOptions, fingerprint, read_stamp, write_stamp
+from export.sources import resolve_source
+from vlmserve import paths
+
+# family -> recipe module; adding a family = a recipe + its Triton models + a gateway route module.
+RECIPES = {"siglip": siglip}
+MODEL_SETS = ("tiny", "hub")
+
+
+def tiny_source(family: str, progress: Progress) -> Path:
+    """The tiny checkpoint for ``family``, built on first use (offline, fixed seed)."""
+    out = paths.tiny_models_dir() / family
+    if not (out / "config.json").exists() or not tiny.is_tiny(out):
+        with progress.step(f"building tiny random {family} checkpoint"):
+            tiny.TINY_BUILDERS[family](out)
+    return out
+
+
+def export_family(
+    family: str,
+    source: str | Path,
+    repo: Path,
+    options: ExportOptions,
+    progress: Progress,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Export one family into ``repo`` unless the stamp says it is already up to date."""
+    recipe = RECIPES[family]
+    source_dir = resolve_source(source)
+    weights = "random" if tiny.is_tiny(source_dir) else "pretrained"
+    source_name = f"vlmserve/tiny-{family}" if weights == "random" else str(source)
+    fp = fingerprint(recipe.RECIPE_VERSION, source_dir, options, {"source": source_name})
+    stamp = read_stamp(repo, family)
+    complete = all((repo / m / "config.pbtxt").exists() for m in recipe.MODELS)
+    if not force and stamp and stamp.get("fingerprint") == fp and complete:
+        progress.info(f"[dim]{family}: up to date ({source_name}), nothing to do[/dim]")
+        return {**stamp, "skipped": True}
+    progress.info(f"[bold]{family}[/bold]: exporting {source_name} ({weights} weights) into {repo}")
+    start = time.monotonic()
+    report = recipe.export(source_dir, repo, options, weights, source_name, progress)
+    stamp = {
+        "fingerprint": fp,
+        "family": family,
+        "source": source_name,
+        "weights": weights,
+        "options": asdict(options),
+        "seconds": round(time.monotonic() - start, 1),
+        **report,
+    }
+    write_stamp(repo, family, stamp)
+    return {**stamp, "skipped": False}
+
+
+def export_model_set(
+    model_set: str,
+    repo: Path | None = None,
+    options: ExportOptions | None = None,
+    sources: dict[str, str] | None = None,
+    families: list[str] | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Export every family of ``model_set`` (``tiny``: offline random models; ``hub``: real checkpoints)."""
+    if model_set not in MODEL_SETS:
+        raise ValueError(f"unknown model set {model_set!r}; choose one of {', '.join(MODEL_SETS)}")
+    progress = progress or Progress()
+    options = options or ExportOptions()
+    repo = (repo or paths.repository_dir(model_set)).resolve()
+    repo.mkdir(parents=True, exist_ok=True)
+    reports = {}
+    for family in families or list(RECIPES):
+        if family not in RECIPES:
+            raise ValueError(f"unknown model family {family!r}; choose from {', '.join(RECIPES)}")
+        if model_set == "tiny":
+            source: str | Path = tiny_source(family, progress)
+        else:
+            source = (sources or {}).get(family) or RECIPES[family].DEFAULT_MODEL
+        reports[family] = export_family(family, source, repo, options, progress, force)
+    return reports

@@ -1,0 +1,209 @@
+"""SigLIP recipe: vision and text towers -> ONNX, plus the client-facing embedding models.
+
+Writes ``siglip_vision`` / ``siglip_text`` (ONNX; native onnxruntime config + embedded Python config) and
+``siglip_embed_image`` / ``siglip_embed_text`` (Python models that decode, preprocess, run the encoder and
+L2-normalise; on the NGC image they call the native ONNX model, on the embedded server they run it in-process).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export import onnx_utils
+from export.pbtxt import Enum, parameters
+from export.progress import Progress
+from export.repository import (
+    EMBEDDED_CONFIG,
+    ExportOptions,
+    copy_tree,
+    dynamic_batching,
+    write_config,
+    write_python_model,
+)
+
+FAMILY = "siglip"
+RECIPE_VERSION = "siglip-1"
+DEFAULT_MODEL = "google/siglip-base-patch16-224"
+TRACE_BATCH = 2
+VALIDATE_BATCH = 3
+PROCESSOR_FILES = [
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "spiece.model",
+    "tokenizer.json",
+    "added_tokens.json",
+]
+MODELS = ["siglip_vision", "siglip_text", "siglip_embed_image", "siglip_embed_text"]
+
+
+def _towers(model):
+    import torch
+
+    class Vision(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return self.model.get_image_features(pixel_values=pixel_values)
+
+    class Text(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.model.get_text_features(input_ids=input_ids)
+
+    return Vision().eval(), Text().eval()
+
+
+def _onnx_configs(
+    name: str, inp: dict[str, Any], out: dict[str, Any], options: ExportOptions, meta: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(native onnxruntime config, embedded Python-backend config) for one ONNX model."""
+    native = {
+        "name": name,
+        "platform": "onnxruntime_onnx",
+        "max_batch_size": options.max_batch_size,
+        "input": [inp],
+        "output": [out],
+        "instance_group": [{"count": options.instance_count, "kind": options.kind()}],
+        "dynamic_batching": dynamic_batching(options),
+        "optimization": {
+            "execution_accelerators": {
+                "gpu_execution_accelerator": [
+                    {
+                        "name": "tensorrt",
+                        "parameters": [
+                            {"key": "precision_mode", "value": options.trt_precision},
+                            {"key": "max_workspace_size_bytes", "value": str(options.trt_workspace_bytes)},
+                            {"key": "trt_engine_cache_enable", "value": "1"},
+                            {"key": "trt_engine_cache_path", "value": f"/tmp/vlmserve-trt-cache/{name}"},
+                        ],
+                    },
+                    {"name": "cuda"},
+                ]
+            }
+        },
+        # Top level on purpose: a top-level `parameters` block in onnxruntime_backend resets a
+        # gpu_mem_limit given under execution_accelerators (DESIGN.md §3).
+        "parameters": parameters(
+            {"gpu_mem_limit": options.gpu_mem_limit_bytes, "arena_extend_strategy": "1", **meta}
+        ),
+    }
+    embedded = {
+        "name": name,
+        "backend": "python",
+        "max_batch_size": options.max_batch_size,
+        "input": [inp],
+        "output": [out],
+        "instance_group": [{"count": options.instance_count, "kind": options.kind()}],
+        "dynamic_batching": dynamic_batching(options),
+        "parameters": parameters({"onnx_file": "model.onnx", **meta}),
+    }
+    return native, embedded
+
+
+def _client_configs(
+    name: str,
+    inp: dict[str, Any],
+    outputs: list[dict[str, Any]],
+    encoder_model: str,
+    options: ExportOptions,
+    meta: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    def config(runner: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "backend": "python",
+            "max_batch_size": options.max_batch_size,
+            "input": [inp],
+            "output": outputs,
+            # Decoding and preprocessing are CPU work even when the encoder runs on a GPU.
+            "instance_group": [
+                {"count": options.instance_count, "kind": Enum("KIND_CPU") if runner == "triton" else options.kind()}
+            ],
+            "dynamic_batching": dynamic_batching(options),
+            "parameters": parameters({"runner": runner, "encoder_model": encoder_model, **meta}),
+        }
+
+    return config("triton"), config("onnxruntime")
+
+
+def export(source_dir: Path, repo: Path, options: ExportOptions, weights: str, source_name: str,
+           progress: Progress) -> dict[str, Any]:
+    """Export one SigLIP checkpoint into ``repo``; returns the parity report."""
+    import torch
+    from transformers import AutoConfig, SiglipModel
+
+    with progress.step(f"loading {source_name}"):
+        hf_config = AutoConfig.from_pretrained(source_dir)
+        if hf_config.model_type != "siglip":
+            raise ValueError(
+                f"{source_name} is a {hf_config.model_type!r} checkpoint; the SigLIP recipe supports fixed-"
+                "resolution 'siglip' checkpoints (SigLIP2 NaFlex is not supported yet)"
+            )
+        model = SiglipModel.from_pretrained(source_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    vision, text = _towers(model)
+    vc, tc = hf_config.vision_config, hf_config.text_config
+    size, seq = vc.image_size, tc.max_position_embeddings
+    dim = int(getattr(tc, "projection_size", None) or tc.hidden_size)
+    rng = np.random.default_rng(0)
+    report: dict[str, Any] = {}
+
+    with progress.step("exporting siglip_vision to ONNX"):
+        vision_path = onnx_utils.export_onnx(
+            vision, [torch.randn(TRACE_BATCH, 3, size, size)], repo / "siglip_vision" / "1" / "model.onnx",
+            ["pixel_values"], ["image_embeds"], {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
+        )
+    with progress.step(f"parity check siglip_vision at batch {VALIDATE_BATCH}") as step:
+        pixels = rng.standard_normal((VALIDATE_BATCH, 3, size, size)).astype(np.float32)
+        report["siglip_vision"] = onnx_utils.validate("siglip_vision", vision, vision_path, {"pixel_values": pixels})
+        step.detail = f"max abs diff {report['siglip_vision']:.2e}"
+
+    with progress.step("exporting siglip_text to ONNX"):
+        text_path = onnx_utils.export_onnx(
+            text, [torch.randint(0, tc.vocab_size, (TRACE_BATCH, seq))], repo / "siglip_text" / "1" / "model.onnx",
+            ["input_ids"], ["text_embeds"], {"input_ids": {0: "batch"}, "text_embeds": {0: "batch"}},
+        )
+    with progress.step(f"parity check siglip_text at batch {VALIDATE_BATCH}") as step:
+        ids = rng.integers(0, tc.vocab_size, (VALIDATE_BATCH, seq)).astype(np.int64)
+        report["siglip_text"] = onnx_utils.validate("siglip_text", text, text_path, {"input_ids": ids})
+        step.detail = f"max abs diff {report['siglip_text']:.2e}"
+
+    with progress.step("writing Triton configs"):
+        meta = {"family": FAMILY, "source_model": source_name, "weights": weights, "embedding_dim": dim}
+        for name, inp, out in [
+            ("siglip_vision", {"name": "pixel_values", "data_type": Enum("TYPE_FP32"), "dims": [3, size, size]},
+             {"name": "image_embeds", "data_type": Enum("TYPE_FP32"), "dims": [dim]}),
+            ("siglip_text", {"name": "input_ids", "data_type": Enum("TYPE_INT64"), "dims": [seq]},
+             {"name": "text_embeds", "data_type": Enum("TYPE_FP32"), "dims": [dim]}),
+        ]:
+            native, embedded = _onnx_configs(name, inp, out, options, {**meta, "role": "encoder"})
+            write_config(repo, name, native)
+            write_config(repo, name, embedded, EMBEDDED_CONFIG)
+            write_python_model(repo, name, "model_repository.onnx_model.TritonPythonModel")
+
+        embedding = {"name": "EMBEDDING", "data_type": Enum("TYPE_FP32"), "dims": [dim]}
+        clients = [
+            ("siglip_embed_image", {"name": "IMAGE", "data_type": Enum("TYPE_STRING"), "dims": [1]}, [embedding],
+             "siglip_vision", {"task": "embed_image", "image_size": size, "max_pixels": options.max_pixels},
+             "model_repository.siglip.EmbedImageModel"),
+            ("siglip_embed_text", {"name": "TEXT", "data_type": Enum("TYPE_STRING"), "dims": [1]},
+             [embedding, {"name": "NUM_TOKENS", "data_type": Enum("TYPE_INT32"), "dims": [1]}],
+             "siglip_text", {"task": "embed_text", "max_text_length": seq},
+             "model_repository.siglip.EmbedTextModel"),
+        ]
+        for name, inp, outs, encoder, extra, cls in clients:
+            native, embedded = _client_configs(name, inp, outs, encoder, options, {**meta, "role": "client", **extra})
+            write_config(repo, name, native)
+            write_config(repo, name, embedded, EMBEDDED_CONFIG)
+            write_python_model(repo, name, cls)
+            copy_tree(source_dir, repo / name / "1" / "processor", PROCESSOR_FILES)
+    return {"parity_max_abs_diff": report, "embedding_dim": dim, "image_size": size, "max_text_length": seq}

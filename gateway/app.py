@@ -1,0 +1,58 @@
+"""The gateway's app factory."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+
+from gateway import errors
+from gateway.embedding import EmbeddingService
+from gateway.limits import BodySizeLimit
+from gateway.metrics import Metrics, MetricsMiddleware
+from gateway.routes import embeddings, health, openai
+from gateway.settings import GatewaySettings
+from gateway.triton import TritonBackend
+
+log = logging.getLogger("vlmserve.gateway")
+
+
+def create_app(settings: GatewaySettings, backend: TritonBackend | None = None) -> FastAPI:
+    """Build the app; ``backend`` defaults to a Triton client for ``settings.triton_url``."""
+    backend = backend or TritonBackend(settings.triton_url, settings.triton_timeout_s, settings.retry_after_s,
+                                       settings.registry_ttl_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Redirects are followed by gateway.images itself, re-checking every hop against the SSRF rules.
+        async with httpx.AsyncClient(follow_redirects=False, timeout=settings.fetch_timeout_s) as http:
+            app.state.embeddings = EmbeddingService(settings, backend, http)
+            registry = await backend.registry(refresh=True)
+            if registry.reachable:
+                log.info("triton at %s serves: %s", backend.url, ", ".join(sorted(registry.models)) or "nothing")
+                if any(m.params.get("weights") == "random" for m in registry.models.values()):
+                    log.warning("serving RANDOM weights (tiny test models): outputs are meaningless")
+            else:
+                log.warning("triton at %s not reachable yet; requests get 503 until it is", backend.url)
+            try:
+                yield
+            finally:
+                await backend.close()
+
+    app = FastAPI(title="vlmserve", version="0.1.0", lifespan=lifespan,
+                  description="Vision-language models behind NVIDIA Triton: seed-compatible APIs + OpenAI API")
+    app.state.settings = settings
+    app.state.backend = backend
+    app.state.metrics = Metrics()
+    app.state.started_at = time.time()
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(embeddings.router)
+    app.include_router(openai.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app

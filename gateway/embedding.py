@@ -1,0 +1,100 @@
+"""Embedding logic shared by the seed routes (/embed, /embed_text) and the OpenAI route (/v1/embeddings)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+from fastapi import Request
+
+from gateway.errors import APIError
+from gateway.images import ImageInputError, resolve_image
+from gateway.settings import GatewaySettings
+from gateway.triton import ModelInfo, TritonBackend
+
+IMAGE_TASK = "embed_image"
+TEXT_TASK = "embed_text"
+
+
+@dataclass
+class Embeddings:
+    model: ModelInfo
+    vectors: np.ndarray  # [n, dim] float32, unit length
+    tokens: int = 0
+
+
+class EmbeddingService:
+    def __init__(self, settings: GatewaySettings, backend: TritonBackend, http: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.http = http
+
+    async def _model(self, request: Request, task: str, model: str | None) -> ModelInfo:
+        registry = await self.backend.registry()
+        if not registry.reachable:
+            registry = await self.backend.registry(refresh=True)
+            if not registry.reachable:
+                raise self.backend._unavailable(ConnectionError("no answer"))
+        info = registry.find(task, model)
+        if not info.ready:
+            raise APIError(503, f"model {info.name} is not ready yet", code="model_not_ready",
+                           headers={"Retry-After": str(self.settings.retry_after_s)})
+        request.scope.setdefault("state", {})["model"] = info.name
+        return info
+
+    def _check_count(self, n: int, what: str) -> None:
+        if n == 0:
+            raise APIError(400, f"{what} is empty: send at least one item", param=what)
+        if n > self.settings.max_items:
+            raise APIError(413, f"{what} has {n} items; at most {self.settings.max_items} per request",
+                           code="too_many_items", param=what)
+
+    async def _run(self, info: ModelInfo, input_name: str, items: list[bytes], outputs: list[str]):
+        chunk = info.max_batch_size or len(items)
+        results: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(items), chunk):
+            part = np.array([[x] for x in items[start:start + chunk]], dtype=np.object_)
+            results.append(await self.backend.infer(info.name, {input_name: part}, outputs))
+        return {n: np.concatenate([r[n] for r in results]) for n in outputs}
+
+    async def embed_images(self, request: Request, refs: list[str], model: str | None = None) -> Embeddings:
+        self._check_count(len(refs), "images")
+        info = await self._model(request, IMAGE_TASK, model)
+        policy = self.settings.image_policy()
+
+        async def one(i: int, ref: object) -> bytes:
+            if not isinstance(ref, str):
+                raise APIError(422, f"images[{i}] must be a string (data URI, base64, URL or path)",
+                               param=f"images[{i}]")
+            try:
+                return await resolve_image(ref, policy, self.http)
+            except ImageInputError as exc:
+                raise APIError(exc.status, f"images[{i}]: {exc.message}", code="invalid_image",
+                               param=f"images[{i}]") from None
+
+        data = list(await asyncio.gather(*(one(i, r) for i, r in enumerate(refs))))
+        out = await self._run(info, "IMAGE", data, ["EMBEDDING"])
+        self.count(request, info, len(data))
+        return Embeddings(info, out["EMBEDDING"])
+
+    async def embed_texts(self, request: Request, texts: list[str], model: str | None = None) -> Embeddings:
+        self._check_count(len(texts), "texts")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise APIError(422, f"texts[{i}] must be a string", param=f"texts[{i}]")
+            if len(t) > self.settings.max_text_chars:
+                raise APIError(413, f"texts[{i}] has {len(t)} characters; at most {self.settings.max_text_chars}",
+                               code="text_too_long", param=f"texts[{i}]")
+        info = await self._model(request, TEXT_TASK, model)
+        out = await self._run(info, "TEXT", [t.encode("utf-8") for t in texts], ["EMBEDDING", "NUM_TOKENS"])
+        self.count(request, info, len(texts))
+        return Embeddings(info, out["EMBEDDING"], int(out["NUM_TOKENS"].sum()))
+
+    def count(self, request: Request, info: ModelInfo, n: int) -> None:
+        request.app.state.metrics.items.labels(info.name).inc(n)
+
+
+def get_service(request: Request) -> EmbeddingService:
+    return request.app.state.embeddings

@@ -1,0 +1,47 @@
+"""``GET /health`` (seed 004's fields + per-model readiness), ``GET /livez``, ``GET /metrics``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from gateway.embedding import IMAGE_TASK, TEXT_TASK
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/livez")
+async def livez() -> dict[str, str]:
+    """The gateway process answers (Triton may still be loading)."""
+    return {"status": "alive"}
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 when Triton is up and every model is READY, else 503 (with the same body)."""
+    backend = request.app.state.backend
+    registry = await backend.registry(refresh=True)
+    models = {name: m.ready for name, m in sorted(registry.models.items())}
+    embedders = registry.by_task(IMAGE_TASK) + registry.by_task(TEXT_TASK)
+    primary = embedders[0] if embedders else None
+    devices = {m.device for m in registry.models.values()}
+    weights = sorted({m.params["weights"] for m in registry.models.values() if m.params.get("weights")})
+    ok = registry.reachable and bool(models) and all(models.values())
+    body = {
+        "status": "ok" if ok else ("unavailable" if not registry.reachable else "degraded"),
+        "model": primary.params.get("source_model") if primary else None,
+        "device": "cuda" if "cuda" in devices else "cpu",
+        "cuda_available": "cuda" in devices,
+        "models": models,
+        "weights": weights[0] if len(weights) == 1 else (weights or None),
+        "triton": {"url": backend.url, "reachable": registry.reachable},
+    }
+    if any(m.params.get("weights") == "random" for m in registry.models.values()):
+        body["warning"] = "serving randomly initialised test models (tiny set): outputs are meaningless"
+    headers = {} if ok else {"Retry-After": str(request.app.state.settings.retry_after_s)}
+    return JSONResponse(body, 200 if ok else 503, headers)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

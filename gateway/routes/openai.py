@@ -1,0 +1,78 @@
+"""OpenAI-compatible API: ``POST /v1/embeddings`` and ``GET /v1/models``."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+
+from gateway.auth import require_api_key
+from gateway.embedding import IMAGE_TASK, TEXT_TASK, EmbeddingService, get_service
+from gateway.errors import APIError
+
+router = APIRouter(prefix="/v1", tags=["OpenAI"], dependencies=[Depends(require_api_key)])
+
+
+class EmbeddingsRequest(BaseModel):
+    input: str | list[Any]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    modality: Literal["text", "image"] = Field("text", description="vlmserve extension: 'image' embeds images")
+
+
+def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:
+    if fmt == "base64":
+        # What the openai SDK decodes: little-endian float32 bytes, base64.
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+@router.post("/embeddings")
+async def embeddings(body: EmbeddingsRequest, request: Request, service: EmbeddingService = Depends(get_service)):
+    items = [body.input] if isinstance(body.input, str) else body.input
+    if any(isinstance(x, (int, list)) for x in items):
+        raise APIError(400, "token-id inputs are not supported: send strings (text) or image data URIs/URLs",
+                       param="input")
+    if body.modality == "image":
+        result = await service.embed_images(request, items, body.model)
+    else:
+        result = await service.embed_texts(request, items, body.model)
+    dim = result.vectors.shape[1]
+    if body.dimensions is not None and body.dimensions != dim:
+        raise APIError(400, f"model {result.model.params.get('source_model')} returns {dim} dimensions; "
+                            f"'dimensions' must be omitted or {dim}", param="dimensions")
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
+            for i, v in enumerate(result.vectors)
+        ],
+        "model": result.model.params.get("source_model", result.model.name),
+        "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens},
+    }
+
+
+@router.get("/models")
+async def models(request: Request):
+    registry = await request.app.state.backend.registry()
+    by_source: dict[str, dict[str, Any]] = {}
+    for m in registry.models.values():
+        source = m.params.get("source_model")
+        if not source or m.params.get("role") != "client":
+            continue
+        entry = by_source.setdefault(source, {
+            "id": source, "object": "model", "created": int(request.app.state.started_at), "owned_by": "vlmserve",
+            "family": m.family, "weights": m.params.get("weights"), "tasks": [], "triton_models": [],
+            "ready": True,
+        })
+        entry["tasks"].append(m.task)
+        entry["triton_models"].append(m.name)
+        entry["ready"] = entry["ready"] and m.ready
+        if m.task in (IMAGE_TASK, TEXT_TASK):
+            entry["embedding_dim"] = int(m.params.get("embedding_dim", "0"))
+    return {"object": "list", "data": list(by_source.values())}

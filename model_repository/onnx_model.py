@@ -1,0 +1,46 @@
+"""An exported ``.onnx`` served by the Python backend (the embedded flavour of an onnxruntime model).
+
+On the NGC image the same directory's ``config.pbtxt`` selects Triton's native onnxruntime backend instead;
+inputs, outputs and batching are identical, so a Triton client cannot tell the two apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from model_repository import runtime
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        config = runtime.model_config(args)
+        self.encoder = runtime.OnnxEncoder(
+            runtime.version_dir(args) / runtime.param(config, "onnx_file", "model.onnx"),
+            runtime.uses_gpu(args),
+            int(runtime.param(config, "intra_op_threads", "0")),
+        )
+        declared_in = [i["name"] for i in config["input"]]
+        declared_out = [o["name"] for o in config["output"]]
+        if sorted(declared_in) != sorted(self.encoder.input_names) or not set(declared_out) <= set(
+            self.encoder.output_names
+        ):
+            raise ValueError(
+                f"{config['name']}: config inputs/outputs {declared_in}/{declared_out} do not match the ONNX "
+                f"graph {self.encoder.input_names}/{self.encoder.output_names}"
+            )
+        if len(declared_in) != 1:
+            raise ValueError(f"{config['name']}: the embedded ONNX model supports one input, got {declared_in}")
+        self.input_name = declared_in[0]
+        self.output_names = declared_out
+
+    def execute(self, requests):
+        pb = runtime.pb_utils
+
+        def prepare(request):
+            return pb.get_input_tensor_by_name(request, self.input_name).as_numpy()
+
+        def compute(rows):
+            out = self.encoder({self.input_name: rows})
+            return {n: out[n] for n in self.output_names}
+
+        return runtime.run_batched(requests, prepare, compute)

@@ -1,0 +1,190 @@
+"""Shared pieces of the Triton Python models: config access, encoders, image decoding, batching."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:  # Only importable inside Triton's Python backend stub.
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # pragma: no cover - unit tests use the pure logic below
+    pb_utils = None
+
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class InputError(ValueError):
+    """The client's input is wrong: reported as INVALID_ARG (HTTP 400 from Triton), the batch carries on."""
+
+
+def model_config(args: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(args["model_config"])
+
+
+def param(config: dict[str, Any], key: str, default: str | None = None) -> str:
+    """A model-config ``parameters`` entry; a missing required one fails model loading loudly."""
+    value = config.get("parameters", {}).get(key, {}).get("string_value")
+    if value is None or value == "":
+        if default is None:
+            raise ValueError(f"model {config.get('name')!r}: required parameter {key!r} missing in config")
+        return default
+    return value
+
+
+def model_dir(args: dict[str, Any]) -> Path:
+    """``<repository>/<model>`` of the model being loaded."""
+    return Path(args["model_repository"])
+
+
+def version_dir(args: dict[str, Any]) -> Path:
+    return model_dir(args) / str(args["model_version"])
+
+
+def uses_gpu(args: dict[str, Any]) -> bool:
+    return args.get("model_instance_kind") == "GPU"
+
+
+# ---------------------------------------------------------------------------------------------- encoders
+
+
+class OnnxEncoder:
+    """Runs an ``.onnx`` file with ONNX Runtime in this process (the embedded flavour's encoder)."""
+
+    def __init__(self, path: Path, use_gpu: bool = False, intra_op_threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        if not path.exists():
+            raise FileNotFoundError(f"ONNX model {path} not found; run `vlmserve export` first")
+        options = ort.SessionOptions()
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        providers = ["CPUExecutionProvider"]
+        if use_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.session.run(self.output_names, inputs)
+        return dict(zip(self.output_names, outputs, strict=True))
+
+
+class TritonEncoder:
+    """Calls another Triton model (e.g. the native onnxruntime/TensorRT one) with a BLS request.
+
+    Only for the NGC image: on the embedded ``nvidia-pytriton`` server BLS calls into Python models fail
+    (DESIGN.md §3), which is why the embedded configs select :class:`OnnxEncoder` instead.
+    """
+
+    def __init__(self, model_name: str, output_names: Sequence[str]) -> None:
+        if pb_utils is None:
+            raise RuntimeError("TritonEncoder only runs inside Triton's Python backend")
+        self.model_name = model_name
+        self.output_names = list(output_names)
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        request = pb_utils.InferenceRequest(
+            model_name=self.model_name,
+            requested_output_names=self.output_names,
+            inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()],
+        )
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(f"{self.model_name}: {response.error().message()}")
+        return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in self.output_names}
+
+
+def make_encoder(args: dict[str, Any], config: dict[str, Any], output_names: Sequence[str]):
+    """The encoder the config asks for: ``runner`` = ``onnxruntime`` (in-process) or ``triton`` (BLS)."""
+    runner = param(config, "runner", "onnxruntime")
+    encoder_model = param(config, "encoder_model")
+    if runner == "triton":
+        return TritonEncoder(encoder_model, output_names)
+    if runner != "onnxruntime":
+        raise ValueError(f"model {config['name']!r}: unknown runner {runner!r} (onnxruntime|triton)")
+    onnx_path = model_dir(args).parent / encoder_model / "1" / "model.onnx"
+    return OnnxEncoder(onnx_path, uses_gpu(args), int(param(config, "intra_op_threads", "0")))
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Encoded image bytes -> RGB PIL image; refuses non-images and decompression bombs."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise InputError("empty image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InputError(f"image has {width}x{height} pixels, more than the cap of {max_pixels}")
+            image.load()
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise InputError(f"not a decodable image ({type(exc).__name__}: {exc})") from None
+    image = ImageOps.exif_transpose(image)
+    return image.convert("RGB")
+
+
+def as_bytes_list(array: np.ndarray) -> list[bytes]:
+    """A Triton BYTES tensor ([batch, 1] or [batch]) as a flat list of ``bytes``."""
+    return [x if isinstance(x, bytes) else str(x).encode() for x in array.reshape(-1)]
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+def run_batched(
+    requests: Sequence[Any],
+    prepare: Callable[[Any], np.ndarray],
+    compute: Callable[[np.ndarray], dict[str, np.ndarray]],
+) -> list[Any]:
+    """Prepare each request, run one batched computation, split the outputs back per request.
+
+    ``prepare(request)`` returns the request's rows (first axis = its batch size) or raises InputError,
+    which fails only that request. ``compute(rows)`` returns named outputs with the same first axis.
+    (The shape of pytriton's ``@batch`` decorator: concatenate, run once, split.)
+    """
+    responses: list[Any] = [None] * len(requests)
+    ready: list[tuple[int, np.ndarray]] = []
+    for i, request in enumerate(requests):
+        try:
+            ready.append((i, prepare(request)))
+        except InputError as exc:
+            responses[i] = error_response(str(exc), invalid_arg=True)
+        except Exception as exc:  # noqa: BLE001 - one bad request must not take the batch down
+            responses[i] = error_response(f"preprocessing failed: {type(exc).__name__}: {exc}")
+    if ready:
+        try:
+            outputs = compute(np.concatenate([rows for _, rows in ready]))
+        except Exception as exc:  # noqa: BLE001
+            for i, _ in ready:
+                responses[i] = error_response(f"inference failed: {type(exc).__name__}: {exc}")
+            return responses
+        start = 0
+        for i, rows in ready:
+            end = start + len(rows)
+            responses[i] = pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(v[start:end])) for name, v in outputs.items()]
+            )
+            start = end
+    return responses
+
+
+def error_response(message: str, invalid_arg: bool = False):
+    if invalid_arg and hasattr(pb_utils.TritonError, "INVALID_ARG"):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))

@@ -1,0 +1,57 @@
+"""The ``vlmserve`` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from orchestrator import cli as orchestrator_cli
+
+app = typer.Typer(help="vlmserve: vision-language models behind NVIDIA Triton.", no_args_is_help=True)
+for command in orchestrator_cli.app.registered_commands:
+    app.registered_commands.append(command)
+
+
+@app.command()
+def export(
+    model_set: str = typer.Option("tiny", "--set", help="tiny (offline random models) or hub (real checkpoints)"),
+    repo: Path = typer.Option(None, "--repo", help="model repository to write (default: per set)"),
+    siglip_model: str = typer.Option(None, "--siglip-model", help="Hub id or local dir (hub set)"),
+    device: str = typer.Option("cpu", help="cpu or cuda: instance kind written into the configs"),
+    force: bool = typer.Option(False, help="re-export even when up to date"),
+) -> None:
+    """Export checkpoints to ONNX (parity-checked) and write the Triton model repository."""
+    from export.onnx_utils import ParityError
+    from export.repository import ExportOptions
+    from export.run import export_model_set
+    from export.sources import SourceError
+
+    if device not in ("cpu", "cuda"):
+        raise typer.BadParameter("device must be cpu or cuda")
+    try:
+        export_model_set(model_set, repo, ExportOptions(device=device),
+                         sources={"siglip": siglip_model} if siglip_model else None, force=force)
+    except (ParityError, SourceError, ValueError) as exc:
+        orchestrator_cli.console.print(f"[red]export failed:[/red] {exc}")
+        raise typer.Exit(1) from None
+
+
+def _export_and_run(model_set: str, siglip_model: str | None) -> None:
+    export(model_set=model_set, repo=None, siglip_model=siglip_model, device="cpu", force=False)
+    orchestrator_cli.run(model_set=model_set, repo=None)
+
+
+@app.command()
+def demo() -> None:
+    """Offline demo: build the tiny models if missing and serve them (Ctrl-C stops)."""
+    _export_and_run("tiny", None)
+
+
+@app.command()
+def serve(
+    siglip_model: str = typer.Option("google/siglip-base-patch16-224", "--siglip-model",
+                                     envvar="VLMSERVE_SIGLIP_MODEL", help="Hub id or local checkpoint dir"),
+) -> None:
+    """Serve real checkpoints (from the Hub or the local HF cache)."""
+    _export_and_run("hub", siglip_model)

@@ -1,0 +1,25 @@
+"""Where vlmserve keeps what it builds and runs (one state directory, ``VLMSERVE_HOME``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def state_dir() -> Path:
+    """The state directory: ``$VLMSERVE_HOME`` or ``<project>/.vlmserve``."""
+    return Path(os.environ.get("VLMSERVE_HOME", PROJECT_ROOT / ".vlmserve")).resolve()
+
+
+def tiny_models_dir() -> Path:
+    return state_dir() / "tiny-models"
+
+
+def repository_dir(model_set: str) -> Path:
+    return state_dir() / "repository" / model_set
+
+
+def run_dir() -> Path:
+    return state_dir() / "run"
