@@ -1,0 +1,46 @@
+# vlmserve — two commands: `make demo` (offline stack on tiny models) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.vlmserve-installed
+
+.PHONY: install demo serve export test test-unit test-integration lint clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# torch 2.13.0 CPU is the wheel this platform has on disk; the rest comes from PyPI.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[all]'
+	@# The real tritonserver (Python backend) ships in this wheel; its own dependency pins are for
+	@# pytriton's Python API, which we do not use.
+	$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install ## offline: tiny random models, Triton + gateway in the foreground (Ctrl-C stops)
+	$(VENV)/bin/vlmserve demo
+
+serve: install ## real checkpoints from the Hub or the local HF cache (VLMSERVE_SIGLIP_MODEL=...)
+	$(VENV)/bin/vlmserve serve
+
+export: install
+	$(VENV)/bin/vlmserve export --set tiny
+
+test: install
+	$(PY) -m pytest -q
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+test-integration: install
+	$(PY) -m pytest -q tests/integration
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy gateway orchestrator export model_repository vlmserve
+
+clean:
+	rm -rf .vlmserve

@@ -1,0 +1,100 @@
+"""Export stage: parity against PyTorch, the up-to-date no-op, golden config.pbtxt files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from export import onnx_utils, pbtxt
+from export.progress import Progress
+from export.repository import EMBEDDED_CONFIG, read_stamp
+from export.run import export_model_set
+
+GOLDEN = Path(__file__).parent / "golden"
+CONFIG_FILES = [
+    f"{m}/{c}"
+    for m in ("siglip_vision", "siglip_text", "siglip_embed_image", "siglip_embed_text")
+    for c in ("config.pbtxt", f"configs/{EMBEDDED_CONFIG}.pbtxt")
+]
+
+
+def test_parity_within_tolerance_at_another_batch_size(tiny_repo: Path) -> None:
+    stamp = read_stamp(tiny_repo, "siglip")
+    assert stamp is not None
+    for model in ("siglip_vision", "siglip_text"):
+        diff = stamp["parity_max_abs_diff"][model]
+        assert 0.0 <= diff <= onnx_utils.PARITY_ATOL, (model, diff)
+
+
+def test_onnx_has_dynamic_batch(tiny_repo: Path) -> None:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tiny_repo / "siglip_vision/1/model.onnx"), providers=["CPUExecutionProvider"])
+    size = read_stamp(tiny_repo, "siglip")["image_size"]
+    for batch in (1, 5):
+        out = session.run(None, {"pixel_values": np.zeros((batch, 3, size, size), np.float32)})[0]
+        assert out.shape[0] == batch
+
+
+def test_parity_failure_is_loud_and_reports_the_difference(tiny_repo: Path) -> None:
+    import torch
+    from transformers import SiglipModel
+
+    from export.siglip import _towers
+
+    model = SiglipModel.from_pretrained(Path(os.environ["VLMSERVE_HOME"]) / "tiny-models" / "siglip").eval()
+    vision, _ = _towers(model)
+    with torch.no_grad():
+        model.vision_model.head.mlp.fc2.bias += 0.5  # now PyTorch and the exported ONNX disagree
+    size = model.config.vision_config.image_size
+    with pytest.raises(onnx_utils.ParityError, match=r"max abs difference .* exceeds tolerance") as info:
+        onnx_utils.validate("siglip_vision", vision, tiny_repo / "siglip_vision/1/model.onnx",
+                            {"pixel_values": np.ones((3, 3, size, size), np.float32)})
+    assert info.value.max_diff > onnx_utils.PARITY_ATOL
+
+
+def test_reexport_is_a_noop(tiny_repo: Path) -> None:
+    onnx = tiny_repo / "siglip_vision/1/model.onnx"
+    before = onnx.stat().st_mtime_ns
+    reports = export_model_set("tiny", repo=tiny_repo, progress=Progress(quiet=True))
+    assert reports["siglip"]["skipped"] is True
+    assert onnx.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("rel", CONFIG_FILES)
+def test_rendered_configs_match_golden_and_parse(tiny_repo: Path, rel: str) -> None:
+    text = (tiny_repo / rel).read_text()
+    # Every config must be valid for Triton's own ModelConfig schema.
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert config.max_batch_size == 32
+    golden = GOLDEN / rel.replace("/", "__")
+    if os.environ.get("VLMSERVE_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text(), f"{rel} differs from {golden} (VLMSERVE_UPDATE_GOLDEN=1 to accept)"
+
+
+def test_native_config_keeps_memory_limit_top_level(tiny_repo: Path) -> None:
+    config = text_format.Parse((tiny_repo / "siglip_vision/config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.platform == "onnxruntime_onnx"
+    assert "gpu_mem_limit" in config.parameters
+    names = [a.name for a in config.optimization.execution_accelerators.gpu_execution_accelerator]
+    assert names == ["tensorrt", "cuda"]
+    assert all("gpu_mem_limit" not in a.parameters
+               for a in config.optimization.execution_accelerators.gpu_execution_accelerator)
+
+
+def test_pbtxt_renderer_shapes() -> None:
+    text = pbtxt.render({"name": "m", "dims": [1, -1], "kind": pbtxt.Enum("KIND_CPU"), "flag": True,
+                         "input": [{"name": "a"}, {"name": "b"}], "skip": None, "nested": {"x": 1.5}})
+    assert text == ('name: "m"\ndims: [ 1, -1 ]\nkind: KIND_CPU\nflag: true\ninput [\n  {\n    name: "a"\n  },\n'
+                    '  {\n    name: "b"\n  }\n]\nnested {\n  x: 1.5\n}\n')
+
+
+def test_unknown_model_set_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown model set"):
+        export_model_set("huge")

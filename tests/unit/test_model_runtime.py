@@ -1,0 +1,60 @@
+"""The Triton Python models' pure logic (no server): decoding, preprocessing, normalising."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model_repository import runtime, siglip
+
+
+def png(w: int, h: int, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (w, h)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_decode_image_accepts_images_and_converts_to_rgb() -> None:
+    assert runtime.decode_image(png(10, 7, "L")).mode == "RGB"
+
+
+@pytest.mark.parametrize("data, match", [(b"", "empty"), (b"not an image", "not a decodable image")])
+def test_decode_image_refuses_bad_bytes(data: bytes, match: str) -> None:
+    with pytest.raises(runtime.InputError, match=match):
+        runtime.decode_image(data)
+
+
+def test_decode_image_refuses_too_many_pixels() -> None:
+    with pytest.raises(runtime.InputError, match="more than the cap"):
+        runtime.decode_image(png(100, 100), max_pixels=5000)
+
+
+def test_l2_normalise() -> None:
+    out = siglip.l2_normalise(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    assert np.allclose(out[0], [0.6, 0.8])
+    assert np.all(np.isfinite(out[1]))
+
+
+def test_preprocessors_on_tiny_checkpoint(tiny_repo: Path) -> None:
+    image = siglip.SiglipImagePreprocessor(tiny_repo / "siglip_embed_image/1/processor")
+    pixels = image([png(50, 30), png(20, 20)])
+    assert pixels.shape[:2] == (2, 3) and pixels.dtype == np.float32
+    with pytest.raises(runtime.InputError, match=r"IMAGE\[1\]"):
+        image([png(5, 5), b"garbage"])
+
+    text = siglip.SiglipTextPreprocessor(tiny_repo / "siglip_embed_text/1/processor", max_length=16)
+    ids, lengths = text([b"a photo of a cat", b"hi"])
+    assert ids.shape == (2, 16) and ids.dtype == np.int64
+    assert lengths[0] > lengths[1] > 0
+    with pytest.raises(runtime.InputError, match="UTF-8"):
+        text([b"\xff\xfe"])
+
+
+def test_param_reports_missing_required_parameter() -> None:
+    with pytest.raises(ValueError, match="required parameter 'runner'"):
+        runtime.param({"name": "m", "parameters": {}}, "runner")
+    assert runtime.param({"parameters": {"a": {"string_value": "1"}}}, "a") == "1"
