@@ -1,0 +1,88 @@
+"""Process runtime lifecycle: foreground run stopped by Ctrl-C leaves nothing behind; startup failures are clear."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from orchestrator.process import ProcessRuntime, StartupError
+from orchestrator.settings import OrchestratorSettings
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_foreground_run_stops_everything_on_ctrl_c(tiny_repo: Path, tmp_path: Path) -> None:
+    ports = {k: str(free_port()) for k in ("HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "GATEWAY_PORT")}
+    env = dict(os.environ, VLMSERVE_STATE_DIR=str(tmp_path), VLMSERVE_REPOSITORY=str(tiny_repo),
+               **{f"VLMSERVE_{k}": v for k, v in ports.items()})
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{ports['GATEWAY_PORT']}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        else:
+            pytest.fail("stack did not become healthy")
+        services = json.loads((tmp_path / "run" / "services.json").read_text())
+        pgids = {name: os.getpgid(s["pid"]) for name, s in services.items()}
+        assert set(pgids) == {"triton", "gateway"}
+        # `python -m orchestrator status` from another process sees both.
+        status = subprocess.run([sys.executable, "-m", "orchestrator", "status"], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert status.returncode == 0 and status.stdout.count("healthy") == 2, status.stdout + status.stderr
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "stopped" in out
+    for name, pgid in pgids.items():
+        assert not group_alive(pgid), f"{name} (process group {pgid}) still running after Ctrl-C"
+    assert not (tmp_path / "run" / "services.json").exists()
+
+
+def test_startup_failure_reports_triton_log_tail(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "config.pbtxt").write_text('backend: "python"\nmax_batch_size: 0\n')
+    (repo / "broken" / "1" / "model.py").write_text(
+        "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('boom-from-initialize')\n"
+    )
+    settings = OrchestratorSettings(
+        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), gateway_port=free_port(),
+        repository=repo, state_dir=tmp_path / "state", ready_timeout_s=120,
+    )
+    runtime = ProcessRuntime(settings, log=lambda m: None)
+    with pytest.raises(StartupError, match="(?s)triton exited during startup.*boom-from-initialize"):
+        runtime.start()
+    assert runtime.running() == {}
+
+
+def test_empty_repository_is_refused_before_starting(tmp_path: Path) -> None:
+    settings = OrchestratorSettings(repository=tmp_path / "nothing", state_dir=tmp_path / "state")
+    with pytest.raises(StartupError, match="vlmserve export"):
+        ProcessRuntime(settings, log=lambda m: None).start()
