@@ -59,8 +59,10 @@ class Registry:
         for m in candidates:
             if model in (m.name, m.family, m.params.get("source_model")):
                 return m
-        known = sorted({m.params.get("source_model", m.name) for m in candidates} | {m.family or "" for m in candidates})
-        raise APIError(404, f"model {model!r} not found for {task}; available: {', '.join(k for k in known if k)}",
+        known = {m.params.get("source_model", m.name) for m in candidates}
+        known |= {m.family or "" for m in candidates}
+        available = ", ".join(sorted(k for k in known if k))
+        raise APIError(404, f"model {model!r} not found for {task}; available: {available}",
                        code="model_not_found", param="model")
 
 
@@ -106,7 +108,8 @@ class TritonBackend:
         if not refresh and self._registry is not None and now - self._registry_at < self.registry_ttl_s:
             return self._registry
         async with self._lock:
-            if not refresh and self._registry is not None and time.monotonic() - self._registry_at < self.registry_ttl_s:
+            fresh = self._registry is not None and time.monotonic() - self._registry_at < self.registry_ttl_s
+            if not refresh and fresh and self._registry is not None:
                 return self._registry
             try:
                 index = await self.client.get_model_repository_index()
@@ -140,7 +143,7 @@ class TritonBackend:
             )
         except InferenceServerException as exc:
             raise self._map_error(model, exc) from None
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise self._unavailable(exc) from None
         except Exception as exc:  # noqa: BLE001 - aiohttp client errors are not OSError subclasses
             if type(exc).__module__.startswith("aiohttp"):

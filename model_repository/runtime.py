@@ -135,8 +135,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
         raise InputError(f"not a decodable image ({type(exc).__name__}: {exc})") from None
-    image = ImageOps.exif_transpose(image)
-    return image.convert("RGB")
+    return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def as_bytes_list(array: np.ndarray) -> list[bytes]:
@@ -177,9 +176,8 @@ def run_batched(
         start = 0
         for i, rows in ready:
             end = start + len(rows)
-            responses[i] = pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(v[start:end])) for name, v in outputs.items()]
-            )
+            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(v[start:end])) for name, v in outputs.items()]
+            responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
             start = end
     return responses
 

@@ -38,7 +38,7 @@ def _fail(exc: Exception) -> typer.Exit:
 
 
 @app.command()
-def start(model_set: str = SetOpt, repo: Path = RepoOpt) -> None:
+def start(model_set: str | None = SetOpt, repo: Path | None = RepoOpt) -> None:
     """Start Triton + gateway in the background and wait until both are ready."""
     try:
         runtime(settings_from(model_set, repo)).start()
@@ -47,7 +47,7 @@ def start(model_set: str = SetOpt, repo: Path = RepoOpt) -> None:
 
 
 @app.command()
-def run(model_set: str = SetOpt, repo: Path = RepoOpt) -> None:
+def run(model_set: str | None = SetOpt, repo: Path | None = RepoOpt) -> None:
     """Start Triton + gateway in the foreground; Ctrl-C stops both."""
     try:
         code = runtime(settings_from(model_set, repo)).run_foreground()

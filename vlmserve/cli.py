@@ -16,8 +16,8 @@ for command in orchestrator_cli.app.registered_commands:
 @app.command()
 def export(
     model_set: str = typer.Option("tiny", "--set", help="tiny (offline random models) or hub (real checkpoints)"),
-    repo: Path = typer.Option(None, "--repo", help="model repository to write (default: per set)"),
-    siglip_model: str = typer.Option(None, "--siglip-model", help="Hub id or local dir (hub set)"),
+    repo: Path | None = typer.Option(None, "--repo", help="model repository to write (default: per set)"),
+    siglip_model: str | None = typer.Option(None, "--siglip-model", help="Hub id or local dir (hub set)"),
     device: str = typer.Option("cpu", help="cpu or cuda: instance kind written into the configs"),
     force: bool = typer.Option(False, help="re-export even when up to date"),
 ) -> None:

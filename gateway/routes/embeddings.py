@@ -41,6 +41,6 @@ async def embed(body: EmbedRequest, request: Request, service: EmbeddingService 
 async def embed_text(body: EmbedTextRequest, request: Request, service: EmbeddingService = Depends(get_service)):
     if body.texts is not None and body.text is not None:
         raise APIError(422, "send either 'texts' or 'text', not both", param="texts")
-    texts = body.texts if body.texts is not None else [body.text]
+    texts: list = body.texts if body.texts is not None else [body.text]
     result = await service.embed_texts(request, texts, body.model)
     return result.vectors.tolist()

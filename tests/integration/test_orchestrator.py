@@ -70,7 +70,9 @@ def test_startup_failure_reports_triton_log_tail(tmp_path: Path) -> None:
     (repo / "broken" / "1").mkdir(parents=True)
     (repo / "broken" / "config.pbtxt").write_text('backend: "python"\nmax_batch_size: 0\n')
     (repo / "broken" / "1" / "model.py").write_text(
-        "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('boom-from-initialize')\n"
+        "class TritonPythonModel:\n"
+        "    def initialize(self, args):\n"
+        "        raise RuntimeError('boom-from-initialize')\n"
     )
     settings = OrchestratorSettings(
         http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), gateway_port=free_port(),
