@@ -1,0 +1,29 @@
+"""The ``vlmserve`` command line: help lists the verbs; export failures are clear and exit non-zero."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from vlmserve.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_commands() -> None:
+    out = runner.invoke(app, ["--help"]).output
+    for verb in ("demo", "serve", "export", "start", "stop", "status", "run"):
+        assert verb in out
+
+
+def test_export_missing_checkpoint_fails_clearly(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["export", "--set", "hub", "--siglip-model", str(tmp_path / "missing"),
+                                 "--repo", str(tmp_path / "repo")])
+    assert result.exit_code == 1
+    assert "does not exist" in " ".join(result.output.split())
+
+
+def test_export_rejects_unknown_device(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["export", "--device", "tpu", "--repo", str(tmp_path)])
+    assert result.exit_code != 0
