@@ -108,3 +108,80 @@ TINY_BUILDERS = {"siglip": build_tiny_siglip}
 def is_tiny(model_dir: Path) -> bool:
     """True when ``model_dir`` was built by this module (random weights)."""
     return (Path(model_dir) / "VLMSERVE_TINY.json").exists()
+
+
+# Florence-2 adds these as tokens of its BART tokenizer; the post-processor parses them out of the text.
+_FLORENCE_TOKENS = (
+    [f"<loc_{i}>" for i in range(1000)]
+    + ["<od>", "</od>", "<ocr>", "</ocr>", "<cap>", "</cap>", "<ncap>", "</ncap>", "<dcap>", "</dcap>",
+       "<grounding>", "</grounding>", "<seg>", "</seg>", "<sep>", "<region_cap>", "</region_cap>",
+       "<region_to_desciption>", "</region_to_desciption>", "<proposal>", "</proposal>", "<poly>", "</poly>",
+       "<and>"]
+)
+
+
+def _bart_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import BartTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # BART's ids 0..4
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tokenizer = BartTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>", model_max_length=1024,
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.add_tokens(_FLORENCE_TOKENS)
+    return tokenizer
+
+
+def build_tiny_florence2(out_dir: Path) -> Path:
+    """Write a tiny random ``Florence2ForConditionalGeneration`` + ``Florence2Processor`` to ``out_dir``."""
+    import torch
+    from transformers import CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(TINY_SEED)
+    tokenizer = _bart_tokenizer(400)
+    d_model = 32
+    image_size = 64
+    config = Florence2Config(
+        vision_config={
+            "depths": [1, 1, 1, 1], "embed_dim": [16, 32, 48, 64], "num_heads": [1, 2, 3, 4],
+            "num_groups": [1, 2, 3, 4], "window_size": 2, "projection_dim": d_model, "drop_path_rate": 0.0,
+            "max_position_embeddings": 8, "max_temporal_embeddings": 4,
+        },
+        text_config={
+            "vocab_size": len(tokenizer), "d_model": d_model, "encoder_layers": 2, "decoder_layers": 2,
+            "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 64,
+            "decoder_ffn_dim": 64, "max_position_embeddings": 1024, "dropout": 0.0,
+        },
+        image_token_id=tokenizer.image_token_id,
+    )
+    model = Florence2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        tokens = model.model.get_image_features(torch.zeros(1, 3, image_size, image_size)).shape[1]
+    model.save_pretrained(out_dir)
+    image_processor = CLIPImageProcessor(
+        size={"height": image_size, "width": image_size}, do_center_crop=False, crop_size=None,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], image_seq_length=tokens,
+    )
+    from model_repository.florence2_tasks import DEFAULT_POST_PROCESSOR_CONFIG
+
+    Florence2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                       post_processor_config=DEFAULT_POST_PROCESSOR_CONFIG).save_pretrained(out_dir)
+    (out_dir / "VLMSERVE_TINY.json").write_text(
+        json.dumps({"weights": "random", "seed": TINY_SEED, "architecture": "Florence2ForConditionalGeneration"},
+                   indent=2)
+    )
+    return out_dir
+
+
+TINY_BUILDERS["florence2"] = build_tiny_florence2

@@ -18,7 +18,8 @@ from export.run import export_model_set
 GOLDEN = Path(__file__).parent / "golden"
 CONFIG_FILES = [
     f"{m}/{c}"
-    for m in ("siglip_vision", "siglip_text", "siglip_embed_image", "siglip_embed_text")
+    for m in ("siglip_vision", "siglip_text", "siglip_embed_image", "siglip_embed_text", "florence2_vision",
+              "florence2")
     for c in ("config.pbtxt", f"configs/{EMBEDDED_CONFIG}.pbtxt")
 ]
 
@@ -29,6 +30,12 @@ def test_parity_within_tolerance_at_another_batch_size(tiny_repo: Path) -> None:
     for model in ("siglip_vision", "siglip_text"):
         diff = stamp["parity_max_abs_diff"][model]
         assert 0.0 <= diff <= onnx_utils.PARITY_ATOL, (model, diff)
+
+
+def test_florence2_vision_parity(tiny_repo: Path) -> None:
+    stamp = read_stamp(tiny_repo, "florence2")
+    assert stamp is not None
+    assert 0.0 <= stamp["parity_max_abs_diff"]["florence2_vision"] <= onnx_utils.PARITY_ATOL
 
 
 def test_onnx_has_dynamic_batch(tiny_repo: Path) -> None:
@@ -62,7 +69,7 @@ def test_reexport_is_a_noop(tiny_repo: Path) -> None:
     onnx = tiny_repo / "siglip_vision/1/model.onnx"
     before = onnx.stat().st_mtime_ns
     reports = export_model_set("tiny", repo=tiny_repo, progress=Progress(quiet=True))
-    assert reports["siglip"]["skipped"] is True
+    assert reports["siglip"]["skipped"] is True and reports["florence2"]["skipped"] is True
     assert onnx.stat().st_mtime_ns == before
 
 
@@ -71,7 +78,7 @@ def test_rendered_configs_match_golden_and_parse(tiny_repo: Path, rel: str) -> N
     text = (tiny_repo / rel).read_text()
     # Every config must be valid for Triton's own ModelConfig schema.
     config = text_format.Parse(text, model_config_pb2.ModelConfig())
-    assert config.max_batch_size == 32
+    assert config.max_batch_size == (8 if rel.startswith("florence2") else 32)
     golden = GOLDEN / rel.replace("/", "__")
     if os.environ.get("VLMSERVE_UPDATE_GOLDEN"):
         golden.write_text(text)

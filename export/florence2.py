@@ -1,0 +1,150 @@
+"""Florence-2 recipe: vision tower + projector -> ONNX; the encoder-decoder as a batched Python model.
+
+Writes ``florence2_vision`` (ONNX: ``pixel_values`` -> ``image_features``; native + embedded configs) and
+``florence2`` (client-facing Python model: ``IMAGE``, ``TASK``, optional ``TEXT``/``MAX_NEW_TOKENS``/
+``NUM_BEAMS`` -> ``RESULT`` JSON). The checkpoint and processor are copied into ``florence2/1/checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export import onnx_utils
+from export.pbtxt import Enum, parameters
+from export.progress import Progress
+from export.repository import EMBEDDED_CONFIG, ExportOptions, write_config, write_python_model
+from export.siglip import _onnx_configs
+from model_repository.florence2_tasks import TASKS
+
+FAMILY = "florence2"
+RECIPE_VERSION = "florence2-1"
+# The transformers-native conversion of microsoft/Florence-2-base (the microsoft repo needs remote code).
+DEFAULT_MODEL = "florence-community/Florence-2-base"
+TRACE_BATCH = 2
+VALIDATE_BATCH = 3
+MODELS = ["florence2_vision", "florence2"]
+MAX_BATCH = 8
+MAX_NEW_TOKENS_LIMIT = 1024
+NUM_BEAMS_LIMIT = 8
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)  # checkpoints are large: a hard link costs nothing when on the same filesystem
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def export(source_dir: Path, repo: Path, options: ExportOptions, weights: str, source_name: str,
+           progress: Progress, default_max_new_tokens: int = MAX_NEW_TOKENS_LIMIT) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig, Florence2ForConditionalGeneration
+
+    with progress.step(f"loading {source_name}"):
+        hf_config = AutoConfig.from_pretrained(source_dir)
+        if hf_config.model_type != "florence2" or not hasattr(hf_config, "vision_config"):
+            raise ValueError(f"{source_name} is not a transformers-native Florence-2 checkpoint "
+                             f"(model_type {hf_config.model_type!r}); use e.g. {DEFAULT_MODEL}")
+        model = Florence2ForConditionalGeneration.from_pretrained(source_dir, dtype=torch.float32).eval()
+        from transformers import AutoImageProcessor
+
+        image_processor = AutoImageProcessor.from_pretrained(source_dir)
+        size = image_processor.size
+        height, width = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
+
+    class Vision(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model.model
+
+        def forward(self, pixel_values):
+            return self.model.get_image_features(pixel_values)
+
+    vision = Vision().eval()
+    with torch.no_grad():
+        probe = vision(torch.zeros(1, 3, height, width))
+    tokens, dim = int(probe.shape[1]), int(probe.shape[2])
+
+    onnx_path = repo / "florence2_vision" / "1" / "model.onnx"
+    with progress.step("exporting florence2_vision (DaViT + projector) to ONNX"):
+        onnx_utils.export_onnx(
+            vision, [torch.randn(TRACE_BATCH, 3, height, width)], onnx_path, ["pixel_values"], ["image_features"],
+            {"pixel_values": {0: "batch"}, "image_features": {0: "batch"}},
+        )
+    with progress.step(f"parity check florence2_vision at batch {VALIDATE_BATCH}") as step:
+        pixels = np.random.default_rng(0).standard_normal((VALIDATE_BATCH, 3, height, width)).astype(np.float32)
+        diff = onnx_utils.validate("florence2_vision", vision, onnx_path, {"pixel_values": pixels})
+        step.detail = f"max abs diff {diff:.2e}"
+
+    with progress.step("copying checkpoint and writing Triton configs"):
+        meta = {"family": FAMILY, "source_model": source_name, "weights": weights}
+        native, embedded = _onnx_configs(
+            "florence2_vision",
+            {"name": "pixel_values", "data_type": Enum("TYPE_FP32"), "dims": [3, height, width]},
+            {"name": "image_features", "data_type": Enum("TYPE_FP32"), "dims": [tokens, dim]},
+            options, {**meta, "role": "encoder"},
+        )
+        for cfg in (native, embedded):
+            cfg["max_batch_size"] = MAX_BATCH
+        write_config(repo, "florence2_vision", native)
+        write_config(repo, "florence2_vision", embedded, EMBEDDED_CONFIG)
+        write_python_model(repo, "florence2_vision", "model_repository.onnx_model.TritonPythonModel")
+
+        checkpoint = repo / "florence2" / "1" / "checkpoint"
+        for f in source_dir.iterdir():
+            if f.is_file() and f.suffix in (".json", ".safetensors", ".txt", ".model"):
+                _link_or_copy(f, checkpoint / f.name)
+        _write_client_model(repo, options, meta, default_max_new_tokens)
+    return {"parity_max_abs_diff": {"florence2_vision": diff}, "image_tokens": tokens, "image_size": [width, height]}
+
+
+def _write_client_model(repo: Path, options: ExportOptions, meta: dict[str, Any], default_max_new_tokens: int) -> None:
+    def scalar(name: str, dtype: str, optional: bool = False) -> dict[str, Any]:
+        spec: dict[str, Any] = {"name": name, "data_type": Enum(dtype), "dims": [1]}
+        if optional:
+            spec["optional"] = True
+        return spec
+
+    def config(runner: str) -> dict[str, Any]:
+        return {
+            "name": "florence2",
+            "backend": "python",
+            "max_batch_size": MAX_BATCH,
+            "input": [
+                scalar("IMAGE", "TYPE_STRING"),
+                scalar("TASK", "TYPE_STRING"),
+                scalar("TEXT", "TYPE_STRING", optional=True),
+                scalar("MAX_NEW_TOKENS", "TYPE_INT32", optional=True),
+                scalar("NUM_BEAMS", "TYPE_INT32", optional=True),
+            ],
+            "output": [scalar("RESULT", "TYPE_STRING")],
+            "instance_group": [{"count": 1, "kind": options.kind()}],
+            # A longer window than the encoders: one generate() for many requests is the whole point.
+            "dynamic_batching": {"max_queue_delay_microseconds": 20000},
+            "parameters": parameters({
+                "runner": runner,
+                "encoder_model": "florence2_vision",
+                **meta,
+                "role": "client",
+                "task": "florence2",
+                "default_num_beams": 3,
+                "default_max_new_tokens": default_max_new_tokens,
+                "max_new_tokens_limit": MAX_NEW_TOKENS_LIMIT,
+                "num_beams_limit": NUM_BEAMS_LIMIT,
+                "max_pixels": options.max_pixels,
+                "tasks": json.dumps([t.as_dict() for t in TASKS]),
+            }),
+        }
+
+    write_config(repo, "florence2", config("triton"))
+    write_config(repo, "florence2", config("onnxruntime"), EMBEDDED_CONFIG)
+    write_python_model(repo, "florence2", "model_repository.florence2.Florence2Model")

@@ -1,0 +1,211 @@
+"""Triton model ``florence2``: every Florence-2 task, with requests batched into one ``generate``.
+
+Per ``execute`` (one dynamic batch): decode images and validate each request (a bad one fails alone), run the
+vision encoder once for all images (ONNX: in-process on the embedded server, the native model via BLS on
+NGC), splice the image features into the prompt embeddings, then run one beam-search ``generate`` per group
+of requests sharing generation settings (tasks may be mixed), and post-process each answer with the
+checkpoint's own ``Florence2Processor.post_process_generation`` (location tokens -> pixel coordinates).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from model_repository import runtime
+from model_repository.florence2_tasks import (
+    DEFAULT_POST_PROCESSOR_CONFIG,
+    REGION_TASKS,
+    Task,
+    UnknownTask,
+    find_task,
+    region_to_loc_tokens,
+)
+
+
+@dataclass
+class Job:
+    index: int
+    task: Task
+    prompt: str
+    image: Any  # PIL image
+    max_new_tokens: int
+    num_beams: int
+
+
+def _optional_int(request, name: str) -> int | None:
+    tensor = runtime.pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else int(tensor.as_numpy().reshape(-1)[0])
+
+
+def _optional_text(request, name: str) -> str | None:
+    tensor = runtime.pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    value = runtime.as_bytes_list(tensor.as_numpy())[0]
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise runtime.InputError(f"{name} is not valid UTF-8") from None
+
+
+class Florence2Pipeline:
+    """Everything but Triton I/O, so it can be used (and tested) without a server."""
+
+    def __init__(self, checkpoint_dir, encoder, *, default_max_new_tokens: int = 1024, default_num_beams: int = 3,
+                 max_new_tokens_limit: int = 1024, num_beams_limit: int = 8,
+                 max_pixels: int = runtime.DEFAULT_MAX_PIXELS, device: str = "cpu") -> None:
+        import torch
+        from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+        self.torch = torch
+        self.processor = AutoProcessor.from_pretrained(str(checkpoint_dir))
+        if not self.processor.post_processor.parse_task_config:
+            self.processor.post_processor.parse_task_config = DEFAULT_POST_PROCESSOR_CONFIG
+        self.model = Florence2ForConditionalGeneration.from_pretrained(str(checkpoint_dir)).eval().to(device)
+        # The vision tower runs as the exported ONNX model; drop the torch copy to save memory.
+        self.model.model.vision_tower = torch.nn.Identity()
+        self.device = device
+        self.encoder = encoder
+        self.image_token_id = self.processor.image_token_id
+        self.defaults = (default_max_new_tokens, default_num_beams)
+        self.limits = (max_new_tokens_limit, num_beams_limit)
+        self.max_pixels = max_pixels
+
+    def job(self, index: int, image: bytes, task_key: str, text: str | None,
+            max_new_tokens: int | None, num_beams: int | None) -> Job:
+        """Validate one request; raises InputError with a message for the client."""
+        try:
+            task = find_task(task_key)
+        except UnknownTask as exc:
+            raise runtime.InputError(str(exc)) from None
+        decoded = runtime.decode_image(image, self.max_pixels)
+        prompt = task.token
+        if task.needs_text:
+            if not text or not text.strip():
+                raise runtime.InputError(f"task {task.name} needs TEXT: {task.text_hint}")
+            if task.name in REGION_TASKS:
+                try:
+                    text = region_to_loc_tokens(text, *decoded.size)
+                except ValueError as exc:
+                    raise runtime.InputError(str(exc)) from None
+            prompt = task.token + text.strip()
+        new_tokens = self.defaults[0] if max_new_tokens is None else max_new_tokens
+        beams = self.defaults[1] if num_beams is None else num_beams
+        if not 1 <= new_tokens <= self.limits[0]:
+            raise runtime.InputError(f"MAX_NEW_TOKENS must be 1..{self.limits[0]}, got {new_tokens}")
+        if not 1 <= beams <= self.limits[1]:
+            raise runtime.InputError(f"NUM_BEAMS must be 1..{self.limits[1]}, got {beams}")
+        return Job(index, task, prompt, decoded, new_tokens, beams)
+
+    def run(self, jobs: list[Job]) -> dict[int, dict[str, Any]]:
+        """Generate for all jobs: one encoder call, one generate per (max_new_tokens, num_beams) group."""
+        torch = self.torch
+        inputs = self.processor(text=[j.prompt for j in jobs], images=[j.image for j in jobs],
+                                return_tensors="pt", padding=True)
+        features = self.encoder({"pixel_values": inputs["pixel_values"].numpy().astype(np.float32)})
+        image_features = torch.from_numpy(features["image_features"]).to(self.device)
+        input_ids = inputs["input_ids"].to(self.device)
+        attention_mask = inputs["attention_mask"].to(self.device)
+        with torch.no_grad():
+            embeds = self.model.get_input_embeddings()(input_ids)
+            mask = (input_ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
+
+        groups: dict[tuple[int, int], list[int]] = {}
+        for row, job in enumerate(jobs):
+            groups.setdefault((job.max_new_tokens, job.num_beams), []).append(row)
+        results: dict[int, dict[str, Any]] = {}
+        for (max_new_tokens, num_beams), rows in groups.items():
+            with torch.no_grad():
+                # Run the language encoder on our spliced embeddings and hand generate() its outputs: the
+                # model's own generate path would recompute image features with the (dropped) torch tower.
+                encoder_outputs = self.model.get_encoder()(
+                    inputs_embeds=embeds[rows], attention_mask=attention_mask[rows], return_dict=True
+                )
+                generated = self.model.generate(
+                    encoder_outputs=encoder_outputs, attention_mask=attention_mask[rows],
+                    max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, early_stopping=False,
+                )
+            texts = self.processor.batch_decode(generated, skip_special_tokens=False)
+            for row, text in zip(rows, texts, strict=True):
+                results[jobs[row].index] = self.parse(jobs[row], text)
+        return results
+
+    def parse(self, job: Job, generated: str) -> dict[str, Any]:
+        width, height = job.image.size
+        parsed = self.processor.post_process_generation(generated, task=job.task.token, image_size=(width, height))
+        clean = generated
+        for special in ("<s>", "</s>", "<pad>"):
+            clean = clean.replace(special, "")
+        return {
+            "task": job.task.name,
+            "task_token": job.task.token,
+            "text": clean.strip(),
+            "result": _jsonable(parsed.get(job.task.token, parsed)),
+            "image_size": [width, height],
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+class Florence2Model:
+    """Triton model ``florence2`` (see the module docstring)."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        config = runtime.model_config(args)
+        names = {i["name"] for i in config["input"]}
+        if not {"IMAGE", "TASK"} <= names or {o["name"] for o in config["output"]} != {"RESULT"}:
+            raise ValueError("florence2: config must declare inputs IMAGE, TASK (+ optional) and output RESULT")
+        device = "cuda" if runtime.uses_gpu(args) else "cpu"
+        self.pipeline = Florence2Pipeline(
+            runtime.version_dir(args) / "checkpoint",
+            runtime.make_encoder(args, config, ["image_features"]),
+            default_max_new_tokens=int(runtime.param(config, "default_max_new_tokens", "1024")),
+            default_num_beams=int(runtime.param(config, "default_num_beams", "3")),
+            max_new_tokens_limit=int(runtime.param(config, "max_new_tokens_limit", "1024")),
+            num_beams_limit=int(runtime.param(config, "num_beams_limit", "8")),
+            max_pixels=int(runtime.param(config, "max_pixels", str(runtime.DEFAULT_MAX_PIXELS))),
+            device=device,
+        )
+
+    def execute(self, requests):
+        pb = runtime.pb_utils
+        responses: list[Any] = [None] * len(requests)
+        jobs: list[Job] = []
+        for i, request in enumerate(requests):
+            try:
+                images = runtime.as_bytes_list(pb.get_input_tensor_by_name(request, "IMAGE").as_numpy())
+                if len(images) != 1:
+                    raise runtime.InputError("send one image per request (IMAGE shape [1, 1])")
+                task = runtime.as_bytes_list(pb.get_input_tensor_by_name(request, "TASK").as_numpy())[0]
+                jobs.append(self.pipeline.job(
+                    i, images[0], task.decode("utf-8", "replace"), _optional_text(request, "TEXT"),
+                    _optional_int(request, "MAX_NEW_TOKENS"), _optional_int(request, "NUM_BEAMS"),
+                ))
+            except runtime.InputError as exc:
+                responses[i] = runtime.error_response(str(exc), invalid_arg=True)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not take the batch down
+                responses[i] = runtime.error_response(f"preprocessing failed: {type(exc).__name__}: {exc}")
+        if jobs:
+            try:
+                results = self.pipeline.run(jobs)
+            except Exception as exc:  # noqa: BLE001
+                for job in jobs:
+                    responses[job.index] = runtime.error_response(f"generation failed: {type(exc).__name__}: {exc}")
+            else:
+                for index, result in results.items():
+                    payload = np.array([[json.dumps(result).encode("utf-8")]], dtype=np.object_)
+                    responses[index] = pb.InferenceResponse(output_tensors=[pb.Tensor("RESULT", payload)])
+        return responses
