@@ -60,7 +60,7 @@ def test_health_reports_models_and_random_weights(gw) -> None:
     assert body["device"] == "cpu" and body["cuda_available"] is False
     assert body["weights"] == "random" and "random" in body["warning"]
     assert body["models"] == {"siglip_embed_image": True, "siglip_embed_text": True, "siglip_text": True,
-                              "siglip_vision": True}
+                              "siglip_vision": True, "florence2": True, "florence2_vision": True}
 
 
 def test_embed_all_image_reference_kinds_and_match_triton_direct(gw, stack, image_server) -> None:
