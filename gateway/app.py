@@ -15,7 +15,9 @@ from gateway.embedding import EmbeddingService
 from gateway.limits import BodySizeLimit
 from gateway.metrics import Metrics, MetricsMiddleware
 from gateway.routes import embeddings, health, openai
+from gateway.routes import florence as florence_routes
 from gateway.settings import GatewaySettings
+from gateway.storage import build_store
 from gateway.triton import TritonBackend
 
 log = logging.getLogger("vlmserve.gateway")
@@ -49,10 +51,13 @@ def create_app(settings: GatewaySettings, backend: TritonBackend | None = None) 
     app.state.backend = backend
     app.state.metrics = Metrics()
     app.state.started_at = time.time()
+    app.state.storage = build_store(settings)  # lazy: no folder or S3 client until first use
     errors.install(app)
     app.include_router(health.router)
     app.include_router(embeddings.router)
     app.include_router(openai.router)
+    app.include_router(florence_routes.router)
+    app.include_router(florence_routes.files_router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

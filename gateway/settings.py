@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.images import ImagePolicy
@@ -27,6 +27,16 @@ class GatewaySettings(BaseSettings):
     url_allowlist: list[str] = Field(default_factory=list, description="hosts/IPs/CIDRs exempt from SSRF checks")
     local_image_dir: str | None = Field(None, description="local image paths allowed only inside this folder")
     fetch_timeout_s: float = 10.0
+    # Object store for Florence-2's /v1/predict store_image=true (seed 001 used MinIO).
+    storage_dir: str | None = Field(None, description="local object store folder; default <state dir>/storage")
+    public_base_url: str | None = Field(None, description="base of /files URLs; default: the request's base URL")
+    storage_s3_bucket: str | None = Field(None, description="when set, store objects in this S3-compatible bucket")
+    storage_s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, ...); None = AWS")
+    storage_s3_region: str | None = None
+    storage_s3_access_key_id: str | None = Field(None, description="None = boto3's default chain (AWS_* env)")
+    storage_s3_secret_access_key: SecretStr | None = None
+    storage_s3_prefix: str = Field("", description="key prefix inside the bucket, e.g. 'florence/'")
+    storage_url_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600, description="presigned URL lifetime")
 
     def image_policy(self) -> ImagePolicy:
         return ImagePolicy(

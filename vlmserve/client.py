@@ -100,7 +100,7 @@ class VlmserveBadRequest(VlmserveError):
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """One Florence-2 task as listed by ``GET /tasks``."""
+    """One Florence-2 task as listed by ``GET /v1/tasks``."""
 
     name: str
     token: str
@@ -322,7 +322,7 @@ def _result_from_json(raw: dict[str, Any]) -> Florence2Result:
 
 def _parse_tasks(response: httpx.Response) -> list[TaskInfo]:
     body = _json(response)
-    items = body.get("tasks", []) if isinstance(body, dict) else body
+    items = body.get("details", []) if isinstance(body, dict) else body  # /tasks (seed shape) or /v1/tasks
     if not isinstance(items, list):
         raise VlmserveError(f"unexpected /tasks answer: {body!r:.200}", status_code=response.status_code)
     return [TaskInfo(name=str(t["name"]), token=str(t.get("token", "")), needs_text=bool(t.get("needs_text")),
@@ -383,7 +383,7 @@ class _ClientBase:
         return _Call("GET", "/health", _parse_ready, on_transport_error=_not_ready)
 
     def _tasks_call(self) -> _Call[list[TaskInfo]]:
-        return _Call("GET", "/tasks", _parse_tasks)
+        return _Call("GET", "/v1/tasks", _parse_tasks)
 
     def _infer_call(self, task: str, image: ImageInput, text: str | None, max_new_tokens: int | None,
                     num_beams: int | None) -> _Call[Florence2Result]:
@@ -463,7 +463,7 @@ class Florence2Client(_ClientBase, _TaskMethods[Florence2Result]):
         return self._execute(self._ready_call())
 
     def tasks(self) -> list[TaskInfo]:
-        """The tasks the gateway serves (``GET /tasks``)."""
+        """The tasks the gateway serves (``GET /v1/tasks``)."""
         return self._execute(self._tasks_call())
 
     def run(self, task: str, image: ImageInput, text: str | None = None, *, max_new_tokens: int | None = None,
@@ -509,7 +509,7 @@ class AsyncFlorence2Client(_ClientBase, _TaskMethods[Awaitable[Florence2Result]]
         return await self._execute(self._ready_call())
 
     async def tasks(self) -> list[TaskInfo]:
-        """The tasks the gateway serves (``GET /tasks``)."""
+        """The tasks the gateway serves (``GET /v1/tasks``)."""
         return await self._execute(self._tasks_call())
 
     async def run(self, task: str, image: ImageInput, text: str | None = None, *,

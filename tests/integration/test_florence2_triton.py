@@ -25,7 +25,8 @@ def http_call(stack, task: str, text: str | None = None, max_new_tokens: int | N
 
     client = th.InferenceServerClient(stack.triton_http.removeprefix("http://"))
     inputs = []
-    for name, value in [("IMAGE", image or png()), ("TASK", task.encode())] + ([("TEXT", text.encode())] if text else []):
+    named = [("IMAGE", image or png()), ("TASK", task.encode())] + ([("TEXT", text.encode())] if text else [])
+    for name, value in named:
         item = th.InferInput(name, [1, 1], "BYTES")
         item.set_data_from_numpy(np.array([[value]], dtype=np.object_))
         inputs.append(item)

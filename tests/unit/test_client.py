@@ -389,7 +389,7 @@ def test_tasks(kind: str) -> None:
 
     tasks = call(kind, rec, "tasks", client_kwargs={"api_key": "k"})
 
-    assert (rec.last.method, rec.last.url.path) == ("GET", "/tasks")
+    assert (rec.last.method, rec.last.url.path) == ("GET", "/v1/tasks")
     assert rec.last.headers["authorization"] == "Bearer k"
     assert tasks == [
         TaskInfo("caption", "<CAPTION>", False, "short caption", None),
