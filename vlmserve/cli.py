@@ -18,6 +18,7 @@ def export(
     model_set: str = typer.Option("tiny", "--set", help="tiny (offline random models) or hub (real checkpoints)"),
     repo: Path | None = typer.Option(None, "--repo", help="model repository to write (default: per set)"),
     siglip_model: str | None = typer.Option(None, "--siglip-model", help="Hub id or local dir (hub set)"),
+    florence2_model: str | None = typer.Option(None, "--florence2-model", help="Hub id or local dir (hub set)"),
     device: str = typer.Option("cpu", help="cpu or cuda: instance kind written into the configs"),
     force: bool = typer.Option(False, help="re-export even when up to date"),
 ) -> None:
@@ -30,28 +31,31 @@ def export(
     if device not in ("cpu", "cuda"):
         raise typer.BadParameter("device must be cpu or cuda")
     try:
-        export_model_set(model_set, repo, ExportOptions(device=device),
-                         sources={"siglip": siglip_model} if siglip_model else None, force=force)
+        sources = {k: v for k, v in {"siglip": siglip_model, "florence2": florence2_model}.items() if v}
+        export_model_set(model_set, repo, ExportOptions(device=device), sources=sources, force=force)
     except (ParityError, SourceError, ValueError) as exc:
         orchestrator_cli.console.print(f"[red]export failed:[/red] {exc}")
         raise typer.Exit(1) from None
 
 
-def _export_and_run(model_set: str, siglip_model: str | None) -> None:
-    export(model_set=model_set, repo=None, siglip_model=siglip_model, device="cpu", force=False)
+def _export_and_run(model_set: str, siglip_model: str | None = None, florence2_model: str | None = None) -> None:
+    export(model_set=model_set, repo=None, siglip_model=siglip_model, florence2_model=florence2_model,
+           device="cpu", force=False)
     orchestrator_cli.run(model_set=model_set, repo=None)
 
 
 @app.command()
 def demo() -> None:
     """Offline demo: build the tiny models if missing and serve them (Ctrl-C stops)."""
-    _export_and_run("tiny", None)
+    _export_and_run("tiny")
 
 
 @app.command()
 def serve(
     siglip_model: str = typer.Option("google/siglip-base-patch16-224", "--siglip-model",
                                      envvar="VLMSERVE_SIGLIP_MODEL", help="Hub id or local checkpoint dir"),
+    florence2_model: str = typer.Option("florence-community/Florence-2-base", "--florence2-model",
+                                        envvar="VLMSERVE_FLORENCE2_MODEL", help="Hub id or local checkpoint dir"),
 ) -> None:
     """Serve real checkpoints (from the Hub or the local HF cache)."""
-    _export_and_run("hub", siglip_model)
+    _export_and_run("hub", siglip_model, florence2_model)
