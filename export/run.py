@@ -7,14 +7,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from export import florence2, siglip, tiny
+from export import chat, florence2, siglip, tiny
 from export.progress import Progress
 from export.repository import ExportOptions, fingerprint, read_stamp, write_stamp
 from export.sources import resolve_source
 from vlmserve import paths
 
 # family -> recipe module; adding a family = a recipe + its Triton models + a gateway route module.
-RECIPES = {"siglip": siglip, "florence2": florence2}
+RECIPES: dict = {"siglip": siglip, "florence2": florence2, "qwen2vl": chat.qwen2vl}
 MODEL_SETS = ("tiny", "hub")
 
 

@@ -185,3 +185,77 @@ def build_tiny_florence2(out_dir: Path) -> Path:
 
 
 TINY_BUILDERS["florence2"] = build_tiny_florence2
+
+
+def _byte_bpe(vocab_size: int, specials: list[str]):
+    """A byte-level BPE trained on the fixed corpus (Qwen2 / SmolLM style), special tokens first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return tok
+
+
+# Chat templates in the shape of the released ones (ChatML for Qwen2-VL, "User:/Assistant:" for SmolVLM2);
+# media parts become the model's placeholder tokens, which the processors expand.
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_qwen2vl(out_dir: Path) -> Path:
+    """Write a tiny random ``Qwen2VLForConditionalGeneration`` + processor to ``out_dir``."""
+    import torch
+    from transformers import (
+        Qwen2TokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+    )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(TINY_SEED)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=_byte_bpe(400, specials), eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token=None, bos_token=None, model_max_length=4096, chat_template=QWEN2VL_CHAT_TEMPLATE,
+    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 4096,
+            "rope_scaling": {"type": "mrope", "mrope_section": [4, 2, 2]}, "tie_word_embeddings": True,
+            "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    # Small images -> few visual tokens (each 28x28 px becomes one token after the 2x2 merge).
+    Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16).save_pretrained(out_dir)
+    (out_dir / "VLMSERVE_TINY.json").write_text(
+        json.dumps({"weights": "random", "seed": TINY_SEED, "architecture": "Qwen2VLForConditionalGeneration"},
+                   indent=2)
+    )
+    return out_dir
+
+
+TINY_BUILDERS["qwen2vl"] = build_tiny_qwen2vl

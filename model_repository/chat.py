@@ -1,0 +1,322 @@
+"""Decoupled Triton models for chat VLMs (``qwen2vl``, ``smolvlm2``): OpenAI-style messages in, text streamed out.
+
+Inputs: ``MESSAGES`` (BYTES, JSON list of ``{"role", "content"}``; content is a string or parts
+``{"type": "text", "text"}``, ``{"type": "image", "data": base64}``, ``{"type": "video", "data": base64}``) and
+optional ``PARAMETERS`` (BYTES, JSON: max_tokens, temperature, top_p, stop, seed, video_fps,
+video_max_frames). Every response carries ``TEXT`` (a delta), ``FINISH_REASON`` ("" until the final response:
+stop | length | cancelled) and ``USAGE`` (JSON on the final response). Bad input is an INVALID_ARG error.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from model_repository import runtime
+from model_repository.chat_engine import ChatEngine, ChatJob, RowSampler, RowStreamer, SamplingParams
+
+ROLES = {"system", "user", "assistant"}
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _b64(data: Any, what: str) -> bytes:
+    if not isinstance(data, str) or not data:
+        raise runtime.InputError(f"{what}: 'data' must be a non-empty base64 string")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise runtime.InputError(f"{what}: 'data' is not valid base64") from None
+
+
+def decode_video(data: bytes, fps: float, max_frames: int) -> list[tuple[float, Any]]:
+    """Sample ``(timestamp_s, RGB PIL image)`` frames at ``fps``, at most ``max_frames`` spread over the clip."""
+    import av
+
+    try:
+        container = av.open(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001 - PyAV raises many types for broken input
+        raise runtime.InputError(f"not a decodable video ({type(exc).__name__})") from None
+    frames: list[tuple[float, Any]] = []
+    try:
+        with container:
+            stream = container.streams.video[0]
+            next_t = 0.0
+            for frame in container.decode(stream):
+                t = float(frame.time or 0.0)
+                if t + 1e-6 >= next_t:
+                    frames.append((t, frame.to_image().convert("RGB")))
+                    next_t = t + 1.0 / fps
+    except IndexError:
+        raise runtime.InputError("the video has no video stream") from None
+    except Exception as exc:  # noqa: BLE001
+        if not frames:
+            raise runtime.InputError(f"not a decodable video ({type(exc).__name__})") from None
+    if not frames:
+        raise runtime.InputError("the video has no frames")
+    if len(frames) > max_frames:
+        picks = np.linspace(0, len(frames) - 1, max_frames).round().astype(int)
+        frames = [frames[i] for i in picks]
+    return frames
+
+
+def parse_messages(raw: bytes, video_fps: float, max_frames: int, max_images: int,
+                   max_pixels: int = runtime.DEFAULT_MAX_PIXELS) -> list[dict[str, Any]]:
+    """Validated messages with images decoded; a video becomes timestamped frames (images + text)."""
+    try:
+        messages = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise runtime.InputError("MESSAGES must be a JSON list of messages") from None
+    if not isinstance(messages, list) or not messages:
+        raise runtime.InputError("MESSAGES must be a non-empty JSON list")
+    out: list[dict[str, Any]] = []
+    images = 0
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise runtime.InputError(f"messages[{i}] needs a role in {sorted(ROLES)}")
+        content = message.get("content")
+        if isinstance(content, str):
+            out.append({"role": message["role"], "content": [{"type": "text", "text": content}]})
+            continue
+        if not isinstance(content, list):
+            raise runtime.InputError(f"messages[{i}].content must be a string or a list of parts")
+        parts: list[dict[str, Any]] = []
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image":
+                try:
+                    parts.append({"type": "image", "image": runtime.decode_image(_b64(part.get("data"), where),
+                                                                                   max_pixels)})
+                except runtime.InputError as exc:
+                    raise runtime.InputError(f"{where}: {exc}") from None
+                images += 1
+            elif kind == "video":
+                frames = decode_video(_b64(part.get("data"), where), video_fps, max_frames)
+                parts.append({"type": "text", "text": f"A video of {len(frames)} sampled frames:"})
+                for t, frame in frames:
+                    parts.append({"type": "text", "text": f" frame at {t:.1f}s"})
+                    parts.append({"type": "image", "image": frame})
+                images += len(frames)
+            else:
+                raise runtime.InputError(f"{where}: parts are text {{text}}, image {{data}} or video {{data}}")
+        out.append({"role": message["role"], "content": parts})
+    if images > max_images:
+        raise runtime.InputError(f"{images} images/frames in the conversation; at most {max_images}")
+    if out[-1]["role"] == "assistant":
+        raise runtime.InputError("the last message must not be from the assistant")
+    return out
+
+
+def parse_params(raw: bytes | None, default_max_tokens: int, max_tokens_limit: int) -> tuple[SamplingParams, dict]:
+    try:
+        params = json.loads(raw) if raw else {}
+    except (UnicodeDecodeError, ValueError):
+        raise runtime.InputError("PARAMETERS must be a JSON object") from None
+    if not isinstance(params, dict):
+        raise runtime.InputError("PARAMETERS must be a JSON object")
+    try:
+        max_tokens = int(params.get("max_tokens") or default_max_tokens)
+        temperature = float(params.get("temperature", 0.0) or 0.0)
+        top_p = float(params.get("top_p", 1.0) if params.get("top_p") is not None else 1.0)
+        seed = None if params.get("seed") is None else int(params["seed"])
+    except (TypeError, ValueError):
+        raise runtime.InputError("PARAMETERS: max_tokens/seed must be integers, temperature/top_p numbers") from None
+    stop = params.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+        raise runtime.InputError("PARAMETERS.stop must be a string or a list of up to 4 non-empty strings")
+    if not 1 <= max_tokens <= max_tokens_limit:
+        raise runtime.InputError(f"max_tokens must be 1..{max_tokens_limit}, got {max_tokens}")
+    if not 0.0 <= temperature <= 2.0:
+        raise runtime.InputError(f"temperature must be 0..2, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise runtime.InputError(f"top_p must be in (0, 1], got {top_p}")
+    return SamplingParams(max_tokens, temperature, top_p, tuple(stop), seed), params
+
+
+# ---------------------------------------------------------------------------------------------- pipelines
+
+
+class QwenPipeline:
+    """Qwen2-VL: chat template -> image placeholders expanded per image grid -> batched ``generate``.
+
+    The vision tower stays in torch (its patch loops are data dependent, DESIGN.md §3).
+    """
+
+    def __init__(self, checkpoint_dir, device: str = "cpu", attn_implementation: str = "sdpa") -> None:
+        import torch
+        from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+
+        self.torch = torch
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
+        self.tokenizer.padding_side = "left"
+        self.image_processor = Qwen2VLImageProcessor.from_pretrained(str(checkpoint_dir))
+        self.model = Qwen2VLForConditionalGeneration.from_pretrained(
+            str(checkpoint_dir), attn_implementation=attn_implementation
+        ).eval().to(device)
+        self.merge = self.image_processor.merge_size
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def prepare(self, messages: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+        images = [p["image"] for m in messages for p in m["content"] if p["type"] == "image"]
+        template_messages = [
+            {"role": m["role"], "content": [{"type": "image"} if p["type"] == "image" else p for p in m["content"]]}
+            for m in messages
+        ]
+        prompt = self.tokenizer.apply_chat_template(template_messages, tokenize=False, add_generation_prompt=True)
+        inputs: dict[str, Any] = {}
+        if images:
+            vision = self.image_processor(images=images, return_tensors="pt")
+            counts = (vision["image_grid_thw"].prod(-1) // (self.merge**2)).tolist()
+            pieces = prompt.split("<|image_pad|>")
+            if len(pieces) - 1 != len(counts):
+                raise runtime.InputError("the chat template did not place every image")
+            prompt = pieces[0] + "".join("<|image_pad|>" * n + rest for n, rest in zip(counts, pieces[1:],
+                                                                                       strict=True))
+            inputs = {"pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return {"input_ids": ids, **inputs}, len(ids)
+
+    def run_batch(self, jobs: list[ChatJob]) -> None:
+        torch = self.torch
+        width = max(len(j.inputs["input_ids"]) for j in jobs)
+        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for row, job in enumerate(jobs):
+            n = len(job.inputs["input_ids"])
+            ids[row, width - n:] = torch.tensor(job.inputs["input_ids"])
+            mask[row, width - n:] = 1
+        kwargs: dict[str, Any] = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        with_images = [j for j in jobs if "pixel_values" in j.inputs]
+        if with_images:
+            kwargs["pixel_values"] = torch.cat([j.inputs["pixel_values"] for j in with_images]).to(self.device)
+            kwargs["image_grid_thw"] = torch.cat([j.inputs["image_grid_thw"] for j in with_images]).to(self.device)
+        generate(self.model, self.tokenizer, self.eos_ids, self.pad_id, jobs, kwargs)
+
+
+def generate(model, tokenizer, eos_ids: set[int], pad_id: int, jobs: list[ChatJob], kwargs: dict[str, Any]) -> None:
+    """One batched greedy ``generate`` driven by the per-row sampler and streamer."""
+    import torch
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    streamer = RowStreamer(jobs, tokenizer, eos_ids)
+    with torch.no_grad():
+        model.generate(
+            **kwargs, max_new_tokens=max(j.params.max_tokens for j in jobs), do_sample=False, num_beams=1,
+            logits_processor=LogitsProcessorList([RowSampler(jobs)]),
+            stopping_criteria=StoppingCriteriaList([streamer]), pad_token_id=pad_id,
+            eos_token_id=None,  # the streamer decides per row; a shared EOS would stop rows it should not
+        )
+    streamer.close(len(jobs))
+
+
+PIPELINES = {"qwen2vl": QwenPipeline}
+
+
+# ---------------------------------------------------------------------------------------------- Triton
+
+
+def resolve_attention(setting: str, device: str) -> str:
+    """``USE_FLASH_ATTENTION`` (seed 002): auto -> flash-attn when importable on a GPU, else SDPA."""
+    import importlib.util
+
+    setting = (setting or "auto").strip().lower()
+    available = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if setting in ("1", "true", "yes"):
+        if not available:
+            raise RuntimeError("USE_FLASH_ATTENTION=true but flash-attn is not usable here "
+                               f"(device {device}, flash_attn installed: {importlib.util.find_spec('flash_attn') is not None})")
+        return "flash_attention_2"
+    if setting in ("0", "false", "no"):
+        return "sdpa"
+    if setting != "auto":
+        raise ValueError(f"USE_FLASH_ATTENTION must be auto, true or false, got {setting!r}")
+    return "flash_attention_2" if available else "sdpa"
+
+
+
+def _response(text: str, finish: str, usage: dict | None):
+    pb = runtime.pb_utils
+    tensors = [
+        pb.Tensor("TEXT", np.array([text.encode("utf-8")], dtype=np.object_)),
+        pb.Tensor("FINISH_REASON", np.array([finish.encode()], dtype=np.object_)),
+        pb.Tensor("USAGE", np.array([json.dumps(usage).encode() if usage else b""], dtype=np.object_)),
+    ]
+    return pb.InferenceResponse(output_tensors=tensors)
+
+
+class ChatModel:
+    """Triton model for one chat family (decoupled; see the module docstring)."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        config = runtime.model_config(args)
+        if not config.get("model_transaction_policy", {}).get("decoupled"):
+            raise ValueError(f"{config['name']}: chat models must be decoupled (model_transaction_policy)")
+        family = runtime.param(config, "family")
+        if family not in PIPELINES:
+            raise ValueError(f"{config['name']}: unknown chat family {family!r}")
+        device = "cuda" if runtime.uses_gpu(args) else "cpu"
+        attn = resolve_attention(os.environ.get("USE_FLASH_ATTENTION", "auto"), device)
+        self.pipeline = PIPELINES[family](runtime.version_dir(args) / "checkpoint", device, attn)
+        self.max_tokens_limit = int(runtime.param(config, "max_new_tokens_limit", "1024"))
+        # MAX_NEW_TOKENS (seed 002) sets the default answer length, within the configured limit.
+        self.default_max_tokens = min(self.max_tokens_limit, int(
+            os.environ.get("MAX_NEW_TOKENS") or runtime.param(config, "default_max_new_tokens", "256")))
+        self.max_frames = int(runtime.param(config, "max_video_frames", "8"))
+        self.max_images = int(runtime.param(config, "max_images", "16"))
+        self.default_fps = float(runtime.param(config, "video_fps", "1.0"))
+        self.engine = ChatEngine(self.pipeline.run_batch, int(runtime.param(config, "max_batch", "8")),
+                                 float(runtime.param(config, "batch_window_ms", "20")) / 1000)
+
+    def execute(self, requests):
+        pb = runtime.pb_utils
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                raw_params = pb.get_input_tensor_by_name(request, "PARAMETERS")
+                params, extra = parse_params(
+                    None if raw_params is None else runtime.as_bytes_list(raw_params.as_numpy())[0],
+                    self.default_max_tokens, self.max_tokens_limit,
+                )
+                fps = float(extra.get("video_fps") or self.default_fps)
+                frames = min(int(extra.get("video_max_frames") or self.max_frames), self.max_frames)
+                if not 0 < fps <= 30:
+                    raise runtime.InputError(f"video_fps must be in (0, 30], got {fps}")
+                raw = runtime.as_bytes_list(pb.get_input_tensor_by_name(request, "MESSAGES").as_numpy())[0]
+                messages = parse_messages(raw, fps, max(1, frames), self.max_images)
+                inputs, prompt_tokens = self.pipeline.prepare(messages)
+            except runtime.InputError as exc:
+                sender.send(runtime.error_response(str(exc), invalid_arg=True), flags=final)
+                continue
+            except Exception as exc:  # noqa: BLE001
+                sender.send(runtime.error_response(f"preprocessing failed: {type(exc).__name__}: {exc}"),
+                            flags=final)
+                continue
+
+            def emit(text: str, finish: str, usage: dict | None, sender=sender) -> None:
+                if finish == "error":
+                    sender.send(runtime.error_response(text), flags=final)
+                elif finish:
+                    sender.send(_response(text, finish, usage), flags=final)
+                elif text:
+                    sender.send(_response(text, "", None))
+
+            self.engine.submit(ChatJob(inputs, params, prompt_tokens, emit, request.is_cancelled))
+        return None
+
+    def finalize(self) -> None:
+        self.engine.stop()
