@@ -84,3 +84,76 @@ class _Recipe:
 
 
 qwen2vl = _Recipe("qwen2vl", "qwen2vl-1", "Qwen/Qwen2-VL-2B-Instruct", ["qwen2vl"], export_qwen2vl)
+
+
+def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weights: str, source_name: str,
+                    progress: Progress) -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import AutoConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor
+
+    from export import onnx_utils
+    from export.siglip import _onnx_configs
+    from model_repository.smolvlm import patch_mask, vision_module
+
+    with progress.step(f"loading {source_name}"):
+        config = AutoConfig.from_pretrained(source_dir)
+        if config.model_type != "smolvlm":
+            raise ValueError(f"{source_name} is a {config.model_type!r} checkpoint, not SmolVLM2")
+        model = SmolVLMForConditionalGeneration.from_pretrained(source_dir, dtype=torch.float32,
+                                                                attn_implementation="eager").eval()
+        processor = SmolVLMImageProcessor.from_pretrained(source_dir)
+    vision = vision_module(model)
+    size, patch = config.vision_config.image_size, config.vision_config.patch_size
+    # Real tiles, including a padded global view (non-square image), so the masks are exercised.
+    tiles = processor(images=[[Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 160, 3), np.uint8))]],
+                      return_tensors="np")
+    pixels = tiles["pixel_values"][0].astype(np.float32)
+    pmask = patch_mask(tiles["pixel_attention_mask"][0].astype(bool), patch)
+    with torch.no_grad():
+        reference = model.model.get_image_features(torch.from_numpy(pixels)[None],
+                                                   torch.from_numpy(tiles["pixel_attention_mask"][0])[None].bool())
+        ours = vision(torch.from_numpy(pixels), torch.from_numpy(pmask))
+    wrapper_diff = float((reference - ours).abs().max())
+    if wrapper_diff > onnx_utils.PARITY_ATOL:
+        raise onnx_utils.ParityError("smolvlm2 vision wrapper vs get_image_features", wrapper_diff,
+                                     onnx_utils.PARITY_ATOL)
+    onnx_path = repo / "smolvlm2_vision" / "1" / "model.onnx"
+    with progress.step("exporting smolvlm2_vision (encoder + connector) to ONNX"):
+        onnx_utils.export_onnx(
+            vision, [torch.from_numpy(pixels[:2]), torch.from_numpy(pmask[:2])], onnx_path,
+            ["pixel_values", "patch_attention_mask"], ["image_features"],
+            {"pixel_values": {0: "batch"}, "patch_attention_mask": {0: "batch"}, "image_features": {0: "batch"}},
+        )
+    n = min(len(pixels), 3) if len(pixels) != 2 else 1
+    picks = list(range(len(pixels)))[-n:]  # include the padded global tile, at a batch size != traced (2)
+    with progress.step(f"parity check smolvlm2_vision at batch {n}") as step:
+        diff = onnx_utils.validate("smolvlm2_vision", vision, onnx_path,
+                                   {"pixel_values": pixels[picks], "patch_attention_mask": pmask[picks]})
+        step.detail = f"max abs diff {diff:.2e} (wrapper vs transformers {wrapper_diff:.1e})"
+    with progress.step("copying checkpoint and writing Triton configs"):
+        meta = {"family": "smolvlm2", "source_model": source_name, "weights": weights}
+        tokens, dim = int(ours.shape[1]), int(ours.shape[2])
+        native, embedded = _onnx_configs(
+            "smolvlm2_vision", {"name": "pixel_values", "data_type": Enum("TYPE_FP32"), "dims": [3, size, size]},
+            {"name": "image_features", "data_type": Enum("TYPE_FP32"), "dims": [tokens, dim]},
+            options, {**meta, "role": "encoder"},
+        )
+        for cfg in (native, embedded):
+            cfg["input"].append({"name": "patch_attention_mask", "data_type": Enum("TYPE_BOOL"),
+                                 "dims": [size // patch, size // patch]})
+        write_config(repo, "smolvlm2_vision", native)
+        write_config(repo, "smolvlm2_vision", embedded, EMBEDDED_CONFIG)
+        write_python_model(repo, "smolvlm2_vision", "model_repository.onnx_model.TritonPythonModel")
+        copy_checkpoint(source_dir, repo / "smolvlm2" / "1" / "checkpoint")
+        extra = {"encoder_model": "smolvlm2_vision"}
+        write_config(repo, "smolvlm2", chat_config("smolvlm2", options, meta, extra, runner="triton"))
+        write_config(repo, "smolvlm2", chat_config("smolvlm2", options, meta, extra, runner="onnxruntime"),
+                     EMBEDDED_CONFIG)
+        write_python_model(repo, "smolvlm2", "model_repository.chat.ChatModel")
+    return {"parity_max_abs_diff": {"smolvlm2_vision": diff}, "wrapper_vs_transformers": wrapper_diff}
+
+
+smolvlm2 = _Recipe("smolvlm2", "smolvlm2-1", "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
+                   ["smolvlm2_vision", "smolvlm2"], export_smolvlm2)

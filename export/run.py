@@ -14,7 +14,7 @@ from export.sources import resolve_source
 from vlmserve import paths
 
 # family -> recipe module; adding a family = a recipe + its Triton models + a gateway route module.
-RECIPES: dict = {"siglip": siglip, "florence2": florence2, "qwen2vl": chat.qwen2vl}
+RECIPES: dict = {"siglip": siglip, "florence2": florence2, "qwen2vl": chat.qwen2vl, "smolvlm2": chat.smolvlm2}
 MODEL_SETS = ("tiny", "hub")
 
 

@@ -259,3 +259,55 @@ def build_tiny_qwen2vl(out_dir: Path) -> Path:
 
 
 TINY_BUILDERS["qwen2vl"] = build_tiny_qwen2vl
+
+
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}:{% else %}: {% endif %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}<image>{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def build_tiny_smolvlm2(out_dir: Path) -> Path:
+    """Write a tiny random ``SmolVLMForConditionalGeneration`` + tokenizer + image processor to ``out_dir``."""
+    import torch
+    from transformers import GPT2TokenizerFast, SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(TINY_SEED)
+    grid = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
+                "<global-img>", *grid]
+    tokenizer = GPT2TokenizerFast(
+        tokenizer_object=_byte_bpe(400, specials), eos_token="<end_of_utterance>", pad_token="<|endoftext|>",
+        bos_token="<|im_start|>", unk_token="<|endoftext|>", model_max_length=8192,
+        chat_template=SMOLVLM_CHAT_TEMPLATE, extra_special_tokens={"image_token": "<image>"},
+    )
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    eos_id = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = SmolVLMConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 64, "patch_size": 16},
+        text_config={"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "max_position_embeddings": 8192, "pad_token_id": pad_id, "eos_token_id": eos_id},
+        scale_factor=2, image_token_id=image_token_id, pad_token_id=pad_id,
+    )
+    model = SmolVLMForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = eos_id
+    model.generation_config.pad_token_id = pad_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    SmolVLMImageProcessor(do_image_splitting=True, size={"longest_edge": 128},
+                          max_image_size={"longest_edge": 64}).save_pretrained(out_dir)
+    (out_dir / "VLMSERVE_TINY.json").write_text(
+        json.dumps({"weights": "random", "seed": TINY_SEED, "architecture": "SmolVLMForConditionalGeneration"},
+                   indent=2)
+    )
+    return out_dir
+
+
+TINY_BUILDERS["smolvlm2"] = build_tiny_smolvlm2

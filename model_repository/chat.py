@@ -153,7 +153,7 @@ class QwenPipeline:
     The vision tower stays in torch (its patch loops are data dependent, DESIGN.md §3).
     """
 
-    def __init__(self, checkpoint_dir, device: str = "cpu", attn_implementation: str = "sdpa") -> None:
+    def __init__(self, checkpoint_dir, device: str = "cpu", attn_implementation: str = "sdpa", encoder=None) -> None:
         import torch
         from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
 
@@ -223,7 +223,13 @@ def generate(model, tokenizer, eos_ids: set[int], pad_id: int, jobs: list[ChatJo
     streamer.close(len(jobs))
 
 
-PIPELINES = {"qwen2vl": QwenPipeline}
+def _smolvlm(*args, **kwargs):
+    from model_repository.smolvlm import SmolVLMPipeline
+
+    return SmolVLMPipeline(*args, **kwargs)
+
+
+PIPELINES = {"qwen2vl": QwenPipeline, "smolvlm2": _smolvlm}
 
 
 # ---------------------------------------------------------------------------------------------- Triton
@@ -234,11 +240,12 @@ def resolve_attention(setting: str, device: str) -> str:
     import importlib.util
 
     setting = (setting or "auto").strip().lower()
-    available = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    installed = importlib.util.find_spec("flash_attn") is not None
+    available = device == "cuda" and installed
     if setting in ("1", "true", "yes"):
         if not available:
             raise RuntimeError("USE_FLASH_ATTENTION=true but flash-attn is not usable here "
-                               f"(device {device}, flash_attn installed: {importlib.util.find_spec('flash_attn') is not None})")
+                               f"(device {device}, flash_attn installed: {installed})")
         return "flash_attention_2"
     if setting in ("0", "false", "no"):
         return "sdpa"
@@ -270,7 +277,9 @@ class ChatModel:
             raise ValueError(f"{config['name']}: unknown chat family {family!r}")
         device = "cuda" if runtime.uses_gpu(args) else "cpu"
         attn = resolve_attention(os.environ.get("USE_FLASH_ATTENTION", "auto"), device)
-        self.pipeline = PIPELINES[family](runtime.version_dir(args) / "checkpoint", device, attn)
+        # SmolVLM2's vision encoder is the exported ONNX model (in-process or via BLS, like the other encoders).
+        encoder = runtime.make_encoder(args, config, ["image_features"]) if family == "smolvlm2" else None
+        self.pipeline = PIPELINES[family](runtime.version_dir(args) / "checkpoint", device, attn, encoder=encoder)
         self.max_tokens_limit = int(runtime.param(config, "max_new_tokens_limit", "1024"))
         # MAX_NEW_TOKENS (seed 002) sets the default answer length, within the configured limit.
         self.default_max_tokens = min(self.max_tokens_limit, int(

@@ -28,19 +28,17 @@ class TritonPythonModel:
                 f"{config['name']}: config inputs/outputs {declared_in}/{declared_out} do not match the ONNX "
                 f"graph {self.encoder.input_names}/{self.encoder.output_names}"
             )
-        if len(declared_in) != 1:
-            raise ValueError(f"{config['name']}: the embedded ONNX model supports one input, got {declared_in}")
-        self.input_name = declared_in[0]
+        self.input_names = declared_in
         self.output_names = declared_out
 
     def execute(self, requests):
         pb = runtime.pb_utils
 
         def prepare(request):
-            return pb.get_input_tensor_by_name(request, self.input_name).as_numpy()
+            return {n: pb.get_input_tensor_by_name(request, n).as_numpy() for n in self.input_names}
 
         def compute(rows):
-            out = self.encoder({self.input_name: rows})
+            out = self.encoder(rows)
             return {n: out[n] for n in self.output_names}
 
         return runtime.run_batched(requests, prepare, compute)

@@ -148,17 +148,18 @@ def as_bytes_list(array: np.ndarray) -> list[bytes]:
 
 def run_batched(
     requests: Sequence[Any],
-    prepare: Callable[[Any], np.ndarray],
-    compute: Callable[[np.ndarray], dict[str, np.ndarray]],
+    prepare: Callable[[Any], Any],
+    compute: Callable[[Any], dict[str, np.ndarray]],
 ) -> list[Any]:
     """Prepare each request, run one batched computation, split the outputs back per request.
 
-    ``prepare(request)`` returns the request's rows (first axis = its batch size) or raises InputError,
-    which fails only that request. ``compute(rows)`` returns named outputs with the same first axis.
+    ``prepare(request)`` returns the request's rows (an array, or a dict of arrays sharing the first axis:
+    its batch size) or raises InputError, which fails only that request. ``compute(rows)`` gets the
+    concatenation (same type) and returns named outputs with the same first axis.
     (The shape of pytriton's ``@batch`` decorator: concatenate, run once, split.)
     """
     responses: list[Any] = [None] * len(requests)
-    ready: list[tuple[int, np.ndarray]] = []
+    ready: list[tuple[int, Any]] = []
     for i, request in enumerate(requests):
         try:
             ready.append((i, prepare(request)))
@@ -167,15 +168,19 @@ def run_batched(
         except Exception as exc:  # noqa: BLE001 - one bad request must not take the batch down
             responses[i] = error_response(f"preprocessing failed: {type(exc).__name__}: {exc}")
     if ready:
+        parts = [rows for _, rows in ready]
         try:
-            outputs = compute(np.concatenate([rows for _, rows in ready]))
+            if isinstance(parts[0], dict):
+                outputs = compute({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+            else:
+                outputs = compute(np.concatenate(parts))
         except Exception as exc:  # noqa: BLE001
             for i, _ in ready:
                 responses[i] = error_response(f"inference failed: {type(exc).__name__}: {exc}")
             return responses
         start = 0
         for i, rows in ready:
-            end = start + len(rows)
+            end = start + len(next(iter(rows.values())) if isinstance(rows, dict) else rows)
             tensors = [pb_utils.Tensor(name, np.ascontiguousarray(v[start:end])) for name, v in outputs.items()]
             responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
             start = end

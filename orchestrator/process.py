@@ -173,6 +173,7 @@ class ProcessRuntime:
                 "VLMSERVE_GATEWAY_HOST": s.gateway_host,
                 "VLMSERVE_GATEWAY_PORT": str(s.gateway_port),
                 "VLMSERVE_GATEWAY_TRITON_URL": f"{s.host}:{s.http_port}",
+                "VLMSERVE_GATEWAY_TRITON_GRPC_URL": f"{s.host}:{s.grpc_port}",
             })
             gw = self._spawn("gateway", [sys.executable, "-m", "gateway"], env, s.gateway_url)
             self._wait_ready(gw, f"{s.gateway_url}/livez")

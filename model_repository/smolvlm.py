@@ -1,0 +1,148 @@
+"""SmolVLM2 pieces shared by the export (ONNX vision wrapper) and the Triton model (prompt building, batching)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from model_repository import runtime
+from model_repository.chat_engine import ChatJob
+
+
+def vision_module(model):
+    """Vision encoder + connector as one module of ``(pixel_values, patch_attention_mask)``.
+
+    SmolVLM's own embeddings compute position ids in a Python loop over images, which a trace would freeze
+    to one batch size; this computes the same ids with tensor ops (bucketize as a comparison count), so the
+    ONNX graph keeps a dynamic batch. Parity with ``get_image_features`` is checked at export.
+    """
+    import torch
+    from transformers.modeling_attn_mask_utils import _prepare_4d_attention_mask
+
+    class Vision(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vision = model.model.vision_model
+            self.connector = model.model.connector
+
+        def forward(self, pixel_values, patch_attention_mask):
+            emb = self.vision.embeddings
+            side = emb.num_patches_per_side
+            patches = emb.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+            mask = patch_attention_mask
+            nb_h = mask[:, :, 0].sum(1).to(pixel_values.dtype)[:, None]
+            nb_w = mask[:, 0, :].sum(1).to(pixel_values.dtype)[:, None]
+            h_idx = torch.arange(mask.shape[1], dtype=pixel_values.dtype, device=pixel_values.device)[None, :]
+            w_idx = torch.arange(mask.shape[2], dtype=pixel_values.dtype, device=pixel_values.device)[None, :]
+            boundaries = torch.arange(1 / side, 1.0, 1 / side, device=pixel_values.device)
+            bucket_h = ((h_idx / nb_h * (1 - 1e-6))[..., None] >= boundaries).sum(-1)
+            bucket_w = ((w_idx / nb_w * (1 - 1e-6))[..., None] >= boundaries).sum(-1)
+            positions = bucket_h[:, :, None] * side + bucket_w[:, None, :]
+            positions = torch.where(mask, positions, torch.zeros_like(positions)).flatten(1)
+            hidden = patches + emb.position_embedding(positions)
+            attention = _prepare_4d_attention_mask(mask.flatten(1), hidden.dtype)
+            hidden = self.vision.encoder(inputs_embeds=hidden, attention_mask=attention).last_hidden_state
+            return self.connector(self.vision.post_layernorm(hidden))
+
+    return Vision().eval()
+
+
+def patch_mask(pixel_attention_mask: np.ndarray, patch: int) -> np.ndarray:
+    """Pixel mask [n, H, W] -> patch mask [n, H/p, W/p]: a patch counts when any of its pixels is real."""
+    n, h, w = pixel_attention_mask.shape
+    return pixel_attention_mask.reshape(n, h // patch, patch, w // patch, patch).any(axis=(2, 4))
+
+
+def image_prompt(rows: int, cols: int, seq_len: int) -> str:
+    """The token layout SmolVLM's processor uses for one image (tiles row by row, then the global view)."""
+    tokens = "<image>" * seq_len
+    if rows == 0 and cols == 0:
+        return f"<fake_token_around_image><global-img>{tokens}<fake_token_around_image>"
+    text = ""
+    for r in range(rows):
+        for c in range(cols):
+            text += f"<fake_token_around_image><row_{r + 1}_col_{c + 1}>{tokens}"
+        text += "\n"
+    return text + f"\n<fake_token_around_image><global-img>{tokens}<fake_token_around_image>"
+
+
+class SmolVLMPipeline:
+    """SmolVLM2: ONNX vision encoder for all images of a batch, spliced embeddings, one ``generate``."""
+
+    def __init__(self, checkpoint_dir, device: str = "cpu", attn_implementation: str = "sdpa", encoder=None) -> None:
+        import torch
+        from transformers import AutoTokenizer, SmolVLMForConditionalGeneration, SmolVLMImageProcessor
+
+        self.torch = torch
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
+        self.image_processor = SmolVLMImageProcessor.from_pretrained(str(checkpoint_dir))
+        self.model = SmolVLMForConditionalGeneration.from_pretrained(
+            str(checkpoint_dir), attn_implementation=attn_implementation
+        ).eval().to(device)
+        if encoder is None:
+            raise ValueError("SmolVLMPipeline needs the vision encoder (ONNX runner)")
+        self.encoder = encoder
+        # The vision tower runs as the exported ONNX model; drop the torch copy to save memory.
+        self.model.model.vision_model = torch.nn.Identity()
+        cfg = self.model.config
+        self.patch = cfg.vision_config.patch_size
+        self.seq_len = (cfg.vision_config.image_size // self.patch) ** 2 // (cfg.scale_factor**2)
+        self.image_token_id = cfg.image_token_id
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        self.eos_ids |= {self.tokenizer.convert_tokens_to_ids("<end_of_utterance>")} - {None, self.tokenizer.unk_token_id}
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def prepare(self, messages: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+        images = [p["image"] for m in messages for p in m["content"] if p["type"] == "image"]
+        template_messages = [
+            {"role": m["role"], "content": [{"type": "image"} if p["type"] == "image" else p for p in m["content"]]}
+            for m in messages
+        ]
+        prompt = self.tokenizer.apply_chat_template(template_messages, tokenize=False, add_generation_prompt=True)
+        inputs: dict[str, Any] = {}
+        if images:
+            vision = self.image_processor(images=[images], return_row_col_info=True, return_tensors="np")
+            pieces = prompt.split("<image>")
+            if len(pieces) - 1 != len(images):
+                raise runtime.InputError("the chat template did not place every image")
+            expanded = [image_prompt(r, c, self.seq_len) for r, c in zip(vision["rows"][0], vision["cols"][0],
+                                                                          strict=True)]
+            prompt = pieces[0] + "".join(e + rest for e, rest in zip(expanded, pieces[1:], strict=True))
+            pixels = vision["pixel_values"][0].astype(np.float32)
+            inputs = {"pixel_values": pixels,
+                      "patch_attention_mask": patch_mask(vision["pixel_attention_mask"][0].astype(bool), self.patch)}
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return {"input_ids": ids, **inputs}, len(ids)
+
+    def run_batch(self, jobs: list[ChatJob]) -> None:
+        from model_repository.chat import generate
+
+        torch = self.torch
+        with_images = [j for j in jobs if "pixel_values" in j.inputs]
+        features = None
+        if with_images:
+            out = self.encoder({
+                "pixel_values": np.concatenate([j.inputs["pixel_values"] for j in with_images]),
+                "patch_attention_mask": np.concatenate([j.inputs["patch_attention_mask"] for j in with_images]),
+            })
+            features = torch.from_numpy(out["image_features"]).to(self.device)
+        embed = self.model.get_input_embeddings()
+        width = max(len(j.inputs["input_ids"]) for j in jobs)
+        rows, masks, used = [], [], 0
+        with torch.no_grad():
+            for job in jobs:
+                ids = torch.tensor(job.inputs["input_ids"], device=self.device)
+                vectors = embed(ids)
+                if "pixel_values" in job.inputs:
+                    n = len(job.inputs["pixel_values"])
+                    tiles = features[used:used + n].reshape(-1, vectors.shape[-1]).to(vectors.dtype)
+                    used += n
+                    vectors = vectors.masked_scatter((ids == self.image_token_id)[:, None].expand_as(vectors), tiles)
+                pad = width - len(ids)
+                rows.append(torch.cat([embed(torch.full((pad,), self.pad_id, device=self.device)), vectors]))
+                masks.append(torch.cat([torch.zeros(pad, dtype=torch.long), torch.ones(len(ids), dtype=torch.long)]))
+        kwargs = {"inputs_embeds": torch.stack(rows), "attention_mask": torch.stack(masks).to(self.device)}
+        generate(self.model, self.tokenizer, self.eos_ids, self.pad_id, jobs, kwargs)
