@@ -110,6 +110,7 @@ class RowStreamer:
                     self._finish(job, "length")
                 elif not job.finish and job.is_cancelled():
                     self._finish(job, "cancelled")
+                    log.warning("vlmserve chat: request cancelled by the client after %d tokens", len(job.token_ids))
             done[row] = bool(job.finish)
         return done
 

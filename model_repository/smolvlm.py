@@ -92,7 +92,9 @@ class SmolVLMPipeline:
         self.image_token_id = cfg.image_token_id
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
-        self.eos_ids |= {self.tokenizer.convert_tokens_to_ids("<end_of_utterance>")} - {None, self.tokenizer.unk_token_id}
+        end_of_utterance = self.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+        if end_of_utterance not in (None, self.tokenizer.unk_token_id):
+            self.eos_ids.add(end_of_utterance)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def prepare(self, messages: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:

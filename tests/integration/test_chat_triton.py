@@ -1,0 +1,167 @@
+"""Chat models through the real Triton as direct clients use them: gRPC streaming, HTTP generate_stream,
+batching of concurrent requests, cancellation, video, input errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+
+
+def png(size=(80, 60), color=(200, 40, 40)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def mp4(frames: int = 12, fps: int = 4) -> bytes:
+    """A small real MPEG-4 clip made with PyAV (no network, no fixtures)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(frames):
+            image = Image.new("RGB", (64, 48), (i * 20 % 255, 100, 200))
+            for packet in stream.encode(av.VideoFrame.from_image(image)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def stream(stack, model: str, messages, params=None, cancel_after: int | None = None, timeout: float = 120):
+    """Run one streaming request over gRPC; returns the list of (text, finish, usage) or raises the error."""
+    import tritonclient.grpc as tg
+
+    client = tg.InferenceServerClient(stack.triton_grpc)
+    got: list = []
+    errors: list = []
+    done = threading.Event()
+
+    def callback(result, error):
+        if error:
+            errors.append(error)
+            done.set()
+            return
+        item = tuple(result.as_numpy(n)[0].decode() for n in ("TEXT", "FINISH_REASON", "USAGE"))
+        got.append(item)
+        if item[1] or (cancel_after is not None and len(got) >= cancel_after):
+            done.set()
+
+    client.start_stream(callback=callback)
+    inputs = []
+    for name, value in [("MESSAGES", messages), ("PARAMETERS", params or {})]:
+        tensor = tg.InferInput(name, [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([json.dumps(value).encode()], dtype=np.object_))
+        inputs.append(tensor)
+    client.async_stream_infer(model, inputs)
+    assert done.wait(timeout), "no final response"
+    client.stop_stream(cancel_requests=cancel_after is not None)
+    if cancel_after is not None:
+        errors = [e for e in errors if "CANCELLED" not in str(e)]  # our own cancellation, reported back
+    if errors:
+        raise errors[0]
+    return got
+
+
+@pytest.mark.parametrize("model", ["smolvlm2", "qwen2vl"])
+def test_grpc_stream_with_image_multi_turn(stack, model) -> None:
+    messages = [
+        {"role": "user", "content": [{"type": "image", "data": png()}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": "A red square."},
+        {"role": "user", "content": "And its colour?"},
+    ]
+    got = stream(stack, model, messages, {"max_tokens": 6, "temperature": 0.8, "seed": 3})
+    text, finish, usage = got[-1]
+    assert finish in ("stop", "length")
+    usage = json.loads(usage)
+    assert usage["completion_tokens"] <= 6 and usage["prompt_tokens"] > 10
+    assert all(f == "" for _, f, _ in got[:-1])
+    # Same seed, same answer: per-request sampling is reproducible.
+    again = stream(stack, model, messages, {"max_tokens": 6, "temperature": 0.8, "seed": 3})
+    assert "".join(t for t, _, _ in again) == "".join(t for t, _, _ in got)
+
+
+@pytest.mark.parametrize("model", ["smolvlm2", "qwen2vl"])
+def test_video_input(stack, model) -> None:
+    messages = [{"role": "user", "content": [{"type": "video", "data": base64.b64encode(mp4()).decode()},
+                                             {"type": "text", "text": "What happens?"}]}]
+    got = stream(stack, model, messages, {"max_tokens": 4, "video_fps": 2, "video_max_frames": 3})
+    assert got[-1][1] in ("stop", "length")
+    usage = json.loads(got[-1][2])
+    image_only = stream(stack, model, [{"role": "user", "content": [{"type": "image", "data": png()},
+                                                                   {"type": "text", "text": "What happens?"}]}],
+                        {"max_tokens": 4})
+    assert usage["prompt_tokens"] > json.loads(image_only[-1][2])["prompt_tokens"]  # 3 frames > 1 image
+
+
+def test_http_generate_stream_sse(stack) -> None:
+    body = {"MESSAGES": json.dumps([{"role": "user", "content": "hello"}]), "PARAMETERS": json.dumps({"max_tokens": 5})}
+    events = []
+    with httpx.stream("POST", f"{stack.triton_http}/v2/models/qwen2vl/generate_stream", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+    assert events and events[-1]["FINISH_REASON"] in ("stop", "length")
+    assert json.loads(events[-1]["USAGE"])["completion_tokens"] <= 5
+
+
+def test_concurrent_requests_share_one_batch(stack) -> None:
+    results: dict[int, list] = {}
+
+    def run(i: int) -> None:
+        results[i] = stream(stack, "qwen2vl", [{"role": "user", "content": f"question {i}"}], {"max_tokens": 4 + i})
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    usages = [json.loads(results[i][-1][2]) for i in range(6)]
+    assert max(u["batch_size"] for u in usages) > 1, usages
+    assert [u["completion_tokens"] <= 4 + i for i, u in enumerate(usages)] == [True] * 6
+
+
+def test_cancellation_stops_generation(stack) -> None:
+    log = stack.runtime.services["triton"].log
+    before = log.read_text(errors="replace").count("request cancelled by the client")
+    got = stream(stack, "smolvlm2", [{"role": "user", "content": "tell me a long story"}], {"max_tokens": 1000},
+                 cancel_after=2)
+    assert len(got) >= 2 and all(f == "" for _, f, _ in got)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if log.read_text(errors="replace").count("request cancelled by the client") > before:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the model did not notice the cancellation")
+    # And the model keeps serving.
+    assert stream(stack, "smolvlm2", [{"role": "user", "content": "hi"}], {"max_tokens": 2})[-1][1]
+
+
+@pytest.mark.parametrize("messages, params, fragment", [
+    ([], {}, "non-empty"),
+    ([{"role": "robot", "content": "x"}], {}, "role"),
+    ([{"role": "user", "content": [{"type": "image", "data": "!!!"}]}], {}, "base64"),
+    ([{"role": "user", "content": [{"type": "image", "data": base64.b64encode(b"nope").decode()}]}], {},
+     "not a decodable image"),
+    ([{"role": "user", "content": [{"type": "video", "data": base64.b64encode(b"nope").decode()}]}], {},
+     "not a decodable video"),
+    ([{"role": "user", "content": "x"}], {"max_tokens": 100000}, "max_tokens"),
+    ([{"role": "user", "content": "x"}], {"temperature": 9}, "temperature"),
+])
+def test_bad_input_is_invalid_arg(stack, messages, params, fragment) -> None:
+    with pytest.raises(Exception, match=fragment):
+        stream(stack, "qwen2vl", messages, params)
