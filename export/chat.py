@@ -157,3 +157,22 @@ def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weight
 
 smolvlm2 = _Recipe("smolvlm2", "smolvlm2-1", "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
                    ["smolvlm2_vision", "smolvlm2"], export_smolvlm2)
+
+
+def export_deepseek_ocr(source_dir: Path, repo: Path, options: ExportOptions, weights: str, source_name: str,
+                        progress: Progress) -> dict[str, Any]:
+    """DeepSeek-OCR (remote code): only copied and configured; it cannot be run or tested offline here."""
+    if weights == "random":
+        raise ValueError("there is no tiny DeepSeek-OCR: it needs its real weights and remote code")
+    with progress.step("copying checkpoint and writing Triton configs"):
+        copy_checkpoint(source_dir, repo / "deepseek_ocr" / "1" / "checkpoint")
+        meta = {"family": "deepseek_ocr", "source_model": source_name, "weights": weights}
+        extra = {"supports_video": "false", "max_batch": 1}
+        write_config(repo, "deepseek_ocr", chat_config("deepseek_ocr", options, meta, extra))
+        write_config(repo, "deepseek_ocr", chat_config("deepseek_ocr", options, meta, extra), EMBEDDED_CONFIG)
+        write_python_model(repo, "deepseek_ocr", "model_repository.chat.ChatModel")
+    return {}
+
+
+deepseek_ocr = _Recipe("deepseek_ocr", "deepseek_ocr-1", "deepseek-ai/DeepSeek-OCR", ["deepseek_ocr"],
+                       export_deepseek_ocr)

@@ -15,6 +15,8 @@ from vlmserve import paths
 
 # family -> recipe module; adding a family = a recipe + its Triton models + a gateway route module.
 RECIPES: dict = {"siglip": siglip, "florence2": florence2, "qwen2vl": chat.qwen2vl, "smolvlm2": chat.smolvlm2}
+# Opt-in families: exported only when asked for (`--family`), never part of a default set.
+OPTIONAL_RECIPES: dict = {"deepseek_ocr": chat.deepseek_ocr}
 MODEL_SETS = ("tiny", "hub")
 
 
@@ -36,7 +38,7 @@ def export_family(
     force: bool = False,
 ) -> dict[str, Any]:
     """Export one family into ``repo`` unless the stamp says it is already up to date."""
-    recipe = RECIPES[family]
+    recipe = {**RECIPES, **OPTIONAL_RECIPES}[family]
     source_dir = resolve_source(source)
     weights = "random" if tiny.is_tiny(source_dir) else "pretrained"
     source_name = f"vlmserve/tiny-{family}" if weights == "random" else str(source)
@@ -79,12 +81,15 @@ def export_model_set(
     repo = (repo or paths.repository_dir(model_set)).resolve()
     repo.mkdir(parents=True, exist_ok=True)
     reports = {}
+    known = {**RECIPES, **OPTIONAL_RECIPES}
     for family in families or list(RECIPES):
-        if family not in RECIPES:
-            raise ValueError(f"unknown model family {family!r}; choose from {', '.join(RECIPES)}")
+        if family not in known:
+            raise ValueError(f"unknown model family {family!r}; choose from {', '.join(known)}")
         if model_set == "tiny":
+            if family not in tiny.TINY_BUILDERS:
+                raise ValueError(f"{family} has no tiny model (it needs real weights): use --set hub")
             source: str | Path = tiny_source(family, progress)
         else:
-            source = (sources or {}).get(family) or RECIPES[family].DEFAULT_MODEL
+            source = (sources or {}).get(family) or known[family].DEFAULT_MODEL
         reports[family] = export_family(family, source, repo, options, progress, force)
     return reports

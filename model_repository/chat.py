@@ -229,7 +229,13 @@ def _smolvlm(*args, **kwargs):
     return SmolVLMPipeline(*args, **kwargs)
 
 
-PIPELINES = {"qwen2vl": QwenPipeline, "smolvlm2": _smolvlm}
+def _deepseek_ocr(*args, **kwargs):
+    from model_repository.deepseek_ocr import DeepSeekOcrPipeline
+
+    return DeepSeekOcrPipeline(*args, **kwargs)
+
+
+PIPELINES = {"qwen2vl": QwenPipeline, "smolvlm2": _smolvlm, "deepseek_ocr": _deepseek_ocr}
 
 
 # ---------------------------------------------------------------------------------------------- Triton

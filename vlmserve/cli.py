@@ -19,6 +19,9 @@ def export(
     repo: Path | None = typer.Option(None, "--repo", help="model repository to write (default: per set)"),
     siglip_model: str | None = typer.Option(None, "--siglip-model", help="Hub id or local dir (hub set)"),
     florence2_model: str | None = typer.Option(None, "--florence2-model", help="Hub id or local dir (hub set)"),
+    family: list[str] | None = typer.Option(None, "--family", help="only these families (repeatable), e.g. "
+                                            "--family deepseek_ocr --deepseek-ocr-model DIR (opt-in, hub set)"),
+    deepseek_ocr_model: str | None = typer.Option(None, "--deepseek-ocr-model", help="DeepSeek-OCR dir or id"),
     device: str = typer.Option("cpu", help="cpu or cuda: instance kind written into the configs"),
     force: bool = typer.Option(False, help="re-export even when up to date"),
 ) -> None:
@@ -31,8 +34,10 @@ def export(
     if device not in ("cpu", "cuda"):
         raise typer.BadParameter("device must be cpu or cuda")
     try:
-        sources = {k: v for k, v in {"siglip": siglip_model, "florence2": florence2_model}.items() if v}
-        export_model_set(model_set, repo, ExportOptions(device=device), sources=sources, force=force)
+        given = {"siglip": siglip_model, "florence2": florence2_model, "deepseek_ocr": deepseek_ocr_model}
+        sources = {k: v for k, v in given.items() if v}
+        export_model_set(model_set, repo, ExportOptions(device=device), sources=sources, families=family or None,
+                         force=force)
     except (ParityError, SourceError, ValueError) as exc:
         orchestrator_cli.console.print(f"[red]export failed:[/red] {exc}")
         raise typer.Exit(1) from None
@@ -40,7 +45,7 @@ def export(
 
 def _export_and_run(model_set: str, siglip_model: str | None = None, florence2_model: str | None = None) -> None:
     export(model_set=model_set, repo=None, siglip_model=siglip_model, florence2_model=florence2_model,
-           device="cpu", force=False)
+           family=None, deepseek_ocr_model=None, device="cpu", force=False)
     orchestrator_cli.run(model_set=model_set, repo=None)
 
 
