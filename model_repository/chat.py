@@ -125,7 +125,7 @@ def parse_params(raw: bytes | None, default_max_tokens: int, max_tokens_limit: i
     if not isinstance(params, dict):
         raise runtime.InputError("PARAMETERS must be a JSON object")
     try:
-        max_tokens = int(params.get("max_tokens") or default_max_tokens)
+        max_tokens = int(default_max_tokens if params.get("max_tokens") is None else params["max_tokens"])
         temperature = float(params.get("temperature", 0.0) or 0.0)
         top_p = float(params.get("top_p", 1.0) if params.get("top_p") is not None else 1.0)
         seed = None if params.get("seed") is None else int(params["seed"])

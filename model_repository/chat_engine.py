@@ -120,7 +120,7 @@ class RowStreamer:
             at = text.find(stop)
             if at >= 0:
                 self._send(job, text[:at])
-                self._finish(job, "stop")
+                job.finish = "stop"  # not _finish(): its flush would send the stop string itself
                 return
         # Hold back an incomplete UTF-8 sequence and anything that could still become a stop string.
         if text.endswith("\ufffd"):

@@ -19,7 +19,7 @@ GOLDEN = Path(__file__).parent / "golden"
 CONFIG_FILES = [
     f"{m}/{c}"
     for m in ("siglip_vision", "siglip_text", "siglip_embed_image", "siglip_embed_text", "florence2_vision",
-              "florence2")
+              "florence2", "smolvlm2_vision", "smolvlm2", "qwen2vl")
     for c in ("config.pbtxt", f"configs/{EMBEDDED_CONFIG}.pbtxt")
 ]
 
@@ -32,10 +32,11 @@ def test_parity_within_tolerance_at_another_batch_size(tiny_repo: Path) -> None:
         assert 0.0 <= diff <= onnx_utils.PARITY_ATOL, (model, diff)
 
 
-def test_florence2_vision_parity(tiny_repo: Path) -> None:
-    stamp = read_stamp(tiny_repo, "florence2")
+@pytest.mark.parametrize("family, model", [("florence2", "florence2_vision"), ("smolvlm2", "smolvlm2_vision")])
+def test_vision_encoder_parity(tiny_repo: Path, family: str, model: str) -> None:
+    stamp = read_stamp(tiny_repo, family)
     assert stamp is not None
-    assert 0.0 <= stamp["parity_max_abs_diff"]["florence2_vision"] <= onnx_utils.PARITY_ATOL
+    assert 0.0 <= stamp["parity_max_abs_diff"][model] <= onnx_utils.PARITY_ATOL
 
 
 def test_onnx_has_dynamic_batch(tiny_repo: Path) -> None:
@@ -69,7 +70,7 @@ def test_reexport_is_a_noop(tiny_repo: Path) -> None:
     onnx = tiny_repo / "siglip_vision/1/model.onnx"
     before = onnx.stat().st_mtime_ns
     reports = export_model_set("tiny", repo=tiny_repo, progress=Progress(quiet=True))
-    assert reports["siglip"]["skipped"] is True and reports["florence2"]["skipped"] is True
+    assert all(r["skipped"] is True for r in reports.values()), reports.keys()
     assert onnx.stat().st_mtime_ns == before
 
 
@@ -78,7 +79,8 @@ def test_rendered_configs_match_golden_and_parse(tiny_repo: Path, rel: str) -> N
     text = (tiny_repo / rel).read_text()
     # Every config must be valid for Triton's own ModelConfig schema.
     config = text_format.Parse(text, model_config_pb2.ModelConfig())
-    assert config.max_batch_size == (8 if rel.startswith("florence2") else 32)
+    expected = {"florence2": 8, "florence2_vision": 8, "smolvlm2": 0, "qwen2vl": 0}.get(rel.split("/")[0], 32)
+    assert config.max_batch_size == expected
     golden = GOLDEN / rel.replace("/", "__")
     if os.environ.get("VLMSERVE_UPDATE_GOLDEN"):
         golden.write_text(text)

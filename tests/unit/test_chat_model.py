@@ -1,0 +1,103 @@
+"""Chat model logic without a server: message/parameter validation, per-row streaming and stop strings."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from model_repository import runtime
+from model_repository.chat import parse_messages, parse_params, resolve_attention
+from model_repository.chat_engine import ChatJob, RowStreamer, SamplingParams
+
+
+def b64_png() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 10)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_parse_messages_normalises_and_decodes() -> None:
+    raw = json.dumps([
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "image", "data": b64_png()}, {"type": "text", "text": "what?"}]},
+    ]).encode()
+    messages = parse_messages(raw, 1.0, 4, 4)
+    assert messages[0]["content"] == [{"type": "text", "text": "be brief"}]
+    assert messages[1]["content"][0]["image"].size == (20, 10)
+
+
+@pytest.mark.parametrize("raw, match", [
+    (b"not json", "JSON list"),
+    (b"[]", "non-empty"),
+    (json.dumps([{"role": "user", "content": 5}]).encode(), "string or a list"),
+    (json.dumps([{"role": "user", "content": [{"type": "audio"}]}]).encode(), "parts are"),
+    (json.dumps([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]).encode(), "last message"),
+    (json.dumps([{"role": "user", "content": [{"type": "image", "data": b64_png()}] * 3}]).encode(), "at most 2"),
+])
+def test_parse_messages_errors(raw: bytes, match: str) -> None:
+    with pytest.raises(runtime.InputError, match=match):
+        parse_messages(raw, 1.0, 4, 2)
+
+
+def test_parse_params_defaults_and_limits() -> None:
+    params, _ = parse_params(None, 64, 1024)
+    assert params == SamplingParams(64, 0.0, 1.0, (), None)
+    params, extra = parse_params(b'{"max_tokens": 5, "stop": "END", "seed": 7, "video_fps": 2}', 64, 1024)
+    assert (params.max_tokens, params.stop, params.seed, extra["video_fps"]) == (5, ("END",), 7, 2)
+    for bad, match in [(b'{"max_tokens": 0}', "max_tokens"), (b'{"top_p": 0}', "top_p"),
+                       (b'{"stop": [""]}', "stop"), (b'[1]', "JSON object")]:
+        with pytest.raises(runtime.InputError, match=match):
+            parse_params(bad, 64, 1024)
+
+
+class CharTokenizer:
+    """One character per token id (ord), enough to exercise the streamer's text logic."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def run_streamer(text: str, params: SamplingParams, eos_at: int | None = None):
+    import torch
+
+    events: list = []
+    job = ChatJob(None, params, 3, lambda t, f, u: events.append((t, f, u)))
+    streamer = RowStreamer([job], CharTokenizer(), eos_ids={0})
+    ids = [ord(c) for c in text] + ([0] if eos_at is not None else [])
+    seq = torch.zeros((1, 0), dtype=torch.long)
+    for token in ids:
+        seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
+        if bool(streamer(seq, None)[0]):
+            break
+    streamer.close(batch_size=1)
+    return events
+
+
+def test_streamer_deltas_join_to_the_text_and_final_has_usage() -> None:
+    events = run_streamer("hello", SamplingParams(max_tokens=50), eos_at=5)
+    assert "".join(t for t, _, _ in events) == "hello"
+    assert events[-1][1] == "stop" and events[-1][2]["completion_tokens"] == 5
+
+
+def test_streamer_stop_string_is_not_leaked() -> None:
+    events = run_streamer("abc STOP def", SamplingParams(max_tokens=50, stop=("STOP",)))
+    assert "".join(t for t, _, _ in events) == "abc "
+    assert events[-1][1] == "stop"
+
+
+def test_streamer_length_limit() -> None:
+    events = run_streamer("abcdefgh", SamplingParams(max_tokens=3))
+    assert "".join(t for t, _, _ in events) == "abc" and events[-1][1] == "length"
+
+
+def test_resolve_attention() -> None:
+    assert resolve_attention("auto", "cpu") == "sdpa"
+    assert resolve_attention("false", "cuda") == "sdpa"
+    with pytest.raises(RuntimeError, match="flash-attn is not usable"):
+        resolve_attention("true", "cpu")
+    with pytest.raises(ValueError, match="auto, true or false"):
+        resolve_attention("maybe", "cpu")
