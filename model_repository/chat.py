@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from model_repository import runtime
-from model_repository.chat_engine import ChatEngine, ChatJob, RowSampler, RowStreamer, SamplingParams
+from model_repository.chat_engine import ChatEngine, ChatJob, RowSampler, RowStreamer, SamplingParams, render_prompt
 
 ROLES = {"system", "user", "assistant"}
 
@@ -171,12 +171,7 @@ class QwenPipeline:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def prepare(self, messages: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
-        images = [p["image"] for m in messages for p in m["content"] if p["type"] == "image"]
-        template_messages = [
-            {"role": m["role"], "content": [{"type": "image"} if p["type"] == "image" else p for p in m["content"]]}
-            for m in messages
-        ]
-        prompt = self.tokenizer.apply_chat_template(template_messages, tokenize=False, add_generation_prompt=True)
+        prompt, images = render_prompt(self.tokenizer, messages)
         inputs: dict[str, Any] = {}
         if images:
             vision = self.image_processor(images=images, return_tensors="pt")

@@ -49,6 +49,16 @@ class ChatJob:
     finish: str = ""
 
 
+def render_prompt(tokenizer, messages: list[dict[str, Any]]) -> tuple[str, list[Any]]:
+    """The checkpoint's chat template applied to parsed messages (images as placeholders), and the images."""
+    images = [p["image"] for m in messages for p in m["content"] if p["type"] == "image"]
+    template_messages = [
+        {"role": m["role"], "content": [{"type": "image"} if p["type"] == "image" else p for p in m["content"]]}
+        for m in messages
+    ]
+    return tokenizer.apply_chat_template(template_messages, tokenize=False, add_generation_prompt=True), images
+
+
 class RowSampler:
     """Per-row temperature / top-p / seed sampling inside one greedy ``generate``."""
 
