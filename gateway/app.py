@@ -11,9 +11,11 @@ import httpx
 from fastapi import FastAPI
 
 from gateway import errors
+from gateway.chat import ChatService
 from gateway.embedding import EmbeddingService
 from gateway.limits import BodySizeLimit
 from gateway.metrics import Metrics, MetricsMiddleware
+from gateway.routes import chat as chat_routes
 from gateway.routes import embeddings, health, openai
 from gateway.routes import florence as florence_routes
 from gateway.settings import GatewaySettings
@@ -26,13 +28,14 @@ log = logging.getLogger("vlmserve.gateway")
 def create_app(settings: GatewaySettings, backend: TritonBackend | None = None) -> FastAPI:
     """Build the app; ``backend`` defaults to a Triton client for ``settings.triton_url``."""
     backend = backend or TritonBackend(settings.triton_url, settings.triton_timeout_s, settings.retry_after_s,
-                                       settings.registry_ttl_s)
+                                       settings.registry_ttl_s, grpc_url=settings.triton_grpc_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Redirects are followed by gateway.images itself, re-checking every hop against the SSRF rules.
         async with httpx.AsyncClient(follow_redirects=False, timeout=settings.fetch_timeout_s) as http:
             app.state.embeddings = EmbeddingService(settings, backend, http)
+            app.state.chat = ChatService(settings, backend, http)
             registry = await backend.registry(refresh=True)
             if registry.reachable:
                 log.info("triton at %s serves: %s", backend.url, ", ".join(sorted(registry.models)) or "nothing")
@@ -58,6 +61,7 @@ def create_app(settings: GatewaySettings, backend: TritonBackend | None = None) 
     app.include_router(openai.router)
     app.include_router(florence_routes.router)
     app.include_router(florence_routes.files_router)
+    app.include_router(chat_routes.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

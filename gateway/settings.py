@@ -14,6 +14,7 @@ class GatewaySettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8080
     triton_url: str = Field("127.0.0.1:8000", description="Triton HTTP endpoint, host:port")
+    triton_grpc_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint (streaming chat), host:port")
     triton_timeout_s: float = 120.0
     registry_ttl_s: float = 10.0
     retry_after_s: int = 5
@@ -23,6 +24,8 @@ class GatewaySettings(BaseSettings):
     max_text_chars: int = 20_000
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    max_video_bytes: int = Field(32 * 1024 * 1024, description="cap on one chat video (decoded/downloaded bytes)")
+    max_images_per_request: int = Field(8, description="images + videos in one chat request")
     allow_urls: bool = True
     url_allowlist: list[str] = Field(default_factory=list, description="hosts/IPs/CIDRs exempt from SSRF checks")
     local_image_dir: str | None = Field(None, description="local image paths allowed only inside this folder")

@@ -1,17 +1,22 @@
 """Talking to Triton: inference calls with error mapping, and the registry learned from Triton itself.
 
 The gateway keeps no model list of its own: it reads Triton's repository index and each model's config
-(``parameters`` written by ``export``: family, task, source_model, weights, ...).
+(``parameters`` written by ``export``: family, task, source_model, weights, ...). One-shot calls go over HTTP;
+decoupled (streaming) models are called over gRPC streaming, which is the only Triton API that can cancel a
+request when the client goes away.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import numpy as np
+import tritonclient.grpc.aio as triton_grpc
 import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
@@ -78,12 +83,15 @@ def _device(config: dict[str, Any]) -> str:
 class TritonBackend:
     """Async client for one Triton server (HTTP/REST, binary tensors)."""
 
-    def __init__(self, url: str, timeout_s: float = 120.0, retry_after_s: int = 5, registry_ttl_s: float = 10.0):
+    def __init__(self, url: str, timeout_s: float = 120.0, retry_after_s: int = 5, registry_ttl_s: float = 10.0,
+                 grpc_url: str | None = None):
         self.url = url
+        self.grpc_url = grpc_url or _default_grpc_url(url)
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
         self.registry_ttl_s = registry_ttl_s
         self._client: triton_http.InferenceServerClient | None = None
+        self._grpc_client: triton_grpc.InferenceServerClient | None = None
         self._registry: Registry | None = None
         self._registry_at = 0.0
         self._lock = asyncio.Lock()
@@ -94,10 +102,20 @@ class TritonBackend:
             self._client = triton_http.InferenceServerClient(self.url, conn_timeout=self.timeout_s)
         return self._client
 
+    @property
+    def grpc_client(self) -> triton_grpc.InferenceServerClient:
+        # Created lazily: a grpc.aio channel belongs to the event loop that is running when it is made.
+        if self._grpc_client is None:
+            self._grpc_client = triton_grpc.InferenceServerClient(self.grpc_url)
+        return self._grpc_client
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
             self._client = None
+        if self._grpc_client is not None:
+            await self._grpc_client.close()
+            self._grpc_client = None
 
     def _unavailable(self, exc: BaseException) -> TritonUnavailable:
         return TritonUnavailable(f"{type(exc).__name__} talking to Triton at {self.url}", self.retry_after_s)
@@ -151,6 +169,87 @@ class TritonBackend:
             raise
         return {n: result.as_numpy(n) for n in outputs}
 
+    async def stream(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str], *,
+                     final_output: str = "FINISH_REASON") -> AsyncGenerator[dict[str, np.ndarray], None]:
+        """Stream the responses of a decoupled model for one request (gRPC streaming).
+
+        Yields one ``{output: array}`` dict per response and stops after the final one: the response whose
+        ``final_output`` tensor is non-empty (or that Triton flags ``triton_final_response``). Errors map like
+        :meth:`infer` (bad input -> 400, queue full -> 429, Triton down -> 503), also mid-stream. Closing the
+        generator early (the HTTP client went away) cancels the gRPC call, and with it the request in Triton.
+        """
+        grpc_inputs = []
+        for name, array in inputs.items():
+            dtype = "BYTES" if array.dtype == np.object_ else _np_to_triton(array.dtype)
+            item = triton_grpc.InferInput(name, list(array.shape), dtype)
+            item.set_data_from_numpy(array)
+            grpc_inputs.append(item)
+        requested = [triton_grpc.InferRequestedOutput(n) for n in outputs]
+        # The request side stays open until the final response: Triton ends the call once it is closed and
+        # every request on it is done, and cancelling the call is how a request gets cancelled.
+        finished = asyncio.Event()
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": model, "inputs": grpc_inputs, "outputs": requested}
+            await finished.wait()
+
+        try:
+            call: Any = self.grpc_client.stream_infer(requests())
+        except InferenceServerException as exc:
+            raise self._map_error(model, exc) from None
+        except grpc.RpcError as exc:
+            raise self._unavailable(exc) from None
+        try:
+            while True:
+                try:
+                    result, error = await asyncio.wait_for(call.__anext__(), timeout=self.timeout_s)
+                except StopAsyncIteration:
+                    raise APIError(502, f"{model} ended the stream without a final response",
+                                   code="inference_failed") from None
+                except TimeoutError:
+                    raise TritonUnavailable(f"no response from {model} within {self.timeout_s:g}s",
+                                            self.retry_after_s) from None
+                except grpc.aio.AioRpcError as exc:
+                    raise self._map_rpc_error(model, exc) from None
+                if error is not None:
+                    finished.set()
+                    raise self._map_stream_error(model, error)
+                values = {n: array for n in outputs if (array := result.as_numpy(n)) is not None}
+                final = _is_final(result, values.get(final_output))
+                if final:
+                    finished.set()
+                yield values
+                if final:
+                    return
+        finally:
+            if not finished.is_set():
+                finished.set()
+                call.cancel()
+
+    def _map_rpc_error(self, model: str, exc: grpc.aio.AioRpcError) -> APIError:
+        code = exc.code()
+        details = exc.details() or str(code)
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return APIError(400, f"{model}: {details}", code="invalid_input")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return APIError(413, f"{model}: request too large for the inference server ({details})",
+                            code="request_too_large")
+        self._registry = None
+        return TritonUnavailable(f"{code.name} from Triton gRPC at {self.grpc_url}", self.retry_after_s)
+
+    def _map_stream_error(self, model: str, exc: InferenceServerException) -> APIError:
+        # Errors inside a gRPC stream carry only a message (no status), so the kind is read from the text:
+        # Triton's own wording for missing/unready models and full queues, the model's for internal failures,
+        # and INVALID_ARG (the chat models' input errors) for the rest.
+        message = exc.message() or str(exc)
+        lowered = message.lower()
+        if exc.status() is not None or "unknown model" in lowered or "not ready" in lowered \
+                or "unavailable" in lowered or ("queue" in lowered and ("full" in lowered or "maximum" in lowered)):
+            return self._map_error(model, exc)
+        if lowered.startswith(_INTERNAL_PREFIXES) or "out of memory" in lowered or "stub process" in lowered:
+            return APIError(502, f"{model} failed: {message}", code="inference_failed")
+        return APIError(400, message, code="invalid_input")
+
     def _map_error(self, model: str, exc: InferenceServerException) -> APIError:
         message = exc.message() or str(exc)
         status = str(exc.status() or "")
@@ -164,6 +263,22 @@ class TritonBackend:
             self._registry = None
             return TritonUnavailable(f"model {model} is not available ({message})", self.retry_after_s)
         return APIError(502, f"{model} failed: {message}", code="inference_failed")
+
+
+# How the chat models word failures that are not the client's fault (model_repository/chat.py, chat_engine.py).
+_INTERNAL_PREFIXES = ("preprocessing failed", "generation failed", "internal", "failed to")
+
+
+def _is_final(result: Any, marker: np.ndarray | None) -> bool:
+    if marker is not None and marker.size and marker.reshape(-1)[0] not in (b"", ""):
+        return True
+    params = result.get_response().parameters
+    return "triton_final_response" in params and bool(params["triton_final_response"].bool_param)
+
+
+def _default_grpc_url(http_url: str) -> str:
+    host = http_url.split("://", 1)[-1].rsplit(":", 1)[0] or "127.0.0.1"
+    return f"{host}:8001"
 
 
 def _np_to_triton(dtype: np.dtype) -> str:

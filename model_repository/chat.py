@@ -41,7 +41,7 @@ def decode_video(data: bytes, fps: float, max_frames: int) -> list[tuple[float, 
     import av
 
     try:
-        container = av.open(io.BytesIO(data))
+        container = av.open(io.BytesIO(data), mode="r")
     except Exception as exc:  # noqa: BLE001 - PyAV raises many types for broken input
         raise runtime.InputError(f"not a decodable video ({type(exc).__name__})") from None
     frames: list[tuple[float, Any]] = []

@@ -133,7 +133,7 @@ class SmolVLMPipeline:
             for job in jobs:
                 ids = torch.tensor(job.inputs["input_ids"], device=self.device)
                 vectors = embed(ids)
-                if "pixel_values" in job.inputs:
+                if features is not None and "pixel_values" in job.inputs:
                     n = len(job.inputs["pixel_values"])
                     tiles = features[used:used + n].reshape(-1, vectors.shape[-1]).to(vectors.dtype)
                     used += n

@@ -54,16 +54,19 @@ def image_server(image_dir: Path):
 
 
 @pytest.fixture(scope="session")
-def stack(tiny_repo: Path, state_dir: Path, image_dir: Path, monkeypatch_session) -> Stack:
-    monkeypatch_session.setenv("VLMSERVE_GATEWAY_URL_ALLOWLIST", '["127.0.0.1"]')
-    monkeypatch_session.setenv("VLMSERVE_GATEWAY_LOCAL_IMAGE_DIR", str(image_dir))
-    monkeypatch_session.setenv("VLMSERVE_GATEWAY_MAX_BODY_BYTES", str(4 * 1024 * 1024))
+def stack(tiny_repo: Path, state_dir: Path, image_dir: Path) -> Stack:
     settings = OrchestratorSettings(
         http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), gateway_port=free_port(),
         repository=tiny_repo, state_dir=state_dir, ready_timeout_s=240,
     )
     runtime = ProcessRuntime(settings, log=lambda m: None)
-    runtime.start()
+    # Gateway settings for the test stack, set only while the processes are spawned (they inherit them),
+    # so they do not leak into other tests' settings objects.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLMSERVE_GATEWAY_URL_ALLOWLIST", '["127.0.0.1"]')
+        mp.setenv("VLMSERVE_GATEWAY_LOCAL_IMAGE_DIR", str(image_dir))
+        mp.setenv("VLMSERVE_GATEWAY_MAX_BODY_BYTES", str(4 * 1024 * 1024))
+        runtime.start()
     services = dict(runtime.services)
     yield Stack(settings.gateway_url, settings.triton_http_url, f"{settings.host}:{settings.grpc_port}",
                 settings, image_dir, runtime)
@@ -71,9 +74,3 @@ def stack(tiny_repo: Path, state_dir: Path, image_dir: Path, monkeypatch_session
     leftovers = [s.name for s in services.values() if s.alive()]
     assert not leftovers, f"processes left running after stop: {leftovers}"
 
-
-@pytest.fixture(scope="session")
-def monkeypatch_session():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()

@@ -60,7 +60,8 @@ def test_health_reports_models_and_random_weights(gw) -> None:
     assert body["device"] == "cpu" and body["cuda_available"] is False
     assert body["weights"] == "random" and "random" in body["warning"]
     assert body["models"] == {"siglip_embed_image": True, "siglip_embed_text": True, "siglip_text": True,
-                              "siglip_vision": True, "florence2": True, "florence2_vision": True}
+                              "siglip_vision": True, "florence2": True, "florence2_vision": True,
+                              "smolvlm2": True, "smolvlm2_vision": True, "qwen2vl": True}
 
 
 def test_embed_all_image_reference_kinds_and_match_triton_direct(gw, stack, image_server) -> None:
@@ -126,7 +127,8 @@ def test_openai_sdk_embeddings_float_and_base64(stack) -> None:
     images = client.embeddings.create(model="siglip", input=[data_uri(png_bytes())], extra_body={"modality": "image"})
     assert len(images.data[0].embedding) == 32
     models = client.models.list()
-    assert sorted(m.id for m in models.data) == ["vlmserve/tiny-florence2", "vlmserve/tiny-siglip"]
+    assert sorted(m.id for m in models.data) == ["vlmserve/tiny-florence2", "vlmserve/tiny-qwen2vl",
+                                                 "vlmserve/tiny-siglip", "vlmserve/tiny-smolvlm2"]
 
 
 def test_openai_sdk_unknown_model_is_404(stack) -> None:

@@ -1,0 +1,124 @@
+"""Video intake for chat: ``data:video/...;base64,`` URIs and http(s) URLs, checked before any model work.
+
+URLs follow the image SSRF rules (:func:`gateway.images.check_url_allowed` on every redirect hop) with their
+own size cap. The gateway cannot decode video without heavy native libraries, so it checks the container
+signature (MP4/QuickTime, WebM/Matroska) and leaves frame decoding to the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+
+import httpx
+
+from gateway.images import ImageInputError, ImagePolicy, check_url_allowed
+
+__all__ = ["resolve_video", "video_container", "video_policy"]
+
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_FORMS = "send a data URI (data:video/mp4;base64,...) or an http(s) URL"
+
+
+def video_policy(image_policy: ImagePolicy, max_bytes: int) -> ImagePolicy:
+    """The image policy's URL rules with the video size cap."""
+    return dataclasses.replace(image_policy, max_bytes=max_bytes)
+
+
+def video_container(data: bytes) -> str | None:
+    """``"mp4"`` (ISO BMFF: MP4, MOV), ``"webm"`` (EBML: WebM, MKV) or None, from the file signature."""
+    if len(data) >= 12 and data[4:8] == b"ftyp":
+        return "mp4"
+    if data[:4] == b"\x1a\x45\xdf\xa3":
+        return "webm"
+    return None
+
+
+async def resolve_video(ref: str, policy: ImagePolicy, client: httpx.AsyncClient | None = None) -> bytes:
+    """The bytes of a video given as a data URI or an http(s) URL, within ``policy.max_bytes``.
+
+    Raises :class:`gateway.images.ImageInputError` (400 bad reference or refused URL, 413 too large,
+    415 not a video).
+    """
+    if not isinstance(ref, str) or not ref.strip():
+        raise ImageInputError(f"video URL is empty; {_FORMS}")
+    text = ref.strip()
+    head = text[:8].lower()
+    if head.startswith("data:"):
+        data = _decode_data_uri(text, policy.max_bytes)
+    elif head.startswith(("http://", "https://")):
+        data = await _fetch(text, policy, client)
+    else:
+        raise ImageInputError(f"unsupported video reference; {_FORMS}")
+    if video_container(data) is None:
+        raise ImageInputError("not a supported video (expected an MP4/MOV or WebM/MKV file)", status=415)
+    return data
+
+
+def _decode_data_uri(uri: str, max_bytes: int) -> bytes:
+    header, sep, payload = uri[5:].partition(",")
+    if not sep:
+        raise ImageInputError("malformed data URI (no comma); expected data:video/<fmt>;base64,<data>")
+    params = [p.strip().lower() for p in header.split(";")]
+    if not params[0].startswith("video/"):
+        raise ImageInputError(f"data URI media type {params[0] or '(none)'!r} is not a video; "
+                              "expected data:video/<fmt>;base64,<data>", status=415)
+    if "base64" not in params[1:]:
+        raise ImageInputError("data URI must be base64-encoded; expected data:video/<fmt>;base64,<data>")
+    cleaned = "".join(payload.split())
+    if (len(cleaned.rstrip("=")) * 3) // 4 > max_bytes:
+        raise ImageInputError(_too_large(max_bytes), status=413)
+    try:
+        data = base64.b64decode(cleaned + "=" * (-len(cleaned) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageInputError("invalid base64 video data") from None
+    if not data:
+        raise ImageInputError("video data is empty")
+    return data
+
+
+async def _fetch(url: str, policy: ImagePolicy, client: httpx.AsyncClient | None) -> bytes:
+    try:
+        if client is None:
+            async with httpx.AsyncClient(follow_redirects=False, timeout=policy.fetch_timeout_s) as own:
+                return await asyncio.wait_for(_fetch_with_redirects(url, policy, own), policy.fetch_timeout_s)
+        # wait_for bounds the whole download; httpx timeouts are per read.
+        return await asyncio.wait_for(_fetch_with_redirects(url, policy, client), policy.fetch_timeout_s)
+    except (TimeoutError, httpx.TimeoutException):
+        raise ImageInputError(f"fetching video URL timed out after {policy.fetch_timeout_s:g}s") from None
+    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+        raise ImageInputError(f"fetching video URL failed ({type(exc).__name__})") from None
+
+
+async def _fetch_with_redirects(url: str, policy: ImagePolicy, client: httpx.AsyncClient) -> bytes:
+    current = url
+    for _hop in range(policy.max_redirects + 1):
+        try:
+            await check_url_allowed(current, policy)
+        except ImageInputError as exc:
+            # Same rules as images; the shared messages say "image URL", which would mislead here.
+            raise ImageInputError(exc.message.replace("image URL", "video URL"), exc.status) from None
+        async with client.stream("GET", current, headers={"Accept": "video/*", "Accept-Encoding": "identity"},
+                                 follow_redirects=False, timeout=policy.fetch_timeout_s) as response:
+            location = response.headers.get("location")
+            if response.status_code in _REDIRECT_STATUSES and location:
+                current = str(response.url.join(location))
+                continue
+            if not 200 <= response.status_code < 300:
+                raise ImageInputError(f"fetching video URL failed: HTTP {response.status_code}")
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > policy.max_bytes:
+                raise ImageInputError(_too_large(policy.max_bytes), status=413)
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > policy.max_bytes:
+                    raise ImageInputError(_too_large(policy.max_bytes), status=413)
+            return bytes(body)
+    raise ImageInputError(f"fetching video URL failed: more than {policy.max_redirects} redirects")
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"video is too large; the limit is {max_bytes:,} bytes (max_video_bytes); send a shorter clip"
