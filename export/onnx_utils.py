@@ -77,3 +77,37 @@ def validate(
     if not max_diff <= atol:
         raise ParityError(name, max_diff, atol)
     return max_diff
+
+
+INT8_MIN_COSINE = 0.99
+
+
+class FidelityError(RuntimeError):
+    """The int8 model's outputs point elsewhere than the fp32 model's (cosine below the floor)."""
+
+
+def quantize_int8(src: Path, dst: Path, inputs: dict[str, np.ndarray], min_cosine: float = INT8_MIN_COSINE) -> float:
+    """Dynamic int8 quantization (weights int8, activations quantized at run time) of ``src`` into ``dst``.
+
+    Returns the smallest cosine similarity between fp32 and int8 outputs on ``inputs``; raises FidelityError
+    below ``min_cosine``. Random weights allow this check: it measures numerics, not model quality.
+    """
+    import tempfile
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Symbolic shape inference cannot follow the exported attention reshapes; ONNX shape inference can.
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8)
+    fp32 = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+    int8 = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+    fp32, int8 = fp32.reshape(len(fp32), -1), int8.reshape(len(int8), -1)
+    cosine = float(np.min((fp32 * int8).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(int8, axis=1))))
+    if not cosine >= min_cosine:
+        raise FidelityError(f"{dst.parent.parent.name}: int8 vs fp32 min cosine {cosine:.4f} < {min_cosine}")
+    return cosine

@@ -27,6 +27,7 @@ class ExportOptions:
     trt_precision: str = "FP32"  # the parity check is fp32; FP16 is faster and not parity-checked here
     trt_workspace_bytes: int = 1024**3
     max_pixels: int = 40_000_000
+    int8: bool = False  # also write dynamic-int8 SigLIP towers (+ client models with the suffix _int8)
 
     def kind(self) -> pbtxt.Enum:
         return pbtxt.Enum("KIND_GPU" if self.device == "cuda" else "KIND_CPU")

@@ -17,7 +17,9 @@ from vlmserve import paths
 RECIPES: dict = {"siglip": siglip, "florence2": florence2, "qwen2vl": chat.qwen2vl, "smolvlm2": chat.smolvlm2}
 # Opt-in families: exported only when asked for (`--family`), never part of a default set.
 OPTIONAL_RECIPES: dict = {"deepseek_ocr": chat.deepseek_ocr}
-MODEL_SETS = ("tiny", "hub")
+MODEL_SETS = ("tiny", "hub", "perf")
+# perf: real architectures at real sizes with random weights (export/perf.py), for benchmarks offline.
+PERF_FAMILIES = ["siglip", "florence2"]
 
 
 def tiny_source(family: str, progress: Progress) -> Path:
@@ -82,13 +84,19 @@ def export_model_set(
     repo.mkdir(parents=True, exist_ok=True)
     reports = {}
     known = {**RECIPES, **OPTIONAL_RECIPES}
-    for family in families or list(RECIPES):
+    for family in families or (PERF_FAMILIES if model_set == "perf" else list(RECIPES)):
         if family not in known:
             raise ValueError(f"unknown model family {family!r}; choose from {', '.join(known)}")
         if model_set == "tiny":
             if family not in tiny.TINY_BUILDERS:
                 raise ValueError(f"{family} has no tiny model (it needs real weights): use --set hub")
             source: str | Path = tiny_source(family, progress)
+        elif model_set == "perf":
+            from export.perf import PERF_BUILDERS, perf_source
+
+            if family not in PERF_BUILDERS:
+                raise ValueError(f"{family} has no perf model; perf covers {', '.join(PERF_BUILDERS)}")
+            source = perf_source(family, progress)
         else:
             source = (sources or {}).get(family) or known[family].DEFAULT_MODEL
         reports[family] = export_family(family, source, repo, options, progress, force)

@@ -177,33 +177,56 @@ def export(source_dir: Path, repo: Path, options: ExportOptions, weights: str, s
         report["siglip_text"] = onnx_utils.validate("siglip_text", text, text_path, {"input_ids": ids})
         step.detail = f"max abs diff {report['siglip_text']:.2e}"
 
+    meta = {"family": FAMILY, "source_model": source_name, "weights": weights, "embedding_dim": dim}
     with progress.step("writing Triton configs"):
-        meta = {"family": FAMILY, "source_model": source_name, "weights": weights, "embedding_dim": dim}
-        for name, inp, out in [
-            ("siglip_vision", {"name": "pixel_values", "data_type": Enum("TYPE_FP32"), "dims": [3, size, size]},
-             {"name": "image_embeds", "data_type": Enum("TYPE_FP32"), "dims": [dim]}),
-            ("siglip_text", {"name": "input_ids", "data_type": Enum("TYPE_INT64"), "dims": [seq]},
-             {"name": "text_embeds", "data_type": Enum("TYPE_FP32"), "dims": [dim]}),
-        ]:
-            native, embedded = _onnx_configs(name, inp, out, options, {**meta, "role": "encoder"})
-            write_config(repo, name, native)
-            write_config(repo, name, embedded, EMBEDDED_CONFIG)
-            write_python_model(repo, name, "model_repository.onnx_model.TritonPythonModel")
+        _write_models(repo, source_dir, options, meta, "", dim, size, seq)
+    result: dict[str, Any] = {"parity_max_abs_diff": report, "embedding_dim": dim, "image_size": size,
+                              "max_text_length": seq}
+    if options.int8:
+        with progress.step("quantizing siglip_vision/siglip_text to int8 (dynamic, onnxruntime)") as step:
+            fidelity = {
+                "siglip_vision": onnx_utils.quantize_int8(
+                    vision_path, repo / "siglip_vision_int8" / "1" / "model.onnx",
+                    {"pixel_values": rng.standard_normal((8, 3, size, size)).astype(np.float32)}),
+                "siglip_text": onnx_utils.quantize_int8(
+                    text_path, repo / "siglip_text_int8" / "1" / "model.onnx",
+                    {"input_ids": rng.integers(0, tc.vocab_size, (8, seq)).astype(np.int64)}),
+            }
+            step.detail = "min cosine vs fp32 " + ", ".join(f"{k} {v:.4f}" for k, v in fidelity.items())
+            _write_models(repo, source_dir, options, {**meta, "source_model": f"{source_name}:int8",
+                                                       "precision": "int8"}, "_int8", dim, size, seq)
+        result["int8_min_cosine"] = fidelity
+    return result
 
-        embedding = {"name": "EMBEDDING", "data_type": Enum("TYPE_FP32"), "dims": [dim]}
-        clients = [
-            ("siglip_embed_image", {"name": "IMAGE", "data_type": Enum("TYPE_STRING"), "dims": [1]}, [embedding],
-             "siglip_vision", {"task": "embed_image", "image_size": size, "max_pixels": options.max_pixels},
-             "model_repository.siglip.EmbedImageModel"),
-            ("siglip_embed_text", {"name": "TEXT", "data_type": Enum("TYPE_STRING"), "dims": [1]},
-             [embedding, {"name": "NUM_TOKENS", "data_type": Enum("TYPE_INT32"), "dims": [1]}],
-             "siglip_text", {"task": "embed_text", "max_text_length": seq},
-             "model_repository.siglip.EmbedTextModel"),
-        ]
-        for name, inp, outs, encoder, extra, cls in clients:
-            native, embedded = _client_configs(name, inp, outs, encoder, options, {**meta, "role": "client", **extra})
-            write_config(repo, name, native)
-            write_config(repo, name, embedded, EMBEDDED_CONFIG)
-            write_python_model(repo, name, cls)
-            copy_tree(source_dir, repo / name / "1" / "processor", PROCESSOR_FILES)
-    return {"parity_max_abs_diff": report, "embedding_dim": dim, "image_size": size, "max_text_length": seq}
+
+def _write_models(repo: Path, source_dir: Path, options: ExportOptions, meta: dict[str, Any], suffix: str,
+                  dim: int, size: int, seq: int) -> None:
+    """The two ONNX encoders and the two client-facing models; ``suffix`` names a variant (e.g. ``_int8``)."""
+    for name, inp, out in [
+        ("siglip_vision", {"name": "pixel_values", "data_type": Enum("TYPE_FP32"), "dims": [3, size, size]},
+         {"name": "image_embeds", "data_type": Enum("TYPE_FP32"), "dims": [dim]}),
+        ("siglip_text", {"name": "input_ids", "data_type": Enum("TYPE_INT64"), "dims": [seq]},
+         {"name": "text_embeds", "data_type": Enum("TYPE_FP32"), "dims": [dim]}),
+    ]:
+        native, embedded = _onnx_configs(name + suffix, inp, out, options, {**meta, "role": "encoder"})
+        write_config(repo, name + suffix, native)
+        write_config(repo, name + suffix, embedded, EMBEDDED_CONFIG)
+        write_python_model(repo, name + suffix, "model_repository.onnx_model.TritonPythonModel")
+
+    embedding = {"name": "EMBEDDING", "data_type": Enum("TYPE_FP32"), "dims": [dim]}
+    clients = [
+        ("siglip_embed_image", {"name": "IMAGE", "data_type": Enum("TYPE_STRING"), "dims": [1]}, [embedding],
+         "siglip_vision", {"task": "embed_image", "image_size": size, "max_pixels": options.max_pixels},
+         "model_repository.siglip.EmbedImageModel"),
+        ("siglip_embed_text", {"name": "TEXT", "data_type": Enum("TYPE_STRING"), "dims": [1]},
+         [embedding, {"name": "NUM_TOKENS", "data_type": Enum("TYPE_INT32"), "dims": [1]}],
+         "siglip_text", {"task": "embed_text", "max_text_length": seq},
+         "model_repository.siglip.EmbedTextModel"),
+    ]
+    for name, inp, outs, encoder, extra, cls in clients:
+        native, embedded = _client_configs(name + suffix, inp, outs, encoder + suffix, options,
+                                           {**meta, "role": "client", **extra})
+        write_config(repo, name + suffix, native)
+        write_config(repo, name + suffix, embedded, EMBEDDED_CONFIG)
+        write_python_model(repo, name + suffix, cls)
+        copy_tree(source_dir, repo / (name + suffix) / "1" / "processor", PROCESSOR_FILES)

@@ -15,7 +15,8 @@ for command in orchestrator_cli.app.registered_commands:
 
 @app.command()
 def export(
-    model_set: str = typer.Option("tiny", "--set", help="tiny (offline random models) or hub (real checkpoints)"),
+    model_set: str = typer.Option("tiny", "--set", help="tiny (offline random), hub (real checkpoints) or perf "
+                                  "(real sizes, random weights: benchmarks)"),
     repo: Path | None = typer.Option(None, "--repo", help="model repository to write (default: per set)"),
     siglip_model: str | None = typer.Option(None, "--siglip-model", help="Hub id or local dir (hub set)"),
     florence2_model: str | None = typer.Option(None, "--florence2-model", help="Hub id or local dir (hub set)"),
@@ -23,10 +24,11 @@ def export(
                                             "--family deepseek_ocr --deepseek-ocr-model DIR (opt-in, hub set)"),
     deepseek_ocr_model: str | None = typer.Option(None, "--deepseek-ocr-model", help="DeepSeek-OCR dir or id"),
     device: str = typer.Option("cpu", help="cpu or cuda: instance kind written into the configs"),
+    int8: bool = typer.Option(False, "--int8", help="also export dynamic-int8 SigLIP towers (models *_int8)"),
     force: bool = typer.Option(False, help="re-export even when up to date"),
 ) -> None:
     """Export checkpoints to ONNX (parity-checked) and write the Triton model repository."""
-    from export.onnx_utils import ParityError
+    from export.onnx_utils import FidelityError, ParityError
     from export.repository import ExportOptions
     from export.run import export_model_set
     from export.sources import SourceError
@@ -36,16 +38,16 @@ def export(
     try:
         given = {"siglip": siglip_model, "florence2": florence2_model, "deepseek_ocr": deepseek_ocr_model}
         sources = {k: v for k, v in given.items() if v}
-        export_model_set(model_set, repo, ExportOptions(device=device), sources=sources, families=family or None,
-                         force=force)
-    except (ParityError, SourceError, ValueError) as exc:
+        export_model_set(model_set, repo, ExportOptions(device=device, int8=int8), sources=sources,
+                         families=family or None, force=force)
+    except (ParityError, FidelityError, SourceError, ValueError) as exc:
         orchestrator_cli.console.print(f"[red]export failed:[/red] {exc}")
         raise typer.Exit(1) from None
 
 
 def _export_and_run(model_set: str, siglip_model: str | None = None, florence2_model: str | None = None) -> None:
     export(model_set=model_set, repo=None, siglip_model=siglip_model, florence2_model=florence2_model,
-           family=None, deepseek_ocr_model=None, device="cpu", force=False)
+           family=None, deepseek_ocr_model=None, device="cpu", int8=False, force=False)
     orchestrator_cli.run(model_set=model_set, repo=None)
 
 

@@ -107,3 +107,27 @@ def test_pbtxt_renderer_shapes() -> None:
 def test_unknown_model_set_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown model set"):
         export_model_set("huge")
+
+
+def test_int8_variant_keeps_fidelity_and_is_served_beside_fp32(tmp_path: Path) -> None:
+    from export.repository import ExportOptions
+
+    repo = tmp_path / "repo"
+    reports = export_model_set("tiny", repo=repo, options=ExportOptions(int8=True), families=["siglip"],
+                               progress=Progress(quiet=True))
+    cosine = reports["siglip"]["int8_min_cosine"]
+    assert min(cosine.values()) >= onnx_utils.INT8_MIN_COSINE
+    fp32 = (repo / "siglip_vision/1/model.onnx").stat().st_size
+    int8 = (repo / "siglip_vision_int8/1/model.onnx").stat().st_size
+    assert int8 < fp32
+    client = text_format.Parse((repo / "siglip_embed_image_int8/configs/embedded.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    assert client.parameters["encoder_model"].string_value == "siglip_vision_int8"
+    assert client.parameters["source_model"].string_value == "vlmserve/tiny-siglip:int8"
+
+
+def test_int8_fidelity_floor_is_enforced(tiny_repo: Path, tmp_path: Path) -> None:
+    size = read_stamp(tiny_repo, "siglip")["image_size"]
+    with pytest.raises(onnx_utils.FidelityError, match="min cosine"):
+        onnx_utils.quantize_int8(tiny_repo / "siglip_vision/1/model.onnx", tmp_path / "m" / "1" / "model.onnx",
+                                 {"pixel_values": np.ones((2, 3, size, size), np.float32)}, min_cosine=1.01)
