@@ -240,6 +240,8 @@ def shape_response(payload: Mapping[str, Any], task: FlorenceTask, *, model: str
     }
     if isinstance(result, Mapping):
         body.update(_structured_fields(result))
+    if isinstance(payload.get("timing"), Mapping):
+        body["timing"] = dict(payload["timing"])  # the model's vision/generate split and the batch it ran in
     return body
 
 
