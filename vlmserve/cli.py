@@ -66,3 +66,21 @@ def serve(
 ) -> None:
     """Serve real checkpoints (from the Hub or the local HF cache)."""
     _export_and_run("hub", siglip_model, florence2_model)
+
+
+@app.command()
+def bench(
+    name: str = typer.Option("cpu-perf", help="report name: loadtests/reports/<name>.{md,json,png}"),
+    users: int = typer.Option(16, help="concurrent users for the SigLIP scenarios"),
+    duration: int = typer.Option(45, help="seconds per SigLIP scenario"),
+    florence_users: int = typer.Option(8, help="concurrent users for the Florence-2 scenarios"),
+    florence_duration: int = typer.Option(90, help="seconds per Florence-2 scenario"),
+    max_new_tokens: int = typer.Option(32, help="Florence-2 caption length (random weights never stop early)"),
+    florence: bool = typer.Option(True, help="include the Florence-2 scenarios"),
+) -> None:
+    """Benchmark vlmserve against the one-request-at-a-time baseline on the perf models (offline)."""
+    from loadtests.bench import run_bench
+
+    path = run_bench(name, users, duration, florence_users, florence_duration, max_new_tokens, florence,
+                     log=lambda m: orchestrator_cli.console.print(f"[cyan]bench[/cyan] {m}"))
+    orchestrator_cli.console.print(path.with_suffix(".md").read_text())
