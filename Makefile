@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlmserve-installed
 
-.PHONY: install demo serve export test test-unit test-integration lint clean
+.PHONY: install demo serve export bench loadtest test test-unit test-integration lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -30,6 +30,9 @@ serve: install ## real checkpoints from the Hub or the HF cache (VLMSERVE_SIGLIP
 export: install
 	$(VENV)/bin/vlmserve export --set tiny
 
+bench: install ## vlmserve vs the one-request-at-a-time baseline on the perf models; report in loadtests/reports/
+	$(VENV)/bin/vlmserve bench
+
 test: install
 	$(PY) -m pytest -q
 
@@ -44,3 +47,17 @@ lint: install
 
 clean:
 	rm -rf .vlmserve
+
+# Locust, headless, against an already running gateway (`make demo` in another terminal). Override on the command
+# line: make loadtest USERS=16 TIME=2m TAGS="chat ocr"  (TAGS= runs every user class). Reports: $(REPORT)*.
+HOST = http://127.0.0.1:8080
+USERS = 8
+SPAWN = 4
+TIME = 30s
+TAGS = embeddings
+REPORT = loadtests/reports/loadtest
+
+.PHONY: loadtest
+loadtest: install ## Locust suite against a running `make demo` (HOST, USERS, SPAWN, TIME, TAGS, REPORT)
+	$(VENV)/bin/locust -f loadtests/locustfile.py --headless -u $(USERS) -r $(SPAWN) -t $(TIME) --host $(HOST) \
+		$(if $(strip $(TAGS)),--tags $(TAGS)) --csv $(REPORT) --html $(REPORT).html

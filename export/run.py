@@ -43,7 +43,10 @@ def export_family(
     recipe = {**RECIPES, **OPTIONAL_RECIPES}[family]
     source_dir = resolve_source(source)
     weights = "random" if tiny.is_tiny(source_dir) else "pretrained"
-    source_name = f"vlmserve/tiny-{family}" if weights == "random" else str(source)
+    from export.perf import is_perf
+
+    kind = "perf" if is_perf(source_dir) else "tiny"
+    source_name = f"vlmserve/{kind}-{family}" if weights == "random" else str(source)
     fp = fingerprint(recipe.RECIPE_VERSION, source_dir, options, {"source": source_name})
     stamp = read_stamp(repo, family)
     complete = all((repo / m / "config.pbtxt").exists() for m in recipe.MODELS)
