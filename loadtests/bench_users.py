@@ -65,7 +65,9 @@ class CaptionUser(HttpUser):
 
     @task
     def caption(self) -> None:
-        body = {"image_base64": random.choice(B64), "task": "caption", "max_new_tokens": MAX_NEW_TOKENS}
+        # A data URI: unambiguous for both servers (bare JPEG base64 starts with "/9j/", which looks like a path).
+        body = {"image_base64": "data:image/jpeg;base64," + random.choice(B64), "task": "caption",
+                "max_new_tokens": MAX_NEW_TOKENS}
         with self.client.post("/infer", json=body, name="caption", catch_response=True) as r:
             if r.status_code != 200 or "text" not in r.json():
                 r.failure(f"HTTP {r.status_code}: {r.text[:200]}")

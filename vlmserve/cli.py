@@ -74,7 +74,7 @@ def bench(
     users: int = typer.Option(16, help="concurrent users for the SigLIP scenarios"),
     duration: int = typer.Option(45, help="seconds per SigLIP scenario"),
     florence_users: int = typer.Option(8, help="concurrent users for the Florence-2 scenarios"),
-    florence_duration: int = typer.Option(90, help="seconds per Florence-2 scenario"),
+    florence_duration: int = typer.Option(150, help="seconds per Florence-2 scenario"),
     max_new_tokens: int = typer.Option(32, help="Florence-2 caption length (random weights never stop early)"),
     florence: bool = typer.Option(True, help="include the Florence-2 scenarios"),
 ) -> None:

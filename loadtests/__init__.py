@@ -1,0 +1,1 @@
+"""Load tests, the baseline server and the benchmark (see loadtests/README.md)."""
