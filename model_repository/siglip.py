@@ -29,12 +29,14 @@ class SiglipImagePreprocessor:
 
         self.processor = AutoImageProcessor.from_pretrained(str(processor_dir))
         self.max_pixels = max_pixels
+        size = getattr(self.processor, "size", None) or {}
+        self.min_size = max(size.values()) if size else None
 
     def __call__(self, images: list[bytes]) -> np.ndarray:
         decoded = []
         for i, data in enumerate(images):
             try:
-                decoded.append(runtime.decode_image(data, self.max_pixels))
+                decoded.append(runtime.decode_image(data, self.max_pixels, self.min_size))
             except runtime.InputError as exc:
                 raise runtime.InputError(f"IMAGE[{i}]: {exc}") from None
         return self.processor(images=decoded, return_tensors="np")["pixel_values"].astype(np.float32)

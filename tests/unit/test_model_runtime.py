@@ -58,3 +58,13 @@ def test_param_reports_missing_required_parameter() -> None:
     with pytest.raises(ValueError, match="required parameter 'runner'"):
         runtime.param({"name": "m", "parameters": {}}, "runner")
     assert runtime.param({"parameters": {"a": {"string_value": "1"}}}, "a") == "1"
+
+
+def test_jpeg_decoded_at_reduced_scale_but_never_below_min_size() -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (1024, 768), (10, 20, 30)).save(buf, "JPEG")
+    full = runtime.decode_image(buf.getvalue())
+    reduced = runtime.decode_image(buf.getvalue(), min_size=224)
+    assert full.size == (1024, 768)
+    assert reduced.size == (512, 384) and min(reduced.size) >= 224
+    assert runtime.decode_image(png(100, 100), min_size=10).size == (100, 100)  # PNG: no DCT scaling
