@@ -29,7 +29,7 @@ from gateway.errors import APIError
 from gateway.images import ImageInputError, ImagePolicy, resolve_image
 from gateway.media import resolve_video, video_policy
 from gateway.settings import GatewaySettings
-from gateway.triton import ModelInfo, Registry, TritonBackend, TritonUnavailable
+from gateway.triton import ModelInfo, Registry, TritonBackend, live_registry, use_model
 
 __all__ = [
     "CHAT_TASK",
@@ -438,12 +438,7 @@ class ChatService:
         self.http = http
 
     async def registry(self) -> Registry:
-        registry = await self.backend.registry()
-        if not registry.reachable:
-            registry = await self.backend.registry(refresh=True)
-            if not registry.reachable:
-                raise TritonUnavailable("no answer from Triton", self.settings.retry_after_s)
-        return registry
+        return await live_registry(self.backend)
 
     async def model(self, request: Request, name: str | None, prefer_family: str | None = None) -> ModelInfo:
         """The chat model ``name`` (source id, family or Triton name); None = ``prefer_family``'s or the first.
@@ -456,11 +451,7 @@ class ChatService:
             info = preferred[0] if preferred else registry.find(CHAT_TASK, None)
         else:
             info = registry.find(CHAT_TASK, name)
-        if not info.ready:
-            raise APIError(503, f"model {info.name} is not ready yet; retry later", code="model_not_ready",
-                           headers={"Retry-After": str(self.settings.retry_after_s)})
-        request.scope.setdefault("state", {})["model"] = info.name
-        return info
+        return use_model(request, info, self.settings.retry_after_s)
 
     async def prepare(self, info: ModelInfo, messages: Any, sampling: Sampling) -> dict[str, np.ndarray]:
         """Validate and translate a request for ``info``: the Triton inputs to send."""

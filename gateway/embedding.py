@@ -12,7 +12,7 @@ from fastapi import Request
 from gateway.errors import APIError
 from gateway.images import ImageInputError, resolve_image
 from gateway.settings import GatewaySettings
-from gateway.triton import ModelInfo, TritonBackend
+from gateway.triton import ModelInfo, TritonBackend, live_registry, use_model
 
 IMAGE_TASK = "embed_image"
 TEXT_TASK = "embed_text"
@@ -32,17 +32,8 @@ class EmbeddingService:
         self.http = http
 
     async def _model(self, request: Request, task: str, model: str | None) -> ModelInfo:
-        registry = await self.backend.registry()
-        if not registry.reachable:
-            registry = await self.backend.registry(refresh=True)
-            if not registry.reachable:
-                raise self.backend._unavailable(ConnectionError("no answer"))
-        info = registry.find(task, model)
-        if not info.ready:
-            raise APIError(503, f"model {info.name} is not ready yet", code="model_not_ready",
-                           headers={"Retry-After": str(self.settings.retry_after_s)})
-        request.scope.setdefault("state", {})["model"] = info.name
-        return info
+        registry = await live_registry(self.backend)
+        return use_model(request, registry.find(task, model), self.settings.retry_after_s)
 
     def _check_count(self, n: int, what: str) -> None:
         if n == 0:

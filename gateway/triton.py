@@ -285,3 +285,22 @@ def _np_to_triton(dtype: np.dtype) -> str:
     from tritonclient.utils import np_to_triton_dtype
 
     return np_to_triton_dtype(dtype)
+
+
+async def live_registry(backend: Any) -> Registry:
+    """``backend``'s registry, re-read once if Triton looked unreachable; 503 (Retry-After) when it still is."""
+    registry = await backend.registry()
+    if not registry.reachable:
+        registry = await backend.registry(refresh=True)
+        if not registry.reachable:
+            raise TritonUnavailable(f"no answer from Triton at {backend.url}", backend.retry_after_s)
+    return registry
+
+
+def use_model(request: Any, info: ModelInfo, retry_after_s: int) -> ModelInfo:
+    """Refuse a model that is still loading (503 + Retry-After); label the request's metrics with it."""
+    if not info.ready:
+        raise APIError(503, f"model {info.name} is not ready yet; retry later", code="model_not_ready",
+                       headers={"Retry-After": str(retry_after_s)})
+    request.scope.setdefault("state", {})["model"] = info.name
+    return info

@@ -37,7 +37,7 @@ from gateway.florence import (
 )
 from gateway.images import ImageInputError, decode_base64_image, validate_image_bytes
 from gateway.storage import LocalStore, StorageError, media_type_for
-from gateway.triton import ModelInfo, TritonUnavailable
+from gateway.triton import ModelInfo, live_registry, use_model
 
 log = logging.getLogger("vlmserve.gateway")
 
@@ -170,11 +170,7 @@ async def get_file(key: str, request: Request) -> FileResponse:
 async def _florence_model(request: Request) -> ModelInfo:
     settings = request.app.state.settings
     backend = request.app.state.backend
-    registry = await backend.registry()
-    if not registry.reachable:
-        registry = await backend.registry(refresh=True)
-        if not registry.reachable:
-            raise TritonUnavailable("no answer from Triton", settings.retry_after_s)
+    registry = await live_registry(backend)
     retry = {"Retry-After": str(settings.retry_after_s)}
     candidates = registry.by_task(FLORENCE_TASK)
     ready = [m for m in candidates if m.ready]
@@ -187,9 +183,7 @@ async def _florence_model(request: Request) -> ModelInfo:
         raise APIError(503, "no Florence-2 model is loaded in Triton (no model config has parameter "
                             "task=florence2); export and load one, then retry", code="model_not_loaded",
                        headers=retry)
-    info = ready[0]
-    request.scope.setdefault("state", {})["model"] = info.name
-    return info
+    return use_model(request, ready[0], settings.retry_after_s)
 
 
 def _task_table(info: ModelInfo) -> TaskTable:
