@@ -19,7 +19,3 @@ def tiny_models_dir() -> Path:
 
 def repository_dir(model_set: str) -> Path:
     return state_dir() / "repository" / model_set
-
-
-def run_dir() -> Path:
-    return state_dir() / "run"
