@@ -9,18 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from export.florence2 import _link_or_copy
 from export.pbtxt import Enum, parameters
 from export.progress import Progress
-from export.repository import EMBEDDED_CONFIG, ExportOptions, write_config, write_python_model
+from export.repository import (
+    EMBEDDED_CONFIG,
+    ExportOptions,
+    copy_checkpoint,
+    onnx_configs,
+    write_config,
+    write_python_model,
+)
 
 MAX_NEW_TOKENS_LIMIT = 1024
-
-
-def copy_checkpoint(source_dir: Path, dst: Path) -> None:
-    for f in source_dir.iterdir():
-        if f.is_file() and f.suffix in (".json", ".safetensors", ".txt", ".model", ".jinja", ".py"):
-            _link_or_copy(f, dst / f.name)
 
 
 def chat_config(name: str, options: ExportOptions, meta: dict[str, Any], extra: dict[str, Any] | None = None,
@@ -94,7 +94,6 @@ def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weight
     from transformers import AutoConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor
 
     from export import onnx_utils
-    from export.siglip import _onnx_configs
     from model_repository.smolvlm import patch_mask, vision_module
 
     with progress.step(f"loading {source_name}"):
@@ -135,7 +134,7 @@ def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weight
     with progress.step("copying checkpoint and writing Triton configs"):
         meta = {"family": "smolvlm2", "source_model": source_name, "weights": weights}
         tokens, dim = int(ours.shape[1]), int(ours.shape[2])
-        native, embedded = _onnx_configs(
+        native, embedded = onnx_configs(
             "smolvlm2_vision", {"name": "pixel_values", "data_type": Enum("TYPE_FP32"), "dims": [3, size, size]},
             {"name": "image_features", "data_type": Enum("TYPE_FP32"), "dims": [tokens, dim]},
             options, {**meta, "role": "encoder"},

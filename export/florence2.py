@@ -8,8 +8,6 @@ Writes ``florence2_vision`` (ONNX: ``pixel_values`` -> ``image_features``; nativ
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +16,14 @@ import numpy as np
 from export import onnx_utils
 from export.pbtxt import Enum, parameters
 from export.progress import Progress
-from export.repository import EMBEDDED_CONFIG, ExportOptions, write_config, write_python_model
-from export.siglip import _onnx_configs
+from export.repository import (
+    EMBEDDED_CONFIG,
+    ExportOptions,
+    copy_checkpoint,
+    onnx_configs,
+    write_config,
+    write_python_model,
+)
 from model_repository.florence2_tasks import TASKS
 
 FAMILY = "florence2"
@@ -32,16 +36,6 @@ MODELS = ["florence2_vision", "florence2"]
 MAX_BATCH = 8
 MAX_NEW_TOKENS_LIMIT = 1024
 NUM_BEAMS_LIMIT = 8
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        dst.unlink()
-    try:
-        os.link(src, dst)  # checkpoints are large: a hard link costs nothing when on the same filesystem
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def export(source_dir: Path, repo: Path, options: ExportOptions, weights: str, source_name: str,
@@ -87,7 +81,7 @@ def export(source_dir: Path, repo: Path, options: ExportOptions, weights: str, s
 
     with progress.step("copying checkpoint and writing Triton configs"):
         meta = {"family": FAMILY, "source_model": source_name, "weights": weights}
-        native, embedded = _onnx_configs(
+        native, embedded = onnx_configs(
             "florence2_vision",
             {"name": "pixel_values", "data_type": Enum("TYPE_FP32"), "dims": [3, height, width]},
             {"name": "image_features", "data_type": Enum("TYPE_FP32"), "dims": [tokens, dim]},
@@ -99,10 +93,7 @@ def export(source_dir: Path, repo: Path, options: ExportOptions, weights: str, s
         write_config(repo, "florence2_vision", embedded, EMBEDDED_CONFIG)
         write_python_model(repo, "florence2_vision", "model_repository.onnx_model.TritonPythonModel")
 
-        checkpoint = repo / "florence2" / "1" / "checkpoint"
-        for f in source_dir.iterdir():
-            if f.is_file() and f.suffix in (".json", ".safetensors", ".txt", ".model"):
-                _link_or_copy(f, checkpoint / f.name)
+        copy_checkpoint(source_dir, repo / "florence2" / "1" / "checkpoint")
         _write_client_model(repo, options, meta, default_max_new_tokens)
     return {"parity_max_abs_diff": {"florence2_vision": diff}, "image_tokens": tokens, "image_size": [width, height]}
 

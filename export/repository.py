@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,3 +88,68 @@ def read_stamp(repo: Path, family: str) -> dict[str, Any] | None:
 def write_stamp(repo: Path, family: str, stamp: dict[str, Any]) -> None:
     path = repo / f"{STAMP_PREFIX}{family}.json"
     path.write_text(json.dumps(stamp, indent=2, sort_keys=True))
+
+
+def onnx_configs(
+    name: str, inp: dict[str, Any], out: dict[str, Any], options: ExportOptions, meta: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(native onnxruntime config, embedded Python-backend config) for one ONNX model."""
+    native = {
+        "name": name,
+        "platform": "onnxruntime_onnx",
+        "max_batch_size": options.max_batch_size,
+        "input": [inp],
+        "output": [out],
+        "instance_group": [{"count": options.instance_count, "kind": options.kind()}],
+        "dynamic_batching": dynamic_batching(options),
+        "optimization": {
+            "execution_accelerators": {
+                "gpu_execution_accelerator": [
+                    {
+                        "name": "tensorrt",
+                        "parameters": [
+                            {"key": "precision_mode", "value": options.trt_precision},
+                            {"key": "max_workspace_size_bytes", "value": str(options.trt_workspace_bytes)},
+                            {"key": "trt_engine_cache_enable", "value": "1"},
+                            {"key": "trt_engine_cache_path", "value": f"/tmp/vlmserve-trt-cache/{name}"},
+                        ],
+                    },
+                    {"name": "cuda"},
+                ]
+            }
+        },
+        # Top level on purpose: a top-level `parameters` block in onnxruntime_backend resets a
+        # gpu_mem_limit given under execution_accelerators (DESIGN.md §3).
+        "parameters": pbtxt.parameters(
+            {"gpu_mem_limit": options.gpu_mem_limit_bytes, "arena_extend_strategy": "1", **meta}
+        ),
+    }
+    embedded = {
+        "name": name,
+        "backend": "python",
+        "max_batch_size": options.max_batch_size,
+        "input": [inp],
+        "output": [out],
+        "instance_group": [{"count": options.instance_count, "kind": options.kind()}],
+        "dynamic_batching": dynamic_batching(options),
+        "parameters": pbtxt.parameters({"onnx_file": "model.onnx", **meta}),
+    }
+    return native, embedded
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link (checkpoints are large and a link costs nothing on one filesystem), else copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def copy_checkpoint(source_dir: Path, dst: Path) -> None:
+    """The checkpoint's config, weights, tokenizer and template files into ``dst``."""
+    for f in source_dir.iterdir():
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".txt", ".model", ".jinja", ".py"):
+            link_or_copy(f, dst / f.name)

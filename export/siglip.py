@@ -20,6 +20,7 @@ from export.repository import (
     ExportOptions,
     copy_tree,
     dynamic_batching,
+    onnx_configs,
     write_config,
     write_python_model,
 )
@@ -61,53 +62,6 @@ def _towers(model):
             return self.model.get_text_features(input_ids=input_ids)
 
     return Vision().eval(), Text().eval()
-
-
-def _onnx_configs(
-    name: str, inp: dict[str, Any], out: dict[str, Any], options: ExportOptions, meta: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(native onnxruntime config, embedded Python-backend config) for one ONNX model."""
-    native = {
-        "name": name,
-        "platform": "onnxruntime_onnx",
-        "max_batch_size": options.max_batch_size,
-        "input": [inp],
-        "output": [out],
-        "instance_group": [{"count": options.instance_count, "kind": options.kind()}],
-        "dynamic_batching": dynamic_batching(options),
-        "optimization": {
-            "execution_accelerators": {
-                "gpu_execution_accelerator": [
-                    {
-                        "name": "tensorrt",
-                        "parameters": [
-                            {"key": "precision_mode", "value": options.trt_precision},
-                            {"key": "max_workspace_size_bytes", "value": str(options.trt_workspace_bytes)},
-                            {"key": "trt_engine_cache_enable", "value": "1"},
-                            {"key": "trt_engine_cache_path", "value": f"/tmp/vlmserve-trt-cache/{name}"},
-                        ],
-                    },
-                    {"name": "cuda"},
-                ]
-            }
-        },
-        # Top level on purpose: a top-level `parameters` block in onnxruntime_backend resets a
-        # gpu_mem_limit given under execution_accelerators (DESIGN.md §3).
-        "parameters": parameters(
-            {"gpu_mem_limit": options.gpu_mem_limit_bytes, "arena_extend_strategy": "1", **meta}
-        ),
-    }
-    embedded = {
-        "name": name,
-        "backend": "python",
-        "max_batch_size": options.max_batch_size,
-        "input": [inp],
-        "output": [out],
-        "instance_group": [{"count": options.instance_count, "kind": options.kind()}],
-        "dynamic_batching": dynamic_batching(options),
-        "parameters": parameters({"onnx_file": "model.onnx", **meta}),
-    }
-    return native, embedded
 
 
 def _client_configs(
@@ -208,7 +162,7 @@ def _write_models(repo: Path, source_dir: Path, options: ExportOptions, meta: di
         ("siglip_text", {"name": "input_ids", "data_type": Enum("TYPE_INT64"), "dims": [seq]},
          {"name": "text_embeds", "data_type": Enum("TYPE_FP32"), "dims": [dim]}),
     ]:
-        native, embedded = _onnx_configs(name + suffix, inp, out, options, {**meta, "role": "encoder"})
+        native, embedded = onnx_configs(name + suffix, inp, out, options, {**meta, "role": "encoder"})
         write_config(repo, name + suffix, native)
         write_config(repo, name + suffix, embedded, EMBEDDED_CONFIG)
         write_python_model(repo, name + suffix, "model_repository.onnx_model.TritonPythonModel")

@@ -12,13 +12,13 @@ import io
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from model_repository.florence2_tasks import REGION_HINT, REGION_TASKS, UnknownTask, region_to_loc_tokens
+from model_repository.florence2_tasks import REGION_HINT, REGION_TASKS, Task, UnknownTask, region_to_loc_tokens
 
 __all__ = [
     "FlorenceInputError",
@@ -61,23 +61,13 @@ class FlorenceInputError(ValueError):
         self.code = code
 
 
-@dataclass(frozen=True)
-class FlorenceTask:
-    """One row of the served task table."""
-
-    name: str
-    token: str
-    needs_text: bool
-    description: str = ""
-    text_hint: str = ""
+class FlorenceTask(Task):
+    """One row of the served task table (the model side's ``Task``, read back from Triton)."""
 
     @property
     def takes_region(self) -> bool:
         """The text is a box (``x1,y1,x2,y2`` pixels or loc tokens), converted before it reaches the model."""
         return self.name in REGION_TASKS or self.text_hint == REGION_HINT
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class TaskTable:
