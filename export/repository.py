@@ -146,6 +146,9 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+    # The repository is read by other users too (the images run Triton as a non-root user on a read-only
+    # bind mount); some writers (safetensors) create 0600 files.
+    os.chmod(dst, os.stat(dst).st_mode | 0o444)
 
 
 def copy_checkpoint(source_dir: Path, dst: Path) -> None:

@@ -276,7 +276,8 @@ class ChatModel:
         family = runtime.param(config, "family")
         if family not in PIPELINES:
             raise ValueError(f"{config['name']}: unknown chat family {family!r}")
-        device = "cuda" if runtime.uses_gpu(args) else "cpu"
+        device = runtime.torch_device(args)
+        runtime.apply_gpu_budget(args, config)  # before loading: an over-budget checkpoint fails loudly here
         attn = resolve_attention(os.environ.get("USE_FLASH_ATTENTION", "auto"), device)
         # SmolVLM2's vision encoder is the exported ONNX model (in-process or via BLS, like the other encoders).
         encoder = runtime.make_encoder(args, config, ["image_features"]) if family == "smolvlm2" else None

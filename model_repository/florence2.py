@@ -177,7 +177,8 @@ class Florence2Model:
         names = {i["name"] for i in config["input"]}
         if not {"IMAGE", "TASK"} <= names or {o["name"] for o in config["output"]} != {"RESULT"}:
             raise ValueError("florence2: config must declare inputs IMAGE, TASK (+ optional) and output RESULT")
-        device = "cuda" if runtime.uses_gpu(args) else "cpu"
+        device = runtime.torch_device(args)
+        runtime.apply_gpu_budget(args, config)  # before loading: an over-budget checkpoint fails loudly here
         self.pipeline = Florence2Pipeline(
             runtime.version_dir(args) / "checkpoint",
             runtime.make_encoder(args, config, ["image_features"]),

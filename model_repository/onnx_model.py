@@ -18,6 +18,8 @@ class TritonPythonModel:
             runtime.version_dir(args) / runtime.param(config, "onnx_file", "model.onnx"),
             runtime.uses_gpu(args),
             int(runtime.param(config, "intra_op_threads", "0")),
+            runtime.device_id(args),
+            runtime.gpu_mem_limit(config),
         )
         declared_in = [i["name"] for i in config["input"]]
         declared_out = [o["name"] for o in config["output"]]

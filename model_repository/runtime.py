@@ -50,13 +50,86 @@ def uses_gpu(args: dict[str, Any]) -> bool:
     return args.get("model_instance_kind") == "GPU"
 
 
+def device_id(args: dict[str, Any]) -> int:
+    """The GPU this instance was placed on (Triton sets it for KIND_GPU instances)."""
+    return int(args.get("model_instance_device_id") or 0)
+
+
+def torch_device(args: dict[str, Any]) -> str:
+    """``"cuda"`` or ``"cpu"`` for torch; on a GPU instance also makes the instance's GPU torch's current device.
+
+    Triton may place an instance on any GPU (``instance_group { gpus: [...] }``); a bare ``"cuda"`` means the
+    current device, which would otherwise always be device 0.
+    """
+    if not uses_gpu(args):
+        return "cpu"
+    import torch
+
+    torch.cuda.set_device(device_id(args))
+    return "cuda"
+
+
+def gpu_mem_limit(config: dict[str, Any]) -> int | None:
+    """The ``gpu_mem_limit`` parameter (bytes, written by the GPU memory plan), or None when absent."""
+    value = param(config, "gpu_mem_limit", "")
+    if not value:
+        return None
+    limit = int(value)
+    if limit <= 0:
+        raise ValueError(f"model {config.get('name')!r}: gpu_mem_limit must be > 0 bytes, got {value!r}")
+    return limit
+
+
+def apply_gpu_budget(args: dict[str, Any], config: dict[str, Any]) -> None:
+    """Cap torch's caching allocator at the config's ``gpu_memory_fraction`` (written by the memory plan).
+
+    Each Python-backend instance is its own process, so the cap is per instance. A no-op on CPU instances and
+    when the parameter is absent. torch raises OutOfMemoryError beyond the cap; the CUDA context and memory not
+    allocated through torch (e.g. an onnxruntime session, capped by its own ``gpu_mem_limit``) are not counted.
+    """
+    raw = param(config, "gpu_memory_fraction", "")
+    if not raw or not uses_gpu(args):
+        return
+    fraction = float(raw)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"model {config.get('name')!r}: gpu_memory_fraction must be in (0, 1], got {raw!r}")
+    import torch  # lazily: the ONNX-only models never import torch
+
+    torch.cuda.set_per_process_memory_fraction(fraction, device_id(args))
+
+
 # ---------------------------------------------------------------------------------------------- encoders
+
+
+Provider = str | tuple[str, dict[str, Any]]
+
+
+def providers(use_gpu: bool, device_id: int, gpu_mem_limit: int | None, available: Sequence[str]) -> list[Provider]:
+    """onnxruntime execution providers: CUDA on ``device_id`` (when asked for and available), then the CPU.
+
+    ``gpu_mem_limit`` caps the CUDA provider's arena; ``kSameAsRequested`` makes the arena grow by what is asked
+    instead of doubling, so it does not hit the cap early with one oversized extension.
+    """
+    result: list[Provider] = ["CPUExecutionProvider"]
+    if use_gpu and "CUDAExecutionProvider" in available:
+        options: dict[str, Any] = {"device_id": device_id}
+        if gpu_mem_limit is not None:
+            options.update(gpu_mem_limit=gpu_mem_limit, arena_extend_strategy="kSameAsRequested")
+        result.insert(0, ("CUDAExecutionProvider", options))
+    return result
 
 
 class OnnxEncoder:
     """Runs an ``.onnx`` file with ONNX Runtime in this process (the embedded flavour's encoder)."""
 
-    def __init__(self, path: Path, use_gpu: bool = False, intra_op_threads: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        use_gpu: bool = False,
+        intra_op_threads: int = 0,
+        device_id: int = 0,
+        gpu_mem_limit: int | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         if not path.exists():
@@ -64,10 +137,8 @@ class OnnxEncoder:
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
-        providers = ["CPUExecutionProvider"]
-        if use_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.providers = providers(use_gpu, device_id, gpu_mem_limit, ort.get_available_providers())
+        self.session = ort.InferenceSession(str(path), options, providers=self.providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -110,7 +181,8 @@ def make_encoder(args: dict[str, Any], config: dict[str, Any], output_names: Seq
     if runner != "onnxruntime":
         raise ValueError(f"model {config['name']!r}: unknown runner {runner!r} (onnxruntime|triton)")
     onnx_path = model_dir(args).parent / encoder_model / "1" / "model.onnx"
-    return OnnxEncoder(onnx_path, uses_gpu(args), int(param(config, "intra_op_threads", "0")))
+    return OnnxEncoder(onnx_path, uses_gpu(args), int(param(config, "intra_op_threads", "0")), device_id(args),
+                       gpu_mem_limit(config))
 
 
 # ---------------------------------------------------------------------------------------------- inputs

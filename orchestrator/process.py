@@ -2,7 +2,11 @@
 
 Each service runs in its own session (process group), so stopping it also stops what it started
 (Triton's Python stubs). A ``services.json`` in the run directory records what is running so that
-``python -m orchestrator stop|status`` work from another terminal.
+``python -m orchestrator down|status`` work from another terminal.
+
+Supervision: :meth:`ProcessRuntime.supervise` (the foreground ``run``, and the detached supervisor that ``up``
+starts) restarts a crashed Triton or gateway with exponential backoff and logs every restart; it gives up
+after ``max_restarts`` consecutive failures (a service that stayed up for ``STABLE_S`` resets the count).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 import httpx
 
 from orchestrator import triton
+from orchestrator.launch import Launch
 from orchestrator.settings import OrchestratorSettings
 
 
@@ -92,12 +97,20 @@ def _reap(pid: int) -> None:
         pass
 
 
+STABLE_S = 60.0  # a service up this long counts as recovered: its backoff and failure count reset
+
+
 class ProcessRuntime:
-    def __init__(self, settings: OrchestratorSettings, log: Callable[[str], None] = print) -> None:
+    name = "process"
+
+    def __init__(self, settings: OrchestratorSettings, log: Callable[[str], None] = print,
+                 launch: Launch | None = None) -> None:
         self.settings = settings
         self.log = log
+        self.launch = launch
         self.run_dir = settings.run_path
         self.services: dict[str, Service] = {}
+        self.restarts: dict[str, int] = {}
 
     # -- state file ------------------------------------------------------------------------------------
 
@@ -105,24 +118,40 @@ class ProcessRuntime:
     def state_file(self) -> Path:
         return self.run_dir / "services.json"
 
+    @property
+    def supervisor_file(self) -> Path:
+        return self.run_dir / "supervisor.json"
+
     def _save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        data = {n: {"pid": s.pid, "log": str(s.log), "url": s.url} for n, s in self.services.items()}
+        data = {n: {"pid": s.pid, "log": str(s.log), "url": s.url, "restarts": self.restarts.get(n, 0)}
+                for n, s in self.services.items()}
         self.state_file.write_text(json.dumps(data, indent=2))
 
-    def load(self) -> dict[str, Service]:
+    def _load_raw(self) -> dict[str, Any]:
         try:
-            data = json.loads(self.state_file.read_text())
+            return dict(json.loads(self.state_file.read_text()))
         except (OSError, ValueError):
             return {}
-        return {n: Service(n, d["pid"], Path(d["log"]), d["url"]) for n, d in data.items()}
+
+    def load(self) -> dict[str, Service]:
+        return {n: Service(n, d["pid"], Path(d["log"]), d["url"]) for n, d in self._load_raw().items()}
+
+    def supervisor(self) -> Service | None:
+        """The detached supervisor started by ``up``, if it is alive."""
+        try:
+            d = json.loads(self.supervisor_file.read_text())
+        except (OSError, ValueError):
+            return None
+        service = Service("supervisor", d["pid"], Path(d["log"]), "")
+        return service if service.alive() else None
 
     # -- start -----------------------------------------------------------------------------------------
 
-    def _spawn(self, name: str, cmd: list[str], env: dict[str, str], url: str) -> Service:
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str], url: str, append: bool = False) -> Service:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log = self.run_dir / f"{name}.log"
-        with open(log, "wb") as out:
+        with open(log, "ab" if append else "wb") as out:
             proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True,
@@ -149,25 +178,29 @@ class ProcessRuntime:
     def running(self) -> dict[str, Service]:
         return {n: s for n, s in self.load().items() if s.alive()}
 
-    def start(self) -> dict[str, Service]:
-        """Start Triton, wait until it is ready, then the gateway; raises StartupError (after cleanup)."""
-        already = self.running()
-        if already:
-            raise StartupError(
-                f"already running: {', '.join(already)} (see `python -m orchestrator status`; stop it first)"
-            )
+    def health_url(self, name: str) -> str:
         s = self.settings
-        if not (s.repository_path.exists() and any(s.repository_path.glob("*/config.pbtxt"))):
-            raise StartupError(f"model repository {s.repository_path} is empty: run `vlmserve export` first")
-        dist = triton.find_tritonserver()
-        backends = triton.prepare_backends(dist, self.run_dir)
-        try:
+        return f"{s.triton_http_url}/v2/health/ready" if name == "triton" else f"{s.gateway_url}/livez"
+
+    def _start_service(self, name: str, append: bool = False) -> Service:
+        s = self.settings
+        if name == "triton":
+            dist = triton.find_tritonserver()
+            backends = triton.prepare_backends(dist, self.run_dir)
+            settings = s
+            extra: list[str] = []
+            env = triton.triton_env(dist)
+            if self.launch is not None:
+                settings = s.model_copy(update={"model_config_name": self.launch.model_config_name(
+                    s.model_config_name)})
+                extra = self.launch.triton_args()
+                env.update(self.launch.env())
             self.log(f"starting tritonserver on {s.host} (http {s.http_port}, grpc {s.grpc_port}, "
                      f"metrics {s.metrics_port}); log: {self.run_dir / 'triton.log'}")
-            tsrv = self._spawn("triton", triton.triton_command(s, dist, backends), triton.triton_env(dist),
-                               s.triton_http_url)
-            self._wait_ready(tsrv, f"{s.triton_http_url}/v2/health/ready")
-            self.log(f"triton ready; starting gateway on {s.gateway_url}")
+            service = self._spawn("triton", triton.triton_command(settings, dist, backends, extra), env,
+                                  s.triton_http_url, append)
+        else:
+            self.log(f"starting gateway on {s.gateway_url}")
             env = dict(os.environ)
             env.update({
                 "VLMSERVE_GATEWAY_HOST": s.gateway_host,
@@ -175,8 +208,24 @@ class ProcessRuntime:
                 "VLMSERVE_GATEWAY_TRITON_URL": f"{s.host}:{s.http_port}",
                 "VLMSERVE_GATEWAY_TRITON_GRPC_URL": f"{s.host}:{s.grpc_port}",
             })
-            gw = self._spawn("gateway", [sys.executable, "-m", "gateway"], env, s.gateway_url)
-            self._wait_ready(gw, f"{s.gateway_url}/livez")
+            service = self._spawn("gateway", [sys.executable, "-m", "gateway"], env, s.gateway_url, append)
+        self._wait_ready(service, self.health_url(name))
+        return service
+
+    def start(self) -> dict[str, Service]:
+        """Start Triton, wait until it is ready, then the gateway; raises StartupError (after cleanup)."""
+        already = self.running()
+        if already:
+            raise StartupError(
+                f"already running: {', '.join(already)} (see `vlmserve status`; stop it with `vlmserve down`)"
+            )
+        s = self.settings
+        if not (s.repository_path.exists() and any(s.repository_path.glob("*/config.pbtxt"))):
+            raise StartupError(f"model repository {s.repository_path} is empty: run `vlmserve export` first")
+        triton.find_tritonserver()  # fail with the install hint before anything starts
+        try:
+            for name in SERVICES:
+                self._start_service(name)
         except BaseException:
             self.stop()
             raise
@@ -189,7 +238,7 @@ class ProcessRuntime:
         """Stop the gateway, then Triton; returns the names that were stopped."""
         services = {**self.load(), **self.services}
         stopped = []
-        for name in ("gateway", "triton"):
+        for name in reversed(SERVICES):
             service = services.get(name)
             if service is None:
                 continue
@@ -202,19 +251,61 @@ class ProcessRuntime:
 
     def status(self) -> list[dict[str, Any]]:
         rows = []
+        raw = self._load_raw()
         for name, service in self.load().items():
             alive = service.alive()
-            probe = "/v2/health/ready" if name == "triton" else "/livez"
             rows.append({
-                "service": name, "runtime": "process", "pid": service.pid,
-                "state": "running" if alive else "exited",
-                "health": ("healthy" if _healthy(service.url + probe) else "unhealthy") if alive else "-",
-                "url": service.url, "log": str(service.log),
+                "service": name, "runtime": "process", "state": "running" if alive else "exited",
+                "restarts": raw.get(name, {}).get("restarts", 0),
+                "health": ("healthy" if _healthy(self.health_url(name)) else "unhealthy") if alive else "-",
+                "ports": service.url.removeprefix("http://"), "device": self._device(),
+                "memory": f"{_human(group_rss(service.pid))} RSS" if alive else "-",
+                "id": f"pid {service.pid}", "log": str(service.log),
             })
         return rows
 
+    def _device(self) -> str:
+        return self.launch.choice.accelerator if self.launch else "cpu"
+
+    # -- supervision -----------------------------------------------------------------------------------
+
+    def supervise(self, should_stop: Callable[[], bool], poll_s: float = 0.5) -> int:
+        """Watch the started services; restart a dead one with backoff. Returns 0 when asked to stop,
+        1 after ``max_restarts`` consecutive failed restarts of one service."""
+        s = self.settings
+        failures = {name: 0 for name in SERVICES}
+        started_at = {name: time.monotonic() for name in SERVICES}
+        while not should_stop():
+            for name in SERVICES:
+                service = self.services.get(name)
+                if service is None or service.alive():
+                    if service is not None and time.monotonic() - started_at[name] > STABLE_S:
+                        failures[name] = 0
+                    continue
+                code = _exit_code(service.pid)
+                if failures[name] >= s.max_restarts:
+                    self.log(f"{name} exited ({code}) and failed {failures[name]} restarts in a row; giving up. "
+                             f"Last lines of its log:\n{tail(service.log)}")
+                    return 1
+                delay = min(s.restart_backoff_s * 2 ** failures[name], s.restart_backoff_max_s)
+                failures[name] += 1
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                self.log(f"{name} exited unexpectedly ({code}); restart {self.restarts[name]} in {delay:.1f}s "
+                         f"(attempt {failures[name]}/{s.max_restarts})")
+                if _sleep_unless(delay, should_stop):
+                    return 0
+                try:
+                    _stop_group(service, 5.0)  # leftovers of the dead one (e.g. Triton's Python stubs)
+                    self._start_service(name, append=True)
+                    started_at[name] = time.monotonic()
+                    self.log(f"{name} restarted and ready")
+                except StartupError as exc:
+                    self.log(f"restart of {name} failed: {exc}")
+            time.sleep(poll_s)
+        return 0
+
     def run_foreground(self) -> int:
-        """Start everything and block until Ctrl-C/SIGTERM or a service dies; always stops both."""
+        """Start everything, supervise until Ctrl-C/SIGTERM (or restarts are exhausted); always stops both."""
         stop_requested = False
         started = False
 
@@ -230,14 +321,7 @@ class ProcessRuntime:
             self.start()
             started = True
             self.log("press Ctrl-C to stop")
-            while not stop_requested:
-                dead = [n for n, s in self.services.items() if not s.alive()]
-                if dead:
-                    self.log(f"{', '.join(dead)} exited unexpectedly; last lines of its log:\n"
-                             f"{tail(self.services[dead[0]].log)}")
-                    code = 1
-                    break
-                time.sleep(0.5)
+            code = self.supervise(lambda: stop_requested)
         except KeyboardInterrupt:
             code = 130
         finally:
@@ -247,3 +331,117 @@ class ProcessRuntime:
                 signal.signal(sig, h)
             self.log("stopped")
         return code
+
+    # -- detached (up / down) --------------------------------------------------------------------------
+
+    def up(self, args: list[str], env: dict[str, str]) -> None:
+        """Start a detached supervisor (``python -m orchestrator run ARGS``) and wait until both are ready."""
+        if self.supervisor() or self.running():
+            raise StartupError("already running (process); see `vlmserve status`, or `vlmserve down` first")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = self.run_dir / "supervisor.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", *args], stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
+        self.supervisor_file.write_text(json.dumps({"pid": proc.pid, "log": str(log)}))
+        deadline = time.monotonic() + self.settings.ready_timeout_s * 2
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise StartupError(f"startup failed; last lines of {log}:\n{tail(log)}")
+            running = self.running()
+            if set(running) == set(SERVICES) and all(_healthy(self.health_url(n)) for n in SERVICES):
+                self.log(f"vlmserve is up (process, supervised by pid {proc.pid}): gateway "
+                         f"{self.settings.gateway_url}, triton {self.settings.triton_http_url}; log: {log}")
+                return
+            time.sleep(0.5)
+        self.down()
+        raise StartupError(f"not ready after {self.settings.ready_timeout_s * 2:.0f}s; see {log}")
+
+    def down(self) -> list[str]:
+        """Stop the supervisor (it stops its services), then anything left over."""
+        supervisor = self.supervisor()
+        stopped = []
+        if supervisor is not None:
+            _stop_group(supervisor, self.settings.stop_timeout_s * 2 + 10)
+            stopped.append("supervisor")
+        self.supervisor_file.unlink(missing_ok=True)
+        return stopped + [n for n in self.stop() if n not in stopped]
+
+    def clean(self) -> list[str]:
+        """``down``, then remove the run directory's logs and state (not the model repository)."""
+        removed = [f"process {n}" for n in self.down()]
+        for f in sorted(self.run_dir.glob("*.log")) + sorted(self.run_dir.glob("*.json")):
+            f.unlink(missing_ok=True)
+            removed.append(str(f))
+        return removed
+
+    def logs(self, service: str | None = None, follow: bool = False, tail_lines: int | None = None):
+        """Lines of the services' logs (``follow``: keep reading until interrupted)."""
+        names = [service] if service else [*SERVICES, "supervisor"]
+        files = [(n, self.run_dir / f"{n}.log") for n in names if (self.run_dir / f"{n}.log").exists()]
+        if service and not files:
+            raise ValueError(f"no log for {service} in {self.run_dir}")
+        if follow and len(files) > 1:
+            raise ValueError("logs -f follows one service: name it (triton, gateway or supervisor)")
+        for name, path in files:
+            with open(path, errors="replace") as f:
+                lines = f.readlines()
+                for line in lines[-tail_lines:] if tail_lines else lines:
+                    yield f"{name} | {line.rstrip()}"
+                while follow:
+                    line = f.readline()
+                    if line:
+                        yield f"{name} | {line.rstrip()}"
+                    else:
+                        time.sleep(0.2)
+
+
+SERVICES = ("triton", "gateway")  # start order; stopped in reverse
+
+
+def _exit_code(pid: int) -> str:
+    try:
+        _, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return "exit status unknown"
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.WEXITSTATUS(status)}"
+
+
+def _sleep_unless(seconds: float, should_stop: Callable[[], bool]) -> bool:
+    """Sleep, waking early (and returning True) when a stop is requested."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if should_stop():
+            return True
+        time.sleep(0.1)
+    return should_stop()
+
+
+def group_rss(pid: int) -> int | None:
+    """Resident memory of a process and everything in its process group (Triton + its Python stubs)."""
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:  # field 5 of stat is the pgrp (after pid and comm)
+                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # field 24: rss in pages
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def _human(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

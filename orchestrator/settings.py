@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,10 +22,30 @@ class OrchestratorSettings(BaseSettings):
     gateway_port: int = 8080
     model_set: str = Field("tiny", description="tiny (offline random models) or hub (real checkpoints)")
     repository: Path | None = Field(None, description="model repository; default <state>/repository/<set>")
-    model_config_name: str = "embedded"
+    model_config_name: str | None = Field(
+        "embedded", description="tritonserver --model-config-name (None: the native config.pbtxt files)"
+    )
     ready_timeout_s: float = 300.0
     stop_timeout_s: float = 20.0
     state_dir: Path = Field(default_factory=paths.state_dir)
+
+    # Which runtime `up`/`ensure`/`restart` use, and what they run on.
+    runtime: Literal["process", "docker"] = "process"
+    accelerator: Literal["auto", "cpu", "cuda", "rocm"] = "auto"
+    fallback: bool = Field(False, description="fall back to CPU (with a warning) when the accelerator is absent")
+    gpu_plan: Path | None = Field(None, description="GPU memory plan (YAML/JSON): docker/gpu-plan.example.yaml")
+
+    # Supervision (both runtimes): restart a crashed service with exponential backoff.
+    restart_backoff_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
+    max_restarts: int = Field(5, description="consecutive failed restarts before giving up (0: never restart)")
+
+    # Docker runtime.
+    project: str = Field("vlmserve", description="container/network name prefix and label value")
+    image: str | None = Field(None, description="image to run; default vlmserve:<cpu|gpu|rocm>")
+    hf_cache_volume: str = Field("vlmserve-hf-cache", description="Docker volume mounted as the HF cache")
+    shm_size: str = "1g"
+    cache_dir: Path = Field(default_factory=paths.cache_dir, description="wheelhouse and base-image cache")
 
     @property
     def repository_path(self) -> Path:

@@ -69,12 +69,16 @@ def prepare_backends(dist: TritonDist, run_dir: Path) -> Path:
     return backends
 
 
-def triton_command(settings: OrchestratorSettings, dist: TritonDist, backends: Path) -> list[str]:
+def triton_command(
+    settings: OrchestratorSettings, dist: TritonDist, backends: Path, extra_args: list[str] | None = None
+) -> list[str]:
+    """The tritonserver command line; ``extra_args`` come from the GPU memory plan (``--model-load-gpu-limit``)."""
+    config_name = [f"--model-config-name={settings.model_config_name}"] if settings.model_config_name else []
     return [
         str(dist.binary),
         f"--model-repository={settings.repository_path}",
         f"--backend-directory={backends}",
-        f"--model-config-name={settings.model_config_name}",
+        *config_name,
         f"--http-address={settings.host}",
         f"--http-port={settings.http_port}",
         f"--grpc-address={settings.host}",
@@ -84,6 +88,7 @@ def triton_command(settings: OrchestratorSettings, dist: TritonDist, backends: P
         "--allow-metrics=true",
         "--exit-timeout-secs=10",
         "--log-verbose=0",
+        *(extra_args or []),
     ]
 
 

@@ -19,3 +19,9 @@ def tiny_models_dir() -> Path:
 
 def repository_dir(model_set: str) -> Path:
     return state_dir() / "repository" / model_set
+
+
+def cache_dir() -> Path:
+    """Build caches kept across checkouts (Docker wheelhouse, base rootfs): ``$VLMSERVE_CACHE_DIR``."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmserve"
+    return Path(os.environ.get("VLMSERVE_CACHE_DIR", default)).resolve()

@@ -109,7 +109,7 @@ def test_unknown_model_set_is_refused() -> None:
         export_model_set("huge")
 
 
-def test_int8_variant_keeps_fidelity_and_is_served_beside_fp32(tmp_path: Path) -> None:
+def test_int8_variant_keeps_fidelity_and_is_served_beside_fp32(state_dir: Path, tmp_path: Path) -> None:
     from export.repository import ExportOptions
 
     repo = tmp_path / "repo"
@@ -131,3 +131,21 @@ def test_int8_fidelity_floor_is_enforced(tiny_repo: Path, tmp_path: Path) -> Non
     with pytest.raises(onnx_utils.FidelityError, match="min cosine"):
         onnx_utils.quantize_int8(tiny_repo / "siglip_vision/1/model.onnx", tmp_path / "m" / "1" / "model.onnx",
                                  {"pixel_values": np.ones((2, 3, size, size), np.float32)}, min_cosine=1.01)
+
+
+def test_int8_weights_fit_7_bits_so_no_cpu_saturates(tiny_repo: Path, tmp_path: Path) -> None:
+    """Full-range int8 weights saturate ONNX Runtime's u8 x s8 kernels on non-VNNI x86 (vpmaddubsw): the int8
+    model is then only right on some CPUs. Checked on the graph, so it fails on every machine, VNNI or not."""
+    import onnx
+    from onnx import numpy_helper
+
+    size = read_stamp(tiny_repo, "siglip")["image_size"]
+    dst = tmp_path / "m" / "1" / "model.onnx"
+    onnx_utils.quantize_int8(tiny_repo / "siglip_vision/1/model.onnx", dst,
+                             {"pixel_values": np.ones((2, 3, size, size), np.float32)}, min_cosine=-1.0)
+    graph = onnx.load(str(dst)).graph
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    quantized = [n.input[1] for n in graph.node if n.op_type in ("MatMulInteger", "ConvInteger")]
+    assert quantized and all(w in weights for w in quantized)
+    for w in quantized:
+        assert weights[w].dtype == np.int8 and int(np.abs(weights[w].astype(np.int16)).max()) <= 64, w

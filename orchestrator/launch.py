@@ -1,0 +1,56 @@
+"""What a start needs before any process or container exists: the accelerator, the image and the GPU memory plan.
+
+Both runtimes call :func:`plan_launch`; it fails (before anything is started) with a message that says what
+to change: an absent accelerator, an over-committed memory plan, a budget for a model that is not served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator import hardware, memory
+from orchestrator.settings import OrchestratorSettings
+
+
+@dataclass
+class Launch:
+    choice: hardware.Choice
+    hardware: hardware.Hardware
+    plan: memory.ResolvedPlan | None = None
+    rendered: memory.Rendered | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def triton_args(self) -> list[str]:
+        return list(self.rendered.triton_args) if self.rendered else []
+
+    def env(self) -> dict[str, str]:
+        return dict(self.rendered.env) if self.rendered else {}
+
+    def model_config_name(self, default: str | None) -> str | None:
+        """The rendered plan's configs when there is one, else the runtime's default flavour."""
+        return self.rendered.config_name if self.rendered else default
+
+
+
+def plan_launch(
+    settings: OrchestratorSettings,
+    budgets: list[str] | None = None,
+    reserve: str | None = None,
+    base_config_name: str | None = None,
+    detected: hardware.Hardware | None = None,
+) -> Launch:
+    """Detect, choose the accelerator, validate the memory plan and render it into the repository."""
+    hw = detected if detected is not None else hardware.detect()
+    choice = hardware.choose(settings.accelerator, hw, settings.fallback)
+    launch = Launch(choice=choice, hardware=hw, warnings=list(choice.warnings))
+    plan_file: Path | None = settings.gpu_plan
+    if plan_file is None and not budgets and reserve is None:
+        return launch
+    plan = memory.load_plan(plan_file, list(budgets or []), reserve)
+    launch.plan = memory.validate(plan, hw)
+    if choice.accelerator == "cpu":
+        launch.warnings.append("the GPU memory plan is validated but not applied: running on CPU")
+        return launch
+    launch.rendered = memory.render(launch.plan, settings.repository_path, base_config_name)
+    return launch

@@ -1,0 +1,122 @@
+"""The docker runtime on a real Docker Engine, driven through the CLI as a user would:
+up -> healthy -> /embed through the container -> status/logs show it -> Triton killed inside the container ->
+Docker restarts it and /embed answers again -> down/clean leave nothing of ours behind (and nothing else is
+touched)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from orchestrator.docker_runtime import PROJECT_LABEL
+from orchestrator.images import LABEL
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.e2e
+
+KILL_TRITON = (
+    "import os, signal\n"
+    "for p in filter(str.isdigit, os.listdir('/proc')):\n"
+    "    try:\n"
+    "        if open(f'/proc/{p}/comm').read().strip() == 'tritonserver':\n"
+    "            os.kill(int(p), signal.SIGKILL); print('killed', p)\n"
+    "    except OSError:\n"
+    "        pass\n"
+)
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def embed(gateway: str, image: bytes) -> list[list[float]]:
+    uri = "data:image/png;base64," + base64.b64encode(image).decode()
+    r = httpx.post(f"{gateway}/embed", json={"images": [uri]}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def ours(docker_client, project: str) -> list[str]:
+    filters = {"label": [f"{LABEL}=true", f"{PROJECT_LABEL}={project}"]}
+    return ([f"container {c.name}" for c in docker_client.containers.list(all=True, filters=filters)]
+            + [f"network {n.name}" for n in docker_client.networks.list(filters=filters)])
+
+
+def test_docker_lifecycle(docker_client, cpu_image: str, tiny_repo: Path, tmp_path: Path, sample_image: Path):
+    project = f"vlmserve-e2e-{uuid.uuid4().hex[:6]}"
+    ports = {k: str(free_port()) for k in ("HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "GATEWAY_PORT")}
+    env = dict(os.environ, VLMSERVE_STATE_DIR=str(tmp_path / "state"), VLMSERVE_REPOSITORY=str(tiny_repo),
+               VLMSERVE_PROJECT=project, VLMSERVE_IMAGE=cpu_image, VLMSERVE_RUNTIME="docker",
+               **{f"VLMSERVE_{k}": v for k, v in ports.items()})
+    gateway = f"http://127.0.0.1:{ports['GATEWAY_PORT']}"
+    # A container that is not ours: clean must leave it alone.
+    bystander = docker_client.containers.create(cpu_image, command=["health"], name=f"{project}-bystander")
+    try:
+        up = cli(env, "up", "--accelerator", "cpu")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "vlmserve is up (docker)" in up.stderr
+
+        vectors = embed(gateway, sample_image.read_bytes())
+        assert len(vectors) == 1 and len(vectors[0]) > 8
+
+        status = cli(env, "status", "--runtime", "docker", "--json")
+        assert status.returncode == 0, status.stderr
+        rows = {r["service"]: r for r in json.loads(status.stdout)["services"]}
+        assert set(rows) == {"triton", "gateway"}
+        for row in rows.values():
+            assert row["runtime"] == "docker" and row["state"] == "running", row
+            assert row["device"] == "cpu" and ("MiB" in row["memory"] or "GiB" in row["memory"]), row
+        assert f"127.0.0.1:{ports['GATEWAY_PORT']}->8080" in rows["gateway"]["ports"]
+        table = cli(env, "status", "--runtime", "docker")
+        assert f"{project}" in table.stdout or "triton" in table.stdout, table.stdout
+
+        logs = cli(env, "logs", "triton", "--runtime", "docker", "--tail", "200")
+        assert logs.returncode == 0, logs.stderr
+        assert "siglip_embed_image" in logs.stdout and "Started HTTPService" in logs.stdout, logs.stdout[-2000:]
+
+        # Kill Triton inside its container; the container's init exits with it and Docker restarts it.
+        triton = docker_client.containers.get(f"{project}-triton")
+        killed = triton.exec_run(["python", "-c", KILL_TRITON])
+        assert b"killed" in killed.output, killed.output
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            triton.reload()
+            if triton.attrs["RestartCount"] >= 1:
+                try:
+                    embed(gateway, sample_image.read_bytes())
+                    break
+                except (AssertionError, httpx.HTTPError):
+                    pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"triton was not restarted/answering; restarts={triton.attrs['RestartCount']}\n"
+                        f"{triton.logs(tail=40).decode(errors='replace')}")
+        rows = {r["service"]: r for r in json.loads(cli(env, "status", "--runtime", "docker", "--json").stdout)[
+            "services"]}
+        assert rows["triton"]["restarts"] >= 1 and rows["gateway"]["restarts"] == 0
+
+        # `ensure` on a healthy stack starts nothing.
+        ensure = cli(env, "ensure")
+        assert ensure.returncode == 0 and "already running and healthy" in ensure.stderr, ensure.stderr
+
+        down = cli(env, "down", "--runtime", "docker")
+        assert down.returncode == 0 and "docker triton" in down.stderr, down.stderr
+        assert ours(docker_client, project) == []
+        clean = cli(env, "clean", "--runtime", "docker")
+        assert clean.returncode == 0, clean.stderr
+        assert ours(docker_client, project) == []
+        bystander.reload()  # still there: clean only removes what carries our labels
+    finally:
+        cli(env, "clean", "--runtime", "docker", timeout=120)
+        bystander.remove(force=True)
+    assert ours(docker_client, project) == []
