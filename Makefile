@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlmserve-installed
 
-.PHONY: install demo serve export bench loadtest test test-unit test-integration lint clean
+.PHONY: install demo serve export bench loadtest test test-unit test-integration test-e2e image lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -33,7 +33,7 @@ export: install
 bench: install ## vlmserve vs the one-request-at-a-time baseline on the perf models; report in loadtests/reports/
 	$(VENV)/bin/vlmserve bench
 
-test: install
+test: install ## unit + integration + e2e (Docker e2e runs when an engine is reachable; CI provides one)
 	$(PY) -m pytest -q
 
 test-unit: install
@@ -41,6 +41,13 @@ test-unit: install
 
 test-integration: install
 	$(PY) -m pytest -q tests/integration
+
+test-e2e: install ## Docker e2e (a Docker Engine: `bash docker/engine.sh` installs/starts one)
+	$(PY) -m pytest -q tests/e2e
+
+image: install ## the CPU image, offline (base image from debootstrap, local wheelhouse)
+	bash docker/offline-base.sh
+	$(VENV)/bin/vlmserve image build --image cpu
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy gateway orchestrator export model_repository vlmserve

@@ -88,3 +88,55 @@ def test_empty_repository_is_refused_before_starting(tmp_path: Path) -> None:
     settings = OrchestratorSettings(repository=tmp_path / "nothing", state_dir=tmp_path / "state")
     with pytest.raises(StartupError, match="vlmserve export"):
         ProcessRuntime(settings, log=lambda m: None).start()
+
+
+def test_up_supervises_restarts_and_down_stops(tiny_repo: Path, tmp_path: Path) -> None:
+    """`up` detaches a supervisor; a SIGKILLed Triton is restarted (logged, counted); `down` stops it all."""
+    ports = {k: str(free_port()) for k in ("HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "GATEWAY_PORT")}
+    env = dict(os.environ, VLMSERVE_STATE_DIR=str(tmp_path), VLMSERVE_REPOSITORY=str(tiny_repo),
+               VLMSERVE_RESTART_BACKOFF_S="0.5", **{f"VLMSERVE_{k}": v for k, v in ports.items()})
+    cli = [sys.executable, "-m", "orchestrator"]
+    run_dir = tmp_path / "run"
+    try:
+        up = subprocess.run([*cli, "up", "--accelerator", "cpu"], env=env, capture_output=True, text=True,
+                            timeout=400)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "vlmserve is up (process, supervised" in up.stderr
+        supervisor = json.loads((run_dir / "supervisor.json").read_text())["pid"]
+        first = json.loads((run_dir / "services.json").read_text())
+        os.killpg(os.getpgid(first["triton"]["pid"]), signal.SIGKILL)
+
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            now = json.loads((run_dir / "services.json").read_text())
+            if now["triton"]["pid"] != first["triton"]["pid"] and now["triton"]["restarts"] == 1:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{ports['HTTP_PORT']}/v2/health/ready").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("triton was not restarted:\n" + (run_dir / "supervisor.log").read_text()[-3000:])
+        log = (run_dir / "supervisor.log").read_text()
+        assert "triton exited unexpectedly (killed by SIGKILL); restart 1" in log, log[-3000:]
+        assert now["gateway"]["pid"] == first["gateway"]["pid"]  # the gateway was left alone
+
+        status = subprocess.run([*cli, "status", "--runtime", "process", "--json"], env=env, capture_output=True,
+                                text=True, timeout=60)
+        rows = {r["service"]: r for r in json.loads(status.stdout)["services"]}
+        assert rows["triton"]["restarts"] == 1 and rows["triton"]["health"] == "healthy", rows
+        assert rows["gateway"]["restarts"] == 0 and "RSS" in rows["gateway"]["memory"], rows
+
+        ensure = subprocess.run([*cli, "ensure"], env=env, capture_output=True, text=True, timeout=120)
+        assert "already running and healthy" in ensure.stderr, ensure.stderr
+
+        down = subprocess.run([*cli, "down", "--runtime", "process"], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert down.returncode == 0 and "process supervisor" in down.stderr, down.stderr
+    finally:
+        subprocess.run([*cli, "down", "--runtime", "process"], env=env, capture_output=True, timeout=120)
+    assert not group_alive(supervisor)
+    for service in now.values():
+        assert not group_alive(service["pid"]), "a service outlived `down`"
+    assert not (run_dir / "services.json").exists()
