@@ -77,9 +77,9 @@ def _fail(exc: Exception) -> typer.Exit:
 
 
 def _launch(settings: OrchestratorSettings, budget: list[str] | None, reserve: str | None,
-            base_config_name: str | None) -> Launch:
+            runtime_name: str) -> Launch:
     try:
-        launch = plan_launch(settings, budget, reserve, base_config_name)
+        launch = plan_launch(settings, budget, reserve, runtime_name)
     except (hardware.AcceleratorUnavailable, memory.PlanError, ValueError) as exc:
         raise _fail(exc) from None
     for warning in launch.warnings:
@@ -114,11 +114,11 @@ def _up(settings: OrchestratorSettings, child_args: list[str], budget, reserve) 
     name = settings.runtime
     try:
         if name == "docker":
-            launch = _launch(settings, budget, reserve, "embedded")
+            launch = _launch(settings, budget, reserve, "docker")
             docker_rt = runtime(settings, name, launch)
             docker_rt.up()
         else:
-            _launch(settings, budget, reserve, settings.model_config_name)  # fail fast, before detaching
+            _launch(settings, budget, reserve, "process")  # fail fast, before detaching
             runtime(settings, name).up(child_args, dict(os.environ))
     except (StartupError, TritonNotFound, DockerUnavailable) as exc:
         raise _fail(exc) from None
@@ -146,7 +146,7 @@ def run(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, accelerator
         reserve: str | None = ReserveOpt) -> None:
     """Start Triton + gateway in the foreground, restart them if they crash; Ctrl-C stops both."""
     settings = _settings(model_set, repo, "process", accelerator, fallback, plan)
-    launch = _launch(settings, budget, reserve, settings.model_config_name)
+    launch = _launch(settings, budget, reserve, "process")
     try:
         code = ProcessRuntime(settings, log=_say, launch=launch).run_foreground()
     except (StartupError, TritonNotFound) as exc:
@@ -206,7 +206,7 @@ def ensure(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, runtime_
     rt = runtime(settings)
     try:
         if isinstance(rt, DockerRuntime):
-            rt.launch = _launch(settings, budget, reserve, "embedded")
+            rt.launch = _launch(settings, budget, reserve, "docker")
             started = rt.ensure()
         else:
             rows = rt.status()

@@ -37,12 +37,18 @@ def plan_launch(
     settings: OrchestratorSettings,
     budgets: list[str] | None = None,
     reserve: str | None = None,
-    base_config_name: str | None = None,
+    runtime: str = "process",
     detected: hardware.Hardware | None = None,
 ) -> Launch:
-    """Detect, choose the accelerator, validate the memory plan and render it into the repository."""
+    """Detect, choose the accelerator, validate the memory plan and render it into the repository.
+
+    The plan starts from the configs the runtime would serve: in Docker the image's flavour (native
+    ``config.pbtxt`` in the NGC image, ``embedded`` otherwise); as local processes always the embedded
+    flavour (the wheel's tritonserver has only the Python backend).
+    """
     hw = detected if detected is not None else hardware.detect()
     choice = hardware.choose(settings.accelerator, hw, settings.fallback)
+    base_config_name = choice.model_config_name if runtime == "docker" else settings.model_config_name
     launch = Launch(choice=choice, hardware=hw, warnings=list(choice.warnings))
     plan_file: Path | None = settings.gpu_plan
     if plan_file is None and not budgets and reserve is None:
@@ -52,5 +58,6 @@ def plan_launch(
     if choice.accelerator == "cpu":
         launch.warnings.append("the GPU memory plan is validated but not applied: running on CPU")
         return launch
-    launch.rendered = memory.render(launch.plan, settings.repository_path, base_config_name)
+    launch.rendered = memory.render(launch.plan, settings.repository_path, base_config_name,
+                                    instance_kind=choice.instance_kind)
     return launch

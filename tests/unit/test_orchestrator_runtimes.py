@@ -1,0 +1,231 @@
+"""Orchestrator logic without a server: launch planning, container specs, image context, CLI output and errors.
+
+The Docker Engine and real GPUs are not needed here (tests/e2e runs the docker runtime for real); detection is
+replaced by fixed ``Hardware`` values so the tests mean the same on a machine with a GPU.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from orchestrator import cli as orchestrator_cli
+from orchestrator import container, hardware, images
+from orchestrator.docker_runtime import DockerRuntime
+from orchestrator.hardware import Gpu, Hardware
+from orchestrator.launch import plan_launch
+from orchestrator.settings import OrchestratorSettings
+from vlmserve import paths
+
+GIB = 2**30
+NONE = Hardware((), "none", ("NVML not available: test",))
+H100 = Hardware((Gpu(0, "nvidia", "NVIDIA H100", 80 * GIB, 1 * GIB),), "nvml")
+MI300 = Hardware((Gpu(0, "amd", "AMD Instinct MI300X", 192 * GIB, 0),), "rocm-smi")
+EXAMPLE_PLAN = paths.PROJECT_ROOT / "docker" / "gpu-plan.example.yaml"
+runner = CliRunner()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A repository with one Python model named like the seed example's (florence2)."""
+    repo = tmp_path / "repository"
+    (repo / "florence2" / "1").mkdir(parents=True)
+    (repo / "florence2" / "config.pbtxt").write_text(
+        'name: "florence2"\nbackend: "python"\nmax_batch_size: 8\n'
+        'instance_group [ { count: 1 kind: KIND_CPU } ]\n'
+    )
+    return repo
+
+
+def settings(tmp_path: Path, repo: Path | None = None, **kw) -> OrchestratorSettings:
+    return OrchestratorSettings(state_dir=tmp_path / "state", repository=repo or tmp_path / "repository", **kw)
+
+
+# -- launch planning ---------------------------------------------------------------------------------------
+
+
+def test_launch_without_plan_uses_the_runtime_flavour(tmp_path: Path) -> None:
+    launch = plan_launch(settings(tmp_path, accelerator="auto"), detected=H100, runtime="docker")
+    assert launch.choice.accelerator == "cuda" and launch.rendered is None
+    assert launch.model_config_name(launch.choice.model_config_name) is None  # NGC image: native config.pbtxt
+    assert launch.triton_args() == [] and launch.env() == {}
+
+
+def test_launch_renders_the_seed_plan_on_a_gpu(tmp_path: Path, repo: Path) -> None:
+    s = settings(tmp_path, repo, accelerator="cuda", gpu_plan=EXAMPLE_PLAN)
+    launch = plan_launch(s, runtime="process", detected=H100)
+    assert launch.model_config_name("embedded") == "vlmserve-plan"
+    planned = (repo / "florence2" / "configs" / "vlmserve-plan.pbtxt").read_text()
+    assert '"gpu_memory_fraction"' in planned and "KIND_GPU" in planned and "gpus: 0" in planned
+    # Triton's load gate sees everything planned on the device (vLLM's 0.55 included).
+    assert launch.triton_args() == ["--model-load-gpu-limit=0:0.800"]
+    assert launch.rendered is not None and launch.rendered.external_hints["vllm"] == "--gpu-memory-utilization 0.55"
+
+
+def test_launch_on_cpu_validates_the_plan_but_does_not_apply_it(tmp_path: Path, repo: Path) -> None:
+    launch = plan_launch(settings(tmp_path, repo, gpu_plan=EXAMPLE_PLAN), detected=NONE)
+    assert launch.choice.accelerator == "cpu" and launch.plan is not None and launch.rendered is None
+    assert any("not applied" in w for w in launch.warnings)
+    assert not (repo / "florence2" / "configs").exists()
+
+
+def test_launch_rejects_an_overcommitted_plan(tmp_path: Path, repo: Path) -> None:
+    from orchestrator.memory import PlanError
+
+    with pytest.raises(PlanError, match="vllm 0.55 \\+ florence2 0.45"):
+        plan_launch(settings(tmp_path, repo, accelerator="cuda"), budgets=["vllm=0.55:external", "florence2=0.45"],
+                    detected=H100)
+
+
+# -- docker container specs ----------------------------------------------------------------------------
+
+
+def test_container_specs_are_labelled_published_on_loopback_and_restarted(tmp_path: Path, repo: Path,
+                                                                            monkeypatch) -> None:
+    monkeypatch.setenv("VLMSERVE_GATEWAY_API_KEYS", '["k"]')
+    monkeypatch.setenv("VLMSERVE_GATEWAY_PORT", "9999")  # the container's own port stays 8080
+    s = settings(tmp_path, repo, project="p1", http_port=18000, gateway_port=18080)
+    rt = DockerRuntime(s, launch=plan_launch(s, detected=NONE, runtime="docker"), client=object())
+    triton, gateway = rt.spec("triton"), rt.spec("gateway")
+    assert triton["name"] == "p1-triton" and triton["image"] == "vlmserve:cpu"
+    assert triton["labels"] == {"io.vlmserve.managed": "true", "io.vlmserve.project": "p1",
+                                "io.vlmserve.service": "triton", "io.vlmserve.accelerator": "cpu"}
+    assert triton["init"] is True and triton["restart_policy"]["Name"] == "on-failure"
+    assert triton["ports"]["8000/tcp"] == ("127.0.0.1", 18000)
+    assert triton["volumes"][str(repo.resolve())] == {"bind": "/models", "mode": "ro"}
+    assert triton["environment"]["VLMSERVE_MODEL_CONFIG_NAME"] == "embedded"
+    assert "device_requests" not in triton and "devices" not in triton
+    assert gateway["ports"] == {"8080/tcp": ("127.0.0.1", 18080)}
+    env = gateway["environment"]
+    assert env["VLMSERVE_GATEWAY_TRITON_URL"] == "p1-triton:8000" and env["VLMSERVE_GATEWAY_API_KEYS"] == '["k"]'
+    assert "VLMSERVE_GATEWAY_PORT" not in env
+    with pytest.raises(ValueError, match="unknown service"):
+        rt.spec("redis")
+
+
+def test_gpu_and_rocm_containers_get_their_devices(tmp_path: Path, repo: Path) -> None:
+    s = settings(tmp_path, repo, accelerator="cuda", gpu_plan=EXAMPLE_PLAN)
+    cuda = DockerRuntime(s, launch=plan_launch(s, runtime="docker", detected=H100), client=object())
+    spec = cuda.spec("triton")
+    assert spec["image"] == "vlmserve:gpu" and spec["labels"]["io.vlmserve.accelerator"] == "cuda"
+    assert spec["device_requests"][0]["Capabilities"] == [["gpu"]]
+    assert spec["environment"]["VLMSERVE_MODEL_CONFIG_NAME"] == "vlmserve-plan"
+    assert "--model-load-gpu-limit=0:0.800" in spec["environment"]["VLMSERVE_TRITON_EXTRA_ARGS"]
+    s = settings(tmp_path, repo, accelerator="rocm")
+    rocm = DockerRuntime(s, launch=plan_launch(s, runtime="docker", detected=MI300), client=object()).spec("triton")
+    assert rocm["image"] == "vlmserve:rocm" and "/dev/kfd:/dev/kfd:rwm" in rocm["devices"]
+    assert rocm["group_add"] == ["video"]
+
+
+# -- images ----------------------------------------------------------------------------------------------
+
+
+def test_image_requirements_and_build_context(tmp_path: Path) -> None:
+    reqs = images.image_requirements()
+    names = {r.split(">")[0].split("=")[0].split("[")[0].split("<")[0] for r in reqs}
+    assert {"torch", "onnxruntime", "transformers", "fastapi", "uvicorn", "tritonclient"} <= names
+    assert not any(r.startswith("vlmserve") for r in reqs) and "pytest" not in names  # no test deps in images
+    house = tmp_path / "house"
+    (house / "deps").mkdir(parents=True)
+    (house / "project").mkdir()
+    (house / "deps" / "requirements.txt").write_text("\n".join(reqs))
+    (house / "deps" / "a-1.0-py3-none-any.whl").write_bytes(b"wheel")
+    (house / "deps" / ".requirements.sha256").write_text("x")
+    (house / "project" / "vlmserve-0.1.0-py3-none-any.whl").write_bytes(b"wheel")
+    ctx = images.build_context("cpu", house, tmp_path / "ctx")
+    assert (ctx / "Dockerfile").read_text() == (paths.PROJECT_ROOT / "docker" / "Dockerfile.cpu").read_text()
+    assert sorted(p.name for p in (ctx / "wheels").iterdir()) == ["a-1.0-py3-none-any.whl", "requirements.txt"]
+    assert [p.name for p in (ctx / "project").iterdir()] == ["vlmserve-0.1.0-py3-none-any.whl"]
+    with pytest.raises(ValueError, match="unknown image 'tpu'"):
+        images.dockerfile("tpu")
+
+
+# -- the in-container entry point ------------------------------------------------------------------------
+
+
+def test_container_health_probe(monkeypatch) -> None:
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200 if self.path == "/v2/health/ready" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = str(server.server_address[1])
+        monkeypatch.setenv("VLMSERVE_ROLE", "triton")
+        monkeypatch.setenv("VLMSERVE_HTTP_PORT", port)
+        assert container.main(["health"]) == 0
+        monkeypatch.setenv("VLMSERVE_ROLE", "gateway")  # /livez is not served here
+        monkeypatch.setenv("VLMSERVE_GATEWAY_PORT", port)
+        assert container.main(["health"]) == 1
+    finally:
+        server.shutdown()
+    monkeypatch.setenv("VLMSERVE_ROLE", "nonsense")
+    assert container.main(["health"]) == 2
+    assert container.main(["bogus"]) == 2
+
+
+# -- CLI --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(hardware, "detect", lambda **kw: NONE)
+
+
+def test_help_lists_every_verb() -> None:
+    out = runner.invoke(orchestrator_cli.app, ["--help"]).output
+    for verb in ("up", "down", "restart", "status", "health", "logs", "clean", "ensure", "start", "stop", "run",
+                 "hardware", "plan", "image"):
+        assert verb in out, verb
+
+
+def test_absent_accelerator_fails_before_starting_anything(no_gpu, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("VLMSERVE_STATE_DIR", str(tmp_path))
+    result = runner.invoke(orchestrator_cli.app, ["up", "--accelerator", "cuda", "--repo", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "no NVIDIA GPU was found" in result.output and "--fallback" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_hardware_command_without_gpu(no_gpu) -> None:
+    result = runner.invoke(orchestrator_cli.app, ["hardware"])
+    assert result.exit_code == 0
+    assert "no GPU detected" in result.output and "accelerator: cpu  image: vlmserve:cpu" in result.output
+    fallback = runner.invoke(orchestrator_cli.app, ["hardware", "--accelerator", "rocm", "--fallback"])
+    assert fallback.exit_code == 0 and "falling back to CPU" in fallback.output
+
+
+def test_plan_command_shows_budgets_and_rejects_overcommit(monkeypatch, tmp_path: Path, repo: Path) -> None:
+    monkeypatch.setattr(hardware, "detect", lambda **kw: H100)
+    ok = runner.invoke(orchestrator_cli.app, ["plan", "--plan", str(EXAMPLE_PLAN), "--repo", str(repo), "--render"])
+    assert ok.exit_code == 0, ok.output
+    assert "vllm" in ok.output and "florence2" in ok.output and "0.55" in ok.output
+    assert "tritonserver --model-config-name=vlmserve-plan --model-load-gpu-limit=0:0.800" in ok.output
+    assert "vllm: --gpu-memory-utilization 0.55" in ok.output
+    bad = runner.invoke(orchestrator_cli.app, ["plan", "--plan", str(EXAMPLE_PLAN), "--budget", "florence2=0.5"])
+    assert bad.exit_code == 1 and "1.05" in bad.output and "0.95" in bad.output
+
+
+def test_status_with_nothing_running(no_gpu, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("VLMSERVE_STATE_DIR", str(tmp_path))
+    result = runner.invoke(orchestrator_cli.app, ["status", "--runtime", "process", "--json"])
+    assert result.exit_code == 3
+    assert json.loads(result.stdout)["services"] == []
+    logs = runner.invoke(orchestrator_cli.app, ["logs", "triton", "--runtime", "process"])
+    assert logs.exit_code == 1 and "no log for triton" in logs.output
+
+
+def test_unknown_runtime_is_rejected(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("VLMSERVE_STATE_DIR", str(tmp_path))
+    result = runner.invoke(orchestrator_cli.app, ["down", "--runtime", "kubernetes"])
+    assert result.exit_code != 0 and "process, docker" in result.output
