@@ -48,7 +48,8 @@ def export(
 def _export_and_run(model_set: str, siglip_model: str | None = None, florence2_model: str | None = None) -> None:
     export(model_set=model_set, repo=None, siglip_model=siglip_model, florence2_model=florence2_model,
            family=None, deepseek_ocr_model=None, device="cpu", int8=False, force=False)
-    orchestrator_cli.run(model_set=model_set, repo=None)
+    orchestrator_cli.run(model_set=model_set, repo=None, accelerator=None, fallback=None, plan=None, budget=None,
+                         reserve=None)
 
 
 @app.command()
