@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,17 +48,53 @@ def version_dir(args: dict[str, Any]) -> Path:
     return model_dir(args) / str(args["model_version"])
 
 
+# Set by the ROCm image (and the orchestrator on AMD hosts): Triton has no AMD GPU support, so the instances are
+# KIND_CPU at the Triton level and the Python models place their work on the AMD GPU themselves.
+ACCELERATOR_ENV = "VLMSERVE_ACCELERATOR"
+
+
+def accelerator() -> str:
+    """``VLMSERVE_ACCELERATOR`` (lower case; empty when unset): ``rocm`` switches on the ROCm placement below."""
+    return os.environ.get(ACCELERATOR_ENV, "").strip().lower()
+
+
+@functools.cache
+def _rocm_gpu_available() -> bool:
+    """Whether torch-ROCm sees an AMD GPU (HIP answers through torch's ``cuda`` API). Asked once per process.
+
+    torch is imported lazily: only on ROCm, and only by the first model that asks.
+    """
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(getattr(torch.version, "hip", None)) and bool(torch.cuda.is_available())
+
+
 def uses_gpu(args: dict[str, Any]) -> bool:
-    return args.get("model_instance_kind") == "GPU"
+    """Whether this instance computes on a GPU.
+
+    NVIDIA: Triton's instance kind (KIND_GPU). ROCm (``VLMSERVE_ACCELERATOR=rocm``): Triton schedules KIND_CPU
+    instances, so the instance is a GPU instance whenever torch-ROCm sees a GPU.
+    """
+    if args.get("model_instance_kind") == "GPU":
+        return True
+    return accelerator() == "rocm" and _rocm_gpu_available()
 
 
 def device_id(args: dict[str, Any]) -> int:
-    """The GPU this instance was placed on (Triton sets it for KIND_GPU instances)."""
+    """The GPU this instance was placed on.
+
+    Triton sets it for KIND_GPU instances; on ROCm the KIND_CPU instances get 0, i.e. the first GPU in
+    ``HIP_VISIBLE_DEVICES`` (HIP numbers the visible devices from 0, as torch and onnxruntime see them).
+    """
     return int(args.get("model_instance_device_id") or 0)
 
 
 def torch_device(args: dict[str, Any]) -> str:
     """``"cuda"`` or ``"cpu"`` for torch; on a GPU instance also makes the instance's GPU torch's current device.
+
+    ``"cuda"`` on ROCm too: torch-ROCm exposes HIP devices through the ``cuda`` API.
 
     Triton may place an instance on any GPU (``instance_group { gpus: [...] }``); a bare ``"cuda"`` means the
     current device, which would otherwise always be device 0.
@@ -104,18 +142,32 @@ def apply_gpu_budget(args: dict[str, Any], config: dict[str, Any]) -> None:
 Provider = str | tuple[str, dict[str, Any]]
 
 
-def providers(use_gpu: bool, device_id: int, gpu_mem_limit: int | None, available: Sequence[str]) -> list[Provider]:
-    """onnxruntime execution providers: CUDA on ``device_id`` (when asked for and available), then the CPU.
+def providers(
+    use_gpu: bool, device_id: int, gpu_mem_limit: int | None, available: Sequence[str],
+    accelerator_name: str | None = None,
+) -> list[Provider]:
+    """onnxruntime execution providers: the GPU ones on ``device_id`` (when asked for and available), then the CPU.
 
-    ``gpu_mem_limit`` caps the CUDA provider's arena; ``kSameAsRequested`` makes the arena grow by what is asked
-    instead of doubling, so it does not hit the cap early with one oversized extension.
+    NVIDIA: CUDA. ROCm (``accelerator_name``, default ``VLMSERVE_ACCELERATOR``, is ``rocm``): MIGraphX, then
+    ROCm (onnxruntime-migraphx / onnxruntime-rocm builds); nodes one provider cannot run fall to the next.
+    ``gpu_mem_limit`` caps the CUDA/ROCm provider's arena (MIGraphX has no such option and is not capped);
+    ``kSameAsRequested`` makes the arena grow by what is asked instead of doubling, so it does not hit the cap
+    early with one oversized extension.
     """
-    result: list[Provider] = ["CPUExecutionProvider"]
-    if use_gpu and "CUDAExecutionProvider" in available:
-        options: dict[str, Any] = {"device_id": device_id}
+    result: list[Provider] = []
+    if use_gpu:
+        arena: dict[str, Any] = {}
         if gpu_mem_limit is not None:
-            options.update(gpu_mem_limit=gpu_mem_limit, arena_extend_strategy="kSameAsRequested")
-        result.insert(0, ("CUDAExecutionProvider", options))
+            arena = {"gpu_mem_limit": gpu_mem_limit, "arena_extend_strategy": "kSameAsRequested"}
+        rocm = (accelerator() if accelerator_name is None else accelerator_name) == "rocm"
+        if rocm:
+            if "MIGraphXExecutionProvider" in available:
+                result.append(("MIGraphXExecutionProvider", {"device_id": device_id}))
+            if "ROCMExecutionProvider" in available:
+                result.append(("ROCMExecutionProvider", {"device_id": device_id, **arena}))
+        elif "CUDAExecutionProvider" in available:
+            result.append(("CUDAExecutionProvider", {"device_id": device_id, **arena}))
+    result.append("CPUExecutionProvider")
     return result
 
 
