@@ -25,12 +25,13 @@ class Launch:
         return list(self.rendered.triton_args) if self.rendered else []
 
     def env(self) -> dict[str, str]:
-        return dict(self.rendered.env) if self.rendered else {}
+        """Environment for Triton: the chosen accelerator (the Python models place their work by it on ROCm)
+        and what the memory plan rendered (``CUDA_VISIBLE_DEVICES``, ...)."""
+        return {"VLMSERVE_ACCELERATOR": self.choice.accelerator, **(self.rendered.env if self.rendered else {})}
 
     def model_config_name(self, default: str | None) -> str | None:
         """The rendered plan's configs when there is one, else the runtime's default flavour."""
         return self.rendered.config_name if self.rendered else default
-
 
 
 def plan_launch(

@@ -53,7 +53,8 @@ def test_launch_without_plan_uses_the_runtime_flavour(tmp_path: Path) -> None:
     launch = plan_launch(settings(tmp_path, accelerator="auto"), detected=H100, runtime="docker")
     assert launch.choice.accelerator == "cuda" and launch.rendered is None
     assert launch.model_config_name(launch.choice.model_config_name) is None  # NGC image: native config.pbtxt
-    assert launch.triton_args() == [] and launch.env() == {}
+    # Triton still learns the chosen accelerator (the Python models place their work by it on ROCm).
+    assert launch.triton_args() == [] and launch.env() == {"VLMSERVE_ACCELERATOR": "cuda"}
 
 
 def test_launch_renders_the_seed_plan_on_a_gpu(tmp_path: Path, repo: Path) -> None:
@@ -120,6 +121,7 @@ def test_gpu_and_rocm_containers_get_their_devices(tmp_path: Path, repo: Path) -
     rocm = DockerRuntime(s, launch=plan_launch(s, runtime="docker", detected=MI300), client=object()).spec("triton")
     assert rocm["image"] == "vlmserve:rocm" and "/dev/kfd:/dev/kfd:rwm" in rocm["devices"]
     assert rocm["group_add"] == ["video"]
+    assert rocm["environment"]["VLMSERVE_ACCELERATOR"] == "rocm"
 
 
 # -- images ----------------------------------------------------------------------------------------------
