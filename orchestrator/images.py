@@ -114,6 +114,7 @@ def build_image(
     house = build_wheelhouse(cache, log)
     context = build_context(image, house, cache / f"context-{image}")
     log(f"building {tag} from {dockerfile(image).relative_to(paths.PROJECT_ROOT)} (context {context})")
+    previous = _image_id(client, tag)
     try:
         stream = client.api.build(path=str(context), tag=tag, rm=True, forcerm=True, decode=True,
                                   buildargs={"BASE_IMAGE": base_image} if image == "cpu" else None,
@@ -129,4 +130,29 @@ def build_image(
                 image_id = chunk["aux"]["ID"]
     except docker.errors.APIError as exc:
         raise ImageBuildError(f"docker build of {tag} failed: {exc}") from None
-    return image_id or client.images.get(tag).id
+    image_id = image_id or client.images.get(tag).id
+    if previous and previous != image_id:
+        _drop_untagged(client, previous, log)
+    return image_id
+
+
+def _image_id(client: Any, ref: str) -> str | None:
+    import docker.errors
+
+    try:
+        return str(client.images.get(ref).id)
+    except docker.errors.ImageNotFound:
+        return None
+
+
+def _drop_untagged(client: Any, image_id: str, log: Callable[[str], None]) -> None:
+    """Remove the image a rebuild replaced, if nothing else names or uses it (repeat builds do not pile up)."""
+    import docker.errors
+
+    try:
+        if client.images.get(image_id).tags:
+            return
+        client.images.remove(image_id)
+        log(f"removed the replaced image {image_id[:19]}")
+    except docker.errors.APIError as exc:  # still used by a container, or gone already
+        log(f"kept the replaced image {image_id[:19]}: {exc.explanation or exc}")

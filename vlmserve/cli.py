@@ -9,8 +9,9 @@ import typer
 from orchestrator import cli as orchestrator_cli
 
 app = typer.Typer(help="vlmserve: vision-language models behind NVIDIA Triton.", no_args_is_help=True)
-for command in orchestrator_cli.app.registered_commands:
-    app.registered_commands.append(command)
+# The orchestrator's verbs and its sub-groups (``image build``) are vlmserve's own.
+app.registered_commands.extend(orchestrator_cli.app.registered_commands)
+app.registered_groups.extend(orchestrator_cli.app.registered_groups)
 
 
 @app.command()

@@ -13,8 +13,17 @@ runner = CliRunner()
 
 def test_help_lists_commands() -> None:
     out = runner.invoke(app, ["--help"]).output
-    for verb in ("demo", "serve", "export", "start", "stop", "status", "run"):
+    for verb in ("demo", "serve", "export", "start", "stop", "status", "run", "ensure", "clean", "hardware", "plan",
+                 "image"):
         assert verb in out
+
+
+def test_image_build_group_is_reachable_from_vlmserve() -> None:
+    # `vlmserve image build` is what the README and docker/README tell users to run.
+    out = runner.invoke(app, ["image", "build", "--help"]).output
+    assert "--image" in out and "wheelhouse" in out
+    bad = runner.invoke(app, ["image", "build", "--image", "tpu"])
+    assert bad.exit_code != 0 and "cpu, gpu, rocm" in " ".join(bad.output.split())
 
 
 def test_export_missing_checkpoint_fails_clearly(tmp_path: Path) -> None:

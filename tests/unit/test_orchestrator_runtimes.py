@@ -147,6 +147,31 @@ def test_image_requirements_and_build_context(tmp_path: Path) -> None:
         images.dockerfile("tpu")
 
 
+def test_rebuild_drops_only_the_untagged_image_it_replaced() -> None:
+    import docker.errors
+
+    class FakeImages:  # the slice of docker.models.images.ImageCollection the tidy-up uses
+        def __init__(self, tags, in_use=()):
+            self.tags, self.in_use, self.removed = tags, set(in_use), []
+
+        def get(self, ref):
+            return type("Image", (), {"id": ref, "tags": self.tags.get(ref, [])})()
+
+        def remove(self, ref):
+            if ref in self.in_use:
+                raise docker.errors.APIError("conflict", explanation="image is being used by a container")
+            self.removed.append(ref)
+
+    logs: list[str] = []
+    client = type("Client", (), {})()
+    client.images = FakeImages({"sha256:other": ["vlmserve:cpu-old"]}, in_use={"sha256:busy"})
+    images._drop_untagged(client, "sha256:old", logs.append)       # nothing names it any more: removed
+    images._drop_untagged(client, "sha256:other", logs.append)     # still tagged elsewhere: kept silently
+    images._drop_untagged(client, "sha256:busy", logs.append)      # a container uses it: kept, and said why
+    assert client.images.removed == ["sha256:old"]
+    assert logs[0].startswith("removed the replaced image") and "being used by a container" in logs[1]
+
+
 # -- the in-container entry point ------------------------------------------------------------------------
 
 
