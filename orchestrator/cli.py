@@ -369,21 +369,29 @@ def plan_cmd(plan: Path | None = PlanOpt, budget: list[str] | None = BudgetOpt, 
     hw = hardware.detect()
     try:
         resolved = memory.validate(memory.load_plan(plan, list(budget or []), reserve), hw)
+        repo_here = bool(memory.model_dirs(settings.repository_path))
+        # A dry run shows which knob enforces each budget; without a repository only the budgets can be shown.
+        rendered = memory.render(resolved, settings.repository_path, None if base_config == "native" else base_config,
+                                 write=render) if repo_here or render else None
         table = Table(*PLAN_COLUMNS, title="GPU memory plan")
-        for row in resolved.rows():
+        for row in (rendered or resolved).rows():
             table.add_row(*row.cells())
         Console(width=200).print(table)
-        for note in resolved.notes:
+        for note in (rendered or resolved).notes:
             console.print(f"[dim]{escape(note)}[/dim]")
+        if rendered is None:
+            console.print(f"[dim]no model repository at {settings.repository_path}: pass --repo or --set to see "
+                          "the per-model knobs[/dim]")
+            return
+        print(f"tritonserver --model-config-name={rendered.config_name} {' '.join(rendered.triton_args)}")
+        for k, v in rendered.env.items():
+            print(f"export {k}={v}")
+        for name, hint in rendered.external_hints.items():
+            print(f"{name}: {hint}")
         if render:
-            rendered = memory.render(resolved, settings.repository_path,
-                                     None if base_config == "native" else base_config)
-            print(f"tritonserver --model-config-name={rendered.config_name} {' '.join(rendered.triton_args)}")
-            for k, v in rendered.env.items():
-                print(f"export {k}={v}")
-            for name, hint in rendered.external_hints.items():
-                print(f"{name}: {hint}")
             print(f"wrote {len(rendered.files)} configs under {settings.repository_path}")
+        else:
+            print(f"dry run: --render writes {len(rendered.files)} configs under {settings.repository_path}")
     except (memory.PlanError, ValueError) as exc:
         raise _fail(exc) from None
 

@@ -620,6 +620,7 @@ def render(
     out_config_name: str = PLAN_CONFIG_NAME,
     *,
     instance_kind: str = "KIND_GPU",
+    write: bool = True,
 ) -> Rendered:
     """Write ``<model>/configs/<out_config_name>.pbtxt`` for every model of ``repo``, budgets applied.
 
@@ -630,6 +631,8 @@ def render(
     only the memory parameters are written.
 
     Device indices stay physical throughout (see :class:`Rendered` for the environment that keeps them so).
+    ``write=False`` is a dry run: everything is computed and checked, nothing is written (``files`` lists the
+    paths it would write).
     """
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
@@ -659,8 +662,9 @@ def render(
             enforced[model], model_notes = _apply(config, budgets, instance_kind)
             notes.extend(model_notes)
         out = repo / model / "configs" / f"{out_config_name}.pbtxt"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text_format.MessageToString(config))
+        if write:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text_format.MessageToString(config))
         files.append(out)
 
     own = [b for b in resolved.budgets if not b.external]

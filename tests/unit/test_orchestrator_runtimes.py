@@ -234,11 +234,18 @@ def test_hardware_command_without_gpu(no_gpu) -> None:
 
 def test_plan_command_shows_budgets_and_rejects_overcommit(monkeypatch, tmp_path: Path, repo: Path) -> None:
     monkeypatch.setattr(hardware, "detect", lambda **kw: H100)
+    # Without --render: a dry run that names each budget's knob and writes nothing.
+    dry = runner.invoke(orchestrator_cli.app, ["plan", "--plan", str(EXAMPLE_PLAN), "--repo", str(repo)],
+                        terminal_width=250)
+    assert dry.exit_code == 0, dry.output
+    assert "gpu_mem_limit" in dry.output and "dry run: --render writes" in dry.output
+    assert not list(repo.glob("*/configs/vlmserve-plan.pbtxt"))
     ok = runner.invoke(orchestrator_cli.app, ["plan", "--plan", str(EXAMPLE_PLAN), "--repo", str(repo), "--render"])
     assert ok.exit_code == 0, ok.output
     assert "vllm" in ok.output and "florence2" in ok.output and "0.55" in ok.output
     assert "tritonserver --model-config-name=vlmserve-plan --model-load-gpu-limit=0:0.800" in ok.output
     assert "vllm: --gpu-memory-utilization 0.55" in ok.output
+    assert len(list(repo.glob("*/configs/vlmserve-plan.pbtxt"))) == len(list(repo.glob("*/config.pbtxt")))
     bad = runner.invoke(orchestrator_cli.app, ["plan", "--plan", str(EXAMPLE_PLAN), "--budget", "florence2=0.5"])
     assert bad.exit_code == 1 and "1.05" in bad.output and "0.95" in bad.output
 
