@@ -142,13 +142,10 @@ def apply_gpu_budget(args: dict[str, Any], config: dict[str, Any]) -> None:
 Provider = str | tuple[str, dict[str, Any]]
 
 
-def providers(
-    use_gpu: bool, device_id: int, gpu_mem_limit: int | None, available: Sequence[str],
-    accelerator_name: str | None = None,
-) -> list[Provider]:
+def providers(use_gpu: bool, device_id: int, gpu_mem_limit: int | None, available: Sequence[str]) -> list[Provider]:
     """onnxruntime execution providers: the GPU ones on ``device_id`` (when asked for and available), then the CPU.
 
-    NVIDIA: CUDA. ROCm (``accelerator_name``, default ``VLMSERVE_ACCELERATOR``, is ``rocm``): MIGraphX, then
+    NVIDIA: CUDA. ROCm (``VLMSERVE_ACCELERATOR=rocm``): MIGraphX, then
     ROCm (onnxruntime-migraphx / onnxruntime-rocm builds); nodes one provider cannot run fall to the next.
     ``gpu_mem_limit`` caps the CUDA/ROCm provider's arena (MIGraphX has no such option and is not capped);
     ``kSameAsRequested`` makes the arena grow by what is asked instead of doubling, so it does not hit the cap
@@ -159,8 +156,7 @@ def providers(
         arena: dict[str, Any] = {}
         if gpu_mem_limit is not None:
             arena = {"gpu_mem_limit": gpu_mem_limit, "arena_extend_strategy": "kSameAsRequested"}
-        rocm = (accelerator() if accelerator_name is None else accelerator_name) == "rocm"
-        if rocm:
+        if accelerator() == "rocm":
             if "MIGraphXExecutionProvider" in available:
                 result.append(("MIGraphXExecutionProvider", {"device_id": device_id}))
             if "ROCMExecutionProvider" in available:

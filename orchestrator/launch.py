@@ -27,7 +27,9 @@ class Launch:
     def env(self) -> dict[str, str]:
         """Environment for Triton: the chosen accelerator (the Python models place their work by it on ROCm)
         and what the memory plan rendered (``CUDA_VISIBLE_DEVICES``, ...)."""
-        return {"VLMSERVE_ACCELERATOR": self.choice.accelerator, **(self.rendered.env if self.rendered else {})}
+        from model_repository.runtime import ACCELERATOR_ENV  # the models' own name for it; numpy only when used
+
+        return {ACCELERATOR_ENV: self.choice.accelerator, **(self.rendered.env if self.rendered else {})}
 
     def model_config_name(self, default: str | None) -> str | None:
         """The rendered plan's configs when there is one, else the runtime's default flavour."""

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from orchestrator.ports import free_port
 
-__all__ = ["free_port"]
+__all__ = ["compose_commands", "free_port"]
+
+
+def compose_commands() -> list[list[str]]:
+    """The Docker Compose commands installed here: the `docker compose` plugin first, then Debian's v1."""
+    found = []
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        found.append([docker, "compose"])
+    if shutil.which("docker-compose"):
+        found.append(["docker-compose"])
+    return found
 
 
 @pytest.fixture(scope="session")

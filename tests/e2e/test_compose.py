@@ -6,7 +6,6 @@ nothing behind."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 
 from orchestrator.docker_runtime import PROJECT_LABEL, SERVICE_LABEL
 from orchestrator.images import LABEL
-from tests.conftest import free_port
+from tests.conftest import compose_commands, free_port
 from tests.e2e.test_docker_runtime import embed
 from vlmserve import paths
 
@@ -27,10 +26,9 @@ COMPOSE_FILE = paths.PROJECT_ROOT / "docker" / "compose.yaml"
 
 
 def compose_command() -> list[str]:
-    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        return ["docker", "compose"]
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
+    found = compose_commands()
+    if found:
+        return found[0]
     if os.environ.get("CI"):
         pytest.fail("CI must provide Docker Compose (docker/engine.sh installs Debian's docker-compose)")
     pytest.skip("no Docker Compose here; `bash docker/engine.sh` installs Debian's docker-compose")

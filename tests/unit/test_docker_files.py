@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import yaml
 from model_repository import runtime
 from orchestrator.docker_runtime import GATEWAY_PORT, PROJECT_LABEL, SERVICE_LABEL, TRITON_PORTS
 from orchestrator.images import IMAGES, LABEL
+from tests.conftest import compose_commands
 from vlmserve import paths
 
 DOCKER = paths.PROJECT_ROOT / "docker"
@@ -114,17 +114,7 @@ def test_accelerator_access(services: dict[str, dict[str, Any]]) -> None:
     assert "devices" not in gpu and "deploy" not in rocm
 
 
-def _compose_commands() -> list[list[str]]:
-    found = []
-    if shutil.which("docker-compose"):
-        found.append(["docker-compose"])
-    docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
-        found.append([docker, "compose"])
-    return found
-
-
-@pytest.mark.parametrize("command", _compose_commands() or [pytest.param(None, marks=pytest.mark.skip(
+@pytest.mark.parametrize("command", compose_commands() or [pytest.param(None, marks=pytest.mark.skip(
     reason="neither docker-compose nor the docker compose plugin is installed (the YAML checks above still ran)"))])
 def test_compose_validates(command: list[str], tmp_path: Path) -> None:
     # Both tools check the build contexts (v1: every service's, whatever the profile) and the bind source.

@@ -179,12 +179,12 @@ ROCM_ALL = ["MIGraphXExecutionProvider", "ROCMExecutionProvider", "CPUExecutionP
 ])
 def test_providers_on_rocm(monkeypatch: pytest.MonkeyPatch, use_gpu: bool, limit: int | None, available: list[str],
                            expected: list) -> None:
-    assert runtime.providers(use_gpu, 0, limit, available, accelerator_name="rocm") == expected
-    monkeypatch.setenv(runtime.ACCELERATOR_ENV, "rocm")  # the default comes from VLMSERVE_ACCELERATOR
+    monkeypatch.setenv(runtime.ACCELERATOR_ENV, "rocm")
     assert runtime.providers(use_gpu, 0, limit, available) == expected
 
 
-def test_providers_without_rocm_ignore_amd_providers() -> None:
+def test_providers_without_rocm_ignore_amd_providers(monkeypatch: pytest.MonkeyPatch) -> None:
     assert runtime.providers(True, 0, None, ROCM_ALL) == ["CPUExecutionProvider"]
-    assert runtime.providers(True, 0, None, ROCM_ALL + ["CUDAExecutionProvider"], accelerator_name="cuda") == [
+    monkeypatch.setenv(runtime.ACCELERATOR_ENV, "cuda")
+    assert runtime.providers(True, 0, None, ROCM_ALL + ["CUDAExecutionProvider"]) == [
         ("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
