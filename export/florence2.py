@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from export import onnx_utils
+from export import onnx_utils, photos, runtime_choice
 from export.pbtxt import Enum, parameters
 from export.progress import Progress
 from export.repository import (
@@ -27,11 +27,12 @@ from export.repository import (
 from model_repository.florence2_tasks import TASKS
 
 FAMILY = "florence2"
-RECIPE_VERSION = "florence2-1"
+RECIPE_VERSION = "florence2-2"  # 2: per-host runtime/precision choice
 # The transformers-native conversion of microsoft/Florence-2-base (the microsoft repo needs remote code).
 DEFAULT_MODEL = "florence-community/Florence-2-base"
 TRACE_BATCH = 2
 VALIDATE_BATCH = 3
+CHOICE_BATCH = 4  # what the dynamic batcher forms for Florence-2 under load (768 px: heavy per image)
 MODELS = ["florence2_vision", "florence2"]
 MAX_BATCH = 8
 MAX_NEW_TOKENS_LIMIT = 1024
@@ -79,13 +80,17 @@ def export(source_dir: Path, repo: Path, options: ExportOptions, weights: str, s
         diff = onnx_utils.validate("florence2_vision", vision, onnx_path, {"pixel_values": pixels})
         step.detail = f"max abs diff {diff:.2e}"
 
+    photos_px = image_processor(images=photos.photos(CHOICE_BATCH), return_tensors="np")["pixel_values"]
+    choice = runtime_choice.select_for_export(repo, "florence2_vision", vision, onnx_path,
+                                              {"pixel_values": photos_px.astype(np.float32)}, options, progress)
     with progress.step("copying checkpoint and writing Triton configs"):
         meta = {"family": FAMILY, "source_model": source_name, "weights": weights}
+        chosen = runtime_choice.config_params(choice)
         native, embedded = onnx_configs(
             "florence2_vision",
             {"name": "pixel_values", "data_type": Enum("TYPE_FP32"), "dims": [3, height, width]},
             {"name": "image_features", "data_type": Enum("TYPE_FP32"), "dims": [tokens, dim]},
-            options, {**meta, "role": "encoder"},
+            options, {**meta, "role": "encoder", **chosen},
         )
         for cfg in (native, embedded):
             cfg["max_batch_size"] = MAX_BATCH
@@ -94,8 +99,9 @@ def export(source_dir: Path, repo: Path, options: ExportOptions, weights: str, s
         write_python_model(repo, "florence2_vision", "model_repository.onnx_model.TritonPythonModel")
 
         copy_checkpoint(source_dir, repo / "florence2" / "1" / "checkpoint")
-        _write_client_model(repo, options, meta, default_max_new_tokens)
-    return {"parity_max_abs_diff": {"florence2_vision": diff}, "image_tokens": tokens, "image_size": [width, height]}
+        _write_client_model(repo, options, {**meta, **chosen}, default_max_new_tokens)
+    return {"parity_max_abs_diff": {"florence2_vision": diff}, "image_tokens": tokens, "image_size": [width, height],
+            "runtime_choice": {"florence2_vision": choice}}
 
 
 def _write_client_model(repo: Path, options: ExportOptions, meta: dict[str, Any], default_max_new_tokens: int) -> None:

@@ -29,6 +29,8 @@ class ExportOptions:
     trt_workspace_bytes: int = 1024**3
     max_pixels: int = 40_000_000
     int8: bool = False  # also write dynamic-int8 SigLIP towers (+ client models with the suffix _int8)
+    runtime: str = "auto"  # CPU runtime of the encoders: auto (timed at export), onnxruntime or openvino
+    precision: str = "auto"  # CPU precision of the encoders: auto, fp32 or bf16 (see export/runtime_choice.py)
 
     def kind(self) -> pbtxt.Enum:
         return pbtxt.Enum("KIND_GPU" if self.device == "cuda" else "KIND_CPU")

@@ -10,8 +10,10 @@ from typing import Any
 from export import chat, florence2, siglip, tiny
 from export.progress import Progress
 from export.repository import ExportOptions, fingerprint, read_stamp, write_stamp
+from export.runtime_choice import SELECTION_VERSION
 from export.sources import resolve_source
 from vlmserve import paths
+from vlmserve.host import cpu_info
 
 # family -> recipe module; adding a family = a recipe + its Triton models + a gateway route module.
 RECIPES: dict = {"siglip": siglip, "florence2": florence2, "qwen2vl": chat.qwen2vl, "smolvlm2": chat.smolvlm2}
@@ -47,7 +49,9 @@ def export_family(
 
     kind = "perf" if is_perf(source_dir) else "tiny"
     source_name = f"vlmserve/{kind}-{family}" if weights == "random" else str(source)
-    fp = fingerprint(recipe.RECIPE_VERSION, source_dir, options, {"source": source_name})
+    # The runtime choice depends on this host's CPU and on how export chooses: either changing re-exports.
+    host = {"selection": SELECTION_VERSION, "isa": cpu_info().fingerprint()}
+    fp = fingerprint(recipe.RECIPE_VERSION, source_dir, options, {"source": source_name, **host})
     stamp = read_stamp(repo, family)
     complete = all((repo / m / "config.pbtxt").exists() for m in recipe.MODELS)
     if not force and stamp and stamp.get("fingerprint") == fp and complete:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from export import onnx_utils
+from export import onnx_utils, photos, runtime_choice
 from export.pbtxt import Enum, parameters
 from export.progress import Progress
 from export.repository import (
@@ -26,10 +26,11 @@ from export.repository import (
 )
 
 FAMILY = "siglip"
-RECIPE_VERSION = "siglip-1"
+RECIPE_VERSION = "siglip-2"  # 2: per-host runtime/precision choice
 DEFAULT_MODEL = "google/siglip-base-patch16-224"
 TRACE_BATCH = 2
 VALIDATE_BATCH = 3
+CHOICE_BATCH = 8  # what Triton's dynamic batcher forms under load
 PROCESSOR_FILES = [
     "preprocessor_config.json",
     "processor_config.json",
@@ -131,11 +132,19 @@ def export(source_dir: Path, repo: Path, options: ExportOptions, weights: str, s
         report["siglip_text"] = onnx_utils.validate("siglip_text", text, text_path, {"input_ids": ids})
         step.detail = f"max abs diff {report['siglip_text']:.2e}"
 
+    pixels, ids = _realistic_inputs(source_dir, CHOICE_BATCH, seq)
+    choices = {
+        "siglip_vision": runtime_choice.select_for_export(repo, "siglip_vision", vision, vision_path,
+                                                          {"pixel_values": pixels}, options, progress),
+        "siglip_text": runtime_choice.select_for_export(repo, "siglip_text", text, text_path, {"input_ids": ids},
+                                                        options, progress),
+    }
+
     meta = {"family": FAMILY, "source_model": source_name, "weights": weights, "embedding_dim": dim}
     with progress.step("writing Triton configs"):
-        _write_models(repo, source_dir, options, meta, "", dim, size, seq)
+        _write_models(repo, source_dir, options, meta, "", dim, size, seq, choices)
     result: dict[str, Any] = {"parity_max_abs_diff": report, "embedding_dim": dim, "image_size": size,
-                              "max_text_length": seq}
+                              "max_text_length": seq, "runtime_choice": choices}
     if options.int8:
         with progress.step("quantizing siglip_vision/siglip_text to int8 (dynamic, onnxruntime)") as step:
             fidelity = {
@@ -148,21 +157,38 @@ def export(source_dir: Path, repo: Path, options: ExportOptions, weights: str, s
             }
             step.detail = "min cosine vs fp32 " + ", ".join(f"{k} {v:.4f}" for k, v in fidelity.items())
             _write_models(repo, source_dir, options, {**meta, "source_model": f"{source_name}:int8",
-                                                       "precision": "int8"}, "_int8", dim, size, seq)
+                                                       "precision": "int8"}, "_int8", dim, size, seq,
+                           {})
         result["int8_min_cosine"] = fidelity
     return result
 
 
+def _realistic_inputs(source_dir: Path, batch: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
+    """Photos through the checkpoint's own image processor, sentences through its tokenizer."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    pixels = AutoImageProcessor.from_pretrained(source_dir)(images=photos.photos(batch), return_tensors="np")
+    tokens = AutoTokenizer.from_pretrained(source_dir)(
+        [photos.SENTENCES[i % len(photos.SENTENCES)] for i in range(batch)], padding="max_length", truncation=True,
+        max_length=seq, return_tensors="np")
+    return pixels["pixel_values"].astype(np.float32), tokens["input_ids"].astype(np.int64)
+
+
 def _write_models(repo: Path, source_dir: Path, options: ExportOptions, meta: dict[str, Any], suffix: str,
-                  dim: int, size: int, seq: int) -> None:
-    """The two ONNX encoders and the two client-facing models; ``suffix`` names a variant (e.g. ``_int8``)."""
+                  dim: int, size: int, seq: int, choices: dict[str, dict[str, Any] | None]) -> None:
+    """The two ONNX encoders and the two client-facing models; ``suffix`` names a variant (e.g. ``_int8``).
+
+    ``choices``: the runtime chosen per encoder (``runtime_choice``), written into the encoder's and its client
+    model's parameters (the client runs the encoder in-process on the embedded server).
+    """
     for name, inp, out in [
         ("siglip_vision", {"name": "pixel_values", "data_type": Enum("TYPE_FP32"), "dims": [3, size, size]},
          {"name": "image_embeds", "data_type": Enum("TYPE_FP32"), "dims": [dim]}),
         ("siglip_text", {"name": "input_ids", "data_type": Enum("TYPE_INT64"), "dims": [seq]},
          {"name": "text_embeds", "data_type": Enum("TYPE_FP32"), "dims": [dim]}),
     ]:
-        native, embedded = onnx_configs(name + suffix, inp, out, options, {**meta, "role": "encoder"})
+        chosen = runtime_choice.config_params(choices.get(name))
+        native, embedded = onnx_configs(name + suffix, inp, out, options, {**meta, "role": "encoder", **chosen})
         write_config(repo, name + suffix, native)
         write_config(repo, name + suffix, embedded, EMBEDDED_CONFIG)
         write_python_model(repo, name + suffix, "model_repository.onnx_model.TritonPythonModel")
@@ -178,8 +204,9 @@ def _write_models(repo: Path, source_dir: Path, options: ExportOptions, meta: di
          "model_repository.siglip.EmbedTextModel"),
     ]
     for name, inp, outs, encoder, extra, cls in clients:
+        chosen = runtime_choice.config_params(choices.get(encoder))
         native, embedded = _client_configs(name + suffix, inp, outs, encoder + suffix, options,
-                                           {**meta, "role": "client", **extra})
+                                           {**meta, "role": "client", **extra, **chosen})
         write_config(repo, name + suffix, native)
         write_config(repo, name + suffix, embedded, EMBEDDED_CONFIG)
         write_python_model(repo, name + suffix, cls)

@@ -14,8 +14,9 @@ from model_repository import runtime
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = runtime.model_config(args)
-        self.encoder = runtime.OnnxEncoder(
+        self.encoder = runtime.open_encoder(
             runtime.version_dir(args) / runtime.param(config, "onnx_file", "model.onnx"),
+            *runtime.runtime_choice(config),
             runtime.uses_gpu(args),
             int(runtime.param(config, "intra_op_threads", "0")),
             runtime.device_id(args),

@@ -195,6 +195,57 @@ class OnnxEncoder:
         return dict(zip(self.output_names, outputs, strict=True))
 
 
+class OpenVinoEncoder:
+    """Runs an ``.onnx`` file with OpenVINO's CPU plugin in this process, at ``precision`` fp32 or bf16.
+
+    bf16 is OpenVINO's inference precision (weights and activations in bf16, accumulation in fp32): on CPUs
+    with AVX512-BF16 or AMX it is the fast path, and export only picks it when its cosine to the fp32 PyTorch
+    reference holds. The LATENCY hint keeps one stream: on a few cores, the THROUGHPUT hint's streams split
+    them and each batch runs slower (Triton already forms the batches).
+    """
+
+    def __init__(self, path: Path, precision: str = "fp32", threads: int = 0) -> None:
+        import openvino as ov
+
+        if not path.exists():
+            raise FileNotFoundError(f"ONNX model {path} not found; run `vlmserve export` first")
+        if precision not in OPENVINO_PRECISIONS:
+            raise ValueError(f"OpenVINO precision must be one of {sorted(OPENVINO_PRECISIONS)}, got {precision!r}")
+        properties: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY",
+                                      "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision]}
+        if threads:
+            properties["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = ov.Core().compile_model(str(path), "CPU", properties)
+        self.request = self.compiled.create_infer_request()
+        self.providers = [f"OpenVINO CPU ({precision})"]
+        self.input_names = [p.get_any_name() for p in self.compiled.inputs]
+        self.output_names = [p.get_any_name() for p in self.compiled.outputs]
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self.request.infer(inputs)
+        # The request reuses its output buffers on the next call: copy out.
+        return {name: np.array(results[self.compiled.output(name)]) for name in self.output_names}
+
+
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+# (runtime, precision) pairs an exported encoder may be served with; int8 lives in its own *_int8 ONNX file.
+RUNTIMES = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
+
+
+def open_encoder(path: Path, runtime_name: str = "onnxruntime", precision: str = "fp32", use_gpu: bool = False,
+                 threads: int = 0, device: int = 0, mem_limit: int | None = None):
+    """The in-process encoder for ``runtime_name``/``precision``: what export times and the models serve.
+
+    GPU instances always run ONNX Runtime (CUDA/ROCm providers); the CPU runtime choice is export's.
+    """
+    if runtime_name not in RUNTIMES or precision not in RUNTIMES[runtime_name]:
+        raise ValueError(f"unknown runtime/precision {runtime_name}/{precision}; one of "
+                         + ", ".join(f"{r}/{p}" for r, ps in RUNTIMES.items() for p in ps))
+    if runtime_name == "openvino" and not use_gpu:
+        return OpenVinoEncoder(path, precision, threads)
+    return OnnxEncoder(path, use_gpu, threads, device, mem_limit)
+
+
 class TritonEncoder:
     """Calls another Triton model (e.g. the native onnxruntime/TensorRT one) with a BLS request.
 
@@ -221,7 +272,11 @@ class TritonEncoder:
 
 
 def make_encoder(args: dict[str, Any], config: dict[str, Any], output_names: Sequence[str]):
-    """The encoder the config asks for: ``runner`` = ``onnxruntime`` (in-process) or ``triton`` (BLS)."""
+    """The encoder the config asks for: ``runner`` = ``onnxruntime`` (in-process) or ``triton`` (BLS).
+
+    In-process, the ``runtime``/``precision`` parameters (written by export after timing the candidates on
+    this host) pick ONNX Runtime or OpenVINO.
+    """
     runner = param(config, "runner", "onnxruntime")
     encoder_model = param(config, "encoder_model")
     if runner == "triton":
@@ -229,8 +284,13 @@ def make_encoder(args: dict[str, Any], config: dict[str, Any], output_names: Seq
     if runner != "onnxruntime":
         raise ValueError(f"model {config['name']!r}: unknown runner {runner!r} (onnxruntime|triton)")
     onnx_path = model_dir(args).parent / encoder_model / "1" / "model.onnx"
-    return OnnxEncoder(onnx_path, uses_gpu(args), int(param(config, "intra_op_threads", "0")), device_id(args),
-                       gpu_mem_limit(config))
+    return open_encoder(onnx_path, *runtime_choice(config), uses_gpu(args), int(param(config, "intra_op_threads", "0")),
+                        device_id(args), gpu_mem_limit(config))
+
+
+def runtime_choice(config: dict[str, Any]) -> tuple[str, str]:
+    """``(runtime, precision)`` export chose for this host (``onnxruntime``/``fp32`` in older repositories)."""
+    return param(config, "runtime", "onnxruntime"), param(config, "precision", "fp32")
 
 
 # ---------------------------------------------------------------------------------------------- inputs

@@ -246,6 +246,8 @@ async def model_info(request: Request, chat: ChatService = Depends(get_chat)) ->
             "weights": m.params.get("weights"),
             "ready": m.ready,
             "device": m.device,
+            "runtime": m.params.get("runtime"),
+            "precision": m.params.get("precision"),
             "supports_video": m.params.get("supports_video", "false").lower() == "true",
             "max_new_tokens_limit": int(limit) if limit and limit.isdigit() else None,
         })

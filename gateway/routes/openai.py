@@ -75,4 +75,10 @@ async def models(request: Request):
         entry["ready"] = entry["ready"] and m.ready
         if m.task in (IMAGE_TASK, TEXT_TASK):
             entry["embedding_dim"] = int(m.params.get("embedding_dim", "0"))
+        if "runtime" in m.params:
+            # Chosen at export by timing the candidates on this host (export/runtime_choice.py).
+            entry.setdefault("runtimes", {})[m.name] = {
+                "runtime": m.params["runtime"], "precision": m.params.get("precision"),
+                "why": m.params.get("runtime_choice"),
+            }
     return {"object": "list", "data": list(by_source.values())}

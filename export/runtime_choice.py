@@ -1,0 +1,180 @@
+"""Pick, per exported encoder, the fastest CPU runtime/precision of this host whose fidelity holds.
+
+The candidates are the ones the serving models can open (``model_repository.runtime.open_encoder``): ONNX
+Runtime fp32 (the default, exact), OpenVINO fp32, and OpenVINO bf16 where the CPU has native bf16 (AVX512-BF16
+or AMX). Each is checked against the fp32 PyTorch reference's outputs on realistic inputs (photos through the
+checkpoint's own processor, natural sentences) and timed, interleaved round by round so that a busy machine
+slows every candidate alike; the fastest one whose minimum cosine to the reference is >= the floor wins, and
+it must beat the default by ``MARGIN`` (timing noise must not flip the choice between two equal runtimes).
+
+The report (host, every candidate's speed and cosine, the choice and why) is written next to the model as
+``runtime_choice.json`` and, shortened, into the configs' parameters, where ``/v1/models`` shows it.
+GPU exports are not timed here: their instances run ONNX Runtime's CUDA/ROCm providers (TensorRT on the NGC
+image's native backend).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.onnx_utils import FidelityError
+from vlmserve.host import CpuInfo, cpu_info
+
+# Bump when the candidates, the floors or the way of choosing change: every repository re-selects.
+SELECTION_VERSION = "select-1"
+FIDELITY_FLOOR = 0.999  # min cosine to the fp32 PyTorch reference (int8 variants have their own, 0.99)
+MARGIN = 1.05
+ROUNDS = 5
+REPORT_FILE = "runtime_choice.json"
+RUNTIME_CHOICES = ("auto", "onnxruntime", "openvino")
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class Trial:
+    runtime: str
+    precision: str
+    items_per_s: float | None = None
+    min_cosine: float | None = None
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.runtime}/{self.precision}"
+
+    def faithful(self, floor: float) -> bool:
+        return self.error is None and self.min_cosine is not None and self.min_cosine >= floor
+
+
+def candidates(cpu: CpuInfo, runtime: str = "auto", precision: str = "auto") -> list[tuple[str, str]]:
+    """The (runtime, precision) pairs worth timing on ``cpu``, narrowed by the overrides."""
+    if runtime not in RUNTIME_CHOICES:
+        raise ValueError(f"--runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {runtime!r}")
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISION_CHOICES)} (int8: --int8 adds the "
+                         f"*_int8 variants), got {precision!r}")
+    pairs = [("onnxruntime", "fp32"), ("openvino", "fp32")]
+    if cpu.has_bf16 or precision == "bf16":
+        pairs.append(("openvino", "bf16"))
+    pairs = [(r, p) for r, p in pairs if runtime in ("auto", r) and precision in ("auto", p)]
+    if not pairs:
+        raise ValueError(f"no runtime serves {runtime}/{precision}: onnxruntime has fp32, openvino fp32 and bf16")
+    return pairs
+
+
+def cosine_min(reference: np.ndarray, got: np.ndarray) -> float:
+    a, b = reference.reshape(len(reference), -1).astype(np.float64), got.reshape(len(got), -1).astype(np.float64)
+    return float(np.min((a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)))
+
+
+def choose(
+    onnx_path: Path,
+    inputs: dict[str, np.ndarray],
+    reference: np.ndarray,
+    runtime: str = "auto",
+    precision: str = "auto",
+    cpu: CpuInfo | None = None,
+    rounds: int = ROUNDS,
+    floor: float = FIDELITY_FLOOR,
+) -> dict[str, Any]:
+    """Time and check every candidate on ``inputs`` (one batch); return the report with the choice."""
+    from model_repository.runtime import open_encoder
+
+    cpu = cpu or cpu_info()
+    batch = len(next(iter(inputs.values())))
+    trials: list[Trial] = []
+    encoders = []
+    for rt, prec in candidates(cpu, runtime, precision):
+        trial = Trial(rt, prec)
+        trials.append(trial)
+        try:
+            encoder = open_encoder(onnx_path, rt, prec)
+            out = next(iter(encoder(inputs).values()))  # also the warm-up run
+            trial.min_cosine = cosine_min(reference, out)
+            encoders.append((trial, encoder))
+        except Exception as exc:  # noqa: BLE001 - a runtime that cannot load this graph is just not a candidate
+            trial.error = f"{type(exc).__name__}: {exc}"[:300]
+    times: dict[str, list[float]] = {t.name: [] for t, _ in encoders}
+    for _ in range(rounds):
+        for trial, encoder in encoders:
+            start = time.perf_counter()
+            encoder(inputs)
+            times[trial.name].append(time.perf_counter() - start)
+    for trial, _ in encoders:
+        trial.items_per_s = batch / statistics.median(times[trial.name])
+
+    faithful = [t for t in trials if t.faithful(floor)]
+    if not faithful:
+        raise FidelityError(f"{onnx_path.parent.parent.name}: no candidate holds cosine >= {floor} to the fp32 "
+                            "PyTorch reference: " + "; ".join(_describe(t) for t in trials))
+    default = next((t for t in faithful if (t.runtime, t.precision) == ("onnxruntime", "fp32")), None)
+    best = max(faithful, key=lambda t: t.items_per_s or 0.0)
+    if default is not None and best is not default and (best.items_per_s or 0) < MARGIN * (default.items_per_s or 0):
+        best = default
+    reason = (f"fastest faithful candidate on {cpu.summary} at batch {batch}"
+              if len(trials) > 1 else f"requested (--runtime {runtime} --precision {precision})")
+    return {
+        "selection_version": SELECTION_VERSION,
+        "runtime": best.runtime,
+        "precision": best.precision,
+        "items_per_s": best.items_per_s,
+        "min_cosine": best.min_cosine,
+        "fidelity_floor": floor,
+        "batch": batch,
+        "rounds": rounds,
+        "host": {"cpu": cpu.model, "cores": cpu.cores, "isa": list(cpu.isa)},
+        "reason": reason,
+        "candidates": [asdict(t) for t in trials],
+    }
+
+
+def _describe(t: Trial) -> str:
+    if t.error:
+        return f"{t.name} failed ({t.error})"
+    return f"{t.name} {t.items_per_s or 0:.1f}/s cosine {t.min_cosine:.5f}"
+
+
+def summary(report: dict[str, Any]) -> str:
+    """One line for the config parameters and the export progress, e.g. ``openvino/bf16: 11.2/s ...``."""
+    others = [Trial(**c) for c in report["candidates"]]
+    return (f"{report['runtime']}/{report['precision']} (cosine {report['min_cosine']:.5f} >= "
+            f"{report['fidelity_floor']}); timed at batch {report['batch']}: "
+            + ", ".join(_describe(t) for t in others))
+
+
+def write_report(model_dir: Path, report: dict[str, Any]) -> None:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
+
+
+def config_params(report: dict[str, Any] | None) -> dict[str, str]:
+    """The parameters the serving models read (``runtime``, ``precision``) and ``/v1/models`` shows."""
+    if report is None:
+        return {}
+    return {"runtime": report["runtime"], "precision": report["precision"], "runtime_choice": summary(report)}
+
+
+def select_for_export(repo: Path, name: str, module, onnx_path: Path, inputs: dict[str, np.ndarray], options,
+                      progress) -> dict[str, Any] | None:
+    """Export's step for one encoder: reference outputs from ``module`` (fp32 torch), the choice, its report.
+
+    None on GPU exports (nothing is timed; the configs keep onnxruntime/fp32).
+    """
+    import torch
+
+    if options.device != "cpu":
+        return None
+    with progress.step(f"choosing the CPU runtime for {name} (timing candidates)") as step:
+        with torch.no_grad():
+            reference = module(*[torch.from_numpy(v) for v in inputs.values()]).numpy()
+        report = choose(onnx_path, inputs, reference, options.runtime, options.precision)
+        write_report(repo / name, report)
+        step.detail = summary(report)
+    return report

@@ -1,0 +1,101 @@
+"""Per-host runtime/precision choice at export: host detection, candidates, fidelity floor, the written choice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from export import runtime_choice
+from export.onnx_utils import FidelityError
+from model_repository import runtime
+from vlmserve.host import cpu_info, parse_cpuinfo
+
+AMX_XEON = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Platinum 8481C
+flags\t\t: fpu sse avx2 fma avx512f avx512bw avx512_vnni avx512_bf16 avx512_fp16 amx_tile amx_bf16 amx_int8
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8481C
+flags\t\t: fpu sse avx2 fma avx512f avx512bw avx512_vnni avx512_bf16 avx512_fp16 amx_tile amx_bf16 amx_int8
+"""
+AVX2_EPYC = "processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse avx2 fma\n"
+
+
+def test_cpuinfo_parsing_names_the_isa() -> None:
+    xeon, epyc = parse_cpuinfo(AMX_XEON), parse_cpuinfo(AVX2_EPYC)
+    assert xeon.model.startswith("Intel") and xeon.cores == 2
+    assert {"amx_bf16", "amx_int8", "avx512_bf16"} <= set(xeon.isa) and xeon.has_bf16 and xeon.has_vnni
+    assert epyc.isa == ("avx2", "fma") and not epyc.has_bf16 and not epyc.has_vnni
+    assert xeon.fingerprint() != epyc.fingerprint()
+    assert "amx_bf16" in xeon.summary
+
+
+def test_candidates_follow_the_host_and_the_overrides() -> None:
+    bf16, plain = parse_cpuinfo(AMX_XEON), parse_cpuinfo(AVX2_EPYC)
+    assert ("openvino", "bf16") in runtime_choice.candidates(bf16)
+    # No native bf16: OpenVINO would emulate it, slower than fp32; not a candidate unless asked for.
+    assert ("openvino", "bf16") not in runtime_choice.candidates(plain)
+    assert runtime_choice.candidates(plain, precision="bf16") == [("openvino", "bf16")]
+    assert runtime_choice.candidates(bf16, runtime="onnxruntime") == [("onnxruntime", "fp32")]
+    with pytest.raises(ValueError, match="no runtime serves"):
+        runtime_choice.candidates(bf16, runtime="onnxruntime", precision="bf16")
+    with pytest.raises(ValueError, match="--int8"):
+        runtime_choice.candidates(bf16, precision="int8")
+
+
+def _tower_inputs(tiny_repo: Path) -> tuple[Path, dict[str, np.ndarray], np.ndarray]:
+    path = tiny_repo / "siglip_vision" / "1" / "model.onnx"
+    encoder = runtime.OnnxEncoder(path)
+    pixels = np.random.default_rng(0).standard_normal((4, *encoder.session.get_inputs()[0].shape[1:]))
+    inputs = {"pixel_values": pixels.astype(np.float32)}
+    return path, inputs, encoder(inputs)["image_embeds"]
+
+
+def test_choice_is_the_fastest_faithful_candidate(tiny_repo: Path) -> None:
+    path, inputs, reference = _tower_inputs(tiny_repo)
+    report = runtime_choice.choose(path, inputs, reference, cpu=parse_cpuinfo(AMX_XEON), rounds=2)
+    trials = {(c["runtime"], c["precision"]): c for c in report["candidates"]}
+    assert set(trials) == {("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")}
+    assert all(c["error"] is None and c["items_per_s"] > 0 for c in trials.values())
+    chosen = trials[(report["runtime"], report["precision"])]
+    assert chosen["min_cosine"] >= runtime_choice.FIDELITY_FLOOR
+    default = trials[("onnxruntime", "fp32")]
+    if (report["runtime"], report["precision"]) != ("onnxruntime", "fp32"):
+        # Another runtime only wins by the margin, so timing noise cannot flip the choice.
+        assert chosen["items_per_s"] >= runtime_choice.MARGIN * default["items_per_s"]
+    assert default["min_cosine"] > 0.99999  # fp32 onnxruntime is the reference's own numerics
+
+
+def test_a_precision_below_the_floor_is_refused(tiny_repo: Path) -> None:
+    path, inputs, reference = _tower_inputs(tiny_repo)
+    with pytest.raises(FidelityError, match="no candidate holds"):
+        # A reference the outputs cannot match (sign flipped): every candidate fails the floor.
+        runtime_choice.choose(path, inputs, -reference, runtime="onnxruntime", cpu=parse_cpuinfo(AVX2_EPYC),
+                              rounds=1)
+
+
+def test_openvino_encoder_matches_onnxruntime(tiny_repo: Path) -> None:
+    path, inputs, reference = _tower_inputs(tiny_repo)
+    fp32 = runtime.open_encoder(path, "openvino", "fp32")(inputs)["image_embeds"]
+    bf16 = runtime.open_encoder(path, "openvino", "bf16")(inputs)["image_embeds"]
+    assert np.max(np.abs(fp32 - reference)) < 1e-4
+    assert runtime_choice.cosine_min(reference, bf16) > 0.99
+    with pytest.raises(ValueError, match="unknown runtime/precision"):
+        runtime.open_encoder(path, "openvino", "int8")
+
+
+def test_export_writes_the_choice_next_to_the_model(tiny_repo: Path) -> None:
+    for encoder, client in (("siglip_vision", "siglip_embed_image"), ("siglip_text", "siglip_embed_text")):
+        report = json.loads((tiny_repo / encoder / runtime_choice.REPORT_FILE).read_text())
+        assert report["host"]["isa"] == list(cpu_info().isa)  # chosen on this host, and says so
+        assert report["selection_version"] == runtime_choice.SELECTION_VERSION
+        for model in (encoder, client):
+            text = (tiny_repo / model / "configs" / "embedded.pbtxt").read_text()
+            params = text_format.Parse(text, model_config_pb2.ModelConfig()).parameters
+            assert params["runtime"].string_value == report["runtime"]
+            assert params["precision"].string_value == report["precision"]
+            assert params["runtime_choice"].string_value.startswith(f"{report['runtime']}/{report['precision']}")
