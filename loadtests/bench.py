@@ -1,10 +1,18 @@
-"""``vlmserve bench``: vlmserve vs the one-request-at-a-time baseline, same load, same machine, one run.
+"""``vlmserve bench``: vlmserve vs the one-request-at-a-time baselines, same load, same machine, one run.
 
-Scenarios (each a headless Locust run, back to back):
-  siglip-baseline / siglip-vlmserve / siglip-vlmserve-int8: ``POST /embed`` with one image, N users;
-  siglip-direct: the same request straight to Triton (gateway overhead = gateway vs direct latency);
-  florence-baseline / florence-vlmserve: Florence-2 ``caption`` via ``POST /infer``, M users.
-Writes ``loadtests/reports/<name>.{json,md,png}``. Models: the ``perf`` set (real sizes, random weights).
+Baselines (``loadtests/baseline/server.py``): transformers eager in fp32, and — where the CPU has native bf16
+(AVX512-BF16 or AMX) — the same server under ``torch.autocast(bfloat16)``, which is what a user on such a host
+would run instead. Every ratio is taken against the **stronger** of the two.
+
+Scenarios (headless Locust runs; every scenario is repeated ``repeats`` times, interleaved round by round, and
+reported as median with min–max spread):
+  siglip: ``POST /embed`` with one photo, N users, against each baseline, vlmserve (the runtime export chose for
+    this host), vlmserve int8, and straight to Triton (gateway overhead);
+  florence: Florence-2 ``caption`` via ``POST /infer``, M users;
+  chat: SmolVLM2 streaming ``/v1/chat/completions`` at 1 and K users: output tokens/s, TTFT, inter-token latency.
+Also measured in the same run: the host's CPU and ISA, GEMM ceilings per precision, each encoder alone
+("raw"), resident memory per Triton model, and the served embeddings' cosine to the transformers reference.
+Writes ``<out>/<name>.{json,md,png}``. Models: the ``perf`` set (real sizes, random weights).
 """
 
 from __future__ import annotations
@@ -13,63 +21,103 @@ import csv
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 from vlmserve import paths
+from vlmserve.host import CpuInfo, cpu_info
 
 REPORTS = paths.PROJECT_ROOT / "loadtests" / "reports"
 USERS_FILE = paths.PROJECT_ROOT / "loadtests" / "bench_users.py"
+GEMM_N = 2048
+CHAT_REQUEST = "chat"  # Locust names used by bench_users.ChatUser
+CHAT_METRICS = {"ttft": "chat TTFT", "itl": "chat ITL", "tokens": "chat tokens"}
 
 
 @dataclass
 class Scenario:
     name: str
+    workload: str  # siglip | florence | chat
+    system: str  # baseline-fp32 | baseline-bf16 | vlmserve | vlmserve-int8 | direct
     user_class: str
     host: str
     users: int
     duration_s: int
-    env: dict[str, str]
+    env: dict[str, str] = field(default_factory=dict)
 
 
-def gemm_gflops(n: int = 2048, repeats: int = 8) -> dict[str, float]:
-    """Best fp32 GEMM rate of this machine with torch and with ONNX Runtime (default threads).
+# ---------------------------------------------------------------------------------------------- ceilings
 
-    Both are measured because their kernels differ (ORT's MLAS uses the widest SIMD the CPU has): the
-    larger one is the ceiling the encoder is compared with.
+
+def _best_rate(fn, flop: float, repeats: int = 6) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return flop / best / 1e9
+
+
+def gemm_ceilings(cpu: CpuInfo, n: int = GEMM_N) -> dict[str, dict[str, float]]:
+    """Best GEMM rate (GFLOP/s, GOP/s for int8) per precision and library on this host.
+
+    fp32: torch, ONNX Runtime (MLAS) and numpy; bf16 (only with native bf16): torch (oneDNN) and OpenVINO;
+    int8: ONNX Runtime's MatMulInteger (u8 x s8, what the dynamic-int8 towers run).
     """
-    import numpy as np
     import onnxruntime as ort
     import torch
     from onnx import TensorProto, helper
 
-    def best_of(fn) -> float:
-        fn()
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - start)
-        return 2 * n**3 / best / 1e9
+    flop = 2 * n**3
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in ("a", "b")],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    session = ort.InferenceSession(model.SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
-    an, bn = a.numpy(), b.numpy()
-    return {"torch": best_of(lambda: a @ b), "onnxruntime": best_of(lambda: session.run(None, {"a": an, "b": bn})),
-            "numpy": best_of(lambda: np.matmul(an, bn))}
+    def onnx_matmul(op: str, a_type: int, b_type: int, out_type: int) -> bytes:
+        graph = helper.make_graph(
+            [helper.make_node(op, ["a", "b"], ["c"])], "gemm",
+            [helper.make_tensor_value_info("a", a_type, [n, n]), helper.make_tensor_value_info("b", b_type, [n, n])],
+            [helper.make_tensor_value_info("c", out_type, [n, n])],
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    fp32_session = ort.InferenceSession(onnx_matmul("MatMul", TensorProto.FLOAT, TensorProto.FLOAT,
+                                                    TensorProto.FLOAT), providers=["CPUExecutionProvider"])
+    out: dict[str, dict[str, float]] = {
+        "fp32": {
+            "torch": _best_rate(lambda: ta @ tb, flop),
+            "onnxruntime": _best_rate(lambda: fp32_session.run(None, {"a": a, "b": b}), flop),
+            "numpy": _best_rate(lambda: a @ b, flop),
+        }
+    }
+    if cpu.has_bf16:
+        import openvino as ov
+
+        ha, hb = ta.bfloat16(), tb.bfloat16()
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_file = Path(tmp) / "gemm.onnx"
+            onnx_file.write_bytes(onnx_matmul("MatMul", TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.FLOAT))
+            compiled = ov.Core().compile_model(str(onnx_file), "CPU", {"INFERENCE_PRECISION_HINT": "bf16",
+                                                                       "PERFORMANCE_HINT": "LATENCY"})
+        request = compiled.create_infer_request()
+        out["bf16"] = {"torch": _best_rate(lambda: ha @ hb, flop),
+                       "openvino": _best_rate(lambda: request.infer({"a": a, "b": b}), flop)}
+    qa = rng.integers(0, 255, (n, n), dtype=np.uint8)
+    qb = rng.integers(-64, 64, (n, n), dtype=np.int8)
+    int8_session = ort.InferenceSession(onnx_matmul("MatMulInteger", TensorProto.UINT8, TensorProto.INT8,
+                                                    TensorProto.INT32), providers=["CPUExecutionProvider"])
+    out["int8"] = {"onnxruntime": _best_rate(lambda: int8_session.run(None, {"a": qa, "b": qb}), flop)}
+    return out
 
 
 def siglip_vision_gflop(config_dir: Path) -> float:
@@ -85,22 +133,74 @@ def siglip_vision_gflop(config_dir: Path) -> float:
     return 2 * (layers * per_layer + patch + head) / 1e9
 
 
-def run_locust(s: Scenario, out: Path) -> dict[str, Any]:
-    prefix = out / s.name
+def raw_siglip(repo: Path, checkpoint: Path, cpu: CpuInfo, batch: int = 8, rounds: int = 4) -> dict[str, float]:
+    """Images/s of the vision tower alone: vlmserve's chosen runtime at ``batch`` (what Triton batches), and
+    torch eager at batch 1 (what the one-request-at-a-time baselines run), fp32 and bf16 autocast."""
+    import torch
+    from transformers import AutoImageProcessor, SiglipModel
+
+    from export import photos
+    from model_repository.runtime import open_encoder
+
+    processor = AutoImageProcessor.from_pretrained(checkpoint)
+    pixels = processor(images=photos.photos(batch), return_tensors="np")["pixel_values"].astype(np.float32)
+    choice = json.loads((repo / "siglip_vision" / "runtime_choice.json").read_text())
+    encoder = open_encoder(repo / "siglip_vision" / "1" / "model.onnx", choice["runtime"], choice["precision"])
+    int8 = open_encoder(repo / "siglip_vision_int8" / "1" / "model.onnx", "onnxruntime", "int8")
+    model = SiglipModel.from_pretrained(checkpoint).eval()
+    one = torch.from_numpy(pixels[:1])
+
+    def per_s(fn, items: int) -> float:
+        fn()
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return items / statistics.median(times)
+
+    out = {"vlmserve": per_s(lambda: encoder({"pixel_values": pixels}), batch),
+           "vlmserve-int8": per_s(lambda: int8({"pixel_values": pixels}), batch)}
+    with torch.no_grad():
+        out["baseline-fp32"] = per_s(lambda: model.get_image_features(pixel_values=one), 1)
+        if cpu.has_bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out["baseline-bf16"] = per_s(lambda: model.get_image_features(pixel_values=one), 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def run_locust(s: Scenario, out: Path, round_no: int) -> dict[str, Any]:
+    prefix = out / f"{s.name}-r{round_no}"
     env = dict(os.environ, **s.env)
     cmd = [sys.executable, "-m", "locust", "-f", str(USERS_FILE), s.user_class, "--headless", "-u", str(s.users),
            "-r", str(s.users), "-t", f"{s.duration_s}s", "--host", s.host, "--csv", str(prefix), "--only-summary",
            "--stop-timeout", "120"]
     subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, timeout=s.duration_s + 600)
     with open(f"{prefix}_stats.csv") as f:
-        row = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
-    requests = int(row["Request Count"])
-    return {
-        "scenario": s.name, "users": s.users, "duration_s": s.duration_s, "requests": requests,
-        "failures": int(row["Failure Count"]), "rps": float(row["Requests/s"]),
-        "p50_ms": float(row["50%"]), "p95_ms": float(row["95%"]), "p99_ms": float(row["99%"]),
-        "avg_ms": float(row["Average Response Time"]),
+        rows = {r["Name"]: r for r in csv.DictReader(f)}
+    main = rows.get(CHAT_REQUEST) if s.workload == "chat" else rows.get("Aggregated")
+    if main is None:
+        raise RuntimeError(f"{s.name}: Locust reported no requests (see {prefix}_stats.csv)")
+    result: dict[str, Any] = {
+        "scenario": s.name, "round": round_no, "users": s.users, "duration_s": s.duration_s,
+        "requests": int(main["Request Count"]), "failures": int(main["Failure Count"]),
+        "rps": float(main["Requests/s"]), "p50_ms": float(main["50%"]), "p95_ms": float(main["95%"]),
+        "p99_ms": float(main["99%"]), "avg_ms": float(main["Average Response Time"]),
     }
+    if s.workload == "chat":
+        ttft, itl, tokens = (rows.get(CHAT_METRICS[k]) for k in ("ttft", "itl", "tokens"))
+        if ttft and tokens:
+            count = int(tokens["Request Count"])
+            result.update({
+                "ttft_p50_ms": float(ttft["50%"]), "ttft_p95_ms": float(ttft["95%"]),
+                "itl_p50_ms": float(itl["50%"]) if itl else None, "itl_p95_ms": float(itl["95%"]) if itl else None,
+                "output_tokens": count * float(tokens["Average Content Size"]),
+            })
+            result["tokens_per_s"] = result["output_tokens"] / s.duration_s
+    return result
 
 
 def _wait(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -117,9 +217,36 @@ def _wait(url: str, timeout: float, proc: subprocess.Popen | None = None) -> Non
     raise RuntimeError(f"{url} not healthy after {timeout:.0f}s")
 
 
-def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 45, florence_users: int = 8,
-              florence_duration_s: int = 150, max_new_tokens: int = 32, florence: bool = True,
-              log=print) -> Path:
+def model_rss(triton_pid: int) -> dict[str, int]:
+    """Resident bytes per Triton model: its Python backend stub process(es), found by the model path."""
+    import psutil
+
+    out: dict[str, int] = {}
+    try:
+        children = psutil.Process(triton_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return out
+    for child in children:
+        try:
+            cmd = child.cmdline()
+            rss = child.memory_info().rss
+        except psutil.Error:
+            continue
+        model_file = next((c for c in cmd if c.endswith("model.py")), None)
+        if model_file:
+            name = Path(model_file).parent.parent.name
+            out[name] = out.get(name, 0) + rss
+    return out
+
+
+def _checkpoints(model_set: str) -> Path:
+    return paths.state_dir() / "perf-models" if model_set == "perf" else paths.tiny_models_dir()
+
+
+def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, florence_users: int = 8,
+              florence_duration_s: int = 90, max_new_tokens: int = 32, florence: bool = True, chat: bool = True,
+              chat_users: tuple[int, ...] = (1, 8), chat_duration_s: int = 40, chat_max_tokens: int = 32,
+              repeats: int = 3, model_set: str = "perf", out_dir: Path = REPORTS, log=print) -> Path:
     from export.progress import Progress
     from export.repository import ExportOptions
     from export.run import export_model_set
@@ -127,155 +254,290 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 45, flo
     from orchestrator.process import ProcessRuntime
     from orchestrator.settings import OrchestratorSettings
 
-    out = REPORTS / name
+    cpu = cpu_info()
+    log(f"host: {cpu.summary}")
+    out = out_dir / name
     out.mkdir(parents=True, exist_ok=True)
-    repo = paths.repository_dir("perf")
-    log("building/exporting the perf model set (real sizes, random weights; first run takes minutes)")
-    stamps = export_model_set("perf", repo=repo, options=ExportOptions(int8=True), progress=Progress())
-    siglip_dir = paths.state_dir() / "perf-models" / "siglip"
-    florence_dir = paths.state_dir() / "perf-models" / "florence2"
+    repo = paths.repository_dir(model_set)
+    families = ["siglip"] + (["florence2"] if florence else []) + (["smolvlm2"] if chat else [])
+    log(f"exporting the {model_set} model set ({', '.join(families)}; the first run takes minutes)")
+    stamps = export_model_set(model_set, repo=repo, options=ExportOptions(int8=True), families=families,
+                              progress=Progress())
+    checkpoints = _checkpoints(model_set)
 
-    log("measuring the GEMM ceiling")
-    gemms = gemm_gflops()
-    gemm = max(gemms.values())
-    gflop_per_image = siglip_vision_gflop(siglip_dir)
+    log("measuring GEMM ceilings and the encoders alone")
+    ceilings = gemm_ceilings(cpu)
+    raw = raw_siglip(repo, checkpoints / "siglip", cpu)
+    gflop_per_image = siglip_vision_gflop(checkpoints / "siglip")
+    choices = {m: json.loads((repo / m / "runtime_choice.json").read_text())
+               for m in ("siglip_vision", "siglip_text", "florence2_vision", "smolvlm2_vision")
+               if (repo / m / "runtime_choice.json").exists()}
 
     settings = OrchestratorSettings(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                                     gateway_port=free_port(), repository=repo,
                                     state_dir=paths.state_dir() / "bench", ready_timeout_s=900)
     runtime = ProcessRuntime(settings, log=log)
-    baseline_port = free_port()
+    baselines: dict[str, tuple[subprocess.Popen, str]] = {}
+    model_args = ["--siglip", str(checkpoints / "siglip")]
+    if florence:
+        model_args += ["--florence2", str(checkpoints / "florence2")]
+    if chat:
+        model_args += ["--smolvlm2", str(checkpoints / "smolvlm2")]
     results: list[dict[str, Any]] = []
-    timing_log = out / "florence_timing.jsonl"
-    timing_log.unlink(missing_ok=True)
-    florence_stats: dict[str, Any] = {}
-    baseline = subprocess.Popen(
-        [sys.executable, "-m", "loadtests.baseline.server", "--siglip", str(siglip_dir), "--florence2",
-         str(florence_dir), "--port", str(baseline_port)],
-        cwd=paths.PROJECT_ROOT, stdout=open(out / "baseline.log", "w"), stderr=subprocess.STDOUT,
-    )
+    extra: dict[str, Any] = {}
     try:
-        _wait(f"http://127.0.0.1:{baseline_port}/health", 900, baseline)
+        for system, flags in [("baseline-fp32", []), ("baseline-bf16", ["--bf16"])]:
+            if system == "baseline-bf16" and not cpu.has_bf16:
+                continue
+            port = free_port()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "loadtests.baseline.server", *model_args, "--port", str(port), *flags],
+                cwd=paths.PROJECT_ROOT, stdout=open(out / f"{system}.log", "w"), stderr=subprocess.STDOUT,
+            )
+            baselines[system] = (proc, f"http://127.0.0.1:{port}")
+        for proc, url in baselines.values():
+            _wait(f"{url}/health", 900, proc)
         runtime.start()
-        gw, base = settings.gateway_url, f"http://127.0.0.1:{baseline_port}"
-        scenarios = [
-            Scenario("siglip-baseline", "EmbedUser", base, users, duration_s, {}),
-            Scenario("siglip-vlmserve", "EmbedUser", gw, users, duration_s, {}),
-            Scenario("siglip-vlmserve-int8", "EmbedUser", gw, users, duration_s,
+        gw = settings.gateway_url
+        targets = {system: url for system, (_, url) in baselines.items()} | {"vlmserve": gw}
+        scenarios = [Scenario(f"siglip-{system}", "siglip", system, "EmbedUser", url, users, duration_s)
+                     for system, url in targets.items()]
+        scenarios += [
+            Scenario("siglip-vlmserve-int8", "siglip", "vlmserve-int8", "EmbedUser", gw, users, duration_s,
                      {"VLMSERVE_BENCH_MODEL": "siglip_embed_image_int8"}),
-            Scenario("siglip-direct", "DirectEmbedUser", settings.triton_http_url, users, duration_s, {}),
+            Scenario("siglip-direct", "siglip", "direct", "DirectEmbedUser", settings.triton_http_url, users,
+                     duration_s),
         ]
         if florence:
             tokens = {"VLMSERVE_BENCH_MAX_NEW_TOKENS": str(max_new_tokens)}
-            scenarios += [
-                Scenario("florence-baseline", "CaptionUser", base, florence_users, florence_duration_s, tokens),
-                Scenario("florence-vlmserve", "CaptionUser", gw, florence_users, florence_duration_s,
-                         {**tokens, "VLMSERVE_BENCH_TIMING_LOG": str(timing_log)}),
-            ]
-        for s in scenarios:
-            log(f"running {s.name}: {s.users} users for {s.duration_s}s against {s.host}")
-            results.append(run_locust(s, out))
-            log(f"  {results[-1]['rps']:.2f} req/s, p95 {results[-1]['p95_ms']:.0f} ms, "
-                f"{results[-1]['failures']} failures")
-        if florence:
-            stats = httpx.get(f"{settings.triton_http_url}/v2/models/florence2/stats").json()["model_stats"][0]
-            florence_stats["batch_sizes"] = {str(b["batch_size"]): b["compute_infer"]["count"]
-                                             for b in stats["batch_stats"]}
-            lines = timing_log.read_text().splitlines() if timing_log.exists() else []
-            timings = [json.loads(line) for line in lines]
-            if timings:
-                vision = [t["preprocess_and_vision_ms"] for t in timings]
-                florence_stats["mean_vision_ms_per_batch"] = sum(vision) / len(vision)
-                florence_stats["mean_generate_ms_per_batch"] = sum(t["generate_ms"] for t in timings) / len(timings)
-        siglip_stats = httpx.get(f"{settings.triton_http_url}/v2/models/siglip_embed_image/stats").json()
-        s0 = siglip_stats["model_stats"][0]
-        siglip_batches = {str(b["batch_size"]): b["compute_infer"]["count"] for b in s0["batch_stats"]}
+            scenarios += [Scenario(f"florence-{system}", "florence", system, "CaptionUser", url, florence_users,
+                                   florence_duration_s, tokens) for system, url in targets.items()]
+        if chat:
+            chat_env = {"VLMSERVE_BENCH_MAX_NEW_TOKENS": str(chat_max_tokens)}
+            scenarios += [Scenario(f"chat-{system}-{n}u", "chat", system, "ChatUser", url, n, chat_duration_s,
+                                   chat_env) for n in chat_users for system, url in targets.items()]
+        for round_no in range(1, repeats + 1):
+            for s in scenarios:
+                log(f"round {round_no}/{repeats}: {s.name}: {s.users} users for {s.duration_s}s against {s.host}")
+                results.append(run_locust(s, out, round_no))
+                r = results[-1]
+                log(f"  {r['rps']:.2f} req/s, p95 {r['p95_ms']:.0f} ms, {r['failures']} failures"
+                    + (f", {r['tokens_per_s']:.1f} tokens/s" if r.get("tokens_per_s") is not None else ""))
+        extra["triton_batch_sizes"] = _batch_sizes(settings.triton_http_url,
+                                                   ["siglip_embed_image", "florence2"] if florence
+                                                   else ["siglip_embed_image"])
+        triton = runtime.running().get("triton")
+        extra["model_rss_bytes"] = model_rss(triton.pid) if triton else {}
+        extra["fidelity"] = _fidelity(gw, checkpoints / "siglip", log)
     finally:
         runtime.stop()
-        baseline.terminate()
-        baseline.wait(timeout=30)
+        for proc, _ in baselines.values():
+            proc.terminate()
+            proc.wait(timeout=30)
 
-    by = {r["scenario"]: r for r in results}
-    derived: dict[str, Any] = {
-        "gemm_gflops": gemm,
-        "gemm_gflops_by_library": gemms,
-        "siglip_vision_gflop_per_image": gflop_per_image,
-        "compute_ceiling_images_per_s": gemm / gflop_per_image,
-        "siglip_batch_sizes": siglip_batches,
-        "florence": florence_stats,
-    }
-
-    def ratio(a: str, b: str, key: str = "rps") -> float | None:
-        return by[a][key] / by[b][key] if a in by and b in by and by[b][key] else None
-
-    derived["siglip_fp32_vs_baseline"] = ratio("siglip-vlmserve", "siglip-baseline")
-    derived["siglip_int8_vs_baseline"] = ratio("siglip-vlmserve-int8", "siglip-baseline")
-    derived["siglip_fp32_share_of_ceiling"] = by["siglip-vlmserve"]["rps"] / derived["compute_ceiling_images_per_s"]
-    derived["gateway_overhead_share"] = (
-        1 - by["siglip-direct"]["avg_ms"] / by["siglip-vlmserve"]["avg_ms"] if by["siglip-vlmserve"]["avg_ms"] else None
-    )
-    if florence:
-        derived["florence_vs_baseline"] = ratio("florence-vlmserve", "florence-baseline")
     report = {
-        "name": name, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                  "python": platform.python_version()},
-        "settings": {"users": users, "duration_s": duration_s, "florence_users": florence_users,
-                     "florence_duration_s": florence_duration_s, "max_new_tokens": max_new_tokens},
+        "name": name,
+        "machine": {"cpu": cpu.model, "isa": list(cpu.isa), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "settings": {"model_set": model_set, "users": users, "duration_s": duration_s,
+                     "florence_users": florence_users, "florence_duration_s": florence_duration_s,
+                     "max_new_tokens": max_new_tokens, "chat_users": list(chat_users),
+                     "chat_duration_s": chat_duration_s, "chat_max_tokens": chat_max_tokens, "repeats": repeats},
+        "runtime_choice": {m: {k: c[k] for k in ("runtime", "precision", "items_per_s", "min_cosine", "candidates")}
+                           for m, c in choices.items()},
         "int8_min_cosine": stamps.get("siglip", {}).get("int8_min_cosine"),
-        "results": results, "derived": derived,
-        "command": f"vlmserve bench --name {name} --users {users} --duration {duration_s} "
-                   f"--florence-users {florence_users} --florence-duration {florence_duration_s}",
+        "ceilings_gflops": ceilings,
+        "raw_images_per_s": raw,
+        "siglip_vision_gflop_per_image": gflop_per_image,
+        "results": results,
+        "summary": summarise(results),
+        **extra,
+        "command": f"vlmserve bench --name {name} --users {users} --duration {duration_s} --florence-users "
+                   f"{florence_users} --florence-duration {florence_duration_s} --chat-duration {chat_duration_s} "
+                   f"--repeats {repeats}" + ("" if florence else " --no-florence") + ("" if chat else " --no-chat"),
     }
-    json_path = REPORTS / f"{name}.json"
+    report["derived"] = derive(report)
+    json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(report, indent=2))
-    (REPORTS / f"{name}.md").write_text(render_markdown(report))
-    render_chart(report, REPORTS / f"{name}.png")
+    (out_dir / f"{name}.md").write_text(render_markdown(report))
+    render_chart(report, out_dir / f"{name}.png")
     return json_path
+
+
+def _batch_sizes(triton_url: str, models: list[str]) -> dict[str, dict[str, int]]:
+    out = {}
+    for model in models:
+        stats = httpx.get(f"{triton_url}/v2/models/{model}/stats").json()["model_stats"][0]
+        out[model] = {str(b["batch_size"]): b["compute_infer"]["count"] for b in stats["batch_stats"]}
+    return out
+
+
+def _fidelity(gateway: str, checkpoint: Path, log) -> dict[str, Any] | None:
+    """Served ``/embed`` vs the transformers reference pipeline on photos of every format and mode."""
+    try:
+        from loadtests.fidelity import fidelity_images, served_vs_reference
+    except ImportError:  # pragma: no cover - the fence module ships with the project
+        return None
+    rows = served_vs_reference(gateway, checkpoint, fidelity_images())
+    cosines = [r["cosine"] for r in rows]
+    log(f"served vs reference: min cosine {min(cosines):.5f} over {len(rows)} images")
+    return {"min_cosine": min(cosines), "mean_cosine": float(np.mean(cosines)), "images": rows}
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per scenario: the median of each figure over the rounds, with min and max of the main one."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by.setdefault(r["scenario"], []).append(r)
+    out = {}
+    for scenario, runs in by.items():
+        entry: dict[str, Any] = {"rounds": len(runs), "users": runs[0]["users"],
+                                 "requests": sum(r["requests"] for r in runs),
+                                 "failures": sum(r["failures"] for r in runs)}
+        for key in ("rps", "p50_ms", "p95_ms", "p99_ms", "avg_ms", "tokens_per_s", "ttft_p50_ms", "ttft_p95_ms",
+                    "itl_p50_ms", "itl_p95_ms"):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            if values:
+                entry[key] = statistics.median(values)
+                entry[f"{key}_range"] = [min(values), max(values)]
+        out[scenario] = entry
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def derive(report: dict[str, Any]) -> dict[str, Any]:
+    s, raw, d = report["summary"], report["raw_images_per_s"], {}
+
+    def rps(scenario: str, key: str = "rps") -> float | None:
+        return s.get(scenario, {}).get(key)
+
+    def stronger(prefix: str, key: str = "rps") -> tuple[str | None, float | None]:
+        options = [(f"{prefix}-{b}", rps(f"{prefix}-{b}", key)) for b in ("baseline-fp32", "baseline-bf16")]
+        options = [(n, v) for n, v in options if v is not None]
+        return max(options, key=lambda o: o[1]) if options else (None, None)
+
+    base_name, base = stronger("siglip")
+    d["siglip_stronger_baseline"] = base_name
+    d["siglip_vs_stronger_baseline"] = _ratio(rps("siglip-vlmserve"), base)
+    d["siglip_int8_vs_stronger_baseline"] = _ratio(rps("siglip-vlmserve-int8"), base)
+    d["siglip_vs_baseline_fp32"] = _ratio(rps("siglip-vlmserve"), rps("siglip-baseline-fp32"))
+    choice = report["runtime_choice"].get("siglip_vision", {})
+    precision = choice.get("precision", "fp32")
+    ceiling = max(report["ceilings_gflops"].get(precision, report["ceilings_gflops"]["fp32"]).values())
+    d["siglip_precision"] = f"{choice.get('runtime', 'onnxruntime')}/{precision}"
+    d["ceiling_gflops_for_precision"] = ceiling
+    d["ceiling_images_per_s"] = ceiling / report["siglip_vision_gflop_per_image"]
+    d["siglip_share_of_ceiling"] = _ratio(rps("siglip-vlmserve"), d["ceiling_images_per_s"])
+    d["served_over_raw"] = {
+        "vlmserve": _ratio(rps("siglip-vlmserve"), raw.get("vlmserve")),
+        "vlmserve-int8": _ratio(rps("siglip-vlmserve-int8"), raw.get("vlmserve-int8")),
+        "baseline-fp32": _ratio(rps("siglip-baseline-fp32"), raw.get("baseline-fp32")),
+        "baseline-bf16": _ratio(rps("siglip-baseline-bf16"), raw.get("baseline-bf16")),
+    }
+    gateway, direct = rps("siglip-vlmserve", "avg_ms"), rps("siglip-direct", "avg_ms")
+    d["gateway_overhead_latency"] = 1 - direct / gateway if gateway and direct else None
+    d["gateway_overhead_throughput"] = (1 - rps("siglip-vlmserve") / rps("siglip-direct")
+                                        if rps("siglip-direct") and rps("siglip-vlmserve") else None)
+    if "florence-vlmserve" in s:
+        f_name, f_base = stronger("florence")
+        d["florence_stronger_baseline"] = f_name
+        d["florence_vs_stronger_baseline"] = _ratio(rps("florence-vlmserve"), f_base)
+    chat_users = report["settings"]["chat_users"]
+    if chat_users and f"chat-vlmserve-{chat_users[-1]}u" in s:
+        low, high = chat_users[0], chat_users[-1]
+        options = [(f"chat-{b}-{high}u", rps(f"chat-{b}-{high}u", "tokens_per_s"))
+                   for b in ("baseline-fp32", "baseline-bf16")]
+        options = [(n, v) for n, v in options if v is not None]
+        c_name, c_base = max(options, key=lambda o: o[1]) if options else (None, None)
+        d["chat_stronger_baseline"] = c_name
+        d["chat_tokens_per_s_vs_stronger_baseline"] = _ratio(rps(f"chat-vlmserve-{high}u", "tokens_per_s"), c_base)
+        d["chat_ttft_p95_loaded_over_idle_p50"] = _ratio(rps(f"chat-vlmserve-{high}u", "ttft_p95_ms"),
+                                                         rps(f"chat-vlmserve-{low}u", "ttft_p50_ms"))
+    return d
 
 
 def _fmt(v: Any, spec: str = ".2f") -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.0f}%"
+
+
+def _spread(entry: dict[str, Any], key: str, spec: str = ".2f") -> str:
+    if key not in entry:
+        return "–"
+    lo, hi = entry[f"{key}_range"]
+    return f"{entry[key]:{spec}} ({lo:{spec}}–{hi:{spec}})"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    d = report["derived"]
+    d, m, st = report["derived"], report["machine"], report["settings"]
     lines = [
         f"# vlmserve bench: {report['name']}",
         "",
-        f"Command: `{report['command']}` on {report['machine']['platform']} ({report['machine']['cpus']} CPUs).",
-        "Models: the `perf` set (real architectures and sizes, random weights). Both servers ran on the same",
-        "machine, back to back, with the same Locust load.",
+        f"Command: `{report['command']}`.",
+        f"Host: **{m['cpu']}**, {m['cpus']} CPUs, ISA: {' '.join(m['isa']) or 'no AVX2'} ({m['platform']}).",
+        f"Models: the `{st['model_set']}` set (real architectures and sizes, random weights). vlmserve and the",
+        "baselines ran on the same machine with the same Locust load; every scenario ran "
+        f"{st['repeats']} times, interleaved; figures are medians (min–max).",
         "",
-        "| scenario | users | requests | failures | req/s | p50 ms | p95 ms | p99 ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scenario | users | requests | failures | req/s | p50 ms | p95 ms | tokens/s | TTFT p50 / p95 ms "
+        "| ITL p50 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in report["results"]:
-        lines.append(f"| {r['scenario']} | {r['users']} | {r['requests']} | {r['failures']} | {r['rps']:.2f} | "
-                     f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} |")
+    for name, e in report["summary"].items():
+        ttft = (f"{e['ttft_p50_ms']:.0f} / {e['ttft_p95_ms']:.0f}" if "ttft_p50_ms" in e else "–")
+        lines.append(f"| {name} | {e['users']} | {e['requests']} | {e['failures']} | {_spread(e, 'rps')} | "
+                     f"{_fmt(e.get('p50_ms'), '.0f')} | {_fmt(e.get('p95_ms'), '.0f')} | "
+                     f"{_spread(e, 'tokens_per_s', '.1f')} | {ttft} | {_fmt(e.get('itl_p50_ms'), '.0f')} |")
+    ceilings = "; ".join(f"{p}: " + ", ".join(f"{k} {v:.0f}" for k, v in libs.items())
+                         for p, libs in report["ceilings_gflops"].items())
+    choices = "; ".join(f"{m_}: {c['runtime']}/{c['precision']} (cosine {c['min_cosine']:.5f})"
+                        for m_, c in report["runtime_choice"].items())
+    sor = d["served_over_raw"]
+    fid = report.get("fidelity") or {}
     lines += [
         "",
         "| derived | value |",
         "|---|---|",
-        f"| SigLIP fp32 throughput vs baseline | {_fmt(d.get('siglip_fp32_vs_baseline'))}x |",
-        f"| SigLIP int8 throughput vs baseline | {_fmt(d.get('siglip_int8_vs_baseline'))}x |",
+        f"| runtime chosen at export (per encoder) | {choices} |",
+        f"| SigLIP vs the stronger baseline ({d['siglip_stronger_baseline']}) | "
+        f"{_fmt(d['siglip_vs_stronger_baseline'])}x |",
+        f"| SigLIP vs baseline fp32 | {_fmt(d['siglip_vs_baseline_fp32'])}x |",
+        f"| SigLIP int8 vs the stronger baseline | {_fmt(d['siglip_int8_vs_stronger_baseline'])}x |",
         f"| int8 vs fp32 min cosine (vision, text) | {report.get('int8_min_cosine')} |",
-        f"| GEMM ceiling (2048² fp32, best of torch/onnxruntime/numpy) | {d['gemm_gflops']:.0f} GFLOP/s "
-        f"({', '.join(f'{k} {v:.0f}' for k, v in d['gemm_gflops_by_library'].items())}) |",
-        f"| SigLIP vision FLOPs per image | {d['siglip_vision_gflop_per_image']:.1f} GFLOP |",
-        f"| compute ceiling | {d['compute_ceiling_images_per_s']:.2f} images/s |",
-        f"| SigLIP fp32 share of the ceiling | {_fmt(100 * d['siglip_fp32_share_of_ceiling'], '.0f')}% |",
-        f"| gateway overhead (1 - direct/gateway mean latency) | "
-        f"{_fmt(None if d['gateway_overhead_share'] is None else 100 * d['gateway_overhead_share'], '.1f')}% |",
-        f"| SigLIP batch sizes formed by Triton (size: executions) | {d['siglip_batch_sizes']} |",
+        f"| served /embed vs transformers reference (min / mean cosine, {len(fid.get('images', []))} images) | "
+        f"{_fmt(fid.get('min_cosine'), '.5f')} / {_fmt(fid.get('mean_cosine'), '.5f')} |",
+        f"| GEMM ceilings {GEMM_N}² (GFLOP/s; int8 GOP/s) | {ceilings} |",
+        f"| SigLIP vision FLOPs per image | {report['siglip_vision_gflop_per_image']:.1f} GFLOP |",
+        f"| ceiling for the chosen precision ({d['siglip_precision']}) | {d['ceiling_gflops_for_precision']:.0f} "
+        f"GFLOP/s = {d['ceiling_images_per_s']:.1f} images/s |",
+        f"| SigLIP served share of that ceiling | {_pct(d['siglip_share_of_ceiling'])} |",
+        "| encoder alone, images/s (vlmserve at batch 8; baselines at batch 1) | "
+        + ", ".join(f"{k} {v:.1f}" for k, v in report["raw_images_per_s"].items()) + " |",
+        "| served / raw | " + ", ".join(f"{k} {_pct(v)}" for k, v in sor.items() if v is not None) + " |",
+        f"| gateway overhead (1 - direct/gateway mean latency; by throughput) | "
+        f"{_pct(d['gateway_overhead_latency'])}; {_pct(d['gateway_overhead_throughput'])} |",
+        f"| Triton batch sizes (size: executions) | {report.get('triton_batch_sizes')} |",
+        "| resident memory per Triton model (MiB) | "
+        + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(report.get("model_rss_bytes", {}).items())) + " |",
     ]
-    if "florence_vs_baseline" in d:
-        f = d["florence"]
+    if "florence_vs_stronger_baseline" in d:
+        lines.append(f"| Florence-2 caption vs the stronger baseline ({d['florence_stronger_baseline']}) | "
+                     f"{_fmt(d['florence_vs_stronger_baseline'])}x |")
+    if "chat_tokens_per_s_vs_stronger_baseline" in d:
         lines += [
-            f"| Florence-2 caption throughput vs baseline | {_fmt(d.get('florence_vs_baseline'))}x |",
-            f"| Florence-2 batch sizes (size: executions) | {f.get('batch_sizes')} |",
-            f"| Florence-2 per batch: preprocess+vision / generate | "
-            f"{_fmt(f.get('mean_vision_ms_per_batch'), '.0f')} ms / "
-            f"{_fmt(f.get('mean_generate_ms_per_batch'), '.0f')} ms |",
+            f"| chat output tokens/s at {st['chat_users'][-1]} users vs the stronger baseline "
+            f"({d['chat_stronger_baseline']}) | {_fmt(d['chat_tokens_per_s_vs_stronger_baseline'])}x |",
+            f"| chat TTFT p95 at {st['chat_users'][-1]} users / idle TTFT p50 | "
+            f"{_fmt(d['chat_ttft_p95_loaded_over_idle_p50'])}x |",
         ]
     return "\n".join(lines) + "\n"
 
@@ -286,16 +548,21 @@ def render_chart(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = report["results"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = [r["scenario"] for r in results]
-    axes[0].barh(names, [r["rps"] for r in results], color="#4c72b0")
-    axes[0].set_xlabel("requests/s (higher is better)")
-    axes[1].barh(names, [r["p95_ms"] for r in results], color="#dd8452")
+    summary = report["summary"]
+    names = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.4 * len(names) + 2))
+    rps = [summary[n]["rps"] for n in names]
+    err = [[summary[n]["rps"] - summary[n]["rps_range"][0] for n in names],
+           [summary[n]["rps_range"][1] - summary[n]["rps"] for n in names]]
+    axes[0].barh(names, rps, xerr=err, color="#4c72b0")
+    axes[0].set_xlabel("requests/s, median and range (higher is better)")
+    axes[0].set_xscale("log")
+    axes[1].barh(names, [summary[n]["p95_ms"] for n in names], color="#dd8452")
     axes[1].set_xlabel("p95 latency ms (lower is better)")
+    axes[1].set_xscale("log")
     for ax in axes:
         ax.invert_yaxis()
-    fig.suptitle(f"vlmserve bench: {report['name']} ({report['machine']['cpus']} CPUs)")
+    fig.suptitle(f"vlmserve bench: {report['name']} — {report['machine']['cpu']}, {report['machine']['cpus']} CPUs")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -80,15 +80,22 @@ def serve(
 def bench(
     name: str = typer.Option("cpu-perf", help="report name: loadtests/reports/<name>.{md,json,png}"),
     users: int = typer.Option(16, help="concurrent users for the SigLIP scenarios"),
-    duration: int = typer.Option(45, help="seconds per SigLIP scenario"),
+    duration: int = typer.Option(30, help="seconds per SigLIP scenario and round"),
     florence_users: int = typer.Option(8, help="concurrent users for the Florence-2 scenarios"),
-    florence_duration: int = typer.Option(150, help="seconds per Florence-2 scenario"),
+    florence_duration: int = typer.Option(90, help="seconds per Florence-2 scenario and round"),
     max_new_tokens: int = typer.Option(32, help="Florence-2 caption length (random weights never stop early)"),
     florence: bool = typer.Option(True, help="include the Florence-2 scenarios"),
+    chat: bool = typer.Option(True, help="include the SmolVLM2 chat scenarios"),
+    chat_duration: int = typer.Option(40, help="seconds per chat scenario and round"),
+    chat_max_tokens: int = typer.Option(32, help="output tokens per chat request"),
+    repeats: int = typer.Option(3, help="rounds: every scenario runs this many times (median and range)"),
+    model_set: str = typer.Option("perf", "--set", help="perf (real sizes) or tiny (a quick check of the harness)"),
 ) -> None:
-    """Benchmark vlmserve against the one-request-at-a-time baseline on the perf models (offline)."""
+    """Benchmark vlmserve against the one-request-at-a-time baselines on the perf models (offline)."""
     from loadtests.bench import run_bench
 
-    path = run_bench(name, users, duration, florence_users, florence_duration, max_new_tokens, florence,
+    path = run_bench(name, users, duration, florence_users, florence_duration, max_new_tokens, florence, chat,
+                     chat_duration_s=chat_duration, chat_max_tokens=chat_max_tokens, repeats=repeats,
+                     model_set=model_set,
                      log=lambda m: orchestrator_cli.console.print(f"[cyan]bench[/cyan] {m}"))
     orchestrator_cli.console.print(path.with_suffix(".md").read_text())
