@@ -121,7 +121,7 @@ def onnx_configs(
             }
         },
         # Top level on purpose: a top-level `parameters` block in onnxruntime_backend resets a
-        # gpu_mem_limit given under execution_accelerators (DESIGN.md §3).
+        # gpu_mem_limit given under execution_accelerators (docs/platform.md, "Exports").
         "parameters": pbtxt.parameters(
             {"gpu_mem_limit": options.gpu_mem_limit_bytes, "arena_extend_strategy": "1", **meta}
         ),

@@ -150,7 +150,7 @@ def parse_params(raw: bytes | None, default_max_tokens: int, max_tokens_limit: i
 class QwenPipeline:
     """Qwen2-VL: chat template -> image placeholders expanded per image grid -> batched ``generate``.
 
-    The vision tower stays in torch (its patch loops are data dependent, DESIGN.md §3).
+    The vision tower stays in torch (its patch loops are data dependent, docs/platform.md).
     """
 
     def __init__(self, checkpoint_dir, device: str = "cpu", attn_implementation: str = "sdpa", encoder=None) -> None:

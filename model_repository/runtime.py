@@ -250,7 +250,7 @@ class TritonEncoder:
     """Calls another Triton model (e.g. the native onnxruntime/TensorRT one) with a BLS request.
 
     Only for the NGC image: on the embedded ``nvidia-pytriton`` server BLS calls into Python models fail
-    (DESIGN.md §3), which is why the embedded configs select :class:`OnnxEncoder` instead.
+    (docs/platform.md), which is why the embedded configs select :class:`OnnxEncoder` instead.
     """
 
     def __init__(self, model_name: str, output_names: Sequence[str]) -> None:

@@ -576,7 +576,7 @@ def _apply(config: Any, budgets: list[ResolvedBudget], instance_kind: str) -> tu
             return "nothing (device size unknown: gpu_mem_limit not set)", [
                 f"{config.name}: gpu_mem_limit not written, the device size is unknown"]
         # Top level on purpose: a top-level `parameters` block in onnxruntime_backend resets a gpu_mem_limit
-        # given under execution_accelerators (DESIGN.md §3).
+        # given under execution_accelerators (docs/platform.md, "Exports").
         _set_param(config, "gpu_mem_limit", str(nbytes))
         for accelerator in config.optimization.execution_accelerators.gpu_execution_accelerator:
             if accelerator.name == "tensorrt":

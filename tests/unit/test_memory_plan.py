@@ -306,5 +306,5 @@ def test_render_unknown_model(repo: Path) -> None:
 def test_enforcement_table_separates_enforcing_from_cooperative_knobs() -> None:
     assert {k for k, v in ENFORCEMENT.items() if not v.enforces} == {
         "model_load_gpu_limit", "vllm", "cuda_visible_devices"}
-    assert {k for k, v in ENFORCEMENT.items() if v.level == "hard"} == {"mig", "mps"}  # DESIGN.md §3
+    assert {k for k, v in ENFORCEMENT.items() if v.level == "hard"} == {"mig", "mps"}  # docs/platform.md, "Exports"
     assert enforcement_table().count("\n") == len(ENFORCEMENT) + 1
