@@ -237,11 +237,20 @@ def make_encoder(args: dict[str, Any], config: dict[str, Any], output_names: Seq
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int | None = None):
-    """Encoded image bytes -> RGB PIL image; refuses non-images and decompression bombs.
+    """Encoded image bytes -> upright RGB PIL image; refuses non-images and decompression bombs.
+
+    Every PIL mode becomes RGB with ``Image.convert("RGB")``, exactly what the reference pipelines do
+    (``Image.open(...).convert("RGB")`` before the transformers processor, as seed 004 and
+    ``loadtests/baseline`` do; transformers' own ``convert_to_rgb`` is the same call), so that served embeddings
+    match them: L/1/P replicate into three channels, RGBA/LA/PA and palette transparency are dropped (not
+    composited on a background), CMYK uses PIL's conversion, and 16-bit grayscale (I;16) is clipped to 0..255 like
+    PIL does for the reference. The one deliberate difference: the EXIF orientation is applied, so a phone photo
+    is seen upright.
 
     ``min_size``: the model resizes to about this size anyway, so a JPEG may be decoded at 1/2, 1/4 or 1/8
     scale (libjpeg's DCT scaling) as long as both sides stay >= ``min_size``; this makes large photos several
-    times cheaper to decode.
+    times cheaper to decode. Kept because the end-to-end fidelity fence (tests/integration/
+    test_embedding_fidelity.py, cosine >= 0.999 against the full-decode reference) holds with it.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -250,6 +259,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: in
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL warns about palette images with byte transparency; the conversion below is still right.
+            warnings.filterwarnings("ignore", "Palette images with Transparency", UserWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
@@ -257,12 +268,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: in
             if min_size and image.format == "JPEG":
                 image.draft("RGB", (min_size, min_size))
             image.load()
+            # Inside the try: a mode PIL cannot turn into RGB is the client's problem (400), not a crash.
+            return ImageOps.exif_transpose(image).convert("RGB")
     except InputError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
         raise InputError(f"not a decodable image ({type(exc).__name__}: {exc})") from None
-    return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def as_bytes_list(array: np.ndarray) -> list[bytes]:

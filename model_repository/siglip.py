@@ -235,11 +235,35 @@ class SiglipTokenizer:
         return truncated + [self.pad_id] * (max_length - len(truncated)), full
 
 
+class _TransformersTokenizer:
+    """Any other tokenizer through transformers (imports torch): only for checkpoints whose tokenizer is not the
+    sentencepiece ``SiglipTokenizer`` that :class:`SiglipTokenizer` re-implements."""
+
+    def __init__(self, processor_dir: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(processor_dir))
+
+    def encode(self, text: str, max_length: int) -> tuple[list[int], int]:
+        ids = self.tokenizer(text, padding="max_length", truncation=True, max_length=max_length)["input_ids"]
+        return list(ids), len(self.tokenizer(text)["input_ids"])
+
+
+def make_tokenizer(processor_dir: Path) -> SiglipTokenizer | _TransformersTokenizer:
+    """The torch-free :class:`SiglipTokenizer` for SigLIP's sentencepiece tokenizer (every google/siglip-*
+    checkpoint), transformers for anything else."""
+    config_path = processor_dir / "tokenizer_config.json"
+    config = _read_json(config_path) if config_path.exists() else {}
+    if config.get("tokenizer_class") == "SiglipTokenizer" and (processor_dir / "spiece.model").exists():
+        return SiglipTokenizer(processor_dir)
+    return _TransformersTokenizer(processor_dir)
+
+
 class SiglipTextPreprocessor:
     """UTF-8 strings -> ``input_ids`` padded to the model's length (SigLIP pools the last position)."""
 
     def __init__(self, processor_dir: Path, max_length: int) -> None:
-        self.tokenizer = SiglipTokenizer(processor_dir)
+        self.tokenizer = make_tokenizer(processor_dir)
         self.max_length = max_length
 
     def __call__(self, texts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:

@@ -68,3 +68,23 @@ def test_jpeg_decoded_at_reduced_scale_but_never_below_min_size() -> None:
     assert full.size == (1024, 768)
     assert reduced.size == (512, 384) and min(reduced.size) >= 224
     assert runtime.decode_image(png(100, 100), min_size=10).size == (100, 100)  # PNG: no DCT scaling
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "PA", "1", "L", "I;16", "I", "CMYK"])
+def test_decode_image_converts_every_mode_like_the_reference(mode: str) -> None:
+    """The reference pipelines do ``Image.open(...).convert("RGB")``: alpha dropped, I;16 clipped, CMYK via PIL."""
+    rng = np.random.default_rng(3)
+    rgba = Image.fromarray(rng.integers(0, 255, (9, 13, 4), dtype=np.uint8), "RGBA")
+    if mode in ("I;16", "I"):
+        image = Image.fromarray(rng.integers(0, 1000, (9, 13), dtype=np.uint16)).convert(mode)
+    elif mode == "P":
+        image = rgba.convert("RGB").quantize(16)
+        image.info["transparency"] = 0
+    else:
+        image = rgba.convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, "TIFF" if mode in ("CMYK", "I", "PA") else "PNG")
+    with Image.open(io.BytesIO(buf.getvalue())) as reference:
+        want = np.asarray(reference.convert("RGB"))
+    got = runtime.decode_image(buf.getvalue())
+    assert got.mode == "RGB" and np.array_equal(np.asarray(got), want)
