@@ -12,9 +12,13 @@ a too-aggressive reduced-scale decode) moves a random-weight embedding as much a
 
 from __future__ import annotations
 
-import pytest
+import json
 
-from loadtests import fidelity
+import numpy as np
+import pytest
+from PIL import Image
+
+from loadtests import fidelity, photos
 from vlmserve import paths
 
 pytestmark = pytest.mark.integration
@@ -31,6 +35,8 @@ def rows(stack) -> list[dict]:
 
 
 def test_every_image_matches_the_reference(rows) -> None:
+    for line in fidelity.summarise(rows):
+        print(json.dumps(line))  # the bench line, visible with -s
     worst = sorted(rows, key=lambda r: r["cosine"])[:5]
     assert all(r["cosine"] >= MIN_COSINE for r in rows), [(r["label"], round(r["cosine"], 6)) for r in worst]
 
@@ -43,3 +49,19 @@ def test_the_fence_covers_sizes_formats_and_modes(rows) -> None:
     assert max(r["width"] * r["height"] for r in rows) == 4000 * 3000
     assert {r["source"] for r in rows} == {"photo", "synthetic"}
     assert all(s["min_cosine"] >= MIN_COSINE for s in summary)
+
+
+def test_the_threshold_catches_preprocessing_mistakes(tiny_repo) -> None:
+    """The fence can fail: mistakes a preprocessing rewrite could make move the tiny model's embedding below it."""
+    photo = photos.real_photo(640, 480, 7)
+    pixels = np.asarray(photo)
+    mistakes = {
+        "BGR channel order": Image.fromarray(np.ascontiguousarray(pixels[..., ::-1])),
+        "8 levels brighter (a rescale/offset slip)": Image.fromarray(np.clip(pixels.astype(int) + 8, 0, 255)
+                                                                   .astype(np.uint8)),
+        "bilinear instead of bicubic": photo.resize((32, 32), Image.Resampling.BILINEAR),
+    }
+    encoded = [photos.encode(photo, "PNG")] + [photos.encode(m, "PNG") for m in mistakes.values()]
+    embeddings = fidelity.reference_embeddings(paths.tiny_models_dir() / "siglip", encoded)
+    cosines = dict(zip(mistakes, (embeddings[1:] @ embeddings[0]).tolist(), strict=True))
+    assert all(c < MIN_COSINE for c in cosines.values()), cosines
