@@ -18,14 +18,15 @@ pytestmark = pytest.mark.integration
 MODELS = ("siglip_embed_image", "siglip_embed_text", "siglip_vision")
 
 
-def stub_processes(model: str) -> list[psutil.Process]:
-    """The stub processes serving ``model``: their command line names the model's folder in the repository."""
+def stub_processes(repository: Path, model: str) -> list[psutil.Process]:
+    """The stub processes serving ``model`` from ``repository``: a stub's command line starts with the path of the
+    model's ``model.py``. Matching the repository too keeps out other Triton servers running on this machine."""
+    folder = str(repository.resolve() / model) + "/"
     found = []
-    for proc in psutil.process_iter(["name", "cmdline"]):
+    for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if not cmdline or "triton_python_backend_stub" not in Path(cmdline[0]).name:
-            continue
-        if any(f"/{model}/" in arg or arg.endswith(f"/{model}") for arg in cmdline[1:]):
+        if len(cmdline) > 1 and Path(cmdline[0]).name == "triton_python_backend_stub" and \
+                str(Path(cmdline[1]).resolve()).startswith(folder):
             found.append(proc)
     return found
 
@@ -43,10 +44,11 @@ def test_siglip_stubs_do_not_load_torch(stack, record_property) -> None:
         assert gw.post("/embed", json={"images": [uri]}).status_code == 200
     rss, torch_maps = {}, {}
     for model in MODELS:
-        procs = stub_processes(model)
+        procs = stub_processes(stack.settings.repository, model)
         assert procs, f"no triton_python_backend_stub process found for {model}"
-        rss[model] = [round(p.memory_info().rss / 2**20, 1) for p in procs]
-        torch_maps[model] = sorted(lib for lib in mapped_libraries(procs[0]) if lib.startswith(("libtorch", "libc10")))
+        rss[model] = [round(p.memory_info().rss / 2**20, 1) for p in procs]  # one per instance
+        torch_maps[model] = sorted({lib for p in procs for lib in mapped_libraries(p)
+                                    if lib.startswith(("libtorch", "libc10"))})
     record_property("stub_rss_mib", rss)
     print(f"stub RSS (MiB): {rss}")
     for model in ("siglip_embed_image", "siglip_embed_text"):
