@@ -168,6 +168,9 @@ class SiglipTokenizer:
             return token.get("content") if isinstance(token, dict) else token
 
         added = {int(i): t for i, t in (config.get("added_tokens_decoder") or {}).items()}
+        if any(t.get("single_word") for t in added.values()):
+            # Never in SigLIP checkpoints; make_tokenizer falls back to transformers rather than guess.
+            raise NotImplementedError("single_word added tokens")
         self.added = {t["content"]: (i, t) for i, t in added.items()}
         self.eos_token = content(config.get("eos_token", "</s>"))
         self.unk_token = content(config.get("unk_token", "<unk>"))
@@ -208,8 +211,6 @@ class SiglipTokenizer:
                 parts[i + 1] = parts[i + 1].lstrip()
             if token.get("lstrip") and i > 0:
                 parts[i - 1] = parts[i - 1].rstrip()
-            if token.get("single_word"):
-                raise ValueError(f"single_word added token {part!r} is not supported")
         tokens: list[str] = []
         for part in parts:
             if part in self.added:
@@ -255,7 +256,10 @@ def make_tokenizer(processor_dir: Path) -> SiglipTokenizer | _TransformersTokeni
     config_path = processor_dir / "tokenizer_config.json"
     config = _read_json(config_path) if config_path.exists() else {}
     if config.get("tokenizer_class") == "SiglipTokenizer" and (processor_dir / "spiece.model").exists():
-        return SiglipTokenizer(processor_dir)
+        try:
+            return SiglipTokenizer(processor_dir)
+        except NotImplementedError:
+            pass
     return _TransformersTokenizer(processor_dir)
 
 

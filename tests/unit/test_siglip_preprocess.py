@@ -180,3 +180,19 @@ def test_torch_and_transformers_never_imported(checkpoint: Path) -> None:
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_unsupported_tokenizer_falls_back_to_transformers(checkpoint: Path, tmp_path: Path) -> None:
+    """A checkpoint whose tokenizer the torch-free one does not cover still serves (through transformers)."""
+    import shutil
+
+    for name in ("spiece.model", "special_tokens_map.json"):
+        shutil.copy(checkpoint / name, tmp_path / name)
+    config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["1"]["single_word"] = True
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = siglip.make_tokenizer(tmp_path)
+    assert not isinstance(tokenizer, siglip.SiglipTokenizer)
+    ids, count = tokenizer.encode("a photo of a cat", 16)
+    assert len(ids) == 16 and count > 1
+    assert isinstance(siglip.make_tokenizer(checkpoint), siglip.SiglipTokenizer)
