@@ -7,7 +7,6 @@ that vlmserve and the baseline see the same load.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import random
@@ -15,28 +14,12 @@ import time
 
 import numpy as np
 from locust import HttpUser, User, constant, task
-from PIL import Image, ImageDraw
+
+from loadtests.photos import photo_jpeg as _photo
 
 MODEL = os.environ.get("VLMSERVE_BENCH_MODEL") or None
 MAX_NEW_TOKENS = int(os.environ.get("VLMSERVE_BENCH_MAX_NEW_TOKENS", "32"))
 TIMING_LOG = os.environ.get("VLMSERVE_BENCH_TIMING_LOG")
-
-
-def _photo(width: int, height: int, seed: int) -> bytes:
-    """A photo-like JPEG: gradient sky, shapes, noise (realistic decode and resize cost)."""
-    rng = np.random.default_rng(seed)
-    y = np.linspace(0, 1, height)[:, None, None]
-    base = (np.array([90, 140, 220]) * (1 - y) + np.array([230, 200, 160]) * y).astype(np.float32)
-    pixels = np.clip(np.broadcast_to(base, (height, width, 3)) + rng.normal(0, 12, (height, width, 3)), 0, 255)
-    image = Image.fromarray(pixels.astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(8):
-        x0, y0 = int(rng.integers(0, width - 10)), int(rng.integers(0, height - 10))
-        x1, y1 = x0 + int(rng.integers(10, width // 3)), y0 + int(rng.integers(10, height // 3))
-        draw.ellipse((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 IMAGES = [_photo(w, h, i) for i, (w, h) in enumerate([(224, 224), (640, 480), (1024, 768), (800, 600)])]

@@ -174,7 +174,9 @@ class QwenPipeline:
         prompt, images = render_prompt(self.tokenizer, messages)
         inputs: dict[str, Any] = {}
         if images:
-            vision = self.image_processor(images=images, return_tensors="pt")
+            # channels_last: the images are RGB PIL images; left to guess, transformers takes an image 1 or 3
+            # pixels high for channels-first and fails ("mean must have 1 elements") or transposes it.
+            vision = self.image_processor(images=images, return_tensors="pt", input_data_format="channels_last")
             counts = (vision["image_grid_thw"].prod(-1) // (self.merge**2)).tolist()
             pieces = prompt.split("<|image_pad|>")
             if len(pieces) - 1 != len(counts):

@@ -106,8 +106,9 @@ class Florence2Pipeline:
         """Generate for all jobs: one encoder call, one generate per (max_new_tokens, num_beams) group."""
         torch = self.torch
         started = time.perf_counter()
+        # channels_last: RGB PIL images; transformers would guess an image 1 or 3 pixels high is channels-first.
         inputs = self.processor(text=[j.prompt for j in jobs], images=[j.image for j in jobs],
-                                return_tensors="pt", padding=True)
+                                return_tensors="pt", padding=True, input_data_format="channels_last")
         features = self.encoder({"pixel_values": inputs["pixel_values"].numpy().astype(np.float32)})
         vision_ms = (time.perf_counter() - started) * 1000
         image_features = torch.from_numpy(features["image_features"]).to(self.device)

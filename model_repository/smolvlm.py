@@ -101,7 +101,9 @@ class SmolVLMPipeline:
         prompt, images = render_prompt(self.tokenizer, messages)
         inputs: dict[str, Any] = {}
         if images:
-            vision = self.image_processor(images=[images], return_row_col_info=True, return_tensors="np")
+            # channels_last: RGB PIL images; transformers would guess an image 1 or 3 pixels high is channels-first.
+            vision = self.image_processor(images=[images], return_row_col_info=True, return_tensors="np",
+                                          input_data_format="channels_last")
             pieces = prompt.split("<image>")
             if len(pieces) - 1 != len(images):
                 raise runtime.InputError("the chat template did not place every image")

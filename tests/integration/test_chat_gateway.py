@@ -122,3 +122,20 @@ def test_seed_003_describe_region(stack) -> None:
         bad = httpx.post(f"{stack.gateway}/v1/describe_region", json={"image": image, "box": box}, timeout=30)
         assert bad.status_code == 422, (box, bad.text)
         assert rule in bad.json()["error"]["message"], (box, bad.json())
+
+
+def _tiny_gray_png(size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size, 128).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("model", ["qwen2vl", "smolvlm2"])
+@pytest.mark.parametrize("size", [(1, 1), (5, 1), (2, 3)])
+def test_v1_ocr_tiny_grayscale_images(stack, model, size) -> None:
+    """Images 1 or 3 pixels high: transformers guessed they were channels-first (502 "mean must have 1 elements",
+    or for 3 pixels a silently transposed image); the models now tell the processors the layout."""
+    image = base64.b64encode(_tiny_gray_png(size)).decode()
+    r = httpx.post(f"{stack.gateway}/v1/ocr", json={"image": image, "model": model, "max_tokens": 2}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert isinstance(r.json()["text"], str)

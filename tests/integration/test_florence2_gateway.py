@@ -133,3 +133,15 @@ def test_python_client_sync_and_async(stack) -> None:
             return [r.task for r in results]
 
     assert asyncio.run(main()) == ["ocr"] * 4
+
+
+@pytest.mark.parametrize("size", [(1, 1), (5, 1)])
+def test_infer_tiny_grayscale_image(gw, size) -> None:
+    """An image 1 or 3 pixels high used to fail in the processor (channel axis guessed wrong)."""
+    buf = io.BytesIO()
+    Image.new("L", size, 200).save(buf, "PNG")
+    body = {"image_base64": base64.b64encode(buf.getvalue()).decode(), "task": "caption", "max_new_tokens": 2,
+            "num_beams": 1}
+    r = gw.post("/infer", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["image_size"] == {"width": size[0], "height": size[1]}

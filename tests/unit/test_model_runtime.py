@@ -60,11 +60,34 @@ def test_param_reports_missing_required_parameter() -> None:
     assert runtime.param({"parameters": {"a": {"string_value": "1"}}}, "a") == "1"
 
 
-def test_jpeg_decoded_at_reduced_scale_but_never_below_min_size() -> None:
-    buf = io.BytesIO()
-    Image.new("RGB", (1024, 768), (10, 20, 30)).save(buf, "JPEG")
-    full = runtime.decode_image(buf.getvalue())
-    reduced = runtime.decode_image(buf.getvalue(), min_size=224)
-    assert full.size == (1024, 768)
-    assert reduced.size == (512, 384) and min(reduced.size) >= 224
+def test_jpeg_decoded_at_reduced_scale_but_never_below_twice_min_size() -> None:
+    def jpeg(w: int, h: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), (10, 20, 30)).save(buf, "JPEG")
+        return buf.getvalue()
+
+    assert runtime.decode_image(jpeg(2048, 1536)).size == (2048, 1536)
+    assert runtime.decode_image(jpeg(2048, 1536), min_size=224).size == (1024, 768)  # 1/2: 768 >= 2 * 224
+    assert runtime.decode_image(jpeg(4000, 3000), min_size=224).size == (1000, 750)  # 1/4, not 1/8 (375 < 448)
+    assert runtime.decode_image(jpeg(1024, 768), min_size=224).size == (1024, 768)  # 1/2 would give 384 < 448
     assert runtime.decode_image(png(100, 100), min_size=10).size == (100, 100)  # PNG: no DCT scaling
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "PA", "1", "L", "I;16", "I", "CMYK"])
+def test_decode_image_converts_every_mode_like_the_reference(mode: str) -> None:
+    """The reference pipelines do ``Image.open(...).convert("RGB")``: alpha dropped, I;16 clipped, CMYK via PIL."""
+    rng = np.random.default_rng(3)
+    rgba = Image.fromarray(rng.integers(0, 255, (9, 13, 4), dtype=np.uint8), "RGBA")
+    if mode in ("I;16", "I"):
+        image = Image.fromarray(rng.integers(0, 1000, (9, 13), dtype=np.uint16)).convert(mode)
+    elif mode == "P":
+        image = rgba.convert("RGB").quantize(16)
+        image.info["transparency"] = 0
+    else:
+        image = rgba.convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, "TIFF" if mode in ("CMYK", "I", "PA") else "PNG")
+    with Image.open(io.BytesIO(buf.getvalue())) as reference:
+        want = np.asarray(reference.convert("RGB"))
+    got = runtime.decode_image(buf.getvalue())
+    assert got.mode == "RGB" and np.array_equal(np.asarray(got), want)
