@@ -297,7 +297,13 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
             baselines[system] = (proc, f"http://127.0.0.1:{port}")
         for proc, url in baselines.values():
             _wait(f"{url}/health", 900, proc)
-        runtime.start()
+        image_dir = out / "images"
+        image_dir.mkdir(exist_ok=True)
+        os.environ["VLMSERVE_GATEWAY_LOCAL_IMAGE_DIR"] = str(image_dir)  # inherited by the gateway process
+        try:
+            runtime.start()
+        finally:
+            os.environ.pop("VLMSERVE_GATEWAY_LOCAL_IMAGE_DIR")
         gw = settings.gateway_url
         targets = {system: url for system, (_, url) in baselines.items()} | {"vlmserve": gw}
         scenarios = [Scenario(f"siglip-{system}", "siglip", system, "EmbedUser", url, users, duration_s)
@@ -328,7 +334,7 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
                                                    else ["siglip_embed_image"])
         triton = runtime.running().get("triton")
         extra["model_rss_bytes"] = model_rss(triton.pid) if triton else {}
-        extra["fidelity"] = _fidelity(gw, checkpoints / "siglip", log)
+        extra["fidelity"] = _fidelity(gw, checkpoints / "siglip", image_dir, log)
     finally:
         runtime.stop()
         for proc, _ in baselines.values():
@@ -372,16 +378,16 @@ def _batch_sizes(triton_url: str, models: list[str]) -> dict[str, dict[str, int]
     return out
 
 
-def _fidelity(gateway: str, checkpoint: Path, log) -> dict[str, Any] | None:
-    """Served ``/embed`` vs the transformers reference pipeline on photos of every format and mode."""
-    try:
-        from loadtests.fidelity import fidelity_images, served_vs_reference
-    except ImportError:  # pragma: no cover - the fence module ships with the project
-        return None
-    rows = served_vs_reference(gateway, checkpoint, fidelity_images())
+def _fidelity(gateway: str, checkpoint: Path, local_dir: Path, log) -> dict[str, Any]:
+    """Served ``/embed`` vs the transformers reference pipeline on photos of every format and mode, 224-4000 px
+    (sent by path through the gateway's local image folder: the largest exceed the request body cap)."""
+    from loadtests.fidelity import fence_images, served_vs_reference, summarise
+
+    rows = served_vs_reference(gateway, checkpoint, fence_images(), local_dir=local_dir)
     cosines = [r["cosine"] for r in rows]
     log(f"served vs reference: min cosine {min(cosines):.5f} over {len(rows)} images")
-    return {"min_cosine": min(cosines), "mean_cosine": float(np.mean(cosines)), "images": rows}
+    return {"min_cosine": min(cosines), "mean_cosine": float(np.mean(cosines)), "images": len(rows),
+            "by_format_mode": summarise(rows)}
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -513,7 +519,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| SigLIP vs baseline fp32 | {_fmt(d['siglip_vs_baseline_fp32'])}x |",
         f"| SigLIP int8 vs the stronger baseline | {_fmt(d['siglip_int8_vs_stronger_baseline'])}x |",
         f"| int8 vs fp32 min cosine (vision, text) | {report.get('int8_min_cosine')} |",
-        f"| served /embed vs transformers reference (min / mean cosine, {len(fid.get('images', []))} images) | "
+        f"| served /embed vs transformers reference (min / mean cosine, {fid.get('images', 0)} images, 224-4000 px, "
+        "JPEG/PNG/WebP, RGB/RGBA/L/P/CMYK) | "
         f"{_fmt(fid.get('min_cosine'), '.5f')} / {_fmt(fid.get('mean_cosine'), '.5f')} |",
         f"| GEMM ceilings {GEMM_N}² (GFLOP/s; int8 GOP/s) | {ceilings} |",
         f"| SigLIP vision FLOPs per image | {report['siglip_vision_gflop_per_image']:.1f} GFLOP |",

@@ -15,7 +15,7 @@ import time
 import numpy as np
 from locust import HttpUser, User, constant, task
 
-from loadtests.photos import photo_jpeg as _photo
+from export.photos import photo_jpeg as _photo
 
 MODEL = os.environ.get("VLMSERVE_BENCH_MODEL") or None
 MAX_NEW_TOKENS = int(os.environ.get("VLMSERVE_BENCH_MAX_NEW_TOKENS", "32"))

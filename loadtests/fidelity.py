@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from loadtests import photos
+from export import photos
 
 DEFAULT_SIZES = ((224, 224), (640, 480), (1024, 768), (2048, 1536), (4000, 3000), (3000, 4000))
 # The gateway refuses images over 20 MiB (``max_image_bytes``): a noisy 4000x3000 PNG is ~30 MB, so PNG stops

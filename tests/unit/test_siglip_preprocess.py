@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loadtests import photos
+from export import photos
 from model_repository import runtime, siglip
 
 ROOT = Path(__file__).resolve().parents[2]
