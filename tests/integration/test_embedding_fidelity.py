@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loadtests import fidelity, photos
+from export import photos
+from loadtests import fidelity
 from vlmserve import paths
 
 pytestmark = pytest.mark.integration
