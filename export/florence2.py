@@ -83,9 +83,17 @@ def export(source_dir: Path, repo: Path, options: ExportOptions, weights: str, s
     photos_px = image_processor(images=photos.photos(CHOICE_BATCH), return_tensors="np")["pixel_values"]
     choice = runtime_choice.select_for_export(repo, "florence2_vision", vision, onnx_path,
                                               {"pixel_values": photos_px.astype(np.float32)}, options, progress)
+    decoder = None
+    if options.device == "cpu":
+        with progress.step("choosing the decoder precision (timing fp32 vs bf16 autocast)") as step:
+            decoder = _choose_decoder(model, image_processor, source_dir, options)
+            step.detail = runtime_choice.decoder_summary(decoder)
     with progress.step("copying checkpoint and writing Triton configs"):
         meta = {"family": FAMILY, "source_model": source_name, "weights": weights}
         chosen = runtime_choice.config_params(choice)
+        if decoder is not None:
+            (repo / "florence2").mkdir(parents=True, exist_ok=True)
+            (repo / "florence2" / "decoder_choice.json").write_text(json.dumps(decoder, indent=2))
         native, embedded = onnx_configs(
             "florence2_vision",
             {"name": "pixel_values", "data_type": Enum("TYPE_FP32"), "dims": [3, height, width]},
@@ -99,9 +107,39 @@ def export(source_dir: Path, repo: Path, options: ExportOptions, weights: str, s
         write_python_model(repo, "florence2_vision", "model_repository.onnx_model.TritonPythonModel")
 
         copy_checkpoint(source_dir, repo / "florence2" / "1" / "checkpoint")
-        _write_client_model(repo, options, {**meta, **chosen}, default_max_new_tokens)
+        decoder_params = {} if decoder is None else {"decoder_precision": decoder["precision"],
+                                                     "decoder_choice": runtime_choice.decoder_summary(decoder)}
+        _write_client_model(repo, options, {**meta, **chosen, **decoder_params}, default_max_new_tokens)
     return {"parity_max_abs_diff": {"florence2_vision": diff}, "image_tokens": tokens, "image_size": [width, height],
-            "runtime_choice": {"florence2_vision": choice}}
+            "runtime_choice": {"florence2_vision": choice, "florence2_decoder": decoder}}
+
+
+def _choose_decoder(model, image_processor, source_dir: Path, options: ExportOptions) -> dict[str, Any]:
+    """fp32 vs bf16 autocast for the language model, on captions of photos (batch 4, 3 beams, 16 tokens)."""
+    import torch
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(source_dir)
+    inputs = processor(text=["<CAPTION>"] * CHOICE_BATCH, images=photos.photos(CHOICE_BATCH), return_tensors="pt",
+                       padding=True)
+    mask = inputs["attention_mask"]
+    with torch.no_grad():
+        features = model.model.get_image_features(inputs["pixel_values"])
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        image_positions = (inputs["input_ids"] == processor.image_token_id).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(image_positions, features.to(embeds.dtype))
+
+    def generate(bf16: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            encoded = model.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+            return model.generate(encoder_outputs=encoded, attention_mask=mask, max_new_tokens=16, num_beams=3,
+                                  do_sample=False, early_stopping=False)
+
+    def logits(bf16: bool, ids):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=ids).logits
+
+    return runtime_choice.choose_decoder(generate, logits, options.precision)
 
 
 def _write_client_model(repo: Path, options: ExportOptions, meta: dict[str, Any], default_max_new_tokens: int) -> None:

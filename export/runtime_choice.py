@@ -30,6 +30,9 @@ from vlmserve.host import CpuInfo, cpu_info
 # Bump when the candidates, the floors or the way of choosing change: every repository re-selects.
 SELECTION_VERSION = "select-1"
 FIDELITY_FLOOR = 0.999  # min cosine to the fp32 PyTorch reference (int8 variants have their own, 0.99)
+# Decoders (torch, bf16 autocast): next-token logits teacher-forced on the fp32 output must keep this cosine and
+# pick the same token at this share of positions.
+ARGMAX_FLOOR = 0.99
 MARGIN = 1.05
 ROUNDS = 5
 REPORT_FILE = "runtime_choice.json"
@@ -178,3 +181,59 @@ def select_for_export(repo: Path, name: str, module, onnx_path: Path, inputs: di
         write_report(repo / name, report)
         step.detail = summary(report)
     return report
+
+
+def choose_decoder(generate, logits, precision: str = "auto", cpu: CpuInfo | None = None, rounds: int = 2,
+                   floor: float = FIDELITY_FLOOR) -> dict[str, Any]:
+    """fp32 or bf16 autocast for a torch decoder (what ``generate`` runs): timed interleaved, fenced on logits.
+
+    ``generate(bf16: bool)`` runs one realistic batched generation and returns the token ids; ``logits(bf16,
+    ids)`` returns next-token logits [rows, positions, vocab] teacher-forced on ``ids`` (the fp32 output), so
+    both precisions are compared at the same positions. bf16 is a candidate only with native bf16 (or asked
+    for); it wins when faithful (min cosine >= ``floor``, argmax agreement >= ``ARGMAX_FLOOR``) and faster by
+    ``MARGIN``. The share of tokens a free-running generation reproduces is reported, not fenced: with random
+    weights the logits are nearly flat and beam search flips on near-ties.
+    """
+    import torch
+
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
+    cpu = cpu or cpu_info()
+    modes = [False] if precision == "fp32" or not (cpu.has_bf16 or precision == "bf16") else [False, True]
+    if precision == "bf16":
+        modes = [True]
+    with torch.no_grad():
+        reference_ids = generate(False)
+        trials = {bf16: {"precision": "bf16" if bf16 else "fp32", "seconds": []} for bf16 in modes}
+        outputs = {}
+        for _ in range(rounds):
+            for bf16 in modes:
+                start = time.perf_counter()
+                outputs[bf16] = generate(bf16)
+                trials[bf16]["seconds"].append(time.perf_counter() - start)
+        expected = logits(False, reference_ids).float()
+        for bf16, trial in trials.items():
+            got = logits(bf16, reference_ids).float()
+            trial["seconds"] = statistics.median(trial["seconds"])
+            trial["min_cosine"] = float(torch.nn.functional.cosine_similarity(expected, got, dim=-1).min())
+            trial["argmax_agreement"] = float((expected.argmax(-1) == got.argmax(-1)).float().mean())
+            same = outputs[bf16].shape == reference_ids.shape
+            trial["free_running_token_match"] = float((outputs[bf16] == reference_ids).float().mean()) if same else 0.0
+    faithful = [t for t in trials.values() if t["min_cosine"] >= floor and t["argmax_agreement"] >= ARGMAX_FLOOR]
+    if not faithful:
+        raise FidelityError(f"decoder: no precision holds cosine >= {floor} and argmax agreement >= {ARGMAX_FLOOR}: "
+                            + "; ".join(f"{t['precision']} cosine {t['min_cosine']:.5f} argmax "
+                                        f"{t['argmax_agreement']:.3f}" for t in trials.values()))
+    best = min(faithful, key=lambda t: t["seconds"])
+    fp32 = trials.get(False)
+    if fp32 in faithful and best is not fp32 and best["seconds"] * MARGIN > fp32["seconds"]:
+        best = fp32
+    return {"selection_version": SELECTION_VERSION, "precision": best["precision"], "fidelity_floor": floor,
+            "argmax_floor": ARGMAX_FLOOR, "host": {"cpu": cpu.model, "cores": cpu.cores, "isa": list(cpu.isa)},
+            "candidates": list(trials.values())}
+
+
+def decoder_summary(report: dict[str, Any]) -> str:
+    return f"decoder {report['precision']}; timed: " + ", ".join(
+        f"{t['precision']} {t['seconds']:.2f}s cosine {t['min_cosine']:.5f} argmax {t['argmax_agreement']:.3f} "
+        f"free-running {t['free_running_token_match']:.2f}" for t in report["candidates"])

@@ -80,5 +80,7 @@ async def models(request: Request):
             entry.setdefault("runtimes", {})[m.name] = {
                 "runtime": m.params["runtime"], "precision": m.params.get("precision"),
                 "why": m.params.get("runtime_choice"),
+                **({"decoder_precision": m.params["decoder_precision"], "decoder_why": m.params.get("decoder_choice")}
+                   if "decoder_precision" in m.params else {}),
             }
     return {"object": "list", "data": list(by_source.values())}

@@ -17,7 +17,7 @@ from export.repository import EMBEDDED_CONFIG, read_stamp
 from export.run import export_model_set
 
 GOLDEN = Path(__file__).parent / "golden"
-HOST_DEPENDENT = ("runtime", "precision", "runtime_choice")
+HOST_DEPENDENT = ("runtime", "precision", "runtime_choice", "decoder_precision", "decoder_choice")
 CONFIG_FILES = [
     f"{m}/{c}"
     for m in ("siglip_vision", "siglip_text", "siglip_embed_image", "siglip_embed_text", "florence2_vision",

@@ -99,3 +99,39 @@ def test_export_writes_the_choice_next_to_the_model(tiny_repo: Path) -> None:
             assert params["runtime"].string_value == report["runtime"]
             assert params["precision"].string_value == report["precision"]
             assert params["runtime_choice"].string_value.startswith(f"{report['runtime']}/{report['precision']}")
+
+
+def _decoder_fakes(bf16_error: float, bf16_seconds: float):
+    """generate/logits stand-ins: bf16 perturbs the logits by ``bf16_error`` and takes ``bf16_seconds``."""
+    import time
+
+    import torch
+
+    base = torch.randn(2, 5, 50, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, 5, 50, generator=torch.Generator().manual_seed(1))
+
+    def generate(bf16: bool):
+        time.sleep(bf16_seconds if bf16 else 0.05)
+        return torch.arange(10).reshape(2, 5)
+
+    def logits(bf16: bool, ids):
+        return base + bf16_error * noise if bf16 else base
+
+    return generate, logits
+
+
+def test_decoder_bf16_is_chosen_only_when_faithful_and_faster() -> None:
+    bf16_host, plain = parse_cpuinfo(AMX_XEON), parse_cpuinfo(AVX2_EPYC)
+    report = runtime_choice.choose_decoder(*_decoder_fakes(1e-3, 0.0), cpu=bf16_host)
+    assert report["precision"] == "bf16"
+    bf16 = next(c for c in report["candidates"] if c["precision"] == "bf16")
+    assert bf16["min_cosine"] >= runtime_choice.FIDELITY_FLOOR and bf16["argmax_agreement"] >= 0.99
+    # Logits pushed far off: unfaithful, fp32 stays although bf16 is faster.
+    assert runtime_choice.choose_decoder(*_decoder_fakes(2.0, 0.0), cpu=bf16_host)["precision"] == "fp32"
+    # Faithful but not faster by the margin: fp32 stays.
+    assert runtime_choice.choose_decoder(*_decoder_fakes(1e-3, 0.1), cpu=bf16_host)["precision"] == "fp32"
+    # No native bf16: not even timed.
+    report = runtime_choice.choose_decoder(*_decoder_fakes(1e-3, 0.0), cpu=plain)
+    assert [c["precision"] for c in report["candidates"]] == ["fp32"]
+    with pytest.raises(FidelityError):
+        runtime_choice.choose_decoder(*_decoder_fakes(2.0, 0.0), precision="bf16", cpu=bf16_host)
