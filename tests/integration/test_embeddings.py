@@ -129,6 +129,14 @@ def test_openai_sdk_embeddings_float_and_base64(stack) -> None:
     models = client.models.list()
     assert sorted(m.id for m in models.data) == ["vlmserve/tiny-florence2", "vlmserve/tiny-qwen2vl",
                                                  "vlmserve/tiny-siglip", "vlmserve/tiny-smolvlm2"]
+    # The runtime export chose on this host, per Triton model, and why (export/runtime_choice.py).
+    siglip = next(m for m in models.data if m.id == "vlmserve/tiny-siglip").model_extra
+    chosen = siglip["runtimes"]["siglip_embed_image"]
+    assert (chosen["runtime"], chosen["precision"]) in {("onnxruntime", "fp32"), ("openvino", "fp32"),
+                                                        ("openvino", "bf16")}
+    assert chosen["why"].startswith(f"{chosen['runtime']}/{chosen['precision']}") and "cosine" in chosen["why"]
+    florence = next(m for m in models.data if m.id == "vlmserve/tiny-florence2").model_extra
+    assert florence["runtimes"]["florence2"]["decoder_precision"] in ("fp32", "bf16")
 
 
 def test_openai_sdk_unknown_model_is_404(stack) -> None:
