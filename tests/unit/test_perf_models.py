@@ -75,6 +75,55 @@ def test_perf_florence2_parameter_count_matches_florence2_base() -> None:
     assert math.isclose(total, 0.23e9, rel_tol=0.02), total  # Florence-2-base: 0.23B
 
 
+def test_perf_smolvlm2_config_has_smolvlm2_256m_dimensions() -> None:
+    config = perf.perf_smolvlm2_config(image_token_id=3, pad_token_id=0, eos_token_id=2)
+    vision, text = config.vision_config, config.text_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) == (768, 12, 12)
+    assert (vision.intermediate_size, vision.image_size, vision.patch_size) == (3072, 512, 16)
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
+        576, 30, 9, 3)
+    assert (text.intermediate_size, text.vocab_size, text.model_type) == (1536, 49280, "llama")
+    assert (config.scale_factor, config.image_token_id) == (4, 3)
+    # 64 image tokens per 512 px tile: (512 / 16)^2 patches, pixel-shuffled by 4x4.
+    assert (vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2 == 64
+
+
+def test_perf_smolvlm2_parameter_count_matches_smolvlm2_256m() -> None:
+    from transformers import SmolVLMForConditionalGeneration
+
+    config = perf.perf_smolvlm2_config(image_token_id=3, pad_token_id=0, eos_token_id=2)
+    total = _meta_params(lambda: SmolVLMForConditionalGeneration(config))
+    vision = _meta_params(lambda: SmolVLMForConditionalGeneration(config).model.vision_model)
+    assert math.isclose(total, 256e6, rel_tol=0.01), total  # SmolVLM2-256M: 256M
+    assert math.isclose(vision, 86e6, rel_tol=0.02), vision  # SigLIP-B/16 at 512 px (1024 positions)
+
+
+def test_perf_smolvlm2_tokenizer_decodes_every_model_id() -> None:
+    tokenizer = perf._smolvlm2_tokenizer()
+    assert len(tokenizer) == perf.SMOLVLM2_VOCAB_SIZE
+    assert tokenizer.decode([perf.SMOLVLM2_VOCAB_SIZE - 1]) == f" w{perf.SMOLVLM2_VOCAB_SIZE - 1}"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                         {"type": "text", "text": "a red car"}]}],
+                                           tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt)["input_ids"]
+    assert tokenizer.convert_tokens_to_ids("<image>") in ids and max(ids) < perf.SMOLVLM2_TOKENIZER_TRAINED
+    assert tokenizer.decode(ids, skip_special_tokens=True).endswith("a red car\nAssistant:")
+
+
+def test_export_perf_accepts_the_smolvlm2_family(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from export import run
+    from export.progress import Progress
+
+    built: list[str] = []
+    exported: list[tuple[str, Path]] = []
+    monkeypatch.setattr(perf, "perf_source", lambda family, progress: built.append(family) or tmp_path / family)
+    monkeypatch.setattr(run, "export_family", lambda family, source, *a, **k: exported.append((family, source)) or {})
+    reports = run.export_model_set("perf", repo=tmp_path / "repo", families=["smolvlm2"], progress=Progress(quiet=True))
+    assert list(reports) == ["smolvlm2"] and built == ["smolvlm2"]
+    assert exported == [("smolvlm2", tmp_path / "smolvlm2")]
+    assert "smolvlm2" not in run.PERF_FAMILIES  # opt-in: the default perf set is unchanged
+
+
 def test_perf_source_builds_once_into_the_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from export.progress import Progress
 
