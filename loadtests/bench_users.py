@@ -22,7 +22,8 @@ MAX_NEW_TOKENS = int(os.environ.get("VLMSERVE_BENCH_MAX_NEW_TOKENS", "32"))
 CHAT_MODEL = os.environ.get("VLMSERVE_BENCH_MODEL") or "smolvlm2"
 # Short prompt, one small wide image: SmolVLM2's processor rescales every image to a 2048 px longest edge and
 # cuts 512 px tiles, so a 2:1 image costs 4x2 tiles + the global view (9 x 64 tokens), the least it can.
-CHAT_IMAGE_SIZE = tuple(int(v) for v in os.environ.get("VLMSERVE_BENCH_CHAT_IMAGE", "96x48").split("x"))
+# VLMSERVE_BENCH_CHAT_IMAGE=none sends the prompt alone (decode-bound runs on small CPUs).
+CHAT_IMAGE_SPEC = os.environ.get("VLMSERVE_BENCH_CHAT_IMAGE", "96x48")
 CHAT_PROMPT = os.environ.get("VLMSERVE_BENCH_CHAT_PROMPT",
                              "Describe this picture in as much detail as you can, then tell a long story about it.")
 TIMING_LOG = os.environ.get("VLMSERVE_BENCH_TIMING_LOG")
@@ -47,7 +48,8 @@ def _photo(width: int, height: int, seed: int) -> bytes:
 
 IMAGES = [_photo(w, h, i) for i, (w, h) in enumerate([(224, 224), (640, 480), (1024, 768), (800, 600)])]
 B64 = [base64.b64encode(i).decode() for i in IMAGES]
-CHAT_IMAGE = "data:image/jpeg;base64," + base64.b64encode(_photo(*CHAT_IMAGE_SIZE, seed=7)).decode()
+CHAT_IMAGE = None if CHAT_IMAGE_SPEC == "none" else "data:image/jpeg;base64," + base64.b64encode(
+    _photo(*(int(v) for v in CHAT_IMAGE_SPEC.split("x")), seed=7)).decode()
 
 
 class EmbedUser(HttpUser):
@@ -118,6 +120,8 @@ class DirectEmbedUser(User):
 class ChatUser(HttpUser):
     """Streaming OpenAI chat completion (one small image + a short prompt, greedy, ``max_tokens`` from
     ``VLMSERVE_BENCH_MAX_NEW_TOKENS``), against the gateway or the baseline's ``/v1/chat/completions``.
+    Env: ``VLMSERVE_BENCH_MODEL`` (default smolvlm2), ``VLMSERVE_BENCH_CHAT_IMAGE`` (``WxH``, default 96x48, or
+    ``none``), ``VLMSERVE_BENCH_CHAT_PROMPT``.
 
     Rows it writes to Locust's stats (``--csv``; read them by name, the ``Aggregated`` row mixes them):
 
@@ -144,9 +148,10 @@ class ChatUser(HttpUser):
         body = {
             "model": CHAT_MODEL, "stream": True, "stream_options": {"include_usage": True},
             "max_tokens": MAX_NEW_TOKENS, "temperature": 0,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": CHAT_IMAGE}},
-                                                      {"type": "text", "text": CHAT_PROMPT}]}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": CHAT_PROMPT}]}],
         }
+        if CHAT_IMAGE:
+            body["messages"][0]["content"].insert(0, {"type": "image_url", "image_url": {"url": CHAT_IMAGE}})
         start = time.perf_counter()
         first = last = None
         usage = None

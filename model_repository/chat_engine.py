@@ -183,8 +183,11 @@ class RowStreamer:
 
 def _fail(job: ChatJob, exc: Exception) -> None:
     job.finish = "error"
-    # The exception's type and message only: the traceback goes to the log, never to the client.
-    job.emit(f"generation failed: {type(exc).__name__}: {exc}", "error", None)
+    try:
+        # The exception's type and message only: the traceback goes to the log, never to the client.
+        job.emit(f"generation failed: {type(exc).__name__}: {exc}", "error", None)
+    except Exception:  # noqa: BLE001 - the client may be gone; nothing more to tell it
+        log.exception("chat: could not send the error response")
 
 
 def _cancelled_in_queue(job: ChatJob) -> None:
@@ -268,8 +271,7 @@ class DecodeLoop:
         sampler = RowSampler(job.params)
         job.batch_size = max(job.batch_size, len(self.rows) + 1)
         token = sampler(logits)
-        if self.streamer.push(job, token):
-            self.streamer.close(job)
+        if self._answer(job, token):
             return
         width = cache.get_seq_length()
         device = self.family.device
@@ -313,9 +315,7 @@ class DecodeLoop:
         for row, (job, sampler) in enumerate(zip(self.rows, self.samplers, strict=True)):
             job.batch_size = max(job.batch_size, rows)
             token = greedy[row] if job.params.temperature <= 0 else sampler(logits[row])
-            if self.streamer.push(job, token):
-                self.streamer.close(job)
-            else:
+            if not self._answer(job, token):
                 keep.append(row)
                 tokens.append(token)
         if len(keep) == rows:
@@ -326,6 +326,18 @@ class DecodeLoop:
             return
         self._select(keep)
         self.next_tokens = torch.tensor(tokens, dtype=torch.long, device=self.mask.device)
+
+    def _answer(self, job: ChatJob, token: int) -> bool:
+        """Stream ``token`` to the job's client; True when its row is done (finished, or its client unreachable)."""
+        try:
+            if self.streamer.push(job, token):
+                self.streamer.close(job)
+                return True
+            return False
+        except Exception:  # noqa: BLE001 - one client's broken sender must not fail the other rows
+            log.exception("chat: sending to a client failed; dropping its row")
+            job.finish = job.finish or "error"
+            return True
 
     def _select(self, keep: list[int]) -> None:
         """Keep only rows ``keep``, and drop the leading cache columns that are padding for all of them."""
@@ -381,12 +393,17 @@ class ChatEngine:
                 job = self.queue.get(block=not loop.busy)
                 while True:
                     if job is None:
+                        for left in [*loop.rows, *loop.waiting]:
+                            _fail(left, RuntimeError("the model is being unloaded"))
                         return
                     loop.add(job)
                     job = self.queue.get_nowait()
             except queue.Empty:
                 pass
-            loop.step()
+            try:
+                loop.step()
+            except Exception:  # noqa: BLE001 - step handles model errors; this is a last guard for the thread
+                log.exception("chat engine step failed")
 
     def _static(self) -> None:
         while True:

@@ -329,3 +329,24 @@ def test_pipelines_without_the_protocol_keep_the_static_path() -> None:
     finally:
         engine.stop()
     assert got == [("ok", "stop")] and batches == [1]
+
+
+def test_a_client_whose_sender_breaks_loses_only_its_row(families) -> None:
+    pipeline = families["smolvlm2"]
+    alone = solo(pipeline, "a bowl of fresh fruit", max_tokens=8)[0].token_ids
+    loop = DecodeLoop(pipeline)
+    good, good_client = make_job(pipeline, "a bowl of fresh fruit", max_tokens=8)
+    broken, _ = make_job(pipeline, "a train arriving", max_tokens=8)
+    calls = []
+
+    def emit(text: str, finish: str, usage: dict | None) -> None:
+        calls.append(finish)
+        if len(calls) == 2:
+            raise ConnectionError("client went away")
+
+    broken.emit = emit
+    loop.add(good)
+    loop.add(broken)
+    loop.drain()
+    assert broken.finish == "error" and len(calls) >= 2
+    assert good.token_ids == alone and good_client.finish in ("stop", "length")
