@@ -19,6 +19,7 @@ from export.repository import (
     write_config,
     write_python_model,
 )
+from model_repository.chat_engine import DEFAULT_MAX_BATCH_TOKENS
 
 MAX_NEW_TOKENS_LIMIT = 1024
 
@@ -42,6 +43,7 @@ def chat_config(name: str, options: ExportOptions, meta: dict[str, Any], extra: 
         "video_fps": "1.0",
         "max_images": 16,
         "max_batch": 8,
+        "max_batch_tokens": DEFAULT_MAX_BATCH_TOKENS,
         "batch_window_ms": 20,
         "device": options.device,
         **(extra or {}),
@@ -83,7 +85,7 @@ class _Recipe:
         self.export = fn
 
 
-qwen2vl = _Recipe("qwen2vl", "qwen2vl-1", "Qwen/Qwen2-VL-2B-Instruct", ["qwen2vl"], export_qwen2vl)
+qwen2vl = _Recipe("qwen2vl", "qwen2vl-2", "Qwen/Qwen2-VL-2B-Instruct", ["qwen2vl"], export_qwen2vl)
 
 
 def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weights: str, source_name: str,
@@ -154,7 +156,7 @@ def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weight
     return {"parity_max_abs_diff": {"smolvlm2_vision": diff}, "wrapper_vs_transformers": wrapper_diff}
 
 
-smolvlm2 = _Recipe("smolvlm2", "smolvlm2-1", "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
+smolvlm2 = _Recipe("smolvlm2", "smolvlm2-2", "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
                    ["smolvlm2_vision", "smolvlm2"], export_smolvlm2)
 
 
@@ -173,5 +175,5 @@ def export_deepseek_ocr(source_dir: Path, repo: Path, options: ExportOptions, we
     return {}
 
 
-deepseek_ocr = _Recipe("deepseek_ocr", "deepseek_ocr-1", "deepseek-ai/DeepSeek-OCR", ["deepseek_ocr"],
+deepseek_ocr = _Recipe("deepseek_ocr", "deepseek_ocr-2", "deepseek-ai/DeepSeek-OCR", ["deepseek_ocr"],
                        export_deepseek_ocr)

@@ -1,8 +1,9 @@
 """The ``perf`` model set: the real architectures at their real sizes, with random weights, built offline.
 
 The Hub is unreachable here, so load tests cannot use the released checkpoints. These builders write
-checkpoints whose compute cost matches them: ``google/siglip-base-patch16-224`` and ``microsoft/Florence-2-base``
-(as converted to the transformers-native ``florence-community/Florence-2-base``), with every dimension,
+checkpoints whose compute cost matches them: ``google/siglip-base-patch16-224``, ``microsoft/Florence-2-base``
+(as converted to the transformers-native ``florence-community/Florence-2-base``) and
+``HuggingFaceTB/SmolVLM2-256M-Video-Instruct``, with every dimension,
 layer count, image size and vocabulary size of the originals. Only the weights (fixed seed) and the tokenizers
 (small, trained locally like the ``tiny`` ones) differ, so the outputs mean nothing but the speed is real.
 
@@ -18,11 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from export.progress import Progress
-from export.tiny import _bart_tokenizer, _train_sentencepiece
+from export.tiny import SMOLVLM_CHAT_TEMPLATE, _bart_tokenizer, _byte_bpe, _train_sentencepiece
 from vlmserve import paths
 
 if TYPE_CHECKING:
-    from transformers import Florence2Config, SiglipConfig
+    from transformers import Florence2Config, SiglipConfig, SmolVLMConfig
 
 PERF_SEED = 1234
 PERF_MARKER = "VLMSERVE_PERF.json"
@@ -40,6 +41,13 @@ FLORENCE2_IMAGE_SIZE = 768
 FLORENCE2_VOCAB_SIZE = 51328
 FLORENCE2_VOCAB_PAD = 64
 FLORENCE2_TOKENIZER_VOCAB = 400
+SMOLVLM2_REFERENCE = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
+SMOLVLM2_VOCAB_SIZE = 49280
+SMOLVLM2_IMAGE_SIZE = 512  # one tile; images are rescaled to a 2048 px longest edge and cut into such tiles
+SMOLVLM2_LONGEST_EDGE = 2048
+# The trained part of the tokenizer (prompts are encoded with it); the rest of the 49280 ids are filler words,
+# so that every id a random model samples decodes to text, as with the real tokenizer.
+SMOLVLM2_TOKENIZER_TRAINED = 400
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -123,6 +131,68 @@ def perf_florence2_config(tokenizer_len: int, image_token_id: int) -> Florence2C
     )
 
 
+def perf_smolvlm2_config(image_token_id: int, pad_token_id: int, eos_token_id: int) -> SmolVLMConfig:
+    """``SmolVLMConfig`` with the dimensions of ``HuggingFaceTB/SmolVLM2-256M-Video-Instruct``: a SigLIP-B/16
+    vision tower at 512 px, pixel shuffle by 4 (64 tokens a tile) and a SmolLM2-135M text model."""
+    from transformers import SmolVLMConfig
+
+    return SmolVLMConfig(
+        vision_config={
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "image_size": SMOLVLM2_IMAGE_SIZE,
+            "patch_size": 16,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": SMOLVLM2_VOCAB_SIZE,
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "hidden_act": "silu",
+            "max_position_embeddings": 8192,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 100000.0,
+            "tie_word_embeddings": False,
+            "pad_token_id": pad_token_id,
+            "eos_token_id": eos_token_id,
+        },
+        scale_factor=4,
+        image_token_id=image_token_id,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def _smolvlm2_tokenizer():
+    """SmolVLM2's special tokens + a byte-level BPE trained on the fixed corpus, padded with filler words
+    (``" w<id>"``, decodable but never produced by encoding) to the real 49280 ids."""
+    from tokenizers import Tokenizer
+    from transformers import GPT2TokenizerFast
+
+    grid = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
+                "<global-img>", *grid]
+    data = json.loads(_byte_bpe(SMOLVLM2_TOKENIZER_TRAINED, specials).to_str())
+    vocab = data["model"]["vocab"]
+    for i in range(len(vocab), SMOLVLM2_VOCAB_SIZE):
+        vocab[f"\u0120w{i}"] = i  # "\u0120" is the byte-level space
+    tokenizer = GPT2TokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)), eos_token="<end_of_utterance>",
+        pad_token="<|endoftext|>", bos_token="<|im_start|>", unk_token="<|endoftext|>", model_max_length=8192,
+        chat_template=SMOLVLM_CHAT_TEMPLATE, extra_special_tokens={"image_token": "<image>"},
+    )
+    if len(tokenizer) != SMOLVLM2_VOCAB_SIZE:
+        raise RuntimeError(f"perf SmolVLM2 tokenizer has {len(tokenizer)} ids, expected {SMOLVLM2_VOCAB_SIZE}")
+    return tokenizer
+
+
 def _write_markers(out_dir: Path, architecture: str, reference: str, parameters: int) -> None:
     marker: dict[str, Any] = {
         "weights": "random",
@@ -185,7 +255,32 @@ def build_perf_florence2(out_dir: Path) -> Path:
     return out_dir
 
 
-PERF_BUILDERS = {"siglip": build_perf_siglip, "florence2": build_perf_florence2}
+def build_perf_smolvlm2(out_dir: Path) -> Path:
+    """Write a random ``SmolVLMForConditionalGeneration`` the size of SmolVLM2-256M + tokenizer and processor."""
+    import torch
+    from PIL.Image import Resampling
+    from transformers import SmolVLMForConditionalGeneration, SmolVLMImageProcessor
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(PERF_SEED)
+    tokenizer = _smolvlm2_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<|endoftext|>", "<end_of_utterance>")}
+    config = perf_smolvlm2_config(ids["<image>"], ids["<|endoftext|>"], ids["<end_of_utterance>"])
+    model = SmolVLMForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = ids["<end_of_utterance>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    SmolVLMImageProcessor(
+        do_image_splitting=True, size={"longest_edge": SMOLVLM2_LONGEST_EDGE},
+        max_image_size={"longest_edge": SMOLVLM2_IMAGE_SIZE}, resample=Resampling.LANCZOS,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    ).save_pretrained(out_dir)
+    _write_markers(out_dir, "SmolVLMForConditionalGeneration", SMOLVLM2_REFERENCE, model.num_parameters())
+    return out_dir
+
+
+PERF_BUILDERS = {"siglip": build_perf_siglip, "florence2": build_perf_florence2, "smolvlm2": build_perf_smolvlm2}
 
 
 def perf_models_dir() -> Path:

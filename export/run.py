@@ -20,7 +20,9 @@ RECIPES: dict = {"siglip": siglip, "florence2": florence2, "qwen2vl": chat.qwen2
 # Opt-in families: exported only when asked for (`--family`), never part of a default set.
 OPTIONAL_RECIPES: dict = {"deepseek_ocr": chat.deepseek_ocr}
 MODEL_SETS = ("tiny", "hub", "perf")
-# perf: real architectures at real sizes with random weights (export/perf.py), for benchmarks offline.
+# perf: real architectures at real sizes with random weights (export/perf.py), for benchmarks offline. The
+# default perf families; smolvlm2 has a perf model too, built and exported only when asked for (--family
+# smolvlm2), since it adds another ~1 GB checkpoint and a 512 px SigLIP ONNX export to every perf run.
 PERF_FAMILIES = ["siglip", "florence2"]
 
 

@@ -19,11 +19,20 @@ from export.photos import photo_jpeg as _photo
 
 MODEL = os.environ.get("VLMSERVE_BENCH_MODEL") or None
 MAX_NEW_TOKENS = int(os.environ.get("VLMSERVE_BENCH_MAX_NEW_TOKENS", "32"))
+CHAT_MODEL = os.environ.get("VLMSERVE_BENCH_MODEL") or "smolvlm2"
+# Short prompt, one small wide image: SmolVLM2's processor rescales every image to a 2048 px longest edge and
+# cuts 512 px tiles, so a 2:1 image costs 4x2 tiles + the global view (9 x 64 tokens), the least it can.
+# VLMSERVE_BENCH_CHAT_IMAGE=none sends the prompt alone (decode-bound runs on small CPUs).
+CHAT_IMAGE_SPEC = os.environ.get("VLMSERVE_BENCH_CHAT_IMAGE", "96x48")
+CHAT_PROMPT = os.environ.get("VLMSERVE_BENCH_CHAT_PROMPT",
+                             "Describe this picture in as much detail as you can, then tell a long story about it.")
 TIMING_LOG = os.environ.get("VLMSERVE_BENCH_TIMING_LOG")
 
 
 IMAGES = [_photo(w, h, i) for i, (w, h) in enumerate([(224, 224), (640, 480), (1024, 768), (800, 600)])]
 B64 = [base64.b64encode(i).decode() for i in IMAGES]
+CHAT_IMAGE = None if CHAT_IMAGE_SPEC == "none" else "data:image/jpeg;base64," + base64.b64encode(
+    _photo(*(int(v) for v in CHAT_IMAGE_SPEC.split("x")), seed=7)).decode()
 
 
 class EmbedUser(HttpUser):
@@ -89,3 +98,84 @@ class DirectEmbedUser(User):
             request_type="triton", name="embed image (direct)", response_time=(time.perf_counter() - start) * 1000,
             response_length=0, exception=exception, context={},
         )
+
+
+class ChatUser(HttpUser):
+    """Streaming OpenAI chat completion (one small image + a short prompt, greedy, ``max_tokens`` from
+    ``VLMSERVE_BENCH_MAX_NEW_TOKENS``), against the gateway or the baseline's ``/v1/chat/completions``.
+    Env: ``VLMSERVE_BENCH_MODEL`` (default smolvlm2), ``VLMSERVE_BENCH_CHAT_IMAGE`` (``WxH``, default 96x48, or
+    ``none``), ``VLMSERVE_BENCH_CHAT_PROMPT``.
+
+    Rows it writes to Locust's stats (``--csv``; read them by name, the ``Aggregated`` row mixes them):
+
+    - ``chat completion`` (POST): whole request, first byte sent to ``[DONE]``; failures land here;
+    - ``chat TTFT`` (METRIC): send -> first non-empty content delta, ms;
+    - ``chat ITL`` (METRIC): per request, (last content delta - first) / (completion_tokens - 1), ms;
+    - ``chat tokens`` (METRIC): response_length = completion_tokens, so Request Count x Average Content Size
+      is all output tokens (divide by the run time for output tokens/s);
+    - ``chat stopped early`` (METRIC): fired when a request ended before ``max_tokens`` (EOS), which would make
+      token counts differ between servers; with random perf weights it should stay empty.
+
+    There is no ``ignore_eos`` in either API; random weights over a 49280-token vocabulary almost never pick
+    EOS, so greedy answers run to ``max_tokens``.
+    """
+
+    wait_time = constant(0)
+
+    def _metric(self, name: str, value: float, length: int = 0) -> None:
+        self.environment.events.request.fire(request_type="METRIC", name=name, response_time=value,
+                                             response_length=length, exception=None, context={})
+
+    @task
+    def chat(self) -> None:
+        body = {
+            "model": CHAT_MODEL, "stream": True, "stream_options": {"include_usage": True},
+            "max_tokens": MAX_NEW_TOKENS, "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": CHAT_PROMPT}]}],
+        }
+        if CHAT_IMAGE:
+            body["messages"][0]["content"].insert(0, {"type": "image_url", "image_url": {"url": CHAT_IMAGE}})
+        start = time.perf_counter()
+        first = last = None
+        usage = None
+        finish = None
+        received = 0
+        with self.client.post("/v1/chat/completions", json=body, name="chat completion", stream=True,
+                              catch_response=True) as r:
+            try:
+                if r.status_code != 200:
+                    r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+                    return
+                done = False
+                for line in r.iter_lines(decode_unicode=True):
+                    received += len(line) + 1
+                    if not line or not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    event = json.loads(data)
+                    if "error" in event:
+                        r.failure(f"stream error: {event['error'].get('message')}")
+                        return
+                    usage = event.get("usage") or usage
+                    for choice in event.get("choices") or []:
+                        if choice.get("delta", {}).get("content"):
+                            last = time.perf_counter()
+                            first = first or last
+                        finish = choice.get("finish_reason") or finish
+                if not done or usage is None or first is None:
+                    r.failure(f"incomplete stream (done={done}, usage={usage is not None}, text={first is not None})")
+                    return
+            finally:
+                # Locust timed the headers only (stream=True): report the whole answer.
+                r.request_meta["response_time"] = (time.perf_counter() - start) * 1000
+                r.request_meta["response_length"] = received
+        tokens = int(usage["completion_tokens"])
+        self._metric("chat TTFT", (first - start) * 1000)
+        if tokens > 1:
+            self._metric("chat ITL", (last - first) * 1000 / (tokens - 1))
+        self._metric("chat tokens", 0, tokens)
+        if tokens < MAX_NEW_TOKENS or finish != "length":
+            self._metric("chat stopped early", 0, tokens)

@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 
 from model_repository import runtime
-from model_repository.chat_engine import ChatEngine, ChatJob, RowSampler, RowStreamer, SamplingParams, render_prompt
+from model_repository.chat_engine import (
+    DEFAULT_MAX_BATCH_TOKENS,
+    ChatEngine,
+    ChatJob,
+    SamplingParams,
+    render_prompt,
+)
 
 ROLES = {"system", "user", "assistant"}
 
@@ -148,7 +154,7 @@ def parse_params(raw: bytes | None, default_max_tokens: int, max_tokens_limit: i
 
 
 class QwenPipeline:
-    """Qwen2-VL: chat template -> image placeholders expanded per image grid -> batched ``generate``.
+    """Qwen2-VL: chat template -> image placeholders expanded per image grid; a ``DecoderFamily`` of the engine.
 
     The vision tower stays in torch (its patch loops are data dependent, docs/platform.md).
     """
@@ -160,7 +166,6 @@ class QwenPipeline:
         self.torch = torch
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
-        self.tokenizer.padding_side = "left"
         self.image_processor = Qwen2VLImageProcessor.from_pretrained(str(checkpoint_dir))
         self.model = Qwen2VLForConditionalGeneration.from_pretrained(
             str(checkpoint_dir), attn_implementation=attn_implementation
@@ -168,7 +173,6 @@ class QwenPipeline:
         self.merge = self.image_processor.merge_size
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def prepare(self, messages: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
         prompt, images = render_prompt(self.tokenizer, messages)
@@ -187,37 +191,23 @@ class QwenPipeline:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return {"input_ids": ids, **inputs}, len(ids)
 
-    def run_batch(self, jobs: list[ChatJob]) -> None:
+    def prefill_inputs(self, job: ChatJob) -> tuple[dict[str, Any], int]:
         torch = self.torch
-        width = max(len(j.inputs["input_ids"]) for j in jobs)
-        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        for row, job in enumerate(jobs):
-            n = len(job.inputs["input_ids"])
-            ids[row, width - n:] = torch.tensor(job.inputs["input_ids"])
-            mask[row, width - n:] = 1
-        kwargs: dict[str, Any] = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
-        with_images = [j for j in jobs if "pixel_values" in j.inputs]
-        if with_images:
-            kwargs["pixel_values"] = torch.cat([j.inputs["pixel_values"] for j in with_images]).to(self.device)
-            kwargs["image_grid_thw"] = torch.cat([j.inputs["image_grid_thw"] for j in with_images]).to(self.device)
-        generate(self.model, self.tokenizer, self.eos_ids, self.pad_id, jobs, kwargs)
+        ids = torch.tensor([job.inputs["input_ids"]], device=self.device)
+        mask = torch.ones_like(ids)
+        grid = job.inputs.get("image_grid_thw")
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if grid is not None:
+            grid = grid.to(self.device)
+            kwargs.update(pixel_values=job.inputs["pixel_values"].to(self.device), image_grid_thw=grid)
+        # mrope: image tokens share positions, so the text after them continues from the largest one (not from
+        # the token count); decode steps go on from there, one per token.
+        positions, _ = self.model.model.get_rope_index(ids, grid, None, mask)
+        kwargs["position_ids"] = positions
+        return kwargs, int(positions.max()) + 1
 
-
-def generate(model, tokenizer, eos_ids: set[int], pad_id: int, jobs: list[ChatJob], kwargs: dict[str, Any]) -> None:
-    """One batched greedy ``generate`` driven by the per-row sampler and streamer."""
-    import torch
-    from transformers import LogitsProcessorList, StoppingCriteriaList
-
-    streamer = RowStreamer(jobs, tokenizer, eos_ids)
-    with torch.no_grad():
-        model.generate(
-            **kwargs, max_new_tokens=max(j.params.max_tokens for j in jobs), do_sample=False, num_beams=1,
-            logits_processor=LogitsProcessorList([RowSampler(jobs)]),
-            stopping_criteria=StoppingCriteriaList([streamer]), pad_token_id=pad_id,
-            eos_token_id=None,  # the streamer decides per row; a shared EOS would stop rows it should not
-        )
-    streamer.close(len(jobs))
+    def decode_positions(self, positions):
+        return positions.view(1, -1, 1).expand(3, -1, -1)
 
 
 def _smolvlm(*args, **kwargs):
@@ -291,8 +281,11 @@ class ChatModel:
         self.max_frames = int(runtime.param(config, "max_video_frames", "8"))
         self.max_images = int(runtime.param(config, "max_images", "16"))
         self.default_fps = float(runtime.param(config, "video_fps", "1.0"))
-        self.engine = ChatEngine(self.pipeline.run_batch, int(runtime.param(config, "max_batch", "8")),
-                                 float(runtime.param(config, "batch_window_ms", "20")) / 1000)
+        self.engine = ChatEngine(
+            self.pipeline, int(runtime.param(config, "max_batch", "8")),
+            float(runtime.param(config, "batch_window_ms", "20")) / 1000,
+            int(runtime.param(config, "max_batch_tokens", str(DEFAULT_MAX_BATCH_TOKENS))),
+        )
 
     def execute(self, requests):
         pb = runtime.pb_utils

@@ -3,6 +3,8 @@
 NOT VERIFIED HERE: the weights cannot be downloaded on the build machines and the remote code targets CUDA,
 so this path has never run. It is the documented loading recipe (``AutoModel`` with ``trust_remote_code`` and
 the model's ``infer`` method), wired into the same chat engine interface so the gateway can route to it.
+It is not a ``chat_engine.DecoderFamily``: ``infer`` runs a whole generation per call and exposes no forward to
+step with a KV cache, so it stays on the engine's static path (``run_batch``, one job after another).
 """
 
 from __future__ import annotations

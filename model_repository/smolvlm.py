@@ -68,7 +68,8 @@ def image_prompt(rows: int, cols: int, seq_len: int) -> str:
 
 
 class SmolVLMPipeline:
-    """SmolVLM2: ONNX vision encoder for all images of a batch, spliced embeddings, one ``generate``."""
+    """SmolVLM2: ONNX vision encoder per request, its features spliced into the prompt embeddings; a
+    ``DecoderFamily`` of the chat engine."""
 
     def __init__(self, checkpoint_dir, device: str = "cpu", attn_implementation: str = "sdpa", encoder=None) -> None:
         import torch
@@ -95,7 +96,6 @@ class SmolVLMPipeline:
         end_of_utterance = self.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
         if end_of_utterance not in (None, self.tokenizer.unk_token_id):
             self.eos_ids.add(end_of_utterance)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def prepare(self, messages: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
         prompt, images = render_prompt(self.tokenizer, messages)
@@ -116,32 +116,24 @@ class SmolVLMPipeline:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return {"input_ids": ids, **inputs}, len(ids)
 
-    def run_batch(self, jobs: list[ChatJob]) -> None:
-        from model_repository.chat import generate
-
+    def prefill_inputs(self, job: ChatJob) -> tuple[dict[str, Any], int]:
         torch = self.torch
-        with_images = [j for j in jobs if "pixel_values" in j.inputs]
-        features = None
-        if with_images:
-            out = self.encoder({
-                "pixel_values": np.concatenate([j.inputs["pixel_values"] for j in with_images]),
-                "patch_attention_mask": np.concatenate([j.inputs["patch_attention_mask"] for j in with_images]),
-            })
-            features = torch.from_numpy(out["image_features"]).to(self.device)
-        embed = self.model.get_input_embeddings()
-        width = max(len(j.inputs["input_ids"]) for j in jobs)
-        rows, masks, used = [], [], 0
-        with torch.no_grad():
-            for job in jobs:
-                ids = torch.tensor(job.inputs["input_ids"], device=self.device)
-                vectors = embed(ids)
-                if features is not None and "pixel_values" in job.inputs:
-                    n = len(job.inputs["pixel_values"])
-                    tiles = features[used:used + n].reshape(-1, vectors.shape[-1]).to(vectors.dtype)
-                    used += n
-                    vectors = vectors.masked_scatter((ids == self.image_token_id)[:, None].expand_as(vectors), tiles)
-                pad = width - len(ids)
-                rows.append(torch.cat([embed(torch.full((pad,), self.pad_id, device=self.device)), vectors]))
-                masks.append(torch.cat([torch.zeros(pad, dtype=torch.long), torch.ones(len(ids), dtype=torch.long)]))
-        kwargs = {"inputs_embeds": torch.stack(rows), "attention_mask": torch.stack(masks).to(self.device)}
-        generate(self.model, self.tokenizer, self.eos_ids, self.pad_id, jobs, kwargs)
+        ids = torch.tensor(job.inputs["input_ids"], device=self.device)
+        vectors = self.model.get_input_embeddings()(ids)
+        if "pixel_values" in job.inputs:
+            out = self.encoder({"pixel_values": job.inputs["pixel_values"],
+                                "patch_attention_mask": job.inputs["patch_attention_mask"]})
+            features = torch.from_numpy(out["image_features"]).to(self.device, vectors.dtype)
+            tiles = features.reshape(-1, vectors.shape[-1])
+            slots = ids == self.image_token_id
+            if int(slots.sum()) != tiles.shape[0]:
+                raise ValueError(f"{int(slots.sum())} image tokens in the prompt but {tiles.shape[0]} image features")
+            vectors = vectors.masked_scatter(slots[:, None].expand_as(vectors), tiles)
+        n = len(ids)
+        kwargs = {"inputs_embeds": vectors[None],
+                  "attention_mask": torch.ones((1, n), dtype=torch.long, device=self.device),
+                  "position_ids": torch.arange(n, device=self.device)[None]}
+        return kwargs, n
+
+    def decode_positions(self, positions):
+        return positions[:, None]

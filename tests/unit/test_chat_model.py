@@ -62,18 +62,15 @@ class CharTokenizer:
 
 
 def run_streamer(text: str, params: SamplingParams, eos_at: int | None = None):
-    import torch
-
     events: list = []
     job = ChatJob(None, params, 3, lambda t, f, u: events.append((t, f, u)))
-    streamer = RowStreamer([job], CharTokenizer(), eos_ids={0})
+    job.batch_size = 1
+    streamer = RowStreamer(CharTokenizer(), eos_ids={0})
     ids = [ord(c) for c in text] + ([0] if eos_at is not None else [])
-    seq = torch.zeros((1, 0), dtype=torch.long)
     for token in ids:
-        seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
-        if bool(streamer(seq, None)[0]):
+        if streamer.push(job, token):
             break
-    streamer.close(batch_size=1)
+    streamer.close(job)
     return events
 
 
@@ -81,6 +78,7 @@ def test_streamer_deltas_join_to_the_text_and_final_has_usage() -> None:
     events = run_streamer("hello", SamplingParams(max_tokens=50), eos_at=5)
     assert "".join(t for t, _, _ in events) == "hello"
     assert events[-1][1] == "stop" and events[-1][2]["completion_tokens"] == 5
+    assert events[-1][2] == {"prompt_tokens": 3, "completion_tokens": 5, "batch_size": 1}
 
 
 def test_streamer_stop_string_is_not_leaked() -> None:
@@ -92,6 +90,13 @@ def test_streamer_stop_string_is_not_leaked() -> None:
 def test_streamer_length_limit() -> None:
     events = run_streamer("abcdefgh", SamplingParams(max_tokens=3))
     assert "".join(t for t, _, _ in events) == "abc" and events[-1][1] == "length"
+
+
+def test_streamer_holds_back_a_possible_stop_string_then_flushes_it() -> None:
+    events = run_streamer("abc ST", SamplingParams(max_tokens=6, stop=("STOP",)))
+    deltas = [t for t, f, _ in events if not f]
+    assert "".join(deltas) == "abc ST" and events[-1][1] == "length"
+    assert "ST" not in "".join(deltas[:-1])  # "ST" could have begun "STOP": sent only at the end
 
 
 def test_resolve_attention() -> None:

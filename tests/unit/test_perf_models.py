@@ -75,6 +75,55 @@ def test_perf_florence2_parameter_count_matches_florence2_base() -> None:
     assert math.isclose(total, 0.23e9, rel_tol=0.02), total  # Florence-2-base: 0.23B
 
 
+def test_perf_smolvlm2_config_has_smolvlm2_256m_dimensions() -> None:
+    config = perf.perf_smolvlm2_config(image_token_id=3, pad_token_id=0, eos_token_id=2)
+    vision, text = config.vision_config, config.text_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) == (768, 12, 12)
+    assert (vision.intermediate_size, vision.image_size, vision.patch_size) == (3072, 512, 16)
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
+        576, 30, 9, 3)
+    assert (text.intermediate_size, text.vocab_size, text.model_type) == (1536, 49280, "llama")
+    assert (config.scale_factor, config.image_token_id) == (4, 3)
+    # 64 image tokens per 512 px tile: (512 / 16)^2 patches, pixel-shuffled by 4x4.
+    assert (vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2 == 64
+
+
+def test_perf_smolvlm2_parameter_count_matches_smolvlm2_256m() -> None:
+    from transformers import SmolVLMForConditionalGeneration
+
+    config = perf.perf_smolvlm2_config(image_token_id=3, pad_token_id=0, eos_token_id=2)
+    total = _meta_params(lambda: SmolVLMForConditionalGeneration(config))
+    vision = _meta_params(lambda: SmolVLMForConditionalGeneration(config).model.vision_model)
+    assert math.isclose(total, 256e6, rel_tol=0.01), total  # SmolVLM2-256M: 256M
+    assert math.isclose(vision, 86e6, rel_tol=0.02), vision  # SigLIP-B/16 at 512 px (1024 positions)
+
+
+def test_perf_smolvlm2_tokenizer_decodes_every_model_id() -> None:
+    tokenizer = perf._smolvlm2_tokenizer()
+    assert len(tokenizer) == perf.SMOLVLM2_VOCAB_SIZE
+    assert tokenizer.decode([perf.SMOLVLM2_VOCAB_SIZE - 1]) == f" w{perf.SMOLVLM2_VOCAB_SIZE - 1}"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                         {"type": "text", "text": "a red car"}]}],
+                                           tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt)["input_ids"]
+    assert tokenizer.convert_tokens_to_ids("<image>") in ids and max(ids) < perf.SMOLVLM2_TOKENIZER_TRAINED
+    assert tokenizer.decode(ids, skip_special_tokens=True).endswith("a red car\nAssistant:")
+
+
+def test_export_perf_accepts_the_smolvlm2_family(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from export import run
+    from export.progress import Progress
+
+    built: list[str] = []
+    exported: list[tuple[str, Path]] = []
+    monkeypatch.setattr(perf, "perf_source", lambda family, progress: built.append(family) or tmp_path / family)
+    monkeypatch.setattr(run, "export_family", lambda family, source, *a, **k: exported.append((family, source)) or {})
+    reports = run.export_model_set("perf", repo=tmp_path / "repo", families=["smolvlm2"], progress=Progress(quiet=True))
+    assert list(reports) == ["smolvlm2"] and built == ["smolvlm2"]
+    assert exported == [("smolvlm2", tmp_path / "smolvlm2")]
+    assert "smolvlm2" not in run.PERF_FAMILIES  # opt-in: the default perf set is unchanged
+
+
 def test_perf_source_builds_once_into_the_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from export.progress import Progress
 
@@ -236,3 +285,97 @@ def test_baseline_serves_one_request_at_a_time(baseline_app, monkeypatch: pytest
 
     assert asyncio.run(burst()) == [200] * 6
     assert peak == 1
+
+
+# --- the baseline's chat route and --bf16, on the tiny SmolVLM2 -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_client(tmp_path_factory: pytest.TempPathFactory):
+    from fastapi.testclient import TestClient
+
+    from export.tiny import build_tiny_smolvlm2
+    from loadtests.baseline.server import create_app
+
+    app = create_app(smolvlm2_dir=build_tiny_smolvlm2(tmp_path_factory.mktemp("baseline-chat") / "smolvlm2"),
+                     device="cpu")
+    with TestClient(app) as c:
+        yield c
+
+
+def _chat_body(**extra) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{_png((50, 40))}"}},
+               {"type": "text", "text": "What is in the picture?"}]
+    return {"model": "smolvlm2", "messages": [{"role": "user", "content": content}], "max_tokens": 6,
+            "temperature": 0, **extra}
+
+
+def _sse_payloads(text: str) -> list:
+    lines = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_baseline_chat_non_streaming(chat_client) -> None:
+    response = chat_client.post("/v1/chat/completions", json=_chat_body())
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert 0 < usage["completion_tokens"] <= 6 and usage["prompt_tokens"] > 64  # the image's tiles are in it
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert "smolvlm2" in chat_client.get("/health").json()["models"]
+
+
+def test_baseline_chat_streaming_matches_non_streaming(chat_client) -> None:
+    whole = chat_client.post("/v1/chat/completions", json=_chat_body()).json()
+    response = chat_client.post("/v1/chat/completions",
+                                json=_chat_body(stream=True, stream_options={"include_usage": True}))
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = _sse_payloads(response.text)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    assert events[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"messages": []}, "non-empty"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "parts are"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "@@"}}]}]}, "base64"),
+])
+def test_baseline_chat_bad_input_is_400(chat_client, body: dict, fragment: str) -> None:
+    response = chat_client.post("/v1/chat/completions", json={"stream": True, **body})
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["error"]["message"]
+
+
+def test_baseline_bf16_runs_model_work_under_autocast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from fastapi.testclient import TestClient
+
+    from export.tiny import build_tiny_siglip, build_tiny_smolvlm2
+    from loadtests.baseline import server
+
+    seen: list = []
+
+    def spy(self, texts: list[str]) -> list[list[float]]:
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return [[1.0] for _ in texts]
+
+    app = server.create_app(build_tiny_siglip(tmp_path / "siglip"), None, "cpu",
+                            smolvlm2_dir=build_tiny_smolvlm2(tmp_path / "smolvlm2"), bf16=True)
+    with TestClient(app) as c:
+        assert c.get("/health").json()["bf16_autocast"] is True
+        streamed = c.post("/v1/chat/completions", json=_chat_body(stream=True))
+        assert streamed.status_code == 200
+        assert _sse_payloads(streamed.text)[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        monkeypatch.setattr(server.SiglipRunner, "embed_texts", spy)
+        assert c.post("/embed_text", json={"text": "a cat"}).status_code == 200
+    assert seen == [(True, torch.bfloat16)]
+    assert not torch.is_autocast_enabled("cpu")  # only inside the model worker

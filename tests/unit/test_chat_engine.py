@@ -1,0 +1,352 @@
+"""Continuous batching (model_repository.chat_engine.DecodeLoop) on the tiny Qwen2-VL and SmolVLM2 checkpoints.
+
+The loop is stepped by hand, so "B and C are mid-decode when A joins" is a fact of the test, not a timing.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from model_repository.chat_engine import ChatEngine, ChatJob, DecodeLoop, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    import torch
+    from transformers import SmolVLMForConditionalGeneration
+
+    from export.tiny import build_tiny_qwen2vl, build_tiny_smolvlm2
+    from model_repository.chat import QwenPipeline
+    from model_repository.smolvlm import SmolVLMPipeline, vision_module
+
+    root = tmp_path_factory.mktemp("chat-engine")
+    qwen = QwenPipeline(build_tiny_qwen2vl(root / "qwen2vl"))
+    smol_dir = build_tiny_smolvlm2(root / "smolvlm2")
+    # The Triton model runs the exported ONNX encoder; its torch twin (same graph, parity-checked at export) here.
+    vision = vision_module(SmolVLMForConditionalGeneration.from_pretrained(str(smol_dir)).eval())
+
+    def encoder(feeds: dict) -> dict:
+        with torch.no_grad():
+            out = vision(torch.from_numpy(feeds["pixel_values"]), torch.from_numpy(feeds["patch_attention_mask"]))
+        return {"image_features": out.numpy()}
+
+    return {"qwen2vl": qwen, "smolvlm2": SmolVLMPipeline(Path(smol_dir), encoder=encoder)}
+
+
+FAMILIES = ["qwen2vl", "smolvlm2"]
+
+
+class Client:
+    """What a request's client receives, plus a cancel switch."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict | None]] = []
+        self.cancel = False
+
+    def emit(self, text: str, finish: str, usage: dict | None) -> None:
+        self.events.append((text, finish, usage))
+
+    @property
+    def text(self) -> str:
+        return "".join(t for t, f, _ in self.events if f != "error")
+
+    @property
+    def finish(self) -> str:
+        return self.events[-1][1] if self.events and self.events[-1][1] else ""
+
+
+def make_job(pipeline, prompt: str, image_size: tuple[int, int] | None = None, **params) -> tuple[ChatJob, Client]:
+    content: list[dict] = []
+    if image_size:
+        content.append({"type": "image", "image": Image.new("RGB", image_size, (30 + image_size[0] % 200, 90, 160))})
+    content.append({"type": "text", "text": prompt})
+    inputs, prompt_tokens = pipeline.prepare([{"role": "user", "content": content}])
+    client = Client()
+    sampling = SamplingParams(**{"max_tokens": 10, **params})
+    return ChatJob(inputs, sampling, prompt_tokens, client.emit, lambda: client.cancel), client
+
+
+def solo(pipeline, *args, **kwargs) -> tuple[ChatJob, Client]:
+    job, client = make_job(pipeline, *args, **kwargs)
+    loop = DecodeLoop(pipeline)
+    loop.add(job)
+    loop.drain()
+    return job, client
+
+
+def trace_decode_logits(loop: DecodeLoop) -> list[tuple[list[ChatJob], object]]:
+    """Record every decode step's logits with the jobs in row order (the tiny Qwen2-VL's greedy answer repeats
+    one token, so equal tokens alone would not show that positions and masks are right; equal logits do)."""
+    trace: list[tuple[list[ChatJob], object]] = []
+    decode = loop._decode
+
+    def traced() -> None:
+        rows = list(loop.rows)
+        hook = loop.family.model.lm_head.register_forward_hook(lambda m, i, out: trace.append((rows, out.clone())))
+        try:
+            decode()
+        finally:
+            hook.remove()
+
+    loop._decode = traced
+    return trace
+
+
+def logits_of(trace, job: ChatJob) -> list:
+    return [out[rows.index(job)] for rows, out in trace if job in rows]
+
+
+def test_family_protocol_is_implemented(families) -> None:
+    from model_repository.chat_engine import DecoderFamily
+
+    assert all(isinstance(p, DecoderFamily) for p in families.values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_solo_decode_matches_transformers_generate(families, family: str) -> None:
+    """The loop's own positions (mrope for Qwen2-VL), cache and mask give what ``generate`` computes."""
+    import torch
+
+    pipeline = families[family]
+    loop = DecodeLoop(pipeline)
+    trace = trace_decode_logits(loop)
+    job, _ = make_job(pipeline, "what is in this picture?", (70, 50), max_tokens=6)
+    kwargs, _ = pipeline.prefill_inputs(job)
+    loop.add(job)
+    loop.drain()
+    mine = logits_of(trace, job)
+    assert len(mine) == len(job.token_ids) - 1 == 5
+    kwargs.pop("position_ids")  # generate derives them itself
+    with torch.no_grad():
+        out = pipeline.model.generate(**kwargs, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                      output_logits=True, return_dict_in_generate=True)
+    assert out.sequences[0, -6:].tolist() == job.token_ids
+    for step, (a, b) in enumerate(zip(mine, out.logits[1:], strict=True)):
+        assert torch.allclose(a, b[0], atol=1e-4), (step, float((a - b[0]).abs().max()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_join_mid_decode_gives_the_solo_greedy_tokens(families, family: str) -> None:
+    import torch
+
+    pipeline = families[family]
+    specs = {
+        "A": ("what is in this picture?", (70, 50), 8),
+        "B": ("a photo of a cat sitting on a red chair, describe it at length please", None, 14),
+        "C": ("hello", (40, 90), 14),
+    }
+    alone = {}
+    for key, (text, size, n) in specs.items():
+        loop = DecodeLoop(pipeline)
+        trace = trace_decode_logits(loop)
+        job, _ = make_job(pipeline, text, size, max_tokens=n)
+        loop.add(job)
+        loop.drain()
+        alone[key] = (job.token_ids, logits_of(trace, job))
+    assert all(ids for ids, _ in alone.values()), alone
+
+    loop = DecodeLoop(pipeline)
+    trace = trace_decode_logits(loop)
+    jobs = {k: make_job(pipeline, text, size, max_tokens=n) for k, (text, size, n) in specs.items()}
+    loop.add(jobs["B"][0])
+    loop.add(jobs["C"][0])
+    for _ in range(3):
+        loop.step()
+    assert loop.rows == [jobs["B"][0], jobs["C"][0]]  # both mid-decode
+    assert all(2 < len(jobs[k][0].token_ids) < 14 for k in "BC")
+    loop.add(jobs["A"][0])
+    loop.step()
+    assert jobs["A"][0] in loop.rows and len(loop.rows) == 3
+    loop.drain()
+    for key in "ABC":
+        job, client = jobs[key]
+        assert job.token_ids == alone[key][0], key
+        joined = logits_of(trace, job)
+        assert len(joined) == len(alone[key][1]) > 0
+        for step, (a, b) in enumerate(zip(joined, alone[key][1], strict=True)):
+            assert torch.allclose(a, b, atol=1e-4), (key, step, float((a - b).abs().max()))
+        assert client.finish in ("stop", "length")
+        assert client.events[-1][2]["completion_tokens"] == len(job.token_ids)
+    assert jobs["A"][1].events[-1][2]["batch_size"] == 3
+    assert loop.cache is None and not loop.rows  # finished rows took their KV with them
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_row_max_tokens_and_stop_strings(families, family: str) -> None:
+    pipeline = families[family]
+    prompt = "a dog running in the park with a ball"
+    reference, reference_client = solo(pipeline, prompt, max_tokens=12)
+    text = reference_client.text
+    assert len(reference.token_ids) == 12 and len(text) > 4, "the tiny model should talk for 12 tokens"
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    expected = text[: text.find(stop)]
+
+    loop = DecodeLoop(pipeline)
+    short, short_client = make_job(pipeline, prompt, max_tokens=3)
+    stopped, stopped_client = make_job(pipeline, prompt, max_tokens=12, stop=(stop,))
+    longer, longer_client = make_job(pipeline, "the quick brown fox", (50, 50), max_tokens=12)
+    for job in (short, stopped, longer):
+        loop.add(job)
+    loop.drain()
+    assert short.token_ids == reference.token_ids[:3] and short_client.finish == "length"
+    assert short_client.text == pipeline.tokenizer.decode(reference.token_ids[:3], skip_special_tokens=True)
+    assert stopped_client.finish == "stop" and stopped_client.text == expected
+    assert stop not in stopped_client.text
+    assert longer_client.finish in ("stop", "length") and len(longer.token_ids) <= 12
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cancellation_frees_the_row(families, family: str) -> None:
+    pipeline = families[family]
+    keep_alone = solo(pipeline, "two people riding bicycles", max_tokens=12)[0].token_ids
+    loop = DecodeLoop(pipeline)
+    doomed, doomed_client = make_job(pipeline, "tell me a long story", (60, 40), max_tokens=500)
+    keep, keep_client = make_job(pipeline, "two people riding bicycles", max_tokens=12)
+    loop.add(doomed)
+    loop.add(keep)
+    loop.step()
+    loop.step()
+    assert len(loop.rows) == 2
+    doomed_client.cancel = True
+    loop.step()
+    assert loop.rows == [keep]
+    assert all(layer.keys.shape[0] == 1 for layer in loop.cache.layers)  # its KV row is gone
+    assert loop.mask.shape[0] == 1 and loop.mask[0].all()  # and so is the padding only it needed
+    assert doomed_client.finish == "cancelled" and doomed_client.events[-1][2]["completion_tokens"] < 500
+    loop.drain()
+    assert keep.token_ids == keep_alone and keep_client.finish in ("stop", "length")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cap_makes_jobs_wait_then_complete(families, family: str) -> None:
+    pipeline = families[family]
+    jobs = [make_job(pipeline, f"question number {i}", max_tokens=6) for i in range(3)]
+    longest = max(j.kv_reservation for j, _ in jobs)
+    loop = DecodeLoop(pipeline, max_batch=8, max_batch_tokens=2 * longest)  # room for two rows, not three
+    for job, _ in jobs:
+        loop.add(job)
+    loop.step()
+    assert loop.rows == [jobs[0][0], jobs[1][0]] and list(loop.waiting) == [jobs[2][0]]
+    assert jobs[2][1].events == []  # waiting, not refused
+    steps = 1
+    while loop.busy:
+        assert loop.kv_bound(loop.rows) <= 2 * longest
+        assert loop.mask is None or loop.mask.numel() <= 2 * longest
+        loop.step()
+        steps += 1
+    assert all(c.finish in ("stop", "length") for _, c in jobs)
+    assert max(c.events[-1][2]["batch_size"] for _, c in jobs) == 2
+    alone = solo(pipeline, "question number 2", max_tokens=6)[0].token_ids
+    assert jobs[2][0].token_ids == alone
+
+
+def test_max_batch_caps_the_rows(families) -> None:
+    pipeline = families["qwen2vl"]
+    loop = DecodeLoop(pipeline, max_batch=2)
+    jobs = [make_job(pipeline, f"hi {i}", max_tokens=4)[0] for i in range(3)]
+    for job in jobs:
+        loop.add(job)
+    loop.step()
+    assert len(loop.rows) == 2 and len(loop.waiting) == 1
+    loop.drain()
+    assert all(j.finish for j in jobs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_failing_prefill_fails_only_its_request(families, family: str) -> None:
+    pipeline = families[family]
+    alone = {k: solo(pipeline, f"the city at night {k}", max_tokens=8)[0].token_ids for k in "BC"}
+    loop = DecodeLoop(pipeline)
+    b, b_client = make_job(pipeline, "the city at night B", max_tokens=8)
+    bad, bad_client = make_job(pipeline, "look at this", (64, 64), max_tokens=8)
+    c, c_client = make_job(pipeline, "the city at night C", max_tokens=8)
+    # Vision input for fewer image tokens than the prompt holds: the features do not fit the prompt.
+    if family == "qwen2vl":
+        bad.inputs["image_grid_thw"] = bad.inputs["image_grid_thw"].new_tensor([[1, 2, 2]])  # 1 token, not 4
+        bad.inputs["pixel_values"] = bad.inputs["pixel_values"][:4]
+    else:
+        bad.inputs["pixel_values"] = bad.inputs["pixel_values"][:1]  # 1 tile of the 5
+        bad.inputs["patch_attention_mask"] = bad.inputs["patch_attention_mask"][:1]
+    loop.add(b)
+    loop.step()
+    loop.add(bad)
+    loop.add(c)
+    loop.drain()
+    assert bad_client.finish == "error" and len(bad_client.events) == 1
+    message = bad_client.events[0][0]
+    assert message.startswith("generation failed: ") and "Traceback" not in message
+    assert b.token_ids == alone["B"] and c.token_ids == alone["C"]
+    assert b_client.finish in ("stop", "length") and c_client.finish in ("stop", "length")
+
+
+def test_engine_thread_serves_concurrent_submissions(families) -> None:
+    pipeline = families["smolvlm2"]
+    engine = ChatEngine(pipeline, max_batch=4)
+    done = threading.Event()
+    clients = []
+    try:
+        for i in range(5):
+            job, client = make_job(pipeline, f"picture {i}", (30 + 10 * i, 40), max_tokens=5)
+            original = client.emit
+
+            def emit(text, finish, usage, original=original):
+                original(text, finish, usage)
+                if finish and sum(bool(c.finish) for c in clients) == 5:
+                    done.set()
+
+            job.emit = emit
+            clients.append(client)
+            engine.submit(job)
+        assert done.wait(120), [c.events for c in clients]
+    finally:
+        engine.stop()
+    assert all(c.finish in ("stop", "length") for c in clients)
+    assert not engine.thread.is_alive()
+
+
+def test_pipelines_without_the_protocol_keep_the_static_path() -> None:
+    batches: list[int] = []
+    finished = threading.Event()
+
+    class Static:
+        def run_batch(self, jobs: list[ChatJob]) -> None:
+            batches.append(len(jobs))
+            for job in jobs:
+                job.finish = "stop"
+                job.emit("ok", "stop", {"prompt_tokens": 0, "completion_tokens": 1, "batch_size": len(jobs)})
+            finished.set()
+
+    engine = ChatEngine(Static(), max_batch=4, window_s=0.01)
+    try:
+        assert engine.loop is None
+        got: list = []
+        engine.submit(ChatJob(None, SamplingParams(4), 0, lambda t, f, u: got.append((t, f))))
+        assert finished.wait(10)
+    finally:
+        engine.stop()
+    assert got == [("ok", "stop")] and batches == [1]
+
+
+def test_a_client_whose_sender_breaks_loses_only_its_row(families) -> None:
+    pipeline = families["smolvlm2"]
+    alone = solo(pipeline, "a bowl of fresh fruit", max_tokens=8)[0].token_ids
+    loop = DecodeLoop(pipeline)
+    good, good_client = make_job(pipeline, "a bowl of fresh fruit", max_tokens=8)
+    broken, _ = make_job(pipeline, "a train arriving", max_tokens=8)
+    calls = []
+
+    def emit(text: str, finish: str, usage: dict | None) -> None:
+        calls.append(finish)
+        if len(calls) == 2:
+            raise ConnectionError("client went away")
+
+    broken.emit = emit
+    loop.add(good)
+    loop.add(broken)
+    loop.drain()
+    assert broken.finish == "error" and len(calls) >= 2
+    assert good.token_ids == alone and good_client.finish in ("stop", "length")
