@@ -218,13 +218,19 @@ class OpenVinoEncoder:
         self.compiled = ov.Core().compile_model(str(path), "CPU", properties)
         self.request = self.compiled.create_infer_request()
         self.providers = [f"OpenVINO CPU ({precision})"]
-        self.input_names = [p.get_any_name() for p in self.compiled.inputs]
-        self.output_names = [p.get_any_name() for p in self.compiled.outputs]
+        # A port can carry several tensor names (OpenVINO merges an input with the internal tensor it feeds, e.g.
+        # {'input_ids', '/text_model/Reshape_output_0'}): keep the graph's own name, never an internal '/...' one.
+        self.input_names = [_graph_name(p.get_names()) for p in self.compiled.inputs]
+        self.output_names = [_graph_name(p.get_names()) for p in self.compiled.outputs]
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = self.request.infer(inputs)
+        results = self.request.infer({self.input_names.index(name): array for name, array in inputs.items()})
         # The request reuses its output buffers on the next call: copy out.
-        return {name: np.array(results[self.compiled.output(name)]) for name in self.output_names}
+        return {name: np.array(results[self.compiled.outputs[i]]) for i, name in enumerate(self.output_names)}
+
+
+def _graph_name(names: set[str]) -> str:
+    return sorted(names, key=lambda n: (n.startswith("/"), n))[0]
 
 
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}

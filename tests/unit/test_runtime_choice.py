@@ -88,6 +88,28 @@ def test_openvino_encoder_matches_onnxruntime(tiny_repo: Path) -> None:
         runtime.open_encoder(path, "openvino", "int8")
 
 
+@pytest.mark.parametrize("model", ["siglip_vision", "siglip_text", "florence2_vision", "smolvlm2_vision"])
+def test_openvino_keeps_the_graph_names(tiny_repo: Path, model: str) -> None:
+    """OpenVINO may merge an input with an internal tensor's name; the models look tensors up by the graph's."""
+    path = tiny_repo / model / "1" / "model.onnx"
+    onnx_encoder, ov_encoder = runtime.OnnxEncoder(path), runtime.open_encoder(path, "openvino", "fp32")
+    assert ov_encoder.input_names == onnx_encoder.input_names
+    assert ov_encoder.output_names == onnx_encoder.output_names
+    rng = np.random.default_rng(0)
+    inputs = {}
+    for spec in onnx_encoder.session.get_inputs():
+        shape = [2 if not isinstance(d, int) else d for d in spec.shape]
+        if "int64" in spec.type:
+            inputs[spec.name] = rng.integers(0, 16, shape).astype(np.int64)
+        elif "bool" in spec.type:
+            inputs[spec.name] = np.ones(shape, dtype=bool)
+        else:
+            inputs[spec.name] = rng.standard_normal(shape).astype(np.float32)
+    expected, got = onnx_encoder(inputs), ov_encoder(inputs)
+    for name in onnx_encoder.output_names:
+        assert np.max(np.abs(expected[name] - got[name])) < 1e-3 * max(1.0, float(np.abs(expected[name]).max()))
+
+
 def test_export_writes_the_choice_next_to_the_model(tiny_repo: Path) -> None:
     for encoder, client in (("siglip_vision", "siglip_embed_image"), ("siglip_text", "siglip_embed_text")):
         report = json.loads((tiny_repo / encoder / runtime_choice.REPORT_FILE).read_text())
