@@ -6,9 +6,11 @@ Writes ``<name>/config.pbtxt`` (+ the same as ``configs/embedded.pbtxt``), ``<na
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+from export import runtime_choice
 from export.pbtxt import Enum, parameters
 from export.progress import Progress
 from export.repository import (
@@ -148,15 +150,51 @@ def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weight
         write_config(repo, "smolvlm2_vision", embedded, EMBEDDED_CONFIG)
         write_python_model(repo, "smolvlm2_vision", "model_repository.onnx_model.TritonPythonModel")
         copy_checkpoint(source_dir, repo / "smolvlm2" / "1" / "checkpoint")
-        extra = {"encoder_model": "smolvlm2_vision"}
+    extra: dict[str, Any] = {"encoder_model": "smolvlm2_vision"}
+    decoder = None
+    if options.device == "cpu":
+        with progress.step("choosing the decoder precision (timing fp32 vs bf16 weights)") as step:
+            decoder = _choose_smolvlm2_decoder(model, source_dir, options)
+            (repo / "smolvlm2" / "decoder_choice.json").write_text(json.dumps(decoder, indent=2))
+            step.detail = runtime_choice.decoder_summary(decoder)
+        extra |= {"decoder_precision": decoder["precision"], "decoder_choice": runtime_choice.decoder_summary(decoder)}
+    with progress.step("writing the smolvlm2 Triton configs"):
         write_config(repo, "smolvlm2", chat_config("smolvlm2", options, meta, extra, runner="triton"))
         write_config(repo, "smolvlm2", chat_config("smolvlm2", options, meta, extra, runner="onnxruntime"),
                      EMBEDDED_CONFIG)
         write_python_model(repo, "smolvlm2", "model_repository.chat.ChatModel")
-    return {"parity_max_abs_diff": {"smolvlm2_vision": diff}, "wrapper_vs_transformers": wrapper_diff}
+    return {"parity_max_abs_diff": {"smolvlm2_vision": diff}, "wrapper_vs_transformers": wrapper_diff,
+            "decoder_choice": decoder}
 
 
-smolvlm2 = _Recipe("smolvlm2", "smolvlm2-2", "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
+def _choose_smolvlm2_decoder(model, source_dir: Path, options: ExportOptions) -> dict[str, Any]:
+    """fp32 vs bf16 weights for the language model (bf16 halves the KV cache too), on batched greedy decoding
+    of natural prompts. bf16 weights, not autocast: SmolVLM's image merge does not run under autocast."""
+    import copy
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from export import photos
+
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer([f"Describe {s}." for s in photos.SENTENCES[:4]], return_tensors="pt", padding=True)
+    models = {False: model, True: copy.deepcopy(model).to(torch.bfloat16)}
+
+    def generate(bf16: bool):
+        return models[bf16].generate(**batch, max_new_tokens=16, do_sample=False, num_beams=1)
+
+    def logits(bf16: bool, ids):
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(ids[:, batch["input_ids"].shape[1]:])], dim=1)
+        return models[bf16](input_ids=ids, attention_mask=mask).logits[:, batch["input_ids"].shape[1] - 1:]
+
+    return runtime_choice.choose_decoder(generate, logits, options.precision)
+
+
+smolvlm2 = _Recipe("smolvlm2", "smolvlm2-3", "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
                    ["smolvlm2_vision", "smolvlm2"], export_smolvlm2)
 
 

@@ -35,6 +35,7 @@ FIDELITY_FLOOR = 0.999  # min cosine to the fp32 PyTorch reference (int8 variant
 ARGMAX_FLOOR = 0.99
 MARGIN = 1.05
 ROUNDS = 5
+TIME_BUDGET_S = 30.0
 REPORT_FILE = "runtime_choice.json"
 RUNTIME_CHOICES = ("auto", "onnxruntime", "openvino")
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
@@ -105,6 +106,11 @@ def choose(
         except Exception as exc:  # noqa: BLE001 - a runtime that cannot load this graph is just not a candidate
             trial.error = f"{type(exc).__name__}: {exc}"[:300]
     times: dict[str, list[float]] = {t.name: [] for t, _ in encoders}
+    if encoders:  # big encoders (Florence-2 at 768 px): fewer rounds, at least 2, ~TIME_BUDGET_S in all
+        start = time.perf_counter()
+        encoders[0][1](inputs)
+        per_round = (time.perf_counter() - start) * len(encoders)
+        rounds = max(2, min(rounds, int(TIME_BUDGET_S / max(per_round, 1e-9))))
     for _ in range(rounds):
         for trial, encoder in encoders:
             start = time.perf_counter()

@@ -71,7 +71,8 @@ class SmolVLMPipeline:
     """SmolVLM2: ONNX vision encoder per request, its features spliced into the prompt embeddings; a
     ``DecoderFamily`` of the chat engine."""
 
-    def __init__(self, checkpoint_dir, device: str = "cpu", attn_implementation: str = "sdpa", encoder=None) -> None:
+    def __init__(self, checkpoint_dir, device: str = "cpu", attn_implementation: str = "sdpa", encoder=None,
+                 decoder_precision: str = "fp32") -> None:
         import torch
         from transformers import AutoTokenizer, SmolVLMForConditionalGeneration, SmolVLMImageProcessor
 
@@ -79,8 +80,11 @@ class SmolVLMPipeline:
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
         self.image_processor = SmolVLMImageProcessor.from_pretrained(str(checkpoint_dir))
+        if decoder_precision not in ("fp32", "bf16"):
+            raise ValueError(f"decoder_precision must be fp32 or bf16, got {decoder_precision!r}")
+        dtype = torch.bfloat16 if decoder_precision == "bf16" and device == "cpu" else torch.float32
         self.model = SmolVLMForConditionalGeneration.from_pretrained(
-            str(checkpoint_dir), attn_implementation=attn_implementation
+            str(checkpoint_dir), attn_implementation=attn_implementation, dtype=dtype
         ).eval().to(device)
         if encoder is None:
             raise ValueError("SmolVLMPipeline needs the vision encoder (ONNX runner)")

@@ -75,10 +75,10 @@ async def models(request: Request):
         entry["ready"] = entry["ready"] and m.ready
         if m.task in (IMAGE_TASK, TEXT_TASK):
             entry["embedding_dim"] = int(m.params.get("embedding_dim", "0"))
-        if "runtime" in m.params:
+        if "runtime" in m.params or "decoder_precision" in m.params:
             # Chosen at export by timing the candidates on this host (export/runtime_choice.py).
             entry.setdefault("runtimes", {})[m.name] = {
-                "runtime": m.params["runtime"], "precision": m.params.get("precision"),
+                "runtime": m.params.get("runtime"), "precision": m.params.get("precision"),
                 "why": m.params.get("runtime_choice"),
                 **({"decoder_precision": m.params["decoder_precision"], "decoder_why": m.params.get("decoder_choice")}
                    if "decoder_precision" in m.params else {}),

@@ -350,3 +350,34 @@ def test_a_client_whose_sender_breaks_loses_only_its_row(families) -> None:
     loop.drain()
     assert broken.finish == "error" and len(calls) >= 2
     assert good.token_ids == alone and good_client.finish in ("stop", "length")
+
+
+def test_smolvlm2_bf16_decoder_serves_images_and_joins(families) -> None:
+    """decoder_precision=bf16 (chosen at export on bf16 hosts): bf16 weights and KV, image features spliced in
+    bf16, rows still join a running batch; the first-token logits stay close to the fp32 pipeline's."""
+    import torch
+
+    from model_repository.smolvlm import SmolVLMPipeline
+
+    fp32 = families["smolvlm2"]
+    bf16 = SmolVLMPipeline(fp32.model.name_or_path, encoder=fp32.encoder, decoder_precision="bf16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    logits = {}
+    for name, pipeline in (("fp32", fp32), ("bf16", bf16)):
+        job, _ = make_job(pipeline, "what is in this picture?", (70, 50))
+        kwargs, _ = pipeline.prefill_inputs(job)
+        with torch.no_grad():
+            hidden = pipeline.model.model(**kwargs).last_hidden_state
+            logits[name] = pipeline.model.lm_head(hidden[:, -1]).float()[0]
+    assert float(torch.nn.functional.cosine_similarity(logits["fp32"], logits["bf16"], dim=0)) > 0.99
+    loop = DecodeLoop(bf16)
+    first, first_client = make_job(bf16, "hello", max_tokens=6)
+    second, second_client = make_job(bf16, "what is in this picture?", (70, 50), max_tokens=4)
+    loop.add(first)
+    loop.step()
+    loop.add(second)
+    loop.drain()
+    assert first_client.finish in ("stop", "length") and second_client.finish in ("stop", "length")
+    assert second_client.events[-1][2]["batch_size"] == 2 and second.token_ids
+    with pytest.raises(ValueError, match="decoder_precision"):
+        SmolVLMPipeline(fp32.model.name_or_path, encoder=fp32.encoder, decoder_precision="int4")
