@@ -75,7 +75,7 @@ def real_photo(width: int, height: int, seed: int = 0, name: str = SAMPLE_PHOTOS
     """matplotlib's sample photograph ``name``, centre-cropped to the aspect ratio and resized to width x height."""
     from matplotlib import cbook
 
-    with Image.open(cbook.get_sample_data(name)) as src:
+    with Image.open(cbook.get_sample_data(name, asfileobj=False)) as src:
         photo = src.convert("RGB")
     aspect = width / height
     w, h = photo.size

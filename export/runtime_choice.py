@@ -210,17 +210,19 @@ def choose_decoder(generate, logits, precision: str = "auto", cpu: CpuInfo | Non
         modes = [True]
     with torch.no_grad():
         reference_ids = generate(False)
-        trials = {bf16: {"precision": "bf16" if bf16 else "fp32", "seconds": []} for bf16 in modes}
+        seconds: dict[bool, list[float]] = {bf16: [] for bf16 in modes}
         outputs = {}
         for _ in range(rounds):
             for bf16 in modes:
                 start = time.perf_counter()
                 outputs[bf16] = generate(bf16)
-                trials[bf16]["seconds"].append(time.perf_counter() - start)
+                seconds[bf16].append(time.perf_counter() - start)
+        trials: dict[bool, dict[str, Any]] = {
+            bf16: {"precision": "bf16" if bf16 else "fp32", "seconds": statistics.median(seconds[bf16])}
+            for bf16 in modes}
         expected = logits(False, reference_ids).float()
         for bf16, trial in trials.items():
             got = logits(bf16, reference_ids).float()
-            trial["seconds"] = statistics.median(trial["seconds"])
             trial["min_cosine"] = float(torch.nn.functional.cosine_similarity(expected, got, dim=-1).min())
             trial["argmax_agreement"] = float((expected.argmax(-1) == got.argmax(-1)).float().mean())
             same = outputs[bf16].shape == reference_ids.shape

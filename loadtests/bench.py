@@ -421,15 +421,18 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def derive(report: dict[str, Any]) -> dict[str, Any]:
-    s, raw, d = report["summary"], report["raw_images_per_s"], {}
+    s, raw = report["summary"], report["raw_images_per_s"]
+    d: dict[str, Any] = {}
 
     def rps(scenario: str, key: str = "rps") -> float | None:
         return s.get(scenario, {}).get(key)
 
+    def _strongest(scenarios: list[str], key: str) -> tuple[str | None, float | None]:
+        found = [(n, v) for n in scenarios if (v := rps(n, key)) is not None]
+        return max(found, key=lambda o: o[1]) if found else (None, None)
+
     def stronger(prefix: str, key: str = "rps") -> tuple[str | None, float | None]:
-        options = [(f"{prefix}-{b}", rps(f"{prefix}-{b}", key)) for b in ("baseline-fp32", "baseline-bf16")]
-        options = [(n, v) for n, v in options if v is not None]
-        return max(options, key=lambda o: o[1]) if options else (None, None)
+        return _strongest([f"{prefix}-{b}" for b in ("baseline-fp32", "baseline-bf16")], key)
 
     base_name, base = stronger("siglip")
     d["siglip_stronger_baseline"] = base_name
@@ -451,8 +454,8 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
     }
     gateway, direct = rps("siglip-vlmserve", "avg_ms"), rps("siglip-direct", "avg_ms")
     d["gateway_overhead_latency"] = 1 - direct / gateway if gateway and direct else None
-    d["gateway_overhead_throughput"] = (1 - rps("siglip-vlmserve") / rps("siglip-direct")
-                                        if rps("siglip-direct") and rps("siglip-vlmserve") else None)
+    served = _ratio(rps("siglip-vlmserve"), rps("siglip-direct"))
+    d["gateway_overhead_throughput"] = None if served is None else 1 - served
     if "florence-vlmserve" in s:
         f_name, f_base = stronger("florence")
         d["florence_stronger_baseline"] = f_name
@@ -460,10 +463,8 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
     chat_users = report["settings"]["chat_users"]
     if chat_users and f"chat-vlmserve-{chat_users[-1]}u" in s:
         low, high = chat_users[0], chat_users[-1]
-        options = [(f"chat-{b}-{high}u", rps(f"chat-{b}-{high}u", "tokens_per_s"))
-                   for b in ("baseline-fp32", "baseline-bf16")]
-        options = [(n, v) for n, v in options if v is not None]
-        c_name, c_base = max(options, key=lambda o: o[1]) if options else (None, None)
+        c_name, c_base = _strongest([f"chat-{b}-{high}u" for b in ("baseline-fp32", "baseline-bf16")],
+                                    "tokens_per_s")
         d["chat_stronger_baseline"] = c_name
         d["chat_tokens_per_s_vs_stronger_baseline"] = _ratio(rps(f"chat-vlmserve-{high}u", "tokens_per_s"), c_base)
         d["chat_ttft_p95_loaded_over_idle_p50"] = _ratio(rps(f"chat-vlmserve-{high}u", "ttft_p95_ms"),
@@ -557,6 +558,7 @@ def render_chart(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     summary = report["summary"]
     names = list(summary)
@@ -572,6 +574,7 @@ def render_chart(report: dict[str, Any], path: Path) -> None:
     axes[1].set_xscale("log")
     for ax in axes:
         ax.invert_yaxis()
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.suptitle(f"vlmserve bench: {report['name']} — {report['machine']['cpu']}, {report['machine']['cpus']} CPUs")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -172,12 +172,11 @@ class SiglipTokenizer:
             # Never in SigLIP checkpoints; make_tokenizer falls back to transformers rather than guess.
             raise NotImplementedError("single_word added tokens")
         self.added = {t["content"]: (i, t) for i, t in added.items()}
-        self.eos_token = content(config.get("eos_token", "</s>"))
-        self.unk_token = content(config.get("unk_token", "<unk>"))
-        pad_token = content(config.get("pad_token", "</s>"))
+        self.eos_token = content(config.get("eos_token", "</s>")) or "</s>"
+        self.unk_token = content(config.get("unk_token", "<unk>")) or "<unk>"
+        pad_token = content(config.get("pad_token", "</s>")) or self.eos_token
         self.special = {self.eos_token, self.unk_token, pad_token}
-        self.special |= {content(t) for t in config.get("additional_special_tokens") or []}
-        self.special.discard(None)
+        self.special |= {c for t in config.get("additional_special_tokens") or [] if (c := content(t))}
         self.eos_id = self._token_id(self.eos_token)
         self.pad_id = self._token_id(pad_token)
         self.unk_length = len(self.sp.encode(self.unk_token, out_type=str))

@@ -14,6 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
+import docker.errors
 import httpx
 import pytest
 
@@ -86,12 +87,17 @@ def test_docker_lifecycle(docker_client, cpu_image: str, tiny_repo: Path, tmp_pa
 
         # Kill Triton inside its container; the container's init exits with it and Docker restarts it.
         triton = docker_client.containers.get(f"{project}-triton")
-        killed = triton.exec_run(["python", "-c", KILL_TRITON])
-        assert b"killed" in killed.output, killed.output
+        started_at = triton.attrs["State"]["StartedAt"]
+        # The exec may die with the container before its output is read (an empty answer, exit 137): the proof
+        # that Triton was killed is the container being started again, checked below, not the exec's output.
+        try:
+            triton.exec_run(["python", "-c", KILL_TRITON])
+        except docker.errors.APIError:
+            pass
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             triton.reload()
-            if triton.attrs["RestartCount"] >= 1:
+            if triton.attrs["RestartCount"] >= 1 and triton.attrs["State"]["StartedAt"] != started_at:
                 try:
                     embed(gateway, sample_image.read_bytes())
                     break

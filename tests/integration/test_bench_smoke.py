@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,16 @@ if importlib.util.find_spec("locust") is None:
     pytest.skip("locust is not installed: pip install -e '.[loadtest]'", allow_module_level=True)
 
 
-def test_bench_harness_runs_every_scenario_and_reports(tiny_repo: Path, tmp_path: Path) -> None:
+def test_bench_harness_runs_every_scenario_and_reports(tiny_repo: Path, state_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from loadtests.bench import run_bench
 
+    # Its own state directory: the bench re-exports with the int8 variants, which must not change the shared
+    # tiny repository other tests (and their running stack) use. The tiny checkpoints are copied, not rebuilt.
+    home = tmp_path / "home"
+    shutil.copytree(state_dir / "tiny-models", home / "tiny-models")
+    shutil.copytree(tiny_repo, home / "repository" / "tiny")
+    monkeypatch.setenv("VLMSERVE_HOME", str(home))
     path = run_bench("smoke", users=2, duration_s=3, florence_users=1, florence_duration_s=4, max_new_tokens=2,
                      chat_users=(1, 2), chat_duration_s=4, chat_max_tokens=3, repeats=1, model_set="tiny",
                      out_dir=tmp_path, log=lambda m: None)

@@ -833,7 +833,8 @@ def test_info_lists_every_client_model_and_the_limits(make_client) -> None:
     assert set(by_name) == {"florence2", "qwen2vl", "siglip_embed_text", "smolvlm2"}  # not the encoder
     assert by_name["smolvlm2"] == {
         "id": "vlmserve/tiny-smolvlm2", "triton_model": "smolvlm2", "family": "smolvlm2", "task": "chat",
-        "weights": "random", "ready": True, "device": "cpu", "supports_video": True, "max_new_tokens_limit": 64,
+        "weights": "random", "ready": True, "device": "cpu", "runtime": None, "precision": None, "supports_video": True,
+        "max_new_tokens_limit": 64,
     }
     assert by_name["qwen2vl"]["supports_video"] is False
     assert by_name["siglip_embed_text"]["max_new_tokens_limit"] is None
