@@ -236,8 +236,9 @@ def status(runtime_name: str | None = AnyRuntimeOpt, as_json: bool = typer.Optio
     except DockerUnavailable as exc:
         raise _fail(exc) from None
     budgets = _budget_rows(settings, budget) if (plan or budget) else []
+    runtimes = runtime_rows(settings.repository_path)
     if as_json:
-        print(json.dumps({"services": rows, "gpu_budgets": budgets}, indent=2, default=str))
+        print(json.dumps({"services": rows, "gpu_budgets": budgets, "runtimes": runtimes}, indent=2, default=str))
     else:
         table = Table(*COLUMNS, title="vlmserve services")
         for r in rows:
@@ -248,9 +249,37 @@ def status(runtime_name: str | None = AnyRuntimeOpt, as_json: bool = typer.Optio
             for b in budgets:
                 plan_table.add_row(*(str(v) for v in b.values()))
             Console(width=200).print(plan_table)
+        if runtimes:
+            runtime_table = Table(*runtimes[0].keys(), title=f"runtimes chosen at export ({settings.repository_path})")
+            for r in runtimes:
+                runtime_table.add_row(*(str(v) for v in r.values()))
+            Console(width=200).print(runtime_table)
     if not rows:
         console.print("nothing is running")
         raise typer.Exit(3)
+
+
+def runtime_rows(repository: Path) -> list[dict[str, Any]]:
+    """What export chose per model on this host (``runtime_choice.json`` / ``decoder_choice.json``)."""
+    rows = []
+    for path in sorted([*repository.glob("*/runtime_choice.json"), *repository.glob("*/decoder_choice.json")]):
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        candidates = report.get("candidates", [])
+        chosen: dict[str, Any] = next((c for c in candidates if c.get("precision") == report.get("precision")
+                                       and c.get("runtime", report.get("runtime")) == report.get("runtime")), {})
+        rows.append({
+            "model": path.parent.name,
+            "part": "decoder" if path.name.startswith("decoder") else "encoder",
+            "runtime": report.get("runtime", "torch"),
+            "precision": report.get("precision"),
+            "min cosine": f"{chosen.get('min_cosine', report.get('min_cosine', 0)):.5f}",
+            "timed": ", ".join(f"{c.get('runtime', 'torch')}/{c['precision']}" for c in report.get("candidates", [])),
+            "host": " ".join(report.get("host", {}).get("isa", [])),
+        })
+    return rows
 
 
 PLAN_COLUMNS = ("service", "device", "fraction", "budget", "external", "enforced by")

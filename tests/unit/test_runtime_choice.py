@@ -157,3 +157,16 @@ def test_decoder_bf16_is_chosen_only_when_faithful_and_faster() -> None:
     assert [c["precision"] for c in report["candidates"]] == ["fp32"]
     with pytest.raises(FidelityError):
         runtime_choice.choose_decoder(*_decoder_fakes(2.0, 0.0), precision="bf16", cpu=bf16_host)
+
+
+def test_status_lists_the_choices(tiny_repo: Path) -> None:
+    """`vlmserve status` shows, per model, what export chose on this host and what it timed."""
+    from orchestrator.cli import runtime_rows
+
+    rows = {(r["model"], r["part"]): r for r in runtime_rows(tiny_repo)}
+    assert {("siglip_vision", "encoder"), ("siglip_text", "encoder"), ("florence2_vision", "encoder"),
+            ("florence2", "decoder"), ("smolvlm2", "decoder")} <= set(rows)
+    vision = json.loads((tiny_repo / "siglip_vision" / runtime_choice.REPORT_FILE).read_text())
+    row = rows[("siglip_vision", "encoder")]
+    assert (row["runtime"], row["precision"]) == (vision["runtime"], vision["precision"])
+    assert "onnxruntime/fp32" in row["timed"] and float(row["min cosine"]) >= runtime_choice.FIDELITY_FLOOR
