@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from export import runtime_choice
+from export import photos, runtime_choice
 from export.pbtxt import Enum, parameters
 from export.progress import Progress
 from export.repository import (
@@ -135,13 +135,21 @@ def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weight
         diff = onnx_utils.validate("smolvlm2_vision", vision, onnx_path,
                                    {"pixel_values": pixels[picks], "patch_attention_mask": pmask[picks]})
         step.detail = f"max abs diff {diff:.2e} (wrapper vs transformers {wrapper_diff:.1e})"
+    # The runtime for the vision encoder, on the tiles of a real photo (the processor's own split).
+    photo_tiles = processor(images=[[photos.photos(1)[0]]], return_tensors="np")
+    choice = runtime_choice.select_for_export(
+        repo, "smolvlm2_vision", vision, onnx_path,
+        {"pixel_values": photo_tiles["pixel_values"][0].astype(np.float32),
+         "patch_attention_mask": patch_mask(photo_tiles["pixel_attention_mask"][0].astype(bool), patch)},
+        options, progress)
+    chosen = runtime_choice.config_params(choice)
     with progress.step("copying checkpoint and writing Triton configs"):
         meta = {"family": "smolvlm2", "source_model": source_name, "weights": weights}
         tokens, dim = int(ours.shape[1]), int(ours.shape[2])
         native, embedded = onnx_configs(
             "smolvlm2_vision", {"name": "pixel_values", "data_type": Enum("TYPE_FP32"), "dims": [3, size, size]},
             {"name": "image_features", "data_type": Enum("TYPE_FP32"), "dims": [tokens, dim]},
-            options, {**meta, "role": "encoder"},
+            options, {**meta, "role": "encoder", **chosen},
         )
         for cfg in (native, embedded):
             cfg["input"].append({"name": "patch_attention_mask", "data_type": Enum("TYPE_BOOL"),
@@ -150,7 +158,7 @@ def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weight
         write_config(repo, "smolvlm2_vision", embedded, EMBEDDED_CONFIG)
         write_python_model(repo, "smolvlm2_vision", "model_repository.onnx_model.TritonPythonModel")
         copy_checkpoint(source_dir, repo / "smolvlm2" / "1" / "checkpoint")
-    extra: dict[str, Any] = {"encoder_model": "smolvlm2_vision"}
+    extra: dict[str, Any] = {"encoder_model": "smolvlm2_vision", **chosen}
     decoder = None
     if options.device == "cpu":
         with progress.step("choosing the decoder precision (timing fp32 vs bf16 weights)") as step:
@@ -164,7 +172,7 @@ def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weight
                      EMBEDDED_CONFIG)
         write_python_model(repo, "smolvlm2", "model_repository.chat.ChatModel")
     return {"parity_max_abs_diff": {"smolvlm2_vision": diff}, "wrapper_vs_transformers": wrapper_diff,
-            "decoder_choice": decoder}
+            "runtime_choice": {"smolvlm2_vision": choice}, "decoder_choice": decoder}
 
 
 def _choose_smolvlm2_decoder(model, source_dir: Path, options: ExportOptions) -> dict[str, Any]:
@@ -174,8 +182,6 @@ def _choose_smolvlm2_decoder(model, source_dir: Path, options: ExportOptions) ->
 
     import torch
     from transformers import AutoTokenizer
-
-    from export import photos
 
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     tokenizer.padding_side = "left"
@@ -194,7 +200,7 @@ def _choose_smolvlm2_decoder(model, source_dir: Path, options: ExportOptions) ->
     return runtime_choice.choose_decoder(generate, logits, options.precision)
 
 
-smolvlm2 = _Recipe("smolvlm2", "smolvlm2-3", "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
+smolvlm2 = _Recipe("smolvlm2", "smolvlm2-4", "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
                    ["smolvlm2_vision", "smolvlm2"], export_smolvlm2)
 
 

@@ -165,6 +165,7 @@ def test_status_lists_the_choices(tiny_repo: Path) -> None:
 
     rows = {(r["model"], r["part"]): r for r in runtime_rows(tiny_repo)}
     assert {("siglip_vision", "encoder"), ("siglip_text", "encoder"), ("florence2_vision", "encoder"),
+            ("smolvlm2_vision", "encoder"),
             ("florence2", "decoder"), ("smolvlm2", "decoder")} <= set(rows)
     vision = json.loads((tiny_repo / "siglip_vision" / runtime_choice.REPORT_FILE).read_text())
     row = rows[("siglip_vision", "encoder")]
