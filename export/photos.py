@@ -19,7 +19,6 @@ from PIL import Image, ImageDraw
 
 # The real photographs in matplotlib's sample data (the other sample images are drawings and logos).
 SAMPLE_PHOTOS = ("grace_hopper.jpg",)
-FORMATS = ("JPEG", "PNG", "WEBP")
 
 
 def synthetic_photo(width: int, height: int, seed: int) -> Image.Image:
@@ -66,9 +65,7 @@ def photos(count: int, seed: int = 0) -> list[Image.Image]:
 
 def photo_jpeg(width: int, height: int, seed: int) -> bytes:
     """:func:`synthetic_photo` as a quality-90 JPEG (the bench's request image: realistic decode/resize cost)."""
-    buf = io.BytesIO()
-    synthetic_photo(width, height, seed).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+    return encode(synthetic_photo(width, height, seed), "JPEG")
 
 
 def real_photo(width: int, height: int, seed: int = 0, name: str = SAMPLE_PHOTOS[0]) -> Image.Image:

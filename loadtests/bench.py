@@ -47,7 +47,6 @@ CHAT_METRICS = {"ttft": "chat TTFT", "itl": "chat ITL", "tokens": "chat tokens"}
 class Scenario:
     name: str
     workload: str  # siglip | florence | chat
-    system: str  # baseline-fp32 | baseline-bf16 | vlmserve | vlmserve-int8 | direct
     user_class: str
     host: str
     users: int
@@ -307,23 +306,23 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
             os.environ.pop("VLMSERVE_GATEWAY_LOCAL_IMAGE_DIR")
         gw = settings.gateway_url
         targets = {system: url for system, (_, url) in baselines.items()} | {"vlmserve": gw}
-        scenarios = [Scenario(f"siglip-{system}", "siglip", system, "EmbedUser", url, users, duration_s)
+        scenarios = [Scenario(f"siglip-{system}", "siglip", "EmbedUser", url, users, duration_s)
                      for system, url in targets.items()]
         scenarios += [
-            Scenario("siglip-vlmserve-int8", "siglip", "vlmserve-int8", "EmbedUser", gw, users, duration_s,
+            Scenario("siglip-vlmserve-int8", "siglip", "EmbedUser", gw, users, duration_s,
                      {"VLMSERVE_BENCH_MODEL": "siglip_embed_image_int8"}),
-            Scenario("siglip-direct", "siglip", "direct", "DirectEmbedUser", settings.triton_http_url, users,
+            Scenario("siglip-direct", "siglip", "DirectEmbedUser", settings.triton_http_url, users,
                      duration_s),
         ]
         if florence:
             tokens = {"VLMSERVE_BENCH_MAX_NEW_TOKENS": str(max_new_tokens)}
-            scenarios += [Scenario(f"florence-{system}", "florence", system, "CaptionUser", url, florence_users,
+            scenarios += [Scenario(f"florence-{system}", "florence", "CaptionUser", url, florence_users,
                                    florence_duration_s, tokens) for system, url in targets.items()]
         if chat:
             # Text-only prompts: decoding is what this scenario measures. (With an image, SmolVLM2 splits it into
             # 512 px tiles and the vision prefill of one request takes tens of seconds on 2 cores.)
             chat_env = {"VLMSERVE_BENCH_MAX_NEW_TOKENS": str(chat_max_tokens), "VLMSERVE_BENCH_CHAT_IMAGE": "none"}
-            scenarios += [Scenario(f"chat-{system}-{n}u", "chat", system, "ChatUser", url, n, chat_duration_s,
+            scenarios += [Scenario(f"chat-{system}-{n}u", "chat", "ChatUser", url, n, chat_duration_s,
                                    chat_env) for n in chat_users for system, url in targets.items()]
         for round_no in range(1, repeats + 1):
             for s in scenarios:
