@@ -21,9 +21,7 @@ from export.repository import (
     write_config,
     write_python_model,
 )
-from model_repository.chat_engine import DEFAULT_MAX_BATCH_TOKENS
-
-MAX_NEW_TOKENS_LIMIT = 1024
+from vlmserve.families.contract import ChatParams, ModelParams
 
 
 def chat_config(name: str, options: ExportOptions, meta: dict[str, Any], extra: dict[str, Any] | None = None,
@@ -34,24 +32,7 @@ def chat_config(name: str, options: ExportOptions, meta: dict[str, Any], extra: 
             spec["optional"] = True
         return spec
 
-    params = {
-        **meta,
-        "role": "client",
-        "task": "chat",
-        "default_max_new_tokens": 256,
-        "max_new_tokens_limit": MAX_NEW_TOKENS_LIMIT,
-        "supports_video": "true",
-        "max_video_frames": 8,
-        "video_fps": "1.0",
-        "max_images": 16,
-        "max_batch": 8,
-        "max_batch_tokens": DEFAULT_MAX_BATCH_TOKENS,
-        "batch_window_ms": 20,
-        "device": options.device,
-        **(extra or {}),
-    }
-    if runner:
-        params["runner"] = runner
+    params = ChatParams(**meta, device=options.device, **(extra or {}), **({"runner": runner} if runner else {}))
     return {
         "name": name,
         "backend": "python",
@@ -60,7 +41,7 @@ def chat_config(name: str, options: ExportOptions, meta: dict[str, Any], extra: 
         "input": [tensor("MESSAGES"), tensor("PARAMETERS", optional=True)],
         "output": [tensor("TEXT"), tensor("FINISH_REASON"), tensor("USAGE")],
         "instance_group": [{"count": 1, "kind": options.kind()}],
-        "parameters": parameters(params),
+        "parameters": parameters(params.to_triton()),
     }
 
 
@@ -82,12 +63,14 @@ def export_qwen2vl(source_dir: Path, repo: Path, options: ExportOptions, weights
 
 
 class _Recipe:
-    def __init__(self, family: str, version: str, default: str, models: list[str], fn) -> None:
-        self.FAMILY, self.RECIPE_VERSION, self.DEFAULT_MODEL, self.MODELS = family, version, default, models
+    """A recipe object for a family whose export is a function of this module (see vlmserve/families)."""
+
+    def __init__(self, version: str, models: list[str], fn) -> None:
+        self.RECIPE_VERSION, self.MODELS = version, models
         self.export = fn
 
 
-qwen2vl = _Recipe("qwen2vl", "qwen2vl-2", "Qwen/Qwen2-VL-2B-Instruct", ["qwen2vl"], export_qwen2vl)
+qwen2vl = _Recipe("qwen2vl-2", ["qwen2vl"], export_qwen2vl)
 
 
 def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weights: str, source_name: str,
@@ -149,7 +132,7 @@ def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weight
         native, embedded = onnx_configs(
             "smolvlm2_vision", {"name": "pixel_values", "data_type": Enum("TYPE_FP32"), "dims": [3, size, size]},
             {"name": "image_features", "data_type": Enum("TYPE_FP32"), "dims": [tokens, dim]},
-            options, {**meta, "role": "encoder", **chosen},
+            options, ModelParams(**meta, role="encoder", **chosen),
         )
         for cfg in (native, embedded):
             cfg["input"].append({"name": "patch_attention_mask", "data_type": Enum("TYPE_BOOL"),
@@ -200,8 +183,7 @@ def _choose_smolvlm2_decoder(model, source_dir: Path, options: ExportOptions) ->
     return runtime_choice.choose_decoder(generate, logits, options.precision)
 
 
-smolvlm2 = _Recipe("smolvlm2", "smolvlm2-4", "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
-                   ["smolvlm2_vision", "smolvlm2"], export_smolvlm2)
+smolvlm2 = _Recipe("smolvlm2-4", ["smolvlm2_vision", "smolvlm2"], export_smolvlm2)
 
 
 def export_deepseek_ocr(source_dir: Path, repo: Path, options: ExportOptions, weights: str, source_name: str,
@@ -212,12 +194,11 @@ def export_deepseek_ocr(source_dir: Path, repo: Path, options: ExportOptions, we
     with progress.step("copying checkpoint and writing Triton configs"):
         copy_checkpoint(source_dir, repo / "deepseek_ocr" / "1" / "checkpoint")
         meta = {"family": "deepseek_ocr", "source_model": source_name, "weights": weights}
-        extra = {"supports_video": "false", "max_batch": 1}
+        extra = {"supports_video": False, "max_batch": 1}
         write_config(repo, "deepseek_ocr", chat_config("deepseek_ocr", options, meta, extra))
         write_config(repo, "deepseek_ocr", chat_config("deepseek_ocr", options, meta, extra), EMBEDDED_CONFIG)
         write_python_model(repo, "deepseek_ocr", "model_repository.chat.ChatModel")
     return {}
 
 
-deepseek_ocr = _Recipe("deepseek_ocr", "deepseek_ocr-2", "deepseek-ai/DeepSeek-OCR", ["deepseek_ocr"],
-                       export_deepseek_ocr)
+deepseek_ocr = _Recipe("deepseek_ocr-2", ["deepseek_ocr"], export_deepseek_ocr)

@@ -25,18 +25,17 @@ from export.repository import (
     write_python_model,
 )
 from model_repository.florence2_tasks import TASKS
+from vlmserve.families import family
+from vlmserve.families.contract import MAX_NEW_TOKENS_LIMIT, FlorenceParams, ModelParams
 
 FAMILY = "florence2"
 RECIPE_VERSION = "florence2-2"  # 2: per-host runtime/precision choice
 # The transformers-native conversion of microsoft/Florence-2-base (the microsoft repo needs remote code).
-DEFAULT_MODEL = "florence-community/Florence-2-base"
 TRACE_BATCH = 2
 VALIDATE_BATCH = 3
 CHOICE_BATCH = 4  # what the dynamic batcher forms for Florence-2 under load (768 px: heavy per image)
 MODELS = ["florence2_vision", "florence2"]
 MAX_BATCH = 8
-MAX_NEW_TOKENS_LIMIT = 1024
-NUM_BEAMS_LIMIT = 8
 
 
 def export(source_dir: Path, repo: Path, options: ExportOptions, weights: str, source_name: str,
@@ -48,7 +47,7 @@ def export(source_dir: Path, repo: Path, options: ExportOptions, weights: str, s
         hf_config = AutoConfig.from_pretrained(source_dir)
         if hf_config.model_type != "florence2" or not hasattr(hf_config, "vision_config"):
             raise ValueError(f"{source_name} is not a transformers-native Florence-2 checkpoint "
-                             f"(model_type {hf_config.model_type!r}); use e.g. {DEFAULT_MODEL}")
+                             f"(model_type {hf_config.model_type!r}); use e.g. {family(FAMILY).default_source}")
         model = Florence2ForConditionalGeneration.from_pretrained(source_dir, dtype=torch.float32).eval()
         from transformers import AutoImageProcessor
 
@@ -98,7 +97,7 @@ def export(source_dir: Path, repo: Path, options: ExportOptions, weights: str, s
             "florence2_vision",
             {"name": "pixel_values", "data_type": Enum("TYPE_FP32"), "dims": [3, height, width]},
             {"name": "image_features", "data_type": Enum("TYPE_FP32"), "dims": [tokens, dim]},
-            options, {**meta, "role": "encoder", **chosen},
+            options, ModelParams(**meta, role="encoder", **chosen),
         )
         for cfg in (native, embedded):
             cfg["max_batch_size"] = MAX_BATCH
@@ -165,19 +164,16 @@ def _write_client_model(repo: Path, options: ExportOptions, meta: dict[str, Any]
             "instance_group": [{"count": 1, "kind": options.kind()}],
             # A longer window than the encoders: one generate() for many requests is the whole point.
             "dynamic_batching": {"max_queue_delay_microseconds": 20000},
-            "parameters": parameters({
-                "runner": runner,
-                "encoder_model": "florence2_vision",
+            "parameters": parameters(FlorenceParams(
+                runner=runner,
+                encoder_model="florence2_vision",
                 **meta,
-                "role": "client",
-                "task": "florence2",
-                "default_num_beams": 3,
-                "default_max_new_tokens": default_max_new_tokens,
-                "max_new_tokens_limit": MAX_NEW_TOKENS_LIMIT,
-                "num_beams_limit": NUM_BEAMS_LIMIT,
-                "max_pixels": options.max_pixels,
-                "tasks": json.dumps([t.as_dict() for t in TASKS]),
-            }),
+                role="client",
+                task="florence2",
+                default_max_new_tokens=default_max_new_tokens,
+                max_pixels=options.max_pixels,
+                tasks=json.dumps([t.as_dict() for t in TASKS]),
+            ).to_triton()),
         }
 
     write_config(repo, "florence2", config("triton"))

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from export.progress import Progress
 from export.tiny import SMOLVLM_CHAT_TEMPLATE, _bart_tokenizer, _byte_bpe, _train_sentencepiece
 from vlmserve import paths
+from vlmserve.families import FamilySpec, families
+from vlmserve.families.spec import load
 
 if TYPE_CHECKING:
     from transformers import Florence2Config, SiglipConfig, SmolVLMConfig
@@ -280,9 +282,6 @@ def build_perf_smolvlm2(out_dir: Path) -> Path:
     return out_dir
 
 
-PERF_BUILDERS = {"siglip": build_perf_siglip, "florence2": build_perf_florence2, "smolvlm2": build_perf_smolvlm2}
-
-
 def perf_models_dir() -> Path:
     """Where the perf checkpoints are built: ``<state dir>/perf-models``."""
     return paths.state_dir() / "perf-models"
@@ -293,17 +292,19 @@ def is_perf(model_dir: Path) -> bool:
     return (Path(model_dir) / PERF_MARKER).exists() and (Path(model_dir) / "config.json").exists()
 
 
-def perf_source(family: str, progress: Progress) -> Path:
-    """The perf checkpoint for ``family``, built on first use (offline, fixed seed; about 1 GB each)."""
-    if family not in PERF_BUILDERS:
-        raise ValueError(f"{family} has no perf model; perf models exist for {', '.join(PERF_BUILDERS)}")
+def perf_source(spec: FamilySpec, progress: Progress) -> Path:
+    """The perf checkpoint for ``spec``, built on first use (offline, fixed seed; about 1 GB each)."""
+    if spec.perf is None:
+        have = ", ".join(s.name for s in families().values() if s.perf)
+        raise ValueError(f"{spec.name} has no perf model; perf models exist for {have}")
+    family = spec.name
     out = perf_models_dir() / family
     if not is_perf(out):
         # Build beside the target and rename, so an interrupted build never looks finished.
         partial = out.with_name(f".{family}.partial")
         shutil.rmtree(partial, ignore_errors=True)
         with progress.step(f"building random {family} checkpoint at real size (perf set)"):
-            PERF_BUILDERS[family](partial)
+            load(spec.perf)(partial)
         shutil.rmtree(out, ignore_errors=True)
         partial.rename(out)
     return out

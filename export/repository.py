@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from export import pbtxt
+from vlmserve.families.contract import ModelParams
 
 EMBEDDED_CONFIG = "embedded"  # tritonserver --model-config-name=embedded selects configs/embedded.pbtxt
 STAMP_PREFIX = ".vlmserve-export-"  # files at the repository root: Triton only treats directories as models
@@ -93,9 +94,10 @@ def write_stamp(repo: Path, family: str, stamp: dict[str, Any]) -> None:
 
 
 def onnx_configs(
-    name: str, inp: dict[str, Any], out: dict[str, Any], options: ExportOptions, meta: dict[str, Any]
+    name: str, inp: dict[str, Any], out: dict[str, Any], options: ExportOptions, params: ModelParams
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(native onnxruntime config, embedded Python-backend config) for one ONNX model."""
+    meta = params.to_triton()
     native = {
         "name": name,
         "platform": "onnxruntime_onnx",
@@ -109,12 +111,12 @@ def onnx_configs(
                 "gpu_execution_accelerator": [
                     {
                         "name": "tensorrt",
-                        "parameters": [
-                            {"key": "precision_mode", "value": options.trt_precision},
-                            {"key": "max_workspace_size_bytes", "value": str(options.trt_workspace_bytes)},
-                            {"key": "trt_engine_cache_enable", "value": "1"},
-                            {"key": "trt_engine_cache_path", "value": f"/tmp/vlmserve-trt-cache/{name}"},
-                        ],
+                        "parameters": {
+                            "precision_mode": options.trt_precision,
+                            "max_workspace_size_bytes": str(options.trt_workspace_bytes),
+                            "trt_engine_cache_enable": "1",
+                            "trt_engine_cache_path": f"/tmp/vlmserve-trt-cache/{name}",
+                        },
                     },
                     {"name": "cuda"},
                 ]

@@ -7,36 +7,44 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from export import chat, florence2, siglip, tiny
+from export import tiny
 from export.progress import Progress
 from export.repository import ExportOptions, fingerprint, read_stamp, write_stamp
 from export.runtime_choice import SELECTION_VERSION
 from export.sources import resolve_source
 from vlmserve import paths
+from vlmserve.families import FamilySpec, families, family
+from vlmserve.families.spec import load
 from vlmserve.host import cpu_info
 
-# family -> recipe module; adding a family = a recipe + its Triton models + a gateway route module.
-RECIPES: dict = {"siglip": siglip, "florence2": florence2, "qwen2vl": chat.qwen2vl, "smolvlm2": chat.smolvlm2}
-# Opt-in families: exported only when asked for (`--family`), never part of a default set.
-OPTIONAL_RECIPES: dict = {"deepseek_ocr": chat.deepseek_ocr}
+# tiny: offline random models (make demo, tests); hub: real checkpoints; perf: real architectures at real sizes
+# with random weights (export/perf.py), for benchmarks offline. Which families each set holds: their specs.
 MODEL_SETS = ("tiny", "hub", "perf")
-# perf: real architectures at real sizes with random weights (export/perf.py), for benchmarks offline. The
-# default perf families; smolvlm2 has a perf model too, built and exported only when asked for (--family
-# smolvlm2), since it adds another ~1 GB checkpoint and a 512 px SigLIP ONNX export to every perf run.
-PERF_FAMILIES = ["siglip", "florence2"]
 
 
-def tiny_source(family: str, progress: Progress) -> Path:
-    """The tiny checkpoint for ``family``, built on first use (offline, fixed seed)."""
-    out = paths.tiny_models_dir() / family
+def default_families(model_set: str) -> list[str]:
+    """The families ``model_set`` exports when no ``--family`` is given."""
+    specs = families().values()
+    if model_set == "perf":
+        return [s.name for s in specs if s.in_default_perf]
+    if model_set == "tiny":
+        return [s.name for s in specs if s.in_default_set and s.tiny]
+    return [s.name for s in specs if s.in_default_set]
+
+
+def tiny_source(spec: FamilySpec, progress: Progress) -> Path:
+    """The tiny checkpoint for ``spec``, built on first use (offline, fixed seed)."""
+    if spec.tiny is None:
+        raise ValueError(f"{spec.name} has no tiny model (it needs real weights): use --set hub")
+    out = paths.tiny_models_dir() / spec.name
     if not (out / "config.json").exists() or not tiny.is_tiny(out):
-        with progress.step(f"building tiny random {family} checkpoint"):
-            tiny.TINY_BUILDERS[family](out)
+        with progress.step(f"building tiny random {spec.name} checkpoint"):
+            load(spec.tiny)(out)
     return out
 
 
 def export_family(
-    family: str,
+    name: str,
     source: str | Path,
     repo: Path,
     options: ExportOptions,
@@ -44,34 +52,34 @@ def export_family(
     force: bool = False,
 ) -> dict[str, Any]:
     """Export one family into ``repo`` unless the stamp says it is already up to date."""
-    recipe = {**RECIPES, **OPTIONAL_RECIPES}[family]
+    recipe = family(name).load_recipe()
     source_dir = resolve_source(source)
     weights = "random" if tiny.is_tiny(source_dir) else "pretrained"
     from export.perf import is_perf
 
     kind = "perf" if is_perf(source_dir) else "tiny"
-    source_name = f"vlmserve/{kind}-{family}" if weights == "random" else str(source)
+    source_name = f"vlmserve/{kind}-{name}" if weights == "random" else str(source)
     # The runtime choice depends on this host's CPU and on how export chooses: either changing re-exports.
     host = {"selection": SELECTION_VERSION, "isa": cpu_info().fingerprint()}
     fp = fingerprint(recipe.RECIPE_VERSION, source_dir, options, {"source": source_name, **host})
-    stamp = read_stamp(repo, family)
+    stamp = read_stamp(repo, name)
     complete = all((repo / m / "config.pbtxt").exists() for m in recipe.MODELS)
     if not force and stamp and stamp.get("fingerprint") == fp and complete:
-        progress.info(f"[dim]{family}: up to date ({source_name}), nothing to do[/dim]")
+        progress.info(f"[dim]{name}: up to date ({source_name}), nothing to do[/dim]")
         return {**stamp, "skipped": True}
-    progress.info(f"[bold]{family}[/bold]: exporting {source_name} ({weights} weights) into {repo}")
+    progress.info(f"[bold]{name}[/bold]: exporting {source_name} ({weights} weights) into {repo}")
     start = time.monotonic()
     report = recipe.export(source_dir, repo, options, weights, source_name, progress)
     stamp = {
         "fingerprint": fp,
-        "family": family,
+        "family": name,
         "source": source_name,
         "weights": weights,
         "options": asdict(options),
         "seconds": round(time.monotonic() - start, 1),
         **report,
     }
-    write_stamp(repo, family, stamp)
+    write_stamp(repo, name, stamp)
     return {**stamp, "skipped": False}
 
 
@@ -92,21 +100,15 @@ def export_model_set(
     repo = (repo or paths.repository_dir(model_set)).resolve()
     repo.mkdir(parents=True, exist_ok=True)
     reports = {}
-    known = {**RECIPES, **OPTIONAL_RECIPES}
-    for family in families or (PERF_FAMILIES if model_set == "perf" else list(RECIPES)):
-        if family not in known:
-            raise ValueError(f"unknown model family {family!r}; choose from {', '.join(known)}")
+    for name in families or default_families(model_set):
+        spec = family(name)
         if model_set == "tiny":
-            if family not in tiny.TINY_BUILDERS:
-                raise ValueError(f"{family} has no tiny model (it needs real weights): use --set hub")
-            source: str | Path = tiny_source(family, progress)
+            source: str | Path = tiny_source(spec, progress)
         elif model_set == "perf":
-            from export.perf import PERF_BUILDERS, perf_source
+            from export.perf import perf_source
 
-            if family not in PERF_BUILDERS:
-                raise ValueError(f"{family} has no perf model; perf covers {', '.join(PERF_BUILDERS)}")
-            source = perf_source(family, progress)
+            source = perf_source(spec, progress)
         else:
-            source = (sources or {}).get(family) or known[family].DEFAULT_MODEL
-        reports[family] = export_family(family, source, repo, options, progress, force)
+            source = (sources or {}).get(name) or spec.default_source
+        reports[name] = export_family(name, source, repo, options, progress, force)
     return reports

@@ -24,10 +24,10 @@ from export.repository import (
     write_config,
     write_python_model,
 )
+from vlmserve.families.contract import EmbedParams
 
 FAMILY = "siglip"
 RECIPE_VERSION = "siglip-2"  # 2: per-host runtime/precision choice
-DEFAULT_MODEL = "google/siglip-base-patch16-224"
 TRACE_BATCH = 2
 VALIDATE_BATCH = 3
 CHOICE_BATCH = 8  # what Triton's dynamic batcher forms under load
@@ -85,7 +85,7 @@ def _client_configs(
                 {"count": options.instance_count, "kind": Enum("KIND_CPU") if runner == "triton" else options.kind()}
             ],
             "dynamic_batching": dynamic_batching(options),
-            "parameters": parameters({"runner": runner, "encoder_model": encoder_model, **meta}),
+            "parameters": parameters(EmbedParams(runner=runner, encoder_model=encoder_model, **meta).to_triton()),
         }
 
     return config("triton"), config("onnxruntime")
@@ -188,7 +188,8 @@ def _write_models(repo: Path, source_dir: Path, options: ExportOptions, meta: di
          {"name": "text_embeds", "data_type": Enum("TYPE_FP32"), "dims": [dim]}),
     ]:
         chosen = runtime_choice.config_params(choices.get(name))
-        native, embedded = onnx_configs(name + suffix, inp, out, options, {**meta, "role": "encoder", **chosen})
+        native, embedded = onnx_configs(name + suffix, inp, out, options,
+                                        EmbedParams(**meta, role="encoder", **chosen))
         write_config(repo, name + suffix, native)
         write_config(repo, name + suffix, embedded, EMBEDDED_CONFIG)
         write_python_model(repo, name + suffix, "model_repository.onnx_model.TritonPythonModel")

@@ -102,9 +102,6 @@ def build_tiny_siglip(out_dir: Path) -> Path:
     return out_dir
 
 
-TINY_BUILDERS = {"siglip": build_tiny_siglip}
-
-
 def is_tiny(model_dir: Path) -> bool:
     """True when ``model_dir`` was built by this module (random weights)."""
     return (Path(model_dir) / "VLMSERVE_TINY.json").exists()
@@ -184,7 +181,6 @@ def build_tiny_florence2(out_dir: Path) -> Path:
     return out_dir
 
 
-TINY_BUILDERS["florence2"] = build_tiny_florence2
 
 
 def _byte_bpe(vocab_size: int, specials: list[str]):
@@ -258,7 +254,6 @@ def build_tiny_qwen2vl(out_dir: Path) -> Path:
     return out_dir
 
 
-TINY_BUILDERS["qwen2vl"] = build_tiny_qwen2vl
 
 
 SMOLVLM_CHAT_TEMPLATE = (
@@ -310,4 +305,3 @@ def build_tiny_smolvlm2(out_dir: Path) -> Path:
     return out_dir
 
 
-TINY_BUILDERS["smolvlm2"] = build_tiny_smolvlm2

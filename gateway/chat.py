@@ -30,6 +30,7 @@ from gateway.images import ImageInputError, ImagePolicy, resolve_image
 from gateway.media import resolve_video, video_policy
 from gateway.settings import GatewaySettings
 from gateway.triton import ModelInfo, Registry, TritonBackend, live_registry, use_model
+from vlmserve.families.contract import ChatParams
 
 __all__ = [
     "CHAT_TASK",
@@ -84,20 +85,11 @@ class ChatLimits:
     max_images: int | None = None
 
     @classmethod
-    def from_params(cls, params: Mapping[str, str]) -> ChatLimits:
-        def number(key: str) -> int | None:
-            try:
-                return int(params[key])
-            except (KeyError, ValueError):
-                return None
-
-        return cls(
-            max_new_tokens_limit=number("max_new_tokens_limit") or 1024,
-            default_max_new_tokens=number("default_max_new_tokens"),
-            supports_video=params.get("supports_video", "false").strip().lower() == "true",
-            max_video_frames=number("max_video_frames") or 8,
-            max_images=number("max_images"),
-        )
+    def of(cls, info: ModelInfo) -> ChatLimits:
+        params = info.contract(ChatParams)
+        return cls(max_new_tokens_limit=params.max_new_tokens_limit,
+                   default_max_new_tokens=params.default_max_new_tokens, supports_video=params.supports_video,
+                   max_video_frames=params.max_video_frames, max_images=params.max_images)
 
 
 @dataclass
@@ -440,22 +432,17 @@ class ChatService:
     async def registry(self) -> Registry:
         return await live_registry(self.backend)
 
-    async def model(self, request: Request, name: str | None, prefer_family: str | None = None) -> ModelInfo:
-        """The chat model ``name`` (source id, family or Triton name); None = ``prefer_family``'s or the first.
+    async def model(self, request: Request, name: str | None, surface: str = "chat") -> ModelInfo:
+        """The chat model ``name`` (source id, family or Triton name); None = the ``surface``'s default family's.
 
         404 lists the served chat models; 503 while it is loading.
         """
         registry = await self.registry()
-        if name is None and prefer_family is not None:
-            preferred = [m for m in registry.by_task(CHAT_TASK) if m.family == prefer_family]
-            info = preferred[0] if preferred else registry.find(CHAT_TASK, None)
-        else:
-            info = registry.find(CHAT_TASK, name)
-        return use_model(request, info, self.settings.retry_after_s)
+        return use_model(request, registry.find(CHAT_TASK, name, surface), self.settings.retry_after_s)
 
     async def prepare(self, info: ModelInfo, messages: Any, sampling: Sampling) -> dict[str, np.ndarray]:
         """Validate and translate a request for ``info``: the Triton inputs to send."""
-        limits = ChatLimits.from_params(info.params)
+        limits = ChatLimits.of(info)
         sampling.check(limits)
         max_media = self.settings.max_images_per_request
         if limits.max_images is not None:
@@ -506,7 +493,7 @@ class ChatService:
                               max_tokens: int | None = None) -> Completion:
         """One user turn: ``image`` then ``prompt``; used by the OCR and region routes."""
         sampling = Sampling(max_tokens=max_tokens)
-        sampling.check(ChatLimits.from_params(info.params))
+        sampling.check(ChatLimits.of(info))
         messages = [{"role": "user", "content": [
             {"type": "image", "data": base64.b64encode(image).decode("ascii")},
             {"type": "text", "text": prompt},

@@ -18,7 +18,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from gateway.errors import APIError
+from gateway.triton import ModelInfo
 from model_repository.florence2_tasks import REGION_HINT, REGION_TASKS, Task, UnknownTask, region_to_loc_tokens
+from vlmserve.families.contract import FlorenceParams
 
 __all__ = [
     "FlorenceInputError",
@@ -36,8 +39,6 @@ __all__ = [
     "shape_response",
 ]
 
-DEFAULT_MAX_NEW_TOKENS_LIMIT = 1024
-DEFAULT_NUM_BEAMS_LIMIT = 8
 
 # Distinct colours (Trubetskoy's list of 20, minus white/black/near-greys): one per label.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -78,24 +79,13 @@ class TaskTable:
         self._by_key = {t.name.lower(): t for t in self.tasks} | {t.token.lower(): t for t in self.tasks}
 
     @classmethod
-    def from_params(cls, params: Mapping[str, str]) -> TaskTable:
-        """Parse the model config's ``tasks`` parameter (a JSON list); ValueError when missing or malformed."""
-        raw = params.get("tasks")
-        if not raw:
-            raise ValueError("the model config has no 'tasks' parameter")
-        try:
-            rows = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"the model config's 'tasks' parameter is not JSON ({exc.msg})") from None
-        if not isinstance(rows, list) or not rows:
-            raise ValueError("the model config's 'tasks' parameter is not a non-empty JSON list")
-        tasks = []
-        for row in rows:
-            if not isinstance(row, dict) or not row.get("name") or not row.get("token"):
-                raise ValueError(f"the model config's 'tasks' parameter has an invalid entry: {row!r}")
-            tasks.append(FlorenceTask(str(row["name"]), str(row["token"]), bool(row.get("needs_text", False)),
-                                      str(row.get("description") or ""), str(row.get("text_hint") or "")))
-        return cls(tasks)
+    def of(cls, info: ModelInfo) -> TaskTable:
+        """The table the model's config serves (``tasks``, validated by the model contract); 502 without one."""
+        rows = info.contract(FlorenceParams).tasks
+        if not rows:
+            raise APIError(502, f"{info.name}: the model config has no 'tasks' parameter; re-export the model "
+                                "repository", code="bad_model_config")
+        return cls(FlorenceTask(r.name, r.token, r.needs_text, r.description, r.text_hint) for r in rows)
 
     def __iter__(self) -> Iterator[FlorenceTask]:
         return iter(self.tasks)
@@ -117,20 +107,13 @@ class TaskTable:
 class FlorenceLimits:
     """Upper bounds for the generation knobs, from the model config (``max_new_tokens_limit``, ...)."""
 
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
-    num_beams: int = DEFAULT_NUM_BEAMS_LIMIT
+    max_new_tokens: int
+    num_beams: int
 
     @classmethod
-    def from_params(cls, params: Mapping[str, str]) -> FlorenceLimits:
-        def read(name: str, default: int) -> int:
-            try:
-                value = int(params.get(name) or default)
-            except ValueError:
-                return default
-            return value if value >= 1 else default
-
-        return cls(read("max_new_tokens_limit", DEFAULT_MAX_NEW_TOKENS_LIMIT),
-                   read("num_beams_limit", DEFAULT_NUM_BEAMS_LIMIT))
+    def of(cls, info: ModelInfo) -> FlorenceLimits:
+        params = info.contract(FlorenceParams)
+        return cls(params.max_new_tokens_limit, params.num_beams_limit)
 
 
 def check_generation_args(max_new_tokens: int | None, num_beams: int | None, limits: FlorenceLimits) -> None:

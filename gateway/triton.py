@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -21,6 +21,12 @@ import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
 from gateway.errors import APIError
+from vlmserve.families import default_family
+from vlmserve.families.contract import ModelParams
+
+P = TypeVar("P", bound=ModelParams)
+# The gateway surface of each client-model task (see vlmserve/families/spec.py).
+TASK_SURFACE = {"embed_image": "embeddings", "embed_text": "embeddings", "florence2": "florence2", "chat": "chat"}
 
 
 class TritonUnavailable(APIError):
@@ -45,6 +51,14 @@ class ModelInfo:
     def task(self) -> str | None:
         return self.params.get("task")
 
+    def contract(self, kind: type[P]) -> P:
+        """Its config parameters read through the model contract (502 when the config breaks it)."""
+        try:
+            return kind.from_triton(self.params)
+        except ValueError as exc:
+            raise APIError(502, f"{self.name}: invalid model config parameters ({exc}); re-export the model "
+                                "repository", code="bad_model_config") from None
+
 
 @dataclass(frozen=True)
 class Registry:
@@ -54,13 +68,23 @@ class Registry:
     def by_task(self, task: str) -> list[ModelInfo]:
         return [m for m in self.models.values() if m.task == task]
 
-    def find(self, task: str, model: str | None) -> ModelInfo:
-        """The model serving ``task`` that matches ``model`` (source id, family or Triton name; None = first)."""
+    def default(self, task: str, surface: str | None = None) -> ModelInfo | None:
+        """The model answering ``task`` when a request names none.
+
+        The default family of the surface (its spec's ``default_for``) when loaded, else the first by Triton
+        name: adding a family never silently takes a surface over.
+        """
+        candidates = sorted(self.by_task(task), key=lambda m: m.name)
+        preferred = default_family(surface or TASK_SURFACE.get(task, task))
+        return next((m for m in candidates if m.family == preferred), candidates[0] if candidates else None)
+
+    def find(self, task: str, model: str | None, surface: str | None = None) -> ModelInfo:
+        """The model serving ``task`` that matches ``model`` (source id, family or Triton name; None = default)."""
         candidates = self.by_task(task)
         if not candidates:
             raise APIError(404, f"no model serving {task!r} is loaded in Triton", code="model_not_found")
         if model is None:
-            return candidates[0]
+            return self.default(task, surface) or candidates[0]
         for m in candidates:
             if model in (m.name, m.family, m.params.get("source_model")):
                 return m

@@ -20,12 +20,12 @@ import numpy as np
 
 from model_repository import runtime
 from model_repository.chat_engine import (
-    DEFAULT_MAX_BATCH_TOKENS,
     ChatEngine,
     ChatJob,
     SamplingParams,
     render_prompt,
 )
+from vlmserve.families.contract import ChatParams
 
 ROLES = {"system", "user", "assistant"}
 
@@ -265,7 +265,8 @@ class ChatModel:
         config = runtime.model_config(args)
         if not config.get("model_transaction_policy", {}).get("decoupled"):
             raise ValueError(f"{config['name']}: chat models must be decoupled (model_transaction_policy)")
-        family = runtime.param(config, "family")
+        params = ChatParams.from_config(config)
+        family = params.family
         if family not in PIPELINES:
             raise ValueError(f"{config['name']}: unknown chat family {family!r}")
         device = runtime.torch_device(args)
@@ -274,21 +275,18 @@ class ChatModel:
         # SmolVLM2's vision encoder is the exported ONNX model (in-process or via BLS, like the other encoders).
         encoder = runtime.make_encoder(args, config, ["image_features"]) if family == "smolvlm2" else None
         # bf16 weights where export measured them faithful and faster on this host (decoder_choice.json).
-        extra = {"decoder_precision": runtime.param(config, "decoder_precision", "fp32")} if encoder else {}
+        extra = {"decoder_precision": params.decoder_precision} if encoder else {}
         self.pipeline = PIPELINES[family](runtime.version_dir(args) / "checkpoint", device, attn, encoder=encoder,
                                           **extra)
-        self.max_tokens_limit = int(runtime.param(config, "max_new_tokens_limit", "1024"))
+        self.max_tokens_limit = params.max_new_tokens_limit
         # MAX_NEW_TOKENS (seed 002) sets the default answer length, within the configured limit.
-        self.default_max_tokens = min(self.max_tokens_limit, int(
-            os.environ.get("MAX_NEW_TOKENS") or runtime.param(config, "default_max_new_tokens", "256")))
-        self.max_frames = int(runtime.param(config, "max_video_frames", "8"))
-        self.max_images = int(runtime.param(config, "max_images", "16"))
-        self.default_fps = float(runtime.param(config, "video_fps", "1.0"))
-        self.engine = ChatEngine(
-            self.pipeline, int(runtime.param(config, "max_batch", "8")),
-            float(runtime.param(config, "batch_window_ms", "20")) / 1000,
-            int(runtime.param(config, "max_batch_tokens", str(DEFAULT_MAX_BATCH_TOKENS))),
-        )
+        self.default_max_tokens = min(self.max_tokens_limit,
+                                      int(os.environ.get("MAX_NEW_TOKENS") or params.default_max_new_tokens))
+        self.max_frames = params.max_video_frames
+        self.max_images = params.max_images
+        self.default_fps = params.video_fps
+        self.engine = ChatEngine(self.pipeline, params.max_batch, params.batch_window_ms / 1000,
+                                 params.max_batch_tokens)
 
     def execute(self, requests):
         pb = runtime.pb_utils

@@ -28,10 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from vlmserve.families.contract import DEFAULT_MAX_BATCH_TOKENS
+
 log = logging.getLogger("vlmserve.chat")
 
 # Padded KV positions one batch may hold (rows x longest row, reserved up to each row's max_tokens).
-DEFAULT_MAX_BATCH_TOKENS = 16384
 
 
 @dataclass

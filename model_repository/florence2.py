@@ -25,6 +25,7 @@ from model_repository.florence2_tasks import (
     find_task,
     region_to_loc_tokens,
 )
+from vlmserve.families.contract import FlorenceParams
 
 
 @dataclass
@@ -185,16 +186,17 @@ class Florence2Model:
             raise ValueError("florence2: config must declare inputs IMAGE, TASK (+ optional) and output RESULT")
         device = runtime.torch_device(args)
         runtime.apply_gpu_budget(args, config)  # before loading: an over-budget checkpoint fails loudly here
+        params = FlorenceParams.from_config(config)
         self.pipeline = Florence2Pipeline(
             runtime.version_dir(args) / "checkpoint",
             runtime.make_encoder(args, config, ["image_features"]),
-            default_max_new_tokens=int(runtime.param(config, "default_max_new_tokens", "1024")),
-            default_num_beams=int(runtime.param(config, "default_num_beams", "3")),
-            max_new_tokens_limit=int(runtime.param(config, "max_new_tokens_limit", "1024")),
-            num_beams_limit=int(runtime.param(config, "num_beams_limit", "8")),
-            max_pixels=int(runtime.param(config, "max_pixels", str(runtime.DEFAULT_MAX_PIXELS))),
+            default_max_new_tokens=params.default_max_new_tokens,
+            default_num_beams=params.default_num_beams,
+            max_new_tokens_limit=params.max_new_tokens_limit,
+            num_beams_limit=params.num_beams_limit,
+            max_pixels=params.max_pixels,
             device=device,
-            decoder_precision=runtime.param(config, "decoder_precision", "fp32"),
+            decoder_precision=params.decoder_precision,
         )
 
     def execute(self, requests):

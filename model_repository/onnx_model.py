@@ -9,18 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from model_repository import runtime
+from vlmserve.families.contract import ModelParams
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = runtime.model_config(args)
+        params = ModelParams.from_config(config)
         self.encoder = runtime.open_encoder(
-            runtime.version_dir(args) / runtime.param(config, "onnx_file", "model.onnx"),
-            *runtime.runtime_choice(config),
-            runtime.uses_gpu(args),
-            int(runtime.param(config, "intra_op_threads", "0")),
-            runtime.device_id(args),
-            runtime.gpu_mem_limit(config),
+            runtime.version_dir(args) / params.onnx_file, params.runtime, params.precision, runtime.uses_gpu(args),
+            params.intra_op_threads, runtime.device_id(args), params.gpu_mem_limit,
         )
         declared_in = [i["name"] for i in config["input"]]
         declared_out = [o["name"] for o in config["output"]]

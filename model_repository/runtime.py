@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 
+from vlmserve.families.contract import DEFAULT_MAX_PIXELS, ModelParams
+
 try:  # Only importable inside Triton's Python backend stub.
     import triton_python_backend_utils as pb_utils
 except ImportError:  # pragma: no cover - unit tests use the pure logic below
     pb_utils = None
 
-DEFAULT_MAX_PIXELS = 40_000_000
 
 
 class InputError(ValueError):
@@ -29,14 +30,6 @@ def model_config(args: dict[str, Any]) -> dict[str, Any]:
     return json.loads(args["model_config"])
 
 
-def param(config: dict[str, Any], key: str, default: str | None = None) -> str:
-    """A model-config ``parameters`` entry; a missing required one fails model loading loudly."""
-    value = config.get("parameters", {}).get(key, {}).get("string_value")
-    if value is None or value == "":
-        if default is None:
-            raise ValueError(f"model {config.get('name')!r}: required parameter {key!r} missing in config")
-        return default
-    return value
 
 
 def model_dir(args: dict[str, Any]) -> Path:
@@ -107,17 +100,6 @@ def torch_device(args: dict[str, Any]) -> str:
     return "cuda"
 
 
-def gpu_mem_limit(config: dict[str, Any]) -> int | None:
-    """The ``gpu_mem_limit`` parameter (bytes, written by the GPU memory plan), or None when absent."""
-    value = param(config, "gpu_mem_limit", "")
-    if not value:
-        return None
-    limit = int(value)
-    if limit <= 0:
-        raise ValueError(f"model {config.get('name')!r}: gpu_mem_limit must be > 0 bytes, got {value!r}")
-    return limit
-
-
 def apply_gpu_budget(args: dict[str, Any], config: dict[str, Any]) -> None:
     """Cap torch's caching allocator at the config's ``gpu_memory_fraction`` (written by the memory plan).
 
@@ -125,12 +107,9 @@ def apply_gpu_budget(args: dict[str, Any], config: dict[str, Any]) -> None:
     when the parameter is absent. torch raises OutOfMemoryError beyond the cap; the CUDA context and memory not
     allocated through torch (e.g. an onnxruntime session, capped by its own ``gpu_mem_limit``) are not counted.
     """
-    raw = param(config, "gpu_memory_fraction", "")
-    if not raw or not uses_gpu(args):
+    fraction = ModelParams.from_config(config).gpu_memory_fraction
+    if fraction is None or not uses_gpu(args):
         return
-    fraction = float(raw)
-    if not 0 < fraction <= 1:
-        raise ValueError(f"model {config.get('name')!r}: gpu_memory_fraction must be in (0, 1], got {raw!r}")
     import torch  # lazily: the ONNX-only models never import torch
 
     torch.cuda.set_per_process_memory_fraction(fraction, device_id(args))
@@ -283,20 +262,16 @@ def make_encoder(args: dict[str, Any], config: dict[str, Any], output_names: Seq
     In-process, the ``runtime``/``precision`` parameters (written by export after timing the candidates on
     this host) pick ONNX Runtime or OpenVINO.
     """
-    runner = param(config, "runner", "onnxruntime")
-    encoder_model = param(config, "encoder_model")
-    if runner == "triton":
-        return TritonEncoder(encoder_model, output_names)
-    if runner != "onnxruntime":
-        raise ValueError(f"model {config['name']!r}: unknown runner {runner!r} (onnxruntime|triton)")
-    onnx_path = model_dir(args).parent / encoder_model / "1" / "model.onnx"
-    return open_encoder(onnx_path, *runtime_choice(config), uses_gpu(args), int(param(config, "intra_op_threads", "0")),
-                        device_id(args), gpu_mem_limit(config))
-
-
-def runtime_choice(config: dict[str, Any]) -> tuple[str, str]:
-    """``(runtime, precision)`` export chose for this host (``onnxruntime``/``fp32`` in older repositories)."""
-    return param(config, "runtime", "onnxruntime"), param(config, "precision", "fp32")
+    params = ModelParams.from_config(config)
+    if not params.encoder_model:
+        raise ValueError(f"model {config.get('name')!r}: required parameter 'encoder_model' missing in config")
+    if params.runner == "triton":
+        return TritonEncoder(params.encoder_model, output_names)
+    if params.runner != "onnxruntime":
+        raise ValueError(f"model {config['name']!r}: unknown runner {params.runner!r} (onnxruntime|triton)")
+    onnx_path = model_dir(args).parent / params.encoder_model / "1" / "model.onnx"
+    return open_encoder(onnx_path, params.runtime, params.precision, uses_gpu(args), params.intra_op_threads,
+                        device_id(args), params.gpu_mem_limit)
 
 
 # ---------------------------------------------------------------------------------------------- inputs

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from model_repository import runtime
+from vlmserve.families.contract import EmbedParams
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -309,7 +310,7 @@ class EmbedImageModel(_SiglipModel):
         config = self._setup(args)
         self.preprocess = SiglipImagePreprocessor(
             runtime.version_dir(args) / "processor",
-            int(runtime.param(config, "max_pixels", str(runtime.DEFAULT_MAX_PIXELS))),
+            EmbedParams.from_config(config).max_pixels,
         )
 
     def execute(self, requests):
@@ -330,9 +331,10 @@ class EmbedTextModel(_SiglipModel):
 
     def initialize(self, args: dict[str, Any]) -> None:
         config = self._setup(args)
-        self.preprocess = SiglipTextPreprocessor(
-            runtime.version_dir(args) / "processor", int(runtime.param(config, "max_text_length"))
-        )
+        length = EmbedParams.from_config(config).max_text_length
+        if length is None:
+            raise ValueError(f"model {config.get('name')!r}: required parameter 'max_text_length' missing in config")
+        self.preprocess = SiglipTextPreprocessor(runtime.version_dir(args) / "processor", length)
 
     def execute(self, requests):
         pb = runtime.pb_utils

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -14,16 +16,35 @@ app.registered_commands.extend(orchestrator_cli.app.registered_commands)
 app.registered_groups.extend(orchestrator_cli.app.registered_groups)
 
 
+def _sources(pairs: list[str] | None, env: bool) -> dict[str, str]:
+    """``--model FAMILY=SOURCE`` flags over ``VLMSERVE_<FAMILY>_MODEL`` variables (``env``) per family."""
+    from vlmserve.families import families, family
+
+    sources = {s.name: os.environ[s.env_var] for s in families().values() if env and os.environ.get(s.env_var)}
+    for pair in pairs or []:
+        name, sep, source = pair.partition("=")
+        if not sep or not source:
+            raise typer.BadParameter(f"--model takes FAMILY=SOURCE (a Hub id or a local dir), got {pair!r}")
+        try:
+            sources[family(name.strip()).name] = source.strip()
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return sources
+
+
+ModelOpt = typer.Option(None, "--model", help="FAMILY=SOURCE: the checkpoint (Hub id or local dir) of a family in "
+                        "the hub set, repeatable, e.g. --model siglip=google/siglip-large-patch16-384; "
+                        "`vlmserve families` lists the families")
+
+
 @app.command()
 def export(
     model_set: str = typer.Option("tiny", "--set", help="tiny (offline random), hub (real checkpoints) or perf "
                                   "(real sizes, random weights: benchmarks)"),
     repo: Path | None = typer.Option(None, "--repo", help="model repository to write (default: per set)"),
-    siglip_model: str | None = typer.Option(None, "--siglip-model", help="Hub id or local dir (hub set)"),
-    florence2_model: str | None = typer.Option(None, "--florence2-model", help="Hub id or local dir (hub set)"),
+    model: list[str] | None = ModelOpt,
     family: list[str] | None = typer.Option(None, "--family", help="only these families (repeatable), e.g. "
-                                            "--family deepseek_ocr --deepseek-ocr-model DIR (opt-in, hub set)"),
-    deepseek_ocr_model: str | None = typer.Option(None, "--deepseek-ocr-model", help="DeepSeek-OCR dir or id"),
+                                            "--family deepseek_ocr --model deepseek_ocr=DIR (opt-in, hub set)"),
     device: str = typer.Option("cpu", help="cpu or cuda: instance kind written into the configs"),
     int8: bool = typer.Option(False, "--int8", help="also export dynamic-int8 SigLIP towers (models *_int8)"),
     runtime: str = typer.Option("auto", "--runtime", help="CPU runtime of the encoders: auto (the fastest "
@@ -33,6 +54,12 @@ def export(
     force: bool = typer.Option(False, help="re-export even when up to date"),
 ) -> None:
     """Export checkpoints to ONNX (parity-checked) and write the Triton model repository."""
+    _export(model_set, repo, _sources(model, env=False), family, device, int8, runtime, precision, force)
+
+
+def _export(model_set: str, repo: Path | None, sources: dict[str, str], families: list[str] | None = None,
+            device: str = "cpu", int8: bool = False, runtime: str = "auto", precision: str = "auto",
+            force: bool = False) -> None:
     from export.onnx_utils import FidelityError, ParityError
     from export.repository import ExportOptions
     from export.run import export_model_set
@@ -41,20 +68,15 @@ def export(
     if device not in ("cpu", "cuda"):
         raise typer.BadParameter("device must be cpu or cuda")
     try:
-        given = {"siglip": siglip_model, "florence2": florence2_model, "deepseek_ocr": deepseek_ocr_model}
-        sources = {k: v for k, v in given.items() if v}
         options = ExportOptions(device=device, int8=int8, runtime=runtime, precision=precision)
-        export_model_set(model_set, repo, options, sources=sources,
-                         families=family or None, force=force)
+        export_model_set(model_set, repo, options, sources=sources, families=families or None, force=force)
     except (ParityError, FidelityError, SourceError, ValueError) as exc:
         orchestrator_cli.console.print(f"[red]export failed:[/red] {exc}")
         raise typer.Exit(1) from None
 
 
-def _export_and_run(model_set: str, siglip_model: str | None = None, florence2_model: str | None = None) -> None:
-    export(model_set=model_set, repo=None, siglip_model=siglip_model, florence2_model=florence2_model,
-           family=None, deepseek_ocr_model=None, device="cpu", int8=False, runtime="auto", precision="auto",
-           force=False)
+def _export_and_run(model_set: str, sources: dict[str, str] | None = None) -> None:
+    _export(model_set, None, sources or {})
     orchestrator_cli.run(model_set=model_set, repo=None, accelerator=None, fallback=None, plan=None, budget=None,
                          reserve=None)
 
@@ -66,14 +88,42 @@ def demo() -> None:
 
 
 @app.command()
-def serve(
-    siglip_model: str = typer.Option("google/siglip-base-patch16-224", "--siglip-model",
-                                     envvar="VLMSERVE_SIGLIP_MODEL", help="Hub id or local checkpoint dir"),
-    florence2_model: str = typer.Option("florence-community/Florence-2-base", "--florence2-model",
-                                        envvar="VLMSERVE_FLORENCE2_MODEL", help="Hub id or local checkpoint dir"),
-) -> None:
-    """Serve real checkpoints (from the Hub or the local HF cache)."""
-    _export_and_run("hub", siglip_model, florence2_model)
+def serve(model: list[str] | None = ModelOpt) -> None:
+    """Serve real checkpoints (from the Hub or the local HF cache).
+
+    Each family's default checkpoint is in `vlmserve families`; override one with --model FAMILY=SOURCE or the
+    environment variable VLMSERVE_<FAMILY>_MODEL (e.g. VLMSERVE_SIGLIP_MODEL).
+    """
+    _export_and_run("hub", _sources(model, env=True))
+
+
+@app.command("families")
+def list_families(as_json: bool = typer.Option(False, "--json", help="machine-readable")) -> None:
+    """The model families this vlmserve serves: surfaces, default checkpoints, tiny/perf models."""
+    import json
+
+    from rich.table import Table
+
+    from vlmserve.families import SURFACES, families
+
+    rows: list[dict[str, Any]] = [
+        {"family": s.name, "title": s.title, "surfaces": list(s.surfaces), "default_for": list(s.default_for),
+         "default_source": s.default_source, "env": s.env_var, "tiny": s.tiny is not None,
+         "perf": s.perf is not None, "in_default_set": s.in_default_set, "tasks": list(s.tasks)}
+        for s in families().values()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="model families")
+    for col in ("family", "surfaces (default for)", "default checkpoint", "tiny", "perf"):
+        table.add_column(col)
+    for r in rows:
+        surfaces = ", ".join(f"{x}*" if x in r["default_for"] else x for x in r["surfaces"])
+        table.add_row(r["family"] + ("" if r["in_default_set"] else " (opt-in)"), surfaces, r["default_source"],
+                      "yes" if r["tiny"] else "-", "yes" if r["perf"] else "-")
+    orchestrator_cli.console.print(table)
+    orchestrator_cli.console.print("* the family answering a surface when a request names no model. Surfaces: " +
+                                   "; ".join(f"{k}: {v}" for k, v in SURFACES.items()))
 
 
 @app.command()

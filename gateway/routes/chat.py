@@ -45,7 +45,6 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 
 M = TypeVar("M", bound=BaseModel)
 
-OCR_FAMILY = "qwen2vl"  # seed 002 served Qwen2-VL; it stays the default OCR model when it is loaded
 MAX_PROMPT_CHARS = 2000
 MAX_LANGUAGE_CHARS = 64
 
@@ -222,7 +221,7 @@ async def ocr(body: OcrRequest, request: Request, chat: ChatService = Depends(ge
     """Seed 002: the text in an image, read by a chat model."""
     language = _check_language(body.language)
     image, _ = await _resolve(request, body.image, "image")
-    info = await chat.model(request, body.model, prefer_family=OCR_FAMILY)
+    info = await chat.model(request, body.model, surface="ocr")
     result = await chat.ask_about_image(request, info, image, ocr_prompt(language), body.max_tokens)
     return {"text": result.text.strip(), "language": language, "model": source_model(info),
             "latency_ms": result.latency_ms}
@@ -251,13 +250,12 @@ async def model_info(request: Request, chat: ChatService = Depends(get_chat)) ->
             "supports_video": m.params.get("supports_video", "false").lower() == "true",
             "max_new_tokens_limit": int(limit) if limit and limit.isdigit() else None,
         })
-    chat_models = registry.by_task(CHAT_TASK)
-    default = next((m for m in chat_models if m.family == OCR_FAMILY), chat_models[0] if chat_models else None)
+    default = registry.default(CHAT_TASK, "ocr")
     return {
         "models": models,
         # Seed 002's /info described its one model: the one /ocr uses by default.
         "model": source_model(default) if default else None,
-        "max_new_tokens": ChatLimits.from_params(default.params).default_max_new_tokens if default else None,
+        "max_new_tokens": ChatLimits.of(default).default_max_new_tokens if default else None,
         "limits": {
             "max_body_bytes": settings.max_body_bytes,
             "max_image_bytes": settings.max_image_bytes,

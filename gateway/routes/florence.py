@@ -64,7 +64,7 @@ class InferRequest(BaseModel):
 async def list_tasks(request: Request) -> dict[str, Any]:
     """Seed 000's task list (names + descriptions) with the full served table under ``details``."""
     info = await _florence_model(request)
-    table = _task_table(info)
+    table = TaskTable.of(info)
     return {
         "tasks": [t.name for t in table],
         "descriptions": {t.name: t.description for t in table},
@@ -77,7 +77,7 @@ async def list_tasks(request: Request) -> dict[str, Any]:
 async def list_tasks_v1(request: Request) -> list[dict[str, Any]]:
     """Every served task: ``name``, ``token``, ``needs_text``, ``description``, ``text_hint``."""
     info = await _florence_model(request)
-    return [t.as_dict() for t in _task_table(info)]
+    return [t.as_dict() for t in TaskTable.of(info)]
 
 
 @router.post("/infer")
@@ -186,13 +186,6 @@ async def _florence_model(request: Request) -> ModelInfo:
     return use_model(request, ready[0], settings.retry_after_s)
 
 
-def _task_table(info: ModelInfo) -> TaskTable:
-    try:
-        return TaskTable.from_params(info.params)
-    except ValueError as exc:
-        raise APIError(502, f"{info.name}: {exc}; re-export the model repository", code="bad_model_config") from None
-
-
 def _source_model(info: ModelInfo) -> str:
     return info.params.get("source_model") or info.name
 
@@ -220,13 +213,13 @@ async def _run(request: Request, image: bytes, size: tuple[int, int], task_key: 
                max_new_tokens: int | None, num_beams: int | None) -> tuple[dict[str, Any], FlorenceTask]:
     settings = request.app.state.settings
     info = await _florence_model(request)
-    table = _task_table(info)
+    table = TaskTable.of(info)
     try:
         task = table.find(task_key)
     except UnknownTask as exc:
         raise APIError(422, str(exc), code="unknown_task", param="task") from None
     try:
-        check_generation_args(max_new_tokens, num_beams, FlorenceLimits.from_params(info.params))
+        check_generation_args(max_new_tokens, num_beams, FlorenceLimits.of(info))
         send_text = prepare_text(task, text, size, settings.max_text_chars)
     except FlorenceInputError as exc:
         raise APIError(exc.status, exc.message, code=exc.code, param=exc.param) from None

@@ -38,6 +38,7 @@ from gateway.errors import APIError
 from gateway.media import video_container
 from gateway.settings import GatewaySettings
 from gateway.triton import ModelInfo, Registry, TritonBackend, TritonUnavailable
+from vlmserve.families.contract import MAX_NEW_TOKENS_LIMIT
 
 SMOL = {
     "family": "smolvlm2", "task": "chat", "role": "client", "source_model": "vlmserve/tiny-smolvlm2",
@@ -251,11 +252,15 @@ def png_server() -> Iterator[str]:
 
 
 def test_chat_limits_come_from_the_model_params() -> None:
-    limits = ChatLimits.from_params(SMOL)
+    limits = ChatLimits.of(ModelInfo("smolvlm2", True, SMOL))
     assert (limits.max_new_tokens_limit, limits.default_max_new_tokens, limits.supports_video,
             limits.max_video_frames, limits.max_images) == (64, 16, True, 4, 16)
-    assert ChatLimits.from_params(QWEN).supports_video is False
-    assert ChatLimits.from_params({}) == ChatLimits()
+    assert ChatLimits.of(ModelInfo("qwen2vl", True, QWEN)).supports_video is False
+    # The contract's defaults fill what a config leaves out; a config that breaks it is a 502, not a guess.
+    assert ChatLimits.of(ModelInfo("m", True, {"family": "x"})).max_new_tokens_limit == MAX_NEW_TOKENS_LIMIT
+    with pytest.raises(APIError) as err:
+        ChatLimits.of(ModelInfo("m", True, {**SMOL, "max_images": "0"}))
+    assert err.value.status == 502 and "max_images" in err.value.message
 
 
 def test_build_inputs_sends_parameters_only_when_set() -> None:

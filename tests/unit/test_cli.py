@@ -27,7 +27,8 @@ def test_image_build_group_is_reachable_from_vlmserve() -> None:
 
 
 def test_export_missing_checkpoint_fails_clearly(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["export", "--set", "hub", "--siglip-model", str(tmp_path / "missing"),
+    result = runner.invoke(app, ["export", "--set", "hub", "--model", f"siglip={tmp_path / 'missing'}",
+                                 "--family", "siglip",
                                  "--repo", str(tmp_path / "repo")])
     assert result.exit_code == 1
     assert "does not exist" in " ".join(result.output.split())

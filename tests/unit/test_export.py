@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from export import onnx_utils, pbtxt
@@ -102,11 +102,22 @@ def test_native_config_keeps_memory_limit_top_level(tiny_repo: Path) -> None:
                for a in config.optimization.execution_accelerators.gpu_execution_accelerator)
 
 
-def test_pbtxt_renderer_shapes() -> None:
-    text = pbtxt.render({"name": "m", "dims": [1, -1], "kind": pbtxt.Enum("KIND_CPU"), "flag": True,
-                         "input": [{"name": "a"}, {"name": "b"}], "skip": None, "nested": {"x": 1.5}})
-    assert text == ('name: "m"\ndims: [ 1, -1 ]\nkind: KIND_CPU\nflag: true\ninput [\n  {\n    name: "a"\n  },\n'
-                    '  {\n    name: "b"\n  }\n]\nnested {\n  x: 1.5\n}\n')
+def test_pbtxt_renderer_goes_through_triton_model_config() -> None:
+    text = pbtxt.render({"name": "m", "max_batch_size": 4, "input": [
+        {"name": "a", "data_type": pbtxt.Enum("TYPE_FP32"), "dims": [3, -1], "optional": True}],
+        "instance_group": [{"count": 1, "kind": pbtxt.Enum("KIND_CPU")}],
+        "parameters": pbtxt.parameters({"z": 1, "a": "x"}), "backend": None})
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert (config.name, config.max_batch_size, list(config.input[0].dims)) == ("m", 4, [3, -1])
+    assert config.input[0].data_type == model_config_pb2.TYPE_FP32 and config.input[0].optional
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert {k: v.string_value for k, v in config.parameters.items()} == {"z": "1", "a": "x"}
+    assert text.index('key: "a"') < text.index('key: "z"')  # map entries sorted: stable goldens
+    # A misspelt field or an unknown enum fails at export, not when Triton loads the model.
+    with pytest.raises(json_format.ParseError):
+        pbtxt.render({"name": "m", "max_batch": 4})
+    with pytest.raises(json_format.ParseError):
+        pbtxt.render({"name": "m", "input": [{"name": "a", "data_type": pbtxt.Enum("TYPE_FLOAT")}]})
 
 
 def test_unknown_model_set_is_refused() -> None:

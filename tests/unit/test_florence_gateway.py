@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from gateway.app import create_app
+from gateway.errors import APIError
 from gateway.florence import (
     FlorenceInputError,
     FlorenceLimits,
@@ -33,6 +34,7 @@ from gateway.settings import GatewaySettings
 from gateway.storage import LocalStore, S3Store, build_store
 from gateway.triton import ModelInfo, Registry
 from model_repository.florence2_tasks import TASKS
+from vlmserve.families.contract import MAX_NEW_TOKENS_LIMIT
 
 WIDTH, HEIGHT = 64, 48
 BACKGROUND = (128, 128, 128)
@@ -144,25 +146,30 @@ def error(r: httpx.Response) -> dict[str, Any]:
 # --- pure logic -------------------------------------------------------------------------------------------
 
 
+def served(**params: str) -> ModelInfo:
+    return ModelInfo("florence2", True, {"family": "florence2", **params})
+
+
 def test_task_table_comes_from_the_served_params() -> None:
-    table = TaskTable.from_params({"tasks": json.dumps([
+    table = TaskTable.of(served(tasks=json.dumps([
         {"name": "caption", "token": "<CAPTION>", "needs_text": False, "description": "d", "text_hint": ""},
-    ])})
+    ])))
     assert [t.name for t in table] == ["caption"]  # only what Triton serves, not the built-in table
     assert table.find("<caption>").name == "caption" and table.find(" Caption ").token == "<CAPTION>"
     with pytest.raises(UnknownTask, match=r"unknown task 'object_detection'; valid tasks: caption \(<CAPTION>\)"):
         table.find("object_detection")
     for bad in ({}, {"tasks": "not json"}, {"tasks": "[]"}, {"tasks": '[{"name": "x"}]'}):
-        with pytest.raises(ValueError):
-            TaskTable.from_params(bad)
-    full = TaskTable.from_params(PARAMS)
+        with pytest.raises(APIError) as err:
+            TaskTable.of(served(**bad))
+        assert err.value.status == 502 and "tasks" in err.value.message
+    full = TaskTable.of(served(**PARAMS))
     assert full.find("<OD>").name == "object_detection"
     assert {t.name for t in full if t.takes_region} == {"region_to_segmentation", "region_to_category",
                                                          "region_to_description"}
 
 
 def test_prepare_text_rules() -> None:
-    table = TaskTable.from_params(PARAMS)
+    table = TaskTable.of(served(**PARAMS))
     size = (WIDTH, HEIGHT)
     assert prepare_text(table.find("caption"), "ignored", size, 100) is None
     assert prepare_text(table.find("phrase_grounding"), "a cat", size, 100) == "a cat"
@@ -184,9 +191,9 @@ def test_prepare_text_rules() -> None:
 
 
 def test_generation_limits() -> None:
-    limits = FlorenceLimits.from_params({"max_new_tokens_limit": "64", "num_beams_limit": "4"})
+    limits = FlorenceLimits.of(served(max_new_tokens_limit="64", num_beams_limit="4"))
     assert limits == FlorenceLimits(64, 4)
-    assert FlorenceLimits.from_params({}) == FlorenceLimits(1024, 8)
+    assert FlorenceLimits.of(served()) == FlorenceLimits(MAX_NEW_TOKENS_LIMIT, 8)
     check_generation_args(64, 4, limits)
     check_generation_args(None, None, limits)
     for mnt, beams in ((0, None), (65, None), (None, 0), (None, 5)):
@@ -195,7 +202,7 @@ def test_generation_limits() -> None:
 
 
 def test_build_inputs_shapes_and_optional_inputs() -> None:
-    task = TaskTable.from_params(PARAMS).find("caption")
+    task = TaskTable.of(served(**PARAMS)).find("caption")
     inputs = build_inputs(b"img", task, None)
     assert set(inputs) == {"IMAGE", "TASK"}
     assert inputs["IMAGE"].shape == (1, 1) and inputs["IMAGE"].dtype == np.object_
@@ -215,7 +222,7 @@ def test_parse_result_rejects_what_the_model_does_not_promise() -> None:
 
 
 def _shape(token: str, result: Any) -> dict[str, Any]:
-    task = TaskTable.from_params(PARAMS).find(token)
+    task = TaskTable.of(served(**PARAMS)).find(token)
     payload = {"task": task.name, "task_token": token, "text": "raw", "result": result, "image_size": [64, 48]}
     return shape_response(payload, task, model="m", latency_ms=12.3456, image_size=(1, 1))
 

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 
 from model_repository import runtime
+from vlmserve.families.contract import ModelParams
 
 
 def config(**params: str) -> dict[str, Any]:
-    return {"name": "m", "parameters": {k: {"string_value": v} for k, v in params.items()}}
+    return {"name": "m", "parameters": {k: {"string_value": v} for k, v in {"family": "x", **params}.items()}}
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +52,7 @@ def test_apply_gpu_budget_is_a_noop_on_cpu_instances(fake_torch: list) -> None:
 def test_apply_gpu_budget_sets_the_fraction_on_the_instance_device(fake_torch: list) -> None:
     runtime.apply_gpu_budget(GPU_ARGS, config(gpu_memory_fraction="0.25"))
     assert fake_torch == [("fraction", 0.25, 1)]
-    with pytest.raises(ValueError, match=r"gpu_memory_fraction must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"invalid parameters.*gpu_memory_fraction"):
         runtime.apply_gpu_budget(GPU_ARGS, config(gpu_memory_fraction="1.5"))
 
 
@@ -62,10 +63,10 @@ def test_torch_device_selects_the_instance_gpu(fake_torch: list) -> None:
 
 
 def test_gpu_mem_limit_parameter() -> None:
-    assert runtime.gpu_mem_limit(config()) is None
-    assert runtime.gpu_mem_limit(config(gpu_mem_limit="4294967296")) == 4 * 2**30
-    with pytest.raises(ValueError, match="must be > 0"):
-        runtime.gpu_mem_limit(config(gpu_mem_limit="0"))
+    assert ModelParams.from_config(config()).gpu_mem_limit is None
+    assert ModelParams.from_config(config(gpu_mem_limit="4294967296")).gpu_mem_limit == 4 * 2**30
+    with pytest.raises(ValueError, match=r"invalid parameters.*gpu_mem_limit"):
+        ModelParams.from_config(config(gpu_mem_limit="0"))
 
 
 CUDA_AVAILABLE = ["CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -54,12 +54,6 @@ def test_preprocessors_on_tiny_checkpoint(tiny_repo: Path) -> None:
         text([b"\xff\xfe"])
 
 
-def test_param_reports_missing_required_parameter() -> None:
-    with pytest.raises(ValueError, match="required parameter 'runner'"):
-        runtime.param({"name": "m", "parameters": {}}, "runner")
-    assert runtime.param({"parameters": {"a": {"string_value": "1"}}}, "a") == "1"
-
-
 def test_jpeg_decoded_at_reduced_scale_but_never_below_twice_min_size() -> None:
     def jpeg(w: int, h: int) -> bytes:
         buf = io.BytesIO()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from export import perf
+from vlmserve.families import family
 
 
 def _meta_params(build) -> int:
@@ -116,12 +117,12 @@ def test_export_perf_accepts_the_smolvlm2_family(tmp_path: Path, monkeypatch: py
 
     built: list[str] = []
     exported: list[tuple[str, Path]] = []
-    monkeypatch.setattr(perf, "perf_source", lambda family, progress: built.append(family) or tmp_path / family)
+    monkeypatch.setattr(perf, "perf_source", lambda spec, progress: built.append(spec.name) or tmp_path / spec.name)
     monkeypatch.setattr(run, "export_family", lambda family, source, *a, **k: exported.append((family, source)) or {})
     reports = run.export_model_set("perf", repo=tmp_path / "repo", families=["smolvlm2"], progress=Progress(quiet=True))
     assert list(reports) == ["smolvlm2"] and built == ["smolvlm2"]
     assert exported == [("smolvlm2", tmp_path / "smolvlm2")]
-    assert "smolvlm2" not in run.PERF_FAMILIES  # opt-in: the default perf set is unchanged
+    assert run.default_families("perf") == ["florence2", "siglip"]  # smolvlm2 is opt-in
 
 
 def test_perf_source_builds_once_into_the_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,9 +138,9 @@ def test_perf_source_builds_once_into_the_state_dir(tmp_path: Path, monkeypatch:
         perf._write_markers(out, "SiglipModel", perf.SIGLIP_REFERENCE, 1)
         return out
 
-    monkeypatch.setitem(perf.PERF_BUILDERS, "siglip", fake_build)
-    first = perf.perf_source("siglip", Progress(quiet=True))
-    second = perf.perf_source("siglip", Progress(quiet=True))
+    monkeypatch.setattr(perf, "build_perf_siglip", fake_build)  # the siglip spec names it; imported on use
+    first = perf.perf_source(family("siglip"), Progress(quiet=True))
+    second = perf.perf_source(family("siglip"), Progress(quiet=True))
     assert first == second == tmp_path.resolve() / "perf-models" / "siglip"
     assert len(calls) == 1 and calls[0] != first  # built beside the target, then renamed
     assert json.loads((first / "VLMSERVE_PERF.json").read_text())["weights"] == "random"
@@ -147,7 +148,7 @@ def test_perf_source_builds_once_into_the_state_dir(tmp_path: Path, monkeypatch:
 
     assert is_tiny(first) and perf.is_perf(first)
     with pytest.raises(ValueError, match="no perf model"):
-        perf.perf_source("qwen2vl", Progress(quiet=True))
+        perf.perf_source(family("qwen2vl"), Progress(quiet=True))
 
 
 # --- the baseline server, on the tiny checkpoints -------------------------------------------------------------

@@ -1,0 +1,16 @@
+"""Qwen2-VL: chat over images and video, and the OCR / region routes (seed 002)."""
+
+from vlmserve.families.contract import ChatParams
+from vlmserve.families.spec import FamilySpec
+
+SPEC = FamilySpec(
+    name="qwen2vl",
+    title="Qwen2-VL",
+    surfaces=("chat", "ocr"),
+    default_for=("chat", "ocr"),  # seed 002 served Qwen2-VL: it stays the default wherever it is loaded
+    default_source="Qwen/Qwen2-VL-2B-Instruct",
+    recipe="export.chat:qwen2vl",
+    params=ChatParams,
+    tiny="export.tiny:build_tiny_qwen2vl",
+    tasks=("chat", "OCR", "region description"),
+)
