@@ -50,7 +50,7 @@ image: install ## the CPU image, offline (base image from debootstrap, local whe
 	$(VENV)/bin/vlmserve image build --image cpu
 
 lint: install
-	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy gateway orchestrator export model_repository vlmserve
+	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy gateway orchestrator export model_repository vlmserve && $(VENV)/bin/lint-imports
 
 clean:
 	rm -rf .vlmserve

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, TypeAdapter, ValidationError, field_validator, model_validator
 
 from orchestrator.hardware import Hardware
 
@@ -109,12 +109,10 @@ class PlanError(ValueError):
     """A plan that cannot be honoured; the message says what is wrong and where."""
 
 
-_UNITS = {
-    "B": 1,
-    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-}
+# A number and a unit: the shape of a size (a bare number is a fraction of the device, see parse_amount).
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]+)\s*$")
+_UNITS = "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"  # what pydantic's ByteSize reads (GB = 10**9, GiB = 2**30)
+_BYTE_SIZE = TypeAdapter(ByteSize)
 
 
 def parse_size(text: str | int) -> int:
@@ -128,11 +126,10 @@ def parse_size(text: str | int) -> int:
     match = _SIZE.match(str(text))
     if not match:
         raise PlanError(f"not a size: {text!r} (expected a number and a unit, e.g. 6GiB, 512MiB, 1.5GB)")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    if unit not in _UNITS:
-        valid = ", ".join(u if u in ("B", "KB", "MB", "GB", "TB") else u[0] + "i" + u[2] for u in _UNITS)
-        raise PlanError(f"unknown unit {match.group(2)!r} in {text!r}; valid units: {valid}")
-    size = int(number * _UNITS[unit])
+    try:
+        size = int(_BYTE_SIZE.validate_python(str(text)))
+    except ValidationError:
+        raise PlanError(f"unknown unit {match.group(2)!r} in {text!r}; valid units: {_UNITS}") from None
     if size <= 0:
         raise PlanError(f"size must be > 0, got {text!r}")
     return size

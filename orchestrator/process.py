@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from orchestrator import triton
 from orchestrator.launch import Launch
@@ -427,13 +428,12 @@ def group_rss(pid: int) -> int | None:
     except ProcessLookupError:
         return None
     total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for proc in psutil.process_iter():
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid:  # field 5 of stat is the pgrp (after pid and comm)
-                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # field 24: rss in pages
-        except (OSError, IndexError, ValueError):
-            continue
+            if os.getpgid(proc.pid) == pgid:
+                total += proc.memory_info().rss
+        except (psutil.Error, ProcessLookupError):
+            continue  # gone meanwhile, or not ours to read
     return total
 
 
