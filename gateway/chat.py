@@ -239,8 +239,8 @@ async def translate_messages(
             else:
                 data = await resolve_video(item.ref, video_policy, http)
         except ImageInputError as exc:
-            raise APIError(exc.status, f"{item.where}: {exc.message}", code=f"invalid_{item.kind}",
-                           param=item.where) from None
+            raise ImageInputError(f"{item.where}: {exc.message}", exc.status, item.where,
+                                  f"invalid_{item.kind}") from None
         return base64.b64encode(data).decode("ascii")
 
     encoded = await asyncio.gather(*(load(m) for _, m in media))

@@ -9,8 +9,8 @@ import httpx
 import numpy as np
 from fastapi import Request
 
-from gateway.errors import APIError
-from gateway.images import ImageInputError, resolve_image
+from gateway.errors import APIError, about
+from gateway.images import resolve_image
 from gateway.settings import GatewaySettings
 from gateway.triton import ModelInfo, TritonBackend, live_registry, use_model
 
@@ -59,11 +59,8 @@ class EmbeddingService:
             if not isinstance(ref, str):
                 raise APIError(422, f"images[{i}] must be a string (data URI, base64, URL or path)",
                                param=f"images[{i}]")
-            try:
+            with about(f"images[{i}]"):
                 return await resolve_image(ref, policy, self.http)
-            except ImageInputError as exc:
-                raise APIError(exc.status, f"images[{i}]: {exc.message}", code="invalid_image",
-                               param=f"images[{i}]") from None
 
         data = list(await asyncio.gather(*(one(i, r) for i, r in enumerate(refs))))
         out = await self._run(info, "IMAGE", data, ["EMBEDDING"])

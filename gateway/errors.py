@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model_repository.florence2_tasks import UnknownTask
 
 log = logging.getLogger("vlmserve.gateway")
 
@@ -39,6 +43,37 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+class DomainError(ValueError):
+    """A request the gateway or a model cannot serve as sent: ``status`` and ``message`` reach the client as they are.
+
+    Raised by the domain code (image intake, Florence-2 rules, ...) without knowing the request's field names;
+    :func:`about` names the field on the way out, and :func:`install`'s handler maps it to the error shape, so no
+    route translates domain errors by hand.
+    """
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code or type(self).code
+
+    def at(self, param: str) -> DomainError:
+        """The same error, about the request field ``param`` (its message prefixed with the field)."""
+        return type(self)(f"{param}: {self.message}", self.status, param, self.code)
+
+
+@contextmanager
+def about(param: str) -> Iterator[None]:
+    """Domain errors raised inside are about the request field ``param``."""
+    try:
+        yield
+    except DomainError as exc:
+        raise exc.at(param) from None
+
+
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}}
 
@@ -59,9 +94,19 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def install(app: FastAPI) -> None:
+    """Every error of every route leaves through these handlers, in OpenAI's shape."""
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(DomainError)
+    async def _domain(request: Request, exc: DomainError) -> JSONResponse:
+        return JSONResponse(error_body(exc.status, exc.message, exc.code, exc.param), exc.status)
+
+    @app.exception_handler(UnknownTask)
+    async def _unknown_task(request: Request, exc: UnknownTask) -> JSONResponse:
+        return JSONResponse(error_body(422, str(exc), "unknown_task", "task"), 422)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

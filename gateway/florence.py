@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from gateway.errors import APIError
+from gateway.errors import APIError, DomainError
 from gateway.triton import ModelInfo
 from model_repository.florence2_tasks import REGION_HINT, REGION_TASKS, Task, UnknownTask, region_to_loc_tokens
 from vlmserve.families.contract import FlorenceParams
@@ -51,15 +51,11 @@ _EXIF_ORIENTATION = 0x0112
 _FORMATS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
 
 
-class FlorenceInputError(ValueError):
+class FlorenceInputError(DomainError):
     """A request the model cannot run as sent; ``status`` and ``message`` go to the client as they are."""
 
-    def __init__(self, message: str, status: int = 422, param: str | None = None, code: str = "invalid_request"):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.param = param
-        self.code = code
+    def __init__(self, message: str, status: int = 422, param: str | None = None, code: str | None = None):
+        super().__init__(message, status, param, code)
 
 
 class FlorenceTask(Task):

@@ -23,6 +23,8 @@ from typing import TypeAlias
 import httpx
 from PIL import Image, UnidentifiedImageError
 
+from gateway.errors import DomainError
+
 __all__ = [
     "ImageInputError",
     "ImagePolicy",
@@ -54,17 +56,14 @@ _ACCEPTED_FORMS = (
 )
 
 
-class ImageInputError(ValueError):
+class ImageInputError(DomainError):
     """Bad client input for an image reference.
 
     ``status`` is the HTTP status to answer with (400, 413, 415 or 422) and
     ``message`` tells the client what to fix; it never contains a traceback.
     """
 
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
+    code = "invalid_image"
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,9 @@ from gateway.chat import (
     run_cancellable,
     source_model,
 )
-from gateway.errors import APIError, error_body
+from gateway.errors import APIError, about, error_body
 from gateway.florence import oriented_size
-from gateway.images import ImageInputError, resolve_image, validate_image_bytes
+from gateway.images import resolve_image, validate_image_bytes
 
 log = logging.getLogger("vlmserve.gateway")
 
@@ -367,11 +367,9 @@ def _wants_text(request: Request, fmt: str | None) -> bool:
 async def _resolve(request: Request, ref: str, param: str) -> tuple[bytes, tuple[int, int]]:
     """An image reference (base64, data URI, URL) as validated bytes and upright (width, height)."""
     policy = request.app.state.settings.image_policy()
-    try:
+    with about(param):
         data = await resolve_image(ref, policy, request.app.state.chat.http)
         return data, oriented_size(data, validate_image_bytes(data, policy))
-    except ImageInputError as exc:
-        raise APIError(exc.status, f"{param}: {exc.message}", code="invalid_image", param=param) from None
 
 
 async def _image_request(request: Request, model: type[M]) -> tuple[M, bytes, tuple[int, int]]:
@@ -405,10 +403,8 @@ async def _image_request(request: Request, model: type[M]) -> tuple[M, bytes, tu
     if upload is not None:
         data = await upload.read()
         policy = settings.image_policy()
-        try:
+        with about("file"):
             size = oriented_size(data, validate_image_bytes(data, policy))
-        except ImageInputError as exc:
-            raise APIError(exc.status, f"file: {exc.message}", code="invalid_image", param="file") from None
         return body, data, size
     if not ref:
         raise APIError(422, "send the image as JSON 'image' (base64, data URI or URL) or as a multipart 'file'",

@@ -2,32 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field, model_validator
 
 from gateway.auth import require_api_key
 from gateway.embedding import EmbeddingService, get_service
-from gateway.errors import APIError
 
 router = APIRouter(tags=["embeddings (seed-compatible)"], dependencies=[Depends(require_api_key)])
 
 
+MODEL = Field(None, description="source id, family or Triton name; default: the embeddings surface's default "
+                               "family (`vlmserve families`)")
+ITEMS = "at most VLMSERVE_MAX_ITEMS (default 32) per request: 413 beyond"
+
+
 class EmbedRequest(BaseModel):
-    images: list[Any] = Field(..., description="data URIs, bare base64, http(s) URLs or local paths")
-    model: str | None = None
+    images: list[str] = Field(..., description=f"data URIs, bare base64, http(s) URLs or local paths; {ITEMS}",
+                              json_schema_extra={"minItems": 1})
+    model: str | None = MODEL
 
 
 class EmbedTextRequest(BaseModel):
-    texts: list[Any] | None = None
-    text: str | None = None
-    model: str | None = None
+    texts: list[str] | None = Field(None, description=f"{ITEMS}; each at most VLMSERVE_MAX_TEXT_CHARS (default "
+                                    "20000) characters", json_schema_extra={"minItems": 1})
+    text: str | None = Field(None, description="one text (instead of 'texts')")
+    model: str | None = MODEL
 
     @model_validator(mode="after")
     def _one_of(self) -> EmbedTextRequest:
-        if self.texts is None and self.text is None:
-            raise ValueError("send 'texts' (a list of strings) or 'text' (a string)")
+        if (self.texts is None) == (self.text is None):
+            raise ValueError("send either 'texts' (a list of strings) or 'text' (a string), not both")
         return self
 
 
@@ -39,8 +43,6 @@ async def embed(body: EmbedRequest, request: Request, service: EmbeddingService 
 
 @router.post("/embed_text", response_model=list[list[float]])
 async def embed_text(body: EmbedTextRequest, request: Request, service: EmbeddingService = Depends(get_service)):
-    if body.texts is not None and body.text is not None:
-        raise APIError(422, "send either 'texts' or 'text', not both", param="texts")
-    texts: list = body.texts if body.texts is not None else [body.text]
+    texts = body.texts if body.texts is not None else [body.text or ""]
     result = await service.embed_texts(request, texts, body.model)
     return result.vectors.tolist()

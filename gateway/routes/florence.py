@@ -19,13 +19,11 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import require_api_key
-from gateway.errors import APIError
+from gateway.errors import APIError, about
 from gateway.florence import (
-    FlorenceInputError,
     FlorenceLimits,
     FlorenceTask,
     TaskTable,
-    UnknownTask,
     annotate,
     build_inputs,
     check_generation_args,
@@ -35,7 +33,7 @@ from gateway.florence import (
     prepare_text,
     shape_response,
 )
-from gateway.images import ImageInputError, decode_base64_image, validate_image_bytes
+from gateway.images import decode_base64_image, validate_image_bytes
 from gateway.storage import LocalStore, StorageError, media_type_for
 from gateway.triton import ModelInfo, live_registry, use_model
 
@@ -84,11 +82,9 @@ async def list_tasks_v1(request: Request) -> list[dict[str, Any]]:
 async def infer(body: InferRequest, request: Request) -> dict[str, Any]:
     """Run one task on a base64 image (seed 000)."""
     policy = request.app.state.settings.image_policy()
-    try:
+    with about("image_base64"):
         data = decode_base64_image(body.image_base64, policy)
         size = oriented_size(data, validate_image_bytes(data, policy))
-    except ImageInputError as exc:
-        raise APIError(exc.status, f"image_base64: {exc.message}", code="invalid_image", param="image_base64") from None
     text = _one_text(body.text, body.text_input)
     response, _ = await _run(request, data, size, body.task, text, body.max_new_tokens, body.num_beams)
     return response
@@ -203,10 +199,8 @@ async def _read_upload(request: Request, file: UploadFile) -> tuple[bytes, tuple
     policy = request.app.state.settings.image_policy()
     # The body cap (BodySizeLimit) already bounds this read; the per-image cap is checked right after.
     data = await file.read()
-    try:
+    with about("file"):
         return data, oriented_size(data, validate_image_bytes(data, policy))
-    except ImageInputError as exc:
-        raise APIError(exc.status, f"file: {exc.message}", code="invalid_image", param="file") from None
 
 
 async def _run(request: Request, image: bytes, size: tuple[int, int], task_key: str, text: str | None,
@@ -214,15 +208,9 @@ async def _run(request: Request, image: bytes, size: tuple[int, int], task_key: 
     settings = request.app.state.settings
     info = await _florence_model(request)
     table = TaskTable.of(info)
-    try:
-        task = table.find(task_key)
-    except UnknownTask as exc:
-        raise APIError(422, str(exc), code="unknown_task", param="task") from None
-    try:
-        check_generation_args(max_new_tokens, num_beams, FlorenceLimits.of(info))
-        send_text = prepare_text(task, text, size, settings.max_text_chars)
-    except FlorenceInputError as exc:
-        raise APIError(exc.status, exc.message, code=exc.code, param=exc.param) from None
+    task = table.find(task_key)
+    check_generation_args(max_new_tokens, num_beams, FlorenceLimits.of(info))
+    send_text = prepare_text(task, text, size, settings.max_text_chars)
     inputs = build_inputs(image, task, send_text, max_new_tokens, num_beams)
     start = time.perf_counter()
     outputs = await request.app.state.backend.infer(info.name, inputs, ["RESULT"])
