@@ -24,7 +24,7 @@ install: $(STAMP)
 demo: install ## offline: tiny random models, Triton + gateway in the foreground (Ctrl-C stops)
 	$(VENV)/bin/vlmserve demo
 
-serve: install ## real checkpoints from the Hub or the HF cache (VLMSERVE_SIGLIP_MODEL=..., VLMSERVE_FLORENCE2_MODEL=...)
+serve: install ## real checkpoints from the Hub or the HF cache (VLMSERVE_<FAMILY>_MODEL=..., e.g. VLMSERVE_SIGLIP_MODEL)
 	$(VENV)/bin/vlmserve serve
 
 export: install

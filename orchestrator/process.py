@@ -401,11 +401,20 @@ class ProcessRuntime:
 SERVICES = ("triton", "gateway")  # start order; stopped in reverse
 
 
-def _exit_code(pid: int) -> str:
-    try:
-        _, status = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return "exit status unknown"
+def _exit_code(pid: int, timeout_s: float = 5.0) -> str:
+    # A killed multi-threaded process shows as a zombie while its other threads still exit, and until they have,
+    # waitpid(WNOHANG) returns (0, 0): read as "exit code 0" that would be a lie, so wait (briefly) for the real one.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return "exit status unknown"
+        if got == pid:
+            break
+        if time.monotonic() > deadline:
+            return "exit status unknown"
+        time.sleep(0.05)
     if os.WIFSIGNALED(status):
         return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exit code {os.WEXITSTATUS(status)}"

@@ -1,4 +1,5 @@
-"""Every curl and Python example in the README runs as written against the stack (ports mapped to the test's)."""
+"""Every curl and Python example in the README and docs/ runs as written against the stack (ports mapped to the
+test's). Blocks fenced as ```bash or ```python are examples and run; plain ``` blocks are shown, not run."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from vlmserve.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 
-README = PROJECT_ROOT / "README.md"
-BLOCKS = re.findall(r"```(bash|python)\n(.*?)```", README.read_text(), flags=re.S)
+DOCS = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
+BLOCKS = [(doc.relative_to(PROJECT_ROOT).as_posix(), kind, code) for doc in DOCS
+          for kind, code in re.findall(r"```(bash|python)\n(.*?)```", doc.read_text(), flags=re.S)]
 
 
 def test_readme_has_examples() -> None:
-    kinds = [k for k, _ in BLOCKS]
-    assert kinds.count("bash") >= 4 and kinds.count("python") >= 2
+    readme = [k for doc, k, _ in BLOCKS if doc == "README.md"]
+    assert readme.count("bash") >= 4 and readme.count("python") >= 2
+    assert {doc for doc, _, _ in BLOCKS} >= {"docs/florence2.md", "docs/chat.md"}
 
 
 def _localise(code: str, stack) -> str:
@@ -31,9 +34,9 @@ def _localise(code: str, stack) -> str:
                 .replace("127.0.0.1:8001", f"127.0.0.1:{grpc_port}"))
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
+@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[f"{doc}-{i}" for i, (doc, _, _) in enumerate(BLOCKS)])
 def test_readme_example_runs(index: int, stack, tmp_path: Path) -> None:
-    kind, code = BLOCKS[index]
+    doc, kind, code = BLOCKS[index]
     code = _localise(code, stack)
     if kind == "bash":
         cmd = ["bash", "-euo", "pipefail", "-c", code]
@@ -42,5 +45,5 @@ def test_readme_example_runs(index: int, stack, tmp_path: Path) -> None:
         script.write_text(code)
         cmd = [sys.executable, str(script)]
     result = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"README example {index} failed:\n{code}\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == 0, f"{doc} example {index} failed:\n{code}\n{result.stdout}\n{result.stderr}"
     assert result.stdout.strip(), "example printed nothing"
