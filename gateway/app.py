@@ -20,12 +20,12 @@ from gateway.routes import embeddings, health, openai
 from gateway.routes import florence as florence_routes
 from gateway.settings import GatewaySettings
 from gateway.storage import build_store
-from gateway.triton import TritonBackend
+from gateway.triton import InferenceBackend, TritonBackend
 
 log = logging.getLogger("vlmserve.gateway")
 
 
-def create_app(settings: GatewaySettings, backend: TritonBackend | None = None) -> FastAPI:
+def create_app(settings: GatewaySettings, backend: InferenceBackend | None = None) -> FastAPI:
     """Build the app; ``backend`` defaults to a Triton client for ``settings.triton_url``."""
     backend = backend or TritonBackend(settings.triton_url, settings.triton_timeout_s, settings.retry_after_s,
                                        settings.registry_ttl_s, grpc_url=settings.triton_grpc_url)

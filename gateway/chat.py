@@ -29,7 +29,7 @@ from gateway.errors import APIError
 from gateway.images import ImageInputError, ImagePolicy, resolve_image
 from gateway.media import resolve_video, video_policy
 from gateway.settings import GatewaySettings
-from gateway.triton import ModelInfo, Registry, TritonBackend, live_registry, use_model
+from gateway.triton import InferenceBackend, ModelInfo, Registry, live_registry, use_model
 from vlmserve.families.contract import ChatParams
 
 __all__ = [
@@ -424,7 +424,7 @@ class _Timer:
 class ChatService:
     """Finds chat models in Triton's registry and runs requests on them (streamed or aggregated)."""
 
-    def __init__(self, settings: GatewaySettings, backend: TritonBackend, http: httpx.AsyncClient | None) -> None:
+    def __init__(self, settings: GatewaySettings, backend: InferenceBackend, http: httpx.AsyncClient | None) -> None:
         self.settings = settings
         self.backend = backend
         self.http = http

@@ -12,7 +12,7 @@ from fastapi import Request
 from gateway.errors import APIError, about
 from gateway.images import resolve_image
 from gateway.settings import GatewaySettings
-from gateway.triton import ModelInfo, TritonBackend, live_registry, use_model
+from gateway.triton import InferenceBackend, ModelInfo, live_registry, use_model
 
 IMAGE_TASK = "embed_image"
 TEXT_TASK = "embed_text"
@@ -26,7 +26,7 @@ class Embeddings:
 
 
 class EmbeddingService:
-    def __init__(self, settings: GatewaySettings, backend: TritonBackend, http: httpx.AsyncClient) -> None:
+    def __init__(self, settings: GatewaySettings, backend: InferenceBackend, http: httpx.AsyncClient) -> None:
         self.settings = settings
         self.backend = backend
         self.http = http

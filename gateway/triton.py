@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import grpc
 import numpy as np
@@ -102,6 +102,32 @@ def _params(config: dict[str, Any]) -> dict[str, str]:
 def _device(config: dict[str, Any]) -> str:
     kinds = {g.get("kind") for g in config.get("instance_group") or []}
     return "cuda" if "KIND_GPU" in kinds else "cpu"
+
+
+@runtime_checkable
+class InferenceBackend(Protocol):
+    """The gateway's seam to the inference server: what the routes and services use of it.
+
+    :class:`TritonBackend` is the real one; tests use one fake (``tests/fakes.py``).
+    """
+
+    url: str
+    retry_after_s: int
+
+    async def registry(self, refresh: bool = False) -> Registry:
+        """What is served: models, readiness, config parameters (cached; ``refresh`` re-reads)."""
+        ...
+
+    async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        """One request to a non-decoupled model; errors as :class:`APIError` (4xx/5xx, Retry-After on 503)."""
+        ...
+
+    def stream(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str], *,
+               final_output: str = "FINISH_REASON") -> AsyncGenerator[dict[str, np.ndarray], None]:
+        """The responses of a decoupled model as they come; closing the generator cancels the request."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 class TritonBackend:
@@ -311,7 +337,7 @@ def _np_to_triton(dtype: np.dtype) -> str:
     return np_to_triton_dtype(dtype)
 
 
-async def live_registry(backend: Any) -> Registry:
+async def live_registry(backend: InferenceBackend) -> Registry:
     """``backend``'s registry, re-read once if Triton looked unreachable; 503 (Retry-After) when it still is."""
     registry = await backend.registry()
     if not registry.reachable:
