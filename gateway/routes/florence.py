@@ -54,8 +54,9 @@ class InferRequest(BaseModel):
     task: str = Field("caption", description="task name (object_detection) or Florence token (<OD>)")
     text: str | None = Field(None, description="prompt for tasks that need one; region tasks take 'x1,y1,x2,y2'")
     text_input: str | None = Field(None, description="seed 000's name for 'text'")
-    max_new_tokens: int | None = Field(None, description="1..max_new_tokens_limit of the served model")
-    num_beams: int | None = Field(None, description="1..num_beams_limit of the served model")
+    max_new_tokens: int | None = Field(None, ge=1, description="1..max_new_tokens_limit of the served model "
+                                       "(GET /v1/models; 1024 by default)")
+    num_beams: int | None = Field(None, ge=1, description="1..num_beams_limit of the served model (8 by default)")
 
 
 @router.get("/tasks")
@@ -97,8 +98,8 @@ async def infer_upload(
     task: str = Form("caption"),
     text: str | None = Form(None),
     text_input: str | None = Form(None),
-    max_new_tokens: int | None = Form(None),
-    num_beams: int | None = Form(None),
+    max_new_tokens: int | None = Form(None, ge=1),
+    num_beams: int | None = Form(None, ge=1),
 ) -> dict[str, Any]:
     """Run one task on an uploaded image (seed 000)."""
     data, size = await _read_upload(request, file)
@@ -114,8 +115,8 @@ async def predict(
     text: str | None = Form(None),
     text_input: str | None = Form(None),
     store_image: bool = Form(True),
-    max_new_tokens: int | None = Form(None),
-    num_beams: int | None = Form(None),
+    max_new_tokens: int | None = Form(None, ge=1),
+    num_beams: int | None = Form(None, ge=1),
 ) -> dict[str, Any]:
     """Seed 001: the /infer answer plus the annotated image, as base64 or as stored-object URLs."""
     data, size = await _read_upload(request, file)

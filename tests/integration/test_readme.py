@@ -44,6 +44,6 @@ def test_readme_example_runs(index: int, stack, tmp_path: Path) -> None:
         script = tmp_path / "example.py"
         script.write_text(code)
         cmd = [sys.executable, str(script)]
-    result = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{doc} example {index} failed:\n{code}\n{result.stdout}\n{result.stderr}"
     assert result.stdout.strip(), "example printed nothing"
