@@ -116,14 +116,15 @@ def triton_objects(replica: Replica) -> list[dict[str, Any]]:
     objects: list[dict[str, Any]] = []
     if replica.plan_text is not None:
         # The plan's per-model configs (configs/vlmserve-plan.pbtxt) are written into the repository by the same
-        # code as `vlmserve plan --render`: into a pod-local copy, because the volume is shared and read-only.
+        # code as `vlmserve plan --render` (orchestrator/deploy/podplan.py): into a pod-local copy, because the
+        # volume is shared and read-only.
         objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(PLAN_CONFIGMAP, "triton"),
                         "data": {spec.PLAN_FILE: replica.plan_text}})
         volumes += [{"name": "models-src", "persistentVolumeClaim": {"claimName": MODELS_PVC, "readOnly": True}},
                     {"name": "models", "emptyDir": {}},
                     {"name": "plan", "configMap": {"name": PLAN_CONFIGMAP}}]
-        render = (f"cp -R /models-src/. /models/ && python -m orchestrator plan --repo /models --render "
-                  f"--plan {spec.PLAN_MOUNT}/{spec.PLAN_FILE} --base-config {replica.base_config}")
+        render = (f"cp -R /models-src/. /models/ && python -m orchestrator.deploy.podplan /models "
+                  f"{spec.PLAN_MOUNT}/{spec.PLAN_FILE} {replica.base_config} {replica.launch.choice.instance_kind}")
         pod["initContainers"] = [{
             "name": "render-plan", "image": replica.image, "imagePullPolicy": "IfNotPresent",
             "command": ["sh", "-c", render],

@@ -59,7 +59,7 @@ class Replica:
 
     @property
     def base_config(self) -> str:
-        """``vlmserve plan --base-config``: the image's own config flavour (native in the NGC image)."""
+        """The config flavour the plan starts from: the image's own (``native`` in the NGC image)."""
         return self.launch.choice.model_config_name or "native"
 
     def _runtime(self) -> DockerRuntime:

@@ -279,13 +279,18 @@ def test_the_memory_plan_reaches_the_triton_pod(plan_file: Path) -> None:
     shipped.write_text(configmap["data"][spec.PLAN_FILE])
     assert memory.load_plan(shipped) == memory.load_plan(plan_file)
     init = pod["initContainers"][0]
-    command = init["command"][-1]
-    assert f"--plan {spec.PLAN_MOUNT}/{spec.PLAN_FILE}" in command and "--render" in command
-    assert "--base-config native" in command  # the NGC image serves the native config.pbtxt flavour
+    # The NGC image serves the native config.pbtxt flavour on GPU instances (run in the image: tests/e2e).
+    assert init["command"][-1].endswith(f"python -m orchestrator.deploy.podplan /models "
+                                        f"{spec.PLAN_MOUNT}/{spec.PLAN_FILE} native KIND_GPU")
     plan_volume = next(v for v in pod["volumes"] if v["name"] == "plan")
     assert plan_volume["configMap"]["name"] == k8s.PLAN_CONFIGMAP
-    assert "--base-config embedded" in one(k8s.render(spec.prepare("rocm", plan_file)), "Deployment",
-                                           k8s.TRITON)["spec"]["template"]["spec"]["initContainers"][0]["command"][-1]
+    mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
+    assert mounts[spec.PLAN_MOUNT] == "plan" and mounts["/models"] == "models"
+    assert {m["mountPath"]: m["name"] for m in triton["volumeMounts"]}["/models"] == "models"
+    # ROCm: Triton has no AMD support, its instances stay KIND_CPU and the models place work on the GPU.
+    rocm_init = one(k8s.render(spec.prepare("rocm", plan_file)), "Deployment",
+                    k8s.TRITON)["spec"]["template"]["spec"]["initContainers"][0]
+    assert rocm_init["command"][-1].endswith(" embedded KIND_CPU")
     # Without a plan: no init container, the shared repository is mounted read-only as it is.
     plain = one(k8s.render(spec.prepare("gpu")), "Deployment", k8s.TRITON)["spec"]["template"]["spec"]
     assert "initContainers" not in plain
