@@ -323,3 +323,36 @@ def test_hpa_metrics_are_the_adapter_rules_outputs_from_exported_series() -> Non
     assert re.search(rf"^{k8s.GATEWAY_INFLIGHT_METRIC} 0\.0$", exported, re.M), exported
     target = one(docs, "HorizontalPodAutoscaler", k8s.TRITON)["spec"]["metrics"][0]["pods"]["target"]
     assert target == {"type": "AverageValue", "averageValue": str(int(k8s.Scaling().queue_target_ms * 1000))}
+
+
+def test_the_gateway_gauge_counts_requests_being_served() -> None:
+    import asyncio
+
+    from gateway.metrics import MetricsMiddleware
+
+    metrics = Metrics()
+    seen: list[float] = []
+
+    def in_flight() -> float:
+        return float(re.search(rf"^{k8s.GATEWAY_INFLIGHT_METRIC} (\S+)$", metrics.render().decode(), re.M)[1])
+
+    async def app_(scope, receive, send) -> None:
+        seen.append(in_flight())
+        if scope["path"] == "/fail":
+            raise RuntimeError("boom")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def call(path: str) -> None:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b""}
+
+        async def send(_message: dict) -> None:
+            pass
+
+        await MetricsMiddleware(app_, metrics)({"type": "http", "method": "GET", "path": path}, receive, send)
+
+    asyncio.run(call("/ok"))
+    with pytest.raises(RuntimeError):
+        asyncio.run(call("/fail"))
+    assert seen == [1.0, 1.0] and in_flight() == 0.0
