@@ -35,7 +35,7 @@ LOCUSTFILE = Path(__file__).with_name("swarm_locustfile.py")
 REPLICAS = 2
 GATEWAY = spec.NAME + "-gateway"
 TRITON = spec.NAME + "-triton"
-LOAD_S = 75
+MAX_LOAD_S = 300  # a bound only: the test stops Locust (SIGTERM) once it has seen what it checks
 
 if importlib.util.find_spec("locust") is None:
     pytest.skip("locust is not installed: pip install -e '.[loadtest]'", allow_module_level=True)
@@ -105,9 +105,10 @@ def test_swarm_replicas_survive_a_killed_replica(docker_client, cpu_image: str, 
         figures["startup_s"] = round(time.monotonic() - start, 1)
 
         records = tmp_path / "records.json"
+        load_started = time.time()
         locust = subprocess.Popen(
             [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", lb, "-u", "4", "-r", "4",
-             "-t", f"{LOAD_S}s", "--stop-timeout", "30", "--only-summary", "--exit-code-on-error", "0"],
+             "-t", f"{MAX_LOAD_S}s", "--stop-timeout", "10", "--only-summary", "--exit-code-on-error", "0"],
             cwd=ROOT, env={**os.environ, "VLMSERVE_SWARM_RECORDS": str(records)},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
@@ -138,15 +139,20 @@ def test_swarm_replicas_survive_a_killed_replica(docker_client, cpu_image: str, 
             after = wait_for("load on every gateway replica after the reschedule",
                              lambda: (lambda c: c if set(c) == set(base) and
                                       all(c[n] - base[n] >= 5 for n in c) else None)(counts(docker_client, project)),
-                             max(5.0, LOAD_S - (time.time() - killed_at) - 5))
+                             90)
             figures["per_gateway_after_reschedule"] = {n: after[n] - base[n] for n in after}
             new_gateway = (set(after) - {c for c in before})
             assert new_gateway, "the rescheduled gateway replica got no load"
             triton_text = {c.name: swarm.scrape(c, spec.triton_ports()["metrics"])
                            for c in swarm.running_containers(docker_client, project, TRITON)}
+            # A little more load on the recovered stack, then Locust stops (its quitting hook writes the records).
+            wait_for("more requests after the reschedule",
+                     lambda: sum(counts(docker_client, project).values()) - sum(after.values()) >= 20, 60)
         finally:
-            out, _ = locust.communicate(timeout=LOAD_S + 90)
+            locust.terminate()
+            out, _ = locust.communicate(timeout=60)
         assert locust.returncode == 0, out[-3000:]
+        figures["load_s"] = round(time.time() - load_started, 1)
 
         rows = json.loads(records.read_text())
         statuses: dict[str, int] = {}
