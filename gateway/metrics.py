@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -20,6 +20,8 @@ class Metrics:
         self.errors = Counter("vlmserve_errors", "Error responses", ["route", "model", "status"],
                               registry=self.registry)
         self.items = Counter("vlmserve_inference_items", "Items sent to Triton", ["model"], registry=self.registry)
+        # What a cluster autoscales the gateway on (docs/scale-out.md): requests being served right now.
+        self.in_flight = Gauge("vlmserve_requests_in_flight", "HTTP requests being served", registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -38,6 +40,7 @@ class MetricsMiddleware:
             return
         start = time.perf_counter()
         status = 500
+        self.metrics.in_flight.inc()
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -48,6 +51,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            self.metrics.in_flight.dec()
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope["method"]
             self.metrics.requests.labels(route, method, str(status)).inc()

@@ -2,7 +2,7 @@
 
 Verbs (seed 000's docker manager had the same ones): ``up`` (alias ``start``), ``down`` (alias ``stop``),
 ``restart``, ``status``, ``health``, ``logs``, ``clean``, ``ensure``, plus ``run`` (foreground, supervised),
-``hardware``, ``plan`` and ``image build``. ``--runtime process`` (default) runs local processes;
+``hardware``, ``plan``, ``image build`` and ``deploy k8s|swarm``. ``--runtime process`` (default) runs local processes;
 ``--runtime docker`` runs containers through the Docker Engine API.
 """
 
@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchestrator import hardware, memory
+from orchestrator.deploy.cli import app as deploy_app
 from orchestrator.docker_runtime import DockerRuntime, DockerUnavailable
 from orchestrator.images import IMAGES, ImageBuildError
 from orchestrator.launch import Launch, plan_launch
@@ -32,6 +33,7 @@ app = typer.Typer(help="Start, stop and inspect vlmserve's services (local proce
                   no_args_is_help=True)
 image_app = typer.Typer(help="Build the vlmserve images (docker/Dockerfile.<image>).", no_args_is_help=True)
 app.add_typer(image_app, name="image")
+app.add_typer(deploy_app, name="deploy")
 
 SetOpt = typer.Option(None, "--set", help="model set whose repository to serve: tiny, hub or perf")
 RepoOpt = typer.Option(None, "--repo", help="model repository path (default: the set's built repository)")

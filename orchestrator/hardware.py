@@ -103,6 +103,14 @@ _CHOICES = {
 }
 
 
+def choice_for(accelerator: str) -> Choice:
+    """How to serve on ``accelerator`` (cpu, cuda, rocm) without detecting anything: for deployments rendered
+    for another machine (``vlmserve deploy``)."""
+    if accelerator not in _CHOICES:
+        raise ValueError(f"accelerator must be one of {', '.join(_CHOICES)}, not {accelerator!r}")
+    return _CHOICES[accelerator]
+
+
 # ---------------------------------------------------------------------------------------------- probes
 
 

@@ -664,6 +664,22 @@ def render(
             out.write_text(text_format.MessageToString(config))
         files.append(out)
 
+    triton_args, env, knob_notes = process_knobs(resolved)
+    notes.extend(knob_notes)
+    hints = {}
+    for name in resolved.services:
+        budgets = resolved.for_service(name)
+        if budgets[0].external:
+            hints[name] = _external_hint(name, budgets)
+            enforced[name] = f"{name} itself (cooperative): {hints[name]}"
+    return Rendered(out_config_name, files, triton_args, env, hints, resolved, enforced, notes)
+
+
+def process_knobs(resolved: ResolvedPlan) -> tuple[list[str], dict[str, str], list[str]]:
+    """The plan's per-process knobs, independent of any model config: ``tritonserver`` arguments, environment
+    (see :class:`Rendered`) and notes. :func:`render` uses them; so do the cluster renderers
+    (``orchestrator.deploy``), which have no repository at hand."""
+    notes: list[str] = []
     own = [b for b in resolved.budgets if not b.external]
     own_devices = sorted({b.device for b in own})
     triton_args = [
@@ -690,10 +706,4 @@ def render(
             limits.append(f"{device}={_mps_size(sum(u for u in used if u is not None))}")
         else:
             env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = ",".join(limits)
-    hints = {}
-    for name in resolved.services:
-        budgets = resolved.for_service(name)
-        if budgets[0].external:
-            hints[name] = _external_hint(name, budgets)
-            enforced[name] = f"{name} itself (cooperative): {hints[name]}"
-    return Rendered(out_config_name, files, triton_args, env, hints, resolved, enforced, notes)
+    return triton_args, env, notes

@@ -18,6 +18,10 @@ from pathlib import Path
 from orchestrator.settings import OrchestratorSettings
 from vlmserve import paths
 
+# How long tritonserver waits for in-flight requests when asked to stop; a supervisor (Docker, Kubernetes'
+# terminationGracePeriodSeconds) must wait longer before it kills.
+EXIT_TIMEOUT_S = 10
+
 
 class TritonNotFound(RuntimeError):
     """No usable tritonserver: the message says what to install."""
@@ -86,7 +90,7 @@ def triton_command(
         f"--metrics-address={settings.host}",
         f"--metrics-port={settings.metrics_port}",
         "--allow-metrics=true",
-        "--exit-timeout-secs=10",
+        f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
         "--log-verbose=0",
         *(extra_args or []),
     ]

@@ -1,0 +1,188 @@
+"""`vlmserve deploy swarm` on a real Docker Engine: two gateway+Triton replicas on the tiny SigLIP models behind
+the nginx balancer, Locust load through it, one gateway and one Triton replica killed mid-load.
+
+Checked: every request either succeeds or is refused cleanly (429/503 with Retry-After; nothing else, no
+connection errors), Swarm reschedules both killed replicas, load spreads over all gateway replicas again
+afterwards (per-replica request counts from each replica's own /metrics), the Triton replicas export the
+series the Kubernetes HPA scales on, and the tear-down leaves nothing (the engine leaves swarm mode again
+when this test put it there). The figures are printed (pytest -s) and written to the test's tmp folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from orchestrator.deploy import spec, swarm
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCUSTFILE = Path(__file__).with_name("swarm_locustfile.py")
+REPLICAS = 2
+GATEWAY = spec.NAME + "-gateway"
+TRITON = spec.NAME + "-triton"
+MAX_LOAD_S = 300  # a bound only: the test stops Locust (SIGTERM) once it has seen what it checks
+
+if importlib.util.find_spec("locust") is None:
+    pytest.skip("locust is not installed: pip install -e '.[loadtest]'", allow_module_level=True)
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
+    return subprocess.run([sys.executable, "-m", "orchestrator", "deploy", "swarm", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def wait_for(what: str, check, timeout_s: float, interval_s: float = 1.0) -> Any:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval_s)
+    pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def healthy(client, project: str, service: str) -> list[Any]:
+    """The service's running containers, when there are REPLICAS of them and all report healthy."""
+    found = swarm.running_containers(client, project, service)
+    for c in found:
+        c.reload()
+    ok = [c for c in found if c.attrs["State"].get("Health", {}).get("Status") == "healthy"]
+    return ok if len(ok) == REPLICAS == len(found) else []
+
+
+def requests_served(container) -> float:
+    """The gateway's own count of /embed_text requests (all statuses), from its /metrics."""
+    text = swarm.scrape(container, spec.gateway_port())
+    return sum(float(m) for m in re.findall(r'^vlmserve_requests_total\{[^}]*route="/embed_text"[^}]*\} (\S+)$',
+                                             text, re.M))
+
+
+def counts(client, project: str) -> dict[str, float]:
+    return {c.name: requests_served(c) for c in swarm.running_containers(client, project, GATEWAY)}
+
+
+def test_swarm_replicas_survive_a_killed_replica(docker_client, cpu_image: str, tiny_repo: Path,
+                                                 tmp_path: Path) -> None:
+    project = f"vlmk8s-e2e-{uuid.uuid4().hex[:6]}"
+    port = free_port()
+    lb = f"http://127.0.0.1:{port}"
+    # The SigLIP models only: every replica (and every rescheduled one) loads them in seconds.
+    repo = tmp_path / "repository"
+    for model in tiny_repo.glob("siglip_*"):
+        shutil.copytree(model, repo / model.name)
+    os.chmod(tmp_path, 0o755)
+    swarm.build_lb_image(docker_client, log=lambda m: print(f"[lb] {m}"))
+    had_gwbridge = swarm.has_gwbridge()
+    initialised = swarm.ensure_swarm()
+    figures: dict[str, Any] = {"replicas": REPLICAS}
+    try:
+        up = cli("--replicas", str(REPLICAS), "--repo", str(repo), "--port", str(port), "--project", project,
+                 "--image", cpu_image, "--out", str(tmp_path / "stack"), "--up")
+        assert up.returncode == 0, up.stdout + up.stderr
+        start = time.monotonic()
+        for service in (TRITON, GATEWAY):
+            wait_for(f"{REPLICAS} healthy {service} replicas", lambda s=service: healthy(docker_client, project, s),
+                     300)
+        wait_for("an embedding through the balancer",
+                 lambda: httpx.post(f"{lb}/embed_text", json={"texts": ["hi"]}, timeout=30).status_code == 200, 60)
+        figures["startup_s"] = round(time.monotonic() - start, 1)
+
+        records = tmp_path / "records.json"
+        load_started = time.time()
+        locust = subprocess.Popen(
+            [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", lb, "-u", "4", "-r", "4",
+             "-t", f"{MAX_LOAD_S}s", "--stop-timeout", "10", "--only-summary", "--exit-code-on-error", "0"],
+            cwd=ROOT, env={**os.environ, "VLMSERVE_SWARM_RECORDS": str(records)},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            # Load reaches every gateway replica before the kill.
+            before = wait_for("load on every gateway replica",
+                              lambda: (lambda c: c if len(c) == REPLICAS and all(v >= 5 for v in c.values())
+                                       else None)(counts(docker_client, project)), 40)
+            figures["per_gateway_before_kill"] = before
+            old = {s: {c.id for c in swarm.running_containers(docker_client, project, s)} for s in (GATEWAY, TRITON)}
+            victims = [swarm.running_containers(docker_client, project, s)[0] for s in (GATEWAY, TRITON)]
+            killed_at = time.time()
+            for victim in victims:
+                victim.kill()
+            figures["killed"] = [v.name for v in victims]
+
+            def rescheduled() -> bool:
+                for service in (GATEWAY, TRITON):
+                    current = healthy(docker_client, project, service)
+                    if not current or not {c.id for c in current} - old[service]:
+                        return False
+                return True
+
+            wait_for("both killed replicas rescheduled and healthy", rescheduled, 120)
+            figures["rescheduled_after_s"] = round(time.time() - killed_at, 1)
+
+            # Load spreads over all gateway replicas again, the new one included.
+            base = counts(docker_client, project)
+            after = wait_for("load on every gateway replica after the reschedule",
+                             lambda: (lambda c: c if set(c) == set(base) and
+                                      all(c[n] - base[n] >= 5 for n in c) else None)(counts(docker_client, project)),
+                             90)
+            figures["per_gateway_after_reschedule"] = {n: after[n] - base[n] for n in after}
+            new_gateway = (set(after) - {c for c in before})
+            assert new_gateway, "the rescheduled gateway replica got no load"
+            triton_text = {c.name: swarm.scrape(c, spec.triton_ports()["metrics"])
+                           for c in swarm.running_containers(docker_client, project, TRITON)}
+            # A little more load on the recovered stack, then Locust stops (its quitting hook writes the records).
+            wait_for("more requests after the reschedule",
+                     lambda: sum(counts(docker_client, project).values()) - sum(after.values()) >= 20, 60)
+        finally:
+            locust.terminate()
+            out, _ = locust.communicate(timeout=60)
+        assert locust.returncode == 0, out[-3000:]
+        figures["load_s"] = round(time.time() - load_started, 1)
+
+        rows = json.loads(records.read_text())
+        statuses: dict[str, int] = {}
+        for _t, status, _ra, _body in rows:
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
+        refused = [r for r in rows if r[1] in (429, 503)]
+        lost = [r for r in rows if r[1] != 200 and not (r[1] in (429, 503) and r[2])]
+        figures["status_counts"] = statuses
+        figures["requests"] = len(rows)
+        bad_times = [r[0] for r in rows if r[1] != 200]
+        figures["refusal_window_s"] = round(max(bad_times) - min(bad_times), 1) if bad_times else 0.0
+        figures["refusals_after_kill_s"] = sorted({round(t - killed_at, 1) for t in bad_times})[:5]
+        figures["triton_requests"] = {
+            n: sum(float(v) for v in re.findall(r"^nv_inference_request_success\{[^}]*\} (\S+)$", t, re.M))
+            for n, t in triton_text.items()}
+        print("swarm figures:", json.dumps(figures, indent=1))
+        (tmp_path / "figures.json").write_text(json.dumps(figures, indent=1))
+        assert not lost, f"requests lost (neither 200 nor a clean 429/503 + Retry-After): {lost[:5]}"
+        assert statuses.get("200", 0) > 50, statuses
+        assert all(r[3].startswith('{"error"') for r in refused), refused[:3]
+        # The series the Triton HPA's adapter rule divides (docker/k8s/monitoring) are really exported.
+        for text in triton_text.values():
+            assert re.search(r"^nv_inference_queue_duration_us\{", text, re.M)
+            assert re.search(r"^nv_inference_request_success\{", text, re.M)
+    finally:
+        down = cli("--project", project, "--down")
+        left = swarm.leftovers(docker_client, project)
+        if initialised:
+            swarm.leave_swarm(remove_gwbridge=not had_gwbridge)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert left == [], left
+    assert swarm.swarm_active() is not initialised
+    assert swarm.has_gwbridge() is had_gwbridge
