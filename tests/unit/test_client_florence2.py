@@ -1,4 +1,4 @@
-"""vlmserve.client against httpx.MockTransport: the requests it builds and how it reads the answers.
+"""vlmserve_client's Florence-2 clients against httpx.MockTransport: the requests they build, how they read answers.
 
 Most tests run twice, once through the sync client and once through the async one (``asyncio.run``).
 """
@@ -20,8 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-
-from vlmserve.client import (
+from vlmserve_client import (
     AsyncFlorence2Client,
     DetectedObject,
     Florence2Client,
