@@ -11,8 +11,10 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from vlmserve_client import (
 )
 
 from tests.integration.test_embeddings import triton_http_embed
+from tests.integration.test_readme import _localise
 from vlmserve.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
@@ -197,3 +200,23 @@ def test_pypy3_installs_only_httpx_and_runs_every_client(stack, pypy_venv) -> No
     assert out["ocr"] == {"model": "vlmserve/tiny-qwen2vl", "text_type": "str"}
     assert out["region"]["box"] == [4.0, 4.0, 40.0, 30.0]
     assert out["async"]["caption_task"] == "caption" and out["async"]["ocr_model"] == "vlmserve/tiny-qwen2vl"
+
+
+# --- the client README's examples ---------------------------------------------------------------------------
+
+README_BLOCKS = re.findall(r"```python\n(.*?)```", (CLIENT_DIR / "README.md").read_text(), flags=re.S)
+
+
+def test_client_readme_has_examples() -> None:
+    assert len(README_BLOCKS) >= 5
+
+
+@pytest.mark.parametrize("index", range(len(README_BLOCKS)))
+def test_client_readme_example_runs(index: int, stack, tmp_path: Path) -> None:
+    code = _localise(README_BLOCKS[index], stack)
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    result = subprocess.run([sys.executable, str(script)], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, f"client README example {index} failed:\n{code}\n{result.stdout}\n{result.stderr}"
+    assert result.stdout.strip(), "example printed nothing"
