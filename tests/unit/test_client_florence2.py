@@ -247,6 +247,20 @@ def test_task_shortcuts(kind: str, method: str, args: tuple[Any, ...], fields: d
     assert rec.last.url.path == "/infer/upload"
 
 
+@kinds
+@pytest.mark.parametrize(("method", "args"), [
+    ("caption", ("detailed",)), ("detect_objects", ()), ("dense_region_caption", ()), ("ocr", ()),
+    ("ocr_with_region", ()), ("phrase_grounding", ("a dog",)), ("segment", ("the car",)),
+])
+def test_task_shortcuts_pass_generation_options(kind: str, method: str, args: tuple[Any, ...]) -> None:
+    rec = Recorder()
+
+    call(kind, rec, method, PNG_1X1, *args, max_new_tokens=8, num_beams=2)
+
+    fields = form_fields(rec.last)
+    assert (fields["max_new_tokens"], fields["num_beams"]) == ("8", "2")
+
+
 def test_caption_detailed_keyword_and_bad_value() -> None:
     rec = Recorder()
     with Florence2Client("http://gw.test", transport=httpx.MockTransport(rec)) as client:

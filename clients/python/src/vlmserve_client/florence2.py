@@ -219,40 +219,48 @@ class _FlorenceCalls(_ClientBase):
 
 
 # The per-task shortcuts, written once for both clients: ``_R`` is what ``run`` returns (a result, or an
-# awaitable of one).
+# awaitable of one). ``max_new_tokens`` and ``num_beams`` go to run().
 class _TaskMethods(Generic[_R]):
     def run(self, task: str, image: ImageInput, text: str | None = None, *, max_new_tokens: int | None = None,
             num_beams: int | None = None) -> _R:
         raise NotImplementedError
 
-    def caption(self, image: ImageInput, detailed: CaptionDetail = False) -> _R:
+    def caption(self, image: ImageInput, detailed: CaptionDetail = False, *,
+                max_new_tokens: int | None = None, num_beams: int | None = None) -> _R:
         """Caption the image: ``caption``; ``detailed=True`` → ``more_detailed_caption``;
         ``detailed="detailed"`` → ``detailed_caption``."""
-        return self.run(_caption_task(detailed), image)
+        return self.run(_caption_task(detailed), image, max_new_tokens=max_new_tokens, num_beams=num_beams)
 
-    def detect_objects(self, image: ImageInput) -> _R:
+    def detect_objects(self, image: ImageInput, *,
+                max_new_tokens: int | None = None, num_beams: int | None = None) -> _R:
         """Object detection (``<OD>``): ``.objects``, ``.bboxes`` and ``.labels``."""
-        return self.run("object_detection", image)
+        return self.run("object_detection", image, max_new_tokens=max_new_tokens, num_beams=num_beams)
 
-    def dense_region_caption(self, image: ImageInput) -> _R:
+    def dense_region_caption(self, image: ImageInput, *,
+                max_new_tokens: int | None = None, num_beams: int | None = None) -> _R:
         """A caption per region (``<DENSE_REGION_CAPTION>``): ``.objects``, ``.bboxes`` and ``.labels``."""
-        return self.run("dense_region_caption", image)
+        return self.run("dense_region_caption", image, max_new_tokens=max_new_tokens, num_beams=num_beams)
 
-    def ocr(self, image: ImageInput) -> _R:
+    def ocr(self, image: ImageInput, *,
+                max_new_tokens: int | None = None, num_beams: int | None = None) -> _R:
         """The text in the image (``<OCR>``)."""
-        return self.run("ocr", image)
+        return self.run("ocr", image, max_new_tokens=max_new_tokens, num_beams=num_beams)
 
-    def ocr_with_region(self, image: ImageInput) -> _R:
+    def ocr_with_region(self, image: ImageInput, *,
+                max_new_tokens: int | None = None, num_beams: int | None = None) -> _R:
         """Text lines with their quadrilaterals (``<OCR_WITH_REGION>``): ``.quad_boxes`` and ``.labels``."""
-        return self.run("ocr_with_region", image)
+        return self.run("ocr_with_region", image, max_new_tokens=max_new_tokens, num_beams=num_beams)
 
-    def phrase_grounding(self, image: ImageInput, text: str) -> _R:
+    def phrase_grounding(self, image: ImageInput, text: str, *,
+                max_new_tokens: int | None = None, num_beams: int | None = None) -> _R:
         """Boxes for the phrases of ``text`` (``<CAPTION_TO_PHRASE_GROUNDING>``)."""
-        return self.run("phrase_grounding", image, text)
+        return self.run("phrase_grounding", image, text, max_new_tokens=max_new_tokens, num_beams=num_beams)
 
-    def segment(self, image: ImageInput, text: str) -> _R:
+    def segment(self, image: ImageInput, text: str, *,
+                max_new_tokens: int | None = None, num_beams: int | None = None) -> _R:
         """Polygons for the thing ``text`` describes (``<REFERRING_EXPRESSION_SEGMENTATION>``): ``.polygons``."""
-        return self.run("referring_expression_segmentation", image, text)
+        return self.run("referring_expression_segmentation", image, text, max_new_tokens=max_new_tokens,
+                        num_beams=num_beams)
 
 
 class Florence2Client(_SyncClient, _FlorenceCalls, _TaskMethods[Florence2Result]):
