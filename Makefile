@@ -7,13 +7,15 @@ STAMP := $(VENV)/.vlmserve-installed
 
 .PHONY: install demo serve export bench loadtest test test-unit test-integration test-e2e image lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# torch 2.13.0 CPU is the wheel this platform has on disk; the rest comes from PyPI.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[all]'
+	@# The client SDK is its own distribution (clients/python); tests and docs use it.
+	$(PY) -m pip install -q -e 'clients/python[pillow]'
 	@# The real tritonserver (Python backend) ships in this wheel; its own dependency pins are for
 	@# pytriton's Python API, which we do not use.
 	$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0
@@ -51,6 +53,7 @@ image: install ## the CPU image, offline (base image from debootstrap, local whe
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy gateway orchestrator export model_repository vlmserve && $(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy --config-file clients/python/pyproject.toml clients/python/src
 
 clean:
 	rm -rf .vlmserve

@@ -9,8 +9,7 @@ import io
 import httpx
 import pytest
 from PIL import Image
-
-from vlmserve.client import AsyncFlorence2Client, Florence2Client, VlmserveBadRequest
+from vlmserve_client import AsyncFlorence2Client, Florence2Client, VlmserveBadRequest
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""vlmserve.client against httpx.MockTransport: the requests it builds and how it reads the answers.
+"""vlmserve_client's Florence-2 clients against httpx.MockTransport: the requests they build, how they read answers.
 
 Most tests run twice, once through the sync client and once through the async one (``asyncio.run``).
 """
@@ -20,8 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-
-from vlmserve.client import (
+from vlmserve_client import (
     AsyncFlorence2Client,
     DetectedObject,
     Florence2Client,
@@ -246,6 +245,20 @@ def test_task_shortcuts(kind: str, method: str, args: tuple[Any, ...], fields: d
 
     assert form_fields(rec.last) == fields
     assert rec.last.url.path == "/infer/upload"
+
+
+@kinds
+@pytest.mark.parametrize(("method", "args"), [
+    ("caption", ("detailed",)), ("detect_objects", ()), ("dense_region_caption", ()), ("ocr", ()),
+    ("ocr_with_region", ()), ("phrase_grounding", ("a dog",)), ("segment", ("the car",)),
+])
+def test_task_shortcuts_pass_generation_options(kind: str, method: str, args: tuple[Any, ...]) -> None:
+    rec = Recorder()
+
+    call(kind, rec, method, PNG_1X1, *args, max_new_tokens=8, num_beams=2)
+
+    fields = form_fields(rec.last)
+    assert (fields["max_new_tokens"], fields["num_beams"]) == ("8", "2")
 
 
 def test_caption_detailed_keyword_and_bad_value() -> None:
