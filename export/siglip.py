@@ -102,7 +102,7 @@ def export(source_dir: Path, repo: Path, options: ExportOptions, weights: str, s
         if hf_config.model_type != "siglip":
             raise ValueError(
                 f"{source_name} is a {hf_config.model_type!r} checkpoint; the SigLIP recipe supports fixed-"
-                "resolution 'siglip' checkpoints (SigLIP2 NaFlex is not supported yet)"
+                "resolution 'siglip' checkpoints; export SigLIP 2 (NaFlex) with --siglip2-model (docs/siglip2.md)"
             )
         model = SiglipModel.from_pretrained(source_dir, dtype=torch.float32, attn_implementation="eager").eval()
     vision, text = _towers(model)

@@ -45,6 +45,13 @@ class ModelInfo:
     def task(self) -> str | None:
         return self.params.get("task")
 
+    @property
+    def default_priority(self) -> int:
+        """Export's ``default_priority`` parameter: models with a higher one are never a surface's default while a
+        lower one serves it (SigLIP 2 writes 1, so adding it keeps SigLIP v1 the default of ``/embed``)."""
+        value = self.params.get("default_priority", "0")
+        return int(value) if value.lstrip("-").isdigit() else 0
+
 
 @dataclass(frozen=True)
 class Registry:
@@ -52,7 +59,8 @@ class Registry:
     reachable: bool = True
 
     def by_task(self, task: str) -> list[ModelInfo]:
-        return [m for m in self.models.values() if m.task == task]
+        """The models serving ``task``, the default first (lowest ``default_priority``, then Triton's order)."""
+        return sorted((m for m in self.models.values() if m.task == task), key=lambda m: m.default_priority)
 
     def find(self, task: str, model: str | None) -> ModelInfo:
         """The model serving ``task`` that matches ``model`` (source id, family or Triton name; None = first)."""
