@@ -329,7 +329,9 @@ def _tiny_text_config(vocab_size: int) -> dict[str, Any]:
 
 
 def build_tiny_siglip2(out_dir: Path) -> Path:
-    """A tiny random NaFlex ``Siglip2Model`` (patch 8, a 4 x 4 position grid, up to 64 patches) + processor."""
+    """A tiny random NaFlex ``Siglip2Model`` + processor: hidden size 32, an 8 x 8 position grid, and the released
+    patching (16 px patches, up to 256 of them). The patching must be the released one: ``Siglip2Processor``
+    applies its own defaults (patch 16, 256 patches) over the image processor's settings."""
     import torch
     from transformers import Siglip2Config, Siglip2ImageProcessor, Siglip2Model, Siglip2Processor
 
@@ -338,10 +340,10 @@ def build_tiny_siglip2(out_dir: Path) -> Path:
     tokenizer = gemma_tokenizer(320, TINY_TEXT_LENGTH)
     config = Siglip2Config(
         text_config=_tiny_text_config(len(tokenizer)),
-        vision_config={"num_patches": 16, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+        vision_config={"num_patches": 64, "patch_size": 16, "hidden_size": 32, "intermediate_size": 64,
                        "num_hidden_layers": 2, "num_attention_heads": 2},
     )
-    image_processor = Siglip2ImageProcessor(patch_size=8, max_num_patches=64)
+    image_processor = Siglip2ImageProcessor(patch_size=16, max_num_patches=256)
     return _save(out_dir, Siglip2Model(config).eval(), Siglip2Processor(image_processor, tokenizer), "Siglip2Model")
 
 

@@ -152,7 +152,7 @@ def test_onnx_and_openvino_equal_transformers_on_photos(exported, name: str) -> 
         pixels, tokens = siglip2.reference_inputs(source, _images(sizes[budget]), texts, 16, budget)
         for tower, kwargs in (("siglip2_vision", {"pixels": pixels}), ("siglip2_text", {"tokens": tokens})):
             expected = siglip2.reference_features(model, naflex, **kwargs)
-            inputs = siglip2.graph_inputs(naflex, 4, **kwargs)
+            inputs = siglip2.graph_inputs(naflex, 8, **kwargs)
             report = siglip2.check_parity(tower, repo / tower / "1" / "model.onnx", inputs, expected)
             assert report["min_cosine"] >= 0.999, (tower, budget, report)
             for runtime, precision in runtimes:
@@ -169,7 +169,7 @@ def test_served_preprocessing_feeds_the_graph_what_transformers_feeds_the_model(
     source, repo, _ = exported["naflex"]
     model, _ = siglip2.load(source, "naflex")
     processor_dir = repo / "siglip2_embed_image" / "1" / "processor"
-    preprocess = served.NaflexImagePreprocessor(processor_dir, grid=4)
+    preprocess = served.NaflexImagePreprocessor(processor_dir, grid=8)
     vision = open_encoder(repo / "siglip2_vision" / "1" / "model.onnx")
     images = _images()
     got = vision(preprocess([photos.encode(i, "PNG") for i in images]))["image_embeds"]
