@@ -198,3 +198,15 @@ def test_perf_config_has_the_so400m_dimensions() -> None:
     assert (vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers) == (1152, 4304, 27)
     assert (vision.patch_size, vision.num_patches) == (16, 256)
     assert (text.vocab_size, text.max_position_embeddings, text.projection_size) == (256000, 64, 1152)
+
+
+def test_a_higher_default_priority_never_takes_a_surface_over() -> None:
+    """Triton lists siglip2_* before siglip_* ('2' < '_'): the gateway still defaults to SigLIP v1."""
+    from gateway.triton import ModelInfo, Registry
+
+    v2 = ModelInfo("siglip2_embed_image", True, {"task": "embed_image", "family": "siglip2", "default_priority": "1"})
+    v1 = ModelInfo("siglip_embed_image", True, {"task": "embed_image", "family": "siglip"})
+    registry = Registry({m.name: m for m in (v2, v1)})
+    assert registry.find("embed_image", None) is v1
+    assert registry.find("embed_image", "siglip2") is v2
+    assert Registry({"siglip2_embed_image": v2}).find("embed_image", None) is v2  # alone, it serves the default
