@@ -210,3 +210,23 @@ def test_a_higher_default_priority_never_takes_a_surface_over() -> None:
     assert registry.find("embed_image", None) is v1
     assert registry.find("embed_image", "siglip2") is v2
     assert Registry({"siglip2_embed_image": v2}).find("embed_image", None) is v2  # alone, it serves the default
+
+
+def test_fixed_resolution_served_path_equals_transformers(exported) -> None:
+    """Fixed-resolution SigLIP 2: v1's image transform + the Gemma FastTokenizer feed the graph what transformers'
+    SiglipProcessor feeds SiglipModel."""
+    from model_repository.runtime import open_encoder
+    from model_repository.siglip import SiglipImagePreprocessor
+
+    source, repo, _ = exported["fixed"]
+    model, naflex = siglip2.load(source, "fixed")
+    images = _images()
+    preprocess = SiglipImagePreprocessor(repo / "siglip2_embed_image" / "1" / "processor")
+    got = open_encoder(repo / "siglip2_vision" / "1" / "model.onnx")(
+        {"pixel_values": preprocess([photos.encode(i, "PNG") for i in images])})["image_embeds"]
+    pixels, tokens = siglip2.reference_inputs(source, images, list(photos.SENTENCES), 16)
+    assert siglip2.runtime_choice.cosine_min(siglip2.reference_features(model, naflex, pixels=pixels), got) >= 0.999
+    ids, mask, _ = served.FastTokenizer(repo / "siglip2_embed_text" / "1" / "processor", 16)(list(photos.SENTENCES))
+    text = open_encoder(repo / "siglip2_text" / "1" / "model.onnx")({"input_ids": ids, "attention_mask": mask})
+    np.testing.assert_allclose(text["text_embeds"], siglip2.reference_features(model, naflex, tokens=tokens),
+                               atol=1e-5)
