@@ -71,8 +71,10 @@ def _client_configs(
     outputs: list[dict[str, Any]],
     encoder_model: str,
     options: ExportOptions,
-    meta: dict[str, Any],
+    params: EmbedParams,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(native, embedded) configs of a client-facing embedding model; ``params``: its contract, less the runner."""
+
     def config(runner: str) -> dict[str, Any]:
         return {
             "name": name,
@@ -85,7 +87,8 @@ def _client_configs(
                 {"count": options.instance_count, "kind": Enum("KIND_CPU") if runner == "triton" else options.kind()}
             ],
             "dynamic_batching": dynamic_batching(options),
-            "parameters": parameters(EmbedParams(runner=runner, encoder_model=encoder_model, **meta).to_triton()),
+            "parameters": parameters(
+                params.model_copy(update={"runner": runner, "encoder_model": encoder_model}).to_triton()),
         }
 
     return config("triton"), config("onnxruntime")
@@ -102,7 +105,7 @@ def export(source_dir: Path, repo: Path, options: ExportOptions, weights: str, s
         if hf_config.model_type != "siglip":
             raise ValueError(
                 f"{source_name} is a {hf_config.model_type!r} checkpoint; the SigLIP recipe supports fixed-"
-                "resolution 'siglip' checkpoints (SigLIP2 NaFlex is not supported yet)"
+                "resolution 'siglip' checkpoints; export SigLIP 2 with --model siglip2=... (docs/siglip2.md)"
             )
         model = SiglipModel.from_pretrained(source_dir, dtype=torch.float32, attn_implementation="eager").eval()
     vision, text = _towers(model)
@@ -207,7 +210,7 @@ def _write_models(repo: Path, source_dir: Path, options: ExportOptions, meta: di
     for name, inp, outs, encoder, extra, cls in clients:
         chosen = runtime_choice.config_params(choices.get(encoder))
         native, embedded = _client_configs(name + suffix, inp, outs, encoder + suffix, options,
-                                           {**meta, "role": "client", **extra, **chosen})
+                                           EmbedParams(**meta, role="client", **extra, **chosen))
         write_config(repo, name + suffix, native)
         write_config(repo, name + suffix, embedded, EMBEDDED_CONFIG)
         write_python_model(repo, name + suffix, cls)
