@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from model_repository import runtime
-from vlmserve.families.siglip2 import Siglip2Params
 from model_repository.siglip import (
     SiglipImagePreprocessor,
     SiglipImageTransform,
@@ -34,6 +33,7 @@ from model_repository.siglip import (
     image_processor_config,
     l2_normalise,
 )
+from vlmserve.families.siglip2 import Siglip2Params
 
 # ---------------------------------------------------------------------------------------------- NaFlex images
 

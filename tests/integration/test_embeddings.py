@@ -60,7 +60,8 @@ def test_health_reports_models_and_random_weights(gw) -> None:
     assert body["device"] == "cpu" and body["cuda_available"] is False
     assert body["weights"] == "random" and "random" in body["warning"]
     assert body["models"] == {"siglip_embed_image": True, "siglip_embed_text": True, "siglip_text": True,
-                              "siglip_vision": True, "florence2": True, "florence2_vision": True,
+                              "siglip_vision": True, "siglip2_embed_image": True, "siglip2_embed_text": True,
+                              "siglip2_text": True, "siglip2_vision": True, "florence2": True, "florence2_vision": True,
                               "smolvlm2": True, "smolvlm2_vision": True, "qwen2vl": True}
 
 
@@ -128,7 +129,8 @@ def test_openai_sdk_embeddings_float_and_base64(stack) -> None:
     assert len(images.data[0].embedding) == 32
     models = client.models.list()
     assert sorted(m.id for m in models.data) == ["vlmserve/tiny-florence2", "vlmserve/tiny-qwen2vl",
-                                                 "vlmserve/tiny-siglip", "vlmserve/tiny-smolvlm2"]
+                                                 "vlmserve/tiny-siglip", "vlmserve/tiny-siglip2",
+                                                 "vlmserve/tiny-smolvlm2"]
     # The runtime export chose on this host, per Triton model, and why (export/runtime_choice.py).
     siglip = next(m for m in models.data if m.id == "vlmserve/tiny-siglip").model_extra
     chosen = siglip["runtimes"]["siglip_embed_image"]

@@ -1,4 +1,4 @@
-"""The SigLIP client models' Triton Python stubs stay torch-free (and so ~360 MiB lighter each).
+"""The SigLIP (v1 and 2) client models' Triton Python stubs stay torch-free (and so ~360 MiB lighter each).
 
 Each Python-backend model instance is its own ``triton_python_backend_stub`` process; a stub that imports
 transformers' image processor or tokenizer maps libtorch as well, which costs hundreds of MiB of RSS per instance.
@@ -15,7 +15,8 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-MODELS = ("siglip_embed_image", "siglip_embed_text", "siglip_vision")
+CLIENTS = ("siglip_embed_image", "siglip_embed_text", "siglip2_embed_image", "siglip2_embed_text")
+MODELS = (*CLIENTS, "siglip_vision")
 
 
 def stub_processes(repository: Path, model: str) -> list[psutil.Process]:
@@ -38,10 +39,11 @@ def mapped_libraries(proc: psutil.Process) -> set[str]:
 def test_siglip_stubs_do_not_load_torch(stack, record_property) -> None:
     # One request each, so the preprocessing code paths have run (lazy imports would show up now).
     with httpx.Client(base_url=stack.gateway, timeout=60) as gw:
-        assert gw.post("/embed_text", json={"text": "a photo of a cat"}).status_code == 200
         image = (stack.image_dir / "red.png").read_bytes()
         uri = "data:image/png;base64," + base64.b64encode(image).decode()
-        assert gw.post("/embed", json={"images": [uri]}).status_code == 200
+        for family in ("siglip", "siglip2"):
+            assert gw.post("/embed_text", json={"text": "a photo of a cat", "model": family}).status_code == 200
+            assert gw.post("/embed", json={"images": [uri], "model": family}).status_code == 200
     rss, torch_maps = {}, {}
     for model in MODELS:
         procs = stub_processes(stack.settings.repository, model)
@@ -51,5 +53,5 @@ def test_siglip_stubs_do_not_load_torch(stack, record_property) -> None:
                                     if lib.startswith(("libtorch", "libc10"))})
     record_property("stub_rss_mib", rss)
     print(f"stub RSS (MiB): {rss}")
-    for model in ("siglip_embed_image", "siglip_embed_text"):
+    for model in CLIENTS:
         assert not torch_maps[model], f"{model} stub maps torch: {torch_maps[model]}"

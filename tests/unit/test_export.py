@@ -20,8 +20,9 @@ GOLDEN = Path(__file__).parent / "golden"
 HOST_DEPENDENT = ("runtime", "precision", "runtime_choice", "decoder_precision", "decoder_choice")
 CONFIG_FILES = [
     f"{m}/{c}"
-    for m in ("siglip_vision", "siglip_text", "siglip_embed_image", "siglip_embed_text", "florence2_vision",
-              "florence2", "smolvlm2_vision", "smolvlm2", "qwen2vl")
+    for m in ("siglip_vision", "siglip_text", "siglip_embed_image", "siglip_embed_text", "siglip2_vision",
+              "siglip2_text", "siglip2_embed_image", "siglip2_embed_text", "florence2_vision", "florence2",
+              "smolvlm2_vision", "smolvlm2", "qwen2vl")
     for c in ("config.pbtxt", f"configs/{EMBEDDED_CONFIG}.pbtxt")
 ]
 

@@ -23,7 +23,7 @@ from vlmserve.families.spec import FamilySpec, load
 
 def test_every_family_is_discovered_with_loadable_targets() -> None:
     specs = families()
-    assert set(specs) == {"siglip", "florence2", "qwen2vl", "smolvlm2", "deepseek_ocr"}
+    assert set(specs) == {"siglip", "siglip2", "florence2", "qwen2vl", "smolvlm2", "deepseek_ocr"}
     for spec in specs.values():
         recipe = spec.load_recipe()
         assert spec.models() and isinstance(recipe.RECIPE_VERSION, str) and callable(recipe.export)

@@ -130,7 +130,7 @@ def test_export_writes_the_four_models_and_reports_parity(exported) -> None:
         for tower in ("siglip2_vision", "siglip2_text"):
             assert report["parity"][tower]["min_cosine"] >= 0.999
     config = (exported["naflex"][1] / "siglip2_embed_image" / "config.pbtxt").read_text()
-    assert "naflex" in config and "position_grid" in config and "default_priority" in config
+    assert "naflex" in config and "position_grid" in config
 
 
 @pytest.mark.parametrize("name", ["naflex", "fixed"])
@@ -200,11 +200,13 @@ def test_perf_config_has_the_so400m_dimensions() -> None:
     assert (text.vocab_size, text.max_position_embeddings, text.projection_size) == (256000, 64, 1152)
 
 
-def test_a_higher_default_priority_never_takes_a_surface_over() -> None:
-    """Triton lists siglip2_* before siglip_* ('2' < '_'): the gateway still defaults to SigLIP v1."""
+def test_siglip2_is_a_family_that_does_not_take_the_embeddings_surface_over() -> None:
+    """Triton lists siglip2_* before siglip_* ('2' < '_'): the gateway still defaults to SigLIP v1 (its spec)."""
     from gateway.triton import ModelInfo, Registry
+    from vlmserve.families import family
 
-    v2 = ModelInfo("siglip2_embed_image", True, {"task": "embed_image", "family": "siglip2", "default_priority": "1"})
+    assert family("siglip2").default_source == "google/siglip2-so400m-patch16-naflex"  # seed 004's checkpoint
+    v2 = ModelInfo("siglip2_embed_image", True, {"task": "embed_image", "family": "siglip2"})
     v1 = ModelInfo("siglip_embed_image", True, {"task": "embed_image", "family": "siglip"})
     registry = Registry({m.name: m for m in (v2, v1)})
     assert registry.find("embed_image", None) is v1
