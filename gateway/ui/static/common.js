@@ -238,7 +238,7 @@ export function parseBox(text, width, height) {
   const names = ["x1", "y1", "x2", "y2"];
   const values = [];
   for (let i = 0; i < 4; i++) {
-    if (!/^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$/.test(raw[i])) {
+    if (!/^[+-]?(\d+(\.\d*)?|\.\d+)$/.test(raw[i])) {
       return { error: `box value ${names[i]}='${raw[i]}' is not a number; ${hint}` };
     }
     values.push(Number(raw[i]));
@@ -250,7 +250,11 @@ export function parseBox(text, width, height) {
     for (let i = 0; i < 4; i++) {
       const high = i % 2 === 0 ? width : height;
       if (values[i] < 0 || values[i] > high) {
-        return { error: `box must lie inside the ${width}x${height} image: ${names[i]}=${values[i]} is outside 0..${high}` };
+        const axis = i % 2 === 0 ? "width" : "height";
+        return {
+          error: `box must lie inside the ${width}x${height} image: ${names[i]}=${values[i]} is outside 0..${high} `
+            + `(the image ${axis})`,
+        };
       }
     }
   }
