@@ -101,3 +101,4 @@ def sample_mp4() -> Path:
 
     return PROJECT_ROOT / "docs" / "videos" / "sample.mp4"
 
+

@@ -217,11 +217,12 @@ export function drawObjects(canvas, objects) {
       const text = String(obj.label).slice(0, 40);
       const w = ctx.measureText(text).width + 6;
       const h = Math.max(12, line * 6) + 4;
+      const x = Math.max(0, Math.min(anchor[0], canvas.width - w)); // keep the label inside the image
       const y = Math.max(0, anchor[1] - h);
       ctx.fillStyle = color;
-      ctx.fillRect(anchor[0], y, w, h);
+      ctx.fillRect(x, y, w, h);
       ctx.fillStyle = "#fff";
-      ctx.fillText(text, anchor[0] + 3, y + 2);
+      ctx.fillText(text, x + 3, y + 2);
     }
   });
   canvas.dataset.shapes = String(shapes);
