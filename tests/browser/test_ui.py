@@ -170,6 +170,24 @@ def test_chat_stop_aborts_the_streaming_request(ui) -> None:
     page.click("#chat-send")
     expect(page.locator(".msg.assistant").nth(1)).to_have_attribute("data-finish", "length", timeout=MODEL_WAIT_MS)
 
+    # Clear while an answer streams: the request is aborted too, and nothing of it leaks into the new conversation.
+    bodies = chat_bodies(page)
+    page.fill("#chat-max-tokens", "1024")
+    page.fill("#chat-input", "Another long story.")
+    page.click("#chat-send")
+    expect(page.locator(".msg.assistant").nth(2).locator(".text")).not_to_have_text("", timeout=MODEL_WAIT_MS)
+    with page.expect_event("requestfailed") as failed:
+        page.click("#chat-clear")
+    assert "ABORTED" in (failed.value.failure or "")
+    expect(page.locator("#chat-log li")).to_have_count(0)
+    expect(page.locator("#chat-state")).to_have_text("Conversation cleared.")
+    expect(page.locator("#chat-send")).to_be_enabled()
+    page.fill("#chat-max-tokens", "2")
+    page.fill("#chat-input", "Hi")
+    page.click("#chat-send")
+    expect(page.locator(".msg.assistant")).to_have_attribute("data-finish", "length", timeout=MODEL_WAIT_MS)
+    assert [m["content"] for m in bodies[-1]["messages"]] == ["Hi"]
+
 
 def test_chat_shows_the_gateway_error_for_a_bad_file_in_place(ui, tmp_path) -> None:
     page = ui

@@ -5,6 +5,7 @@ import { $, api, el, fillModelSelect, readDataURL, showError } from "./common.js
 const history = []; // OpenAI messages sent so far (with their data URIs)
 let attachments = []; // [{file, url, kind}]
 let controller = null;
+let epoch = 0; // bumped by Clear: a request still finishing must not write into the new conversation
 const sentFiles = []; // {name, type} of the files in `history`, in order (for the snippets)
 
 export async function init() {
@@ -102,7 +103,8 @@ function note(item, text, kind = "") {
 function setStreaming(on) {
   $("chat-send").disabled = on;
   $("chat-stop").disabled = !on;
-  $("chat-state").textContent = on ? "Generating…" : "";
+  if (on) $("chat-state").textContent = "Generating…";
+  else if ($("chat-state").textContent === "Generating…") $("chat-state").textContent = "";
 }
 
 async function send() {
@@ -120,6 +122,8 @@ async function send() {
   const files = attachments.map((a) => ({ name: a.file.name, type: a.file.type }));
   const body = requestBody([...history, message]);
   const userItem = bubble("user", text, media);
+  const mine = epoch;
+  const remember = (...messages) => { if (mine === epoch) history.push(...messages); };
   controller = new AbortController();
   setStreaming(true);
   let answer = null;
@@ -127,6 +131,7 @@ async function send() {
   try {
     const response = await api("/v1/chat/completions", { method: "POST", json: body, signal: controller.signal });
     // Accepted: the turn is part of the conversation from here on.
+    if (mine !== epoch) return;
     history.push(message);
     sentFiles.push(...files);
     attachments = [];
@@ -140,22 +145,22 @@ async function send() {
       textNode.textContent = received;
       answer.scrollIntoView({ block: "end" });
     });
-    history.push({ role: "assistant", content: received });
+    remember({ role: "assistant", content: received });
     note(answer, `finish_reason: ${finish.reason}${finish.usage ? ` · ${finish.usage.completion_tokens} tokens` : ""}`);
     answer.dataset.finish = finish.reason;
   } catch (error) {
     if (error.name === "AbortError") {
       if (answer) {
-        history.push({ role: "assistant", content: received });
+        remember({ role: "assistant", content: received });
         note(answer, "Stopped: the request was cancelled.", "stopped");
         answer.dataset.finish = "stopped";
-      } else {
+      } else if (mine === epoch) {
         userItem.remove();
         $("chat-state").textContent = "Stopped before the answer started.";
       }
     } else {
       if (!answer) userItem.remove(); // refused: the turn is not in the conversation, fix and resend
-      else history.push({ role: "assistant", content: received });
+      else remember({ role: "assistant", content: received });
       if (answer) answer.dataset.finish = "error";
       showError($("chat-error"), error);
     }
@@ -163,7 +168,6 @@ async function send() {
     answer?.removeAttribute("aria-busy");
     controller = null;
     setStreaming(false);
-    if ($("chat-state").textContent === "Generating…") $("chat-state").textContent = "";
   }
 }
 
@@ -201,6 +205,7 @@ async function readStream(response, onText) {
 }
 
 function clear() {
+  epoch += 1;
   controller?.abort();
   history.length = 0;
   attachments = [];

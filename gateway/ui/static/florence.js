@@ -75,12 +75,16 @@ async function run() {
   }
   lastTask = result.task;
   const canvas = $("florence-canvas");
-  drawImage(canvas, image.img);
-  const shapes = drawObjects(canvas, result.objects);
+  let shapes = 0;
+  if (image.img) {
+    drawImage(canvas, image.img);
+    shapes = drawObjects(canvas, result.objects);
+  }
   $("florence-json").textContent = JSON.stringify(result, null, 2);
   const count = (result.objects || []).length;
   $("florence-summary").textContent = `${result.model} · ${result.task} · ${Math.round(result.latency_ms)} ms · `
     + (result.objects ? `${count} object${count === 1 ? "" : "s"}, ${shapes} shape${shapes === 1 ? "" : "s"} drawn`
       : "text result (nothing to draw)");
-  $("florence-download").disabled = false;
+  if (!image.img) $("florence-summary").textContent += " (this browser cannot display the image to draw on)";
+  $("florence-download").disabled = !image.img;
 }
