@@ -1,8 +1,9 @@
 """The web UI in a real headless browser (Debian's chromium through Playwright) against the real stack.
 
-The stack is the integration tests' fixture (tritonserver + gateway on the tiny random models). One browser per
-session; each test gets a fresh context whose every request is checked: anything not addressed to the gateway
-(or a data:/blob: URL the page made itself) is aborted and fails the test.
+The stack is the session's shared fixture from tests/conftest.py (tritonserver + gateway on the tiny random
+models), the same one the integration tests use. One browser per session; each test gets a fresh context whose
+every request is checked: anything not addressed to the gateway (or a data:/blob: URL the page made itself) is
+aborted and fails the test.
 
 Without chromium the tests are skipped on a developer machine (`bash tests/browser/install-chromium.sh` installs
 it); under CI (`CI=true`) a missing browser is an error, because .ci/run installs it.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Stack, image_dir, stack  # noqa: F401 - the real stack, reused
+from tests.conftest import Stack
 
 
 def chromium_path() -> str | None:
@@ -78,7 +79,7 @@ def open_ui(browser, base: str, traffic: Traffic, *, width: int = 1280, height: 
 
 
 @pytest.fixture()
-def ui(browser, stack: Stack) -> Iterator:  # noqa: F811 - the imported stack fixture
+def ui(browser, stack: Stack) -> Iterator:
     traffic = Traffic()
     context, page, errors = open_ui(browser, stack.gateway, traffic)
     page.traffic = traffic
