@@ -21,6 +21,7 @@ from gateway.routes import florence as florence_routes
 from gateway.settings import GatewaySettings
 from gateway.storage import build_store
 from gateway.triton import InferenceBackend, TritonBackend
+from gateway.ui import router as ui_router
 
 log = logging.getLogger("vlmserve.gateway")
 
@@ -62,6 +63,7 @@ def create_app(settings: GatewaySettings, backend: InferenceBackend | None = Non
     app.include_router(florence_routes.router)
     app.include_router(florence_routes.files_router)
     app.include_router(chat_routes.router)
+    app.include_router(ui_router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

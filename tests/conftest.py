@@ -1,17 +1,24 @@
-"""Shared fixtures: the tiny model repository, built once per test session into a temporary state dir."""
+"""Shared fixtures: the tiny model repository, built once per test session into a temporary state dir, and the
+real stack on it (tritonserver + gateway, process runtime) that the integration and browser tests share: one per
+session, because a second one on the same state dir would refuse to start ("already running")."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
 import subprocess
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from orchestrator.ports import free_port
+from orchestrator.process import ProcessRuntime
+from orchestrator.settings import OrchestratorSettings
 
-__all__ = ["compose_commands", "free_port"]
+__all__ = ["Stack", "compose_commands", "free_port"]
 
 
 def compose_commands() -> list[list[str]]:
@@ -41,3 +48,65 @@ def tiny_repo(state_dir: Path) -> Path:
     repo = state_dir / "repository" / "tiny"
     export_model_set("tiny", repo=repo, progress=Progress(quiet=True))
     return repo
+
+
+@dataclass
+class Stack:
+    gateway: str
+    triton_http: str
+    triton_grpc: str
+    settings: OrchestratorSettings
+    image_dir: Path
+    runtime: ProcessRuntime
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory) -> Path:
+    """Images the gateway may read by path, and that the local HTTP server below serves."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("images")
+    Image.new("RGB", (64, 48), (220, 30, 30)).save(d / "red.png")
+    Image.new("RGB", (40, 40), (30, 30, 220)).save(d / "blue.jpg")
+    return d
+
+
+@pytest.fixture(scope="session")
+def image_server(image_dir: Path):
+    """An HTTP server on 127.0.0.1 serving image_dir (URL inputs; loopback is allow-listed for the gateway)."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(image_dir), **kw)
+
+        def log_message(self, *args):  # keep test output clean
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def stack(tiny_repo: Path, state_dir: Path, image_dir: Path) -> Stack:
+    settings = OrchestratorSettings(
+        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), gateway_port=free_port(),
+        repository=tiny_repo, state_dir=state_dir, ready_timeout_s=240,
+    )
+    runtime = ProcessRuntime(settings, log=lambda m: None)
+    # Gateway settings for the test stack, set only while the processes are spawned (they inherit them),
+    # so they do not leak into other tests' settings objects.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLMSERVE_GATEWAY_URL_ALLOWLIST", '["127.0.0.1"]')
+        mp.setenv("VLMSERVE_GATEWAY_LOCAL_IMAGE_DIR", str(image_dir))
+        mp.setenv("VLMSERVE_GATEWAY_MAX_BODY_BYTES", str(4 * 1024 * 1024))
+        runtime.start()
+    services = dict(runtime.services)
+    yield Stack(settings.gateway_url, settings.triton_http_url, f"{settings.host}:{settings.grpc_port}",
+                settings, image_dir, runtime)
+    runtime.stop()
+    leftovers = [s.name for s in services.values() if s.alive()]
+    assert not leftovers, f"processes left running after stop: {leftovers}"
+
