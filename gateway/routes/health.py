@@ -22,8 +22,8 @@ async def health(request: Request) -> JSONResponse:
     backend = request.app.state.backend
     registry = await backend.registry(refresh=True)
     models = {name: m.ready for name, m in sorted(registry.models.items())}
-    embedders = registry.by_task(IMAGE_TASK) + registry.by_task(TEXT_TASK)
-    primary = embedders[0] if embedders else None
+    # Seed 004's "model": the embedding model a request naming none gets (the surface's default family).
+    primary = registry.default(IMAGE_TASK) or registry.default(TEXT_TASK)
     devices = {m.device for m in registry.models.values()}
     weights = sorted({m.params["weights"] for m in registry.models.values() if m.params.get("weights")})
     ok = registry.reachable and bool(models) and all(models.values())
