@@ -14,6 +14,8 @@ import binascii
 import io
 import json
 import os
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,10 +44,26 @@ def _b64(data: Any, what: str) -> bytes:
         raise runtime.InputError(f"{what}: 'data' is not valid base64") from None
 
 
-def decode_video(data: bytes, fps: float, max_frames: int) -> list[tuple[float, Any]]:
-    """Sample ``(timestamp_s, RGB PIL image)`` frames at ``fps``, at most ``max_frames`` spread over the clip."""
+@dataclass(frozen=True)
+class VideoLimits:
+    """Bounds on one video's decode, checked inside ``execute`` (config parameters of the same names)."""
+
+    max_seconds: float = 600.0  # max_video_seconds: the clip's duration (container header, then frame times)
+    max_decoded_frames: int = 3000  # max_video_decoded_frames: frames decoded, sampled or not
+    max_pixels: int = runtime.DEFAULT_MAX_PIXELS  # max_pixels: width*height of one frame, the image rule
+    max_decode_s: float = 30.0  # max_video_decode_s: wall time of the whole decode
+
+
+def decode_video(data: bytes, fps: float, max_frames: int,
+                 limits: VideoLimits = VideoLimits()) -> list[tuple[float, Any]]:
+    """Sample ``(timestamp_s, RGB PIL image)`` frames at ``fps``, at most ``max_frames`` spread over the clip.
+
+    Bounded work and memory: the limits in ``limits`` raise InputError naming the limit, and at most
+    ``2 * max_frames`` sampled frames are held at any time (the sampling interval doubles when that fills up).
+    """
     import av
 
+    started = time.monotonic()
     try:
         container = av.open(io.BytesIO(data), mode="r")
     except Exception as exc:  # noqa: BLE001 - PyAV raises many types for broken input
@@ -54,14 +72,21 @@ def decode_video(data: bytes, fps: float, max_frames: int) -> list[tuple[float, 
     try:
         with container:
             stream = container.streams.video[0]
+            _check_video_header(container, stream, limits)
+            step = 1.0 / fps
             next_t = 0.0
-            for frame in container.decode(stream):
+            for decoded, frame in enumerate(container.decode(stream), start=1):
+                _check_video_progress(decoded, frame, started, limits)
                 t = float(frame.time or 0.0)
                 if t + 1e-6 >= next_t:
                     frames.append((t, frame.to_image().convert("RGB")))
-                    next_t = t + 1.0 / fps
+                    next_t = t + step
+                    if len(frames) >= 2 * max_frames:
+                        frames, step = frames[::2], step * 2
     except IndexError:
         raise runtime.InputError("the video has no video stream") from None
+    except runtime.InputError:
+        raise
     except Exception as exc:  # noqa: BLE001
         if not frames:
             raise runtime.InputError(f"not a decodable video ({type(exc).__name__})") from None
@@ -73,8 +98,40 @@ def decode_video(data: bytes, fps: float, max_frames: int) -> list[tuple[float, 
     return frames
 
 
+def _check_video_header(container: Any, stream: Any, limits: VideoLimits) -> None:
+    width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+    if width * height > limits.max_pixels:
+        raise runtime.InputError(f"video frames are {width}x{height} = {width * height:,} pixels; the limit is "
+                                 f"{limits.max_pixels:,} pixels per frame (max_pixels)")
+    seconds = None
+    if stream.duration is not None and stream.time_base is not None:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        seconds = container.duration / 1_000_000  # av.time_base
+    if seconds is not None and seconds > limits.max_seconds:
+        raise runtime.InputError(f"video is {seconds:.1f}s long; the limit is {limits.max_seconds:g}s "
+                                 "(max_video_seconds); send a shorter clip")
+
+
+def _check_video_progress(decoded: int, frame: Any, started: float, limits: VideoLimits) -> None:
+    # The header can lie or be missing: the same limits hold for what is actually decoded.
+    if frame.width * frame.height > limits.max_pixels:
+        raise runtime.InputError(f"video frames are {frame.width}x{frame.height} pixels; the limit is "
+                                 f"{limits.max_pixels:,} pixels per frame (max_pixels)")
+    if frame.time is not None and frame.time > limits.max_seconds:
+        raise runtime.InputError(f"video is longer than {limits.max_seconds:g}s (max_video_seconds); "
+                                 "send a shorter clip")
+    if decoded > limits.max_decoded_frames:
+        raise runtime.InputError(f"video has more than {limits.max_decoded_frames} frames "
+                                 "(max_video_decoded_frames); send a shorter clip or a lower frame rate")
+    if time.monotonic() - started > limits.max_decode_s:
+        raise runtime.InputError(f"decoding the video took longer than {limits.max_decode_s:g}s "
+                                 "(max_video_decode_s); send a shorter or smaller clip")
+
+
 def parse_messages(raw: bytes, video_fps: float, max_frames: int, max_images: int,
-                   max_pixels: int = runtime.DEFAULT_MAX_PIXELS) -> list[dict[str, Any]]:
+                   max_pixels: int = runtime.DEFAULT_MAX_PIXELS,
+                   video_limits: VideoLimits = VideoLimits()) -> list[dict[str, Any]]:
     """Validated messages with images decoded; a video becomes timestamped frames (images + text)."""
     try:
         messages = json.loads(raw)
@@ -107,7 +164,7 @@ def parse_messages(raw: bytes, video_fps: float, max_frames: int, max_images: in
                     raise runtime.InputError(f"{where}: {exc}") from None
                 images += 1
             elif kind == "video":
-                frames = decode_video(_b64(part.get("data"), where), video_fps, max_frames)
+                frames = decode_video(_b64(part.get("data"), where), video_fps, max_frames, video_limits)
                 parts.append({"type": "text", "text": f"A video of {len(frames)} sampled frames:"})
                 for t, frame in frames:
                     parts.append({"type": "text", "text": f" frame at {t:.1f}s"})
@@ -284,6 +341,13 @@ class ChatModel:
         self.max_frames = int(runtime.param(config, "max_video_frames", "8"))
         self.max_images = int(runtime.param(config, "max_images", "16"))
         self.default_fps = float(runtime.param(config, "video_fps", "1.0"))
+        default = VideoLimits()
+        self.video_limits = VideoLimits(
+            float(runtime.param(config, "max_video_seconds", str(default.max_seconds))),
+            int(runtime.param(config, "max_video_decoded_frames", str(default.max_decoded_frames))),
+            int(runtime.param(config, "max_pixels", str(default.max_pixels))),
+            float(runtime.param(config, "max_video_decode_s", str(default.max_decode_s))),
+        )
         self.engine = ChatEngine(
             self.pipeline, int(runtime.param(config, "max_batch", "8")),
             float(runtime.param(config, "batch_window_ms", "20")) / 1000,
@@ -306,7 +370,8 @@ class ChatModel:
                 if not 0 < fps <= 30:
                     raise runtime.InputError(f"video_fps must be in (0, 30], got {fps}")
                 raw = runtime.as_bytes_list(pb.get_input_tensor_by_name(request, "MESSAGES").as_numpy())[0]
-                messages = parse_messages(raw, fps, max(1, frames), self.max_images)
+                messages = parse_messages(raw, fps, max(1, frames), self.max_images,
+                                          self.video_limits.max_pixels, self.video_limits)
                 inputs, prompt_tokens = self.pipeline.prepare(messages)
             except runtime.InputError as exc:
                 sender.send(runtime.error_response(str(exc), invalid_arg=True), flags=final)
