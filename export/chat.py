@@ -47,6 +47,7 @@ def chat_config(name: str, options: ExportOptions, meta: dict[str, Any], extra: 
         "max_batch": 8,
         "max_batch_tokens": DEFAULT_MAX_BATCH_TOKENS,
         "batch_window_ms": 20,
+        "max_queue_size": options.max_queue_size,  # jobs waiting beyond the max_batch running rows
         "device": options.device,
         **(extra or {}),
     }

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from gateway import errors
 from gateway.chat import ChatService
 from gateway.embedding import EmbeddingService
-from gateway.limits import BodySizeLimit
+from gateway.limits import BodySizeLimit, InFlightLimit
 from gateway.metrics import Metrics, MetricsMiddleware
 from gateway.routes import chat as chat_routes
 from gateway.routes import embeddings, health, openai
@@ -63,5 +63,6 @@ def create_app(settings: GatewaySettings, backend: TritonBackend | None = None) 
     app.include_router(florence_routes.files_router)
     app.include_router(chat_routes.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(InFlightLimit, caps=settings.inflight_caps(), retry_after_s=settings.retry_after_s)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

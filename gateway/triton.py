@@ -244,7 +244,8 @@ class TritonBackend:
         message = exc.message() or str(exc)
         lowered = message.lower()
         if exc.status() is not None or "unknown model" in lowered or "not ready" in lowered \
-                or "unavailable" in lowered or ("queue" in lowered and ("full" in lowered or "maximum" in lowered)):
+                or "unavailable" in lowered or "timeout expired" in lowered \
+                or ("queue" in lowered and ("full" in lowered or "maximum" in lowered)):
             return self._map_error(model, exc)
         if lowered.startswith(_INTERNAL_PREFIXES) or "out of memory" in lowered or "stub process" in lowered:
             return APIError(502, f"{model} failed: {message}", code="inference_failed")
@@ -257,6 +258,9 @@ class TritonBackend:
         if "queue" in lowered and ("full" in lowered or "maximum" in lowered):
             return APIError(429, f"{model}: server busy ({message}); retry later", code="queue_full",
                             headers={"Retry-After": str(self.retry_after_s)})
+        if "timeout expired" in lowered:  # waited longer than the model's queue timeout (queue_timeout_s)
+            return APIError(429, f"{model}: server busy, the request waited too long in the queue ({message}); "
+                                 "retry later", code="queue_timeout", headers={"Retry-After": str(self.retry_after_s)})
         if status == "400":
             return APIError(400, message, code="invalid_input")
         if status in ("404", "503") or "unavailable" in lowered or "not ready" in lowered or "unknown model" in lowered:

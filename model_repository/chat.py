@@ -14,7 +14,9 @@ import binascii
 import io
 import json
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -315,6 +317,31 @@ def _response(text: str, finish: str, usage: dict | None):
     return pb.InferenceResponse(output_tensors=tensors)
 
 
+class Admission:
+    """Chat requests admitted and not yet finished, at most ``limit`` (running rows + waiting jobs)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.lock = threading.Lock()  # execute runs on Triton's thread, finishes on the engine's
+
+    def enter(self) -> Callable[[], None] | None:
+        """A release function (idempotent) when admitted, None when full."""
+        with self.lock:
+            if self.count >= self.limit:
+                return None
+            self.count += 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self.lock:
+                if not released.is_set():
+                    released.set()
+                    self.count -= 1
+
+        return release
+
+
 class ChatModel:
     """Triton model for one chat family (decoupled; see the module docstring)."""
 
@@ -348,6 +375,8 @@ class ChatModel:
             int(runtime.param(config, "max_pixels", str(default.max_pixels))),
             float(runtime.param(config, "max_video_decode_s", str(default.max_decode_s))),
         )
+        self.admission = Admission(int(runtime.param(config, "max_batch", "8"))
+                                   + int(runtime.param(config, "max_queue_size", "64")))
         self.engine = ChatEngine(
             self.pipeline, int(runtime.param(config, "max_batch", "8")),
             float(runtime.param(config, "batch_window_ms", "20")) / 1000,
@@ -359,6 +388,14 @@ class ChatModel:
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for request in requests:
             sender = request.get_response_sender()
+            release = self.admission.enter()
+            if release is None:
+                # Before decoding anything: a refused request must not hold images. The gateway maps this
+                # wording ("queue ... full") to 429 + Retry-After.
+                sender.send(runtime.error_response(
+                    f"chat queue is full ({self.admission.limit} requests running or waiting: max_batch + "
+                    "max_queue_size); retry later"), flags=final)
+                continue
             try:
                 raw_params = pb.get_input_tensor_by_name(request, "PARAMETERS")
                 params, extra = parse_params(
@@ -374,14 +411,18 @@ class ChatModel:
                                           self.video_limits.max_pixels, self.video_limits)
                 inputs, prompt_tokens = self.pipeline.prepare(messages)
             except runtime.InputError as exc:
+                release()
                 sender.send(runtime.error_response(str(exc), invalid_arg=True), flags=final)
                 continue
             except Exception as exc:  # noqa: BLE001
+                release()
                 sender.send(runtime.error_response(f"preprocessing failed: {type(exc).__name__}: {exc}"),
                             flags=final)
                 continue
 
-            def emit(text: str, finish: str, usage: dict | None, sender=sender) -> None:
+            def emit(text: str, finish: str, usage: dict | None, sender=sender, release=release) -> None:
+                if finish:
+                    release()
                 if finish == "error":
                     sender.send(runtime.error_response(text), flags=final)
                 elif finish:
