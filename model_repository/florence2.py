@@ -215,14 +215,14 @@ class Florence2Model:
                 responses[i] = runtime.error_response(str(exc), invalid_arg=True)
             except Exception as exc:  # noqa: BLE001 - one bad request must not take the batch down
                 responses[i] = runtime.error_response(f"preprocessing failed: {type(exc).__name__}: {exc}")
-        if jobs:
-            try:
-                results = self.pipeline.run(jobs)
-            except Exception as exc:  # noqa: BLE001
-                for job in jobs:
-                    responses[job.index] = runtime.error_response(f"generation failed: {type(exc).__name__}: {exc}")
-            else:
-                for index, result in results.items():
-                    payload = np.array([[json.dumps(result).encode("utf-8")]], dtype=np.object_)
-                    responses[index] = pb.InferenceResponse(output_tensors=[pb.Tensor("RESULT", payload)])
+        # A failure of the batched generate is retried request by request: only the request that causes it fails.
+        for group, results in runtime.retry_singly(jobs, self.pipeline.run) if jobs else []:
+            if isinstance(results, Exception):
+                for job in group:
+                    responses[job.index] = runtime.error_response(
+                        f"generation failed: {type(results).__name__}: {results}")
+                continue
+            for index, result in results.items():
+                payload = np.array([[json.dumps(result).encode("utf-8")]], dtype=np.object_)
+                responses[index] = pb.InferenceResponse(output_tensors=[pb.Tensor("RESULT", payload)])
         return responses
