@@ -43,6 +43,8 @@ def create_app(settings: GatewaySettings, backend: TritonBackend | None = None) 
                     log.warning("serving RANDOM weights (tiny test models): outputs are meaningless")
             else:
                 log.warning("triton at %s not reachable yet; requests get 503 until it is", backend.url)
+            if isinstance(backend, TritonBackend):  # (unit tests pass stand-ins without a timer)
+                backend.start_refresh()
             try:
                 yield
             finally:
