@@ -245,3 +245,84 @@ def test_kill_triton_under_load_only_200_or_503_then_recovers(rstack) -> None:
     FIGURES["kill -9 Triton under load"] = {
         "outage s": round(recovered - killed, 1), "answers during outage": dict(Counter(s for _, s, _ in during)),
         "answers after recovery": dict(Counter(s for _, s, _ in after))}
+
+
+def test_schemathesis_over_the_whole_schema_finds_no_5xx(rstack, tmp_path) -> None:
+    """Every operation of /openapi.json, all phases, a fixed seed and a cap on examples: never a 5xx."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    examples = 25 if CHAOS else 2
+    report = tmp_path / "schemathesis.json"
+    cli = Path(sys.executable).with_name("schemathesis")
+    run = subprocess.run(
+        [str(cli), "run", f"{rstack.settings.gateway_url}/openapi.json", "--checks", "not_a_server_error",
+         "--seed", "20261201", "--generation-deterministic", "--max-examples", str(examples), "--workers", "1",
+         "--request-timeout", "120", "--no-color", "--report", "ndjson", "--report-ndjson-path", str(report)],
+        capture_output=True, text=True, timeout=1500, env={**os.environ, "NO_COLOR": "1"},
+    )
+    tail = run.stdout[-3000:]
+    summary = [line for line in run.stdout.splitlines() if "passed" in line or "failed" in line][-3:]
+    FIGURES["schemathesis"] = {"seed": 20261201, "max examples per operation": examples,
+                               "exit code": run.returncode, "summary": " / ".join(s.strip() for s in summary)}
+    assert run.returncode == 0, tail + run.stderr[-2000:]
+
+
+def _rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and its children (Triton's Python stubs)."""
+    proc = psutil.Process(pid)
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def test_soak_at_saturation_loses_nothing_and_memory_stays_flat(rstack) -> None:
+    """10 min in make chaos, 20 s in make test: every request answered (200, or 429 + Retry-After at the caps),
+    no 5xx, no transport error; the gateway's RSS grows < 10% after a warm-up."""
+    gateway, seconds = rstack.settings.gateway_url, (600 if CHAOS else 20)
+    gw_pid, triton_pid = rstack.services["gateway"].pid, rstack.services["triton"].pid
+    image = encoded("RGB", "PNG", (32, 32))
+    calls = [("/embed_text", {"text": "soak"}), ("/embed", {"images": [image]}),
+             ("/infer", {"image_base64": image, "task": "caption", "max_new_tokens": 2}),
+             ("/v1/chat/completions", {"model": "smolvlm2", "max_tokens": 2,
+                                       "messages": [{"role": "user", "content": "hi"}]})]
+    answers: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def worker(i: int) -> None:
+        with httpx.Client(base_url=gateway, timeout=120) as client:
+            n = i
+            while not stop.is_set():
+                path, body = calls[n % len(calls)]
+                n += 1
+                try:
+                    r = client.post(path, json=body)
+                    ok = r.status_code == 200 or (r.status_code == 429 and "retry-after" in r.headers)
+                    answers["200" if r.status_code == 200 else ("429" if ok else f"bad {r.status_code}")] += 1
+                except httpx.TransportError as exc:
+                    answers[f"lost {type(exc).__name__}"] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(min(10, seconds / 4))  # warm-up: caches, arenas and batch shapes settle before the baseline
+    base_gw, base_triton = psutil.Process(gw_pid).memory_info().rss, _rss(triton_pid)
+    before = sum(answers.values())
+    time.sleep(seconds)
+    end_gw, end_triton = psutil.Process(gw_pid).memory_info().rss, _rss(triton_pid)
+    stop.set()
+    for t in threads:
+        t.join(180)
+    measured = sum(answers.values()) - before
+    FIGURES[f"soak ({seconds} s, 6 clients)"] = {
+        "answers": dict(answers), "requests/s in the measured window": round(measured / seconds, 1),
+        "gateway RSS growth %": round(100 * (end_gw - base_gw) / base_gw, 1),
+        "triton+stubs RSS growth %": round(100 * (end_triton - base_triton) / base_triton, 1)}
+    assert not [k for k in answers if not k.startswith(("200", "429"))], dict(answers)
+    assert answers["200"] > 0
+    assert end_gw < 1.10 * base_gw, FIGURES
