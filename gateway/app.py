@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from gateway.routes import chat as chat_routes
 from gateway.routes import embeddings, health, openai
 from gateway.routes import florence as florence_routes
 from gateway.settings import GatewaySettings
-from gateway.storage import build_store
+from gateway.storage import LocalStore, build_store, sweep_forever
 from gateway.triton import TritonBackend
 
 log = logging.getLogger("vlmserve.gateway")
@@ -45,9 +46,13 @@ def create_app(settings: GatewaySettings, backend: TritonBackend | None = None) 
                 log.warning("triton at %s not reachable yet; requests get 503 until it is", backend.url)
             if isinstance(backend, TritonBackend):  # (unit tests pass stand-ins without a timer)
                 backend.start_refresh()
+            sweeper = (asyncio.create_task(sweep_forever(app.state.storage, settings.storage_sweep_s))
+                       if isinstance(app.state.storage, LocalStore) else None)
             try:
                 yield
             finally:
+                if sweeper is not None:
+                    sweeper.cancel()
                 await backend.close()
 
     app = FastAPI(title="vlmserve", version="0.1.0", lifespan=lifespan,

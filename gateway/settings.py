@@ -43,6 +43,10 @@ class GatewaySettings(BaseSettings):
     storage_s3_access_key_id: str | None = Field(None, description="None = boto3's default chain (AWS_* env)")
     storage_s3_secret_access_key: SecretStr | None = None
     storage_s3_prefix: str = Field("", description="key prefix inside the bucket, e.g. 'florence/'")
+    # Retention of the local store (S3: the bucket's lifecycle rules); swept in the background.
+    storage_max_age_s: float | None = Field(7 * 24 * 3600, description="stored images older than this are deleted")
+    storage_max_bytes: int | None = Field(1024**3, description="oldest stored images deleted beyond this total")
+    storage_sweep_s: float = Field(300, gt=0, description="retention sweep interval")
     storage_url_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600, description="presigned URL lifetime")
 
     def inflight_caps(self) -> dict[str, int]:
