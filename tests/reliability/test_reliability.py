@@ -326,3 +326,39 @@ def test_soak_at_saturation_loses_nothing_and_memory_stays_flat(rstack) -> None:
     assert not [k for k in answers if not k.startswith(("200", "429"))], dict(answers)
     assert answers["200"] > 0
     assert end_gw < 1.10 * base_gw, FIGURES
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(rstack) -> None:
+    """Last in this module: stops the stack through the orchestrator's own stop path (SIGTERM to the gateway,
+    then Triton). A request in flight when SIGTERM arrives completes with 200; new connections are refused; the
+    gateway exits within the grace period."""
+    held = HeldImageServer()
+    gateway = rstack.settings.gateway_url
+    body = {"model": "qwen2vl", "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": held.url}}]}]}
+    gateway_service = rstack.services["gateway"]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            in_flight = pool.submit(httpx.post, f"{gateway}/v1/chat/completions", json=body, timeout=120)
+            assert held.arrived.acquire(timeout=60)  # the request is inside the gateway
+            started = time.monotonic()
+            stopping = pool.submit(rstack.stop)
+            deadline = started + 30
+            while True:  # polls a condition (the gateway no longer accepts connections), bounded
+                try:
+                    httpx.get(f"{gateway}/livez", timeout=2)
+                except httpx.TransportError:
+                    break
+                assert time.monotonic() < deadline, "the gateway kept accepting connections after SIGTERM"
+                time.sleep(0.1)
+            held.release.set()
+            answer = in_flight.result(timeout=120)
+            stopped = stopping.result(timeout=120)
+            elapsed = time.monotonic() - started
+    finally:
+        held.close()
+    assert answer.status_code == 200, answer.text
+    assert "gateway" in stopped and not gateway_service.alive()
+    assert elapsed < rstack.settings.stop_timeout_s + 15
+    FIGURES["SIGTERM drain (process runtime)"] = {"in-flight request": answer.status_code,
+                                                  "new connections": "refused", "stop took s": round(elapsed, 1)}
