@@ -109,3 +109,37 @@ def test_queue_policy_in_the_rendered_configs(monkeypatch) -> None:
 
     params = {p["key"]: p["value"]["string_value"] for p in chat_config("qwen2vl", ExportOptions(), {})["parameters"]}
     assert json.loads(params["max_queue_size"]) == 5
+
+
+def test_dead_stub_answers_503_and_reloads_the_model_once() -> None:
+    loads: list[str] = []
+    gate = asyncio.Event()
+
+    class Client:
+        async def load_model(self, name: str) -> None:
+            loads.append(name)
+            await gate.wait()
+
+    async def scenario() -> tuple[int, int, bool, bool]:
+        backend = TritonBackend("127.0.0.1:1", retry_after_s=4)
+        backend._client = Client()  # type: ignore[assignment]
+        dead = InferenceServerException("Failed to process the request(s) for model instance 'm_0_0', message: "
+                                        "Stub process 'm_0_0' is not healthy.")
+        first = backend._map_stream_error("m", dead)
+        second = backend._map_error("m", dead)  # while reloading: no second reload
+        await asyncio.sleep(0)
+        during = backend.reloading("m")
+        try:
+            await backend.infer("m", {}, [])
+            refused_during = False
+        except Exception as exc:  # noqa: BLE001
+            refused_during = getattr(exc, "status", None) == 503
+        gate.set()
+        await asyncio.sleep(0.01)
+        assert first.headers["Retry-After"] == "4"
+        return first.status, second.status, during and refused_during, backend.reloading("m")
+
+    first, second, refused_while_reloading, still_reloading = asyncio.run(scenario())
+    assert (first, second) == (503, 503)
+    assert refused_while_reloading and not still_reloading
+    assert loads == ["m"]
