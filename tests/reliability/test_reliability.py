@@ -260,7 +260,7 @@ def test_schemathesis_over_the_whole_schema_finds_no_5xx(rstack, tmp_path) -> No
         [str(cli), "run", f"{rstack.settings.gateway_url}/openapi.json", "--checks", "not_a_server_error",
          "--seed", "20261201", "--generation-deterministic", "--max-examples", str(examples), "--workers", "1",
          "--request-timeout", "120", "--no-color", "--report", "ndjson", "--report-ndjson-path", str(report)],
-        capture_output=True, text=True, timeout=1500, env={**os.environ, "NO_COLOR": "1"},
+        capture_output=True, text=True, timeout=1500, env={**os.environ, "NO_COLOR": "1"}, cwd=tmp_path,
     )
     tail = run.stdout[-3000:]
     summary = [line for line in run.stdout.splitlines() if "passed" in line or "failed" in line][-3:]
