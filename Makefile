@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlmserve-installed
 
-.PHONY: install demo serve export bench loadtest test test-unit test-integration test-e2e image lint clean
+.PHONY: install demo serve export bench loadtest test test-unit test-integration test-e2e chaos image lint clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -43,6 +43,9 @@ test-unit: install
 
 test-integration: install
 	$(PY) -m pytest -q tests/integration
+
+chaos: install ## reliability suite incl. kill -9 Triton under load, 10 min soak; report: loadtests/reports/chaos.{md,json}
+	VLMSERVE_CHAOS=1 VLMSERVE_CHAOS_REPORT=loadtests/reports/chaos $(PY) -m pytest -q tests/reliability
 
 test-e2e: install ## Docker e2e (a Docker Engine: `bash docker/engine.sh` installs/starts one)
 	$(PY) -m pytest -q tests/e2e

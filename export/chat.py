@@ -32,7 +32,8 @@ def chat_config(name: str, options: ExportOptions, meta: dict[str, Any], extra: 
             spec["optional"] = True
         return spec
 
-    params = ChatParams(**meta, device=options.device, **(extra or {}), **({"runner": runner} if runner else {}))
+    params = ChatParams(**meta, device=options.device, max_queue_size=options.max_queue_size, **(extra or {}),
+                        **({"runner": runner} if runner else {}))
     return {
         "name": name,
         "backend": "python",

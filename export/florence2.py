@@ -20,6 +20,7 @@ from export.repository import (
     EMBEDDED_CONFIG,
     ExportOptions,
     copy_checkpoint,
+    dynamic_batching,
     onnx_configs,
     write_config,
     write_python_model,
@@ -163,7 +164,7 @@ def _write_client_model(repo: Path, options: ExportOptions, meta: dict[str, Any]
             "output": [scalar("RESULT", "TYPE_STRING")],
             "instance_group": [{"count": 1, "kind": options.kind()}],
             # A longer window than the encoders: one generate() for many requests is the whole point.
-            "dynamic_batching": {"max_queue_delay_microseconds": 20000},
+            "dynamic_batching": dynamic_batching(options, max_queue_delay_us=20000),
             "parameters": parameters(FlorenceParams(
                 runner=runner,
                 encoder_model="florence2_vision",

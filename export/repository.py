@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,12 @@ class ExportOptions:
     device: str = "cpu"  # "cpu" or "cuda": instance kinds of the rendered configs
     max_batch_size: int = 32
     max_queue_delay_us: int = 2000
+    # Backpressure (see docs/operating-limits.md): requests beyond this many waiting in a model's queue are
+    # refused at once (the gateway answers 429 + Retry-After), and a request waiting longer than the timeout is
+    # refused too. The chat models bound their own queue with max_queue_size (they batch themselves).
+    max_queue_size: int = field(default_factory=lambda: int(os.environ.get("VLMSERVE_MAX_QUEUE_SIZE", "64")))
+    queue_timeout_s: float = field(
+        default_factory=lambda: float(os.environ.get("VLMSERVE_QUEUE_TIMEOUT_S", "30")))
     instance_count: int = 1
     gpu_mem_limit_bytes: int = 2 * 1024**3  # onnxruntime CUDA arena cap (top-level parameter)
     trt_precision: str = "FP32"  # the parity check is fp32; FP16 is faster and not parity-checked here
@@ -64,8 +70,17 @@ def copy_tree(src: Path, dst: Path, names: list[str]) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def dynamic_batching(options: ExportOptions) -> dict[str, Any]:
-    return {"max_queue_delay_microseconds": options.max_queue_delay_us}
+def dynamic_batching(options: ExportOptions, max_queue_delay_us: int | None = None) -> dict[str, Any]:
+    """Triton's dynamic batcher with a bounded queue: full -> rejected at once, waited too long -> rejected."""
+    return {
+        "max_queue_delay_microseconds": options.max_queue_delay_us if max_queue_delay_us is None
+        else max_queue_delay_us,
+        "default_queue_policy": {
+            "timeout_action": pbtxt.Enum("REJECT"),
+            "default_timeout_microseconds": round(options.queue_timeout_s * 1_000_000),
+            "max_queue_size": options.max_queue_size,
+        },
+    }
 
 
 def fingerprint(recipe_version: str, source_dir: Path, options: ExportOptions, extra: dict[str, Any]) -> str:

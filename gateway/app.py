@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -13,13 +14,13 @@ from fastapi import FastAPI
 from gateway import errors
 from gateway.chat import ChatService
 from gateway.embedding import EmbeddingService
-from gateway.limits import BodySizeLimit
+from gateway.limits import BodySizeLimit, InFlightLimit
 from gateway.metrics import Metrics, MetricsMiddleware
 from gateway.routes import chat as chat_routes
 from gateway.routes import embeddings, health, openai
 from gateway.routes import florence as florence_routes
 from gateway.settings import GatewaySettings
-from gateway.storage import build_store
+from gateway.storage import LocalStore, build_store, sweep_forever
 from gateway.triton import InferenceBackend, TritonBackend
 from gateway.ui import router as ui_router
 
@@ -44,9 +45,15 @@ def create_app(settings: GatewaySettings, backend: InferenceBackend | None = Non
                     log.warning("serving RANDOM weights (tiny test models): outputs are meaningless")
             else:
                 log.warning("triton at %s not reachable yet; requests get 503 until it is", backend.url)
+            if isinstance(backend, TritonBackend):  # (unit tests pass stand-ins without a timer)
+                backend.start_refresh()
+            sweeper = (asyncio.create_task(sweep_forever(app.state.storage, settings.storage_sweep_s))
+                       if isinstance(app.state.storage, LocalStore) else None)
             try:
                 yield
             finally:
+                if sweeper is not None:
+                    sweeper.cancel()
                 await backend.close()
 
     app = FastAPI(title="vlmserve", version="0.1.0", lifespan=lifespan,
@@ -65,5 +72,6 @@ def create_app(settings: GatewaySettings, backend: InferenceBackend | None = Non
     app.include_router(chat_routes.router)
     app.include_router(ui_router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(InFlightLimit, caps=settings.inflight_caps(), retry_after_s=settings.retry_after_s)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

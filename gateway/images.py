@@ -30,6 +30,7 @@ __all__ = [
     "ImagePolicy",
     "check_url_allowed",
     "decode_base64_image",
+    "fetch_url",
     "resolve_image",
     "validate_image_bytes",
 ]
@@ -221,7 +222,13 @@ async def check_url_allowed(url: str, policy: ImagePolicy) -> None:
 # --- URL fetching -------------------------------------------------------------------
 
 
-async def _check_parsed_url(url: httpx.URL, policy: ImagePolicy) -> None:
+async def _check_parsed_url(url: httpx.URL, policy: ImagePolicy) -> _IPAddress:
+    """Check ``url`` and return the one address to connect to (every resolved address was judged).
+
+    The fetch connects to exactly this address (see :func:`_pinned`): resolving again at connect time would let
+    a DNS answer with TTL 0 pass the check with a public address and then connect to 127.0.0.1 or
+    169.254.169.254 (DNS rebinding).
+    """
     # Works on httpx's own parse of the URL so the host checked here is exactly the
     # host httpx will connect to (no parser differential between check and fetch).
     if url.scheme not in ("http", "https"):
@@ -233,10 +240,11 @@ async def _check_parsed_url(url: httpx.URL, policy: ImagePolicy) -> None:
     if not host:
         raise ImageInputError("invalid image URL (no host)")
     allowed_hosts, allowed_nets = _parse_allowlist(policy.url_allowlist)
-    if host in allowed_hosts:
-        return
     port = url.port or (443 if url.scheme == "https" else 80)
-    for address in await _resolve_host(host, port):
+    addresses = await _resolve_host(host, port)
+    if host in allowed_hosts:
+        return addresses[0]
+    for address in addresses:
         effective = _unwrap_ipv6(address)
         kind = _non_global_kind(effective)
         if kind is None:
@@ -248,6 +256,19 @@ async def _check_parsed_url(url: httpx.URL, policy: ImagePolicy) -> None:
             "is not allowed; if this host is trusted, add the host name, address or a "
             "CIDR containing it to the url_allowlist setting"
         )
+    return addresses[0]
+
+
+def _pinned(url: httpx.URL, address: _IPAddress) -> tuple[httpx.URL, dict[str, str], dict[str, str]]:
+    """``url`` rewritten to connect to ``address``, with the Host header and TLS SNI of the original host.
+
+    TLS certificates are still verified against the original host name (httpcore uses ``sni_hostname`` as
+    the server name it checks).
+    """
+    host = url.host
+    headers = {"Host": url.netloc.decode("ascii")}
+    extensions = {"sni_hostname": host} if url.scheme == "https" else {}
+    return url.copy_with(host=str(address)), headers, extensions
 
 
 async def _resolve_host(host: str, port: int) -> list[_IPAddress]:
@@ -320,6 +341,14 @@ def _parse_allowlist(entries: tuple[str, ...]) -> tuple[set[str], list[_IPNetwor
 
 
 async def _fetch_url(url: str, policy: ImagePolicy, client: httpx.AsyncClient | None) -> bytes:
+    return await fetch_url(url, policy, client, accept="image/*")
+
+
+async def fetch_url(url: str, policy: ImagePolicy, client: httpx.AsyncClient | None, *, accept: str) -> bytes:
+    """GET ``url`` within ``policy`` (SSRF rules and pinned address on every redirect hop, size cap, timeout).
+
+    Shared by images and videos (:mod:`gateway.media`). Raises :class:`ImageInputError`.
+    """
     if not policy.allow_urls:
         raise ImageInputError(
             "image URLs are disabled on this server (allow_urls is off); "
@@ -329,10 +358,10 @@ async def _fetch_url(url: str, policy: ImagePolicy, client: httpx.AsyncClient | 
     try:
         if client is None:
             async with httpx.AsyncClient(follow_redirects=False, timeout=timeout) as own:
-                return await asyncio.wait_for(_fetch_with_redirects(url, policy, own), timeout)
+                return await asyncio.wait_for(_fetch_with_redirects(url, policy, own, accept), timeout)
         # wait_for bounds the whole fetch: httpx timeouts are per read, so a server
         # trickling bytes could otherwise hold the request open indefinitely.
-        return await asyncio.wait_for(_fetch_with_redirects(url, policy, client), timeout)
+        return await asyncio.wait_for(_fetch_with_redirects(url, policy, client, accept), timeout)
     except (TimeoutError, httpx.TimeoutException):
         raise ImageInputError(
             f"fetching image URL timed out after {timeout:g}s; check the URL or send the image as base64"
@@ -341,25 +370,27 @@ async def _fetch_url(url: str, policy: ImagePolicy, client: httpx.AsyncClient | 
         raise ImageInputError(f"fetching image URL failed ({_describe(exc)})") from None
 
 
-async def _fetch_with_redirects(url: str, policy: ImagePolicy, client: httpx.AsyncClient) -> bytes:
+async def _fetch_with_redirects(url: str, policy: ImagePolicy, client: httpx.AsyncClient, accept: str) -> bytes:
     try:
         current = httpx.URL(url)
     except (httpx.InvalidURL, ValueError, TypeError) as exc:
         raise ImageInputError(f"invalid image URL ({_describe(exc)})") from None
-    headers = {"Accept": "image/*", "Accept-Encoding": "identity"}
     for _hop in range(policy.max_redirects + 1):
-        await _check_parsed_url(current, policy)
+        address = await _check_parsed_url(current, policy)
+        target, host_header, extensions = _pinned(current, address)
         async with client.stream(
             "GET",
-            current,
-            headers=headers,
+            target,
+            headers={"Accept": accept, "Accept-Encoding": "identity", **host_header},
+            extensions=extensions,
             follow_redirects=False,
             timeout=policy.fetch_timeout_s,
         ) as response:
             location = response.headers.get("location")
             if response.status_code in _REDIRECT_STATUSES and location:
                 try:
-                    current = response.url.join(location)
+                    # Relative to the URL the client asked for, not to the pinned address.
+                    current = current.join(location)
                 except (httpx.InvalidURL, ValueError) as exc:
                     raise ImageInputError(
                         f"fetching image URL failed (invalid redirect: {_describe(exc)})"

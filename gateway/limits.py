@@ -1,6 +1,9 @@
-"""Request body size cap (413), enforced on Content-Length and on the bytes actually received."""
+"""Request body size cap (413), enforced on Content-Length and on the bytes actually received; in-flight caps per
+route group (429 + Retry-After)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -61,3 +64,42 @@ class BodySizeLimit:
             await send(message)
 
         await self.app(scope, limited_receive, guarded_send)
+
+
+# Inference routes by group; each group has its own in-flight cap (settings max_inflight_<group>).
+ROUTE_GROUPS: dict[str, str] = {
+    "/embed": "embeddings", "/embed_text": "embeddings", "/v1/embeddings": "embeddings",
+    "/infer": "florence", "/infer/upload": "florence", "/v1/predict": "florence",
+    "/v1/chat/completions": "chat", "/ocr": "chat", "/v1/ocr": "chat", "/v1/describe_region": "chat",
+}
+
+
+class InFlightLimit:
+    """At most ``caps[group]`` requests of a route group in progress (a streamed answer counts until its end);
+    the next one gets 429 + Retry-After at once instead of queueing in the gateway (fetching URLs, decoding)."""
+
+    def __init__(self, app: ASGIApp, caps: dict[str, int], retry_after_s: int) -> None:
+        self.app = app
+        self.caps = caps
+        self.retry_after_s = retry_after_s
+        self.active = dict.fromkeys(caps, 0)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        group = ROUTE_GROUPS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if group is None or group not in self.caps or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        cap = self.caps[group]
+        if self.active[group] >= cap:
+            # Metrics label by route template; these paths are templates already (no path parameters).
+            scope["route"] = SimpleNamespace(path=scope["path"])
+            body = error_body(429, f"too many {group} requests in progress (max_inflight_{group}={cap}); "
+                                   "retry later", "too_many_requests")
+            await JSONResponse(body, 429, {"Retry-After": str(self.retry_after_s)})(scope, receive, send)
+            return
+        # Single-threaded event loop: the check above and this increment cannot interleave.
+        self.active[group] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active[group] -= 1

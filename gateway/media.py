@@ -1,24 +1,22 @@
 """Video intake for chat: ``data:video/...;base64,`` URIs and http(s) URLs, checked before any model work.
 
-URLs follow the image SSRF rules (:func:`gateway.images.check_url_allowed` on every redirect hop) with their
-own size cap. The gateway cannot decode video without heavy native libraries, so it checks the container
+URLs follow the image SSRF rules (:func:`gateway.images.fetch_url`: checked and pinned address on every redirect
+hop) with their own size cap. The gateway cannot decode video without heavy native libraries, so it checks the container
 signature (MP4/QuickTime, WebM/Matroska) and leaves frame decoding to the model.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import dataclasses
 
 import httpx
 
-from gateway.images import ImageInputError, ImagePolicy, check_url_allowed
+from gateway.images import ImageInputError, ImagePolicy, fetch_url
 
 __all__ = ["resolve_video", "video_container", "video_policy"]
 
-_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _FORMS = "send a data URI (data:video/mp4;base64,...) or an http(s) URL"
 
 
@@ -81,43 +79,13 @@ def _decode_data_uri(uri: str, max_bytes: int) -> bytes:
 
 async def _fetch(url: str, policy: ImagePolicy, client: httpx.AsyncClient | None) -> bytes:
     try:
-        if client is None:
-            async with httpx.AsyncClient(follow_redirects=False, timeout=policy.fetch_timeout_s) as own:
-                return await asyncio.wait_for(_fetch_with_redirects(url, policy, own), policy.fetch_timeout_s)
-        # wait_for bounds the whole download; httpx timeouts are per read.
-        return await asyncio.wait_for(_fetch_with_redirects(url, policy, client), policy.fetch_timeout_s)
-    except (TimeoutError, httpx.TimeoutException):
-        raise ImageInputError(f"fetching video URL timed out after {policy.fetch_timeout_s:g}s") from None
-    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
-        raise ImageInputError(f"fetching video URL failed ({type(exc).__name__})") from None
-
-
-async def _fetch_with_redirects(url: str, policy: ImagePolicy, client: httpx.AsyncClient) -> bytes:
-    current = url
-    for _hop in range(policy.max_redirects + 1):
-        try:
-            await check_url_allowed(current, policy)
-        except ImageInputError as exc:
-            # Same rules as images; the shared messages say "image URL", which would mislead here.
-            raise ImageInputError(exc.message.replace("image URL", "video URL"), exc.status) from None
-        async with client.stream("GET", current, headers={"Accept": "video/*", "Accept-Encoding": "identity"},
-                                 follow_redirects=False, timeout=policy.fetch_timeout_s) as response:
-            location = response.headers.get("location")
-            if response.status_code in _REDIRECT_STATUSES and location:
-                current = str(response.url.join(location))
-                continue
-            if not 200 <= response.status_code < 300:
-                raise ImageInputError(f"fetching video URL failed: HTTP {response.status_code}")
-            declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > policy.max_bytes:
-                raise ImageInputError(_too_large(policy.max_bytes), status=413)
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > policy.max_bytes:
-                    raise ImageInputError(_too_large(policy.max_bytes), status=413)
-            return bytes(body)
-    raise ImageInputError(f"fetching video URL failed: more than {policy.max_redirects} redirects")
+        return await fetch_url(url, policy, client, accept="video/*")
+    except ImageInputError as exc:
+        if exc.status == 413:
+            raise ImageInputError(_too_large(policy.max_bytes), status=413) from None
+        # Same rules as images; the shared messages say "image", which would mislead here.
+        raise ImageInputError(exc.message.replace("image URL", "video URL").replace("the image", "the video"),
+                              exc.status) from None
 
 
 def _too_large(max_bytes: int) -> str:

@@ -19,6 +19,8 @@ class Metrics:
         )
         self.errors = Counter("vlmserve_errors", "Error responses", ["route", "model", "status"],
                               registry=self.registry)
+        self.rejected = Counter("vlmserve_rejected", "Requests refused for overload (429) or backend down (503)",
+                                ["route", "status"], registry=self.registry)
         self.items = Counter("vlmserve_inference_items", "Items sent to Triton", ["model"], registry=self.registry)
         # What a cluster autoscales the gateway on (docs/scale-out.md): requests being served right now.
         self.in_flight = Gauge("vlmserve_requests_in_flight", "HTTP requests being served", registry=self.registry)
@@ -59,3 +61,5 @@ class MetricsMiddleware:
             if status >= 400:
                 model = scope.get("state", {}).get("model", "-")
                 self.metrics.errors.labels(route, model, str(status)).inc()
+            if status in (429, 503):
+                self.metrics.rejected.labels(route, str(status)).inc()

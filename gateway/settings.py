@@ -20,6 +20,10 @@ class GatewaySettings(BaseSettings):
     retry_after_s: int = 5
     api_keys: list[str] = Field(default_factory=list, description="if set, Bearer keys required (JSON list)")
     max_body_bytes: int = 64 * 1024 * 1024
+    # In-flight caps per route group (gateway/limits.py ROUTE_GROUPS): beyond them, 429 + Retry-After at once.
+    max_inflight_embeddings: int = Field(64, ge=1, description="/embed, /embed_text, /v1/embeddings in progress")
+    max_inflight_florence: int = Field(32, ge=1, description="/infer, /infer/upload, /v1/predict in progress")
+    max_inflight_chat: int = Field(64, ge=1, description="chat completions, /ocr, /v1/ocr, describe_region")
     max_items: int = 32
     max_text_chars: int = 20_000
     max_image_bytes: int = 20 * 1024 * 1024
@@ -39,7 +43,15 @@ class GatewaySettings(BaseSettings):
     storage_s3_access_key_id: str | None = Field(None, description="None = boto3's default chain (AWS_* env)")
     storage_s3_secret_access_key: SecretStr | None = None
     storage_s3_prefix: str = Field("", description="key prefix inside the bucket, e.g. 'florence/'")
+    # Retention of the local store (S3: the bucket's lifecycle rules); swept in the background.
+    storage_max_age_s: float | None = Field(7 * 24 * 3600, description="stored images older than this are deleted")
+    storage_max_bytes: int | None = Field(1024**3, description="oldest stored images deleted beyond this total")
+    storage_sweep_s: float = Field(300, gt=0, description="retention sweep interval")
     storage_url_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600, description="presigned URL lifetime")
+
+    def inflight_caps(self) -> dict[str, int]:
+        return {"embeddings": self.max_inflight_embeddings, "florence": self.max_inflight_florence,
+                "chat": self.max_inflight_chat}
 
     def image_policy(self) -> ImagePolicy:
         return ImagePolicy(

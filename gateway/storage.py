@@ -8,15 +8,19 @@ Keys are always generated here (``<uuid4 hex>.<ext>``), never taken from a clien
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.settings import GatewaySettings
+
+log = logging.getLogger("vlmserve.gateway")
 
 __all__ = [
     "LocalStore",
@@ -83,9 +87,12 @@ class LocalStore:
 
     kind = "local"
 
-    def __init__(self, root: str | Path | None = None, public_base_url: str | None = None) -> None:
+    def __init__(self, root: str | Path | None = None, public_base_url: str | None = None,
+                 max_age_s: float | None = None, max_total_bytes: int | None = None) -> None:
         self._root = Path(root) if root is not None else None
         self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
+        self.max_age_s = max_age_s
+        self.max_total_bytes = max_total_bytes
 
     @property
     def root(self) -> Path:
@@ -117,6 +124,33 @@ class LocalStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Retention: delete stored objects older than ``max_age_s``, then the oldest until the rest fit in
+        ``max_total_bytes``. Returns the deleted keys. Only our own keys are touched."""
+        root = self.root
+        if not root.is_dir():
+            return []
+        now = time.time() if now is None else now
+        objects = []
+        for path in root.iterdir():
+            try:
+                if is_valid_key(path.name) and path.is_file():
+                    info = path.stat()
+                    objects.append((info.st_mtime, info.st_size, path))
+            except OSError:
+                continue  # deleted meanwhile
+        objects.sort()  # oldest first
+        doomed = [o for o in objects if self.max_age_s is not None and now - o[0] > self.max_age_s]
+        kept = [o for o in objects if o not in doomed]
+        total = sum(size for _, size, _ in kept)
+        while self.max_total_bytes is not None and kept and total > self.max_total_bytes:
+            oldest = kept.pop(0)
+            doomed.append(oldest)
+            total -= oldest[1]
+        for _, _, path in doomed:
+            path.unlink(missing_ok=True)
+        return [path.name for _, _, path in doomed]
 
     def path_for(self, key: str) -> Path | None:
         """The file for ``key`` if it is one of ours and exists; None otherwise (the route answers 404)."""
@@ -195,7 +229,20 @@ def build_store(settings: GatewaySettings) -> LocalStore | S3Store:
             prefix=settings.storage_s3_prefix,
             expiry_s=settings.storage_url_expiry_s,
         )
-    return LocalStore(settings.storage_dir, settings.public_base_url)
+    return LocalStore(settings.storage_dir, settings.public_base_url, settings.storage_max_age_s,
+                      settings.storage_max_bytes)
+
+
+async def sweep_forever(store: LocalStore, interval_s: float) -> None:
+    """The background retention sweep of the local store (S3: use the bucket's lifecycle rules)."""
+    while True:
+        try:
+            removed = await asyncio.to_thread(store.sweep)
+            if removed:
+                log.info("storage retention removed %d stored image(s)", len(removed))
+        except OSError as exc:
+            log.warning("storage retention sweep failed (%s)", _describe(exc))
+        await asyncio.sleep(interval_s)
 
 
 def _describe(exc: BaseException) -> str:

@@ -9,6 +9,8 @@ request when the client goes away.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -27,6 +29,8 @@ from vlmserve.families.contract import ModelParams
 P = TypeVar("P", bound=ModelParams)
 # The gateway surface of each client-model task (see vlmserve/families/spec.py).
 TASK_SURFACE = {"embed_image": "embeddings", "embed_text": "embeddings", "florence2": "florence2", "chat": "chat"}
+
+log = logging.getLogger("vlmserve.gateway")
 
 
 class TritonUnavailable(APIError):
@@ -145,6 +149,8 @@ class TritonBackend:
         self._registry: Registry | None = None
         self._registry_at = 0.0
         self._lock = asyncio.Lock()
+        self._reloading: dict[str, asyncio.Task[None]] = {}  # models whose Python stub died, being reloaded
+        self._refresher: asyncio.Task[None] | None = None
 
     @property
     def client(self) -> triton_http.InferenceServerClient:
@@ -159,7 +165,51 @@ class TritonBackend:
             self._grpc_client = triton_grpc.InferenceServerClient(self.grpc_url)
         return self._grpc_client
 
+    def start_refresh(self) -> None:
+        """Refresh the registry every ``registry_ttl_s`` in the background, so ``/health`` never waits on Triton."""
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(self.registry_ttl_s)
+                await self.registry(refresh=True)
+
+        if self._refresher is None:
+            self._refresher = asyncio.create_task(loop(), name="triton-registry-refresh")
+
+    async def cached_registry(self) -> Registry:
+        """The last registry read (refreshed by :meth:`start_refresh`), read once if there is none yet."""
+        return self._registry if self._registry is not None else await self.registry()
+
+    def reloading(self, model: str) -> bool:
+        task = self._reloading.get(model)
+        return task is not None and not task.done()
+
+    def _reload(self, model: str) -> None:
+        """Reload ``model`` through Triton's model control API (its Python stub died); once at a time."""
+        if self.reloading(model):
+            return
+
+        async def reload() -> None:
+            try:
+                log.warning("model %s: its Python stub died; reloading it through Triton's model control API", model)
+                await self.client.load_model(model)
+                log.warning("model %s reloaded", model)
+            except Exception as exc:  # noqa: BLE001 - the next failing request tries again
+                log.error("model %s: reload failed (%s: %s)", model, type(exc).__name__, exc)
+            finally:
+                self._registry = None
+
+        self._reloading[model] = asyncio.get_running_loop().create_task(reload(), name=f"reload-{model}")
+
+    def _check_not_reloading(self, model: str) -> None:
+        if self.reloading(model):
+            raise TritonUnavailable(f"model {model} is being reloaded after a crash", self.retry_after_s)
+
     async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
+        for task in self._reloading.values():
+            task.cancel()
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -190,7 +240,8 @@ class TritonBackend:
                         config = await self.client.get_model_config(name)
                     models[name] = ModelInfo(name, ready, _params(config), int(config.get("max_batch_size", 0)),
                                              _device(config))
-                registry = Registry(models, reachable=True)
+                registry = Registry({name: dataclasses.replace(m, ready=False) if self.reloading(name) else m
+                                 for name, m in models.items()}, reachable=True)
             except Exception:  # noqa: BLE001 - any failure to read the index means "Triton not reachable"
                 registry = Registry({}, reachable=False)
             self._registry, self._registry_at = registry, time.monotonic()
@@ -198,6 +249,7 @@ class TritonBackend:
 
     async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         """One inference request; bad input -> 400, queue full -> 429, Triton down -> 503."""
+        self._check_not_reloading(model)
         infer_inputs = []
         for name, array in inputs.items():
             dtype = "BYTES" if array.dtype == np.object_ else _np_to_triton(array.dtype)
@@ -228,6 +280,7 @@ class TritonBackend:
         :meth:`infer` (bad input -> 400, queue full -> 429, Triton down -> 503), also mid-stream. Closing the
         generator early (the HTTP client went away) cancels the gRPC call, and with it the request in Triton.
         """
+        self._check_not_reloading(model)
         grpc_inputs = []
         for name, array in inputs.items():
             dtype = "BYTES" if array.dtype == np.object_ else _np_to_triton(array.dtype)
@@ -294,7 +347,10 @@ class TritonBackend:
         message = exc.message() or str(exc)
         lowered = message.lower()
         if exc.status() is not None or "unknown model" in lowered or "not ready" in lowered \
-                or "unavailable" in lowered or ("queue" in lowered and ("full" in lowered or "maximum" in lowered)):
+                or "unavailable" in lowered or "timeout expired" in lowered \
+                or ("queue" in lowered and ("full" in lowered or "maximum" in lowered)):
+            return self._map_error(model, exc)
+        if "stub process" in lowered and "not healthy" in lowered:
             return self._map_error(model, exc)
         if lowered.startswith(_INTERNAL_PREFIXES) or "out of memory" in lowered or "stub process" in lowered:
             return APIError(502, f"{model} failed: {message}", code="inference_failed")
@@ -307,6 +363,13 @@ class TritonBackend:
         if "queue" in lowered and ("full" in lowered or "maximum" in lowered):
             return APIError(429, f"{model}: server busy ({message}); retry later", code="queue_full",
                             headers={"Retry-After": str(self.retry_after_s)})
+        if "timeout expired" in lowered:  # waited longer than the model's queue timeout (queue_timeout_s)
+            return APIError(429, f"{model}: server busy, the request waited too long in the queue ({message}); "
+                                 "retry later", code="queue_timeout", headers={"Retry-After": str(self.retry_after_s)})
+        if "stub process" in lowered and "not healthy" in lowered:
+            # Triton keeps such a model READY but it can no longer answer: reload it, 503 meanwhile.
+            self._reload(model)
+            return TritonUnavailable(f"model {model} crashed and is being reloaded", self.retry_after_s)
         if status == "400":
             return APIError(400, message, code="invalid_input")
         if status in ("404", "503") or "unavailable" in lowered or "not ready" in lowered or "unknown model" in lowered:

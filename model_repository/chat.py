@@ -14,6 +14,10 @@ import binascii
 import io
 import json
 import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +29,7 @@ from model_repository.chat_engine import (
     SamplingParams,
     render_prompt,
 )
-from vlmserve.families.contract import ChatParams
+from vlmserve.families.contract import DEFAULT_MAX_PIXELS, ChatParams
 
 ROLES = {"system", "user", "assistant"}
 
@@ -42,10 +46,26 @@ def _b64(data: Any, what: str) -> bytes:
         raise runtime.InputError(f"{what}: 'data' is not valid base64") from None
 
 
-def decode_video(data: bytes, fps: float, max_frames: int) -> list[tuple[float, Any]]:
-    """Sample ``(timestamp_s, RGB PIL image)`` frames at ``fps``, at most ``max_frames`` spread over the clip."""
+@dataclass(frozen=True)
+class VideoLimits:
+    """Bounds on one video's decode, checked inside ``execute`` (config parameters of the same names)."""
+
+    max_seconds: float = 600.0  # max_video_seconds: the clip's duration (container header, then frame times)
+    max_decoded_frames: int = 3000  # max_video_decoded_frames: frames decoded, sampled or not
+    max_pixels: int = DEFAULT_MAX_PIXELS  # max_pixels: width*height of one frame, the image rule
+    max_decode_s: float = 30.0  # max_video_decode_s: wall time of the whole decode
+
+
+def decode_video(data: bytes, fps: float, max_frames: int,
+                 limits: VideoLimits = VideoLimits()) -> list[tuple[float, Any]]:
+    """Sample ``(timestamp_s, RGB PIL image)`` frames at ``fps``, at most ``max_frames`` spread over the clip.
+
+    Bounded work and memory: the limits in ``limits`` raise InputError naming the limit, and at most
+    ``2 * max_frames`` sampled frames are held at any time (the sampling interval doubles when that fills up).
+    """
     import av
 
+    started = time.monotonic()
     try:
         container = av.open(io.BytesIO(data), mode="r")
     except Exception as exc:  # noqa: BLE001 - PyAV raises many types for broken input
@@ -54,14 +74,21 @@ def decode_video(data: bytes, fps: float, max_frames: int) -> list[tuple[float, 
     try:
         with container:
             stream = container.streams.video[0]
+            _check_video_header(container, stream, limits)
+            step = 1.0 / fps
             next_t = 0.0
-            for frame in container.decode(stream):
+            for decoded, frame in enumerate(container.decode(stream), start=1):
+                _check_video_progress(decoded, frame, started, limits)
                 t = float(frame.time or 0.0)
                 if t + 1e-6 >= next_t:
                     frames.append((t, frame.to_image().convert("RGB")))
-                    next_t = t + 1.0 / fps
+                    next_t = t + step
+                    if len(frames) >= 2 * max_frames:
+                        frames, step = frames[::2], step * 2
     except IndexError:
         raise runtime.InputError("the video has no video stream") from None
+    except runtime.InputError:
+        raise
     except Exception as exc:  # noqa: BLE001
         if not frames:
             raise runtime.InputError(f"not a decodable video ({type(exc).__name__})") from None
@@ -73,8 +100,40 @@ def decode_video(data: bytes, fps: float, max_frames: int) -> list[tuple[float, 
     return frames
 
 
+def _check_video_header(container: Any, stream: Any, limits: VideoLimits) -> None:
+    width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+    if width * height > limits.max_pixels:
+        raise runtime.InputError(f"video frames are {width}x{height} = {width * height:,} pixels; the limit is "
+                                 f"{limits.max_pixels:,} pixels per frame (max_pixels)")
+    seconds = None
+    if stream.duration is not None and stream.time_base is not None:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        seconds = container.duration / 1_000_000  # av.time_base
+    if seconds is not None and seconds > limits.max_seconds:
+        raise runtime.InputError(f"video is {seconds:.1f}s long; the limit is {limits.max_seconds:g}s "
+                                 "(max_video_seconds); send a shorter clip")
+
+
+def _check_video_progress(decoded: int, frame: Any, started: float, limits: VideoLimits) -> None:
+    # The header can lie or be missing: the same limits hold for what is actually decoded.
+    if frame.width * frame.height > limits.max_pixels:
+        raise runtime.InputError(f"video frames are {frame.width}x{frame.height} pixels; the limit is "
+                                 f"{limits.max_pixels:,} pixels per frame (max_pixels)")
+    if frame.time is not None and frame.time > limits.max_seconds:
+        raise runtime.InputError(f"video is longer than {limits.max_seconds:g}s (max_video_seconds); "
+                                 "send a shorter clip")
+    if decoded > limits.max_decoded_frames:
+        raise runtime.InputError(f"video has more than {limits.max_decoded_frames} frames "
+                                 "(max_video_decoded_frames); send a shorter clip or a lower frame rate")
+    if time.monotonic() - started > limits.max_decode_s:
+        raise runtime.InputError(f"decoding the video took longer than {limits.max_decode_s:g}s "
+                                 "(max_video_decode_s); send a shorter or smaller clip")
+
+
 def parse_messages(raw: bytes, video_fps: float, max_frames: int, max_images: int,
-                   max_pixels: int = runtime.DEFAULT_MAX_PIXELS) -> list[dict[str, Any]]:
+                   max_pixels: int = DEFAULT_MAX_PIXELS,
+                   video_limits: VideoLimits = VideoLimits()) -> list[dict[str, Any]]:
     """Validated messages with images decoded; a video becomes timestamped frames (images + text)."""
     try:
         messages = json.loads(raw)
@@ -107,7 +166,7 @@ def parse_messages(raw: bytes, video_fps: float, max_frames: int, max_images: in
                     raise runtime.InputError(f"{where}: {exc}") from None
                 images += 1
             elif kind == "video":
-                frames = decode_video(_b64(part.get("data"), where), video_fps, max_frames)
+                frames = decode_video(_b64(part.get("data"), where), video_fps, max_frames, video_limits)
                 parts.append({"type": "text", "text": f"A video of {len(frames)} sampled frames:"})
                 for t, frame in frames:
                     parts.append({"type": "text", "text": f" frame at {t:.1f}s"})
@@ -258,6 +317,31 @@ def _response(text: str, finish: str, usage: dict | None):
     return pb.InferenceResponse(output_tensors=tensors)
 
 
+class Admission:
+    """Chat requests admitted and not yet finished, at most ``limit`` (running rows + waiting jobs)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.lock = threading.Lock()  # execute runs on Triton's thread, finishes on the engine's
+
+    def enter(self) -> Callable[[], None] | None:
+        """A release function (idempotent) when admitted, None when full."""
+        with self.lock:
+            if self.count >= self.limit:
+                return None
+            self.count += 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self.lock:
+                if not released.is_set():
+                    released.set()
+                    self.count -= 1
+
+        return release
+
+
 class ChatModel:
     """Triton model for one chat family (decoupled; see the module docstring)."""
 
@@ -285,6 +369,9 @@ class ChatModel:
         self.max_frames = params.max_video_frames
         self.max_images = params.max_images
         self.default_fps = params.video_fps
+        self.video_limits = VideoLimits(params.max_video_seconds, params.max_video_decoded_frames, params.max_pixels,
+                                        params.max_video_decode_s)
+        self.admission = Admission(params.max_batch + params.max_queue_size)
         self.engine = ChatEngine(self.pipeline, params.max_batch, params.batch_window_ms / 1000,
                                  params.max_batch_tokens)
 
@@ -293,6 +380,14 @@ class ChatModel:
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for request in requests:
             sender = request.get_response_sender()
+            release = self.admission.enter()
+            if release is None:
+                # Before decoding anything: a refused request must not hold images. The gateway maps this
+                # wording ("queue ... full") to 429 + Retry-After.
+                sender.send(runtime.error_response(
+                    f"chat queue is full ({self.admission.limit} requests running or waiting: max_batch + "
+                    "max_queue_size); retry later"), flags=final)
+                continue
             try:
                 raw_params = pb.get_input_tensor_by_name(request, "PARAMETERS")
                 params, extra = parse_params(
@@ -304,17 +399,22 @@ class ChatModel:
                 if not 0 < fps <= 30:
                     raise runtime.InputError(f"video_fps must be in (0, 30], got {fps}")
                 raw = runtime.as_bytes_list(pb.get_input_tensor_by_name(request, "MESSAGES").as_numpy())[0]
-                messages = parse_messages(raw, fps, max(1, frames), self.max_images)
+                messages = parse_messages(raw, fps, max(1, frames), self.max_images,
+                                          self.video_limits.max_pixels, self.video_limits)
                 inputs, prompt_tokens = self.pipeline.prepare(messages)
             except runtime.InputError as exc:
+                release()
                 sender.send(runtime.error_response(str(exc), invalid_arg=True), flags=final)
                 continue
             except Exception as exc:  # noqa: BLE001
+                release()
                 sender.send(runtime.error_response(f"preprocessing failed: {type(exc).__name__}: {exc}"),
                             flags=final)
                 continue
 
-            def emit(text: str, finish: str, usage: dict | None, sender=sender) -> None:
+            def emit(text: str, finish: str, usage: dict | None, sender=sender, release=release) -> None:
+                if finish:
+                    release()
                 if finish == "error":
                     sender.send(runtime.error_response(text), flags=final)
                 elif finish:

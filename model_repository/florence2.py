@@ -25,7 +25,7 @@ from model_repository.florence2_tasks import (
     find_task,
     region_to_loc_tokens,
 )
-from vlmserve.families.contract import FlorenceParams
+from vlmserve.families.contract import DEFAULT_MAX_PIXELS, FlorenceParams
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Florence2Pipeline:
 
     def __init__(self, checkpoint_dir, encoder, *, default_max_new_tokens: int = 1024, default_num_beams: int = 3,
                  max_new_tokens_limit: int = 1024, num_beams_limit: int = 8,
-                 max_pixels: int = runtime.DEFAULT_MAX_PIXELS, device: str = "cpu",
+                 max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "cpu",
                  decoder_precision: str = "fp32") -> None:
         import torch
         from transformers import AutoProcessor, Florence2ForConditionalGeneration
@@ -217,14 +217,14 @@ class Florence2Model:
                 responses[i] = runtime.error_response(str(exc), invalid_arg=True)
             except Exception as exc:  # noqa: BLE001 - one bad request must not take the batch down
                 responses[i] = runtime.error_response(f"preprocessing failed: {type(exc).__name__}: {exc}")
-        if jobs:
-            try:
-                results = self.pipeline.run(jobs)
-            except Exception as exc:  # noqa: BLE001
-                for job in jobs:
-                    responses[job.index] = runtime.error_response(f"generation failed: {type(exc).__name__}: {exc}")
-            else:
-                for index, result in results.items():
-                    payload = np.array([[json.dumps(result).encode("utf-8")]], dtype=np.object_)
-                    responses[index] = pb.InferenceResponse(output_tensors=[pb.Tensor("RESULT", payload)])
+        # A failure of the batched generate is retried request by request: only the request that causes it fails.
+        for group, results in runtime.retry_singly(jobs, self.pipeline.run) if jobs else []:
+            if isinstance(results, Exception):
+                for job in group:
+                    responses[job.index] = runtime.error_response(
+                        f"generation failed: {type(results).__name__}: {results}")
+                continue
+            for index, result in results.items():
+                payload = np.array([[json.dumps(result).encode("utf-8")]], dtype=np.object_)
+                responses[index] = pb.InferenceResponse(output_tensors=[pb.Tensor("RESULT", payload)])
         return responses

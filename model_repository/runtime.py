@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -20,6 +21,9 @@ try:  # Only importable inside Triton's Python backend stub.
 except ImportError:  # pragma: no cover - unit tests use the pure logic below
     pb_utils = None
 
+T = TypeVar("T")
+R = TypeVar("R")
+log = logging.getLogger("vlmserve.models")
 
 
 class InputError(ValueError):
@@ -354,24 +358,48 @@ def run_batched(
             responses[i] = error_response(str(exc), invalid_arg=True)
         except Exception as exc:  # noqa: BLE001 - one bad request must not take the batch down
             responses[i] = error_response(f"preprocessing failed: {type(exc).__name__}: {exc}")
-    if ready:
-        parts = [rows for _, rows in ready]
-        try:
-            if isinstance(parts[0], dict):
-                outputs = compute({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
-            else:
-                outputs = compute(np.concatenate(parts))
-        except Exception as exc:  # noqa: BLE001
-            for i, _ in ready:
-                responses[i] = error_response(f"inference failed: {type(exc).__name__}: {exc}")
-            return responses
+    if not ready:
+        return responses
+
+    def run(group: list[tuple[int, Any]]) -> dict[str, np.ndarray]:
+        parts = [rows for _, rows in group]
+        if isinstance(parts[0], dict):
+            return compute({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+        return compute(np.concatenate(parts))
+
+    for group, outputs in retry_singly(ready, run):
+        if isinstance(outputs, Exception):
+            (i, _), = group
+            responses[i] = error_response(f"inference failed: {type(outputs).__name__}: {outputs}")
+            continue
         start = 0
-        for i, rows in ready:
+        for i, rows in group:
             end = start + len(next(iter(rows.values())) if isinstance(rows, dict) else rows)
             tensors = [pb_utils.Tensor(name, np.ascontiguousarray(v[start:end])) for name, v in outputs.items()]
             responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
             start = end
     return responses
+
+
+def retry_singly(items: list[T], run: Callable[[list[T]], R]) -> list[tuple[list[T], R | Exception]]:
+    """``run(items)`` once; if that raises, ``run([item])`` for each item, so that only the item(s) that cause
+    the failure fail (a poisoned row must not fail the requests that happened to share its batch).
+
+    Returns ``(group, result or the exception)`` pairs covering every item once.
+    """
+    try:
+        return [(items, run(items))]
+    except Exception as exc:  # noqa: BLE001 - decided per item below
+        if len(items) <= 1:
+            return [(items, exc)]
+        log.warning("batch of %d failed (%s: %s); retrying each request alone", len(items), type(exc).__name__, exc)
+    results: list[tuple[list[T], R | Exception]] = []
+    for item in items:
+        try:
+            results.append(([item], run([item])))
+        except Exception as exc:  # noqa: BLE001
+            results.append(([item], exc))
+    return results
 
 
 def error_response(message: str, invalid_arg: bool = False):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from model_repository import runtime
-from vlmserve.families.contract import EmbedParams
+from vlmserve.families.contract import DEFAULT_MAX_PIXELS, EmbedParams
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -121,7 +121,7 @@ class SiglipImageTransform:
 class SiglipImagePreprocessor:
     """Encoded images -> ``pixel_values`` with the checkpoint's own image-processor settings."""
 
-    def __init__(self, processor_dir: Path, max_pixels: int = runtime.DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, processor_dir: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.transform = SiglipImageTransform.from_dir(processor_dir)
         self.max_pixels = max_pixels
         self.min_size = self.transform.min_size

@@ -33,6 +33,7 @@ from model_repository.siglip import (
     image_processor_config,
     l2_normalise,
 )
+from vlmserve.families.contract import DEFAULT_MAX_PIXELS
 from vlmserve.families.siglip2 import Siglip2Params
 
 # ---------------------------------------------------------------------------------------------- NaFlex images
@@ -144,7 +145,7 @@ class NaflexImagePreprocessor:
     """Encoded images -> the NaFlex vision encoder's inputs (``pixel_values``, ``pixel_attention_mask``,
     ``position_weights``)."""
 
-    def __init__(self, processor_dir: Path, grid: int, max_pixels: int = runtime.DEFAULT_MAX_PIXELS,
+    def __init__(self, processor_dir: Path, grid: int, max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_num_patches: int | None = None) -> None:
         self.transform = NaflexImageTransform(image_processor_config(processor_dir), max_num_patches)
         self.grid = grid

@@ -90,6 +90,10 @@ def triton_command(
         f"--metrics-address={settings.host}",
         f"--metrics-port={settings.metrics_port}",
         "--allow-metrics=true",
+        # Explicit model control with every model loaded at start: the same models as the default mode, and the
+        # gateway may reload a model whose Python stub died (POST /v2/repository/models/<name>/load).
+        "--model-control-mode=explicit",
+        "--load-model=*",
         f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
         "--log-verbose=0",
         *(extra_args or []),

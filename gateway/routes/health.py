@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from gateway.embedding import IMAGE_TASK, TEXT_TASK
+from gateway.triton import TritonBackend
 
 router = APIRouter(tags=["health"])
 
@@ -20,7 +21,9 @@ async def livez() -> dict[str, str]:
 async def health(request: Request) -> JSONResponse:
     """200 when Triton is up and every model is READY, else 503 (with the same body)."""
     backend = request.app.state.backend
-    registry = await backend.registry(refresh=True)
+    # The cached registry (refreshed on a timer, and dropped when a call finds Triton down): /health is
+    # unauthenticated and must not cost a Triton round trip per call.
+    registry = await (backend.cached_registry() if isinstance(backend, TritonBackend) else backend.registry())
     models = {name: m.ready for name, m in sorted(registry.models.items())}
     # Seed 004's "model": the embedding model a request naming none gets (the surface's default family).
     primary = registry.default(IMAGE_TASK) or registry.default(TEXT_TASK)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError
 __all__ = [
     "DEFAULT_MAX_BATCH_TOKENS",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_QUEUE_SIZE",
     "MAX_NEW_TOKENS_LIMIT",
     "ChatParams",
     "EmbedParams",
@@ -27,6 +28,7 @@ __all__ = [
 DEFAULT_MAX_PIXELS = 40_000_000  # decoded image size cap (decompression bombs); per model: ``max_pixels``
 MAX_NEW_TOKENS_LIMIT = 1024  # the generating models' default ceiling for max_tokens / max_new_tokens
 DEFAULT_MAX_BATCH_TOKENS = 16384  # chat engine: prompt + max_tokens summed over the running batch
+DEFAULT_MAX_QUEUE_SIZE = 64  # requests waiting per model beyond what runs (Triton queue policy, chat admission)
 
 
 class ModelParams(BaseModel):
@@ -133,4 +135,9 @@ class ChatParams(ModelParams):
     max_images: int = Field(16, ge=1)
     max_batch: int = Field(8, ge=1)  # rows decoding together (continuous batching)
     max_batch_tokens: int = Field(DEFAULT_MAX_BATCH_TOKENS, ge=1)
+    max_queue_size: int = Field(DEFAULT_MAX_QUEUE_SIZE, ge=0)  # admitted jobs waiting beyond the running rows
+    # Bounds on one video's decode (a 400 naming the limit): duration, frames decoded, wall time.
+    max_video_seconds: float = Field(600.0, gt=0)
+    max_video_decoded_frames: int = Field(3000, ge=1)
+    max_video_decode_s: float = Field(30.0, gt=0)
     batch_window_ms: float = Field(20, ge=0)

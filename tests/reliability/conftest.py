@@ -1,0 +1,60 @@
+"""The reliability suite's own stack (tiny models, process runtime) with small in-flight caps, and its report.
+
+``make test`` runs the smoke parts. ``make chaos`` (VLMSERVE_CHAOS=1) adds the long ones (kill -9 of Triton under
+load, the soak at saturation, schemathesis with more examples) and writes ``loadtests/reports/chaos.{json,md}``
+(VLMSERVE_CHAOS_REPORT=<path without suffix>) with the figures the tests record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.process import ProcessRuntime
+from orchestrator.settings import OrchestratorSettings
+from tests.conftest import free_port
+
+CHAOS = os.environ.get("VLMSERVE_CHAOS") == "1"
+FIGURES: dict[str, Any] = {}
+CHAT_CAP = 2  # VLMSERVE_GATEWAY_MAX_INFLIGHT_CHAT of this stack
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    target = os.environ.get("VLMSERVE_CHAOS_REPORT")
+    if not target or not FIGURES:
+        return
+    base = Path(target)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"host": platform.node(), "cpus": os.cpu_count(), "chaos": CHAOS, "exit_status": int(exitstatus),
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    base.with_suffix(".json").write_text(json.dumps({"meta": meta, "figures": FIGURES}, indent=2, default=str))
+    lines = ["# vlmserve chaos report", "", f"Host `{meta['host']}` ({meta['cpus']} CPUs), tiny models, "
+             f"process runtime, finished {meta['finished_utc']}, pytest exit status {meta['exit_status']}.", ""]
+    for name, values in FIGURES.items():
+        lines += [f"## {name}", "", "| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in values.items()]
+        lines.append("")
+    base.with_suffix(".md").write_text("\n".join(lines))
+
+
+@pytest.fixture(scope="session")
+def rstack(tiny_repo: Path, state_dir: Path):
+    settings = OrchestratorSettings(
+        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), gateway_port=free_port(),
+        repository=tiny_repo, state_dir=state_dir / "reliability", ready_timeout_s=240,
+    )
+    runtime = ProcessRuntime(settings, log=lambda m: None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLMSERVE_GATEWAY_URL_ALLOWLIST", '["127.0.0.1"]')
+        mp.setenv("VLMSERVE_GATEWAY_MAX_INFLIGHT_CHAT", str(CHAT_CAP))
+        mp.setenv("VLMSERVE_GATEWAY_RETRY_AFTER_S", "2")
+        mp.setenv("VLMSERVE_GATEWAY_REGISTRY_TTL_S", "1")
+        runtime.start()
+    yield runtime
+    runtime.stop()
