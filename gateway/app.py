@@ -30,7 +30,8 @@ log = logging.getLogger("vlmserve.gateway")
 def create_app(settings: GatewaySettings, backend: InferenceBackend | None = None) -> FastAPI:
     """Build the app; ``backend`` defaults to a Triton client for ``settings.triton_url``."""
     backend = backend or TritonBackend(settings.triton_url, settings.triton_timeout_s, settings.retry_after_s,
-                                       settings.registry_ttl_s, grpc_url=settings.triton_grpc_url)
+                                       settings.registry_ttl_s, grpc_url=settings.triton_grpc_url,
+                                       reconnect_s=settings.triton_reconnect_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

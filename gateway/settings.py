@@ -17,6 +17,9 @@ class GatewaySettings(BaseSettings):
     triton_grpc_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint (streaming chat), host:port")
     triton_timeout_s: float = 120.0
     registry_ttl_s: float = 10.0
+    triton_reconnect_s: float = Field(0.0, ge=0, description="reopen Triton connections this often (s) so that "
+                                      "replicas behind one DNS name share the load (the deploy targets set 30); "
+                                      "0 keeps them")
     retry_after_s: int = 5
     api_keys: list[str] = Field(default_factory=list, description="if set, Bearer keys required (JSON list)")
     max_body_bytes: int = 64 * 1024 * 1024

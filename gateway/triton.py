@@ -138,8 +138,16 @@ class TritonBackend:
     """Async client for one Triton server (HTTP/REST, binary tensors)."""
 
     def __init__(self, url: str, timeout_s: float = 120.0, retry_after_s: int = 5, registry_ttl_s: float = 10.0,
-                 grpc_url: str | None = None):
+                 grpc_url: str | None = None, reconnect_s: float = 0.0):
         self.url = url
+        # Connections are pooled and would stay on the Triton replica they first reached: behind a DNS name with
+        # several replicas (Swarm dnsrr, a Kubernetes Service balancing per connection) a replica that comes back
+        # or is added would get nothing. Every ``reconnect_s`` new clients re-resolve and reconnect; the old ones
+        # finish their requests and close. 0 keeps the connections (one Triton).
+        self.reconnect_s = reconnect_s
+        self._client_at = 0.0
+        self._grpc_at = 0.0
+        self._retired: set[asyncio.Task[None]] = set()
         self.grpc_url = grpc_url or _default_grpc_url(url)
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
@@ -152,17 +160,49 @@ class TritonBackend:
         self._reloading: dict[str, asyncio.Task[None]] = {}  # models whose Python stub died, being reloaded
         self._refresher: asyncio.Task[None] | None = None
 
+    def _stale(self, made_at: float) -> bool:
+        return self.reconnect_s > 0 and time.monotonic() - made_at > self.reconnect_s
+
+    def _retire(self, old: Any) -> None:
+        """Close a replaced client once the requests it carries can have finished (``timeout_s``)."""
+        async def later() -> None:
+            await asyncio.sleep(self.timeout_s)
+            await old.close()
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
     @property
     def client(self) -> triton_http.InferenceServerClient:
+        if self._client is not None and self._stale(self._client_at):
+            self._retire(self._client)
+            self._client = None
         if self._client is None:
             self._client = triton_http.InferenceServerClient(self.url, conn_timeout=self.timeout_s)
+            self._client_at = time.monotonic()
         return self._client
 
     @property
     def grpc_client(self) -> triton_grpc.InferenceServerClient:
         # Created lazily: a grpc.aio channel belongs to the event loop that is running when it is made.
+        if self._grpc_client is not None and self._stale(self._grpc_at):
+            self._retire(self._grpc_client)
+            self._grpc_client = None
         if self._grpc_client is None:
-            self._grpc_client = triton_grpc.InferenceServerClient(self.grpc_url)
+            # tritonclient's own channel options, plus round_robin: a name resolving to several replicas spreads
+            # the streams over all of them.
+            keepalive = triton_grpc.KeepAliveOptions()
+            self._grpc_client = triton_grpc.InferenceServerClient(self.grpc_url, channel_args=[
+                ("grpc.max_send_message_length", triton_grpc.MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", triton_grpc.MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+                ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+                ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+                ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+                ("grpc.lb_policy_name", "round_robin"),
+            ])
+            self._grpc_at = time.monotonic()
         return self._grpc_client
 
     def start_refresh(self) -> None:
@@ -208,7 +248,7 @@ class TritonBackend:
         if self._refresher is not None:
             self._refresher.cancel()
             self._refresher = None
-        for task in self._reloading.values():
+        for task in [*self._reloading.values(), *self._retired]:
             task.cancel()
         if self._client is not None:
             await self._client.close()

@@ -34,6 +34,9 @@ PLAN_MOUNT = "/etc/vlmserve/plan"
 PLAN_FILE = "plan.yaml"
 
 
+TRITON_RECONNECT_S = 30
+
+
 class DeployError(ValueError):
     """A deployment that cannot be rendered as asked; the message says what to change."""
 
@@ -77,6 +80,9 @@ class Replica:
             # The image's defaults bind to 127.0.0.1 outside containers; be explicit.
             env["VLMSERVE_GATEWAY_HOST"] = "0.0.0.0"  # noqa: S104 - a container's service port
             env["VLMSERVE_GATEWAY_PORT"] = str(GATEWAY_PORT)
+            # Triton is several replicas behind one name here: reopen its connections every 30 s, so that a
+            # replica that comes back or is added gets its share (gateway/triton.py, TritonBackend.reconnect_s).
+            env["VLMSERVE_GATEWAY_TRITON_RECONNECT_S"] = str(TRITON_RECONNECT_S)
         return env
 
     @property
