@@ -15,9 +15,10 @@ mask and, per row, the next position id and the token to feed next. Every :meth:
 
 Rows never see each other (padding is masked and each row's positions are its own), so a greedy request gives
 the same tokens alone or joined to a running batch. A request for ``n`` choices is ``n`` rows that share one
-prefill: its KV cache is copied into each row and every row samples its own first token. A family plugs in through :class:`DecoderFamily`
-(``QwenPipeline``, ``SmolVLMPipeline``). Pipelines without it (``deepseek_ocr``, whose remote code has no forward
-we can drive step by step) keep the static path: jobs arriving within ``window_s`` go to ``run_batch`` together.
+prefill: its KV cache is copied into each row and every row samples its own first token.
+
+A family plugs in through :class:`DecoderFamily` (``QwenPipeline``, ``SmolVLMPipeline``). Pipelines without it
+(``deepseek_ocr``, whose remote code has no forward we can drive step by step) keep the static path: jobs arriving within ``window_s`` go to ``run_batch`` together.
 """
 
 from __future__ import annotations

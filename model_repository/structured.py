@@ -15,7 +15,7 @@ from typing import Any
 
 # Compact separators, the way json.dumps writes them: every token spent is content, and a model with random
 # weights cannot wander off into endless whitespace.
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class GrammarError(ValueError):
