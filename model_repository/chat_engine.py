@@ -18,7 +18,8 @@ the same tokens alone or joined to a running batch. A request for ``n`` choices 
 prefill: its KV cache is copied into each row and every row samples its own first token.
 
 A family plugs in through :class:`DecoderFamily` (``QwenPipeline``, ``SmolVLMPipeline``). Pipelines without it
-(``deepseek_ocr``, whose remote code has no forward we can drive step by step) keep the static path: jobs arriving within ``window_s`` go to ``run_batch`` together.
+(``deepseek_ocr``, whose remote code has no forward we can drive step by step) keep the static path: jobs arriving
+within ``window_s`` go to ``run_batch`` together.
 """
 
 from __future__ import annotations
