@@ -298,6 +298,10 @@ router.include_router(openai_router)
 # --- seed 002: /ocr and /info ------------------------------------------------------------------------------
 
 
+SCHEMA_HELP = ("vlmserve extension: a JSON Schema; the text is then read into JSON that matches it (constrained "
+               "decoding), returned as 'json' (null when max_tokens cut it off; see finish_reason)")
+
+
 class OcrRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -305,17 +309,35 @@ class OcrRequest(BaseModel):
     language: str = Field("auto", description="'auto' or the text's language (e.g. 'russian'): a hint")
     model: str | None = Field(None, description="chat model; default: Qwen2-VL if loaded, else the first")
     max_tokens: int | None = Field(None, description="answer length cap; default: the model's (MAX_NEW_TOKENS)")
+    json_schema: dict[str, Any] | None = Field(None, alias="schema", description=SCHEMA_HELP)
+
+
+async def _read_text(request: Request, chat: ChatService, info: ModelInfo, image: bytes, language: str | None,
+                     max_tokens: int | None, schema: dict[str, Any] | None) -> tuple[Completion, dict[str, Any]]:
+    """OCR through a chat model; with ``schema``, constrained to JSON matching it (``json``/``finish_reason``)."""
+    prompt = ocr_prompt(language)
+    if schema is None:
+        return await chat.ask_about_image(request, info, image, prompt, max_tokens), {}
+    prompt = (f"{prompt} Put what you read into one JSON object that matches this JSON schema: "
+              f"{json.dumps(schema)}")
+    result = await chat.ask_about_image(request, info, image, prompt, max_tokens,
+                                        response_format={"type": "json_schema", "schema": schema})
+    try:
+        parsed = json.loads(result.text) if result.finish_reason == "stop" else None
+    except ValueError:
+        parsed = None  # only a stop string can cut a constrained answer short of its closing brace
+    return result, {"json": parsed, "finish_reason": result.finish_reason}
 
 
 @router.post("/ocr", tags=["OCR (seed-compatible)"])
 async def ocr(body: OcrRequest, request: Request, chat: ChatService = Depends(get_chat)) -> dict[str, Any]:
-    """Seed 002: the text in an image, read by a chat model."""
+    """Seed 002: the text in an image, read by a chat model (``schema``: as JSON matching it)."""
     language = _check_language(body.language)
     image, _ = await _resolve(request, body.image, "image")
     info = await chat.model(request, body.model, prefer_family=OCR_FAMILY)
-    result = await chat.ask_about_image(request, info, image, ocr_prompt(language), body.max_tokens)
+    result, structured = await _read_text(request, chat, info, image, language, body.max_tokens, body.json_schema)
     return {"text": result.text.strip(), "language": language, "model": source_model(info),
-            "latency_ms": result.latency_ms}
+            "latency_ms": result.latency_ms, **structured}
 
 
 @router.get("/info", tags=["OCR (seed-compatible)"])
@@ -371,6 +393,7 @@ class OcrV1Request(BaseModel):
     model: str | None = None
     language: str | None = Field(None, description="optional hint: the text's language")
     max_tokens: int | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema", description=SCHEMA_HELP)
 
 
 class DescribeRegionRequest(BaseModel):
@@ -404,12 +427,13 @@ async def ocr_v1(request: Request, fmt: Literal["json", "txt"] | None = Query(No
     body, image, _ = await _image_request(request, OcrV1Request)
     language = _check_language(body.language) if body.language else None
     info = await chat.model(request, body.model)
-    result = await chat.ask_about_image(request, info, image, ocr_prompt(language), body.max_tokens)
+    result, structured = await _read_text(request, chat, info, image, language, body.max_tokens, body.json_schema)
     text = result.text.strip()
     filename = f"ocr_result_{datetime.now().strftime('%Y%m%d_%H%M%S')}.txt"
     if _wants_text(request, fmt):
         return PlainTextResponse(text, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
-    return {"text": text, "model": source_model(info), "latency_ms": result.latency_ms, "filename": filename}
+    return {"text": text, "model": source_model(info), "latency_ms": result.latency_ms, "filename": filename,
+            **structured}
 
 
 @router.post("/v1/describe_region", tags=["SmolVLM2 (seed-compatible)"],

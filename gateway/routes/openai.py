@@ -19,7 +19,8 @@ from gateway.embedding import IMAGE_TASK, TEXT_TASK, EmbeddingService, get_servi
 from gateway.errors import APIError
 
 # Discriminator values pydantic puts into an error's location (messages[0].user.content ...): not fields.
-_TAGS = {"system", "developer", "user", "assistant", "text", "image_url", "video_url", "json_object", "json_schema"}
+_TAGS = {"system", "developer", "user", "assistant", "text", "image_url", "video_url", "json_object", "json_schema",
+         "string", "parts"}
 
 
 def openai_param(loc: tuple[Any, ...]) -> str:
@@ -31,7 +32,7 @@ def openai_param(loc: tuple[Any, ...]) -> str:
             continue
         if isinstance(part, int):
             out += f"[{part}]"
-        elif (part in _TAGS and (isinstance(previous, int) or previous == "response_format")) \
+        elif (part in _TAGS and (isinstance(previous, int) or previous in ("response_format", "content"))) \
                 or (isinstance(part, str) and ("[" in part or part in ("str", "int", "list", "function-after"))):
             pass  # a union member's tag or type name
         else:
@@ -54,6 +55,8 @@ class OpenAIRoute(APIRoute):
                 problems, first = [], None
                 for err in exc.errors():
                     where = openai_param(tuple(err.get("loc", ())))
+                    if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+                        where += "." + str(err.get("ctx", {}).get("discriminator", "")).strip("'")
                     first = first or where
                     message = f"{where}: {err.get('msg')}"
                     if message not in problems:

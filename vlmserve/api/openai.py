@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 __all__ = [
     "AssistantMessage", "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "ContentPart",
@@ -114,7 +114,13 @@ class VideoPart(BaseModel):
 
 
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
-Content = str | Annotated[list[ContentPart], Field(min_length=1)]
+# A string or a list of parts; the callable discriminator keeps errors to the form the client chose.
+Content = Annotated[
+    Annotated[str, Tag("string")] | Annotated[list[ContentPart], Field(min_length=1), Tag("parts")],
+    Discriminator(lambda v: "string" if isinstance(v, str) else "parts" if isinstance(v, list) else None,
+                  custom_error_type="invalid_content",
+                  custom_error_message="content must be a string or a non-empty list of parts"),
+]
 
 
 class _Message(BaseModel):
