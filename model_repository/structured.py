@@ -71,20 +71,29 @@ class Grammars:
 
 
 class RowGrammar:
-    """One row's constraint: masks its logits, follows its tokens, knows when the document is complete."""
+    """One row's constraint: masks its logits, follows its tokens, knows when the document is complete.
+
+    The bitmask is filled through ``llguidance.numpy`` and applied with plain torch ops: ``llguidance.torch`` wraps
+    its kernel in ``torch.compile`` at import, which would pull in the inductor (and its compiler toolchain) into
+    the Triton model for a one-line mask.
+    """
 
     def __init__(self, grammars: Grammars, grammar: str) -> None:
-        import llguidance.torch
+        import llguidance.numpy
+        import torch
 
-        self.lt = llguidance.torch
+        self.torch = torch
+        self.fill = llguidance.numpy.fill_next_token_bitmask
         self.matcher = grammars.matcher(grammar)
-        self.bitmask = self.lt.allocate_token_bitmask(1, grammars.vocab_size)
+        self.bitmask = llguidance.numpy.allocate_token_bitmask(1, grammars.vocab_size)
+        self.shifts = torch.arange(32, dtype=torch.int32)
 
     def mask(self, logits: Any) -> None:
         """Set the logits of every token the grammar forbids next to -inf (in place, a CPU row [vocab])."""
-        self.lt.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
-        self.lt.apply_token_bitmask_inplace(logits[None], self.bitmask)
-
+        self.fill(self.matcher, self.bitmask, 0)
+        words = self.torch.from_numpy(self.bitmask[0])
+        allowed = ((words[:, None] >> self.shifts) & 1).bool().flatten()[: logits.shape[-1]]
+        logits.masked_fill_(~allowed, float("-inf"))
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"the grammar rejected token {token}: {self.matcher.get_error()}")
