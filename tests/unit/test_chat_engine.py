@@ -422,7 +422,7 @@ def test_schema_rows_and_free_rows_share_a_batch(families, family: str) -> None:
     assert len(loop.rows) >= 4  # constrained and free rows in one decode step
     loop.drain()
     assert free.token_ids == free_alone  # the masks of other rows do not touch this one
-    for job, client in schema_rows:
+    for _, client in schema_rows:
         assert client.finish == "stop", client.events
         jsonschema.validate(json.loads(client.text), RECEIPT)
         assert client.events[-1][2]["batch_size"] >= 4
