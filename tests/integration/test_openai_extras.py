@@ -9,12 +9,16 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
+import subprocess
+import sys
 
 import httpx
 import jsonschema
 import pytest
 
 from tests.integration.test_chat_gateway import data_uri, png_bytes
+from vlmserve.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -150,3 +154,17 @@ def test_ocr_with_a_schema(stack) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["finish_reason"] == "stop"
     jsonschema.validate(r.json()["json"], INVOICE)
+
+
+DOC_BLOCKS = re.findall(r"```(bash|python)\n(.*?)```", (PROJECT_ROOT / "docs" / "openai.md").read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(DOC_BLOCKS)))
+def test_docs_openai_example_runs(index: int, stack) -> None:
+    """Every example in docs/openai.md runs as written (ports mapped to the test stack's)."""
+    kind, code = DOC_BLOCKS[index]
+    code = code.replace("127.0.0.1:8080", f"127.0.0.1:{stack.gateway.rsplit(':', 1)[1]}")
+    cmd = ["bash", "-euo", "pipefail", "-c", code] if kind == "bash" else [sys.executable, "-c", code]
+    result = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, f"docs/openai.md example {index} failed:\n{code}\n{result.stdout}\n{result.stderr}"
+    assert result.stdout.strip(), "example printed nothing"
