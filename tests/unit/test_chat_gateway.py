@@ -1075,3 +1075,15 @@ def test_ocr_with_a_schema_answers_json(make_client) -> None:
     assert r.status_code == 200 and r.json()["json"] is None and r.json()["finish_reason"] == "length"
     plain = client.post("/ocr", json={"image": image})
     assert "json" not in plain.json()
+
+
+def test_openapi_states_the_typed_openai_contract(make_client) -> None:
+    client, _ = make_client()
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    assert chat["messages"]["items"]["discriminator"]["propertyName"] == "role"
+    assert set(chat["messages"]["items"]["discriminator"]["mapping"]) == {"system", "developer", "user", "assistant"}
+    assert {"n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
+            "response_format"} <= set(chat)
+    assert "CompletionRequest" in schemas and "/v1/models/{model_id}" in spec["paths"]
