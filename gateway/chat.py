@@ -17,7 +17,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -45,7 +45,6 @@ __all__ = [
     "Usage",
     "build_inputs",
     "crop_region",
-    "normalize_stop",
     "ocr_prompt",
     "parse_box",
     "parse_delta",
@@ -169,13 +168,6 @@ class Sampling:
             "response_format": self.response_format,
         }
         return {k: v for k, v in values.items() if v is not None}
-
-
-def normalize_stop(stop: str | Sequence[str] | None) -> list[str] | None:
-    """OpenAI's ``stop`` (a string or a list) as a list; None when absent."""
-    if stop is None:
-        return None
-    return [stop] if isinstance(stop, str) else list(stop)
 
 
 # --- messages ---------------------------------------------------------------------------------------------
