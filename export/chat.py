@@ -26,8 +26,8 @@ from vlmserve.families.contract import ChatParams, ModelParams
 
 def chat_config(name: str, options: ExportOptions, meta: dict[str, Any], extra: dict[str, Any] | None = None,
                 runner: str | None = None) -> dict[str, Any]:
-    def tensor(n: str, optional: bool = False) -> dict[str, Any]:
-        spec: dict[str, Any] = {"name": n, "data_type": Enum("TYPE_STRING"), "dims": [1]}
+    def tensor(n: str, optional: bool = False, kind: str = "TYPE_STRING") -> dict[str, Any]:
+        spec: dict[str, Any] = {"name": n, "data_type": Enum(kind), "dims": [1]}
         if optional:
             spec["optional"] = True
         return spec
@@ -39,8 +39,12 @@ def chat_config(name: str, options: ExportOptions, meta: dict[str, Any], extra: 
         "backend": "python",
         "max_batch_size": 0,  # the model batches itself (chat_engine), streaming per request
         "model_transaction_policy": {"decoupled": True},
-        "input": [tensor("MESSAGES"), tensor("PARAMETERS", optional=True)],
-        "output": [tensor("TEXT"), tensor("FINISH_REASON"), tensor("USAGE")],
+        # MESSAGES (a conversation) or PROMPT (raw text, /v1/completions): the model requires exactly one.
+        "input": [tensor("MESSAGES", optional=True), tensor("PROMPT", optional=True),
+                  tensor("PARAMETERS", optional=True)],
+        # INDEX: the choice a response belongs to (n > 1); LOGPROBS: JSON, when asked for.
+        "output": [tensor("TEXT"), tensor("FINISH_REASON"), tensor("USAGE"), tensor("INDEX", kind="TYPE_INT32"),
+                   tensor("LOGPROBS")],
         "instance_group": [{"count": 1, "kind": options.kind()}],
         "parameters": parameters(params.to_triton()),
     }
@@ -71,7 +75,7 @@ class _Recipe:
         self.export = fn
 
 
-qwen2vl = _Recipe("qwen2vl-2", ["qwen2vl"], export_qwen2vl)
+qwen2vl = _Recipe("qwen2vl-3", ["qwen2vl"], export_qwen2vl)
 
 
 def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weights: str, source_name: str,
@@ -184,7 +188,7 @@ def _choose_smolvlm2_decoder(model, source_dir: Path, options: ExportOptions) ->
     return runtime_choice.choose_decoder(generate, logits, options.precision)
 
 
-smolvlm2 = _Recipe("smolvlm2-4", ["smolvlm2_vision", "smolvlm2"], export_smolvlm2)
+smolvlm2 = _Recipe("smolvlm2-5", ["smolvlm2_vision", "smolvlm2"], export_smolvlm2)
 
 
 def export_deepseek_ocr(source_dir: Path, repo: Path, options: ExportOptions, weights: str, source_name: str,
@@ -202,4 +206,4 @@ def export_deepseek_ocr(source_dir: Path, repo: Path, options: ExportOptions, we
     return {}
 
 
-deepseek_ocr = _Recipe("deepseek_ocr-2", ["deepseek_ocr"], export_deepseek_ocr)
+deepseek_ocr = _Recipe("deepseek_ocr-3", ["deepseek_ocr"], export_deepseek_ocr)

@@ -1,9 +1,10 @@
 """Chat logic behind ``/v1/chat/completions`` and the chat-model seed routes (``/ocr``, ``/v1/ocr``,
 ``/v1/describe_region``).
 
-It turns OpenAI-style requests into the chat models' Triton contract (``MESSAGES`` and ``PARAMETERS`` as JSON,
-answers streamed back as ``TEXT`` / ``FINISH_REASON`` / ``USAGE``), and checks everything a client can get
-wrong before Triton sees it, so mistakes come back as 4xx with the offending field named.
+It turns OpenAI-style requests into the chat models' Triton contract (``MESSAGES`` or ``PROMPT``, and
+``PARAMETERS`` as JSON; answers streamed back as ``TEXT`` / ``FINISH_REASON`` / ``USAGE`` / ``INDEX`` /
+``LOGPROBS``), and checks everything a client can get wrong before Triton sees it, so mistakes come back as 4xx
+with the offending field named.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -35,6 +36,7 @@ from vlmserve.families.contract import ChatParams
 __all__ = [
     "CHAT_TASK",
     "ChatLimits",
+    "Choice",
     "ChatService",
     "Completion",
     "Delta",
@@ -44,7 +46,6 @@ __all__ = [
     "Usage",
     "build_inputs",
     "crop_region",
-    "normalize_stop",
     "ocr_prompt",
     "parse_box",
     "parse_delta",
@@ -56,7 +57,9 @@ __all__ = [
 log = logging.getLogger("vlmserve.gateway")
 
 CHAT_TASK = "chat"
-OUTPUTS = ["TEXT", "FINISH_REASON", "USAGE"]
+OUTPUTS = ["TEXT", "FINISH_REASON", "USAGE", "INDEX", "LOGPROBS"]
+# The request's last response carries USAGE (with n > 1 each choice ends with a FINISH_REASON first).
+FINAL_OUTPUT = "USAGE"
 # OpenAI's "developer" role is its newer name for "system".
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4  # what the chat models accept (model_repository/chat.py), and OpenAI's own limit
@@ -83,13 +86,15 @@ class ChatLimits:
     supports_video: bool = False
     max_video_frames: int = 8
     max_images: int | None = None
+    max_batch: int = 8
 
     @classmethod
     def of(cls, info: ModelInfo) -> ChatLimits:
         params = info.contract(ChatParams)
         return cls(max_new_tokens_limit=params.max_new_tokens_limit,
                    default_max_new_tokens=params.default_max_new_tokens, supports_video=params.supports_video,
-                   max_video_frames=params.max_video_frames, max_images=params.max_images)
+                   max_video_frames=params.max_video_frames, max_images=params.max_images,
+                   max_batch=params.max_batch)
 
 
 @dataclass
@@ -103,6 +108,17 @@ class Sampling:
     seed: int | None = None
     video_fps: float | None = None
     video_max_frames: int | None = None
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None  # vlmserve.api.openai.grammar_spec
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
 
     def check(self, limits: ChatLimits) -> None:
         """Raise APIError 400 naming the field that is out of range."""
@@ -129,20 +145,21 @@ class Sampling:
         if self.video_max_frames is not None and not 1 <= self.video_max_frames <= limits.max_video_frames:
             raise APIError(400, f"video_max_frames must be 1..{limits.max_video_frames} for this model, "
                                 f"got {self.video_max_frames}", code="invalid_value", param="video_max_frames")
+        if self.n is not None and not 1 <= self.n <= limits.max_batch:
+            raise APIError(400, f"n must be 1..{limits.max_batch} for this model (each choice is a row of its batch), "
+                                f"got {self.n}", code="invalid_value", param="n")
 
     def to_json(self) -> dict[str, Any]:
         values = {
             "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p, "stop": self.stop,
             "seed": self.seed, "video_fps": self.video_fps, "video_max_frames": self.video_max_frames,
+            "n": self.n if self.n != 1 else None, "presence_penalty": self.presence_penalty or None,
+            "frequency_penalty": self.frequency_penalty or None,
+            "repetition_penalty": self.repetition_penalty if self.repetition_penalty not in (None, 1.0) else None,
+            "logprobs": self.logprobs or None, "top_logprobs": self.top_logprobs or None,
+            "response_format": self.response_format,
         }
         return {k: v for k, v in values.items() if v is not None}
-
-
-def normalize_stop(stop: str | Sequence[str] | None) -> list[str] | None:
-    """OpenAI's ``stop`` (a string or a list) as a list; None when absent."""
-    if stop is None:
-        return None
-    return [stop] if isinstance(stop, str) else list(stop)
 
 
 # --- messages ---------------------------------------------------------------------------------------------
@@ -249,9 +266,14 @@ async def translate_messages(
     return out
 
 
-def build_inputs(messages: list[dict[str, Any]], sampling: Sampling | None = None) -> dict[str, np.ndarray]:
-    """The Triton inputs: ``MESSAGES`` and, when any setting is given, ``PARAMETERS`` (BYTES [1], JSON)."""
-    inputs = {"MESSAGES": _bytes_tensor(json.dumps(messages, ensure_ascii=False))}
+def build_inputs(messages: list[dict[str, Any]] | None, sampling: Sampling | None = None,
+                 prompt: str | None = None) -> dict[str, np.ndarray]:
+    """The Triton inputs: ``MESSAGES`` (or ``PROMPT``, raw text) and, when any setting is given, ``PARAMETERS``
+    (BYTES [1], JSON)."""
+    if prompt is not None:
+        inputs = {"PROMPT": _bytes_tensor(prompt)}
+    else:
+        inputs = {"MESSAGES": _bytes_tensor(json.dumps(messages, ensure_ascii=False))}
     params = sampling.to_json() if sampling is not None else {}
     if params:
         inputs["PARAMETERS"] = _bytes_tensor(json.dumps(params))
@@ -284,27 +306,56 @@ class Usage:
 
 @dataclass(frozen=True)
 class Delta:
-    """One streamed response: new text, and on the last one the finish reason and usage."""
+    """One streamed response of choice ``index``: new text (and its tokens' log probabilities when asked); when
+    the choice ends, its finish reason; on the request's last response, the usage."""
 
     text: str
     finish_reason: str | None = None
     usage: Usage | None = None
+    index: int = 0
+    logprobs: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class Choice:
+    """One choice of a whole answer."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass
 class Completion:
-    """A whole answer, aggregated from the stream."""
+    """A whole answer (every choice), aggregated from the stream."""
 
     model: ModelInfo
-    text: str
-    finish_reason: str
+    choices: list[Choice]
     usage: Usage
     latency_ms: float = 0.0
 
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str:
+        return self.choices[0].finish_reason or ""
+
 
 def parse_delta(values: Mapping[str, np.ndarray]) -> Delta:
-    """One Triton response (``TEXT``, ``FINISH_REASON``, ``USAGE``) as a :class:`Delta`."""
+    """One Triton response (``TEXT``, ``FINISH_REASON``, ``USAGE``, ``INDEX``, ``LOGPROBS``) as a :class:`Delta`."""
     text = _first_str(values.get("TEXT"))
+    index_array = values.get("INDEX")
+    index = int(index_array.reshape(-1)[0]) if index_array is not None and index_array.size else 0
+    raw_logprobs = _first_str(values.get("LOGPROBS"))
+    logprobs = None
+    if raw_logprobs:
+        try:
+            logprobs = json.loads(raw_logprobs)
+        except ValueError:
+            log.warning("chat model sent unreadable LOGPROBS: %.200r", raw_logprobs)
     finish = _first_str(values.get("FINISH_REASON")) or None
     raw_usage = _first_str(values.get("USAGE"))
     usage = None
@@ -317,7 +368,7 @@ def parse_delta(values: Mapping[str, np.ndarray]) -> Delta:
             # Token counts are bookkeeping; a malformed USAGE must not throw away the answer itself.
             log.warning("chat model sent an unreadable USAGE: %.200r", raw_usage)
             usage = Usage()
-    return Delta(text, finish, usage)
+    return Delta(text, finish, usage, index, logprobs)
 
 
 def _first_str(array: np.ndarray | None) -> str:
@@ -440,10 +491,14 @@ class ChatService:
         registry = await self.registry()
         return use_model(request, registry.find(CHAT_TASK, name, surface), self.settings.retry_after_s)
 
-    async def prepare(self, info: ModelInfo, messages: Any, sampling: Sampling) -> dict[str, np.ndarray]:
-        """Validate and translate a request for ``info``: the Triton inputs to send."""
+    async def prepare(self, info: ModelInfo, messages: Any, sampling: Sampling,
+                      prompt: str | None = None) -> dict[str, np.ndarray]:
+        """Validate and translate a request for ``info`` (``messages``, or a raw text ``prompt``): the Triton
+        inputs to send."""
         limits = ChatLimits.of(info)
         sampling.check(limits)
+        if prompt is not None:
+            return build_inputs(None, sampling, prompt=prompt)
         max_media = self.settings.max_images_per_request
         if limits.max_images is not None:
             max_media = min(max_media, limits.max_images)
@@ -455,44 +510,61 @@ class ChatService:
         )
         return build_inputs(translated, sampling)
 
-    async def stream(self, request: Request, info: ModelInfo,
-                     inputs: dict[str, np.ndarray]) -> AsyncGenerator[Delta, None]:
-        """The answer as deltas; the last one has ``finish_reason`` (and usually ``usage``).
+    async def stream(self, request: Request, info: ModelInfo, inputs: dict[str, np.ndarray],
+                     choices: int = 1) -> AsyncGenerator[Delta, None]:
+        """The answer as deltas; it ends after every one of the ``choices`` has had its ``finish_reason`` (the
+        last delta usually has ``usage``).
 
         Close it (``aclose``) to abandon the answer: that cancels the request in Triton.
         """
         request.app.state.metrics.items.labels(info.name).inc()
-        responses = self.backend.stream(info.name, inputs, OUTPUTS)
+        responses = self.backend.stream(info.name, inputs, OUTPUTS, final_output=FINAL_OUTPUT)
+        finished: set[int] = set()
         try:
             async for values in responses:
                 delta = parse_delta(values)
                 yield delta
                 if delta.finish_reason:
+                    finished.add(delta.index)
+                if len(finished) >= choices or delta.usage is not None:
                     return
         finally:
             # Closed here, not left to garbage collection, so an abandoned answer is cancelled right away.
             await responses.aclose()
 
-    async def complete(self, request: Request, info: ModelInfo, inputs: dict[str, np.ndarray]) -> Completion:
-        """The whole answer (the stream aggregated)."""
+    async def complete(self, request: Request, info: ModelInfo, inputs: dict[str, np.ndarray],
+                       choices: int = 1) -> Completion:
+        """The whole answer (the stream aggregated, per choice)."""
         timer = _Timer()
-        texts: list[str] = []
-        finish, usage = None, None
-        deltas = self.stream(request, info, inputs)
+        answers = [Choice(i) for i in range(choices)]
+        texts: list[list[str]] = [[] for _ in range(choices)]
+        usage = None
+        deltas = self.stream(request, info, inputs, choices)
         try:
             async for delta in deltas:
-                texts.append(delta.text)
-                finish, usage = delta.finish_reason, delta.usage or usage
+                if not 0 <= delta.index < choices:
+                    raise APIError(502, f"{info.name} answered for choice {delta.index} of {choices}",
+                                   code="inference_failed")
+                answer = answers[delta.index]
+                texts[delta.index].append(delta.text)
+                if delta.logprobs is not None:
+                    answer.logprobs = (answer.logprobs or []) + delta.logprobs
+                answer.finish_reason = delta.finish_reason or answer.finish_reason
+                usage = delta.usage or usage
         finally:
             await deltas.aclose()
-        if finish is None:
+        if any(a.finish_reason is None for a in answers):
             raise APIError(502, f"{info.name} ended its answer without a finish reason", code="inference_failed")
-        return Completion(info, "".join(texts), finish, usage or Usage(), timer.ms())
+        for answer, parts in zip(answers, texts, strict=True):
+            answer.text = "".join(parts)
+        return Completion(info, answers, usage or Usage(), timer.ms())
 
     async def ask_about_image(self, request: Request, info: ModelInfo, image: bytes, prompt: str,
-                              max_tokens: int | None = None) -> Completion:
-        """One user turn: ``image`` then ``prompt``; used by the OCR and region routes."""
-        sampling = Sampling(max_tokens=max_tokens)
+                              max_tokens: int | None = None,
+                              response_format: dict[str, Any] | None = None) -> Completion:
+        """One user turn: ``image`` then ``prompt``; used by the OCR and region routes (``response_format``: the
+        model's grammar spec, for JSON answers)."""
+        sampling = Sampling(max_tokens=max_tokens, response_format=response_format)
         sampling.check(ChatLimits.of(info))
         messages = [{"role": "user", "content": [
             {"type": "image", "data": base64.b64encode(image).decode("ascii")},

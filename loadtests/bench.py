@@ -9,7 +9,9 @@ reported as median with min–max spread):
   siglip: ``POST /embed`` with one photo, N users, against each baseline, vlmserve (the runtime export chose for
     this host), vlmserve int8, and straight to Triton (gateway overhead);
   florence: Florence-2 ``caption`` via ``POST /infer``, M users;
-  chat: SmolVLM2 streaming ``/v1/chat/completions`` at 1 and K users: output tokens/s, TTFT, inter-token latency.
+  chat: SmolVLM2 streaming ``/v1/chat/completions`` at 1 and K users: output tokens/s, TTFT, inter-token latency;
+    and vlmserve at K users with a share of the requests asking for JSON-schema output (constrained decoding rows
+    mixed into the same batch): tokens/s mixed vs free.
 Also measured in the same run: the host's CPU and ISA, GEMM ceilings per precision, each encoder alone
 ("raw"), resident memory per Triton model, and the served embeddings' cosine to the transformers reference.
 Writes ``<out>/<name>.{json,md,png}``. Models: the ``perf`` set (real sizes, random weights).
@@ -40,7 +42,7 @@ REPORTS = paths.PROJECT_ROOT / "loadtests" / "reports"
 USERS_FILE = paths.PROJECT_ROOT / "loadtests" / "bench_users.py"
 GEMM_N = 2048
 CHAT_REQUEST = "chat completion"  # Locust names used by bench_users.ChatUser
-CHAT_METRICS = {"ttft": "chat TTFT", "itl": "chat ITL", "tokens": "chat tokens"}
+CHAT_METRICS = {"ttft": "chat TTFT", "itl": "chat ITL", "tokens": "chat tokens", "structured": "chat structured"}
 
 
 @dataclass
@@ -200,6 +202,9 @@ def run_locust(s: Scenario, out: Path, round_no: int) -> dict[str, Any]:
             })
             # Over the run's wall time (Locust's rate includes requests finishing after -t), not over -t.
             result["tokens_per_s"] = result["output_tokens"] * result["rps"] / max(result["requests"], 1)
+            structured = rows.get(CHAT_METRICS["structured"])
+            if structured:
+                result["structured_requests"] = int(structured["Request Count"])
     return result
 
 
@@ -246,7 +251,8 @@ def _checkpoints(model_set: str) -> Path:
 def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, florence_users: int = 8,
               florence_duration_s: int = 90, max_new_tokens: int = 32, florence: bool = True, chat: bool = True,
               chat_users: tuple[int, ...] = (1, 8), chat_duration_s: int = 40, chat_max_tokens: int = 32,
-              repeats: int = 3, model_set: str = "perf", out_dir: Path = REPORTS, log=print) -> Path:
+              chat_structured_share: float = 0.5, repeats: int = 3, model_set: str = "perf",
+              out_dir: Path = REPORTS, log=print) -> Path:
     from export.progress import Progress
     from export.repository import ExportOptions
     from export.run import export_model_set
@@ -324,6 +330,11 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
             chat_env = {"VLMSERVE_BENCH_MAX_NEW_TOKENS": str(chat_max_tokens), "VLMSERVE_BENCH_CHAT_IMAGE": "none"}
             scenarios += [Scenario(f"chat-{system}-{n}u", "chat", "ChatUser", url, n, chat_duration_s,
                                    chat_env) for n in chat_users for system, url in targets.items()]
+            if chat_structured_share > 0:
+                # vlmserve only: the baselines have no constrained decoding.
+                scenarios.append(Scenario(
+                    f"chat-vlmserve-mixed-{chat_users[-1]}u", "chat", "ChatUser", gw, chat_users[-1],
+                    chat_duration_s, {**chat_env, "VLMSERVE_BENCH_STRUCTURED_SHARE": str(chat_structured_share)}))
         for round_no in range(1, repeats + 1):
             for s in scenarios:
                 log(f"round {round_no}/{repeats}: {s.name}: {s.users} users for {s.duration_s}s against {s.host}")
@@ -350,7 +361,8 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
         "settings": {"model_set": model_set, "users": users, "duration_s": duration_s,
                      "florence_users": florence_users, "florence_duration_s": florence_duration_s,
                      "max_new_tokens": max_new_tokens, "chat_users": list(chat_users),
-                     "chat_duration_s": chat_duration_s, "chat_max_tokens": chat_max_tokens, "repeats": repeats},
+                     "chat_duration_s": chat_duration_s, "chat_max_tokens": chat_max_tokens,
+                     "chat_structured_share": chat_structured_share, "repeats": repeats},
         "runtime_choice": {m: {k: c[k] for k in ("runtime", "precision", "items_per_s", "min_cosine", "candidates")}
                            for m, c in choices.items()},
         "int8_min_cosine": stamps.get("siglip", {}).get("int8_min_cosine"),
@@ -362,7 +374,8 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
         **extra,
         "command": f"vlmserve bench --name {name} --users {users} --duration {duration_s} --florence-users "
                    f"{florence_users} --florence-duration {florence_duration_s} --chat-duration {chat_duration_s} "
-                   f"--repeats {repeats}" + ("" if florence else " --no-florence") + ("" if chat else " --no-chat"),
+                   f"--chat-structured-share {chat_structured_share} --repeats {repeats}"
+                   + ("" if florence else " --no-florence") + ("" if chat else " --no-chat"),
     }
     report["derived"] = derive(report)
     json_path = out_dir / f"{name}.json"
@@ -468,6 +481,9 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
         d["chat_tokens_per_s_vs_stronger_baseline"] = _ratio(rps(f"chat-vlmserve-{high}u", "tokens_per_s"), c_base)
         d["chat_ttft_p95_loaded_over_idle_p50"] = _ratio(rps(f"chat-vlmserve-{high}u", "ttft_p95_ms"),
                                                          rps(f"chat-vlmserve-{low}u", "ttft_p50_ms"))
+        if f"chat-vlmserve-mixed-{high}u" in s:
+            d["chat_mixed_structured_tokens_per_s_vs_free"] = _ratio(
+                rps(f"chat-vlmserve-mixed-{high}u", "tokens_per_s"), rps(f"chat-vlmserve-{high}u", "tokens_per_s"))
     return d
 
 
@@ -549,6 +565,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| chat TTFT p95 at {st['chat_users'][-1]} users / idle TTFT p50 | "
             f"{_fmt(d['chat_ttft_p95_loaded_over_idle_p50'])}x |",
         ]
+    if d.get("chat_mixed_structured_tokens_per_s_vs_free") is not None:
+        lines.append(f"| chat tokens/s at {st['chat_users'][-1]} users with {100 * st['chat_structured_share']:.0f}% "
+                     "JSON-schema requests / all free | "
+                     f"{_fmt(d['chat_mixed_structured_tokens_per_s_vs_free'])}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -27,6 +27,15 @@ CHAT_IMAGE_SPEC = os.environ.get("VLMSERVE_BENCH_CHAT_IMAGE", "96x48")
 CHAT_PROMPT = os.environ.get("VLMSERVE_BENCH_CHAT_PROMPT",
                              "Describe this picture in as much detail as you can, then tell a long story about it.")
 TIMING_LOG = os.environ.get("VLMSERVE_BENCH_TIMING_LOG")
+# Share of chat requests sent with a JSON-schema response_format (constrained decoding), mixed into the free ones.
+STRUCTURED_SHARE = float(os.environ.get("VLMSERVE_BENCH_STRUCTURED_SHARE", "0"))
+# No length bounds: like the free requests, structured ones run to max_tokens with random weights (the grammar
+# masks every step, which is the cost measured).
+STRUCTURED_FORMAT = {"type": "json_schema", "json_schema": {"name": "scene", "strict": True, "schema": {
+    "type": "object",
+    "properties": {"summary": {"type": "string"}, "objects": {"type": "array", "items": {"type": "string"}}},
+    "required": ["summary", "objects"], "additionalProperties": False,
+}}}
 
 
 IMAGES = [_photo(w, h, i) for i, (w, h) in enumerate([(224, 224), (640, 480), (1024, 768), (800, 600)])]
@@ -114,13 +123,20 @@ class ChatUser(HttpUser):
     - ``chat tokens`` (METRIC): response_length = completion_tokens, so Request Count x Average Content Size
       is all output tokens (divide by the run time for output tokens/s);
     - ``chat stopped early`` (METRIC): fired when a request ended before ``max_tokens`` (EOS), which would make
-      token counts differ between servers; with random perf weights it should stay empty.
+      token counts differ between servers; with random perf weights it should stay empty (a structured answer
+      may end early when its JSON document is complete);
+    - ``chat structured`` (METRIC): one per request sent with ``response_format`` (``VLMSERVE_BENCH_STRUCTURED_SHARE``
+      of them, spread evenly); its answer must open a JSON object and, when it ended by ``stop``, parse, else
+      the request counts as failed.
 
     There is no ``ignore_eos`` in either API; random weights over a 49280-token vocabulary almost never pick
     EOS, so greedy answers run to ``max_tokens``.
     """
 
     wait_time = constant(0)
+
+    def on_start(self) -> None:
+        self.structured_credit = 1.0 - STRUCTURED_SHARE if STRUCTURED_SHARE > 0 else 0.0  # first one: structured
 
     def _metric(self, name: str, value: float, length: int = 0) -> None:
         self.environment.events.request.fire(request_type="METRIC", name=name, response_time=value,
@@ -135,11 +151,17 @@ class ChatUser(HttpUser):
         }
         if CHAT_IMAGE:
             body["messages"][0]["content"].insert(0, {"type": "image_url", "image_url": {"url": CHAT_IMAGE}})
+        self.structured_credit += STRUCTURED_SHARE
+        structured = self.structured_credit >= 1
+        if structured:
+            self.structured_credit -= 1
+            body["response_format"] = STRUCTURED_FORMAT
         start = time.perf_counter()
         first = last = None
         usage = None
         finish = None
         received = 0
+        text: list[str] = []
         with self.client.post("/v1/chat/completions", json=body, name="chat completion", stream=True,
                               catch_response=True) as r:
             try:
@@ -164,9 +186,13 @@ class ChatUser(HttpUser):
                         if choice.get("delta", {}).get("content"):
                             last = time.perf_counter()
                             first = first or last
+                            text.append(choice["delta"]["content"])
                         finish = choice.get("finish_reason") or finish
                 if not done or usage is None or first is None:
                     r.failure(f"incomplete stream (done={done}, usage={usage is not None}, text={first is not None})")
+                    return
+                if structured and not _json_answer_ok("".join(text), finish):
+                    r.failure(f"structured answer is not JSON: {''.join(text)[:120]!r}")
                     return
             finally:
                 # Locust timed the headers only (stream=True): report the whole answer.
@@ -179,3 +205,17 @@ class ChatUser(HttpUser):
         self._metric("chat tokens", 0, tokens)
         if tokens < MAX_NEW_TOKENS or finish != "length":
             self._metric("chat stopped early", 0, tokens)
+        if structured:
+            self._metric("chat structured", 0, tokens)
+
+
+def _json_answer_ok(text: str, finish: str | None) -> bool:
+    """A constrained answer opens an object; when it ended by itself (not cut by max_tokens) it parses."""
+    if not text.startswith("{"):
+        return False
+    if finish != "stop":
+        return True
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False

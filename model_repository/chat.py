@@ -1,10 +1,17 @@
 """Decoupled Triton models for chat VLMs (``qwen2vl``, ``smolvlm2``): OpenAI-style messages in, text streamed out.
 
 Inputs: ``MESSAGES`` (BYTES, JSON list of ``{"role", "content"}``; content is a string or parts
-``{"type": "text", "text"}``, ``{"type": "image", "data": base64}``, ``{"type": "video", "data": base64}``) and
-optional ``PARAMETERS`` (BYTES, JSON: max_tokens, temperature, top_p, stop, seed, video_fps,
-video_max_frames). Every response carries ``TEXT`` (a delta), ``FINISH_REASON`` ("" until the final response:
-stop | length | cancelled) and ``USAGE`` (JSON on the final response). Bad input is an INVALID_ARG error.
+``{"type": "text", "text"}``, ``{"type": "image", "data": base64}``, ``{"type": "video", "data": base64}``) or
+``PROMPT`` (BYTES, raw text: no chat template, for ``/v1/completions``), and optional ``PARAMETERS`` (BYTES,
+JSON, ``vlmserve.api.openai.GenerationParameters``: max_tokens, temperature, top_p, stop, seed, n,
+presence_penalty, frequency_penalty, repetition_penalty, logprobs, top_logprobs, response_format, video_fps,
+video_max_frames).
+
+Every response carries ``TEXT`` (a delta of choice ``INDEX``), ``FINISH_REASON`` ("" until that choice ends:
+stop | length | cancelled), ``LOGPROBS`` (JSON list for the delta's tokens when asked: ``{"token", "logprob",
+"bytes", "top_logprobs"}``, else "") and ``USAGE`` (JSON on the request's final response only: with ``n`` > 1
+every choice ends with a FINISH_REASON, and the last of them carries USAGE, summed over the choices).
+Bad input is an INVALID_ARG error.
 """
 
 from __future__ import annotations
@@ -21,14 +28,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from model_repository import runtime
 from model_repository.chat_engine import (
     ChatEngine,
     ChatJob,
     SamplingParams,
+    TokenLogprob,
     render_prompt,
 )
+from vlmserve.api.openai import GenerationParameters
 from vlmserve.families.contract import DEFAULT_MAX_PIXELS, ChatParams
 
 ROLES = {"system", "user", "assistant"}
@@ -182,31 +192,69 @@ def parse_messages(raw: bytes, video_fps: float, max_frames: int, max_images: in
     return out
 
 
-def parse_params(raw: bytes | None, default_max_tokens: int, max_tokens_limit: int) -> tuple[SamplingParams, dict]:
+def parse_params(raw: bytes | None, default_max_tokens: int, max_tokens_limit: int,
+                 max_choices: int = 8) -> tuple[SamplingParams, GenerationParameters]:
+    """``PARAMETERS`` checked with the gateway's own rules (``GenerationParameters``) and the model's limits.
+
+    The grammar of a ``response_format`` is compiled later (``ChatModel``), against the model's tokenizer.
+    """
     try:
-        params = json.loads(raw) if raw else {}
+        data = json.loads(raw) if raw else {}
     except (UnicodeDecodeError, ValueError):
         raise runtime.InputError("PARAMETERS must be a JSON object") from None
-    if not isinstance(params, dict):
+    if not isinstance(data, dict):
         raise runtime.InputError("PARAMETERS must be a JSON object")
     try:
-        max_tokens = int(default_max_tokens if params.get("max_tokens") is None else params["max_tokens"])
-        temperature = float(params.get("temperature", 0.0) or 0.0)
-        top_p = float(params.get("top_p", 1.0) if params.get("top_p") is not None else 1.0)
-        seed = None if params.get("seed") is None else int(params["seed"])
-    except (TypeError, ValueError):
-        raise runtime.InputError("PARAMETERS: max_tokens/seed must be integers, temperature/top_p numbers") from None
-    stop = params.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise runtime.InputError("PARAMETERS.stop must be a string or a list of up to 4 non-empty strings")
+        params = GenerationParameters.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'PARAMETERS'}: {e['msg']}"
+                             for e in exc.errors())
+        raise runtime.InputError(f"PARAMETERS: {problems}") from None
+    max_tokens = default_max_tokens if params.max_tokens is None else params.max_tokens
     if not 1 <= max_tokens <= max_tokens_limit:
         raise runtime.InputError(f"max_tokens must be 1..{max_tokens_limit}, got {max_tokens}")
-    if not 0.0 <= temperature <= 2.0:
-        raise runtime.InputError(f"temperature must be 0..2, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise runtime.InputError(f"top_p must be in (0, 1], got {top_p}")
-    return SamplingParams(max_tokens, temperature, top_p, tuple(stop), seed), params
+    if params.n > max_choices:
+        raise runtime.InputError(f"n must be 1..{max_choices} for this model (its max_batch), got {params.n}")
+    if params.top_logprobs and not params.logprobs:
+        raise runtime.InputError("top_logprobs needs logprobs: true")
+    sampling = SamplingParams(
+        max_tokens, params.temperature, params.top_p, tuple(params.stop), params.seed,
+        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty, logprobs=params.logprobs, top_logprobs=params.top_logprobs,
+    )
+    return sampling, params
+
+
+def prepare_text(tokenizer, prompt: str) -> tuple[dict[str, Any], int]:
+    """A raw text prompt (``PROMPT``, no chat template) as model inputs, tokenized as transformers would."""
+    if not prompt:
+        raise runtime.InputError("PROMPT must be non-empty text")
+    ids = tokenizer(prompt)["input_ids"]
+    return {"input_ids": ids}, len(ids)
+
+
+def render_logprobs(entries: list[TokenLogprob], tokenizer, grammars) -> list[dict[str, Any]]:
+    """Token log probabilities in OpenAI's shape: ``{"token", "logprob", "bytes", "top_logprobs": [...]}``.
+
+    ``bytes`` are the token's exact bytes; a token that is only part of a UTF-8 character is shown as
+    ``"bytes:\\xe2\\x80"`` (OpenAI's convention).
+    """
+    special = set(getattr(tokenizer, "all_special_ids", []))
+
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        if token in special:
+            text = tokenizer.convert_ids_to_tokens(token)
+            data = text.encode("utf-8")
+        else:
+            data = grammars.token_bytes(token)
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+        # -inf (a token the model gives no chance) is not JSON: the smallest float says the same.
+        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(data)}
+
+    return [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]
 
 
 # ---------------------------------------------------------------------------------------------- pipelines
@@ -307,12 +355,14 @@ def resolve_attention(setting: str, device: str) -> str:
 
 
 
-def _response(text: str, finish: str, usage: dict | None):
+def _response(text: str, finish: str, usage: dict | None, index: int = 0, logprobs: list | None = None):
     pb = runtime.pb_utils
     tensors = [
         pb.Tensor("TEXT", np.array([text.encode("utf-8")], dtype=np.object_)),
         pb.Tensor("FINISH_REASON", np.array([finish.encode()], dtype=np.object_)),
         pb.Tensor("USAGE", np.array([json.dumps(usage).encode() if usage else b""], dtype=np.object_)),
+        pb.Tensor("INDEX", np.array([index], dtype=np.int32)),
+        pb.Tensor("LOGPROBS", np.array([json.dumps(logprobs).encode() if logprobs else b""], dtype=np.object_)),
     ]
     return pb.InferenceResponse(output_tensors=tensors)
 
@@ -340,6 +390,53 @@ class Admission:
                     self.count -= 1
 
         return release
+
+
+class ChoiceGroup:
+    """The ``n`` rows of one request answering through one Triton response sender: per-choice deltas, and the
+    final flag (with the summed usage) only once, on the last choice's end."""
+
+    def __init__(self, sender, n: int, is_cancelled, render, release: Callable[[], None] = lambda: None) -> None:
+        self.sender = sender
+        self.release = release  # the request's admission slot, freed when its last choice ends
+        self.open = n
+        self.closed = False
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "batch_size": 0}
+        self.request_cancelled = is_cancelled
+        self.render = render  # TokenLogprob entries -> OpenAI dicts
+
+    def is_cancelled(self) -> bool:
+        return self.closed or self.request_cancelled()
+
+    def emitter(self, job_ref: list[ChatJob]):
+        pb = runtime.pb_utils
+
+        def emit(text: str, finish: str, usage: dict | None) -> None:
+            if self.closed:
+                return
+            job = job_ref[0]
+            if finish == "error":
+                self.closed = True  # the other choices stop at their next step
+                self.release()
+                self.sender.send(runtime.error_response(text), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                return
+            logprobs = self.render(job.take_logprobs()) if job.params.logprobs else None
+            if finish:
+                self.open -= 1
+                if usage:
+                    self.usage["prompt_tokens"] = usage["prompt_tokens"]
+                    self.usage["completion_tokens"] += usage["completion_tokens"]
+                    self.usage["batch_size"] = max(self.usage["batch_size"], usage["batch_size"])
+                last = self.open == 0
+                self.closed = last
+                if last:
+                    self.release()
+                self.sender.send(_response(text, finish, dict(self.usage) if last else None, job.index, logprobs),
+                                 flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0)
+            elif text or logprobs:
+                self.sender.send(_response(text, "", None, job.index, logprobs))
+
+        return emit
 
 
 class ChatModel:
@@ -374,6 +471,8 @@ class ChatModel:
         self.admission = Admission(params.max_batch + params.max_queue_size)
         self.engine = ChatEngine(self.pipeline, params.max_batch, params.batch_window_ms / 1000,
                                  params.max_batch_tokens)
+        # Static pipelines (deepseek_ocr) run plain requests only; the per-row features live in the decode loop.
+        self.grammars = self.engine.loop.grammars if self.engine.loop is not None else None
 
     def execute(self, requests):
         pb = runtime.pb_utils
@@ -390,18 +489,40 @@ class ChatModel:
                 continue
             try:
                 raw_params = pb.get_input_tensor_by_name(request, "PARAMETERS")
-                params, extra = parse_params(
+                params, settings = parse_params(
                     None if raw_params is None else runtime.as_bytes_list(raw_params.as_numpy())[0],
-                    self.default_max_tokens, self.max_tokens_limit,
+                    self.default_max_tokens, self.max_tokens_limit, self.engine.max_batch,
                 )
-                fps = float(extra.get("video_fps") or self.default_fps)
-                frames = min(int(extra.get("video_max_frames") or self.max_frames), self.max_frames)
-                if not 0 < fps <= 30:
-                    raise runtime.InputError(f"video_fps must be in (0, 30], got {fps}")
-                raw = runtime.as_bytes_list(pb.get_input_tensor_by_name(request, "MESSAGES").as_numpy())[0]
-                messages = parse_messages(raw, fps, max(1, frames), self.max_images,
-                                          self.video_limits.max_pixels, self.video_limits)
-                inputs, prompt_tokens = self.pipeline.prepare(messages)
+                if self.grammars is None and (settings.n > 1 or settings.logprobs or params.penalised
+                                              or settings.response_format is not None):
+                    raise runtime.InputError("n, logprobs, penalties and response_format need a continuously "
+                                             "batched chat model; this one runs plain requests only")
+                if settings.response_format is not None:
+                    assert self.grammars is not None
+                    try:
+                        params.grammar = self.grammars.compile(settings.response_format)
+                    except ValueError as exc:
+                        raise runtime.InputError(str(exc)) from None
+                raw_prompt = pb.get_input_tensor_by_name(request, "PROMPT")
+                raw_messages = pb.get_input_tensor_by_name(request, "MESSAGES")
+                if (raw_prompt is None) == (raw_messages is None):
+                    raise runtime.InputError("send MESSAGES (a conversation) or PROMPT (raw text), one of them")
+                if raw_prompt is not None:
+                    if self.grammars is None:
+                        raise runtime.InputError("PROMPT needs a continuously batched chat model; send MESSAGES")
+                    prompt = runtime.as_bytes_list(raw_prompt.as_numpy())[0].decode("utf-8", errors="strict")
+                    inputs, prompt_tokens = prepare_text(self.pipeline.tokenizer, prompt)
+                else:
+                    fps = float(settings.video_fps or self.default_fps)
+                    frames = min(int(settings.video_max_frames or self.max_frames), self.max_frames)
+                    raw = runtime.as_bytes_list(raw_messages.as_numpy())[0]
+                    messages = parse_messages(raw, fps, max(1, frames), self.max_images,
+                                              self.video_limits.max_pixels, self.video_limits)
+                    inputs, prompt_tokens = self.pipeline.prepare(messages)
+            except UnicodeDecodeError:
+                release()
+                sender.send(runtime.error_response("PROMPT must be UTF-8 text", invalid_arg=True), flags=final)
+                continue
             except runtime.InputError as exc:
                 release()
                 sender.send(runtime.error_response(str(exc), invalid_arg=True), flags=final)
@@ -412,17 +533,17 @@ class ChatModel:
                             flags=final)
                 continue
 
-            def emit(text: str, finish: str, usage: dict | None, sender=sender, release=release) -> None:
-                if finish:
-                    release()
-                if finish == "error":
-                    sender.send(runtime.error_response(text), flags=final)
-                elif finish:
-                    sender.send(_response(text, finish, usage), flags=final)
-                elif text:
-                    sender.send(_response(text, "", None))
-
-            self.engine.submit(ChatJob(inputs, params, prompt_tokens, emit, request.is_cancelled))
+            group = ChoiceGroup(sender, settings.n, request.is_cancelled,
+                                lambda entries: render_logprobs(entries, self.pipeline.tokenizer, self.grammars),
+                                release)
+            jobs = []
+            for index in range(settings.n):
+                ref: list[ChatJob] = []
+                jobs.append(ChatJob(inputs, params, prompt_tokens, group.emitter(ref), group.is_cancelled,
+                                    index=index))
+                ref.append(jobs[-1])
+            jobs[0].shared = jobs[1:]
+            self.engine.submit(jobs[0])
         return None
 
     def finalize(self) -> None:

@@ -7,14 +7,19 @@ mask and, per row, the next position id and the token to feed next. Every :meth:
    prefilled alone (images through the vision encoder), its first token sampled and streamed, and its cache
    left-padded into the batch's;
 2. runs one decode forward for all rows (explicit per-row position ids; the family maps them to its own form,
-   e.g. Qwen2-VL's mrope triple), samples each row with its own temperature / top-p / seed;
+   e.g. Qwen2-VL's mrope triple), and picks each row's token from its own logits with its own settings
+   (:class:`RowSampler`: log probabilities, repetition / presence / frequency penalties, a JSON-schema grammar
+   mask, temperature / top-p / seed), so rows with different settings share one forward;
 3. streams each row's text (:class:`RowStreamer`: stop strings, ``max_tokens``, cancellation) and drops the rows
    that finished, with their KV, trimming padding that no remaining row needs.
 
 Rows never see each other (padding is masked and each row's positions are its own), so a greedy request gives
-the same tokens alone or joined to a running batch. A family plugs in through :class:`DecoderFamily`
-(``QwenPipeline``, ``SmolVLMPipeline``). Pipelines without it (``deepseek_ocr``, whose remote code has no forward
-we can drive step by step) keep the static path: jobs arriving within ``window_s`` go to ``run_batch`` together.
+the same tokens alone or joined to a running batch. A request for ``n`` choices is ``n`` rows that share one
+prefill: its KV cache is copied into each row and every row samples its own first token.
+
+A family plugs in through :class:`DecoderFamily` (``QwenPipeline``, ``SmolVLMPipeline``). Pipelines without it
+(``deepseek_ocr``, whose remote code has no forward we can drive step by step) keep the static path: jobs arriving
+within ``window_s`` go to ``run_batch`` together.
 """
 
 from __future__ import annotations
@@ -42,6 +47,31 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    grammar: str | None = None  # a compiled llguidance grammar (model_repository.structured.Grammars.compile)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy on the raw logits: the batch's one argmax serves this row."""
+        return (self.temperature <= 0 and not self.logprobs and self.grammar is None and not self.penalised)
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log probability and the ``top`` most likely tokens at its step (ids, log probs),
+    taken from the model's raw distribution (before penalties, grammar mask and temperature, as vLLM does)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -53,11 +83,26 @@ class ChatJob:
     prompt_tokens: int
     emit: Callable[[str, str, dict | None], None]  # (delta, finish_reason or "", usage or None)
     is_cancelled: Callable[[], bool] = lambda: False
+    index: int = 0  # the choice this row is (n > 1); its seed is ``seed + index``
+    shared: list[ChatJob] = field(default_factory=list)  # the request's other choices: prefilled with this job
+    prompt_ids: list[int] = field(default_factory=list)  # for repetition_penalty (defaults to inputs' input_ids)
     # filled while decoding
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs_sent: int = 0
     sent: str = ""
     finish: str = ""
     batch_size: int = 0  # the most rows this job shared a decode step with
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids and isinstance(self.inputs, dict) and isinstance(self.inputs.get("input_ids"), list):
+            self.prompt_ids = self.inputs["input_ids"]
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The log probabilities of the tokens generated since the last call (what a delta carries)."""
+        new = self.logprobs[self.logprobs_sent:]
+        self.logprobs_sent = len(self.logprobs)
+        return new
 
     @property
     def kv_reservation(self) -> int:
@@ -99,30 +144,89 @@ class DecoderFamily(Protocol):
 
 
 class RowSampler:
-    """One row's sampling: greedy, or temperature / top-p with the row's own seeded generator."""
+    """One row's next-token choice, all on that row's logits: raw log probabilities (when asked), repetition /
+    presence / frequency penalties, the grammar mask, then greedy or temperature / top-p with the row's own
+    seeded generator."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, index: int = 0, grammars: Any = None) -> None:
         import torch
 
         self.torch = torch
         self.params = params
         self.generator = torch.Generator()
-        self.generator.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
+        # torch takes seeds in [-2**63, 2**64): seed + index (index < MAX_N) of an int64 seed always fits.
+        self.generator.manual_seed(params.seed + index if params.seed is not None else time.time_ns() % 2**63)
+        self.grammar = None
+        if params.grammar is not None:
+            from model_repository.structured import RowGrammar
 
-    def __call__(self, logits) -> int:
+            if grammars is None:
+                raise ValueError("structured output needs the model's grammars")
+            self.grammar = RowGrammar(grammars, params.grammar)
+        self.last: TokenLogprob | None = None
+
+    def __call__(self, logits, job: ChatJob | None = None) -> int:
         torch = self.torch
+        params = self.params
         logits = logits.float().cpu()
-        if self.params.temperature <= 0:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits / self.params.temperature, dim=-1)
-        if self.params.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < self.params.top_p
-            keep[0] = True
-            filtered = torch.zeros_like(probs)
-            filtered[order[keep]] = sorted_probs[keep]
-            probs = filtered / filtered.sum()
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        if params.logprobs:
+            self.last = self._logprobs(logits)
+        if params.penalised or self.grammar is not None:
+            logits = logits.clone()  # the prefill's logits are shared by the choices of one request
+        if params.penalised and job is not None:
+            self._penalise(logits, job)
+        if self.grammar is not None:
+            self.grammar.mask(logits)
+        if params.temperature <= 0:
+            token = int(torch.argmax(logits))
+        else:
+            probs = torch.softmax(logits / params.temperature, dim=-1)
+            if params.top_p < 1.0:
+                sorted_probs, order = torch.sort(probs, descending=True)
+                keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
+                keep[0] = True
+                filtered = torch.zeros_like(probs)
+                filtered[order[keep]] = sorted_probs[keep]
+                probs = filtered / filtered.sum()
+            token = int(torch.multinomial(probs, 1, generator=self.generator))
+        if self.last is not None:
+            self.last.token = token
+            self.last.logprob = float(self._raw_logprobs[token])
+        if self.grammar is not None:
+            self.grammar.advance(token)
+        return token
+
+    def _logprobs(self, logits) -> TokenLogprob:
+        torch = self.torch
+        raw = torch.log_softmax(logits, dim=-1)
+        self._raw_logprobs = raw
+        top: list[tuple[int, float]] = []
+        if self.params.top_logprobs:
+            values, ids = torch.topk(raw, min(self.params.top_logprobs, raw.shape[-1]))
+            top = list(zip(ids.tolist(), values.tolist(), strict=True))
+        return TokenLogprob(-1, 0.0, top)
+
+    def _penalise(self, logits, job: ChatJob) -> None:
+        torch = self.torch
+        params = self.params
+        vocab = logits.shape[-1]
+        if params.repetition_penalty != 1.0:
+            # transformers' / vLLM's rule over prompt and answer tokens: shrink positive logits, grow negative ones.
+            seen = torch.tensor(sorted({t for t in (*job.prompt_ids, *job.token_ids) if 0 <= t < vocab}),
+                                dtype=torch.long)
+            if seen.numel():
+                picked = logits[seen]
+                logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty,
+                                           picked * params.repetition_penalty)
+        if (params.presence_penalty or params.frequency_penalty) and job.token_ids:
+            # OpenAI's rule over the answer so far: minus frequency x count, minus presence once per seen token.
+            counts = torch.bincount(torch.tensor(job.token_ids, dtype=torch.long), minlength=vocab)[:vocab].float()
+            logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+
+    @property
+    def complete(self) -> bool:
+        """The row's grammar admits nothing but end-of-sequence: the structured answer is whole."""
+        return self.grammar is not None and self.grammar.complete
 
 
 class RowStreamer:
@@ -167,6 +271,10 @@ class RowStreamer:
             job.emit(text[len(job.sent):], "", None)
             job.sent = text
 
+    def finish(self, job: ChatJob, reason: str) -> None:
+        """End the row now (e.g. its grammar is complete), flushing the text held back."""
+        self._finish(job, reason)
+
     def _finish(self, job: ChatJob, reason: str) -> None:
         if reason != "cancelled":
             # Flush what was held back: no stop string matched it (``_stream`` checked all the text).
@@ -180,6 +288,12 @@ class RowStreamer:
         usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": len(job.token_ids),
                  "batch_size": job.batch_size}
         job.emit("", job.finish, usage)
+
+
+def vocab_size(family: DecoderFamily) -> int:
+    """The width of the family's logits (may exceed the tokenizer's length: padded embedding tables)."""
+    head = family.model.lm_head
+    return int(getattr(head, "out_features", None) or head.weight.shape[0])
 
 
 def _fail(job: ChatJob, exc: Exception) -> None:
@@ -210,6 +324,7 @@ class DecodeLoop:
         self.max_batch = max_batch
         self.max_batch_tokens = max_batch_tokens
         self.streamer = RowStreamer(family.tokenizer, family.eos_ids)
+        self._grammars: Any = getattr(family, "grammars", None)
         self.waiting: deque[ChatJob] = deque()
         self.rows: list[ChatJob] = []
         self.samplers: list[RowSampler] = []
@@ -219,7 +334,17 @@ class DecodeLoop:
         self.next_tokens: Any = None  # [rows]
 
     def add(self, job: ChatJob) -> None:
+        """Queue a request: ``job`` and the choices in ``job.shared`` (admitted together, one prefill)."""
         self.waiting.append(job)
+
+    @property
+    def grammars(self) -> Any:
+        """The family's :class:`~model_repository.structured.Grammars` (made on first use)."""
+        if self._grammars is None:
+            from model_repository.structured import Grammars
+
+            self._grammars = Grammars(self.family.tokenizer, self.family.eos_ids, vocab_size(self.family))
+        return self._grammars
 
     @property
     def busy(self) -> bool:
@@ -232,7 +357,9 @@ class DecodeLoop:
     def _fits(self, job: ChatJob) -> bool:
         if not self.rows:
             return True  # alone it must run, even when its own reservation exceeds the cap
-        return len(self.rows) < self.max_batch and self.kv_bound([*self.rows, job]) <= self.max_batch_tokens
+        group = [job, *job.shared]
+        return (len(self.rows) + len(group) <= self.max_batch
+                and self.kv_bound([*self.rows, *group]) <= self.max_batch_tokens)
 
     def step(self) -> None:
         """Admit what fits, then decode one token for every row."""
@@ -251,7 +378,8 @@ class DecodeLoop:
     def _admit(self) -> None:
         for job in [j for j in self.waiting if j.is_cancelled()]:
             self.waiting.remove(job)
-            _cancelled_in_queue(job)
+            for choice in (job, *job.shared):
+                _cancelled_in_queue(choice)
         # First come, first served: a job that does not fit holds back those behind it (no starvation).
         while self.waiting and self._fits(self.waiting[0]):
             job = self.waiting.popleft()
@@ -259,44 +387,55 @@ class DecodeLoop:
                 self._prefill(job)
             except Exception as exc:  # noqa: BLE001 - only this request fails
                 log.exception("chat prefill failed")
-                _fail(job, exc)
+                for choice in (job, *job.shared):
+                    if not choice.finish:
+                        _fail(choice, exc)
 
     def _prefill(self, job: ChatJob) -> None:
-        torch = self.torch
         from transformers import DynamicCache
 
         kwargs, position = self.family.prefill_inputs(job)
         cache = DynamicCache()
         hidden = self.family.model.model(**kwargs, past_key_values=cache, use_cache=True).last_hidden_state
         logits = self.family.model.lm_head(hidden[:, -1])[0]
-        sampler = RowSampler(job.params)
-        job.batch_size = max(job.batch_size, len(self.rows) + 1)
-        token = sampler(logits)
-        if self._answer(job, token):
-            return
+        # The prompt's KV, kept aside: every choice of the request gets its own copy as a row of the batch.
+        prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]
         width = cache.get_seq_length()
+        group = [job, *job.shared]
+        for choice in group:
+            sampler = RowSampler(choice.params, choice.index, self.grammars if choice.params.grammar else None)
+            choice.batch_size = max(choice.batch_size, len(self.rows) + len(group))
+            token = sampler(logits, choice)
+            if self._answer(choice, token, sampler):
+                continue
+            self._append_row(cache, prompt_kv, width, position, token)
+            self.rows.append(choice)
+            self.samplers.append(sampler)
+
+    def _append_row(self, cache: Any, prompt_kv: list[tuple[Any, Any]], width: int, position: int,
+                    token: int) -> None:
+        torch = self.torch
         device = self.family.device
         if not self.rows:
+            for layer, (keys, values) in zip(cache.layers, prompt_kv, strict=True):
+                layer.keys, layer.values = keys, values
             self.cache = cache
             self.mask = torch.ones((1, width), dtype=torch.long, device=device)
             self.positions = torch.tensor([position], dtype=torch.long, device=device)
             self.next_tokens = torch.tensor([token], dtype=torch.long, device=device)
-        else:
-            old = self.mask.shape[1]
-            full = max(old, width)
-            pad = torch.nn.functional.pad
-            for mine, new in zip(self.cache.layers, cache.layers, strict=True):
-                # [rows, heads, width, dim]: pad the sequence axis on the left, then append the row.
-                mine.keys = torch.cat([pad(mine.keys, (0, 0, full - old, 0)), pad(new.keys, (0, 0, full - width, 0))])
-                mine.values = torch.cat([pad(mine.values, (0, 0, full - old, 0)),
-                                         pad(new.values, (0, 0, full - width, 0))])
-            row_mask = torch.zeros((1, full), dtype=torch.long, device=device)
-            row_mask[0, full - width:] = 1
-            self.mask = torch.cat([pad(self.mask, (full - old, 0)), row_mask])
-            self.positions = torch.cat([self.positions, torch.tensor([position], device=device)])
-            self.next_tokens = torch.cat([self.next_tokens, torch.tensor([token], device=device)])
-        self.rows.append(job)
-        self.samplers.append(sampler)
+            return
+        old = self.mask.shape[1]
+        full = max(old, width)
+        pad = torch.nn.functional.pad
+        for mine, (keys, values) in zip(self.cache.layers, prompt_kv, strict=True):
+            # [rows, heads, width, dim]: pad the sequence axis on the left, then append the row.
+            mine.keys = torch.cat([pad(mine.keys, (0, 0, full - old, 0)), pad(keys, (0, 0, full - width, 0))])
+            mine.values = torch.cat([pad(mine.values, (0, 0, full - old, 0)), pad(values, (0, 0, full - width, 0))])
+        row_mask = torch.zeros((1, full), dtype=torch.long, device=device)
+        row_mask[0, full - width:] = 1
+        self.mask = torch.cat([pad(self.mask, (full - old, 0)), row_mask])
+        self.positions = torch.cat([self.positions, torch.tensor([position], device=device)])
+        self.next_tokens = torch.cat([self.next_tokens, torch.tensor([token], device=device)])
 
     def _decode(self) -> None:
         torch = self.torch
@@ -310,13 +449,18 @@ class DecodeLoop:
         logits = self.family.model.lm_head(hidden[:, -1]).float()
         self.mask = mask
         self.positions = self.positions + 1
-        greedy = torch.argmax(logits, dim=-1).tolist()  # one call for all greedy rows
+        greedy = torch.argmax(logits, dim=-1).tolist()  # one call for all plain greedy rows
         keep: list[int] = []
         tokens: list[int] = []
         for row, (job, sampler) in enumerate(zip(self.rows, self.samplers, strict=True)):
             job.batch_size = max(job.batch_size, rows)
-            token = greedy[row] if job.params.temperature <= 0 else sampler(logits[row])
-            if not self._answer(job, token):
+            try:
+                token = greedy[row] if job.params.plain_greedy else sampler(logits[row], job)
+            except Exception as exc:  # noqa: BLE001 - e.g. a grammar error: this row fails, the others go on
+                log.exception("chat: choosing the next token failed")
+                _fail(job, exc)
+                continue
+            if not self._answer(job, token, sampler):
                 keep.append(row)
                 tokens.append(token)
         if len(keep) == rows:
@@ -328,13 +472,18 @@ class DecodeLoop:
         self._select(keep)
         self.next_tokens = torch.tensor(tokens, dtype=torch.long, device=self.mask.device)
 
-    def _answer(self, job: ChatJob, token: int) -> bool:
+    def _answer(self, job: ChatJob, token: int, sampler: RowSampler) -> bool:
         """Stream ``token`` to the job's client; True when its row is done (finished, or its client unreachable)."""
         try:
-            if self.streamer.push(job, token):
+            if sampler.last is not None and token not in self.family.eos_ids:
+                job.logprobs.append(sampler.last)
+            finished = self.streamer.push(job, token)
+            if not finished and sampler.complete:
+                self.streamer.finish(job, "stop")  # the JSON document is whole: no need to wait for the EOS step
+                finished = True
+            if finished:
                 self.streamer.close(job)
-                return True
-            return False
+            return finished
         except Exception:  # noqa: BLE001 - one client's broken sender must not fail the other rows
             log.exception("chat: sending to a client failed; dropping its row")
             job.finish = job.finish or "error"

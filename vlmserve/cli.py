@@ -138,6 +138,8 @@ def bench(
     chat: bool = typer.Option(True, help="include the SmolVLM2 chat scenarios"),
     chat_duration: int = typer.Option(40, help="seconds per chat scenario and round"),
     chat_max_tokens: int = typer.Option(32, help="output tokens per chat request"),
+    chat_structured_share: float = typer.Option(0.5, help="share of JSON-schema requests in the mixed chat "
+                                                          "scenario (vlmserve only; 0 skips it)"),
     repeats: int = typer.Option(3, help="rounds: every scenario runs this many times (median and range)"),
     model_set: str = typer.Option("perf", "--set", help="perf (real sizes) or tiny (a quick check of the harness)"),
 ) -> None:
@@ -145,7 +147,8 @@ def bench(
     from loadtests.bench import run_bench
 
     path = run_bench(name, users, duration, florence_users, florence_duration, max_new_tokens, florence, chat,
-                     chat_duration_s=chat_duration, chat_max_tokens=chat_max_tokens, repeats=repeats,
+                     chat_duration_s=chat_duration, chat_max_tokens=chat_max_tokens,
+                     chat_structured_share=chat_structured_share, repeats=repeats,
                      model_set=model_set,
                      log=lambda m: orchestrator_cli.console.print(f"[cyan]bench[/cyan] {m}"))
     orchestrator_cli.console.print(path.with_suffix(".md").read_text())

@@ -1,4 +1,5 @@
-"""Chat models' APIs: OpenAI ``POST /v1/chat/completions`` (streaming and not), seed 002's OCR service
+"""Chat models' APIs: OpenAI ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming and not;
+request models in ``vlmserve.api.openai``), seed 002's OCR service
 (``POST /ocr``, ``GET /info``) and seed 003's SmolVLM2 tools (``POST /v1/ocr`` with a ``.txt`` download,
 ``POST /v1/describe_region``).
 """
@@ -11,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
@@ -26,10 +28,11 @@ from gateway.chat import (
     REGION_PROMPT,
     ChatLimits,
     ChatService,
+    Completion,
     Delta,
     Sampling,
+    Usage,
     crop_region,
-    normalize_stop,
     ocr_prompt,
     parse_box,
     run_cancellable,
@@ -38,6 +41,9 @@ from gateway.chat import (
 from gateway.errors import APIError, about, error_body
 from gateway.florence import oriented_size
 from gateway.images import resolve_image, validate_image_bytes
+from gateway.routes.openai import OpenAIRoute
+from gateway.triton import ModelInfo
+from vlmserve.api.openai import ChatCompletionRequest, CompletionRequest, StreamOptions, grammar_spec
 
 log = logging.getLogger("vlmserve.gateway")
 
@@ -53,89 +59,165 @@ def get_chat(request: Request) -> ChatService:
     return request.app.state.chat
 
 
-# --- OpenAI: /v1/chat/completions ----------------------------------------------------------------------
+# --- OpenAI: /v1/chat/completions and /v1/completions ----------------------------------------------------
+
+# Validation errors on these routes are OpenAI's 400 invalid_request_error, with the field as ``param``.
+openai_router = APIRouter(dependencies=[Depends(require_api_key)], route_class=OpenAIRoute)
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI adds fields often (user, metadata, store, ...)
-
-    model: str | None = Field(None, description="source model id, family or Triton name; default: first chat model")
-    messages: list[Any] = Field(..., description="OpenAI messages; parts: text, image_url, video_url")
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens")
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    video_fps: float | None = Field(None, description="vlmserve extension: frames per second sampled from videos")
-    video_max_frames: int | None = Field(None, description="vlmserve extension: at most this many frames per video")
-
-    def check_supported(self) -> None:
-        """400 for OpenAI features these models cannot honour (rather than silently ignoring them)."""
-        if self.n not in (None, 1):
-            raise APIError(400, f"only n=1 is supported, got n={self.n}", code="unsupported_parameter", param="n")
-        if self.logprobs or self.top_logprobs:
-            raise APIError(400, "logprobs are not supported", code="unsupported_parameter", param="logprobs")
-        if self.tools:
-            raise APIError(400, "tool calling is not supported by these models", code="unsupported_parameter",
-                           param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format type 'text' is supported", code="unsupported_parameter",
-                           param="response_format")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise APIError(400, f"{name} is not supported (send 0 or omit it)", code="unsupported_parameter",
-                               param=name)
-
-    def sampling(self) -> Sampling:
-        if self.max_tokens is not None and self.max_completion_tokens is not None \
-                and self.max_tokens != self.max_completion_tokens:
-            raise APIError(400, "max_tokens and max_completion_tokens disagree; send one of them",
-                           param="max_completion_tokens")
-        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return Sampling(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                        stop=normalize_stop(self.stop), seed=self.seed, video_fps=self.video_fps,
-                        video_max_frames=self.video_max_frames)
+def _sampling(body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None) -> Sampling:
+    return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop_list(),
+                    seed=body.seed, n=body.n, presence_penalty=body.presence_penalty,
+                    frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty)
 
 
-@router.post("/v1/chat/completions", tags=["OpenAI"], response_model=None)
+def chat_sampling(body: ChatCompletionRequest) -> Sampling:
+    """The chat request's settings; 400 for what these models cannot honour (rather than ignoring it)."""
+    if body.tools:
+        raise APIError(400, "tool calling is not supported by these models", code="unsupported_parameter",
+                       param="tools")
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", code="invalid_value", param="top_logprobs")
+    if body.max_tokens is not None and body.max_completion_tokens is not None \
+            and body.max_tokens != body.max_completion_tokens:
+        raise APIError(400, "max_tokens and max_completion_tokens disagree; send one of them",
+                       param="max_completion_tokens")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    sampling = _sampling(body, max_tokens)
+    sampling.video_fps, sampling.video_max_frames = body.video_fps, body.video_max_frames
+    sampling.logprobs, sampling.top_logprobs = body.logprobs, body.top_logprobs
+    sampling.response_format = grammar_spec(body.response_format)
+    return sampling
+
+
+@openai_router.post("/v1/chat/completions", tags=["OpenAI"], response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            chat: ChatService = Depends(get_chat)) -> dict[str, Any] | StreamingResponse:
-    """OpenAI chat completions; ``stream: true`` answers with server-sent ``chat.completion.chunk`` events."""
-    body.check_supported()
-    sampling = body.sampling()
+    """OpenAI chat completions; ``stream: true`` answers with server-sent ``chat.completion.chunk`` events.
+
+    ``n`` choices share the prompt's prefill; ``logprobs``/``top_logprobs``, ``presence_penalty``,
+    ``frequency_penalty``, ``repetition_penalty`` and ``response_format`` (``json_object``, ``json_schema``) act
+    per choice, inside the running batch.
+    """
+    sampling = chat_sampling(body)
     info = await chat.model(request, body.model)
-    inputs = await chat.prepare(info, body.messages, sampling)
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    model_id = source_model(info)
+    messages = [m.model_dump(mode="json", exclude_none=True) for m in body.messages]
+    inputs = await chat.prepare(info, messages, sampling)
+    answer = Answer(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), source_model(info), "chat.completion",
+                    bool(body.logprobs))
     if not body.stream:
-        result = await run_cancellable(request, chat.complete(request, info, inputs))
-        return {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "logprobs": None, "finish_reason": result.finish_reason}],
-            "usage": result.usage.as_openai(),
-        }
-    deltas = chat.stream(request, info, inputs)
+        result = await run_cancellable(request, chat.complete(request, info, inputs, sampling.choices))
+        return answer.whole(result)
+    return await _stream(request, chat, info, inputs, sampling.choices, answer, body.stream_options)
+
+
+@openai_router.post("/v1/completions", tags=["OpenAI"], response_model=None)
+async def completions(body: CompletionRequest, request: Request,
+                      chat: ChatService = Depends(get_chat)) -> dict[str, Any] | StreamingResponse:
+    """OpenAI legacy text completions on the chat models: the prompt goes in as is (no chat template), as
+    ``lm-eval``-style harnesses expect. A list of prompts gives ``len(prompt) x n`` choices."""
+    if body.echo:
+        raise APIError(400, "echo is not supported", code="unsupported_parameter", param="echo")
+    if body.suffix:
+        raise APIError(400, "suffix (insertion) is not supported by these models", code="unsupported_parameter",
+                       param="suffix")
+    if body.best_of not in (None, 1, body.n or 1):
+        raise APIError(400, "best_of must equal n (server-side reranking is not supported)",
+                       code="unsupported_parameter", param="best_of")
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if any(not p for p in prompts):
+        raise APIError(400, "prompt must be non-empty text", param="prompt")
+    sampling = _sampling(body, body.max_tokens)
+    sampling.logprobs = body.logprobs is not None or None
+    sampling.top_logprobs = body.logprobs or None
+    info = await chat.model(request, body.model)
+    inputs = [await chat.prepare(info, None, sampling, prompt=p) for p in prompts]
+    answer = Answer(f"cmpl-{uuid.uuid4().hex}", int(time.time()), source_model(info), "text_completion",
+                    body.logprobs is not None)
+    n = sampling.choices
+    if len(prompts) == 1:
+        if body.stream:
+            return await _stream(request, chat, info, inputs[0], n, answer, body.stream_options)
+        return answer.whole(await run_cancellable(request, chat.complete(request, info, inputs[0], n)))
+    if body.stream:
+        raise APIError(400, "stream with a list of prompts is not supported; send one prompt per request",
+                       code="unsupported_parameter", param="stream")
+    # Several prompts: one request each, all at once (they join the same running batch).
+    results = await run_cancellable(request, asyncio.gather(*(chat.complete(request, info, x, n) for x in inputs)))
+    merged = Completion(info, [], Usage(), max(r.latency_ms for r in results))
+    prompt_tokens = completion_tokens = 0
+    for p, result in enumerate(results):
+        for choice in result.choices:
+            choice.index += p * n
+            merged.choices.append(choice)
+        prompt_tokens += result.usage.prompt_tokens
+        completion_tokens += result.usage.completion_tokens
+    merged.usage = Usage(prompt_tokens, completion_tokens)
+    return answer.whole(merged)
+
+
+@dataclass
+class Answer:
+    """How one OpenAI response is written: chat (``message``/``delta``, logprobs ``{"content": [...]}``) or legacy
+    completions (``text``, logprobs ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``)."""
+
+    id: str
+    created: int
+    model: str
+    kind: str  # chat.completion | text_completion
+    logprobs: bool
+
+    @property
+    def chat(self) -> bool:
+        return self.kind == "chat.completion"
+
+    def _logprobs(self, entries: list[dict[str, Any]] | None, offset: int = 0) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        entries = entries or []
+        if self.chat:
+            return {"content": entries, "refusal": None}
+        offsets, at = [], offset
+        for e in entries:
+            offsets.append(at)
+            at += len(e["token"])
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "text_offset": offsets}
+
+    def whole(self, result: Completion) -> dict[str, Any]:
+        choices = []
+        for c in result.choices:
+            body: dict[str, Any] = {"index": c.index}
+            if self.chat:
+                body["message"] = {"role": "assistant", "content": c.text}
+            else:
+                body["text"] = c.text
+            body["logprobs"] = self._logprobs(c.logprobs)
+            body["finish_reason"] = c.finish_reason
+            choices.append(body)
+        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
+                "choices": choices, "usage": result.usage.as_openai()}
+
+    def chunk(self, index: int, text: str | None, finish: str | None, logprobs: list[dict[str, Any]] | None = None,
+              role: bool = False, offset: int = 0) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index}
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if text:
+                delta["content"] = text
+            choice["delta"] = delta
+        else:
+            choice["text"] = text or ""
+        choice["logprobs"] = self._logprobs(logprobs, offset) if logprobs is not None else None
+        choice["finish_reason"] = finish
+        return {"id": self.id, "object": f"{self.kind}.chunk" if self.chat else self.kind, "created": self.created,
+                "model": self.model, "choices": [choice]}
+
+
+async def _stream(request: Request, chat: ChatService, info: ModelInfo, inputs: dict[str, Any], choices: int,
+                  answer: Answer, options: StreamOptions | None) -> StreamingResponse:
+    deltas = chat.stream(request, info, inputs, choices)
 
     async def first_delta() -> Delta:
         try:
@@ -150,9 +232,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     except BaseException:
         await deltas.aclose()
         raise
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    events = _sse_events(first, deltas, completion_id=completion_id, created=created, model_id=model_id,
-                         include_usage=include_usage, triton_name=info.name)
+    include_usage = bool(options and options.include_usage)
+    events = _sse_events(first, deltas, answer=answer, choices=choices, include_usage=include_usage,
+                         triton_name=info.name)
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -161,36 +243,41 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def _sse_events(first: Delta, deltas: AsyncGenerator[Delta, None], *, completion_id: str, created: int,
-                      model_id: str, include_usage: bool, triton_name: str) -> AsyncIterator[str]:
-    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-        payload: dict[str, Any] = {
-            "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
+async def _sse_events(first: Delta, deltas: AsyncGenerator[Delta, None], *, answer: Answer, choices: int,
+                      include_usage: bool, triton_name: str) -> AsyncIterator[str]:
+    def event(payload: dict[str, Any]) -> str:
         if include_usage:
             payload["usage"] = None  # OpenAI sends null on every chunk but the last when usage is asked for
-        return payload
+        return _sse(payload)
 
     try:
-        yield _sse(chunk({"role": "assistant", "content": ""}, None))
-        delta = first
+        if answer.chat:
+            for index in range(choices):  # each choice opens with its role, as OpenAI and vLLM send it
+                yield event(answer.chunk(index, None, None, role=True))
+        offsets = [0] * choices
+        finished: set[int] = set()
+        delta, usage = first, None
         while True:
-            if delta.text:
-                yield _sse(chunk({"content": delta.text}, None))
+            if delta.text or delta.logprobs:
+                yield event(answer.chunk(delta.index, delta.text, None, delta.logprobs,
+                                         offset=offsets[delta.index] if 0 <= delta.index < choices else 0))
+                if 0 <= delta.index < choices:
+                    offsets[delta.index] += len(delta.text)
             if delta.finish_reason:
+                finished.add(delta.index)
+                yield event(answer.chunk(delta.index, None, delta.finish_reason))
+            usage = delta.usage or usage
+            if len(finished) >= choices or delta.usage is not None:
                 break
             try:
                 delta = await deltas.__anext__()
             except StopAsyncIteration:
                 raise APIError(502, f"{triton_name} ended its answer without a finish reason",
                                code="inference_failed") from None
-        yield _sse(chunk({}, delta.finish_reason))
         if include_usage:
-            usage = (delta.usage.as_openai() if delta.usage
-                     else {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
-            yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                        "model": model_id, "choices": [], "usage": usage})
+            totals = usage.as_openai() if usage else {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            yield _sse({"id": answer.id, "object": f"{answer.kind}.chunk" if answer.chat else answer.kind,
+                        "created": answer.created, "model": answer.model, "choices": [], "usage": totals})
     except APIError as exc:
         # Headers are gone already: the error becomes an event, so the client never takes a cut-off answer
         # for a whole one.
@@ -204,7 +291,14 @@ async def _sse_events(first: Delta, deltas: AsyncGenerator[Delta, None], *, comp
     yield "data: [DONE]\n\n"
 
 
+router.include_router(openai_router)
+
+
 # --- seed 002: /ocr and /info ------------------------------------------------------------------------------
+
+
+SCHEMA_HELP = ("vlmserve extension: a JSON Schema; the text is then read into JSON that matches it (constrained "
+               "decoding), returned as 'json' (null when max_tokens cut it off; see finish_reason)")
 
 
 class OcrRequest(BaseModel):
@@ -214,17 +308,35 @@ class OcrRequest(BaseModel):
     language: str = Field("auto", description="'auto' or the text's language (e.g. 'russian'): a hint")
     model: str | None = Field(None, description="chat model; default: Qwen2-VL if loaded, else the first")
     max_tokens: int | None = Field(None, description="answer length cap; default: the model's (MAX_NEW_TOKENS)")
+    json_schema: dict[str, Any] | None = Field(None, alias="schema", description=SCHEMA_HELP)
+
+
+async def _read_text(request: Request, chat: ChatService, info: ModelInfo, image: bytes, language: str | None,
+                     max_tokens: int | None, schema: dict[str, Any] | None) -> tuple[Completion, dict[str, Any]]:
+    """OCR through a chat model; with ``schema``, constrained to JSON matching it (``json``/``finish_reason``)."""
+    prompt = ocr_prompt(language)
+    if schema is None:
+        return await chat.ask_about_image(request, info, image, prompt, max_tokens), {}
+    prompt = (f"{prompt} Put what you read into one JSON object that matches this JSON schema: "
+              f"{json.dumps(schema)}")
+    result = await chat.ask_about_image(request, info, image, prompt, max_tokens,
+                                        response_format={"type": "json_schema", "schema": schema})
+    try:
+        parsed = json.loads(result.text) if result.finish_reason == "stop" else None
+    except ValueError:
+        parsed = None  # only a stop string can cut a constrained answer short of its closing brace
+    return result, {"json": parsed, "finish_reason": result.finish_reason}
 
 
 @router.post("/ocr", tags=["OCR (seed-compatible)"])
 async def ocr(body: OcrRequest, request: Request, chat: ChatService = Depends(get_chat)) -> dict[str, Any]:
-    """Seed 002: the text in an image, read by a chat model."""
+    """Seed 002: the text in an image, read by a chat model (``schema``: as JSON matching it)."""
     language = _check_language(body.language)
     image, _ = await _resolve(request, body.image, "image")
     info = await chat.model(request, body.model, surface="ocr")
-    result = await chat.ask_about_image(request, info, image, ocr_prompt(language), body.max_tokens)
+    result, structured = await _read_text(request, chat, info, image, language, body.max_tokens, body.json_schema)
     return {"text": result.text.strip(), "language": language, "model": source_model(info),
-            "latency_ms": result.latency_ms}
+            "latency_ms": result.latency_ms, **structured}
 
 
 @router.get("/info", tags=["OCR (seed-compatible)"])
@@ -279,6 +391,7 @@ class OcrV1Request(BaseModel):
     model: str | None = None
     language: str | None = Field(None, description="optional hint: the text's language")
     max_tokens: int | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema", description=SCHEMA_HELP)
 
 
 class DescribeRegionRequest(BaseModel):
@@ -312,12 +425,13 @@ async def ocr_v1(request: Request, fmt: Literal["json", "txt"] | None = Query(No
     body, image, _ = await _image_request(request, OcrV1Request)
     language = _check_language(body.language) if body.language else None
     info = await chat.model(request, body.model)
-    result = await chat.ask_about_image(request, info, image, ocr_prompt(language), body.max_tokens)
+    result, structured = await _read_text(request, chat, info, image, language, body.max_tokens, body.json_schema)
     text = result.text.strip()
     filename = f"ocr_result_{datetime.now().strftime('%Y%m%d_%H%M%S')}.txt"
     if _wants_text(request, fmt):
         return PlainTextResponse(text, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
-    return {"text": text, "model": source_model(info), "latency_ms": result.latency_ms, "filename": filename}
+    return {"text": text, "model": source_model(info), "latency_ms": result.latency_ms, "filename": filename,
+            **structured}
 
 
 @router.post("/v1/describe_region", tags=["SmolVLM2 (seed-compatible)"],

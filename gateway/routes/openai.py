@@ -1,17 +1,70 @@
-"""OpenAI-compatible API: ``POST /v1/embeddings`` and ``GET /v1/models``."""
+"""OpenAI-compatible API: ``POST /v1/embeddings``, ``GET /v1/models`` and ``GET /v1/models/{id}``; and
+:class:`OpenAIRoute`, which the chat routes use to answer validation errors the way OpenAI does."""
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
+from starlette.responses import Response
 
 from gateway.auth import require_api_key
 from gateway.embedding import IMAGE_TASK, TEXT_TASK, EmbeddingService, get_service
 from gateway.errors import APIError
+
+# Discriminator values pydantic puts into an error's location (messages[0].user.content ...): not fields.
+_TAGS = {"system", "developer", "user", "assistant", "text", "image_url", "video_url", "json_object", "json_schema",
+         "string", "parts"}
+
+
+def openai_param(loc: tuple[Any, ...]) -> str:
+    """A pydantic error location as OpenAI names a field: ``messages[0].content[1].image_url.url``."""
+    out = ""
+    previous: Any = None
+    for part in loc:
+        if part == "body" and not out:
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif (part in _TAGS and (isinstance(previous, int) or previous in ("response_format", "content"))) \
+                or (isinstance(part, str) and ("[" in part or part in ("str", "int", "list", "function-after"))):
+            pass  # a union member's tag or type name
+        else:
+            out += f".{part}" if out else str(part)
+        previous = part
+    return out or "body"
+
+
+class OpenAIRoute(APIRoute):
+    """Validation errors become OpenAI's ``400 invalid_request_error`` naming the field (``param``), as OpenAI and
+    vLLM answer them (the seed routes keep FastAPI's 422)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                problems, first = [], None
+                for err in exc.errors():
+                    where = openai_param(tuple(err.get("loc", ())))
+                    if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+                        where += "." + str(err.get("ctx", {}).get("discriminator", "")).strip("'")
+                    first = first or where
+                    message = f"{where}: {err.get('msg')}"
+                    if message not in problems:
+                        problems.append(message)
+                raise APIError(400, "; ".join(problems) or "invalid request", code="invalid_request",
+                               param=first) from None
+
+        return route
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"], dependencies=[Depends(require_api_key)])
 
@@ -59,6 +112,23 @@ async def embeddings(body: EmbeddingsRequest, request: Request, service: Embeddi
 
 @router.get("/models")
 async def models(request: Request):
+    return {"object": "list", "data": await _model_entries(request)}
+
+
+@router.get("/models/{model_id:path}")
+async def model(model_id: str, request: Request):
+    """One model (the SDK's ``models.retrieve``): by its id (the source checkpoint), its family (``smolvlm2``)
+    or any of its Triton model names; the answer's ``id`` is always the source id."""
+    entries = await _model_entries(request)
+    for entry in entries:
+        if model_id == entry["id"] or model_id == entry["family"] or model_id in entry["triton_models"]:
+            return entry
+    known = ", ".join(e["id"] for e in entries) or "none"
+    raise APIError(404, f"model {model_id!r} is not served here (served: {known})", code="model_not_found",
+                   param="model")
+
+
+async def _model_entries(request: Request) -> list[dict[str, Any]]:
     registry = await request.app.state.backend.registry()
     by_source: dict[str, dict[str, Any]] = {}
     for m in registry.models.values():
@@ -83,4 +153,4 @@ async def models(request: Request):
                 **({"decoder_precision": m.params["decoder_precision"], "decoder_why": m.params.get("decoder_choice")}
                    if "decoder_precision" in m.params else {}),
             }
-    return {"object": "list", "data": list(by_source.values())}
+    return list(by_source.values())

@@ -38,15 +38,18 @@ def test_bench_harness_runs_every_scenario_and_reports(tiny_repo: Path, state_di
     systems = ["baseline-fp32", *(["baseline-bf16"] if cpu.has_bf16 else []), "vlmserve"]
     expected = {f"siglip-{s}" for s in systems} | {"siglip-vlmserve-int8", "siglip-direct"}
     expected |= {f"florence-{s}" for s in systems} | {f"chat-{s}-{n}u" for s in systems for n in (1, 2)}
+    expected |= {"chat-vlmserve-mixed-2u"}  # half the requests with a JSON-schema response_format
     assert set(report["summary"]) == expected
     for name, entry in report["summary"].items():
         assert entry["requests"] > 0 and entry["failures"] == 0, (name, entry)
         if name.startswith("chat-"):
             assert entry["tokens_per_s"] > 0 and entry["ttft_p50_ms"] > 0, (name, entry)
     derived = report["derived"]
+    assert report["results"][-1]["scenario"] == "chat-vlmserve-mixed-2u"
+    assert report["results"][-1]["structured_requests"] > 0
     for key in ("siglip_vs_stronger_baseline", "siglip_share_of_ceiling", "gateway_overhead_latency",
                 "florence_vs_stronger_baseline", "chat_tokens_per_s_vs_stronger_baseline",
-                "chat_ttft_p95_loaded_over_idle_p50"):
+                "chat_ttft_p95_loaded_over_idle_p50", "chat_mixed_structured_tokens_per_s_vs_free"):
         assert derived[key] is not None and derived[key] > 0, key
     assert derived["siglip_stronger_baseline"] in {f"siglip-{s}" for s in systems}
     assert report["runtime_choice"]["siglip_vision"]["runtime"] in ("onnxruntime", "openvino")

@@ -5,6 +5,7 @@ The loop is stepped by hand, so "B and C are mid-decode when A joins" is a fact 
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -381,3 +382,155 @@ def test_smolvlm2_bf16_decoder_serves_images_and_joins(families) -> None:
     assert second_client.events[-1][2]["batch_size"] == 2 and second.token_ids
     with pytest.raises(ValueError, match="decoder_precision"):
         SmolVLMPipeline(fp32.model.name_or_path, encoder=fp32.encoder, decoder_precision="int4")
+
+
+# --- issue 15: structured outputs, logprobs, n choices, penalties (all per row, in one batch) -----------------
+
+# Bounded: at most ~100 bytes of JSON, so 128 tokens always reach the closing brace, whatever random weights say.
+RECEIPT = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                   "ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]}},
+    "required": ["name", "age", "ok", "color"],
+    "additionalProperties": False,
+}
+
+
+def grammar(loop: DecodeLoop, spec: dict) -> str:
+    return loop.grammars.compile(spec)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_schema_rows_and_free_rows_share_a_batch(families, family: str) -> None:
+    import jsonschema
+
+    pipeline = families[family]
+    free_alone = solo(pipeline, "two people riding bicycles", max_tokens=12)[0].token_ids
+    loop = DecodeLoop(pipeline)
+    free, free_client = make_job(pipeline, "two people riding bicycles", max_tokens=12)
+    schema_rows = [make_job(pipeline, "read the receipt", (60, 40), max_tokens=128, temperature=t, seed=s,
+                            grammar=grammar(loop, {"type": "json_schema", "schema": RECEIPT}))
+                   for t, s in ((0.0, None), (1.0, 1), (1.0, 2))]
+    obj, obj_client = make_job(pipeline, "any JSON", max_tokens=128, temperature=0.7, seed=4,
+                               grammar=grammar(loop, {"type": "json_object"}))
+    loop.add(free)
+    loop.step()
+    for job, _ in schema_rows:
+        loop.add(job)
+    loop.add(obj)
+    loop.step()
+    assert len(loop.rows) >= 4  # constrained and free rows in one decode step
+    loop.drain()
+    assert free.token_ids == free_alone  # the masks of other rows do not touch this one
+    for _, client in schema_rows:
+        assert client.finish == "stop", client.events
+        jsonschema.validate(json.loads(client.text), RECEIPT)
+        assert client.events[-1][2]["batch_size"] >= 4
+    # json_object has no length bound: with random weights it may run to max_tokens (then it is cut, honestly).
+    if obj_client.finish == "stop":
+        assert isinstance(json.loads(obj_client.text), dict)
+    else:
+        assert obj_client.finish == "length" and obj_client.text.startswith("{")
+
+
+def test_schema_row_cut_by_max_tokens_finishes_with_length(families) -> None:
+    pipeline = families["qwen2vl"]
+    loop = DecodeLoop(pipeline)
+    # 16 tokens cannot hold 200 characters: the document is cut whatever the weights say.
+    spec = {"type": "json_schema", "schema": {"type": "object", "required": ["story"],
+                                              "properties": {"story": {"type": "string", "minLength": 200}}}}
+    job, client = make_job(pipeline, "tell a story", max_tokens=16, grammar=grammar(loop, spec))
+    loop.add(job)
+    loop.drain()
+    assert client.finish == "length" and len(job.token_ids) == 16
+    assert client.text.startswith('{"story')
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(client.text)
+
+
+def test_bad_schemas_are_refused_at_compile_time(families) -> None:
+    from model_repository.structured import GrammarError
+
+    loop = DecodeLoop(families["smolvlm2"])
+    for bad in ({"type": "nonsense"}, {"$ref": "#/missing"}):
+        with pytest.raises(GrammarError, match="not supported"):
+            grammar(loop, {"type": "json_schema", "schema": bad})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logprobs_are_the_models_distribution(families, family: str) -> None:
+    """Each token's logprob is log_softmax of the logits that step computed, the greedy token is the most likely,
+    and top_logprobs are sorted, each <= 0, and sum to at most probability 1."""
+    import math
+
+    import torch
+
+    pipeline = families[family]
+    loop = DecodeLoop(pipeline)
+    trace = trace_decode_logits(loop)
+    job, client = make_job(pipeline, "what is in this picture?", (70, 50), max_tokens=6, logprobs=True,
+                           top_logprobs=5)
+    plain, _ = make_job(pipeline, "what is in this picture?", (70, 50), max_tokens=6)
+    loop.add(job)
+    loop.add(plain)
+    loop.drain()
+    assert job.token_ids == plain.token_ids  # asking for logprobs changes no token
+    assert [e.token for e in job.logprobs] == job.token_ids
+    for entry in job.logprobs:
+        assert entry.top[0][0] == entry.token and entry.logprob == pytest.approx(entry.top[0][1])
+        values = [lp for _, lp in entry.top]
+        assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+        assert sum(math.exp(v) for v in values) <= 1 + 1e-5
+    steps = logits_of(trace, job)  # decode steps produce tokens 2..n
+    for entry, logits in zip(job.logprobs[1:], steps, strict=False):
+        expected = float(torch.log_softmax(logits.float(), dim=-1)[entry.token])
+        assert entry.logprob == pytest.approx(expected, abs=1e-4)
+    assert client.finish in ("stop", "length")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_n_choices_share_one_prefill(families, family: str) -> None:
+    pipeline = families[family]
+    alone = [solo(pipeline, "a cat on a mat", (50, 50), max_tokens=8, temperature=1.0, seed=7 + i)[0].token_ids
+             for i in range(3)]
+    loop = DecodeLoop(pipeline)
+    prefills = []
+    original = pipeline.prefill_inputs
+    loop.family = type("Counting", (), {})()  # a view of the pipeline that counts prefills
+    for name in ("model", "tokenizer", "eos_ids", "device", "decode_positions"):
+        setattr(loop.family, name, getattr(pipeline, name))
+    loop.family.prefill_inputs = lambda job: (prefills.append(job), original(job))[1]
+    jobs = [make_job(pipeline, "a cat on a mat", (50, 50), max_tokens=8, temperature=1.0, seed=7)
+            for _ in range(3)]
+    first = jobs[0][0]
+    for i, (job, _) in enumerate(jobs):
+        job.index = i
+        job.inputs = first.inputs
+    first.shared = [j for j, _ in jobs[1:]]
+    loop.add(first)
+    loop.step()
+    assert len(loop.rows) == 3 and len(prefills) == 1
+    loop.drain()
+    assert [j.token_ids for j, _ in jobs] == alone  # choice i samples with seed + i
+    assert len({tuple(ids) for ids in alone}) > 1  # and the choices differ
+    assert all(c.finish in ("stop", "length") for _, c in jobs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_penalties_change_the_output_per_row(families, family: str) -> None:
+    pipeline = families[family]
+    prompt = "a dog running in the park with a ball"
+    base = solo(pipeline, prompt, max_tokens=16)[0].token_ids
+    assert len(set(base)) < len(base), "the tiny model repeats itself greedily"
+    loop = DecodeLoop(pipeline)
+    plain, _ = make_job(pipeline, prompt, max_tokens=16)
+    presence, _ = make_job(pipeline, prompt, max_tokens=16, presence_penalty=2.0)
+    frequency, _ = make_job(pipeline, prompt, max_tokens=16, frequency_penalty=2.0)
+    repetition, _ = make_job(pipeline, prompt, max_tokens=16, repetition_penalty=1.8)
+    for job in (plain, presence, frequency, repetition):
+        loop.add(job)
+    loop.drain()
+    assert plain.token_ids == base  # unpenalised rows in the same batch are untouched
+    for job in (presence, frequency, repetition):
+        assert job.token_ids != base
+        assert len(set(job.token_ids)) > len(set(base))  # fewer repeats

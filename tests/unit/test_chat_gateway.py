@@ -55,12 +55,15 @@ RED_BOX = (10, 5, 30, 25)
 MP4 = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + bytes(64)
 
 
-def resp(text: str, finish: str = "", usage: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+def resp(text: str, finish: str = "", usage: dict[str, int] | None = None, index: int = 0,
+         logprobs: list[dict[str, Any]] | None = None) -> dict[str, np.ndarray]:
     """One Triton response of the chat contract."""
     return {
         "TEXT": np.array([text.encode()], dtype=np.object_),
         "FINISH_REASON": np.array([finish.encode()], dtype=np.object_),
         "USAGE": np.array([json.dumps(usage).encode() if usage else b""], dtype=np.object_),
+        "INDEX": np.array([index], dtype=np.int32),
+        "LOGPROBS": np.array([json.dumps(logprobs).encode() if logprobs else b""], dtype=np.object_),
     }
 
 
@@ -71,8 +74,9 @@ DEFAULT_SCRIPT: list[Any] = [resp("Hello"), resp(", "), resp(" world  ", "stop",
 @dataclass
 class Call:
     model: str
-    messages: list[dict[str, Any]]
+    messages: list[dict[str, Any]] | None
     parameters: dict[str, Any] | None
+    prompt: str | None = None
 
 
 class FakeBackend:
@@ -110,9 +114,13 @@ class FakeBackend:
 
     async def stream(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str], *,
                      final_output: str = "FINISH_REASON") -> AsyncGenerator[dict[str, np.ndarray], None]:
-        assert outputs == ["TEXT", "FINISH_REASON", "USAGE"]
+        assert outputs == ["TEXT", "FINISH_REASON", "USAGE", "INDEX", "LOGPROBS"] and final_output == "USAGE"
         params = json.loads(inputs["PARAMETERS"][0]) if "PARAMETERS" in inputs else None
-        self.calls.append(Call(model, json.loads(inputs["MESSAGES"][0]), params))
+        assert ("MESSAGES" in inputs) != ("PROMPT" in inputs)
+        if "PROMPT" in inputs:
+            self.calls.append(Call(model, None, params, inputs["PROMPT"][0].decode()))
+        else:
+            self.calls.append(Call(model, json.loads(inputs["MESSAGES"][0]), params))
         done = False
         try:
             for item in self.script:
@@ -559,17 +567,24 @@ def test_sampling_settings_become_the_parameters_json(make_client) -> None:
     ({"max_tokens": 65}, "max_tokens", "max_tokens must be 1..64"),
     ({"max_tokens": 0}, "max_tokens", "max_tokens must be 1..64"),
     ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens", "disagree"),
-    ({"temperature": 3}, "temperature", "temperature must be 0..2"),
-    ({"top_p": 0}, "top_p", "top_p must be in (0, 1]"),
+    ({"temperature": 3}, "temperature", "less than or equal to 2"),
+    ({"top_p": 0}, "top_p", "greater than 0"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
-    ({"stop": [""]}, "stop", "non-empty"),
-    ({"n": 2}, "n", "only n=1"),
-    ({"logprobs": True}, "logprobs", "not supported"),
+    ({"stop": [""]}, "stop", "at least 1 character"),
+    ({"n": 9}, "n", "less than or equal to 8"),
+    ({"n": 0}, "n", "greater than or equal to 1"),
+    ({"top_logprobs": 3}, "top_logprobs", "needs logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool calling"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "text"),
-    ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    ({"response_format": {"type": "xml"}}, "response_format.type", "'xml'"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "Field required"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 3}}},
+     "response_format.json_schema.schema", "valid dictionary"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
+    ({"frequency_penalty": -3}, "frequency_penalty", "greater than or equal to -2"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
     ({"video_max_frames": 5}, "video_max_frames", "1..4"),
-    ({"video_fps": 0}, "video_fps", "video_fps must be"),
+    ({"video_fps": 0}, "video_fps", "greater than 0"),
 ])
 def test_bad_settings_are_400_naming_the_field(make_client, extra, param, needle) -> None:
     client, backend = make_client()
@@ -584,16 +599,20 @@ BAD_PNG = data_uri(b"\x89PNG\r\n\x1a\nnot really a png")
 
 
 @pytest.mark.parametrize("messages, status, param, needle", [
-    ([], 400, "messages", "non-empty list"),
-    (["hi"], 400, "messages[0]", "must be an object"),
-    ([{"role": "tool", "content": "x"}], 400, "messages[0].role", "'tool' is not supported"),
-    ([{"role": "user"}], 400, "messages[0].content", "missing"),
-    ([{"role": "user", "content": []}], 400, "messages[0].content", "non-empty list"),
+    ([], 400, "messages", "at least 1 item"),
+    (["hi"], 400, "messages[0]", "valid dictionary or object"),
+    ([{"role": "tool", "content": "x"}], 400, "messages[0].role", "'tool' found using 'role' does not match"),
+    ([{"role": "user"}], 400, "messages[0].content", "Field required"),
+    ([{"role": "user", "content": []}], 400, "messages[0].content", "at least 1 item"),
+    ([{"role": "user", "content": 5}], 400, "messages[0].content", "string or a non-empty list of parts"),
     ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}], 400,
-     "messages[0].content[0].type", "'input_audio' is not supported"),
-    ([{"role": "user", "content": [{"text": "no type"}]}], 400, "messages[0].content[0].type", "without 'type'"),
+     "messages[0].content[0].type", "'input_audio' found using 'type' does not match"),
+    ([{"role": "user", "content": [{"text": "no type"}]}], 400, "messages[0].content[0].type",
+     "Unable to extract tag"),
     ([{"role": "user", "content": [{"type": "text", "text": 3}]}], 400, "messages[0].content[0].text", "string"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], 400,
+     "messages[0].content[0].image_url.url", "Field required"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": " "}}]}], 400,
      "messages[0].content[0].image_url.url", "data URI or an http(s) URL"),
     ([{"role": "user", "content": [image_part(BAD_PNG)]}], 415, "messages[0].content[0].image_url.url",
      "not a decodable image"),
@@ -743,8 +762,8 @@ def test_openai_sdk_non_streaming_and_streaming(live_server) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
     with pytest.raises(openai.NotFoundError, match="available: .*vlmserve/tiny-smolvlm2"):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
-    with pytest.raises(openai.BadRequestError, match="only n=1"):
-        client.chat.completions.create(model="smolvlm2", n=2, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="n: Input should be less than or equal to 8"):
+        client.chat.completions.create(model="smolvlm2", n=9, messages=[{"role": "user", "content": "hi"}])
 
 
 def test_openai_sdk_raises_on_a_mid_stream_error(live_server) -> None:
@@ -925,3 +944,151 @@ def test_describe_region_invalid_box_is_422_naming_the_rule(make_client, box: st
     else:
         assert r.status_code == 422 and rule in error(r)["message"]
     assert not backend.calls
+
+
+# --- issue 15: n, logprobs, penalties, response_format, /v1/completions, /v1/models/{id} ---------------------
+
+LP_A = [{"token": "A", "logprob": -0.5, "bytes": [65],
+         "top_logprobs": [{"token": "A", "logprob": -0.5, "bytes": [65]}]}]
+LP_B = [{"token": "B", "logprob": -1.5, "bytes": [66],
+         "top_logprobs": [{"token": "A", "logprob": -0.3, "bytes": [65]}]}]
+TWO_CHOICES: list[Any] = [
+    resp("A", index=0, logprobs=LP_A), resp("B", index=1, logprobs=LP_B), resp("", "length", index=1),
+    resp("", "stop", {"prompt_tokens": 4, "completion_tokens": 2, "batch_size": 2}, index=0),
+]
+
+
+def test_new_settings_become_the_parameters_json(make_client) -> None:
+    client, backend = make_client(FakeBackend(TWO_CHOICES))
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    r = client.post("/v1/chat/completions", json={
+        "model": "smolvlm2", "messages": [{"role": "user", "content": "hi"}], "n": 2, "logprobs": True,
+        "top_logprobs": 1, "presence_penalty": 0.5, "frequency_penalty": -0.25, "repetition_penalty": 1.2,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}})
+    assert r.status_code == 200, r.text
+    assert backend.calls[0].parameters == {
+        "n": 2, "logprobs": True, "top_logprobs": 1, "presence_penalty": 0.5, "frequency_penalty": -0.25,
+        "repetition_penalty": 1.2, "response_format": {"type": "json_schema", "schema": schema}}
+    r = client.post("/v1/chat/completions", json={"model": "smolvlm2", "messages": [{"role": "user", "content": "x"}],
+                                                   "response_format": {"type": "json_object"}, "n": 1})
+    assert backend.calls[1].parameters == {"response_format": {"type": "json_object"}}
+    client.post("/v1/chat/completions", json={"model": "smolvlm2", "messages": [{"role": "user", "content": "x"}],
+                                               "response_format": {"type": "text"}, "presence_penalty": 0})
+    assert backend.calls[2].parameters is None
+
+
+def test_n_choices_and_logprobs_are_aggregated(make_client) -> None:
+    client, _ = make_client(FakeBackend(TWO_CHOICES))
+    r = client.post("/v1/chat/completions", json={"model": "smolvlm2", "messages": [{"role": "user", "content": "hi"}],
+                                                   "n": 2, "logprobs": True, "top_logprobs": 1})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in body["choices"]] == [
+        (0, "A", "stop"), (1, "B", "length")]
+    assert body["choices"][0]["logprobs"] == {"content": LP_A, "refusal": None}
+    assert body["choices"][1]["logprobs"]["content"] == LP_B
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+
+
+def test_n_choices_stream_per_index(make_client) -> None:
+    client, _ = make_client(FakeBackend(TWO_CHOICES))
+    r = client.post("/v1/chat/completions", json={"model": "smolvlm2", "messages": [{"role": "user", "content": "hi"}],
+                                                   "n": 2, "stream": True, "logprobs": True,
+                                                   "stream_options": {"include_usage": True}})
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events[:-1] if e["choices"]]
+    roles = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["delta"].get("role")]
+    assert roles == [0, 1]
+    by_index: dict[int, str] = {0: "", 1: ""}
+    for c in chunks:
+        by_index[c["choices"][0]["index"]] += c["choices"][0]["delta"].get("content", "")
+    assert by_index == {0: "A", 1: "B"}
+    finishes = {c["choices"][0]["index"]: c["choices"][0]["finish_reason"] for c in chunks
+                if c["choices"][0]["finish_reason"]}
+    assert finishes == {0: "stop", 1: "length"}
+    assert [c["choices"][0]["logprobs"]["content"] for c in chunks if c["choices"][0]["delta"].get("content")] == [
+        LP_A, LP_B]
+    assert events[-2]["usage"]["completion_tokens"] == 2 and events[-2]["choices"] == []
+
+
+def test_completions_send_the_raw_prompt(make_client) -> None:
+    client, backend = make_client(FakeBackend([resp("Hel", logprobs=LP_A), resp("lo", "length", USAGE,
+                                                                                  logprobs=LP_B)]))
+    r = client.post("/v1/completions", json={"model": "qwen2vl", "prompt": "Once upon a time", "max_tokens": 5,
+                                              "logprobs": 1, "seed": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert body["choices"][0]["text"] == "Hello" and body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][0]["logprobs"] == {"tokens": ["A", "B"], "token_logprobs": [-0.5, -1.5],
+                                              "top_logprobs": [{"A": -0.5}, {"A": -0.3}], "text_offset": [0, 1]}
+    assert backend.calls[0].prompt == "Once upon a time" and backend.calls[0].messages is None
+    assert backend.calls[0].parameters == {"max_tokens": 5, "seed": 3, "logprobs": True, "top_logprobs": 1}
+    r = client.post("/v1/completions", json={"model": "qwen2vl", "prompt": "x"})
+    assert backend.calls[1].parameters == {"max_tokens": 16}  # OpenAI's default
+
+
+def test_completions_list_of_prompts_and_streaming(make_client) -> None:
+    client, backend = make_client(FakeBackend([resp("ok", "stop", USAGE)]))
+    r = client.post("/v1/completions", json={"model": "qwen2vl", "prompt": ["a", "b"]})
+    assert r.status_code == 200, r.text
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1] and r.json()["usage"]["prompt_tokens"] == 22
+    assert sorted(c.prompt for c in backend.calls) == ["a", "b"]
+    r = client.post("/v1/completions", json={"model": "qwen2vl", "prompt": "a", "stream": True})
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]" and events[0]["object"] == "text_completion"
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "ok"
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of"), ({"logprobs": 6}, "logprobs"),
+    ({"prompt": [1, 2]}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": ["a", "b"], "stream": True}, "stream"),
+])
+def test_completions_refusals(make_client, extra, param) -> None:
+    client, backend = make_client()
+    r = client.post("/v1/completions", json={"model": "qwen2vl", "prompt": "hi", **extra})
+    assert r.status_code == 400 and error(r)["param"].startswith(param), r.text
+    assert not backend.calls
+
+
+def test_models_retrieve_by_id_alias_and_triton_name(make_client) -> None:
+    client, _ = make_client()
+    listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    for name, source in (("vlmserve/tiny-smolvlm2", "vlmserve/tiny-smolvlm2"), ("smolvlm2", "vlmserve/tiny-smolvlm2"),
+                         ("siglip", "vlmserve/tiny-siglip"), ("siglip_embed_text", "vlmserve/tiny-siglip")):
+        r = client.get(f"/v1/models/{name}")
+        assert r.status_code == 200 and r.json() == listed[source], name
+    r = client.get("/v1/models/gpt-9")
+    assert r.status_code == 404 and error(r)["code"] == "model_not_found"
+    assert "vlmserve/tiny-qwen2vl" in error(r)["message"]
+
+
+def test_ocr_with_a_schema_answers_json(make_client) -> None:
+    schema = {"type": "object", "properties": {"total": {"type": "number"}}, "required": ["total"]}
+    client, backend = make_client(FakeBackend([resp('{"total": 12.5}', "stop", USAGE)]))
+    image = base64.b64encode(png_bytes()).decode()
+    r = client.post("/ocr", json={"image": image, "schema": schema})
+    assert r.status_code == 200, r.text
+    assert r.json()["json"] == {"total": 12.5} and r.json()["finish_reason"] == "stop"
+    assert backend.calls[0].parameters["response_format"] == {"type": "json_schema", "schema": schema}
+    assert json.dumps(schema) in backend.calls[0].messages[0]["content"][1]["text"]
+    r = client.post("/v1/ocr", json={"image": image, "schema": schema})
+    assert r.status_code == 200 and r.json()["json"] == {"total": 12.5}
+    cut, _ = make_client(FakeBackend([resp('{"total": 1', "length", USAGE)]))
+    r = cut.post("/ocr", json={"image": image, "schema": schema})
+    assert r.status_code == 200 and r.json()["json"] is None and r.json()["finish_reason"] == "length"
+    plain = client.post("/ocr", json={"image": image})
+    assert "json" not in plain.json()
+
+
+def test_openapi_states_the_typed_openai_contract(make_client) -> None:
+    client, _ = make_client()
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    assert chat["messages"]["items"]["discriminator"]["propertyName"] == "role"
+    assert set(chat["messages"]["items"]["discriminator"]["mapping"]) == {"system", "developer", "user", "assistant"}
+    assert {"n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
+            "response_format"} <= set(chat)
+    assert "CompletionRequest" in schemas and "/v1/models/{model_id}" in spec["paths"]

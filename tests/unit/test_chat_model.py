@@ -46,12 +46,45 @@ def test_parse_messages_errors(raw: bytes, match: str) -> None:
 def test_parse_params_defaults_and_limits() -> None:
     params, _ = parse_params(None, 64, 1024)
     assert params == SamplingParams(64, 0.0, 1.0, (), None)
-    params, extra = parse_params(b'{"max_tokens": 5, "stop": "END", "seed": 7, "video_fps": 2}', 64, 1024)
-    assert (params.max_tokens, params.stop, params.seed, extra["video_fps"]) == (5, ("END",), 7, 2)
+    params, settings = parse_params(b'{"max_tokens": 5, "stop": "END", "seed": 7, "video_fps": 2}', 64, 1024)
+    assert (params.max_tokens, params.stop, params.seed, settings.video_fps) == (5, ("END",), 7, 2)
+    params, settings = parse_params(json.dumps({
+        "n": 3, "logprobs": True, "top_logprobs": 2, "presence_penalty": 1, "frequency_penalty": -0.5,
+        "repetition_penalty": 1.3, "response_format": {"type": "json_object"}}).encode(), 64, 1024, max_choices=4)
+    assert (settings.n, params.logprobs, params.top_logprobs, params.presence_penalty, params.frequency_penalty,
+            params.repetition_penalty) == (3, True, 2, 1, -0.5, 1.3)
+    assert settings.response_format == {"type": "json_object"} and params.penalised and not params.plain_greedy
     for bad, match in [(b'{"max_tokens": 0}', "max_tokens"), (b'{"top_p": 0}', "top_p"),
-                       (b'{"stop": [""]}', "stop"), (b'[1]', "JSON object")]:
+                       (b'{"stop": [""]}', "stop"), (b'[1]', "JSON object"), (b'{"n": 5}', "n must be 1..4"),
+                       (b'{"top_logprobs": 2}', "needs logprobs"), (b'{"presence_penalty": 3}', "presence_penalty"),
+                       (b'{"response_format": {"type": "yaml"}}', "response_format"),
+                       (b'{"temprature": 1}', "temprature: Extra inputs are not permitted")]:
         with pytest.raises(runtime.InputError, match=match):
-            parse_params(bad, 64, 1024)
+            parse_params(bad, 64, 1024, max_choices=4)
+
+
+def test_logprobs_in_openai_shape() -> None:
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from export.tiny import build_tiny_qwen2vl
+    from model_repository.chat import render_logprobs
+    from model_repository.chat_engine import TokenLogprob
+    from model_repository.structured import Grammars
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(build_tiny_qwen2vl(Path(tmp) / "q"))
+    grammars = Grammars(tokenizer, {tokenizer.eos_token_id}, len(tokenizer))
+    word = tokenizer("hello")["input_ids"][0]
+    eos = tokenizer.eos_token_id
+    [entry] = render_logprobs([TokenLogprob(word, -0.25, [(word, -0.25), (eos, float("-inf"))])], tokenizer, grammars)
+    text = tokenizer.decode([word])
+    assert entry == {"token": text, "logprob": -0.25, "bytes": list(text.encode()), "top_logprobs": [
+        {"token": text, "logprob": -0.25, "bytes": list(text.encode())},
+        {"token": tokenizer.eos_token, "logprob": -9999.0, "bytes": list(tokenizer.eos_token.encode())}]}
+    json.dumps(entry, allow_nan=False)  # what goes over the wire is plain JSON
 
 
 class CharTokenizer:

@@ -1,0 +1,1 @@
+"""Typed request models shared by gateway and Triton models."""

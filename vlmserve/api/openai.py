@@ -1,0 +1,261 @@
+"""The OpenAI surface as typed pydantic models (no torch): what the gateway's ``/v1/chat/completions`` and
+``/v1/completions`` accept, and the chat models' ``PARAMETERS`` JSON (``GenerationParameters``), which the Triton
+model re-validates with the same field rules.
+
+Field rules live once, as annotated types (``Temperature``, ``TopP``, ``Penalty``, ...), and every model that has
+the field uses them, so the gateway's 4xx and the model's INVALID_ARG say the same thing. Per-model limits
+(``max_tokens`` against the model's ``max_new_tokens_limit``, ``n`` against its ``max_batch``) are checked where the
+model is known: ``gateway.chat.Sampling.check`` and ``model_repository.chat.parse_params``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+__all__ = [
+    "AssistantMessage", "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "ContentPart",
+    "DeveloperMessage", "GenerationParameters", "ImagePart", "JsonObjectFormat", "JsonSchemaFormat",
+    "JsonSchemaSpec", "MAX_N", "MAX_STOP", "MAX_TOP_LOGPROBS", "MAX_COMPLETION_LOGPROBS", "ResponseFormat",
+    "StreamOptions", "SystemMessage", "TextFormat", "TextPart", "UserMessage", "VideoPart", "grammar_spec",
+]
+
+MAX_STOP = 4  # OpenAI's own limit on stop sequences
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat top_logprobs
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
+MAX_N = 8  # choices per request; each is a row of the batch (the model's max_batch bounds it too)
+
+# --- field rules shared by the gateway's request models and the model's PARAMETERS ------------------------------
+
+Temperature = Annotated[float, Field(ge=0, le=2, description="0 = greedy")]
+TopP = Annotated[float, Field(gt=0, le=1)]
+Penalty = Annotated[float, Field(ge=-2, le=2, description="OpenAI presence/frequency penalty, -2..2")]
+RepetitionPenalty = Annotated[float, Field(gt=0, le=2, description="vLLM/transformers extension: >1 discourages "
+                                                                   "tokens already in the prompt or answer")]
+Seed = Annotated[int, Field(ge=-(2**63), lt=2**63)]
+Choices = Annotated[int, Field(ge=1, le=MAX_N, description="choices; they share the prompt's prefill")]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+VideoFps = Annotated[float, Field(gt=0, le=30, description="vlmserve extension: frames per second sampled")]
+VideoFrames = Annotated[int, Field(ge=1, description="vlmserve extension: at most this many frames per video")]
+Stop = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP)]
+
+
+# --- response_format ---------------------------------------------------------------------------------------------
+
+
+class TextFormat(BaseModel):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    """Any JSON object (OpenAI's JSON mode)."""
+
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    # ``schema`` shadows a BaseModel attribute, hence the alias.
+    json_schema: dict[str, Any] = Field(..., alias="schema", description="a JSON Schema the answer must match")
+    strict: bool | None = Field(None, description="accepted; the schema is always enforced (constrained decoding)")
+
+
+class JsonSchemaFormat(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
+def grammar_spec(response_format: TextFormat | JsonObjectFormat | JsonSchemaFormat | None) -> dict[str, Any] | None:
+    """What the chat models constrain decoding to: ``{"type": "json_object"}``, ``{"type": "json_schema",
+    "schema": {...}}``, or None for free text."""
+    if isinstance(response_format, JsonObjectFormat):
+        return {"type": "json_object"}
+    if isinstance(response_format, JsonSchemaFormat):
+        return {"type": "json_schema", "schema": response_format.json_schema.json_schema}
+    return None
+
+
+# --- messages ---------------------------------------------------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    url: str = Field(..., description="a data URI or an http(s) URL")
+    detail: Literal["auto", "low", "high"] | None = Field(None, description="accepted; images are processed whole")
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class VideoURL(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    url: str = Field(..., description="a data URI or an http(s) URL of an MP4/WebM video")
+
+
+class VideoPart(BaseModel):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+# A string or a list of parts; the callable discriminator keeps errors to the form the client chose.
+Content = Annotated[
+    Annotated[str, Tag("string")] | Annotated[list[ContentPart], Field(min_length=1), Tag("parts")],
+    Discriminator(lambda v: "string" if isinstance(v, str) else "parts" if isinstance(v, list) else None,
+                  custom_error_type="invalid_content",
+                  custom_error_message="content must be a string or a non-empty list of parts"),
+]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, ...: accepted and not used
+
+    content: Content
+
+
+class SystemMessage(_Message):
+    role: Literal["system"]
+
+
+class DeveloperMessage(_Message):
+    """OpenAI's newer name for ``system``."""
+
+    role: Literal["developer"]
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+
+
+ChatMessage = Annotated[SystemMessage | DeveloperMessage | UserMessage | AssistantMessage,
+                        Field(discriminator="role")]
+
+
+# --- requests ---------------------------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Settings both OpenAI request kinds share."""
+
+    model_config = ConfigDict(extra="allow")  # OpenAI adds fields often (user, metadata, store, ...)
+
+    model: str | None = Field(None, description="source model id, family or Triton name; default: first chat model")
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    stop: str | Stop | None = None
+    seed: Seed | None = None
+    n: Choices | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value == "":
+            raise ValueError("stop sequences must be non-empty strings")
+        return value
+
+    def stop_list(self) -> list[str] | None:
+        return [self.stop] if isinstance(self.stop, str) else self.stop
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens")
+    logprobs: bool | None = Field(None, description="return each answer token's log probability")
+    top_logprobs: TopLogprobs | None = Field(None, description="and the most likely alternatives (needs logprobs)")
+    response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: constrained "
+                                                                     "decoding, the answer always parses")
+    tools: list[Any] | None = None
+    video_fps: VideoFps | None = None
+    video_max_frames: VideoFrames | None = None
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions`` (legacy text completions): the prompt goes to the model as is, no chat template."""
+
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_N)] = Field(
+        ..., description="a text prompt, or a list of them (token-id prompts are not supported)")
+    max_tokens: int | None = Field(16, description="OpenAI's default is 16")
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = Field(
+        None, description="return token log probabilities and this many alternatives per token")
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+# --- the chat models' PARAMETERS ---------------------------------------------------------------------------------
+
+
+class GenerationParameters(BaseModel):
+    """The chat models' ``PARAMETERS`` JSON (everything optional). The gateway sends it; Triton clients may too."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
+    stop: str | Stop = Field(default_factory=list)
+    seed: Seed | None = None
+    n: Choices = 1
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    logprobs: bool = False
+    top_logprobs: TopLogprobs = 0
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "json_object"} or {"type": "json_schema", "schema": {...}}')
+    video_fps: VideoFps | None = None
+    video_max_frames: VideoFrames | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str]) -> list[str]:
+        if isinstance(value, str):
+            if not value:
+                raise ValueError("stop sequences must be non-empty strings")
+            return [value]
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _grammar(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None or value.get("type") == "text":
+            return None
+        if value.get("type") == "json_object":
+            return {"type": "json_object"}
+        if value.get("type") == "json_schema" and isinstance(value.get("schema"), dict):
+            return {"type": "json_schema", "schema": value["schema"]}
+        raise ValueError('must be {"type": "json_object"} or {"type": "json_schema", "schema": {...}}')
