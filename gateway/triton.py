@@ -145,6 +145,7 @@ class TritonBackend:
         # or is added would get nothing. Every ``reconnect_s`` new clients re-resolve and reconnect; the old ones
         # finish their requests and close. 0 keeps the connections (one Triton).
         self.reconnect_s = reconnect_s
+        self.clock = time.monotonic
         self._client_at = 0.0
         self._grpc_at = 0.0
         self._retired: set[asyncio.Task[None]] = set()
@@ -161,7 +162,7 @@ class TritonBackend:
         self._refresher: asyncio.Task[None] | None = None
 
     def _stale(self, made_at: float) -> bool:
-        return self.reconnect_s > 0 and time.monotonic() - made_at > self.reconnect_s
+        return self.reconnect_s > 0 and self.clock() - made_at > self.reconnect_s
 
     def _retire(self, old: Any) -> None:
         """Close a replaced client once the requests it carries can have finished (``timeout_s``)."""
@@ -180,7 +181,7 @@ class TritonBackend:
             self._client = None
         if self._client is None:
             self._client = triton_http.InferenceServerClient(self.url, conn_timeout=self.timeout_s)
-            self._client_at = time.monotonic()
+            self._client_at = self.clock()
         return self._client
 
     @property
@@ -202,7 +203,7 @@ class TritonBackend:
                 ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
                 ("grpc.lb_policy_name", "round_robin"),
             ])
-            self._grpc_at = time.monotonic()
+            self._grpc_at = self.clock()
         return self._grpc_client
 
     def start_refresh(self) -> None:

@@ -26,7 +26,9 @@ def chromium_path() -> str | None:
     return os.environ.get("VLMSERVE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: Playwright's sync API runs an asyncio loop in this thread while it is open, and every
+# later test that calls asyncio.run() would fail ("cannot be called from a running event loop").
+@pytest.fixture(scope="package")
 def browser():
     executable = chromium_path()
     if executable is None:

@@ -7,12 +7,12 @@ import asyncio
 from gateway.triton import TritonBackend
 
 
-def test_clients_are_replaced_after_reconnect_s_and_the_old_ones_closed(monkeypatch) -> None:
+def test_clients_are_replaced_after_reconnect_s_and_the_old_ones_closed() -> None:
     clock = [1000.0]
-    monkeypatch.setattr("gateway.triton.time.monotonic", lambda: clock[0])
 
     async def scenario() -> None:
         backend = TritonBackend("127.0.0.1:1", timeout_s=0.01, grpc_url="127.0.0.1:2", reconnect_s=30)
+        backend.clock = lambda: clock[0]
         http, grpc = backend.client, backend.grpc_client
         clock[0] += 29
         assert backend.client is http and backend.grpc_client is grpc  # within the period: the same pools
@@ -32,12 +32,12 @@ async def _note(closed: list[str], name: str) -> None:
     closed.append(name)
 
 
-def test_reconnect_zero_keeps_the_connections(monkeypatch) -> None:
+def test_reconnect_zero_keeps_the_connections() -> None:
     clock = [1000.0]
-    monkeypatch.setattr("gateway.triton.time.monotonic", lambda: clock[0])
 
     async def scenario() -> None:
         backend = TritonBackend("127.0.0.1:1", grpc_url="127.0.0.1:2")
+        backend.clock = lambda: clock[0]
         http = backend.client
         clock[0] += 10_000
         assert backend.client is http
