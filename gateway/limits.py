@@ -70,7 +70,8 @@ class BodySizeLimit:
 ROUTE_GROUPS: dict[str, str] = {
     "/embed": "embeddings", "/embed_text": "embeddings", "/v1/embeddings": "embeddings",
     "/infer": "florence", "/infer/upload": "florence", "/v1/predict": "florence",
-    "/v1/chat/completions": "chat", "/v1/completions": "chat", "/ocr": "chat", "/v1/ocr": "chat", "/v1/describe_region": "chat",
+    "/v1/chat/completions": "chat", "/v1/completions": "chat", "/ocr": "chat", "/v1/ocr": "chat",
+    "/v1/describe_region": "chat",
 }
 
 

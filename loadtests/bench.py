@@ -298,7 +298,9 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
             port = free_port()
             proc = subprocess.Popen(
                 [sys.executable, "-m", "loadtests.baseline.server", *model_args, "--port", str(port), *flags],
-                cwd=paths.PROJECT_ROOT, stdout=open(out / f"{system}.log", "w"), stderr=subprocess.STDOUT,
+                # The log file outlives this block: the server writes to it until it is stopped.
+                cwd=paths.PROJECT_ROOT, stdout=open(out / f"{system}.log", "w"),  # noqa: SIM115
+                stderr=subprocess.STDOUT,
             )
             baselines[system] = (proc, f"http://127.0.0.1:{port}")
         for proc, url in baselines.values():

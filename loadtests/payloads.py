@@ -29,10 +29,11 @@ DEFAULT_FLORENCE_TASKS = ("caption", "object_detection", "ocr", "phrase_groundin
 DEFAULT_IMAGE_SIZES = ((224, 224), (640, 480), (1024, 768))
 DEFAULT_IMAGE_FORMATS = ("jpeg", "png")
 
-WORDS = (
-    "invoice total amount date order shipping address customer number payment receipt station platform "
-    "exit north south coffee bakery menu price open closed street avenue warning caution entrance parking"
-).split()
+WORDS = [
+    "invoice", "total", "amount", "date", "order", "shipping", "address", "customer", "number", "payment",
+    "receipt", "station", "platform", "exit", "north", "south", "coffee", "bakery", "menu", "price", "open",
+    "closed", "street", "avenue", "warning", "caution", "entrance", "parking",
+]
 
 SENTENCES = (
     "a photo of a cat sleeping on a windowsill",

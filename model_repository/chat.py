@@ -544,7 +544,7 @@ class ChatModel:
                 ref.append(jobs[-1])
             jobs[0].shared = jobs[1:]
             self.engine.submit(jobs[0])
-        return None
+        return
 
     def finalize(self) -> None:
         self.engine.stop()

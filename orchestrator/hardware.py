@@ -14,6 +14,7 @@ Order of the probes:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -170,10 +171,8 @@ def _probe_nvml(nvml: Any | None) -> tuple[list[Gpu] | None, str]:
     except Exception as exc:  # noqa: BLE001
         return None, f"NVML query failed: {_describe(exc)}"
     finally:
-        try:
+        with contextlib.suppress(Exception):  # shutting down a half-initialised NVML is best effort
             module.nvmlShutdown()
-        except Exception:  # noqa: BLE001 - shutting down a half-initialised NVML is best effort
-            pass
 
 
 def _mib(field: str) -> int | None:
@@ -352,10 +351,8 @@ def gpu_memory_by_pid(nvml: Any | None = None) -> dict[int, int]:
     except Exception:  # noqa: BLE001 - a half answer is worse than none for a status table
         return {}
     finally:
-        try:
+        with contextlib.suppress(Exception):
             module.nvmlShutdown()
-        except Exception:  # noqa: BLE001
-            pass
     return usage
 
 

@@ -11,6 +11,7 @@ after ``max_restarts`` consecutive failures (a service that stayed up for ``STAB
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -92,10 +93,8 @@ def _stop_group(service: Service, timeout: float) -> None:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 STABLE_S = 60.0  # a service up this long counts as recovered: its backoff and failure count reset
@@ -274,7 +273,7 @@ class ProcessRuntime:
         """Watch the started services; restart a dead one with backoff. Returns 0 when asked to stop,
         1 after ``max_restarts`` consecutive failed restarts of one service."""
         s = self.settings
-        failures = {name: 0 for name in SERVICES}
+        failures = dict.fromkeys(SERVICES, 0)
         started_at = {name: time.monotonic() for name in SERVICES}
         while not should_stop():
             for name in SERVICES:

@@ -80,7 +80,7 @@ def open_ui(browser, base: str, traffic: Traffic, *, width: int = 1280, height: 
     return context, page, errors
 
 
-@pytest.fixture()
+@pytest.fixture
 def ui(browser, stack: Stack) -> Iterator:
     traffic = Traffic()
     context, page, errors = open_ui(browser, stack.gateway, traffic)

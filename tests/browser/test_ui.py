@@ -479,7 +479,7 @@ def test_status_shows_models_runtimes_random_weights_and_metrics(ui, stack, scre
 # --- API keys --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture()
+@pytest.fixture
 def keyed_gateway(stack):
     """A second gateway in front of the same Triton, with an API key configured."""
     import uvicorn

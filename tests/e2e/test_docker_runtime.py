@@ -6,6 +6,7 @@ touched)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -90,10 +91,8 @@ def test_docker_lifecycle(docker_client, cpu_image: str, tiny_repo: Path, tmp_pa
         started_at = triton.attrs["State"]["StartedAt"]
         # The exec may die with the container before its output is read (an empty answer, exit 137): the proof
         # that Triton was killed is the container being started again, checked below, not the exec's output.
-        try:
+        with contextlib.suppress(docker.errors.APIError):
             triton.exec_run(["python", "-c", KILL_TRITON])
-        except docker.errors.APIError:
-            pass
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             triton.reload()

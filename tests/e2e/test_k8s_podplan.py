@@ -26,7 +26,7 @@ services:
 """
 
 
-@pytest.mark.parametrize("variant, config_source, kind", [("rocm", "embedded", "KIND_CPU"),
+@pytest.mark.parametrize(("variant", "config_source", "kind"), [("rocm", "embedded", "KIND_CPU"),
                                                           ("gpu", "native", "KIND_GPU")])
 def test_init_container_renders_the_plan_in_the_image(docker_client, cpu_image: str, tiny_repo: Path,
                                                       tmp_path: Path, variant: str, config_source: str,

@@ -141,7 +141,7 @@ def test_swarm_replicas_survive_a_killed_replica(docker_client, cpu_image: str, 
                                       all(c[n] - base[n] >= 5 for n in c) else None)(counts(docker_client, project)),
                              90)
             figures["per_gateway_after_reschedule"] = {n: after[n] - base[n] for n in after}
-            new_gateway = (set(after) - {c for c in before})
+            new_gateway = (set(after) - set(before))
             assert new_gateway, "the rescheduled gateway replica got no load"
             triton_text = {c.name: swarm.scrape(c, spec.triton_ports()["metrics"])
                            for c in swarm.running_containers(docker_client, project, TRITON)}

@@ -48,9 +48,9 @@ def test_openai_sdk_non_streaming_with_image(client, model) -> None:
 
 @pytest.mark.parametrize("model", ["smolvlm2", "qwen2vl"])
 def test_openai_sdk_streaming_matches_non_streaming(client, model) -> None:
-    kwargs = dict(model=model, max_tokens=6, temperature=0.9, seed=5,
-                  messages=[{"role": "system", "content": "Be brief."},
-                            {"role": "user", "content": "Say something."}])
+    kwargs = {"model": model, "max_tokens": 6, "temperature": 0.9, "seed": 5,
+                  "messages": [{"role": "system", "content": "Be brief."},
+                            {"role": "user", "content": "Say something."}]}
     whole = client.chat.completions.create(**kwargs).choices[0].message.content
     chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

@@ -151,7 +151,7 @@ def test_cancellation_stops_generation(stack) -> None:
     assert stream(stack, "smolvlm2", [{"role": "user", "content": "hi"}], {"max_tokens": 2})[-1][1]
 
 
-@pytest.mark.parametrize("messages, params, fragment", [
+@pytest.mark.parametrize(("messages", "params", "fragment"), [
     ([], {}, "non-empty"),
     ([{"role": "robot", "content": "x"}], {}, "role"),
     ([{"role": "user", "content": [{"type": "image", "data": "!!!"}]}], {}, "base64"),

@@ -150,7 +150,7 @@ def test_openai_sdk_unknown_model_is_404(stack) -> None:
 
 
 @pytest.mark.parametrize(
-    "payload, status, fragment",
+    ("payload", "status", "fragment"),
     [
         ({"images": ["@@@not base64@@@"]}, 400, "invalid base64"),
         ({"images": [base64.b64encode(b"just some text, not an image").decode()]}, 415, "not a decodable image"),

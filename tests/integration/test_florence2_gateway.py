@@ -91,7 +91,7 @@ def test_v1_predict_both_store_modes(gw, store) -> None:
         assert annotated.size == (96, 72)
 
 
-@pytest.mark.parametrize("request_kwargs, status, fragment", [
+@pytest.mark.parametrize(("request_kwargs", "status", "fragment"), [
     ({"json": {"image_base64": base64.b64encode(png()).decode(), "task": "teleport"}}, (400, 422), "valid tasks"),
     ({"json": {"image_base64": base64.b64encode(png()).decode(), "task": "phrase_grounding"}}, (422,), "needs"),
     ({"json": {"image_base64": base64.b64encode(png()).decode(), "task": "region_to_category", "text": "1,2,3"}},

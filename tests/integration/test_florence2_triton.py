@@ -37,7 +37,7 @@ def http_call(stack, task: str, text: str | None = None, max_new_tokens: int | N
     return json.loads(client.infer("florence2", inputs).as_numpy("RESULT")[0, 0])
 
 
-@pytest.mark.parametrize("task, text", [
+@pytest.mark.parametrize(("task", "text"), [
     ("<OD>", None), ("caption", None), ("ocr_with_region", None),
     ("phrase_grounding", "a red car"), ("region_to_description", "5,5,40,40"),
 ])

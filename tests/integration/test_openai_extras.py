@@ -88,8 +88,8 @@ def test_unsupported_schema_is_400(client) -> None:
 
 @pytest.mark.parametrize("model", ["smolvlm2", "qwen2vl"])
 def test_logprobs_chat_and_stream(client, model) -> None:
-    kwargs = dict(model=model, max_tokens=6, logprobs=True, top_logprobs=3,
-                  messages=[{"role": "user", "content": "Say something."}])
+    kwargs = {"model": model, "max_tokens": 6, "logprobs": True, "top_logprobs": 3,
+                  "messages": [{"role": "user", "content": "Say something."}]}
     reply = client.chat.completions.create(**kwargs)
     content = reply.choices[0].logprobs.content
     assert len(content) == reply.usage.completion_tokens
@@ -106,8 +106,8 @@ def test_logprobs_chat_and_stream(client, model) -> None:
 
 
 def test_n_choices_with_a_seed(client) -> None:
-    kwargs = dict(model="qwen2vl", n=3, max_tokens=8, temperature=1.0, seed=11,
-                  messages=[{"role": "user", "content": "Describe a sunset."}])
+    kwargs = {"model": "qwen2vl", "n": 3, "max_tokens": 8, "temperature": 1.0, "seed": 11,
+                  "messages": [{"role": "user", "content": "Describe a sunset."}]}
     reply = client.chat.completions.create(**kwargs)
     texts = [c.message.content for c in reply.choices]
     assert [c.index for c in reply.choices] == [0, 1, 2] and len(set(texts)) > 1
@@ -117,7 +117,7 @@ def test_n_choices_with_a_seed(client) -> None:
 
 
 def test_penalties_change_the_output(client) -> None:
-    kwargs = dict(model="qwen2vl", max_tokens=16, messages=[{"role": "user", "content": "a dog in the park"}])
+    kwargs = {"model": "qwen2vl", "max_tokens": 16, "messages": [{"role": "user", "content": "a dog in the park"}]}
     plain = client.chat.completions.create(**kwargs).choices[0].message.content
     for extra in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"extra_body": {"repetition_penalty": 1.8}}):
         assert client.chat.completions.create(**kwargs, **extra).choices[0].message.content != plain, extra

@@ -139,7 +139,7 @@ class FakeBackend:
         pass
 
 
-@pytest.fixture()
+@pytest.fixture
 def make_client(tmp_path) -> Iterator[Any]:
     clients: list[TestClient] = []
 
@@ -163,7 +163,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture()
+@pytest.fixture
 def live_server(tmp_path) -> Iterator[Any]:
     """A real uvicorn on a free port (for the openai SDK and real client disconnects)."""
     servers: list[tuple[uvicorn.Server, threading.Thread]] = []
@@ -232,7 +232,7 @@ def sse_events(body: str) -> list[Any]:
     return events
 
 
-@pytest.fixture()
+@pytest.fixture
 def png_server() -> Iterator[str]:
     """A local HTTP server (127.0.0.1: loopback, so refused unless allowlisted) serving a PNG and an MP4."""
     files = {"/a.png": (png_bytes(), "image/png"), "/v.mp4": (MP4, "video/mp4")}
@@ -302,7 +302,7 @@ def test_video_container_sniffs_mp4_and_webm() -> None:
     assert video_container(png_bytes()) is None and video_container(b"") is None
 
 
-@pytest.mark.parametrize("box, expected", [
+@pytest.mark.parametrize(("box", "expected"), [
     ("10,5,30,25", (10.0, 5.0, 30.0, 25.0)),
     (" 0 , 0 , 64 , 48 ", (0.0, 0.0, 64.0, 48.0)),
     ("1.5,2,3.25,4", (1.5, 2.0, 3.25, 4.0)),
@@ -332,7 +332,7 @@ BAD_BOXES = [
 ]
 
 
-@pytest.mark.parametrize("box, rule", BAD_BOXES)
+@pytest.mark.parametrize(("box", "rule"), BAD_BOXES)
 def test_parse_box_names_the_rule_that_failed(box: Any, rule: str) -> None:
     with pytest.raises(APIError) as info:
         parse_box(box, (WIDTH, HEIGHT))
@@ -443,7 +443,7 @@ def test_triton_stream_closed_early_cancels_the_call() -> None:
     assert call.cancelled
 
 
-@pytest.mark.parametrize("message, status", [
+@pytest.mark.parametrize(("message", "status"), [
     ("messages[0].content[1]: 'data' is not valid base64", 400),
     ("max_tokens must be 1..64, got 100", 400),
     ("generation failed: RuntimeError: boom", 502),
@@ -563,7 +563,7 @@ def test_sampling_settings_become_the_parameters_json(make_client) -> None:
     assert r.status_code == 200 and backend.calls[1].parameters == {"max_tokens": 9, "stop": ["a", "b"]}
 
 
-@pytest.mark.parametrize("extra, param, needle", [
+@pytest.mark.parametrize(("extra", "param", "needle"), [
     ({"max_tokens": 65}, "max_tokens", "max_tokens must be 1..64"),
     ({"max_tokens": 0}, "max_tokens", "max_tokens must be 1..64"),
     ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens", "disagree"),
@@ -598,7 +598,7 @@ def test_bad_settings_are_400_naming_the_field(make_client, extra, param, needle
 BAD_PNG = data_uri(b"\x89PNG\r\n\x1a\nnot really a png")
 
 
-@pytest.mark.parametrize("messages, status, param, needle", [
+@pytest.mark.parametrize(("messages", "status", "param", "needle"), [
     ([], 400, "messages", "at least 1 item"),
     (["hi"], 400, "messages[0]", "valid dictionary or object"),
     ([{"role": "tool", "content": "x"}], 400, "messages[0].role", "'tool' found using 'role' does not match"),
@@ -773,7 +773,7 @@ def test_openai_sdk_raises_on_a_mid_stream_error(live_server) -> None:
     base = live_server(FakeBackend([resp("partial"), failure]))
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
     received = []
-    with pytest.raises(openai.APIError, match="generation failed: boom"):
+    with pytest.raises(openai.APIError, match="generation failed: boom"):  # noqa: PT012 - raised while iterating
         for chunk in client.chat.completions.create(model="smolvlm2", stream=True,
                                                     messages=[{"role": "user", "content": "hi"}]):
             received.append(chunk.choices[0].delta.content)
@@ -931,7 +931,7 @@ def test_describe_region_sends_the_crop(make_client) -> None:
     assert backend.calls[1].messages[0]["content"][1]["text"] == "What colour is it?"
 
 
-@pytest.mark.parametrize("box, rule", [b for b in BAD_BOXES if isinstance(b[0], str)])
+@pytest.mark.parametrize(("box", "rule"), [b for b in BAD_BOXES if isinstance(b[0], str)])
 def test_describe_region_invalid_box_is_422_naming_the_rule(make_client, box: str, rule: str) -> None:
     client, backend = make_client()
     png = png_bytes()
@@ -1041,7 +1041,7 @@ def test_completions_list_of_prompts_and_streaming(make_client) -> None:
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "ok"
 
 
-@pytest.mark.parametrize("extra, param", [
+@pytest.mark.parametrize(("extra", "param"), [
     ({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of"), ({"logprobs": 6}, "logprobs"),
     ({"prompt": [1, 2]}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": ["a", "b"], "stream": True}, "stream"),
 ])

@@ -30,7 +30,7 @@ def test_parse_messages_normalises_and_decodes() -> None:
     assert messages[1]["content"][0]["image"].size == (20, 10)
 
 
-@pytest.mark.parametrize("raw, match", [
+@pytest.mark.parametrize(("raw", "match"), [
     (b"not json", "JSON list"),
     (b"[]", "non-empty"),
     (json.dumps([{"role": "user", "content": 5}]).encode(), "string or a list"),

@@ -35,7 +35,7 @@ def test_parity_within_tolerance_at_another_batch_size(tiny_repo: Path) -> None:
         assert 0.0 <= diff <= onnx_utils.PARITY_ATOL, (model, diff)
 
 
-@pytest.mark.parametrize("family, model", [("florence2", "florence2_vision"), ("smolvlm2", "smolvlm2_vision")])
+@pytest.mark.parametrize(("family", "model"), [("florence2", "florence2_vision"), ("smolvlm2", "smolvlm2_vision")])
 def test_vision_encoder_parity(tiny_repo: Path, family: str, model: str) -> None:
     stamp = read_stamp(tiny_repo, family)
     assert stamp is not None

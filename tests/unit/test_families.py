@@ -96,7 +96,7 @@ def test_contract_round_trips_through_triton_strings() -> None:
     assert ChatParams.from_triton(ChatParams(family="q", supports_video=False).to_triton()).supports_video is False
 
 
-@pytest.mark.parametrize("params, key", [
+@pytest.mark.parametrize(("params", "key"), [
     ({"max_batch": "0"}, "max_batch"),
     ({"video_fps": "fast"}, "video_fps"),
     ({"weights": "maybe"}, "weights"),

@@ -38,7 +38,7 @@ def test_task_table_has_every_task_once() -> None:
         find_task("detect_everything")
 
 
-@pytest.mark.parametrize("text, expected", [
+@pytest.mark.parametrize(("text", "expected"), [
     ("10,20,50,60", "<loc_100><loc_250><loc_500><loc_750>"),
     ("[0, 0, 100, 80]", "<loc_0><loc_0><loc_999><loc_999>"),
     ("<loc_1><loc_2><loc_3><loc_4>", "<loc_1><loc_2><loc_3><loc_4>"),
@@ -47,7 +47,7 @@ def test_region_to_loc_tokens(text: str, expected: str) -> None:
     assert region_to_loc_tokens(text, 100, 80) == expected
 
 
-@pytest.mark.parametrize("text, match", [
+@pytest.mark.parametrize(("text", "match"), [
     ("10,20,50", "region must be"), ("a,b,c,d", "region must be"), ("50,20,10,60", "x1 < x2"),
     ("10,20,500,60", "<= 100"),
 ])

@@ -117,7 +117,7 @@ class FakeBackend:
         pass
 
 
-@pytest.fixture()
+@pytest.fixture
 def make_client(tmp_path) -> Iterator[Any]:
     clients: list[TestClient] = []
 
@@ -217,7 +217,7 @@ def test_parse_result_rejects_what_the_model_does_not_promise() -> None:
     ok = parse_result(np.array([[b'{"result": "x", "text": "y"}']], dtype=np.object_))
     assert ok["result"] == "x"
     for raw in (b"not json", b'["a"]', b'{"text": "no result"}'):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="."):
             parse_result(np.array([[raw]], dtype=np.object_))
 
 

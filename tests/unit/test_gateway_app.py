@@ -13,7 +13,7 @@ from gateway.settings import GatewaySettings
 from tests.conftest import free_port
 
 
-@pytest.fixture()
+@pytest.fixture
 def client_factory():
     clients = []
 

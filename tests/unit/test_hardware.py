@@ -168,7 +168,7 @@ NONE = Hardware((), "none", ("NVML not available: Driver Not Loaded; nvidia-smi:
                              "AMD: /dev/kfd absent (no ROCm kernel driver)"))
 
 
-@pytest.mark.parametrize("requested, hw, expected", [
+@pytest.mark.parametrize(("requested", "hw", "expected"), [
     ("auto", NVIDIA, ("cuda", "gpu", None, "KIND_GPU")),
     ("auto", AMD, ("rocm", "rocm", "embedded", "KIND_CPU")),
     ("auto", NONE, ("cpu", "cpu", "embedded", "KIND_CPU")),

@@ -160,7 +160,7 @@ def test_cli_writes_one_variant_with_a_plan(tmp_path: Path, plan_file: Path) -> 
     assert kustomize_resources(out / "monitoring") == k8s.service_monitors()
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(("args", "message"), [
     (["--accelerator", "tpu"], "--accelerator must be one of cpu, gpu, rocm"),
     (["--accelerator", "cpu", "--budget", "florence2=0.2"], "needs --accelerator gpu or rocm"),
     (["--accelerator", "gpu", "--budget", "florence2=0.5@1"], "numbered 0..n-1"),

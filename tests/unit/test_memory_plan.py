@@ -39,7 +39,7 @@ def gpus(*sizes_gib: int) -> Hardware:
 # ---------------------------------------------------------------------------------------------- parsing
 
 
-@pytest.mark.parametrize("text, expected", [
+@pytest.mark.parametrize(("text", "expected"), [
     ("6GiB", 6 * GIB), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), ("80 GiB", 80 * GIB), ("2kb", 2000),
     (1024, 1024),
 ])
@@ -47,7 +47,7 @@ def test_parse_size(text: str | int, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text, match", [
+@pytest.mark.parametrize(("text", "match"), [
     ("6GX", r"unknown unit 'GX' in '6GX'; valid units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"),
     ("lots", "not a size"),
     ("0GiB", "must be > 0"),
@@ -57,7 +57,7 @@ def test_parse_size_errors(text: str, match: str) -> None:
         parse_size(text)
 
 
-@pytest.mark.parametrize("value, expected", [
+@pytest.mark.parametrize(("value", "expected"), [
     (0.25, Amount(fraction=0.25)), ("0.25", Amount(fraction=0.25)), (1, Amount(fraction=1.0)),
     ("2GiB", Amount(bytes=2 * GIB)),
 ])
@@ -65,7 +65,7 @@ def test_parse_amount(value: str | float, expected: Amount) -> None:
     assert parse_amount(value) == expected
 
 
-@pytest.mark.parametrize("value, match", [
+@pytest.mark.parametrize(("value", "match"), [
     (0, "must be > 0"), (-0.1, "must be > 0"), (1.5, "more than the whole device"), ("half", "not a fraction or size"),
 ])
 def test_parse_amount_errors(value: str | float, match: str) -> None:
@@ -241,7 +241,7 @@ def check_golden(path: Path, golden_name: str) -> None:
     assert text == golden.read_text(), f"{path} differs from {golden} (VLMSERVE_UPDATE_GOLDEN=1 to accept)"
 
 
-@pytest.mark.parametrize("flavour, base", [("native", None), ("embedded", "embedded")])
+@pytest.mark.parametrize(("flavour", "base"), [("native", None), ("embedded", "embedded")])
 def test_render_matches_golden(repo: Path, flavour: str, base: str | None) -> None:
     resolved = validate(load_plan(None, PLAN), gpus(80, 80))
     rendered = render(resolved, repo, base)

@@ -72,7 +72,7 @@ def test_gpu_mem_limit_parameter() -> None:
 CUDA_AVAILABLE = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-@pytest.mark.parametrize("use_gpu, device, limit, available, expected", [
+@pytest.mark.parametrize(("use_gpu", "device", "limit", "available", "expected"), [
     (False, 0, None, CUDA_AVAILABLE, ["CPUExecutionProvider"]),
     (True, 0, None, ["CPUExecutionProvider"], ["CPUExecutionProvider"]),
     (True, 1, None, CUDA_AVAILABLE, [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]),
@@ -131,7 +131,7 @@ def test_rocm_uses_the_instance_device_id_when_given(monkeypatch: pytest.MonkeyP
     assert calls[-1] == ("device", 1)
 
 
-@pytest.mark.parametrize("hip, available", [
+@pytest.mark.parametrize(("hip", "available"), [
     ("6.4.0", False),  # torch-ROCm without a visible GPU (no /dev/kfd, HIP_VISIBLE_DEVICES empty)
     (None, True),  # a CUDA build of torch: VLMSERVE_ACCELERATOR=rocm does not turn NVIDIA GPUs on behind Triton
 ])
@@ -161,7 +161,7 @@ def test_kind_gpu_is_a_gpu_instance_whatever_the_accelerator(fake_torch: list,
 ROCM_ALL = ["MIGraphXExecutionProvider", "ROCMExecutionProvider", "CPUExecutionProvider"]
 
 
-@pytest.mark.parametrize("use_gpu, limit, available, expected", [
+@pytest.mark.parametrize(("use_gpu", "limit", "available", "expected"), [
     (True, None, ROCM_ALL, [("MIGraphXExecutionProvider", {"device_id": 0}),
                             ("ROCMExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]),
     (True, 2**30, ROCM_ALL, [

@@ -22,7 +22,7 @@ def test_decode_image_accepts_images_and_converts_to_rgb() -> None:
     assert runtime.decode_image(png(10, 7, "L")).mode == "RGB"
 
 
-@pytest.mark.parametrize("data, match", [(b"", "empty"), (b"not an image", "not a decodable image")])
+@pytest.mark.parametrize(("data", "match"), [(b"", "empty"), (b"not an image", "not a decodable image")])
 def test_decode_image_refuses_bad_bytes(data: bytes, match: str) -> None:
     with pytest.raises(runtime.InputError, match=match):
         runtime.decode_image(data)

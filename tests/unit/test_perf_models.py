@@ -229,7 +229,7 @@ def test_baseline_infer_task_with_text_and_token_name(client) -> None:
 
 
 @pytest.mark.parametrize(
-    "path, body, status",
+    ("path", "body", "status"),
     [
         ("/embed", {"images": ["not base64!"]}, 400),
         ("/embed", {"images": [base64.b64encode(b"plain text, not an image").decode()]}, 415),
@@ -343,7 +343,7 @@ def test_baseline_chat_streaming_matches_non_streaming(chat_client) -> None:
     assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
 
 
-@pytest.mark.parametrize("body, fragment", [
+@pytest.mark.parametrize(("body", "fragment"), [
     ({"messages": []}, "non-empty"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
     ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "parts are"),

@@ -13,7 +13,7 @@ from gateway.ui import STATIC
 from tests.conftest import free_port
 
 
-@pytest.fixture()
+@pytest.fixture
 def client():
     settings = GatewaySettings(triton_url=f"127.0.0.1:{free_port()}")  # nothing listens there
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
