@@ -36,10 +36,11 @@ from model_repository.chat_engine import (
     ChatJob,
     SamplingParams,
     TokenLogprob,
-    render_prompt,
 )
 from vlmserve.api.openai import GenerationParameters
+from vlmserve.families import families
 from vlmserve.families.contract import DEFAULT_MAX_PIXELS, ChatParams
+from vlmserve.families.spec import load
 
 ROLES = {"system", "user", "assistant"}
 
@@ -260,76 +261,6 @@ def render_logprobs(entries: list[TokenLogprob], tokenizer, grammars) -> list[di
 # ---------------------------------------------------------------------------------------------- pipelines
 
 
-class QwenPipeline:
-    """Qwen2-VL: chat template -> image placeholders expanded per image grid; a ``DecoderFamily`` of the engine.
-
-    The vision tower stays in torch (its patch loops are data dependent, docs/platform.md).
-    """
-
-    def __init__(self, checkpoint_dir, device: str = "cpu", attn_implementation: str = "sdpa", encoder=None) -> None:
-        import torch
-        from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
-
-        self.torch = torch
-        self.device = device
-        self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
-        self.image_processor = Qwen2VLImageProcessor.from_pretrained(str(checkpoint_dir))
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(
-            str(checkpoint_dir), attn_implementation=attn_implementation
-        ).eval().to(device)
-        self.merge = self.image_processor.merge_size
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
-
-    def prepare(self, messages: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
-        prompt, images = render_prompt(self.tokenizer, messages)
-        inputs: dict[str, Any] = {}
-        if images:
-            # channels_last: the images are RGB PIL images; left to guess, transformers takes an image 1 or 3
-            # pixels high for channels-first and fails ("mean must have 1 elements") or transposes it.
-            vision = self.image_processor(images=images, return_tensors="pt", input_data_format="channels_last")
-            counts = (vision["image_grid_thw"].prod(-1) // (self.merge**2)).tolist()
-            pieces = prompt.split("<|image_pad|>")
-            if len(pieces) - 1 != len(counts):
-                raise runtime.InputError("the chat template did not place every image")
-            prompt = pieces[0] + "".join("<|image_pad|>" * n + rest for n, rest in zip(counts, pieces[1:],
-                                                                                       strict=True))
-            inputs = {"pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return {"input_ids": ids, **inputs}, len(ids)
-
-    def prefill_inputs(self, job: ChatJob) -> tuple[dict[str, Any], int]:
-        torch = self.torch
-        ids = torch.tensor([job.inputs["input_ids"]], device=self.device)
-        mask = torch.ones_like(ids)
-        grid = job.inputs.get("image_grid_thw")
-        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-        if grid is not None:
-            grid = grid.to(self.device)
-            kwargs.update(pixel_values=job.inputs["pixel_values"].to(self.device), image_grid_thw=grid)
-        # mrope: image tokens share positions, so the text after them continues from the largest one (not from
-        # the token count); decode steps go on from there, one per token.
-        positions, _ = self.model.model.get_rope_index(ids, grid, None, mask)
-        kwargs["position_ids"] = positions
-        return kwargs, int(positions.max()) + 1
-
-    def decode_positions(self, positions):
-        return positions.view(1, -1, 1).expand(3, -1, -1)
-
-
-def _smolvlm(*args, **kwargs):
-    from model_repository.smolvlm import SmolVLMPipeline
-
-    return SmolVLMPipeline(*args, **kwargs)
-
-
-def _deepseek_ocr(*args, **kwargs):
-    from model_repository.deepseek_ocr import DeepSeekOcrPipeline
-
-    return DeepSeekOcrPipeline(*args, **kwargs)
-
-
-PIPELINES = {"qwen2vl": QwenPipeline, "smolvlm2": _smolvlm, "deepseek_ocr": _deepseek_ocr}
 
 
 # ---------------------------------------------------------------------------------------------- Triton
@@ -448,7 +379,8 @@ class ChatModel:
             raise ValueError(f"{config['name']}: chat models must be decoupled (model_transaction_policy)")
         params = ChatParams.from_config(config)
         family = params.family
-        if family not in PIPELINES:
+        spec = families().get(family)
+        if spec is None or spec.pipeline is None:
             raise ValueError(f"{config['name']}: unknown chat family {family!r}")
         device = runtime.torch_device(args)
         runtime.apply_gpu_budget(args, config)  # before loading: an over-budget checkpoint fails loudly here
@@ -457,8 +389,9 @@ class ChatModel:
         encoder = runtime.make_encoder(args, config, ["image_features"]) if family == "smolvlm2" else None
         # bf16 weights where export measured them faithful and faster on this host (decoder_choice.json).
         extra = {"decoder_precision": params.decoder_precision} if encoder else {}
-        self.pipeline = PIPELINES[family](runtime.version_dir(args) / "checkpoint", device, attn, encoder=encoder,
-                                          **extra)
+        # The family's spec names its pipeline (vlmserve/families/<family>.py), imported only here.
+        self.pipeline = load(spec.pipeline)(runtime.version_dir(args) / "checkpoint", device, attn,
+                                            encoder=encoder, **extra)
         self.max_tokens_limit = params.max_new_tokens_limit
         # MAX_NEW_TOKENS (seed 002) sets the default answer length, within the configured limit.
         self.default_max_tokens = min(self.max_tokens_limit,

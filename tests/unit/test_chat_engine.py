@@ -21,7 +21,7 @@ def families(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from transformers import SmolVLMForConditionalGeneration
 
     from export.tiny import build_tiny_qwen2vl, build_tiny_smolvlm2
-    from model_repository.chat import QwenPipeline
+    from model_repository.qwen2vl import QwenPipeline
     from model_repository.smolvlm import SmolVLMPipeline, vision_module
 
     root = tmp_path_factory.mktemp("chat-engine")

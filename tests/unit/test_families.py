@@ -27,7 +27,8 @@ def test_every_family_is_discovered_with_loadable_targets() -> None:
     for spec in specs.values():
         recipe = spec.load_recipe()
         assert spec.models() and isinstance(recipe.RECIPE_VERSION, str) and callable(recipe.export)
-        for target in (spec.tiny, spec.perf):
+        assert (spec.pipeline is not None) == ("chat" in spec.surfaces)  # chat families name their pipeline
+        for target in (spec.tiny, spec.perf, spec.pipeline):
             assert target is None or callable(load(target)), target
         assert issubclass(spec.params, ModelParams)
         assert spec.env_var == f"VLMSERVE_{spec.name.upper()}_MODEL"

@@ -10,6 +10,7 @@ SPEC = FamilySpec(
     default_source="deepseek-ai/DeepSeek-OCR",
     recipe="export.chat:deepseek_ocr",
     params=ChatParams,
+    pipeline="model_repository.deepseek_ocr:DeepSeekOcrPipeline",
     in_default_set=False,
     tasks=("OCR",),
 )

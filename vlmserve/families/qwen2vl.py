@@ -11,6 +11,7 @@ SPEC = FamilySpec(
     default_source="Qwen/Qwen2-VL-2B-Instruct",
     recipe="export.chat:qwen2vl",
     params=ChatParams,
+    pipeline="model_repository.qwen2vl:QwenPipeline",
     tiny="export.tiny:build_tiny_qwen2vl",
     tasks=("chat", "OCR", "region description"),
 )

@@ -10,6 +10,7 @@ SPEC = FamilySpec(
     default_source="HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
     recipe="export.chat:smolvlm2",
     params=ChatParams,
+    pipeline="model_repository.smolvlm:SmolVLMPipeline",
     tiny="export.tiny:build_tiny_smolvlm2",
     # Real size, random weights: built and exported only when asked for (--family smolvlm2), since it adds a
     # ~1 GB checkpoint and a 512 px SigLIP ONNX export to every perf run.

@@ -31,7 +31,7 @@ def load(target: str) -> Any:
 class FamilySpec:
     """One model family: everything export, the Triton models, the gateway and the CLI need to know.
 
-    Import targets (``recipe``, ``tiny``, ``perf``, ``triton_model``) are strings, imported only when used, so the
+    Import targets (``recipe``, ``tiny``, ``perf``, ``pipeline``) are strings, imported only when used, so the
     spec stays importable without torch (gateway, Triton stubs, CLI listing).
     """
 
@@ -46,6 +46,7 @@ class FamilySpec:
     perf: str | None = None  # builder of the real-size random checkpoint (``--set perf``)
     in_default_set: bool = True  # exported by ``vlmserve export`` without ``--family``
     in_default_perf: bool = False  # part of the default perf set (benchmarks)
+    pipeline: str | None = None  # chat families: the model_repository pipeline the chat model runs
     tasks: tuple[str, ...] = ()  # what it does, for listings (Florence-2's task names, "image embeddings", ...)
     notes: str = ""
 
