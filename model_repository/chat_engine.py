@@ -177,10 +177,12 @@ class RowSampler:
             self._penalise(logits, job)
         if self.grammar is not None:
             self.grammar.mask(logits)
-        if params.temperature <= 0:
+        probs = torch.softmax(logits / params.temperature, dim=-1) if params.temperature > 0 else None
+        if probs is None or not bool(torch.isfinite(probs).all()):
+            # Greedy; also for a temperature so small that logits / temperature overflows (its limit is greedy,
+            # and multinomial would refuse the inf/nan probabilities).
             token = int(torch.argmax(logits))
         else:
-            probs = torch.softmax(logits / params.temperature, dim=-1)
             if params.top_p < 1.0:
                 sorted_probs, order = torch.sort(probs, descending=True)
                 keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p

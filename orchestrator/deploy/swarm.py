@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import yaml
 
 from orchestrator.deploy import spec
@@ -249,14 +250,22 @@ def remove(client: Any, project: str, timeout_s: float = 120) -> list[str]:
     raise SwarmError(f"stack {project} not gone after {timeout_s:.0f}s: {', '.join(leftovers(client, project))}")
 
 
-def leftovers(client: Any, project: str) -> list[str]:
+def leftovers(client: Any, project: str, attempts: int = 10) -> list[str]:
     """What of the stack still exists: services, containers, networks, configs."""
     flt = {"label": [f"{STACK_LABEL}={project}"]}
-    return ([f"service {s.name}" for s in client.services.list(filters=flt)] if swarm_active() else []) + [
-        *(f"container {c.name}" for c in client.containers.list(all=True, filters=flt)),
-        *(f"network {n.name}" for n in client.networks.list(filters=flt)),
-        *([f"config {c.name}" for c in client.configs.list(filters=flt)] if swarm_active() else []),
-    ]
+    for attempt in range(attempts):
+        try:
+            return ([f"service {s.name}" for s in client.services.list(filters=flt)] if swarm_active() else []) + [
+                *(f"container {c.name}" for c in client.containers.list(all=True, filters=flt)),
+                *(f"network {n.name}" for n in client.networks.list(filters=flt)),
+                *([f"config {c.name}" for c in client.configs.list(filters=flt)] if swarm_active() else []),
+            ]
+        except docker.errors.NotFound:
+            # Listing inspects each object: one removed in between (a stack going down) is a 404. List again.
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
+    return []
 
 
 def service_name(project: str, service: str) -> str:

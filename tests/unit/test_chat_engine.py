@@ -534,3 +534,15 @@ def test_penalties_change_the_output_per_row(families, family: str) -> None:
     for job in (presence, frequency, repetition):
         assert job.token_ids != base
         assert len(set(job.token_ids)) > len(set(base))  # fewer repeats
+
+
+def test_a_vanishing_temperature_samples_greedily_instead_of_failing() -> None:
+    # Found by schemathesis: temperature=5e-324 made logits / temperature overflow, and multinomial refused the
+    # nan probabilities (a 502 for the whole request). Its limit is greedy, which is what the row now does.
+    import torch
+
+    from model_repository.chat_engine import RowSampler, SamplingParams
+
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    sampler = RowSampler(SamplingParams(max_tokens=4, temperature=5e-324, seed=1))
+    assert sampler(logits) == 1
