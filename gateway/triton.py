@@ -23,12 +23,10 @@ import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
 from gateway.errors import APIError
-from vlmserve.families import default_family
+from vlmserve.families import TASK_SURFACE, default_family
 from vlmserve.families.contract import ModelParams
 
 P = TypeVar("P", bound=ModelParams)
-# The gateway surface of each client-model task (see vlmserve/families/spec.py).
-TASK_SURFACE = {"embed_image": "embeddings", "embed_text": "embeddings", "florence2": "florence2", "chat": "chat"}
 
 log = logging.getLogger("vlmserve.gateway")
 

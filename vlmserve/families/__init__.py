@@ -11,9 +11,9 @@ import importlib
 import pkgutil
 from functools import cache
 
-from vlmserve.families.spec import SURFACE_TASKS, SURFACES, FamilySpec
+from vlmserve.families.spec import SURFACES, TASK_SURFACE, FamilySpec
 
-__all__ = ["SURFACES", "SURFACE_TASKS", "FamilySpec", "default_family", "families", "family"]
+__all__ = ["SURFACES", "TASK_SURFACE", "FamilySpec", "default_family", "families", "family"]
 
 
 @cache

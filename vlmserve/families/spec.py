@@ -15,9 +15,9 @@ SURFACES = {
     "chat": "/v1/chat/completions, /chat/completions (chat over images and video)",
     "ocr": "/v1/ocr, /ocr, /v1/describe-region (OCR and region descriptions through a chat model)",
 }
-# The Triton ``task`` parameter of a surface's client models (what the gateway's registry routes on).
-SURFACE_TASKS = {"embeddings": ("embed_image", "embed_text"), "florence2": ("florence2",), "chat": ("chat",),
-                 "ocr": ("chat",)}
+# The surface of each client-model task (the Triton ``task`` parameter the gateway's registry routes on); "ocr"
+# shares the chat models and is asked for by name.
+TASK_SURFACE = {"embed_image": "embeddings", "embed_text": "embeddings", "florence2": "florence2", "chat": "chat"}
 
 
 def load(target: str) -> Any:
@@ -63,7 +63,3 @@ class FamilySpec:
 
     def load_recipe(self) -> Any:
         return load(self.recipe)
-
-    def models(self) -> list[str]:
-        """The Triton models its recipe writes."""
-        return list(self.load_recipe().MODELS)
