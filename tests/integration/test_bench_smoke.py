@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -47,10 +48,14 @@ def test_bench_harness_runs_every_scenario_and_reports(tiny_repo: Path, state_di
     derived = report["derived"]
     assert report["results"][-1]["scenario"] == "chat-vlmserve-mixed-2u"
     assert report["results"][-1]["structured_requests"] > 0
-    for key in ("siglip_vs_stronger_baseline", "siglip_share_of_ceiling", "gateway_overhead_latency",
+    for key in ("siglip_vs_stronger_baseline", "siglip_share_of_ceiling",
                 "florence_vs_stronger_baseline", "chat_tokens_per_s_vs_stronger_baseline",
                 "chat_ttft_p95_loaded_over_idle_p50", "chat_mixed_structured_tokens_per_s_vs_free"):
         assert derived[key] is not None and derived[key] > 0, key
+    # 1 - direct/gateway latency: below 1 by construction, and on a loaded host it can be negative (the gateway
+    # round happened to be faster); a sign here would be a timing assertion, so only its presence is checked.
+    overhead = derived["gateway_overhead_latency"]
+    assert overhead is not None and math.isfinite(overhead) and overhead < 1
     assert derived["siglip_stronger_baseline"] in {f"siglip-{s}" for s in systems}
     assert report["runtime_choice"]["siglip_vision"]["runtime"] in ("onnxruntime", "openvino")
     assert {"siglip_embed_image", "florence2", "smolvlm2"} <= set(report["model_rss_bytes"])
