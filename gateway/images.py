@@ -22,10 +22,13 @@ from typing import TypeAlias
 
 import httpx
 from PIL import Image, UnidentifiedImageError
+from pydantic.json_schema import JsonDict
 
 from gateway.errors import DomainError
 
 __all__ = [
+    "EXAMPLE_IMAGE",
+    "IMAGE_REF_SCHEMA",
     "ImageInputError",
     "ImagePolicy",
     "check_url_allowed",
@@ -55,6 +58,15 @@ _MAX_DETAIL_CHARS = 200
 _ACCEPTED_FORMS = (
     "send a data URI (data:image/<fmt>;base64,...), base64 image data, an http(s) URL or a file path"
 )
+
+
+# A 32x32 PNG as base64: the example image of the OpenAPI schema. "Try it out" then sends a request that runs, and
+# schema-driven fuzzers (schemathesis) reach past image decoding with it.
+EXAMPLE_IMAGE = ("iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAIAAAD8GO2jAAAAK0lEQVR42u3NQQEAQAQAMC6NiCKKdSX4bQWW0xWX"
+                 "XhwTCAQCgUAgEAgEWz6b/gGoTIbtSQAAAABJRU5ErkJggg==")
+# What the schema can state of an image reference (JSON Schema cannot say "decodes as an image"): a non-empty
+# string. Use as ``json_schema_extra`` of a str field; resolve_image enforces it (400).
+IMAGE_REF_SCHEMA: JsonDict = {"minLength": 1, "examples": [EXAMPLE_IMAGE]}
 
 
 class ImageInputError(DomainError):

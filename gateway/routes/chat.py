@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import JsonDict
 from starlette.datastructures import UploadFile
 
 from gateway.auth import require_api_key
@@ -40,7 +41,7 @@ from gateway.chat import (
 )
 from gateway.errors import APIError, about, error_body
 from gateway.florence import oriented_size
-from gateway.images import resolve_image, validate_image_bytes
+from gateway.images import EXAMPLE_IMAGE, IMAGE_REF_SCHEMA, resolve_image, validate_image_bytes
 from gateway.routes.openai import OpenAIRoute
 from gateway.triton import ModelInfo
 from vlmserve.api.openai import ChatCompletionRequest, CompletionRequest, StreamOptions, grammar_spec
@@ -302,9 +303,10 @@ SCHEMA_HELP = ("vlmserve extension: a JSON Schema; the text is then read into JS
 
 
 class OcrRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"image": EXAMPLE_IMAGE}]})
 
-    image: str = Field(..., description="base64 of an image file, a data URI or an http(s) URL")
+    image: str = Field(..., description="base64 of an image file, a data URI or an http(s) URL",
+                       json_schema_extra=IMAGE_REF_SCHEMA)
     language: str = Field("auto", description="'auto' or the text's language (e.g. 'russian'): a hint")
     model: str | None = Field(None, description="chat model; default: Qwen2-VL if loaded, else the first")
     max_tokens: int | None = Field(None, description="answer length cap; default: the model's (MAX_NEW_TOKENS)")
@@ -384,7 +386,7 @@ async def model_info(request: Request, chat: ChatService = Depends(get_chat)) ->
 
 
 class OcrV1Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"image": EXAMPLE_IMAGE}]})
 
     image: str | None = Field(None, description="base64 of an image file, a data URI or an http(s) URL "
                                                 "(or upload it as multipart 'file')")
@@ -394,26 +396,40 @@ class OcrV1Request(BaseModel):
     json_schema: dict[str, Any] | None = Field(None, alias="schema", description=SCHEMA_HELP)
 
 
+_NUMBER = r"\s*[+-]?(\d+(\.\d*)?|\.\d+)\s*"  # gateway.chat._NUMBER_RE, with spaces
+_BOX_TEXT: JsonDict = {"type": "string", "pattern": f"^{_NUMBER},{_NUMBER},{_NUMBER},{_NUMBER}$"}
+BOX_SCHEMA: JsonDict = {"anyOf": [_BOX_TEXT, {"type": "array", "items": {"type": "number"}, "minItems": 4,
+                                               "maxItems": 4}]}
+
+
 class DescribeRegionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore",
+                              json_schema_extra={"examples": [{"image": EXAMPLE_IMAGE, "box": "4,4,28,28"}]})
 
     image: str | None = Field(None, description="base64 of an image file, a data URI or an http(s) URL "
                                                 "(or upload it as multipart 'file')")
-    box: Any = Field(..., description="'x1,y1,x2,y2' in pixels of the (upright) image")
+    box: Any = Field(..., description="'x1,y1,x2,y2' in pixels of the (upright) image, x1 < x2, y1 < y2, inside "
+                     "the image (or a list of the four numbers)", json_schema_extra=BOX_SCHEMA)
     model: str | None = None
     prompt: str | None = Field(None, description="what to ask about the region; default: describe the object")
     max_tokens: int | None = None
 
 
-def _body_schema(model: type[BaseModel], form: dict[str, Any]) -> dict[str, Any]:
-    # The routes read JSON or multipart themselves, so the OpenAPI page is told about both here.
+def _body_schema(model: type[BaseModel], form: dict[str, Any], *required: str) -> dict[str, Any]:
+    # The routes read JSON or multipart themselves, so the OpenAPI page is told about both here. The model's
+    # 'image' is optional only for the form (which may upload 'file' instead): a JSON body needs it.
+    json_schema = model.model_json_schema()
+    json_schema["properties"]["image"] = {**json_schema["properties"]["image"], "type": "string",
+                                          **IMAGE_REF_SCHEMA}
+    json_schema["properties"]["image"].pop("anyOf", None)
+    json_schema["required"] = ["image", *json_schema.get("required", [])]
     return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": model.model_json_schema()},
-        "multipart/form-data": {"schema": {"type": "object", "properties": form}},
+        "application/json": {"schema": json_schema},
+        "multipart/form-data": {"schema": {"type": "object", "properties": form, "required": ["file", *required]}},
     }}}
 
 
-_FILE = {"type": "string", "format": "binary"}
+_FILE = {"type": "string", "format": "binary", "description": "the image file"}
 _STR = {"type": "string"}
 
 
@@ -435,8 +451,8 @@ async def ocr_v1(request: Request, fmt: Literal["json", "txt"] | None = Query(No
 
 
 @router.post("/v1/describe_region", tags=["SmolVLM2 (seed-compatible)"],
-             openapi_extra=_body_schema(DescribeRegionRequest, {"file": _FILE, "box": _STR, "model": _STR,
-                                                                "prompt": _STR}))
+             openapi_extra=_body_schema(DescribeRegionRequest, {"file": _FILE, "box": _BOX_TEXT,
+                                                                "model": _STR, "prompt": _STR}, "box"))
 async def describe_region(request: Request, chat: ChatService = Depends(get_chat)) -> dict[str, Any]:
     """Seed 003: describe the object inside ``box`` (``x1,y1,x2,y2``, strictly validated)."""
     body, image, size = await _image_request(request, DescribeRegionRequest)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gateway.auth import require_api_key
 from gateway.embedding import EmbeddingService, get_service
+from gateway.images import EXAMPLE_IMAGE, IMAGE_REF_SCHEMA
 
 router = APIRouter(tags=["embeddings (seed-compatible)"], dependencies=[Depends(require_api_key)])
 
@@ -17,12 +20,19 @@ ITEMS = "at most VLMSERVE_MAX_ITEMS (default 32) per request: 413 beyond"
 
 
 class EmbedRequest(BaseModel):
-    images: list[str] = Field(..., description=f"data URIs, bare base64, http(s) URLs or local paths; {ITEMS}",
-                              json_schema_extra={"minItems": 1})
+    model_config = ConfigDict(json_schema_extra={"examples": [{"images": [EXAMPLE_IMAGE]}]})
+
+    images: list[Annotated[str, Field(json_schema_extra=IMAGE_REF_SCHEMA)]] = Field(
+        ..., description=f"data URIs, bare base64, http(s) URLs or local paths; {ITEMS}",
+        json_schema_extra={"minItems": 1})
     model: str | None = MODEL
 
 
 class EmbedTextRequest(BaseModel):
+    # Exactly one of the two, as the validator below enforces.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["texts"]}, {"required": ["text"]}],
+                                                 "examples": [{"text": "a photo of a cat"}]})
+
     texts: list[str] | None = Field(None, description=f"{ITEMS}; each at most VLMSERVE_MAX_TEXT_CHARS (default "
                                     "20000) characters", json_schema_extra={"minItems": 1})
     text: str | None = Field(None, description="one text (instead of 'texts')")

@@ -33,7 +33,7 @@ from gateway.florence import (
     prepare_text,
     shape_response,
 )
-from gateway.images import decode_base64_image, validate_image_bytes
+from gateway.images import EXAMPLE_IMAGE, IMAGE_REF_SCHEMA, decode_base64_image, validate_image_bytes
 from gateway.storage import LocalStore, StorageError, media_type_for
 from gateway.triton import ModelInfo, live_registry, use_model
 
@@ -48,9 +48,11 @@ files_router = APIRouter(tags=["files"])
 
 
 class InferRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore",
+                              json_schema_extra={"examples": [{"image_base64": EXAMPLE_IMAGE, "task": "caption"}]})
 
-    image_base64: str = Field(..., description="base64 of an image file, or a data:image/...;base64, URI")
+    image_base64: str = Field(..., description="base64 of an image file, or a data:image/...;base64, URI",
+                              json_schema_extra=IMAGE_REF_SCHEMA)
     task: str = Field("caption", description="task name (object_detection) or Florence token (<OD>)")
     text: str | None = Field(None, description="prompt for tasks that need one; region tasks take 'x1,y1,x2,y2'")
     text_input: str | None = Field(None, description="seed 000's name for 'text'")
@@ -98,8 +100,8 @@ async def infer_upload(
     task: str = Form("caption"),
     text: str | None = Form(None),
     text_input: str | None = Form(None),
-    max_new_tokens: int | None = Form(None, ge=1),
-    num_beams: int | None = Form(None, ge=1),
+    max_new_tokens: int = Form(None, ge=1),  # absent: the model's default (a form has no null)
+    num_beams: int = Form(None, ge=1),  # absent: the model's default (a form has no null)
 ) -> dict[str, Any]:
     """Run one task on an uploaded image (seed 000)."""
     data, size = await _read_upload(request, file)
@@ -115,8 +117,8 @@ async def predict(
     text: str | None = Form(None),
     text_input: str | None = Form(None),
     store_image: bool = Form(True),
-    max_new_tokens: int | None = Form(None, ge=1),
-    num_beams: int | None = Form(None, ge=1),
+    max_new_tokens: int = Form(None, ge=1),  # absent: the model's default (a form has no null)
+    num_beams: int = Form(None, ge=1),  # absent: the model's default (a form has no null)
 ) -> dict[str, Any]:
     """Seed 001: the /infer answer plus the annotated image, as base64 or as stored-object URLs."""
     data, size = await _read_upload(request, file)

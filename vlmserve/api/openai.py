@@ -203,17 +203,23 @@ class ChatCompletionRequest(_Sampling):
     video_max_frames: VideoFrames | None = None
 
 
+# The gateway answers 400 for the unsupported values; the schema states the ones that work.
+_PROMPT = Annotated[str, Field(json_schema_extra={"minLength": 1})]
+
+
 class CompletionRequest(_Sampling):
     """``POST /v1/completions`` (legacy text completions): the prompt goes to the model as is, no chat template."""
 
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_N)] = Field(
+    model_config = ConfigDict(json_schema_extra={"examples": [{"prompt": "Once upon a time", "max_tokens": 8}]})
+
+    prompt: _PROMPT | Annotated[list[_PROMPT], Field(min_length=1, max_length=MAX_N)] = Field(
         ..., description="a text prompt, or a list of them (token-id prompts are not supported)")
     max_tokens: int | None = Field(16, description="OpenAI's default is 16")
     logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = Field(
         None, description="return token log probabilities and this many alternatives per token")
-    echo: bool | None = False
-    suffix: str | None = None
-    best_of: int | None = None
+    echo: bool | None = Field(False, description="not supported: false only", json_schema_extra={"enum": [False, None]})
+    suffix: str | None = Field(None, description="not supported: empty only", json_schema_extra={"maxLength": 0})
+    best_of: int | None = Field(None, description="equal to n only (no server-side reranking)")
 
 
 # --- the chat models' PARAMETERS ---------------------------------------------------------------------------------
