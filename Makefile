@@ -55,7 +55,7 @@ image: install ## the CPU image, offline (base image from debootstrap, local whe
 	$(VENV)/bin/vlmserve image build --image cpu
 
 lint: install
-	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy gateway orchestrator export model_repository vlmserve && $(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy gateway orchestrator export model_repository vlmserve tests/fakes.py && $(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy --config-file clients/python/pyproject.toml clients/python/src
 
 clean:

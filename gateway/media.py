@@ -2,7 +2,7 @@
 
 URLs follow the image SSRF rules (:func:`gateway.images.fetch_url`: checked and pinned address on every redirect
 hop) with their own size cap. The gateway cannot decode video without heavy native libraries, so it checks the container
-signature (MP4/QuickTime, WebM/Matroska) and leaves frame decoding to the model.
+signature (MP4/QuickTime/M4V, WebM/Matroska; read by the ``filetype`` package) and leaves frame decoding to the model.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import base64
 import binascii
 import dataclasses
 
+import filetype
 import httpx
 
 from gateway.images import ImageInputError, ImagePolicy, fetch_url
@@ -18,6 +19,17 @@ from gateway.images import ImageInputError, ImagePolicy, fetch_url
 __all__ = ["resolve_video", "video_container", "video_policy"]
 
 _FORMS = "send a data URI (data:video/mp4;base64,...) or an http(s) URL"
+# The containers the chat models decode, by the media type ``filetype`` reports for the file's signature: ISO BMFF
+# with a video brand (MP4, QuickTime, M4V) and EBML with a WebM or Matroska doctype. Other videos (AVI, FLV, MPEG-PS,
+# WMV) and other ISO BMFF files (HEIC/AVIF images) are not taken.
+_SNIFF_BYTES = 8192  # what filetype reads of a file
+_CONTAINERS = {
+    "video/mp4": "mp4",
+    "video/quicktime": "mp4",
+    "video/x-m4v": "mp4",
+    "video/webm": "webm",
+    "video/x-matroska": "webm",
+}
 
 
 def video_policy(image_policy: ImagePolicy, max_bytes: int) -> ImagePolicy:
@@ -26,12 +38,9 @@ def video_policy(image_policy: ImagePolicy, max_bytes: int) -> ImagePolicy:
 
 
 def video_container(data: bytes) -> str | None:
-    """``"mp4"`` (ISO BMFF: MP4, MOV), ``"webm"`` (EBML: WebM, MKV) or None, from the file signature."""
-    if len(data) >= 12 and data[4:8] == b"ftyp":
-        return "mp4"
-    if data[:4] == b"\x1a\x45\xdf\xa3":
-        return "webm"
-    return None
+    """``"mp4"`` (MP4, MOV, M4V), ``"webm"`` (WebM, MKV) or None, from the file signature."""
+    kind = filetype.video_match(bytes(data[:_SNIFF_BYTES]))
+    return None if kind is None else _CONTAINERS.get(kind.mime)
 
 
 async def resolve_video(ref: str, policy: ImagePolicy, client: httpx.AsyncClient | None = None) -> bytes:

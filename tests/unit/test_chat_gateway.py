@@ -12,8 +12,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncGenerator, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -37,7 +36,8 @@ from gateway.chat import (
 from gateway.errors import APIError
 from gateway.media import video_container
 from gateway.settings import GatewaySettings
-from gateway.triton import ModelInfo, Registry, TritonBackend, TritonUnavailable
+from gateway.triton import ModelInfo, TritonBackend, TritonUnavailable
+from tests.fakes import Call, FakeBackend
 from vlmserve.families.contract import MAX_NEW_TOKENS_LIMIT
 
 SMOL = {
@@ -71,90 +71,57 @@ USAGE = {"prompt_tokens": 11, "completion_tokens": 3, "batch_size": 1}
 DEFAULT_SCRIPT: list[Any] = [resp("Hello"), resp(", "), resp(" world  ", "stop", USAGE)]
 
 
-@dataclass
-class Call:
-    model: str
-    messages: list[dict[str, Any]] | None
-    parameters: dict[str, Any] | None
-    prompt: str | None = None
+# The served models of these tests: chat models plus other client models and an encoder (never chosen for chat).
+CHAT_MODELS = {
+    "florence2": ModelInfo("florence2", True, {"family": "florence2", "task": "florence2", "role": "client",
+                                               "source_model": "microsoft/Florence-2-large",
+                                               "weights": "random", "max_new_tokens_limit": "1024"}, 8),
+    "qwen2vl": ModelInfo("qwen2vl", True, QWEN),
+    "siglip_embed_text": ModelInfo("siglip_embed_text", True, {"family": "siglip", "task": "embed_text",
+                                                               "role": "client",
+                                                               "source_model": "vlmserve/tiny-siglip"}, 32),
+    "smolvlm2": ModelInfo("smolvlm2", True, SMOL),
+    "smolvlm2_vision": ModelInfo("smolvlm2_vision", True, {"family": "smolvlm2", "role": "encoder"}, 8),
+}
+CHAT_OUTPUTS = ["TEXT", "FINISH_REASON", "USAGE", "INDEX", "LOGPROBS"]
 
 
-class FakeBackend:
-    """Stands in for TritonBackend: chat models plus other client models, canned streamed responses."""
+def chat_backend(script: list[Any] | None = None, *, reachable: bool = True, delay: float = 0.0,
+                 models: dict[str, ModelInfo] | None = None) -> FakeBackend:
+    """The fake Triton of these tests: ``CHAT_MODELS`` (or ``models``), every stream answers ``script``."""
+    return FakeBackend(CHAT_MODELS if models is None else models,
+                       script=DEFAULT_SCRIPT if script is None else script, reachable=reachable, delay=delay)
 
-    url = "fake-triton:8000"
-    retry_after_s = 5
 
-    def __init__(self, script: list[Any] | None = None, *, reachable: bool = True, delay: float = 0.0,
-                 models: dict[str, ModelInfo] | None = None) -> None:
-        self.script = list(DEFAULT_SCRIPT if script is None else script)
-        self.reachable = reachable
-        self.delay = delay
-        self.calls: list[Call] = []
-        self.cancelled = 0
-        self.models = models if models is not None else {
-            "florence2": ModelInfo("florence2", True, {"family": "florence2", "task": "florence2", "role": "client",
-                                                       "source_model": "microsoft/Florence-2-large",
-                                                       "weights": "random", "max_new_tokens_limit": "1024"}, 8),
-            "qwen2vl": ModelInfo("qwen2vl", True, QWEN),
-            "siglip_embed_text": ModelInfo("siglip_embed_text", True, {"family": "siglip", "task": "embed_text",
-                                                                       "role": "client",
-                                                                       "source_model": "vlmserve/tiny-siglip"}, 32),
-            "smolvlm2": ModelInfo("smolvlm2", True, SMOL),
-            "smolvlm2_vision": ModelInfo("smolvlm2_vision", True, {"family": "smolvlm2", "role": "encoder"}, 8),
-        }
-
-    async def registry(self, refresh: bool = False) -> Registry:
-        if not self.reachable:
-            return Registry({}, reachable=False)
-        return Registry(self.models)
-
-    async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        raise AssertionError("chat models are decoupled: the gateway must stream")
-
-    async def stream(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str], *,
-                     final_output: str = "FINISH_REASON") -> AsyncGenerator[dict[str, np.ndarray], None]:
-        assert outputs == ["TEXT", "FINISH_REASON", "USAGE", "INDEX", "LOGPROBS"] and final_output == "USAGE"
-        params = json.loads(inputs["PARAMETERS"][0]) if "PARAMETERS" in inputs else None
-        assert ("MESSAGES" in inputs) != ("PROMPT" in inputs)
-        if "PROMPT" in inputs:
-            self.calls.append(Call(model, None, params, inputs["PROMPT"][0].decode()))
-        else:
-            self.calls.append(Call(model, json.loads(inputs["MESSAGES"][0]), params))
-        done = False
-        try:
-            for item in self.script:
-                if self.delay:
-                    await asyncio.sleep(self.delay)
-                if isinstance(item, BaseException):
-                    done = True
-                    raise item
-                yield item
-            done = True
-        finally:
-            if not done:
-                self.cancelled += 1
-
-    async def close(self) -> None:
-        pass
+def check_chat_calls(backend: FakeBackend) -> None:
+    """Every call the gateway made keeps the chat contract: decoupled models are streamed, with the chat outputs
+    (USAGE last) and either MESSAGES or PROMPT."""
+    for call in backend.calls:
+        assert call.kind == "stream", f"chat models are decoupled: the gateway must stream ({call.model})"
+        assert call.outputs == CHAT_OUTPUTS and call.final_output == "USAGE"
+        assert ("MESSAGES" in call.inputs) != ("PROMPT" in call.inputs)
 
 
 @pytest.fixture
 def make_client(tmp_path) -> Iterator[Any]:
     clients: list[TestClient] = []
 
+    backends: list[FakeBackend] = []
+
     def make(backend: FakeBackend | None = None, **overrides: Any) -> tuple[TestClient, FakeBackend]:
-        backend = backend or FakeBackend()
+        backend = backend or chat_backend()
         overrides.setdefault("storage_dir", str(tmp_path / "storage"))
-        client = TestClient(create_app(GatewaySettings(**overrides), backend=backend),  # type: ignore[arg-type]
-                            raise_server_exceptions=False)
+        client = TestClient(create_app(GatewaySettings(**overrides), backend=backend), raise_server_exceptions=False)
         client.__enter__()
         clients.append(client)
+        backends.append(backend)
         return client, backend
 
     yield make
     for c in clients:
         c.__exit__(None, None, None)
+    for b in backends:
+        check_chat_calls(b)
 
 
 def _free_port() -> int:
@@ -167,11 +134,13 @@ def _free_port() -> int:
 def live_server(tmp_path) -> Iterator[Any]:
     """A real uvicorn on a free port (for the openai SDK and real client disconnects)."""
     servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+    backends: list[FakeBackend] = []
 
     def start(backend: FakeBackend) -> str:
         settings = GatewaySettings(storage_dir=str(tmp_path / "storage"))
         port = _free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(settings, backend=backend),  # type: ignore[arg-type]
+        backends.append(backend)
+        server = uvicorn.Server(uvicorn.Config(create_app(settings, backend=backend),
                                                host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -186,6 +155,8 @@ def live_server(tmp_path) -> Iterator[Any]:
     for server, thread in servers:
         server.should_exit = True
         thread.join(10)
+    for b in backends:
+        check_chat_calls(b)
 
 
 def png_bytes(size: tuple[int, int] = (WIDTH, HEIGHT), red_box: tuple[int, int, int, int] | None = None) -> bytes:
@@ -298,7 +269,9 @@ def test_ocr_prompt_adds_a_language_hint_unless_auto() -> None:
 
 def test_video_container_sniffs_mp4_and_webm() -> None:
     assert video_container(MP4) == "mp4"
-    assert video_container(b"\x1a\x45\xdf\xa3" + bytes(20)) == "webm"
+    # The EBML header FFmpeg writes for WebM (doctype "webm"); more containers in tests/unit/test_media.py.
+    webm = b"\x1aE\xdf\xa3\x9fB\x86\x81\x01B\xf7\x81\x01B\xf2\x81\x04B\xf3\x81\x08B\x82\x84webm"
+    assert video_container(webm) == "webm"
     assert video_container(png_bytes()) is None and video_container(b"") is None
 
 
@@ -479,10 +452,10 @@ def test_image_data_uri_becomes_a_base64_image_part(make_client) -> None:
     })
     assert r.status_code == 200, r.text
     call = backend.calls[0]
-    assert call.model == "smolvlm2" and call.parameters is None
-    assert call.messages[0] == {"role": "system", "content": "be brief"}
-    assert call.messages[1]["content"][0] == {"type": "text", "text": "what is this?"}
-    part = call.messages[1]["content"][1]
+    assert call.model == "smolvlm2" and call.json("PARAMETERS") is None
+    assert call.json("MESSAGES")[0] == {"role": "system", "content": "be brief"}
+    assert call.json("MESSAGES")[1]["content"][0] == {"type": "text", "text": "what is this?"}
+    part = call.json("MESSAGES")[1]["content"][1]
     assert part["type"] == "image" and base64.b64decode(part["data"], validate=True) == png
 
 
@@ -509,7 +482,7 @@ def test_loopback_image_url_is_refused_unless_allowlisted(make_client, png_serve
     client, backend = make_client(url_allowlist=["127.0.0.1"])
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
-    assert base64.b64decode(backend.calls[0].messages[0]["content"][1]["data"]) == png_bytes()
+    assert base64.b64decode(backend.calls[0].json("MESSAGES")[0]["content"][1]["data"]) == png_bytes()
 
 
 def test_video_part_data_uri_and_url(make_client, png_server: str) -> None:
@@ -518,12 +491,12 @@ def test_video_part_data_uri_and_url(make_client, png_server: str) -> None:
         "model": "smolvlm2", "messages": user(video_part(data_uri(MP4, "video/mp4")), text("describe")),
         "video_fps": 2, "video_max_frames": 4})
     assert r.status_code == 200, r.text
-    part = backend.calls[0].messages[0]["content"][0]
+    part = backend.calls[0].json("MESSAGES")[0]["content"][0]
     assert part["type"] == "video" and base64.b64decode(part["data"]) == MP4
-    assert backend.calls[0].parameters == {"video_fps": 2.0, "video_max_frames": 4}
+    assert backend.calls[0].json("PARAMETERS") == {"video_fps": 2.0, "video_max_frames": 4}
     r = client.post("/v1/chat/completions",
                     json={"model": "smolvlm2", "messages": user(video_part(f"{png_server}/v.mp4"))})
-    assert r.status_code == 200 and base64.b64decode(backend.calls[1].messages[0]["content"][0]["data"]) == MP4
+    assert r.status_code == 200 and base64.b64decode(backend.calls[1].json("MESSAGES")[0]["content"][0]["data"]) == MP4
 
 
 def test_video_is_refused_by_models_without_video(make_client) -> None:
@@ -556,11 +529,11 @@ def test_sampling_settings_become_the_parameters_json(make_client) -> None:
         "model": "smolvlm2", "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "stop": "\n\n", "seed": 42, "n": 1, "user": "u1"})
     assert r.status_code == 200, r.text
-    assert backend.calls[0].parameters == {"max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "stop": ["\n\n"],
+    assert backend.calls[0].json("PARAMETERS") == {"max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "stop": ["\n\n"],
                                            "seed": 42}
     r = client.post("/v1/chat/completions", json={"model": "smolvlm2", "messages": [{"role": "user", "content": "x"}],
                                                    "max_completion_tokens": 9, "stop": ["a", "b"]})
-    assert r.status_code == 200 and backend.calls[1].parameters == {"max_tokens": 9, "stop": ["a", "b"]}
+    assert r.status_code == 200 and backend.calls[1].json("PARAMETERS") == {"max_tokens": 9, "stop": ["a", "b"]}
 
 
 @pytest.mark.parametrize(("extra", "param", "needle"), [
@@ -643,7 +616,7 @@ def test_too_many_images_is_413(make_client) -> None:
 
 
 def test_triton_down_is_503_with_retry_after(make_client) -> None:
-    client, _ = make_client(FakeBackend(reachable=False))
+    client, _ = make_client(chat_backend(reachable=False))
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 503 and r.headers["Retry-After"] == "5"
     assert error(r)["code"] == "triton_unavailable"
@@ -705,7 +678,7 @@ def test_streaming_usage_chunk_when_asked(make_client) -> None:
 
 def test_error_mid_stream_is_an_error_event_then_done(make_client) -> None:
     failure = APIError(502, "smolvlm2 failed: generation failed: boom", code="inference_failed")
-    client, _ = make_client(FakeBackend([resp("partial"), failure]))
+    client, _ = make_client(chat_backend([resp("partial"), failure]))
     r = client.post("/v1/chat/completions", json={"model": "smolvlm2", "stream": True,
                                                   "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200
@@ -719,7 +692,7 @@ def test_error_mid_stream_is_an_error_event_then_done(make_client) -> None:
 
 
 def test_stream_that_ends_without_finish_reason_is_an_error_event(make_client) -> None:
-    client, _ = make_client(FakeBackend([resp("a"), resp("b")]))
+    client, _ = make_client(chat_backend([resp("a"), resp("b")]))
     r = client.post("/v1/chat/completions", json={"model": "smolvlm2", "stream": True,
                                                   "messages": [{"role": "user", "content": "hi"}]})
     events = sse_events(r.text)
@@ -730,7 +703,7 @@ def test_stream_that_ends_without_finish_reason_is_an_error_event(make_client) -
 
 def test_error_before_the_first_token_is_a_plain_http_error(make_client) -> None:
     rejected = APIError(400, "messages[0].content[0]: not a decodable video", code="invalid_input")
-    client, _ = make_client(FakeBackend([rejected]))
+    client, _ = make_client(chat_backend([rejected]))
     r = client.post("/v1/chat/completions", json={"model": "smolvlm2", "stream": True,
                                                   "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and r.headers["content-type"].startswith("application/json")
@@ -743,7 +716,7 @@ def test_error_before_the_first_token_is_a_plain_http_error(make_client) -> None
 def test_openai_sdk_non_streaming_and_streaming(live_server) -> None:
     import openai
 
-    base = live_server(FakeBackend())
+    base = live_server(chat_backend())
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
     png = data_uri(png_bytes())
     completion = client.chat.completions.create(
@@ -770,7 +743,7 @@ def test_openai_sdk_raises_on_a_mid_stream_error(live_server) -> None:
     import openai
 
     failure = APIError(502, "smolvlm2 failed: generation failed: boom", code="inference_failed")
-    base = live_server(FakeBackend([resp("partial"), failure]))
+    base = live_server(chat_backend([resp("partial"), failure]))
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
     received = []
     with pytest.raises(openai.APIError, match="generation failed: boom"):  # noqa: PT012 - raised while iterating
@@ -791,7 +764,7 @@ def _wait_until(predicate: Any, timeout_s: float = 10.0) -> bool:
 
 def test_client_disconnect_cancels_the_triton_request(live_server) -> None:
     script = [resp(f"t{i} ") for i in range(400)] + [resp("", "length", USAGE)]
-    backend = FakeBackend(script, delay=0.02)
+    backend = chat_backend(script, delay=0.02)
     base = live_server(backend)
     body = {"model": "smolvlm2", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     with httpx.Client(timeout=10) as http, http.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
@@ -818,18 +791,18 @@ def test_ocr_asks_the_qwen_model_by_default(make_client) -> None:
     assert body["text"] == "Hello,  world" and body["language"] == "russian"
     assert body["model"] == "vlmserve/tiny-qwen2vl" and body["latency_ms"] >= 0
     call = backend.calls[0]
-    assert call.model == "qwen2vl" and call.parameters is None
-    image, prompt = call.messages[0]["content"]
+    assert call.model == "qwen2vl" and call.json("PARAMETERS") is None
+    image, prompt = call.json("MESSAGES")[0]["content"]
     assert image == {"type": "image", "data": base64.b64encode(png).decode()}
     assert prompt["text"].startswith("Extract all text from this image") and "russian" in prompt["text"]
     r = client.post("/ocr", json={"image": data_uri(png), "model": "smolvlm2", "max_tokens": 8})
     assert r.status_code == 200 and r.json()["language"] == "auto"
-    assert backend.calls[1].model == "smolvlm2" and backend.calls[1].parameters == {"max_tokens": 8}
-    assert "The text is in" not in backend.calls[1].messages[0]["content"][1]["text"]
+    assert backend.calls[1].model == "smolvlm2" and backend.calls[1].json("PARAMETERS") == {"max_tokens": 8}
+    assert "The text is in" not in backend.calls[1].json("MESSAGES")[0]["content"][1]["text"]
 
 
 def test_ocr_falls_back_to_the_first_chat_model(make_client) -> None:
-    backend = FakeBackend(models={"smolvlm2": ModelInfo("smolvlm2", True, SMOL)})
+    backend = chat_backend(models={"smolvlm2": ModelInfo("smolvlm2", True, SMOL)})
     client, _ = make_client(backend)
     r = client.post("/ocr", json={"image": data_uri(png_bytes())})
     assert r.status_code == 200 and r.json()["model"] == "vlmserve/tiny-smolvlm2"
@@ -883,8 +856,8 @@ def test_v1_ocr_json_and_multipart(make_client) -> None:
     assert re.fullmatch(FILENAME_RE, body["filename"]) and body["latency_ms"] >= 0
     r = client.post("/v1/ocr", files={"file": ("scan.png", png, "image/png")}, data={"language": "german"})
     assert r.status_code == 200, r.text
-    assert base64.b64decode(backend.calls[1].messages[0]["content"][0]["data"]) == png
-    assert "german" in backend.calls[1].messages[0]["content"][1]["text"]
+    assert base64.b64decode(backend.calls[1].json("MESSAGES")[0]["content"][0]["data"]) == png
+    assert "german" in backend.calls[1].json("MESSAGES")[0]["content"][1]["text"]
 
 
 def test_v1_ocr_txt_download(make_client) -> None:
@@ -911,7 +884,7 @@ def test_v1_ocr_bad_input(make_client) -> None:
 
 
 def _sent_image(call: Call) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(call.messages[0]["content"][0]["data"])))
+    return Image.open(io.BytesIO(base64.b64decode(call.json("MESSAGES")[0]["content"][0]["data"])))
 
 
 def test_describe_region_sends_the_crop(make_client) -> None:
@@ -923,12 +896,12 @@ def test_describe_region_sends_the_crop(make_client) -> None:
                         "latency_ms": r.json()["latency_ms"]}
     crop = _sent_image(backend.calls[0]).convert("RGB")
     assert crop.size == (64, 64) and crop.getpixel((32, 32)) == (255, 0, 0)
-    assert "Describe the object" in backend.calls[0].messages[0]["content"][1]["text"]
+    assert "Describe the object" in backend.calls[0].json("MESSAGES")[0]["content"][1]["text"]
     r = client.post("/v1/describe_region", files={"file": ("a.png", png, "image/png")},
                     data={"box": "10,5,30,25", "model": "smolvlm2", "prompt": "What colour is it?"})
     assert r.status_code == 200, r.text
     assert backend.calls[1].model == "smolvlm2"
-    assert backend.calls[1].messages[0]["content"][1]["text"] == "What colour is it?"
+    assert backend.calls[1].json("MESSAGES")[0]["content"][1]["text"] == "What colour is it?"
 
 
 @pytest.mark.parametrize(("box", "rule"), [b for b in BAD_BOXES if isinstance(b[0], str)])
@@ -959,26 +932,26 @@ TWO_CHOICES: list[Any] = [
 
 
 def test_new_settings_become_the_parameters_json(make_client) -> None:
-    client, backend = make_client(FakeBackend(TWO_CHOICES))
+    client, backend = make_client(chat_backend(TWO_CHOICES))
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     r = client.post("/v1/chat/completions", json={
         "model": "smolvlm2", "messages": [{"role": "user", "content": "hi"}], "n": 2, "logprobs": True,
         "top_logprobs": 1, "presence_penalty": 0.5, "frequency_penalty": -0.25, "repetition_penalty": 1.2,
         "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}})
     assert r.status_code == 200, r.text
-    assert backend.calls[0].parameters == {
+    assert backend.calls[0].json("PARAMETERS") == {
         "n": 2, "logprobs": True, "top_logprobs": 1, "presence_penalty": 0.5, "frequency_penalty": -0.25,
         "repetition_penalty": 1.2, "response_format": {"type": "json_schema", "schema": schema}}
     r = client.post("/v1/chat/completions", json={"model": "smolvlm2", "messages": [{"role": "user", "content": "x"}],
                                                    "response_format": {"type": "json_object"}, "n": 1})
-    assert backend.calls[1].parameters == {"response_format": {"type": "json_object"}}
+    assert backend.calls[1].json("PARAMETERS") == {"response_format": {"type": "json_object"}}
     client.post("/v1/chat/completions", json={"model": "smolvlm2", "messages": [{"role": "user", "content": "x"}],
                                                "response_format": {"type": "text"}, "presence_penalty": 0})
-    assert backend.calls[2].parameters is None
+    assert backend.calls[2].json("PARAMETERS") is None
 
 
 def test_n_choices_and_logprobs_are_aggregated(make_client) -> None:
-    client, _ = make_client(FakeBackend(TWO_CHOICES))
+    client, _ = make_client(chat_backend(TWO_CHOICES))
     r = client.post("/v1/chat/completions", json={"model": "smolvlm2", "messages": [{"role": "user", "content": "hi"}],
                                                    "n": 2, "logprobs": True, "top_logprobs": 1})
     assert r.status_code == 200, r.text
@@ -991,7 +964,7 @@ def test_n_choices_and_logprobs_are_aggregated(make_client) -> None:
 
 
 def test_n_choices_stream_per_index(make_client) -> None:
-    client, _ = make_client(FakeBackend(TWO_CHOICES))
+    client, _ = make_client(chat_backend(TWO_CHOICES))
     r = client.post("/v1/chat/completions", json={"model": "smolvlm2", "messages": [{"role": "user", "content": "hi"}],
                                                    "n": 2, "stream": True, "logprobs": True,
                                                    "stream_options": {"include_usage": True}})
@@ -1013,7 +986,7 @@ def test_n_choices_stream_per_index(make_client) -> None:
 
 
 def test_completions_send_the_raw_prompt(make_client) -> None:
-    client, backend = make_client(FakeBackend([resp("Hel", logprobs=LP_A), resp("lo", "length", USAGE,
+    client, backend = make_client(chat_backend([resp("Hel", logprobs=LP_A), resp("lo", "length", USAGE,
                                                                                   logprobs=LP_B)]))
     r = client.post("/v1/completions", json={"model": "qwen2vl", "prompt": "Once upon a time", "max_tokens": 5,
                                               "logprobs": 1, "seed": 3})
@@ -1023,18 +996,18 @@ def test_completions_send_the_raw_prompt(make_client) -> None:
     assert body["choices"][0]["text"] == "Hello" and body["choices"][0]["finish_reason"] == "length"
     assert body["choices"][0]["logprobs"] == {"tokens": ["A", "B"], "token_logprobs": [-0.5, -1.5],
                                               "top_logprobs": [{"A": -0.5}, {"A": -0.3}], "text_offset": [0, 1]}
-    assert backend.calls[0].prompt == "Once upon a time" and backend.calls[0].messages is None
-    assert backend.calls[0].parameters == {"max_tokens": 5, "seed": 3, "logprobs": True, "top_logprobs": 1}
+    assert backend.calls[0].text("PROMPT") == "Once upon a time" and backend.calls[0].json("MESSAGES") is None
+    assert backend.calls[0].json("PARAMETERS") == {"max_tokens": 5, "seed": 3, "logprobs": True, "top_logprobs": 1}
     r = client.post("/v1/completions", json={"model": "qwen2vl", "prompt": "x"})
-    assert backend.calls[1].parameters == {"max_tokens": 16}  # OpenAI's default
+    assert backend.calls[1].json("PARAMETERS") == {"max_tokens": 16}  # OpenAI's default
 
 
 def test_completions_list_of_prompts_and_streaming(make_client) -> None:
-    client, backend = make_client(FakeBackend([resp("ok", "stop", USAGE)]))
+    client, backend = make_client(chat_backend([resp("ok", "stop", USAGE)]))
     r = client.post("/v1/completions", json={"model": "qwen2vl", "prompt": ["a", "b"]})
     assert r.status_code == 200, r.text
     assert [c["index"] for c in r.json()["choices"]] == [0, 1] and r.json()["usage"]["prompt_tokens"] == 22
-    assert sorted(c.prompt for c in backend.calls) == ["a", "b"]
+    assert sorted(c.text("PROMPT") for c in backend.calls) == ["a", "b"]
     r = client.post("/v1/completions", json={"model": "qwen2vl", "prompt": "a", "stream": True})
     events = sse_events(r.text)
     assert events[-1] == "[DONE]" and events[0]["object"] == "text_completion"
@@ -1066,16 +1039,16 @@ def test_models_retrieve_by_id_alias_and_triton_name(make_client) -> None:
 
 def test_ocr_with_a_schema_answers_json(make_client) -> None:
     schema = {"type": "object", "properties": {"total": {"type": "number"}}, "required": ["total"]}
-    client, backend = make_client(FakeBackend([resp('{"total": 12.5}', "stop", USAGE)]))
+    client, backend = make_client(chat_backend([resp('{"total": 12.5}', "stop", USAGE)]))
     image = base64.b64encode(png_bytes()).decode()
     r = client.post("/ocr", json={"image": image, "schema": schema})
     assert r.status_code == 200, r.text
     assert r.json()["json"] == {"total": 12.5} and r.json()["finish_reason"] == "stop"
-    assert backend.calls[0].parameters["response_format"] == {"type": "json_schema", "schema": schema}
-    assert json.dumps(schema) in backend.calls[0].messages[0]["content"][1]["text"]
+    assert backend.calls[0].json("PARAMETERS")["response_format"] == {"type": "json_schema", "schema": schema}
+    assert json.dumps(schema) in backend.calls[0].json("MESSAGES")[0]["content"][1]["text"]
     r = client.post("/v1/ocr", json={"image": image, "schema": schema})
     assert r.status_code == 200 and r.json()["json"] == {"total": 12.5}
-    cut, _ = make_client(FakeBackend([resp('{"total": 1', "length", USAGE)]))
+    cut, _ = make_client(chat_backend([resp('{"total": 1', "length", USAGE)]))
     r = cut.post("/ocr", json={"image": image, "schema": schema})
     assert r.status_code == 200 and r.json()["json"] is None and r.json()["finish_reason"] == "length"
     plain = client.post("/ocr", json={"image": image})

@@ -32,8 +32,9 @@ from gateway.florence import (
 )
 from gateway.settings import GatewaySettings
 from gateway.storage import LocalStore, S3Store, build_store
-from gateway.triton import ModelInfo, Registry
+from gateway.triton import ModelInfo
 from model_repository.florence2_tasks import TASKS
+from tests.fakes import Answer, Call, FakeBackend
 from vlmserve.families.contract import MAX_NEW_TOKENS_LIMIT
 
 WIDTH, HEIGHT = 64, 48
@@ -80,41 +81,25 @@ def decode(data: bytes) -> Image.Image:
     return img
 
 
-class FakeBackend:
-    """Stands in for TritonBackend: a registry with one florence2 model and canned RESULT answers."""
+def canned_answer(call: Call) -> dict[str, np.ndarray]:
+    """The florence2 model's RESULT for a call: the CANNED result of its task token, sized to the sent image."""
+    token = call.inputs["TASK"][0, 0].decode()
+    width, height = decode(call.inputs["IMAGE"][0, 0]).size
+    payload = {"task": token, "task_token": token, "text": f"</s><s>raw {token}</s>",
+               "result": CANNED[token], "image_size": [width, height]}
+    return {"RESULT": np.array([[json.dumps(payload).encode()]], dtype=np.object_)}
 
-    url = "fake-triton:8000"
-    retry_after_s = 5
 
-    def __init__(self, *, reachable: bool = True, params: dict[str, str] | None = None, ready: bool = True,
-                 loaded: bool = True, raw_result: bytes | None = None) -> None:
-        self.reachable = reachable
-        self.params = dict(PARAMS if params is None else params)
-        self.ready = ready
-        self.loaded = loaded
-        self.raw_result = raw_result
-        self.calls: list[tuple[str, dict[str, np.ndarray]]] = []
-
-    async def registry(self, refresh: bool = False) -> Registry:
-        if not self.reachable:
-            return Registry({}, reachable=False)
-        models = {"siglip_embed_text": ModelInfo("siglip_embed_text", True, {"task": "embed_text"}, 32)}
-        if self.loaded:
-            models["florence2"] = ModelInfo("florence2", self.ready, self.params if self.ready else {}, 8)
-        return Registry(models)
-
-    async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        self.calls.append((model, inputs))
-        if self.raw_result is not None:
-            return {"RESULT": np.array([[self.raw_result]], dtype=np.object_)}
-        token = inputs["TASK"][0, 0].decode()
-        width, height = decode(inputs["IMAGE"][0, 0]).size
-        payload = {"task": token, "task_token": token, "text": f"</s><s>raw {token}</s>",
-                   "result": CANNED[token], "image_size": [width, height]}
-        return {"RESULT": np.array([[json.dumps(payload).encode()]], dtype=np.object_)}
-
-    async def close(self) -> None:
-        pass
+def florence_backend(*, reachable: bool = True, params: dict[str, str] | None = None, ready: bool = True,
+                     loaded: bool = True, raw_result: bytes | None = None) -> FakeBackend:
+    """A registry with one florence2 model (``params``; none while not ``ready``, absent unless ``loaded``) beside
+    an embedding model; it answers :func:`canned_answer`, or ``raw_result`` as its RESULT."""
+    models = [ModelInfo("siglip_embed_text", True, {"task": "embed_text"}, 32)]
+    if loaded:
+        models.append(ModelInfo("florence2", ready, dict(PARAMS if params is None else params) if ready else {}, 8))
+    answer: Answer = (canned_answer if raw_result is None
+                      else {"RESULT": np.array([[raw_result]], dtype=np.object_)})
+    return FakeBackend(models, infer={"florence2": answer}, reachable=reachable)
 
 
 @pytest.fixture
@@ -122,10 +107,10 @@ def make_client(tmp_path) -> Iterator[Any]:
     clients: list[TestClient] = []
 
     def make(backend: FakeBackend | None = None, **overrides: Any) -> tuple[TestClient, FakeBackend]:
-        backend = backend or FakeBackend()
+        backend = backend or florence_backend()
         overrides.setdefault("storage_dir", str(tmp_path / "storage"))
         settings = GatewaySettings(**overrides)
-        client = TestClient(create_app(settings, backend=backend), raise_server_exceptions=False)  # type: ignore[arg-type]
+        client = TestClient(create_app(settings, backend=backend), raise_server_exceptions=False)
         client.__enter__()
         clients.append(client)
         return client, backend
@@ -336,7 +321,7 @@ def test_exif_rotation_is_applied_like_the_model_does() -> None:
 
 def test_tasks_routes_serve_the_triton_table(make_client) -> None:
     served = [TASKS[0].as_dict(), TASKS[3].as_dict()]
-    client, _ = make_client(FakeBackend(params=PARAMS | {"tasks": json.dumps(served)}))
+    client, _ = make_client(florence_backend(params=PARAMS | {"tasks": json.dumps(served)}))
     r = client.get("/v1/tasks")
     assert r.status_code == 200 and r.json() == served
     assert set(r.json()[0]) == {"name", "token", "needs_text", "description", "text_hint"}
@@ -348,9 +333,9 @@ def test_tasks_routes_serve_the_triton_table(make_client) -> None:
 
 
 def test_triton_down_or_no_model_is_503(make_client) -> None:
-    for backend, code in ((FakeBackend(reachable=False), "triton_unavailable"),
-                          (FakeBackend(loaded=False), "model_not_loaded"),
-                          (FakeBackend(ready=False), "model_not_ready")):
+    for backend, code in ((florence_backend(reachable=False), "triton_unavailable"),
+                          (florence_backend(loaded=False), "model_not_loaded"),
+                          (florence_backend(ready=False), "model_not_ready")):
         client, _ = make_client(backend)
         for r in (client.get("/tasks"), client.get("/v1/tasks"),
                   client.post("/infer", json={"image_base64": b64(png_bytes()), "task": "caption"})):
@@ -359,7 +344,7 @@ def test_triton_down_or_no_model_is_503(make_client) -> None:
 
 
 def test_bad_tasks_param_is_502(make_client) -> None:
-    client, _ = make_client(FakeBackend(params=PARAMS | {"tasks": "oops"}))
+    client, _ = make_client(florence_backend(params=PARAMS | {"tasks": "oops"}))
     r = client.get("/v1/tasks")
     assert r.status_code == 502 and "tasks" in error(r)["message"]
 
@@ -373,8 +358,9 @@ def test_infer_caption(make_client) -> None:
     assert body["task"] == "caption" and body["task_token"] == "<CAPTION>" and body["result"] == "a grey square"
     assert body["text"] == "</s><s>raw <CAPTION></s>" and body["model"] == "microsoft/Florence-2-large"
     assert body["image_size"] == {"width": WIDTH, "height": HEIGHT} and body["latency_ms"] >= 0
-    [(model, inputs)] = backend.calls
-    assert model == "florence2"
+    [call] = backend.calls
+    assert call.kind == "infer" and call.model == "florence2" and call.outputs == ["RESULT"]
+    inputs = call.inputs
     assert set(inputs) == {"IMAGE", "TASK"}  # text for a task that takes none is dropped, no optional ints
     assert inputs["IMAGE"].shape == (1, 1) and inputs["IMAGE"][0, 0] == png_bytes()
     assert inputs["TASK"][0, 0] == b"<CAPTION>"
@@ -399,7 +385,7 @@ def test_region_is_converted_to_loc_tokens_before_triton(make_client) -> None:
     r = client.post("/infer", json={"image_base64": b64(png_bytes()), "task": "region_to_category",
                                     "text": "16,12,32,36"})
     assert r.status_code == 200 and r.json()["result"] == "cat"
-    assert backend.calls[-1][1]["TEXT"][0, 0] == b"<loc_250><loc_250><loc_500><loc_750>"
+    assert backend.calls[-1].inputs["TEXT"][0, 0] == b"<loc_250><loc_250><loc_500><loc_750>"
     calls = len(backend.calls)
     r = client.post("/infer", json={"image_base64": b64(png_bytes()), "task": "region_to_description",
                                     "text": "10,10,100,20"})
@@ -412,7 +398,7 @@ def test_region_uses_the_upright_image_size(make_client) -> None:
     image = b64(rotated_jpeg())  # 48 wide, 64 high once upright
     r = client.post("/infer", json={"image_base64": image, "task": "region_to_category", "text": "0,0,48,64"})
     assert r.status_code == 200, r.text
-    assert backend.calls[-1][1]["TEXT"][0, 0] == b"<loc_0><loc_0><loc_999><loc_999>"
+    assert backend.calls[-1].inputs["TEXT"][0, 0] == b"<loc_0><loc_0><loc_999><loc_999>"
     r = client.post("/infer", json={"image_base64": image, "task": "region_to_category", "text": "0,0,64,48"})
     assert r.status_code == 422 and "x2 <= 48" in error(r)["message"]
 
@@ -425,7 +411,7 @@ def test_text_rules_through_the_api(make_client) -> None:
     assert "'phrase_grounding' needs text" in error(r)["message"] and "caption whose phrases" in error(r)["message"]
     # Seed 000 sends the prompt as text_input.
     r = client.post("/infer", json={"image_base64": image, "task": "phrase_grounding", "text_input": "a cat"})
-    assert r.status_code == 200 and backend.calls[-1][1]["TEXT"][0, 0] == b"a cat"
+    assert r.status_code == 200 and backend.calls[-1].inputs["TEXT"][0, 0] == b"a cat"
     assert r.json()["objects"] == [{"label": "a cat", "bbox": [8.0, 8.0, 40.0, 30.0]}]
     r = client.post("/infer", json={"image_base64": image, "task": "phrase_grounding", "text": "a", "text_input": "b"})
     assert r.status_code == 422
@@ -442,7 +428,7 @@ def test_unknown_task_lists_the_valid_ones(make_client) -> None:
 
 
 def test_generation_args(make_client) -> None:
-    client, backend = make_client(FakeBackend(params=PARAMS | {"num_beams_limit": "4"}))
+    client, backend = make_client(florence_backend(params=PARAMS | {"num_beams_limit": "4"}))
     image = b64(png_bytes())
     for extra in ({"max_new_tokens": 1025}, {"num_beams": 5}):  # the served model's limits
         r = client.post("/infer", json={"image_base64": image, "task": "caption", **extra})
@@ -451,7 +437,7 @@ def test_generation_args(make_client) -> None:
     assert r.status_code == 422 and error(r)["param"] == "max_new_tokens"  # the schema's minimum
     r = client.post("/infer", json={"image_base64": image, "task": "caption", "max_new_tokens": 16, "num_beams": 4})
     assert r.status_code == 200
-    inputs = backend.calls[-1][1]
+    inputs = backend.calls[-1].inputs
     assert inputs["MAX_NEW_TOKENS"].tolist() == [[16]] and inputs["NUM_BEAMS"].tolist() == [[4]]
     assert inputs["NUM_BEAMS"].dtype == np.int32
 
@@ -472,7 +458,7 @@ def test_bad_images(make_client) -> None:
 
 
 def test_unreadable_model_output_is_502(make_client) -> None:
-    client, _ = make_client(FakeBackend(raw_result=b"<html>"))
+    client, _ = make_client(florence_backend(raw_result=b"<html>"))
     r = client.post("/infer", json={"image_base64": b64(png_bytes()), "task": "caption"})
     assert r.status_code == 502 and error(r)["code"] == "bad_model_output"
 
@@ -484,7 +470,7 @@ def test_infer_upload(make_client) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["quad_boxes"] == CANNED["<OCR_WITH_REGION>"]["quad_boxes"] and body["labels"] == ["HELLO"]
-    assert backend.calls[-1][1]["MAX_NEW_TOKENS"].tolist() == [[32]]
+    assert backend.calls[-1].inputs["MAX_NEW_TOKENS"].tolist() == [[32]]
     r = client.post("/infer/upload", files={"file": ("a.png", png_bytes(), "image/png")})  # task defaults
     assert r.status_code == 200 and r.json()["task"] == "caption"
     r = client.post("/infer/upload", data={"task": "caption"})
