@@ -17,9 +17,14 @@ Rows never see each other (padding is masked and each row's positions are its ow
 the same tokens alone or joined to a running batch. A request for ``n`` choices is ``n`` rows that share one
 prefill: its KV cache is copied into each row and every row samples its own first token.
 
+Failures stay with the request that causes them: prefill and token choice are per request / row, and when the
+batched decode forward raises, the cache is put back, each row is run alone, the rows that fail alone get the
+error and the others go on (:meth:`DecodeLoop._forward_rows`).
+
 A family plugs in through :class:`DecoderFamily` (``QwenPipeline``, ``SmolVLMPipeline``). Pipelines without it
 (``deepseek_ocr``, whose remote code has no forward we can drive step by step) keep the static path: jobs arriving
-within ``window_s`` go to ``run_batch`` together.
+within ``window_s`` go to ``run_batch`` together, and a batch that fails is run again job by job
+(``runtime.retry_singly``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from model_repository import runtime
 from vlmserve.families.contract import DEFAULT_MAX_BATCH_TOKENS
 
 log = logging.getLogger("vlmserve.chat")
@@ -370,12 +376,9 @@ class DecodeLoop:
             if self.rows:
                 try:
                     self._decode()
-                except Exception as exc:  # noqa: BLE001 - fail this batch's clients, keep serving
+                except Exception as exc:  # noqa: BLE001 - last guard: fail this batch's clients, keep serving
                     log.exception("chat decode step failed")
-                    for job in self.rows:
-                        if not job.finish:
-                            _fail(job, exc)
-                    self._reset()
+                    self._fail_all(exc)
 
     def _admit(self) -> None:
         for job in [j for j in self.waiting if j.is_cancelled()]:
@@ -441,16 +444,10 @@ class DecodeLoop:
 
     def _decode(self) -> None:
         torch = self.torch
+        logits = self._forward_rows()
+        if logits is None:
+            return  # every row failed
         rows = len(self.rows)
-        mask = torch.cat([self.mask, torch.ones((rows, 1), dtype=self.mask.dtype, device=self.mask.device)], dim=1)
-        hidden = self.family.model.model(
-            input_ids=self.next_tokens[:, None], attention_mask=mask,
-            position_ids=self.family.decode_positions(self.positions),
-            past_key_values=self.cache, use_cache=True,
-        ).last_hidden_state
-        logits = self.family.model.lm_head(hidden[:, -1]).float()
-        self.mask = mask
-        self.positions = self.positions + 1
         greedy = torch.argmax(logits, dim=-1).tolist()  # one call for all plain greedy rows
         keep: list[int] = []
         tokens: list[int] = []
@@ -473,6 +470,99 @@ class DecodeLoop:
             return
         self._select(keep)
         self.next_tokens = torch.tensor(tokens, dtype=torch.long, device=self.mask.device)
+
+    def _forward(self, cache: Any, mask: Any, positions: Any, tokens: Any) -> tuple[Any, Any]:
+        """One decode forward of the rows ``cache`` holds (extending it by one column): their float logits
+        ``[rows, vocab]`` and ``mask`` with the new column."""
+        torch = self.torch
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=mask.device)], dim=1)
+        hidden = self.family.model.model(
+            input_ids=tokens[:, None], attention_mask=mask, position_ids=self.family.decode_positions(positions),
+            past_key_values=cache, use_cache=True,
+        ).last_hidden_state
+        return self.family.model.lm_head(hidden[:, -1]).float(), mask
+
+    def _forward_rows(self) -> Any:
+        """The decode forward of every row: their logits, with the step's mask and positions taken; None when no
+        row is left.
+
+        A failure is isolated (:meth:`_isolate`): the rows that fail alone are failed and dropped, and the others
+        get one more batched forward. When that fails too, or no row fails alone (a fault of the batch as a whole,
+        e.g. out of memory), every row is failed: a step never loops.
+        """
+        try:
+            logits, mask = self._forward(self.cache, self.mask, self.positions, self.next_tokens)
+        except Exception as exc:  # noqa: BLE001 - find the row(s) that cause it
+            if not self._isolate(exc):
+                return None
+            try:
+                logits, mask = self._forward(self.cache, self.mask, self.positions, self.next_tokens)
+            except Exception as again:  # noqa: BLE001 - not a row's fault: fail the rest, once
+                log.error("chat: the decode step failed again without the failing row(s) (%s: %s); failing its "
+                          "other %d row(s)", type(again).__name__, again, len(self.rows))
+                self._fail_all(again)
+                return None
+        self.mask = mask
+        self.positions = self.positions + 1
+        return logits
+
+    def _isolate(self, exc: Exception) -> bool:
+        """After the batch's decode forward raised ``exc``: put the cache back as it was before the step, run each
+        row's forward alone (on a copy of its cache: the batch is not touched), and fail and drop the rows whose
+        own forward raises. True when rows remain for another batched forward; otherwise all rows are failed."""
+        rows = len(self.rows)
+        log.error("chat: the decode step of %d row(s) failed", rows, exc_info=exc)
+        if rows == 1:
+            self._fail_all(exc)  # alone already: it is this row's failure
+            return False
+        self._restore()
+        keep: list[int] = []
+        for row, job in enumerate(self.rows):
+            try:
+                self._forward_row(row)
+            except Exception as row_exc:  # noqa: BLE001 - this row causes it: only its client gets the error
+                log.warning("chat: row %d of %d fails alone (%s: %s); failing its request, the others go on",
+                            row, rows, type(row_exc).__name__, row_exc)
+                _fail(job, row_exc)
+            else:
+                keep.append(row)
+        if len(keep) == rows:
+            log.error("chat: every row of the failed decode step runs alone: a fault of the batch, not of a row; "
+                      "failing its %d rows", rows)
+            self._fail_all(exc)
+            return False
+        if not keep:
+            self._reset()
+            return False
+        self._select(keep)
+        self.next_tokens = self.next_tokens[self.torch.tensor(keep, device=self.next_tokens.device)]
+        return True
+
+    def _restore(self) -> None:
+        """Undo a decode forward that raised part-way: each layer it reached had its keys/values replaced with a
+        concatenation one column wider (``DynamicLayer.update``; the tensors of the step before are never written),
+        so cutting every layer back to the mask's width restores the cache exactly. (Holding on to the previous
+        tensors instead would keep two copies of the whole KV cache alive during every step.)"""
+        width = self.mask.shape[1]
+        self.cache.crop(width)
+        if any(layer.keys.shape[-2] != width or layer.values.shape[-2] != width for layer in self.cache.layers):
+            raise RuntimeError("the decode cache could not be restored after a failed step")
+
+    def _forward_row(self, row: int) -> None:
+        """Row ``row``'s decode forward alone, on a one-row copy of its cache; raises as that row does."""
+        from transformers import DynamicCache
+
+        one = slice(row, row + 1)
+        cache = DynamicCache()
+        for index, layer in enumerate(self.cache.layers):
+            cache.update(layer.keys[one], layer.values[one], index)  # copies: the batch's cache is not touched
+        self._forward(cache, self.mask[one], self.positions[one], self.next_tokens[one])
+
+    def _fail_all(self, exc: Exception) -> None:
+        for job in self.rows:
+            if not job.finish:
+                _fail(job, exc)
+        self._reset()
 
     def _answer(self, job: ChatJob, token: int, sampler: RowSampler) -> bool:
         """Stream ``token`` to the job's client; True when its row is done (finished, or its client unreachable)."""
@@ -579,10 +669,18 @@ class ChatEngine:
             if not batch:
                 continue
             log.info("chat batch of %d", len(batch))
-            try:
-                self.pipeline.run_batch(batch)
-            except Exception as exc:  # noqa: BLE001 - report to every client of the batch, keep serving
-                log.exception("chat batch failed")
-                for job in batch:
-                    if not job.finish:
-                        _fail(job, exc)
+            # The jobs of a batch are independent requests: when the batch fails, each is run alone, so that only
+            # the request(s) that cause the failure fail.
+            for group, outcome in runtime.retry_singly(batch, self._run_static):
+                if isinstance(outcome, Exception):
+                    log.error("chat request failed", exc_info=outcome)
+                    for job in group:
+                        if not job.finish:
+                            _fail(job, outcome)
+
+    def _run_static(self, jobs: list[ChatJob]) -> None:
+        # A job answered before its batch failed (run_batch marks a job finished before it answers) is not run
+        # again when the batch is retried job by job.
+        pending = [job for job in jobs if not job.finish]
+        if pending:
+            self.pipeline.run_batch(pending)

@@ -546,3 +546,206 @@ def test_a_vanishing_temperature_samples_greedily_instead_of_failing() -> None:
     logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
     sampler = RowSampler(SamplingParams(max_tokens=4, temperature=5e-324, seed=1))
     assert sampler(logits) == 1
+
+
+# --- isolation: a failing decode forward fails only the row(s) that cause it ----------------------------------
+
+
+class DecodeFault:
+    """Makes the decoder raise part-way through a decode forward (in its last layer: the first has already extended
+    the cache) when ``when(input ids)`` says so; records each decode forward's batch size and, at each raise, the
+    cache width of every layer."""
+
+    def __init__(self, pipeline, when) -> None:
+        backbone = pipeline.model.model
+        text = getattr(backbone, "language_model", None) or backbone.text_model
+        assert len(text.layers) > 1
+        self.when = when
+        self.armed = False
+        self.forwards: list[int] = []
+        self.widths: list[list[int]] = []
+        self.hooks = [text.embed_tokens.register_forward_pre_hook(self._see),
+                      text.layers[-1].register_forward_pre_hook(self._raise, with_kwargs=True)]
+
+    def _see(self, module, args) -> None:
+        ids = args[0]
+        self.armed = False
+        if ids.dim() == 2 and ids.shape[1] == 1:  # a decode step: one token per row (prefills embed prompts)
+            self.forwards.append(ids.shape[0])
+            self.armed = self.when(ids[:, 0].tolist())
+
+    def _raise(self, module, args, kwargs) -> None:
+        if self.armed:
+            cache = kwargs.get("past_key_values") or kwargs.get("past_key_value")
+            self.widths.append([layer.keys.shape[-2] for layer in cache.layers])
+            raise RuntimeError("poisoned row")
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def loop_state(loop: DecodeLoop) -> dict:
+    return {"mask": loop.mask.clone(), "positions": loop.positions.clone(), "next": loop.next_tokens.clone(),
+            "kv": [(layer.keys.clone(), layer.values.clone()) for layer in loop.cache.layers]}
+
+
+def unused_token(pipeline, *jobs: ChatJob) -> int:
+    from model_repository.chat_engine import vocab_size
+
+    used = {t for job in jobs for t in job.token_ids}
+    return next(t for t in range(vocab_size(pipeline)) if t not in used and t not in pipeline.eos_ids)
+
+
+def assert_failed_once(client: Client) -> None:
+    """The client's answer ended with one error (after the text streamed before it, if any) and nothing else."""
+    assert [f for _, f, _ in client.events if f] == ["error"] and client.finish == "error", client.events
+    assert client.events[-1][0] == "generation failed: RuntimeError: poisoned row"
+
+
+ROWS = {"B": ("a photo of a cat sitting on a red chair, describe it at length please", None),
+        "C": ("hello", (40, 90)), "D": ("the quick brown fox", (50, 50))}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_row_whose_decode_forward_fails_fails_alone(families, family: str, caplog) -> None:
+    """B, a poisoned row and C decode together; the poisoned row's forward raises half-way through the batch's
+    forward. It alone gets the error; B and C carry on from a cache equal to a clean run's and give byte-identical
+    output, and D joins the recovered batch as if nothing happened."""
+    import logging
+
+    import torch
+
+    pipeline = families[family]
+    clean = DecodeLoop(pipeline)
+    ref = {k: make_job(pipeline, text, size, max_tokens=12) for k, (text, size) in ROWS.items()}
+    clean.add(ref["B"][0])
+    clean.add(ref["C"][0])
+    for _ in range(4):
+        clean.step()
+    assert clean.rows == [ref["B"][0], ref["C"][0]]
+    state = loop_state(clean)
+    clean.add(ref["D"][0])
+    clean.drain()
+    poison = unused_token(pipeline, *(job for job, _ in ref.values()))
+
+    loop = DecodeLoop(pipeline)
+    jobs = {k: make_job(pipeline, text, size, max_tokens=12) for k, (text, size) in ROWS.items()}
+    bad, bad_client = make_job(pipeline, "look at this", (64, 64), max_tokens=12)
+    loop.add(jobs["B"][0])
+    loop.add(bad)
+    loop.add(jobs["C"][0])
+    for _ in range(3):
+        loop.step()
+    assert loop.rows == [jobs["B"][0], bad, jobs["C"][0]]
+    width = loop.mask.shape[1]
+    fault = DecodeFault(pipeline, lambda ids: poison in ids)
+    try:
+        with torch.inference_mode():
+            loop.next_tokens[1] = poison
+        with caplog.at_level(logging.WARNING, logger="vlmserve.chat"):
+            loop.step()
+        # The batch (3 rows), each row alone, then the two survivors once more.
+        assert fault.forwards == [3, 1, 1, 1, 2]
+        # The batch's forward raised with its first layer one column longer: the restore had something to undo.
+        assert fault.widths[0] == [width + 1, width]
+        assert_failed_once(bad_client)
+        assert loop.rows == [jobs["B"][0], jobs["C"][0]]
+        mine = loop_state(loop)
+        for key in ("mask", "positions", "next"):
+            assert torch.equal(mine[key], state[key]), key
+        for (k, v), (k0, v0) in zip(mine["kv"], state["kv"], strict=True):
+            assert k.shape == k0.shape and torch.allclose(k, k0, atol=1e-4) and torch.allclose(v, v0, atol=1e-4)
+        loop.add(jobs["D"][0])
+        loop.drain()
+    finally:
+        fault.remove()
+    for key in ROWS:
+        (job, client), (want, want_client) = jobs[key], ref[key]
+        assert job.token_ids == want.token_ids, key
+        assert [e[:2] for e in client.events] == [e[:2] for e in want_client.events], key
+        assert client.finish in ("stop", "length")
+    records = [r for r in caplog.records if r.name == "vlmserve.chat"]
+    assert [r.levelname for r in records] == ["ERROR", "WARNING"]
+    assert records[0].exc_info and not records[1].exc_info and "row 1 of 3 fails alone" in records[1].getMessage()
+
+
+@pytest.mark.parametrize("fault_kind", ["every forward", "batch only", "poisoned row, then the batch", "one row"])
+def test_a_decode_failure_no_row_explains_fails_the_batch_once(families, fault_kind: str) -> None:
+    """When the rows fail alone too, each gets its own error; when they pass alone but the batch fails (e.g. out
+    of memory), or the batch still fails without the poisoned row, every row fails, once: no retry loop. Then the
+    loop serves a new request as if nothing had happened."""
+    import torch
+
+    pipeline = families["qwen2vl"]
+    loop = DecodeLoop(pipeline)
+    count = 1 if fault_kind == "one row" else 3
+    jobs = [make_job(pipeline, f"a red bus on a bridge, number {i}", (40 + 10 * i, 50), max_tokens=12)
+            for i in range(count)]
+    for job, _ in jobs:
+        loop.add(job)
+    loop.step()
+    loop.step()
+    assert len(loop.rows) == count
+    poison = unused_token(pipeline)
+    when, forwards = {
+        "every forward": (lambda ids: True, [3, 1, 1, 1]),
+        "batch only": (lambda ids: len(ids) > 1, [3, 1, 1, 1]),
+        "poisoned row, then the batch": (lambda ids: poison in ids or len(ids) > 1, [3, 1, 1, 1, 2]),
+        "one row": (lambda ids: True, [1]),
+    }[fault_kind]
+    if fault_kind.startswith("poisoned"):
+        assert poison not in loop.next_tokens.tolist()
+        with torch.inference_mode():
+            loop.next_tokens[1] = poison
+    fault = DecodeFault(pipeline, when)
+    try:
+        loop.step()
+    finally:
+        fault.remove()
+    assert fault.forwards == forwards
+    assert not loop.rows and loop.cache is None and not loop.busy
+    for _, client in jobs:
+        assert_failed_once(client)
+    fresh, fresh_client = make_job(pipeline, "the city at night", max_tokens=8)
+    loop.add(fresh)
+    loop.drain()
+    assert fresh.token_ids == solo(pipeline, "the city at night", max_tokens=8)[0].token_ids
+    assert fresh_client.finish in ("stop", "length")
+
+
+def test_a_failing_static_batch_is_retried_job_by_job() -> None:
+    """The static path (DeepSeek-OCR: run_batch answers its jobs one after another): a job that makes run_batch
+    raise fails alone; the jobs answered before it are not run again, those after it are run alone."""
+    runs: list[list[str]] = []
+    finished = threading.Event()
+
+    class Static:
+        def run_batch(self, jobs: list[ChatJob]) -> None:
+            runs.append([job.inputs for job in jobs])
+            for job in jobs:
+                if job.inputs == "bad":
+                    raise RuntimeError("poisoned row")
+                job.finish = "stop"
+                job.emit(f"ok {job.inputs}", "stop", {"prompt_tokens": 0, "completion_tokens": 1, "batch_size": 1})
+
+    clients = {name: Client() for name in ("a", "bad", "c")}
+
+    def emit(client: Client):
+        def send(text: str, finish: str, usage: dict | None) -> None:
+            client.emit(text, finish, usage)
+            if all(c.finish for c in clients.values()):
+                finished.set()
+        return send
+
+    engine = ChatEngine(Static(), max_batch=3, window_s=5.0)  # the batch closes when its third job arrives
+    try:
+        for name, client in clients.items():
+            engine.submit(ChatJob(name, SamplingParams(4), 0, emit(client)))
+        assert finished.wait(10), {k: c.events for k, c in clients.items()}
+    finally:
+        engine.stop()
+    assert runs == [["a", "bad", "c"], ["bad"], ["c"]]
+    assert clients["a"].events == [("ok a", "stop", {"prompt_tokens": 0, "completion_tokens": 1, "batch_size": 1})]
+    assert clients["c"].events == [("ok c", "stop", {"prompt_tokens": 0, "completion_tokens": 1, "batch_size": 1})]
+    assert_failed_once(clients["bad"])
