@@ -1,20 +1,59 @@
-"""``python -m gateway``: serve the gateway with uvicorn using ``VLMSERVE_GATEWAY_*`` settings."""
+"""``python -m gateway``: serve the gateway with uvicorn using ``VLMSERVE_GATEWAY_*`` settings.
+
+SIGTERM (or Ctrl-C) drains first: the app's :class:`gateway.limits.Drain` answers new requests 503 + Retry-After
+while those in progress finish, for at most ``drain_timeout_s``; then uvicorn shuts down. A second signal stops at
+once.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
+from types import FrameType
 
 import uvicorn
 
 from gateway.app import create_app
+from gateway.limits import Drain
 from gateway.settings import GatewaySettings
+
+log = logging.getLogger("vlmserve.gateway")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, drain: Drain, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self.drain_timeout_s = drain_timeout_s
+        self.drain_deadline: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_deadline is not None or self.should_exit:
+            super().handle_exit(sig, frame)  # second signal: uvicorn's own shutdown now
+            return
+        # Signal handler context: only set plain attributes; on_tick (in the loop) acts on them.
+        self.drain.draining = True
+        self.drain_deadline = time.monotonic() + self.drain_timeout_s
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_deadline is not None and not self.should_exit:
+            if self.drain.active == 0:
+                log.info("drained: no request in progress; stopping")
+                self.should_exit = True
+            elif time.monotonic() >= self.drain_deadline:
+                log.warning("drain timeout (%.0f s): stopping with %d request(s) in progress",
+                            self.drain_timeout_s, self.drain.active)
+                self.should_exit = True
+        return await super().on_tick(counter)
 
 
 def main() -> None:
     settings = GatewaySettings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=10)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=5)
+    DrainingServer(config, app.state.drain, settings.drain_timeout_s).run()
 
 
 if __name__ == "__main__":

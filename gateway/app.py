@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from gateway import errors
 from gateway.chat import ChatService
 from gateway.embedding import EmbeddingService
-from gateway.limits import BodySizeLimit, InFlightLimit
+from gateway.limits import BodySizeLimit, Drain, InFlightLimit
 from gateway.metrics import Metrics, MetricsMiddleware
 from gateway.routes import chat as chat_routes
 from gateway.routes import embeddings, health, openai
@@ -63,6 +63,7 @@ def create_app(settings: GatewaySettings, backend: InferenceBackend | None = Non
     app.state.backend = backend
     app.state.metrics = Metrics()
     app.state.started_at = time.time()
+    app.state.drain = Drain(settings.retry_after_s)  # started by the server on SIGTERM (gateway.__main__)
     app.state.storage = build_store(settings)  # lazy: no folder or S3 client until first use
     errors.install(app)
     app.include_router(health.router)
@@ -75,4 +76,5 @@ def create_app(settings: GatewaySettings, backend: InferenceBackend | None = Non
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(InFlightLimit, caps=settings.inflight_caps(), retry_after_s=settings.retry_after_s)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(app.state.drain.middleware)  # outermost: a draining gateway refuses before any work
     return app

@@ -104,3 +104,34 @@ class InFlightLimit:
             await self.app(scope, receive, send)
         finally:
             self.active[group] -= 1
+
+
+class Drain:
+    """Graceful stop (SIGTERM): requests already in progress finish; new ones get 503 + Retry-After and
+    ``Connection: close`` (a load balancer or client retries elsewhere) while ``/readyz`` answers 503, instead of a
+    refused connection. The server (``gateway.__main__``) exits once ``active`` reaches 0 or the drain times out.
+    ``/livez`` keeps answering: the process is alive until it exits."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        self.retry_after_s = retry_after_s
+        self.draining = False
+        self.active = 0  # HTTP requests in progress (a streamed answer counts until its end)
+
+    def middleware(self, app: ASGIApp) -> ASGIApp:
+        async def drain(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            if self.draining and scope.get("path") != "/livez":
+                scope["route"] = SimpleNamespace(path=scope.get("path", ""))  # the metrics' route label
+                body = error_body(503, "the gateway is shutting down; retry the request", "shutting_down")
+                headers = {"Retry-After": str(self.retry_after_s), "Connection": "close"}
+                await JSONResponse(body, 503, headers)(scope, receive, send)
+                return
+            self.active += 1
+            try:
+                await app(scope, receive, send)
+            finally:
+                self.active -= 1
+
+        return drain

@@ -129,6 +129,10 @@ class InferenceBackend(Protocol):
         """The responses of a decoupled model as they come; closing the generator cancels the request."""
         ...
 
+    async def statistics(self) -> dict[str, Any]:
+        """The server's inference statistics (Triton's ``/v2/models/stats`` JSON); TritonUnavailable if down."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -242,6 +246,13 @@ class TritonBackend:
     def _check_not_reloading(self, model: str) -> None:
         if self.reloading(model):
             raise TritonUnavailable(f"model {model} is being reloaded after a crash", self.retry_after_s)
+
+    async def statistics(self) -> dict[str, Any]:
+        try:
+            return dict(await self.client.get_inference_statistics())
+        except Exception as exc:  # noqa: BLE001 - Triton errors, timeouts and aiohttp errors all mean "not now"
+            raise TritonUnavailable(f"{type(exc).__name__} reading statistics from Triton at {self.url}",
+                                    self.retry_after_s) from None
 
     async def close(self) -> None:
         if self._refresher is not None:

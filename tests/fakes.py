@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
 
-from gateway.triton import ModelInfo, Registry
+from gateway.triton import ModelInfo, Registry, TritonUnavailable
 
 if TYPE_CHECKING:
     from gateway.triton import InferenceBackend
@@ -124,6 +124,12 @@ class FakeBackend:
         finally:
             if not done:
                 self.cancelled += 1
+
+    async def statistics(self) -> dict[str, Any]:
+        if not self.reachable:
+            raise TritonUnavailable("fake Triton is down", self.retry_after_s)
+        return {"model_stats": [{"name": name, "version": "1", "inference_count": 0, "execution_count": 0,
+                                 "inference_stats": {}} for name in sorted(self.models)]}
 
     async def close(self) -> None:
         self.closed = True

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import JsonDict
 
 from gateway.auth import require_api_key
 from gateway.embedding import EmbeddingService, get_service
@@ -28,10 +29,24 @@ class EmbedRequest(BaseModel):
     model: str | None = MODEL
 
 
+def _one_of_text_or_texts(schema: JsonDict) -> None:
+    properties = schema["properties"]
+    assert isinstance(properties, dict)
+    for name in ("texts", "text"):
+        prop = properties[name]
+        assert isinstance(prop, dict)
+        branches = prop.pop("anyOf")
+        assert isinstance(branches, list)
+        value = next(b for b in branches if b != {"type": "null"})
+        assert isinstance(value, dict)
+        prop.update(value)
+    schema["oneOf"] = [{"required": ["texts"]}, {"required": ["text"]}]
+    schema["examples"] = [{"text": "a photo of a cat"}]
+
+
 class EmbedTextRequest(BaseModel):
-    # Exactly one of the two, as the validator below enforces.
-    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["texts"]}, {"required": ["text"]}],
-                                                 "examples": [{"text": "a photo of a cat"}]})
+    # Exactly one of the two, as the validator below enforces (the schema leaves null out: a null is "not sent").
+    model_config = ConfigDict(json_schema_extra=_one_of_text_or_texts)
 
     texts: list[str] | None = Field(None, description=f"{ITEMS}; each at most VLMSERVE_MAX_TEXT_CHARS (default "
                                     "20000) characters", json_schema_extra={"minItems": 1})

@@ -1,4 +1,4 @@
-"""``GET /health`` (seed 004's fields + per-model readiness), ``GET /livez``, ``GET /metrics``."""
+"""``GET /health`` (seed 004's fields + per-model readiness), ``GET /livez``, ``GET /readyz``, ``GET /metrics``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ router = APIRouter(tags=["health"])
 async def livez() -> dict[str, str]:
     """The gateway process answers (Triton may still be loading)."""
     return {"status": "alive"}
+
+
+@router.get("/readyz")
+async def readyz() -> dict[str, str]:
+    """The gateway takes new requests: 200, or 503 + Retry-After once it is draining for a stop (the answer then
+    comes from gateway.limits.Drain). A load balancer's readiness probe; Triton's state is /health's job."""
+    return {"status": "ready"}
 
 
 @router.get("/health")

@@ -14,7 +14,6 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 
 from gateway.auth import require_api_key
 from gateway.errors import APIError, error_body
-from gateway.triton import TritonUnavailable
 
 STATIC = Path(__file__).parent / "static"
 MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
@@ -51,11 +50,7 @@ async def index() -> FileResponse:
 async def triton_stats(request: Request) -> dict[str, Any]:
     """Triton's inference statistics per model version (counts and cumulative times), trimmed for a glance."""
     backend = request.app.state.backend
-    try:
-        stats = await backend.client.get_inference_statistics()
-    except Exception as exc:  # noqa: BLE001 - Triton errors, timeouts and aiohttp errors all mean "not now"
-        raise TritonUnavailable(f"{type(exc).__name__} reading statistics from Triton at {backend.url}",
-                                request.app.state.settings.retry_after_s) from None
+    stats = await backend.statistics()
     models = []
     for entry in stats.get("model_stats", []):
         inference = entry.get("inference_stats", {})

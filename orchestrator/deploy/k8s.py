@@ -232,7 +232,8 @@ def gateway_objects(replica: Replica, scaling: Scaling) -> list[dict[str, Any]]:
         "env": env,
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
         "startupProbe": _http_probe(live, "http", 2, 30),
-        "readinessProbe": _http_probe(live, "http", 5, 3),
+        # /readyz turns 503 while the gateway drains for a stop (SIGTERM), so Services stop routing to it.
+        "readinessProbe": _http_probe("/readyz", "http", 5, 3),
         "livenessProbe": _http_probe(live, "http", 10, 3),
         "securityContext": _container_security(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "state", "mountPath": "/var/lib/vlmserve"}],

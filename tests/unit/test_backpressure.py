@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -143,3 +144,57 @@ def test_dead_stub_answers_503_and_reloads_the_model_once() -> None:
     assert (first, second) == (503, 503)
     assert refused_while_reloading and not still_reloading
     assert loads == ["m"]
+
+
+def test_sigterm_drains_in_flight_requests_and_answers_new_ones_503() -> None:
+    """A real uvicorn (gateway.__main__.DrainingServer) on a free port: after the stop signal a request in progress
+    completes, new requests get 503 + Retry-After + Connection: close, /readyz is 503, /livez 200, and the server
+    exits once nothing is in progress (well before the drain timeout)."""
+    import signal
+    import time
+
+    import uvicorn
+
+    from gateway.__main__ import DrainingServer
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+    from tests.conftest import free_port
+    from tests.fakes import FakeBackend
+
+    app = create_app(GatewaySettings(retry_after_s=3), backend=FakeBackend())
+    entered, release = threading.Event(), threading.Event()
+
+    @app.get("/slow")
+    async def slow() -> dict[str, str]:
+        entered.set()
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return {"status": "done"}
+
+    port = free_port()
+    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"),
+                            app.state.drain, drain_timeout_s=60)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not server.started:  # polls a condition (the server listening), bounded
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert httpx.get(f"{base}/readyz").status_code == 200
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(httpx.get, f"{base}/slow", timeout=30)
+        assert entered.wait(30)
+        server.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
+        refused = httpx.post(f"{base}/embed_text", json={"text": "x"}, timeout=10)
+        ready, live = httpx.get(f"{base}/readyz", timeout=10), httpx.get(f"{base}/livez", timeout=10)
+        assert thread.is_alive() and not in_flight.done()  # still draining: the slow request holds it
+        release.set()
+        answer = in_flight.result(timeout=30)
+    started = time.monotonic()
+    thread.join(30)
+    assert not thread.is_alive() and time.monotonic() - started < 10
+    assert answer.status_code == 200 and answer.json() == {"status": "done"}
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
+    assert refused.headers["connection"] == "close" and refused.json()["error"]["code"] == "shutting_down"
+    assert ready.status_code == 503 and live.status_code == 200

@@ -186,8 +186,10 @@ def test_probes_and_services_point_at_real_ports_and_paths(variant: str, plan_fi
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             get = container[probe]["httpGet"]
             assert get["port"] in ports, (role, probe)
-        # Readiness is what the images' HEALTHCHECK and the orchestrator probe (orchestrator/container.py).
-        assert container["readinessProbe"]["httpGet"]["path"] == PROBES[role]
+        # Start-up is what the images' HEALTHCHECK and the orchestrator probe (orchestrator/container.py);
+        # the gateway's readiness is /readyz, which turns 503 while it drains for a stop.
+        ready = "/readyz" if role == "gateway" else PROBES[role]
+        assert container["readinessProbe"]["httpGet"]["path"] == ready
         assert container["startupProbe"]["httpGet"]["path"] == PROBES[role]
     assert {p["name"]: p["containerPort"] for p in triton["ports"]} == spec.triton_ports()
     assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"

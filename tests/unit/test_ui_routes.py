@@ -63,3 +63,15 @@ def test_ui_is_public_but_its_api_needs_the_key() -> None:
         down = c.get("/ui/api/triton-stats", headers={"Authorization": "Bearer k1"})
         assert down.status_code == 503 and down.headers["retry-after"] == "5"
         assert down.json()["error"]["code"] == "triton_unavailable"
+
+
+def test_triton_stats_are_trimmed_per_model() -> None:
+    from gateway.triton import ModelInfo
+    from tests.fakes import FakeBackend
+
+    backend = FakeBackend([ModelInfo("b", True, {}), ModelInfo("a", True, {})])
+    with TestClient(create_app(GatewaySettings(), backend=backend), raise_server_exceptions=False) as c:
+        stats = c.get("/ui/api/triton-stats").json()
+    assert stats["triton"] == FakeBackend.url
+    assert [m["name"] for m in stats["models"]] == ["a", "b"]
+    assert stats["models"][0]["success"] == {"count": 0, "ns": 0}
