@@ -130,7 +130,7 @@ def test_a_full_triton_queue_is_429_with_retry_after(rstack) -> None:
     """Triton's own queue policy, not the gateway's cap: florence2 is reloaded through the model control API with
     its served config changed to max_queue_size 1 and a 0.5 s batching delay, so that requests wait in its queue.
     A burst then gets Triton's "Exceeds maximum queue size" as 429 queue_full + Retry-After, the rest 200. The
-    repository's config is loaded back afterwards."""
+    original config is loaded back afterwards."""
     import json
 
     triton, gateway = rstack.settings.triton_http_url, rstack.settings.gateway_url
@@ -148,7 +148,8 @@ def test_a_full_triton_queue_is_429_with_retry_after(rstack) -> None:
             answers = list(pool.map(lambda _: (httpx.post(f"{gateway}/infer", json=body, timeout=120),
                                                time.perf_counter() - started), range(6)))
     finally:
-        assert httpx.post(load, json={}, timeout=300).status_code == 200  # back to the repository's config
+        # Back to the served config: a load without one keeps the override (Triton sees no change on disk).
+        assert httpx.post(load, json={"parameters": {"config": json.dumps(config)}}, timeout=300).status_code == 200
     statuses = Counter(r.status_code for r, _ in answers)
     rejected = [(r, s) for r, s in answers if r.status_code == 429]
     assert set(statuses) <= {200, 429} and statuses[200] >= 1 and rejected, statuses
