@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -161,6 +161,9 @@ class TritonBackend:
         self._registry_at = 0.0
         self._lock = asyncio.Lock()
         self._reloading: dict[str, asyncio.Task[None]] = {}  # models whose Python stub died, being reloaded
+        self._served: dict[str, ModelInfo] = {}  # each model as last read READY (kept through its reload)
+        self.reload_backoff_s = 1.0  # between failed unload/load attempts of a reload, doubling...
+        self.reload_backoff_max_s = 30.0  # ...up to this
         self._refresher: asyncio.Task[None] | None = None
 
     def _stale(self, made_at: float) -> bool:
@@ -227,17 +230,44 @@ class TritonBackend:
         return task is not None and not task.done()
 
     def _reload(self, model: str) -> None:
-        """Reload ``model`` through Triton's model control API (its Python stub died); once at a time."""
+        """Reload ``model`` through Triton's model control API (its Python stub died); once at a time.
+
+        Unload, then load: Triton's load API alone does not reload a loaded model whose files did not change
+        since it was loaded (its repository poll classes it "unmodified" and answers success without touching
+        it), so the dead stub would stay and every request would trigger another no-op "reload". Once unloaded
+        the model is not served, and the load is a full one: a new instance, a new stub. Each step is retried
+        (backoff ``reload_backoff_s`` doubling up to ``reload_backoff_max_s``, each call bounded by ``timeout_s``)
+        until it succeeds or the backend closes, because after the unload no failing request would start another
+        reload. A load retried while Triton is still loading the model waits for that load and then succeeds.
+        Meanwhile the model answers 503 + Retry-After (:meth:`_check_not_reloading`).
+        """
         if self.reloading(model):
             return
 
+        async def step(name: str, call: Callable[[], Awaitable[Any]]) -> None:
+            attempt = 0
+            while True:
+                try:
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel (close()) that lands
+                    # as the call fails, and this loop would then retry forever.
+                    async with asyncio.timeout(self.timeout_s):
+                        await call()
+                    return
+                except Exception as exc:  # noqa: BLE001 - Triton busy, restarting or unreachable: try again
+                    attempt += 1
+                    delay = min(self.reload_backoff_max_s, self.reload_backoff_s * 2 ** (attempt - 1))
+                    log.error("model %s: %s failed (attempt %d, %s: %s); retrying in %gs", model, name, attempt,
+                              type(exc).__name__, exc, delay)
+                    await asyncio.sleep(delay)
+
         async def reload() -> None:
+            started = time.monotonic()
             try:
-                log.warning("model %s: its Python stub died; reloading it through Triton's model control API", model)
-                await self.client.load_model(model)
-                log.warning("model %s reloaded", model)
-            except Exception as exc:  # noqa: BLE001 - the next failing request tries again
-                log.error("model %s: reload failed (%s: %s)", model, type(exc).__name__, exc)
+                log.warning("model %s: its Python stub died; reloading it through Triton's model control API "
+                            "(unload, then load)", model)
+                await step("unload", lambda: self.client.unload_model(model))
+                await step("load", lambda: self.client.load_model(model))
+                log.warning("model %s reloaded in %.1fs", model, time.monotonic() - started)
             finally:
                 self._registry = None
 
@@ -290,6 +320,13 @@ class TritonBackend:
                         config = await self.client.get_model_config(name)
                     models[name] = ModelInfo(name, ready, _params(config), int(config.get("max_batch_size", 0)),
                                              _device(config))
+                    if ready:
+                        self._served[name] = models[name]
+                    elif self.reloading(name) and name in self._served:
+                        # Unloaded for its reload, Triton has no config to give; without its task the model would
+                        # drop out of its surface and the default would silently move to another family (another
+                        # embedding space): it stays, not ready, and answers 503 + Retry-After.
+                        models[name] = self._served[name]
                 registry = Registry({name: dataclasses.replace(m, ready=False) if self.reloading(name) else m
                                  for name, m in models.items()}, reachable=True)
             except Exception:  # noqa: BLE001 - any failure to read the index means "Triton not reachable"

@@ -179,16 +179,8 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-# Known open problem (issue 12): alone this passes (reload in ~5 s), but in a full `make test` on a loaded 2-core
-# host the reload through Triton's model control API twice did not finish within 180 s, and the tests after it
-# then saw that model's 503s. It runs in `make chaos` until that is understood.
-@pytest.mark.skipif(not CHAOS, reason="make chaos only (VLMSERVE_CHAOS=1): the stub reload can stall under a "
-                                      "full make test (issue 12, open)")
-def test_dead_python_stub_is_503_then_reloaded_while_others_answer(rstack) -> None:
-    gateway = rstack.settings.gateway_url
-    model = "siglip_embed_text"
-    assert httpx.post(f"{gateway}/embed_text", json={"text": "before"}, timeout=60).status_code == 200
-    stub = _stub_of(rstack.services["triton"].pid, model)
+def _kill_stub_then_wait_for_200(gateway: str, triton_pid: int, model: str) -> dict:
+    stub = _stub_of(triton_pid, model)
     stub.send_signal(signal.SIGKILL)
     deadline = time.monotonic() + 30
     while _alive(stub):  # Triton may not reap it: a zombie counts as dead
@@ -196,7 +188,8 @@ def test_dead_python_stub_is_503_then_reloaded_while_others_answer(rstack) -> No
         time.sleep(0.1)
     killed = time.monotonic()
     statuses: Counter[int] = Counter()
-    first = httpx.post(f"{gateway}/embed_text", json={"text": "during"}, timeout=60)
+    # Named: a 200 from another family's embed_text model (the default moving during the reload) is no recovery.
+    first = httpx.post(f"{gateway}/embed_text", json={"text": "during", "model": model}, timeout=60)
     statuses[first.status_code] += 1
     assert first.status_code == 503 and "retry-after" in first.headers, first.text
     others = httpx.post(f"{gateway}/infer", json={"image_base64": encoded("RGB", "PNG"), "task": "caption",
@@ -204,17 +197,32 @@ def test_dead_python_stub_is_503_then_reloaded_while_others_answer(rstack) -> No
     assert others.status_code == 200
     deadline = killed + 180
     while True:  # polls a condition (the reload finishing), bounded
-        r = httpx.post(f"{gateway}/embed_text", json={"text": "after"}, timeout=60)
+        r = httpx.post(f"{gateway}/embed_text", json={"text": "after", "model": model}, timeout=60)
         statuses[r.status_code] += 1
         if r.status_code == 200:
             break
         assert r.status_code == 503 and "retry-after" in r.headers, r.text
         assert time.monotonic() < deadline, "the model was not reloaded within 180 s"
         time.sleep(0.5)
-    assert _stub_of(rstack.services["triton"].pid, model).pid != stub.pid
+    assert _stub_of(triton_pid, model).pid != stub.pid
+    return {"seconds until 200 again": round(time.monotonic() - killed, 1), "answers while reloading": dict(statuses),
+            "other model during reload": others.status_code}
+
+
+# Issue 12: this used to answer 503 for good in a full `make test`. Triton's load API does nothing for a loaded model
+# whose files did not change since Triton read them. Run alone, the first reload worked by accident: the stub writes
+# 1/__pycache__/ after Triton read the timestamps, which looks like a change; in a full run a stack started earlier
+# on the same repository had written it already, so every "reload" returned at once and the dead stub stayed. The
+# gateway now unloads, then loads. The second kill covers that case in any test order (the files are unchanged then).
+def test_dead_python_stub_is_503_then_reloaded_while_others_answer(rstack) -> None:
+    gateway, triton_pid = rstack.settings.gateway_url, rstack.services["triton"].pid
+    model = "siglip_embed_text"
+    assert httpx.post(f"{gateway}/embed_text", json={"text": "before"}, timeout=60).status_code == 200
+    first = _kill_stub_then_wait_for_200(gateway, triton_pid, model)
+    again = _kill_stub_then_wait_for_200(gateway, triton_pid, model)
     FIGURES["python stub killed (siglip_embed_text)"] = {
-        "seconds until 200 again": round(time.monotonic() - killed, 1),
-        "answers while reloading": dict(statuses), "other model during reload": others.status_code}
+        **first, "second kill: seconds until 200 again": again["seconds until 200 again"],
+        "second kill: answers while reloading": again["answers while reloading"]}
 
 
 def test_client_disconnects_mid_stream_free_their_rows(rstack) -> None:

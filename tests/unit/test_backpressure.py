@@ -112,22 +112,27 @@ def test_queue_policy_in_the_rendered_configs(monkeypatch) -> None:
     assert json.loads(params["max_queue_size"]["string_value"]) == 5
 
 
+_DEAD = InferenceServerException("Failed to process the request(s) for model instance 'm_0_0', message: "
+                                 "Stub process 'm_0_0' is not healthy.")
+
+
 def test_dead_stub_answers_503_and_reloads_the_model_once() -> None:
-    loads: list[str] = []
+    calls: list[str] = []
     gate = asyncio.Event()
 
     class Client:
+        async def unload_model(self, name: str) -> None:
+            calls.append(f"unload {name}")
+
         async def load_model(self, name: str) -> None:
-            loads.append(name)
+            calls.append(f"load {name}")
             await gate.wait()
 
     async def scenario() -> tuple[int, int, bool, bool]:
         backend = TritonBackend("127.0.0.1:1", retry_after_s=4)
         backend._client = Client()  # type: ignore[assignment]
-        dead = InferenceServerException("Failed to process the request(s) for model instance 'm_0_0', message: "
-                                        "Stub process 'm_0_0' is not healthy.")
-        first = backend._map_stream_error("m", dead)
-        second = backend._map_error("m", dead)  # while reloading: no second reload
+        first = backend._map_stream_error("m", _DEAD)
+        second = backend._map_error("m", _DEAD)  # while reloading: no second reload
         await asyncio.sleep(0)
         during = backend.reloading("m")
         try:
@@ -143,7 +148,108 @@ def test_dead_stub_answers_503_and_reloads_the_model_once() -> None:
     first, second, refused_while_reloading, still_reloading = asyncio.run(scenario())
     assert (first, second) == (503, 503)
     assert refused_while_reloading and not still_reloading
-    assert loads == ["m"]
+    # Unload first: Triton's load alone is a no-op for a loaded model whose files did not change (issue 12).
+    assert calls == ["unload m", "load m"]
+
+
+def test_stub_reload_retries_each_step_until_it_succeeds_and_stays_503_meanwhile() -> None:
+    calls: list[str] = []
+    failures = {"unload": 1, "load": 2}
+
+    class Client:
+        async def _step(self, kind: str, name: str) -> None:
+            calls.append(f"{kind} {name}")
+            if failures[kind]:
+                failures[kind] -= 1
+                if kind == "load":
+                    await asyncio.sleep(1)  # past timeout_s: a load still running in Triton, cut client-side
+                raise InferenceServerException(f"{kind} failed", status="500")
+
+        async def unload_model(self, name: str) -> None:
+            await self._step("unload", name)
+
+        async def load_model(self, name: str) -> None:
+            await self._step("load", name)
+
+    async def scenario() -> tuple[list[bool], bool]:
+        backend = TritonBackend("127.0.0.1:1", timeout_s=0.05, retry_after_s=4)
+        backend.reload_backoff_s, backend.reload_backoff_max_s = 0.01, 0.02
+        backend._client = Client()  # type: ignore[assignment]
+        backend._map_error("m", _DEAD)
+        seen = []
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            seen.append(backend.reloading("m"))
+        task = backend._reloading["m"]
+        await asyncio.wait_for(task, timeout=5)
+        return seen, backend.reloading("m")
+
+    seen, still_reloading = asyncio.run(scenario())
+    assert calls == ["unload m", "unload m", "load m", "load m", "load m"]
+    assert seen[0] and not still_reloading
+    assert failures == {"unload": 0, "load": 0}
+
+
+def test_closing_the_backend_stops_a_reload_that_keeps_failing() -> None:
+    class Client:
+        async def unload_model(self, name: str) -> None:
+            raise OSError("connection refused")
+
+        async def close(self) -> None:
+            pass
+
+    async def scenario() -> bool:
+        backend = TritonBackend("127.0.0.1:1", retry_after_s=4)
+        backend.reload_backoff_s = backend.reload_backoff_max_s = 0.01
+        backend._client = Client()  # type: ignore[assignment]
+        backend._map_error("m", _DEAD)
+        await asyncio.sleep(0.05)
+        task = backend._reloading["m"]
+        assert backend.reloading("m")  # still refusing: Triton never answered
+        await backend.close()
+        await asyncio.wait([task], timeout=5)
+        return task.cancelled()
+
+    assert asyncio.run(scenario())
+
+
+def test_a_model_being_reloaded_keeps_its_surface_and_answers_503_not_another_family() -> None:
+    """Unloaded for its reload, Triton lists the model UNAVAILABLE with no config: the default must not move."""
+    state = {"siglip_embed_text": "READY", "siglip2_embed_text": "READY"}
+    gate = asyncio.Event()
+
+    class Client:
+        async def get_model_repository_index(self) -> list[dict]:
+            return [{"name": n, "state": s} for n, s in state.items()]
+
+        async def get_model_config(self, name: str) -> dict:
+            family = name.split("_")[0]
+            return {"max_batch_size": 8, "parameters": {"family": {"string_value": family},
+                                                        "task": {"string_value": "embed_text"}}}
+
+        async def unload_model(self, name: str) -> None:
+            state[name] = "UNAVAILABLE"
+
+        async def load_model(self, name: str) -> None:
+            await gate.wait()
+            state[name] = "READY"
+
+    async def scenario() -> tuple[str, bool, str, bool, str, bool]:
+        backend = TritonBackend("127.0.0.1:1", retry_after_s=4)
+        backend._client = Client()  # type: ignore[assignment]
+        before = (await backend.registry(refresh=True)).find("embed_text", None)
+        backend._map_error("siglip_embed_text", _DEAD)
+        await asyncio.sleep(0.01)  # unloaded, the load waits on the gate
+        during = (await backend.registry(refresh=True)).find("embed_text", None)
+        gate.set()
+        await asyncio.wait([backend._reloading["siglip_embed_text"]], timeout=5)
+        after = (await backend.registry(refresh=True)).find("embed_text", None)
+        return before.name, before.ready, during.name, during.ready, after.name, after.ready
+
+    before, before_ready, during, during_ready, after, after_ready = asyncio.run(scenario())
+    assert (before, before_ready) == ("siglip_embed_text", True)
+    assert (during, during_ready) == ("siglip_embed_text", False)  # use_model answers 503 + Retry-After
+    assert (after, after_ready) == ("siglip_embed_text", True)
 
 
 def test_sigterm_drains_in_flight_requests_and_answers_new_ones_503() -> None:
