@@ -114,6 +114,17 @@ def test_docker_lifecycle(docker_client, cpu_image: str, tiny_repo: Path, tmp_pa
         ensure = cli(env, "ensure")
         assert ensure.returncode == 0 and "already running and healthy" in ensure.stderr, ensure.stderr
 
+        # The gateway container drains on `docker stop`'s SIGTERM (python -m gateway is PID 1): with nothing in
+        # progress it exits 0 at once, long before Docker's timeout would SIGKILL it (exit 137).
+        gateway_container = docker_client.containers.get(f"{project}-gateway")
+        stop_started = time.monotonic()
+        gateway_container.stop(timeout=60)
+        stop_s = time.monotonic() - stop_started
+        gateway_container.reload()
+        gateway_logs = gateway_container.logs(tail=50).decode(errors="replace")
+        assert gateway_container.attrs["State"]["ExitCode"] == 0, gateway_logs
+        assert "drained: no request in progress" in gateway_logs and stop_s < 30, (stop_s, gateway_logs)
+
         down = cli(env, "down", "--runtime", "docker")
         assert down.returncode == 0 and "docker triton" in down.stderr, down.stderr
         assert ours(docker_client, project) == []
