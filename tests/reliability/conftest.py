@@ -19,6 +19,7 @@ import pytest
 from orchestrator.process import ProcessRuntime
 from orchestrator.settings import OrchestratorSettings
 from tests.conftest import free_port
+from vlmserve.host import cpu_info
 
 CHAOS = os.environ.get("VLMSERVE_CHAOS") == "1"
 FIGURES: dict[str, Any] = {}
@@ -31,10 +32,10 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         return
     base = Path(target)
     base.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"host": platform.node(), "cpus": os.cpu_count(), "chaos": CHAOS, "exit_status": int(exitstatus),
-            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = {"host": platform.node(), "cpu": cpu_info().summary, "cpus": os.cpu_count(), "chaos": CHAOS,
+            "exit_status": int(exitstatus), "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     base.with_suffix(".json").write_text(json.dumps({"meta": meta, "figures": FIGURES}, indent=2, default=str))
-    lines = ["# vlmserve chaos report", "", f"Host `{meta['host']}` ({meta['cpus']} CPUs), tiny models, "
+    lines = ["# vlmserve chaos report", "", f"Host `{meta['host']}`: {meta['cpu']}, tiny models, "
              f"process runtime, finished {meta['finished_utc']}, pytest exit status {meta['exit_status']}.", ""]
     for name, values in FIGURES.items():
         lines += [f"## {name}", "", "| figure | value |", "|---|---|"]
