@@ -33,6 +33,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = Path(__file__).with_name("swarm_locustfile.py")
 REPLICAS = 2
+USERS = 4  # Locust users: at most this many requests are in flight when the replicas are killed
 GATEWAY = spec.NAME + "-gateway"
 TRITON = spec.NAME + "-triton"
 MAX_LOAD_S = 300  # a bound only: the test stops Locust (SIGTERM) once it has seen what it checks
@@ -107,8 +108,9 @@ def test_swarm_replicas_survive_a_killed_replica(docker_client, cpu_image: str, 
         records = tmp_path / "records.json"
         load_started = time.time()
         locust = subprocess.Popen(
-            [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", lb, "-u", "4", "-r", "4",
-             "-t", f"{MAX_LOAD_S}s", "--stop-timeout", "10", "--only-summary", "--exit-code-on-error", "0"],
+            [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", lb, "-u", str(USERS),
+             "-r", str(USERS), "-t", f"{MAX_LOAD_S}s", "--stop-timeout", "10", "--only-summary",
+             "--exit-code-on-error", "0"],
             cwd=ROOT, env={**os.environ, "VLMSERVE_SWARM_RECORDS": str(records)},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
@@ -159,7 +161,13 @@ def test_swarm_replicas_survive_a_killed_replica(docker_client, cpu_image: str, 
         for _t, status, _ra, _body in rows:
             statuses[str(status)] = statuses.get(str(status), 0) + 1
         refused = [r for r in rows if r[1] in (429, 503)]
-        lost = [r for r in rows if r[1] != 200 and not (r[1] in (429, 503) and r[2])]
+        unclean = [r for r in rows if r[1] != 200 and not (r[1] in (429, 503) and r[2])]
+        # SIGKILL ends the gateway replica mid-write: a request it was answering at that instant can be cut after
+        # the balancer relayed its headers (nginx cannot retry it then; IncompleteRead). Such a request is lost to
+        # the kill, not to the stack: at most one per user, a transport error, when the kill lands.
+        cut = [r for r in unclean if r[1] == 0 and killed_at - 1 <= r[0] <= killed_at + 2]
+        lost = [r for r in unclean if r not in cut]
+        figures["cut by the kill (in flight on the killed replica)"] = len(cut)
         figures["status_counts"] = statuses
         figures["requests"] = len(rows)
         bad_times = [r[0] for r in rows if r[1] != 200]
@@ -171,6 +179,7 @@ def test_swarm_replicas_survive_a_killed_replica(docker_client, cpu_image: str, 
         print("swarm figures:", json.dumps(figures, indent=1))
         (tmp_path / "figures.json").write_text(json.dumps(figures, indent=1))
         assert not lost, f"requests lost (neither 200 nor a clean 429/503 + Retry-After): {lost[:5]}"
+        assert len(cut) <= USERS, cut
         assert statuses.get("200", 0) > 50, statuses
         assert all(r[3].startswith('{"error"') for r in refused), refused[:3]
         # The series the Triton HPA's adapter rule divides (docker/k8s/monitoring) are really exported.
