@@ -34,6 +34,7 @@ from gateway.triton import InferenceBackend, ModelInfo, Registry, live_registry,
 from vlmserve.families.contract import ChatParams
 
 __all__ = [
+    "BOX_PATTERN",
     "CHAT_TASK",
     "ChatLimits",
     "Choice",
@@ -389,6 +390,8 @@ def ocr_prompt(language: str | None) -> str:
 
 
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+# What parse_box accepts as text, as one regular expression (the OpenAPI schema states it).
+BOX_PATTERN = "^" + ",".join([rf"\s*{_NUMBER_RE.pattern}\s*"] * 4) + "$"
 
 
 def parse_box(box: Any, size: tuple[int, int]) -> tuple[float, float, float, float]:

@@ -25,6 +25,7 @@ from starlette.datastructures import UploadFile
 
 from gateway.auth import require_api_key
 from gateway.chat import (
+    BOX_PATTERN,
     CHAT_TASK,
     REGION_PROMPT,
     ChatLimits,
@@ -396,8 +397,7 @@ class OcrV1Request(BaseModel):
     json_schema: dict[str, Any] | None = Field(None, alias="schema", description=SCHEMA_HELP)
 
 
-_NUMBER = r"\s*[+-]?(\d+(\.\d*)?|\.\d+)\s*"  # gateway.chat._NUMBER_RE, with spaces
-_BOX_TEXT: JsonDict = {"type": "string", "pattern": f"^{_NUMBER},{_NUMBER},{_NUMBER},{_NUMBER}$"}
+_BOX_TEXT: JsonDict = {"type": "string", "pattern": BOX_PATTERN}
 BOX_SCHEMA: JsonDict = {"anyOf": [_BOX_TEXT, {"type": "array", "items": {"type": "number"}, "minItems": 4,
                                                "maxItems": 4}]}
 

@@ -1065,3 +1065,18 @@ def test_openapi_states_the_typed_openai_contract(make_client) -> None:
     assert {"n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
             "response_format"} <= set(chat)
     assert "CompletionRequest" in schemas and "/v1/models/{model_id}" in spec["paths"]
+
+
+@pytest.mark.parametrize("text", ["1,2,30,40", " 1.5 , 2 ,30.,40.25", "+1,2,3,4", "1,2,3", "a,b,c,d", "1e1,2,3,4",
+                                  "1,2,3,4,", "", "1;2;3;4"])
+def test_the_schema_box_pattern_is_the_rule_parse_box_applies(text: str) -> None:
+    """The OpenAPI schema's pattern for a box (gateway.chat.BOX_PATTERN) accepts exactly the strings parse_box
+    reads as four numbers (their order and the image bounds are checked after, and the schema says so)."""
+    from gateway.chat import BOX_PATTERN
+
+    try:
+        parse_box(text, (10_000, 10_000))
+        parsed = True
+    except APIError as exc:
+        parsed = "exactly four values" not in exc.message and "is not a number" not in exc.message
+    assert (re.fullmatch(BOX_PATTERN, text) is not None) == parsed
