@@ -263,6 +263,21 @@ def make_tokenizer(processor_dir: Path) -> SiglipTokenizer | _TransformersTokeni
     return _TransformersTokenizer(processor_dir)
 
 
+def utf8_texts(raw: list[bytes]) -> list[str]:
+    """The strings of a TEXT tensor; InputError (this request only) when one is not UTF-8."""
+    try:
+        return [t.decode("utf-8") for t in raw]
+    except UnicodeDecodeError as exc:
+        raise runtime.InputError(f"TEXT is not valid UTF-8: {exc}") from None
+
+
+def max_text_length(config: dict[str, Any], params: EmbedParams) -> int:
+    """The text models' token length from their config (the contract's ``max_text_length``), which they need."""
+    if params.max_text_length is None:
+        raise ValueError(f"model {config.get('name')!r}: required parameter 'max_text_length' missing in config")
+    return params.max_text_length
+
+
 class SiglipTextPreprocessor:
     """UTF-8 strings -> ``input_ids`` padded to the model's length (SigLIP pools the last position)."""
 
@@ -271,10 +286,7 @@ class SiglipTextPreprocessor:
         self.max_length = max_length
 
     def __call__(self, texts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        try:
-            strings = [t.decode("utf-8") for t in texts]
-        except UnicodeDecodeError as exc:
-            raise runtime.InputError(f"TEXT is not valid UTF-8: {exc}") from None
+        strings = utf8_texts(texts)
         encoded = [self.tokenizer.encode(s, self.max_length) for s in strings]
         ids = np.array([e[0] for e in encoded], dtype=np.int64).reshape(len(strings), self.max_length)
         return ids, np.array([e[1] for e in encoded], dtype=np.int32)
@@ -331,9 +343,7 @@ class EmbedTextModel(_SiglipModel):
 
     def initialize(self, args: dict[str, Any]) -> None:
         config = self._setup(args)
-        length = EmbedParams.from_config(config).max_text_length
-        if length is None:
-            raise ValueError(f"model {config.get('name')!r}: required parameter 'max_text_length' missing in config")
+        length = max_text_length(config, EmbedParams.from_config(config))
         self.preprocess = SiglipTextPreprocessor(runtime.version_dir(args) / "processor", length)
 
     def execute(self, requests):

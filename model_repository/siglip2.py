@@ -32,6 +32,8 @@ from model_repository.siglip import (
     _SiglipModel,
     image_processor_config,
     l2_normalise,
+    max_text_length,
+    utf8_texts,
 )
 from vlmserve.families.contract import DEFAULT_MAX_PIXELS
 from vlmserve.families.siglip2 import Siglip2Params
@@ -284,20 +286,14 @@ class EmbedTextModel(_SiglipModel):
 
     def initialize(self, args: dict[str, Any]) -> None:
         config = self._setup(args)
-        length = Siglip2Params.from_config(config).max_text_length
-        if length is None:
-            raise ValueError(f"model {config.get('name')!r}: required parameter 'max_text_length' missing in config")
+        length = max_text_length(config, Siglip2Params.from_config(config))
         self.tokenizer = FastTokenizer(runtime.version_dir(args) / "processor", length)
 
     def execute(self, requests):
         pb = runtime.pb_utils
 
         def prepare(request):
-            raw = runtime.as_bytes_list(pb.get_input_tensor_by_name(request, "TEXT").as_numpy())
-            try:
-                texts = [t.decode("utf-8") for t in raw]
-            except UnicodeDecodeError as exc:
-                raise runtime.InputError(f"TEXT is not valid UTF-8: {exc}") from None
+            texts = utf8_texts(runtime.as_bytes_list(pb.get_input_tensor_by_name(request, "TEXT").as_numpy()))
             ids, mask, counts = self.tokenizer(texts)
             return {"input_ids": ids, "attention_mask": mask, "NUM_TOKENS": counts[:, None]}
 

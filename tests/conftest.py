@@ -7,8 +7,11 @@ from __future__ import annotations
 import http.server
 import os
 import shutil
+import ssl
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +21,22 @@ from orchestrator.ports import free_port
 from orchestrator.process import ProcessRuntime
 from orchestrator.settings import OrchestratorSettings
 
-__all__ = ["Stack", "compose_commands", "free_port"]
+__all__ = ["Stack", "compose_commands", "free_port", "local_http_server"]
+
+
+@contextmanager
+def local_http_server(handler: type[http.server.BaseHTTPRequestHandler],
+                      tls: ssl.SSLContext | None = None) -> Iterator[int]:
+    """A threaded HTTP (or, with ``tls``, HTTPS) server on 127.0.0.1 in the background; yields its port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def compose_commands() -> list[list[str]]:
@@ -82,11 +100,8 @@ def image_server(image_dir: Path):
         def log_message(self, *args):  # keep test output clean
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with local_http_server(Handler) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")

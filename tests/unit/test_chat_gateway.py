@@ -9,7 +9,6 @@ import http.server
 import io
 import json
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from gateway.errors import APIError
 from gateway.media import video_container
 from gateway.settings import GatewaySettings
 from gateway.triton import ModelInfo, TritonBackend, TritonUnavailable
+from tests.conftest import free_port, local_http_server
 from tests.fakes import Call, FakeBackend
 from vlmserve.families.contract import MAX_NEW_TOKENS_LIMIT
 
@@ -124,12 +124,6 @@ def make_client(tmp_path) -> Iterator[Any]:
         check_chat_calls(b)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def live_server(tmp_path) -> Iterator[Any]:
     """A real uvicorn on a free port (for the openai SDK and real client disconnects)."""
@@ -138,7 +132,7 @@ def live_server(tmp_path) -> Iterator[Any]:
 
     def start(backend: FakeBackend) -> str:
         settings = GatewaySettings(storage_dir=str(tmp_path / "storage"))
-        port = _free_port()
+        port = free_port()
         backends.append(backend)
         server = uvicorn.Server(uvicorn.Config(create_app(settings, backend=backend),
                                                host="127.0.0.1", port=port, log_level="warning"))
@@ -220,11 +214,8 @@ def png_server() -> Iterator[str]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with local_http_server(Handler) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 # --- pure logic --------------------------------------------------------------------------------------------

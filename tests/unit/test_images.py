@@ -9,7 +9,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import warnings
 import zlib
@@ -29,6 +28,7 @@ from gateway.images import (
     resolve_image,
     validate_image_bytes,
 )
+from tests.conftest import local_http_server
 
 DEFAULT = ImagePolicy()
 
@@ -461,14 +461,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with local_http_server(_Handler) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 LOCAL = ImagePolicy(url_allowlist=("127.0.0.1",), fetch_timeout_s=5.0)

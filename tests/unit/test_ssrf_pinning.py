@@ -12,7 +12,6 @@ import datetime
 import http.server
 import socket
 import ssl
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from PIL import Image
 
 from gateway.images import ImageInputError, ImagePolicy, resolve_image
 from gateway.media import resolve_video
+from tests.conftest import local_http_server
 
 PUBLIC = "93.184.216.34"  # outside every private/reserved range; nothing here can reach it
 UNROUTED = "10.255.255.1"
@@ -73,16 +73,8 @@ class Recorder(http.server.BaseHTTPRequestHandler):
 
 def _serve(tls: ssl.SSLContext | None) -> Iterator[tuple[int, type[Recorder]]]:
     handler = type("Handler", (Recorder,), {"seen": [], "routes": {}})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    if tls is not None:
-        server.socket = tls.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1], handler
-    finally:
-        server.shutdown()
-        server.server_close()
+    with local_http_server(handler, tls) as port:
+        yield port, handler
 
 
 @pytest.fixture
