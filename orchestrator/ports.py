@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import socket
+import threading
+
+# Ports this process has already handed out. The kernel may give the same port to two bind(0) calls in a row once
+# the first socket is closed, and a stack needs its HTTP, gRPC, metrics and gateway ports distinct (Triton refuses
+# to start when HTTP and metrics share one), so a port is never handed out twice.
+_given: set[int] = set()
+_lock = threading.Lock()
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port that is free now and that no earlier call in this process returned."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        with _lock:
+            if port not in _given:
+                _given.add(port)
+                return port

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vlmserve import paths
@@ -46,6 +46,19 @@ class OrchestratorSettings(BaseSettings):
     hf_cache_volume: str = Field("vlmserve-hf-cache", description="Docker volume mounted as the HF cache")
     shm_size: str = "1g"
     cache_dir: Path = Field(default_factory=paths.cache_dir, description="wheelhouse and base-image cache")
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> OrchestratorSettings:
+        # Triton refuses to start when two of its listeners share a port (and prints its whole usage text).
+        ports = {"http_port": self.http_port, "grpc_port": self.grpc_port, "metrics_port": self.metrics_port}
+        if self.gateway_host == self.host:
+            ports["gateway_port"] = self.gateway_port
+        seen: dict[int, str] = {}
+        for name, port in ports.items():
+            if port in seen:
+                raise ValueError(f"{name} and {seen[port]} are both {port}: each service needs its own port")
+            seen[port] = name
+        return self
 
     @property
     def repository_path(self) -> Path:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from orchestrator import triton
+from orchestrator.ports import free_port
 from orchestrator.settings import OrchestratorSettings
 
 
@@ -37,3 +40,17 @@ def test_settings_from_environment(monkeypatch) -> None:
     monkeypatch.setenv("VLMSERVE_MODEL_SET", "hub")
     s = OrchestratorSettings()
     assert s.gateway_port == 9999 and s.repository_path.name == "hub"
+
+
+def test_ports_must_be_distinct(tmp_path):
+    with pytest.raises(ValueError, match="metrics_port and http_port are both 9100"):
+        OrchestratorSettings(http_port=9100, grpc_port=9101, metrics_port=9100, repository=tmp_path)
+    with pytest.raises(ValueError, match="gateway_port and grpc_port"):
+        OrchestratorSettings(grpc_port=9101, gateway_port=9101, repository=tmp_path)
+    # The gateway on another address may reuse a Triton port number.
+    OrchestratorSettings(grpc_port=9101, gateway_port=9101, gateway_host="0.0.0.0", repository=tmp_path)
+
+
+def test_free_port_never_repeats():
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
