@@ -256,7 +256,7 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
     from export.progress import Progress
     from export.repository import ExportOptions
     from export.run import export_model_set
-    from orchestrator.ports import free_port
+    from orchestrator.ports import free_port, stack_ports
     from orchestrator.process import ProcessRuntime
     from orchestrator.settings import OrchestratorSettings
 
@@ -279,8 +279,7 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
                for m in ("siglip_vision", "siglip_text", "florence2_vision", "smolvlm2_vision")
                if (repo / m / "runtime_choice.json").exists()}
 
-    settings = OrchestratorSettings(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                                    gateway_port=free_port(), repository=repo,
+    settings = OrchestratorSettings(**stack_ports(), repository=repo,
                                     state_dir=paths.state_dir() / "bench", ready_timeout_s=900)
     runtime = ProcessRuntime(settings, log=log)
     baselines: dict[str, tuple[subprocess.Popen, str]] = {}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.ports import free_port
+from orchestrator.ports import free_port, stack_ports
 from orchestrator.process import ProcessRuntime
 from orchestrator.settings import OrchestratorSettings
 
@@ -107,7 +107,7 @@ def image_server(image_dir: Path):
 @pytest.fixture(scope="session")
 def stack(tiny_repo: Path, state_dir: Path, image_dir: Path) -> Stack:
     settings = OrchestratorSettings(
-        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), gateway_port=free_port(),
+        **stack_ports(),
         repository=tiny_repo, state_dir=state_dir, ready_timeout_s=240,
     )
     runtime = ProcessRuntime(settings, log=lambda m: None)

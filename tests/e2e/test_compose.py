@@ -16,7 +16,8 @@ import pytest
 
 from orchestrator.docker_runtime import PROJECT_LABEL, SERVICE_LABEL
 from orchestrator.images import LABEL
-from tests.conftest import compose_commands, free_port
+from orchestrator.ports import stack_port_env, stack_ports
+from tests.conftest import compose_commands
 from tests.e2e.test_docker_runtime import embed
 from vlmserve import paths
 
@@ -38,13 +39,13 @@ def test_compose_cpu_profile(docker_client, cpu_image: str, tiny_repo: Path, tmp
                              sample_image: Path) -> None:
     project = f"vlmserve-compose-e2e-{uuid.uuid4().hex[:6]}"
     volume = f"{project}-hf-cache"
-    ports = {k: str(free_port()) for k in ("HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "GATEWAY_PORT")}
+    ports = stack_ports()
     cache = tmp_path / "cache"
     for profile in ("cpu", "gpu", "rocm"):  # docker-compose v1 checks every service's build context exists
         (cache / f"context-{profile}").mkdir(parents=True)
     env = dict(os.environ, VLMSERVE_CPU_IMAGE=cpu_image, VLMSERVE_REPOSITORY=str(tiny_repo),
                VLMSERVE_CACHE_DIR=str(cache), VLMSERVE_HF_CACHE_VOLUME=volume,
-               **{f"VLMSERVE_{k}": v for k, v in ports.items()})
+               **stack_port_env(ports))
     compose = [*compose_command(), "-f", str(COMPOSE_FILE), "-p", project, "--profile", "cpu"]
 
     def run(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -76,9 +77,9 @@ def test_compose_cpu_profile(docker_client, cpu_image: str, tiny_repo: Path, tmp
         for c in containers.values():
             assert c.labels[LABEL] == "true" and c.labels[PROJECT_LABEL] == "vlmserve-compose", c.labels
             assert c.attrs["Config"]["Image"] == cpu_image
-        assert f"127.0.0.1:{ports['GATEWAY_PORT']}->8080" in run("ps").stdout
+        assert f"127.0.0.1:{ports['gateway_port']}->8080" in run("ps").stdout
 
-        vectors = embed(f"http://127.0.0.1:{ports['GATEWAY_PORT']}", sample_image.read_bytes())
+        vectors = embed(f"http://127.0.0.1:{ports['gateway_port']}", sample_image.read_bytes())
         assert len(vectors) == 1 and len(vectors[0]) > 8
 
         # The orchestrator's docker runtime (project "vlmserve" and its own) does not see or remove compose's.

@@ -21,7 +21,7 @@ import pytest
 
 from orchestrator.docker_runtime import PROJECT_LABEL
 from orchestrator.images import LABEL
-from tests.conftest import free_port
+from orchestrator.ports import stack_port_env, stack_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -56,11 +56,11 @@ def ours(docker_client, project: str) -> list[str]:
 
 def test_docker_lifecycle(docker_client, cpu_image: str, tiny_repo: Path, tmp_path: Path, sample_image: Path):
     project = f"vlmserve-e2e-{uuid.uuid4().hex[:6]}"
-    ports = {k: str(free_port()) for k in ("HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "GATEWAY_PORT")}
+    ports = stack_ports()
     env = dict(os.environ, VLMSERVE_STATE_DIR=str(tmp_path / "state"), VLMSERVE_REPOSITORY=str(tiny_repo),
                VLMSERVE_PROJECT=project, VLMSERVE_IMAGE=cpu_image, VLMSERVE_RUNTIME="docker",
-               **{f"VLMSERVE_{k}": v for k, v in ports.items()})
-    gateway = f"http://127.0.0.1:{ports['GATEWAY_PORT']}"
+               **stack_port_env(ports))
+    gateway = f"http://127.0.0.1:{ports['gateway_port']}"
     # A container that is not ours: clean must leave it alone.
     bystander = docker_client.containers.create(cpu_image, command=["health"], name=f"{project}-bystander")
     try:
@@ -78,7 +78,7 @@ def test_docker_lifecycle(docker_client, cpu_image: str, tiny_repo: Path, tmp_pa
         for row in rows.values():
             assert row["runtime"] == "docker" and row["state"] == "running", row
             assert row["device"] == "cpu" and ("MiB" in row["memory"] or "GiB" in row["memory"]), row
-        assert f"127.0.0.1:{ports['GATEWAY_PORT']}->8080" in rows["gateway"]["ports"]
+        assert f"127.0.0.1:{ports['gateway_port']}->8080" in rows["gateway"]["ports"]
         table = cli(env, "status", "--runtime", "docker")
         assert f"{project}" in table.stdout or "triton" in table.stdout, table.stdout
 

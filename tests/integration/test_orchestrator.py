@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from orchestrator.ports import stack_port_env, stack_ports
 from orchestrator.process import ProcessRuntime, StartupError
 from orchestrator.settings import OrchestratorSettings
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -29,16 +29,16 @@ def group_alive(pgid: int) -> bool:
 
 
 def test_foreground_run_stops_everything_on_ctrl_c(tiny_repo: Path, tmp_path: Path) -> None:
-    ports = {k: str(free_port()) for k in ("HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "GATEWAY_PORT")}
+    ports = stack_ports()
     env = dict(os.environ, VLMSERVE_STATE_DIR=str(tmp_path), VLMSERVE_REPOSITORY=str(tiny_repo),
-               **{f"VLMSERVE_{k}": v for k, v in ports.items()})
+               **stack_port_env(ports))
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"http://127.0.0.1:{ports['GATEWAY_PORT']}/health", timeout=2).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{ports['gateway_port']}/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -75,7 +75,7 @@ def test_startup_failure_reports_triton_log_tail(tmp_path: Path) -> None:
         "        raise RuntimeError('boom-from-initialize')\n"
     )
     settings = OrchestratorSettings(
-        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), gateway_port=free_port(),
+        **stack_ports(),
         repository=repo, state_dir=tmp_path / "state", ready_timeout_s=120,
     )
     runtime = ProcessRuntime(settings, log=lambda m: None)
@@ -92,9 +92,9 @@ def test_empty_repository_is_refused_before_starting(tmp_path: Path) -> None:
 
 def test_up_supervises_restarts_and_down_stops(tiny_repo: Path, tmp_path: Path) -> None:
     """`up` detaches a supervisor; a SIGKILLed Triton is restarted (logged, counted); `down` stops it all."""
-    ports = {k: str(free_port()) for k in ("HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "GATEWAY_PORT")}
+    ports = stack_ports()
     env = dict(os.environ, VLMSERVE_STATE_DIR=str(tmp_path), VLMSERVE_REPOSITORY=str(tiny_repo),
-               VLMSERVE_RESTART_BACKOFF_S="0.5", **{f"VLMSERVE_{k}": v for k, v in ports.items()})
+               VLMSERVE_RESTART_BACKOFF_S="0.5", **stack_port_env(ports))
     cli = [sys.executable, "-m", "orchestrator"]
     run_dir = tmp_path / "run"
     try:
@@ -111,7 +111,7 @@ def test_up_supervises_restarts_and_down_stops(tiny_repo: Path, tmp_path: Path) 
             now = json.loads((run_dir / "services.json").read_text())
             if now["triton"]["pid"] != first["triton"]["pid"] and now["triton"]["restarts"] == 1:
                 try:
-                    if httpx.get(f"http://127.0.0.1:{ports['HTTP_PORT']}/v2/health/ready").status_code == 200:
+                    if httpx.get(f"http://127.0.0.1:{ports['http_port']}/v2/health/ready").status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
+from orchestrator.ports import stack_ports
 from orchestrator.process import ProcessRuntime
 from orchestrator.settings import OrchestratorSettings
-from tests.conftest import free_port
 from vlmserve.host import cpu_info
 
 CHAOS = os.environ.get("VLMSERVE_CHAOS") == "1"
@@ -47,7 +47,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 @pytest.fixture(scope="session")
 def rstack(tiny_repo: Path, state_dir: Path):
     settings = OrchestratorSettings(
-        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), gateway_port=free_port(),
+        **stack_ports(),
         repository=tiny_repo, state_dir=state_dir / "reliability", ready_timeout_s=240,
     )
     runtime = ProcessRuntime(settings, log=lambda m: None)
