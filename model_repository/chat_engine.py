@@ -1,25 +1,27 @@
 """Continuous batching for chat decoders, streaming tokens per request.
 
-A :class:`DecodeLoop` owns one running batch: a left-padded key/value cache (``DynamicCache``), its attention
-mask and, per row, the next position id and the token to feed next. Every :meth:`DecodeLoop.step`
+A :class:`DecodeLoop` owns one running batch: a preallocated key/value cache with one slot per row
+(:class:`~model_repository.kv_cache.SlotCache`: nothing is copied when rows join or leave, nothing is padded) and,
+per row, its length, the next position id and the token to feed next. Every :meth:`DecodeLoop.step`
 
-1. admits queued jobs while the batch has room (``max_batch`` rows, ``max_batch_tokens`` of KV): each is
-   prefilled alone (images through the vision encoder), its first token sampled and streamed, and its cache
-   left-padded into the batch's;
+1. admits queued jobs while the batch has room (``max_batch`` rows, ``max_batch_tokens`` of KV) and prefills them
+   in one forward (text prompts stacked into one batch; a prompt with images, whose vision encoder runs first,
+   alone), each into a fresh slot; each job's first token is sampled and streamed;
 2. runs one decode forward for all rows (explicit per-row position ids; the family maps them to its own form,
    e.g. Qwen2-VL's mrope triple), and picks each row's token from its own logits with its own settings
    (:class:`RowSampler`: log probabilities, repetition / presence / frequency penalties, a JSON-schema grammar
    mask, temperature / top-p / seed), so rows with different settings share one forward;
 3. streams each row's text (:class:`RowStreamer`: stop strings, ``max_tokens``, cancellation) and drops the rows
-   that finished, with their KV, trimming padding that no remaining row needs.
+   that finished, packing the rows that go on into the first slots.
 
 Rows never see each other (padding is masked and each row's positions are its own), so a greedy request gives
 the same tokens alone or joined to a running batch. A request for ``n`` choices is ``n`` rows that share one
-prefill: its KV cache is copied into each row and every row samples its own first token.
+prefill: its KV slot is copied into each row's slot and every row samples its own first token.
 
 Failures stay with the request that causes them: prefill and token choice are per request / row, and when the
-batched decode forward raises, the cache is put back, each row is run alone, the rows that fail alone get the
-error and the others go on (:meth:`DecodeLoop._forward_rows`).
+batched decode forward raises, each row is run alone, the rows that fail alone get the
+error and the others go on (:meth:`DecodeLoop._forward_rows`). A forward writes only columns past each
+row's length, so a failed step has nothing to undo.
 
 A family plugs in through :class:`DecoderFamily` (``QwenPipeline``, ``SmolVLMPipeline``). Pipelines without it
 (``deepseek_ocr``, whose remote code has no forward we can drive step by step) keep the static path: jobs arriving
@@ -318,15 +320,56 @@ def _cancelled_in_queue(job: ChatJob) -> None:
     job.emit("", "cancelled", {"prompt_tokens": job.prompt_tokens, "completion_tokens": 0, "batch_size": 0})
 
 
+# Keyword arguments of a prefill that can be stacked into one batched forward (text prompts); anything else
+# (pixel values, image grids) makes a job prefill alone.
+_STACKABLE = {"inputs_embeds", "input_ids", "position_ids", "attention_mask"}
+
+
+def _stack_prefills(kwargs_list: list[dict[str, Any]]) -> tuple[dict[str, Any], list[int]]:
+    """One prefill's backbone kwargs from several batch-of-1 ones: right-padded to the longest prompt and stacked
+    (the padded queries write columns past their row's length, which no later query reads). Returns the kwargs
+    without ``attention_mask`` (the engine passes its own) and each prompt's length."""
+    import torch
+
+    def seq_len(kwargs: dict[str, Any]) -> int:
+        return int((kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else kwargs["input_ids"]).shape[1])
+
+    lengths = [seq_len(k) for k in kwargs_list]
+    longest = max(lengths)
+    out: dict[str, Any] = {}
+    for key in ("inputs_embeds", "input_ids", "position_ids"):
+        if key not in kwargs_list[0]:
+            continue
+        parts = []
+        for kwargs, n in zip(kwargs_list, lengths, strict=True):
+            value = kwargs[key]
+            if key == "inputs_embeds":  # [1, n, hidden]
+                value = torch.nn.functional.pad(value, (0, 0, 0, longest - n))
+            else:  # [1, n] ids, [1, n] or [3, 1, n] positions: the sequence is the last axis
+                value = torch.nn.functional.pad(value, (0, longest - n))
+            parts.append(value)
+        out[key] = torch.cat(parts, dim=0 if key != "position_ids" else -2)
+    return out, lengths
+
+
 class DecodeLoop:
-    """The running batch of one :class:`DecoderFamily` (single-threaded; :class:`ChatEngine` drives it)."""
+    """The running batch of one :class:`DecoderFamily` (single-threaded; :class:`ChatEngine` drives it).
+
+    Row ``i`` of the batch is slot ``i`` of :attr:`kv` (a :class:`~model_repository.kv_cache.SlotCache`): rows are
+    kept packed in slots ``0 .. rows - 1``, each with its own length, position and next token.
+    """
 
     def __init__(self, family: DecoderFamily, max_batch: int = 8,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> None:
         import torch
 
+        from model_repository.kv_cache import SlotCache
+
         if max_batch < 1 or max_batch_tokens < 1:
             raise ValueError("max_batch and max_batch_tokens must be positive")
+        attn = getattr(family.model.config, "_attn_implementation", "sdpa")
+        if attn not in ("sdpa", "eager"):
+            raise ValueError(f"the chat engine's KV slots need SDPA or eager attention (custom 4D masks), not {attn}")
         self.torch = torch
         self.family = family
         self.max_batch = max_batch
@@ -336,8 +379,8 @@ class DecodeLoop:
         self.waiting: deque[ChatJob] = deque()
         self.rows: list[ChatJob] = []
         self.samplers: list[RowSampler] = []
-        self.cache: Any = None  # DynamicCache, [rows, heads, width, dim] per layer, left-padded
-        self.mask: Any = None  # [rows, width]: 1 where the cache holds a real token of the row
+        self.kv = SlotCache()
+        self.lengths: Any = None  # [rows]: KV columns each row holds (the column its next token writes)
         self.positions: Any = None  # [rows]: position id of the token fed at the next step
         self.next_tokens: Any = None  # [rows]
 
@@ -359,18 +402,19 @@ class DecodeLoop:
         return bool(self.rows or self.waiting)
 
     def kv_bound(self, jobs: list[ChatJob]) -> int:
-        """Padded KV positions the batch ``jobs`` can reach: rows x the longest row it can grow to."""
+        """KV positions the batch ``jobs`` can reach: rows x the longest row it can grow to."""
         return len(jobs) * max((j.kv_reservation for j in jobs), default=0)
 
-    def _fits(self, job: ChatJob) -> bool:
-        if not self.rows:
+    def _fits(self, job: ChatJob, admitted: list[ChatJob]) -> bool:
+        running = [*self.rows, *admitted]
+        if not running:
             return True  # alone it must run, even when its own reservation exceeds the cap
         group = [job, *job.shared]
-        return (len(self.rows) + len(group) <= self.max_batch
-                and self.kv_bound([*self.rows, *group]) <= self.max_batch_tokens)
+        return (len(running) + len(group) <= self.max_batch
+                and self.kv_bound([*running, *group]) <= self.max_batch_tokens)
 
     def step(self) -> None:
-        """Admit what fits, then decode one token for every row."""
+        """Admit what fits (one batched prefill), then decode one token for every row."""
         with self.torch.inference_mode():
             self._admit()
             if self.rows:
@@ -386,61 +430,98 @@ class DecodeLoop:
             for choice in (job, *job.shared):
                 _cancelled_in_queue(choice)
         # First come, first served: a job that does not fit holds back those behind it (no starvation).
-        while self.waiting and self._fits(self.waiting[0]):
+        requests: list[ChatJob] = []
+        admitted: list[ChatJob] = []  # their rows: each request's choices
+        while self.waiting and self._fits(self.waiting[0], admitted):
             job = self.waiting.popleft()
+            requests.append(job)
+            admitted += [job, *job.shared]
+        prepared: list[tuple[ChatJob, dict[str, Any], int]] = []
+        for job in requests:
             try:
-                self._prefill(job)
+                kwargs, position = self.family.prefill_inputs(job)  # the vision encoder runs here
             except Exception as exc:  # noqa: BLE001 - only this request fails
                 log.exception("chat prefill failed")
-                for choice in (job, *job.shared):
-                    if not choice.finish:
-                        _fail(choice, exc)
-
-    def _prefill(self, job: ChatJob) -> None:
-        from transformers import DynamicCache
-
-        kwargs, position = self.family.prefill_inputs(job)
-        cache = DynamicCache()
-        hidden = self.family.model.model(**kwargs, past_key_values=cache, use_cache=True).last_hidden_state
-        logits = self.family.model.lm_head(hidden[:, -1])[0]
-        # The prompt's KV, kept aside: every choice of the request gets its own copy as a row of the batch.
-        prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]
-        width = cache.get_seq_length()
-        group = [job, *job.shared]
-        for choice in group:
-            sampler = RowSampler(choice.params, choice.index, self.grammars if choice.params.grammar else None)
-            choice.batch_size = max(choice.batch_size, len(self.rows) + len(group))
-            token = sampler(logits, choice)
-            if self._answer(choice, token, sampler):
+                self._fail_group(job, exc)
                 continue
-            self._append_row(cache, prompt_kv, width, position, token)
-            self.rows.append(choice)
-            self.samplers.append(sampler)
+            prepared.append((job, kwargs, position))
+        stacked = [p for p in prepared if set(p[1]) <= _STACKABLE]
+        runs = ([stacked] if stacked else []) + [[p] for p in prepared if not set(p[1]) <= _STACKABLE]
+        for run in runs:
+            for group, outcome in runtime.retry_singly(run, self._prefill):
+                if isinstance(outcome, Exception):
+                    log.error("chat prefill failed", exc_info=outcome)
+                    for job, _, _ in group:
+                        self._fail_group(job, outcome)
 
-    def _append_row(self, cache: Any, prompt_kv: list[tuple[Any, Any]], width: int, position: int,
-                    token: int) -> None:
+    @staticmethod
+    def _fail_group(job: ChatJob, exc: Exception) -> None:
+        for choice in (job, *job.shared):
+            if not choice.finish:
+                _fail(choice, exc)
+
+    def _prefill(self, run: list[tuple[ChatJob, dict[str, Any], int]]) -> None:
+        """One forward over the prompts of ``run`` (each written into a fresh slot after the running rows), then
+        each choice's first token; the choices that go on become rows."""
+        from model_repository.kv_cache import attention_mask
+
         torch = self.torch
         device = self.family.device
-        if not self.rows:
-            for layer, (keys, values) in zip(cache.layers, prompt_kv, strict=True):
-                layer.keys, layer.values = keys, values
-            self.cache = cache
-            self.mask = torch.ones((1, width), dtype=torch.long, device=device)
-            self.positions = torch.tensor([position], dtype=torch.long, device=device)
-            self.next_tokens = torch.tensor([token], dtype=torch.long, device=device)
+        base = len(self.rows)
+        groups = [[job, *job.shared] for job, _, _ in run]
+        self._reserve(base + sum(len(g) for g in groups), [c for g in groups for c in g])
+        if len(run) == 1:
+            kwargs = {k: v for k, v in run[0][1].items() if k != "attention_mask"}
+            key = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else kwargs["input_ids"]
+            lengths = [int(key.shape[1])]
+        else:
+            kwargs, lengths = _stack_prefills([p[1] for p in run])
+        longest = max(lengths)
+        cols = torch.arange(longest, device=device)[None, :].expand(len(run), longest)
+        self.kv.plan(base, cols, longest)
+        hidden = self.family.model.model(
+            **kwargs, attention_mask=attention_mask(cols, longest, self.family.model.dtype),
+            past_key_values=self.kv, use_cache=True,
+        ).last_hidden_state
+        last = hidden[torch.arange(len(run), device=device), torch.tensor(lengths, device=device) - 1]
+        logits = self.family.model.lm_head(last)
+        # Each choice that goes on takes a row: (source slot, job, sampler, token, prompt length, position).
+        joining: list[tuple[int, ChatJob, RowSampler, int, int, int]] = []
+        for slot, ((job, _, position), group, n) in enumerate(zip(run, groups, lengths, strict=True)):
+            for choice in group:
+                sampler = RowSampler(choice.params, choice.index, self.grammars if choice.params.grammar else None)
+                choice.batch_size = max(choice.batch_size, base + sum(len(g) for g in groups))
+                token = sampler(logits[slot], choice)
+                if not self._answer(choice, token, sampler):
+                    joining.append((base + slot, choice, sampler, token, n, position))
+        if not joining:
             return
-        old = self.mask.shape[1]
-        full = max(old, width)
-        pad = torch.nn.functional.pad
-        for mine, (keys, values) in zip(self.cache.layers, prompt_kv, strict=True):
-            # [rows, heads, width, dim]: pad the sequence axis on the left, then append the row.
-            mine.keys = torch.cat([pad(mine.keys, (0, 0, full - old, 0)), pad(keys, (0, 0, full - width, 0))])
-            mine.values = torch.cat([pad(mine.values, (0, 0, full - old, 0)), pad(values, (0, 0, full - width, 0))])
-        row_mask = torch.zeros((1, full), dtype=torch.long, device=device)
-        row_mask[0, full - width:] = 1
-        self.mask = torch.cat([pad(self.mask, (full - old, 0)), row_mask])
-        self.positions = torch.cat([self.positions, torch.tensor([position], device=device)])
-        self.next_tokens = torch.cat([self.next_tokens, torch.tensor([token], device=device)])
+        # Place the joining rows right after the running ones (a choice of n > 1 copies its request's slot).
+        sources = torch.tensor([j[0] for j in joining], device=device)
+        targets = torch.arange(base, base + len(joining), device=device)
+        if not torch.equal(sources, targets):
+            for store in (self.kv.keys, self.kv.values):
+                for buf in store:
+                    buf[targets, :, :longest] = buf[sources, :, :longest]
+        new = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        first = not self.rows
+        self.rows += [j[1] for j in joining]
+        self.samplers += [j[2] for j in joining]
+        added = (new([j[3] for j in joining]), new([j[4] for j in joining]), new([j[5] for j in joining]))
+        if first:
+            self.next_tokens, self.lengths, self.positions = added
+        else:
+            self.next_tokens = torch.cat([self.next_tokens, added[0]])
+            self.lengths = torch.cat([self.lengths, added[1]])
+            self.positions = torch.cat([self.positions, added[2]])
+
+    def _reserve(self, rows: int, jobs: list[ChatJob]) -> None:
+        """KV slots for ``rows`` rows as long as the longest reservation of the running rows and ``jobs``; as many
+        more rows (up to ``max_batch``) as the KV budget allows at that length, so later joins copy nothing."""
+        length = max(j.kv_reservation for j in [*self.rows, *jobs])
+        spare = min(self.max_batch, max(rows, self.max_batch_tokens // max(length, 1)))
+        if rows > self.kv.rows or length > self.kv.length:
+            self.kv.reserve(max(rows, spare), length)
 
     def _decode(self) -> None:
         torch = self.torch
@@ -462,64 +543,66 @@ class DecodeLoop:
             if not self._answer(job, token, sampler):
                 keep.append(row)
                 tokens.append(token)
-        if len(keep) == rows:
-            self.next_tokens = torch.tensor(tokens, dtype=torch.long, device=self.next_tokens.device)
-            return
         if not keep:
             self._reset()
             return
-        self._select(keep)
-        self.next_tokens = torch.tensor(tokens, dtype=torch.long, device=self.mask.device)
+        if len(keep) < rows:
+            self._select(keep)
+        self.next_tokens = torch.tensor(tokens, dtype=torch.long, device=self.lengths.device)
 
-    def _forward(self, cache: Any, mask: Any, positions: Any, tokens: Any) -> tuple[Any, Any]:
-        """One decode forward of the rows ``cache`` holds (extending it by one column): their float logits
-        ``[rows, vocab]`` and ``mask`` with the new column."""
-        torch = self.torch
-        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=mask.device)], dim=1)
+    def _forward(self, first: int, tokens: Any, lengths: Any, positions: Any) -> Any:
+        """One decode forward of the rows in slots ``first .. first + len(tokens) - 1``: their float logits
+        ``[rows, vocab]``. Each row's key/value is written at its own next column."""
+        from model_repository.kv_cache import attention_mask
+
+        cols = lengths[:, None]
+        read_len = int(lengths.max()) + 1
+        self.kv.plan(first, cols, read_len)
         hidden = self.family.model.model(
-            input_ids=tokens[:, None], attention_mask=mask, position_ids=self.family.decode_positions(positions),
-            past_key_values=cache, use_cache=True,
+            input_ids=tokens[:, None], attention_mask=attention_mask(cols, read_len, self.family.model.dtype),
+            position_ids=self.family.decode_positions(positions), past_key_values=self.kv, use_cache=True,
         ).last_hidden_state
-        return self.family.model.lm_head(hidden[:, -1]).float(), mask
+        return self.family.model.lm_head(hidden[:, -1]).float()
 
     def _forward_rows(self) -> Any:
-        """The decode forward of every row: their logits, with the step's mask and positions taken; None when no
-        row is left.
+        """The decode forward of every row: their logits, with the step's lengths and positions taken; None when
+        no row is left.
 
         A failure is isolated (:meth:`_isolate`): the rows that fail alone are failed and dropped, and the others
         get one more batched forward. When that fails too, or no row fails alone (a fault of the batch as a whole,
-        e.g. out of memory), every row is failed: a step never loops.
+        e.g. out of memory), every row is failed: a step never loops. A forward that raised part-way wrote only
+        columns past each row's length, which nothing reads: there is nothing to undo.
         """
         try:
-            logits, mask = self._forward(self.cache, self.mask, self.positions, self.next_tokens)
+            logits = self._forward(0, self.next_tokens, self.lengths, self.positions)
         except Exception as exc:  # noqa: BLE001 - find the row(s) that cause it
             if not self._isolate(exc):
                 return None
             try:
-                logits, mask = self._forward(self.cache, self.mask, self.positions, self.next_tokens)
+                logits = self._forward(0, self.next_tokens, self.lengths, self.positions)
             except Exception as again:  # noqa: BLE001 - not a row's fault: fail the rest, once
                 log.error("chat: the decode step failed again without the failing row(s) (%s: %s); failing its "
                           "other %d row(s)", type(again).__name__, again, len(self.rows))
                 self._fail_all(again)
                 return None
-        self.mask = mask
+        self.lengths = self.lengths + 1
         self.positions = self.positions + 1
         return logits
 
     def _isolate(self, exc: Exception) -> bool:
-        """After the batch's decode forward raised ``exc``: put the cache back as it was before the step, run each
-        row's forward alone (on a copy of its cache: the batch is not touched), and fail and drop the rows whose
-        own forward raises. True when rows remain for another batched forward; otherwise all rows are failed."""
+        """After the batch's decode forward raised ``exc``: run each row's forward alone, and fail and drop the rows
+        whose own forward raises. True when rows remain for another batched forward; otherwise all rows are
+        failed."""
         rows = len(self.rows)
         log.error("chat: the decode step of %d row(s) failed", rows, exc_info=exc)
         if rows == 1:
             self._fail_all(exc)  # alone already: it is this row's failure
             return False
-        self._restore()
         keep: list[int] = []
         for row, job in enumerate(self.rows):
+            one = slice(row, row + 1)
             try:
-                self._forward_row(row)
+                self._forward(row, self.next_tokens[one], self.lengths[one], self.positions[one])
             except Exception as row_exc:  # noqa: BLE001 - this row causes it: only its client gets the error
                 log.warning("chat: row %d of %d fails alone (%s: %s); failing its request, the others go on",
                             row, rows, type(row_exc).__name__, row_exc)
@@ -535,28 +618,7 @@ class DecodeLoop:
             self._reset()
             return False
         self._select(keep)
-        self.next_tokens = self.next_tokens[self.torch.tensor(keep, device=self.next_tokens.device)]
         return True
-
-    def _restore(self) -> None:
-        """Undo a decode forward that raised part-way: each layer it reached had its keys/values replaced with a
-        concatenation one column wider (``DynamicLayer.update``; the tensors of the step before are never written),
-        so cutting every layer back to the mask's width restores the cache exactly. (Holding on to the previous
-        tensors instead would keep two copies of the whole KV cache alive during every step.)"""
-        width = self.mask.shape[1]
-        self.cache.crop(width)
-        if any(layer.keys.shape[-2] != width or layer.values.shape[-2] != width for layer in self.cache.layers):
-            raise RuntimeError("the decode cache could not be restored after a failed step")
-
-    def _forward_row(self, row: int) -> None:
-        """Row ``row``'s decode forward alone, on a one-row copy of its cache; raises as that row does."""
-        from transformers import DynamicCache
-
-        one = slice(row, row + 1)
-        cache = DynamicCache()
-        for index, layer in enumerate(self.cache.layers):
-            cache.update(layer.keys[one], layer.values[one], index)  # copies: the batch's cache is not touched
-        self._forward(cache, self.mask[one], self.positions[one], self.next_tokens[one])
 
     def _fail_all(self, exc: Exception) -> None:
         for job in self.rows:
@@ -582,26 +644,28 @@ class DecodeLoop:
             return True
 
     def _select(self, keep: list[int]) -> None:
-        """Keep only rows ``keep``, and drop the leading cache columns that are padding for all of them."""
-        index = self.torch.tensor(keep, device=self.mask.device)
-        self.mask = self.mask[index]
-        first = int(self.mask.any(dim=0).int().argmax())
-        self.mask = self.mask[:, first:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
+        """Keep only rows ``keep`` (ascending), packed into slots ``0 .. len(keep) - 1``: each kept row moves down
+        to its new slot (only its own columns are copied; a slot is overwritten only after its row has moved)."""
+        lengths = self.lengths.tolist()
+        for new, old in enumerate(keep):
+            self.kv.copy_row(old, new, lengths[old])
+        index = self.torch.tensor(keep, device=self.lengths.device)
+        self.lengths = self.lengths[index]
         self.positions = self.positions[index]
+        self.next_tokens = self.next_tokens[index]
         self.rows = [self.rows[i] for i in keep]
         self.samplers = [self.samplers[i] for i in keep]
 
     def _reset(self) -> None:
         self.rows, self.samplers = [], []
-        self.cache = self.mask = self.positions = self.next_tokens = None
+        self.lengths = self.positions = self.next_tokens = None
+        self.kv.release()  # an idle model holds no KV memory
 
     def drain(self) -> None:
         """Step until every admitted and queued job has finished (tests and shutdown)."""
         while self.busy:
             self.step()
+
 
 
 class ChatEngine:

@@ -173,7 +173,7 @@ def test_join_mid_decode_gives_the_solo_greedy_tokens(families, family: str) -> 
         assert client.finish in ("stop", "length")
         assert client.events[-1][2]["completion_tokens"] == len(job.token_ids)
     assert jobs["A"][1].events[-1][2]["batch_size"] == 3
-    assert loop.cache is None and not loop.rows  # finished rows took their KV with them
+    assert loop.kv.nbytes == 0 and not loop.rows  # finished rows took their KV with them
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -215,8 +215,7 @@ def test_cancellation_frees_the_row(families, family: str) -> None:
     doomed_client.cancel = True
     loop.step()
     assert loop.rows == [keep]
-    assert all(layer.keys.shape[0] == 1 for layer in loop.cache.layers)  # its KV row is gone
-    assert loop.mask.shape[0] == 1 and loop.mask[0].all()  # and so is the padding only it needed
+    assert loop.lengths.shape == (1,) and loop.positions.shape == (1,)  # its row is gone; keep moved to slot 0
     assert doomed_client.finish == "cancelled" and doomed_client.events[-1][2]["completion_tokens"] < 500
     loop.drain()
     assert keep.token_ids == keep_alone and keep_client.finish in ("stop", "length")
@@ -236,7 +235,7 @@ def test_kv_cap_makes_jobs_wait_then_complete(families, family: str) -> None:
     steps = 1
     while loop.busy:
         assert loop.kv_bound(loop.rows) <= 2 * longest
-        assert loop.mask is None or loop.mask.numel() <= 2 * longest
+        assert loop.kv.rows <= 2  # KV slots held: what the budget allows at this length
         loop.step()
         steps += 1
     assert all(c.finish in ("stop", "length") for _, c in jobs)
@@ -552,9 +551,8 @@ def test_a_vanishing_temperature_samples_greedily_instead_of_failing() -> None:
 
 
 class DecodeFault:
-    """Makes the decoder raise part-way through a decode forward (in its last layer: the first has already extended
-    the cache) when ``when(input ids)`` says so; records each decode forward's batch size and, at each raise, the
-    cache width of every layer."""
+    """Makes the decoder raise part-way through a decode forward (in its last layer: the others have already written
+    their keys and values) when ``when(input ids)`` says so; records each decode forward's batch size."""
 
     def __init__(self, pipeline, when) -> None:
         backbone = pipeline.model.model
@@ -563,7 +561,6 @@ class DecodeFault:
         self.when = when
         self.armed = False
         self.forwards: list[int] = []
-        self.widths: list[list[int]] = []
         self.hooks = [text.embed_tokens.register_forward_pre_hook(self._see),
                       text.layers[-1].register_forward_pre_hook(self._raise, with_kwargs=True)]
 
@@ -576,8 +573,6 @@ class DecodeFault:
 
     def _raise(self, module, args, kwargs) -> None:
         if self.armed:
-            cache = kwargs.get("past_key_values") or kwargs.get("past_key_value")
-            self.widths.append([layer.keys.shape[-2] for layer in cache.layers])
             raise RuntimeError("poisoned row")
 
     def remove(self) -> None:
@@ -586,8 +581,11 @@ class DecodeFault:
 
 
 def loop_state(loop: DecodeLoop) -> dict:
-    return {"mask": loop.mask.clone(), "positions": loop.positions.clone(), "next": loop.next_tokens.clone(),
-            "kv": [(layer.keys.clone(), layer.values.clone()) for layer in loop.cache.layers]}
+    """Each row's length, position, next token and the KV columns it holds (those past its length are unread)."""
+    lengths = loop.lengths.tolist()
+    return {"lengths": loop.lengths.clone(), "positions": loop.positions.clone(), "next": loop.next_tokens.clone(),
+            "kv": [buf[row, :, :n].clone() for store in (loop.kv.keys, loop.kv.values) for buf in store
+                   for row, n in enumerate(lengths)]}
 
 
 def unused_token(pipeline, *jobs: ChatJob) -> int:
@@ -638,7 +636,6 @@ def test_a_row_whose_decode_forward_fails_fails_alone(families, family: str, cap
     for _ in range(3):
         loop.step()
     assert loop.rows == [jobs["B"][0], bad, jobs["C"][0]]
-    width = loop.mask.shape[1]
     fault = DecodeFault(pipeline, lambda ids: poison in ids)
     try:
         with torch.inference_mode():
@@ -647,15 +644,13 @@ def test_a_row_whose_decode_forward_fails_fails_alone(families, family: str, cap
             loop.step()
         # The batch (3 rows), each row alone, then the two survivors once more.
         assert fault.forwards == [3, 1, 1, 1, 2]
-        # The batch's forward raised with its first layer one column longer: the restore had something to undo.
-        assert fault.widths[0] == [width + 1, width]
         assert_failed_once(bad_client)
         assert loop.rows == [jobs["B"][0], jobs["C"][0]]
         mine = loop_state(loop)
-        for key in ("mask", "positions", "next"):
+        for key in ("lengths", "positions", "next"):
             assert torch.equal(mine[key], state[key]), key
-        for (k, v), (k0, v0) in zip(mine["kv"], state["kv"], strict=True):
-            assert k.shape == k0.shape and torch.allclose(k, k0, atol=1e-4) and torch.allclose(v, v0, atol=1e-4)
+        for kv, kv0 in zip(mine["kv"], state["kv"], strict=True):
+            assert kv.shape == kv0.shape and torch.allclose(kv, kv0, atol=1e-4)
         loop.add(jobs["D"][0])
         loop.drain()
     finally:
@@ -704,7 +699,7 @@ def test_a_decode_failure_no_row_explains_fails_the_batch_once(families, fault_k
     finally:
         fault.remove()
     assert fault.forwards == forwards
-    assert not loop.rows and loop.cache is None and not loop.busy
+    assert not loop.rows and loop.kv.nbytes == 0 and not loop.busy
     for _, client in jobs:
         assert_failed_once(client)
     fresh, fresh_client = make_job(pipeline, "the city at night", max_tokens=8)
