@@ -487,7 +487,7 @@ class DecodeLoop:
         logits = self.family.model.lm_head(last)
         # Each choice that goes on takes a row: (source slot, job, sampler, token, prompt length, position).
         joining: list[tuple[int, ChatJob, RowSampler, int, int, int]] = []
-        for slot, ((job, _, position), group, n) in enumerate(zip(run, groups, lengths, strict=True)):
+        for slot, ((_, _, position), group, n) in enumerate(zip(run, groups, lengths, strict=True)):
             for choice in group:
                 sampler = RowSampler(choice.params, choice.index, self.grammars if choice.params.grammar else None)
                 choice.batch_size = max(choice.batch_size, base + sum(len(g) for g in groups))
