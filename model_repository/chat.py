@@ -226,6 +226,38 @@ def parse_params(raw: bytes | None, default_max_tokens: int, max_tokens_limit: i
     return sampling, params
 
 
+def fit_context(params: SamplingParams, explicit: bool, prompt_tokens: int, context: int | None) -> None:
+    """Check that the prompt (images included) plus ``max_tokens`` fits the model's context of ``context`` tokens.
+
+    vLLM's rule: a prompt that leaves no room for one answer token fails; an explicit ``max_tokens`` that does
+    not fit fails (INVALID_ARG naming both numbers); the default ``max_tokens`` (the client sent none) is
+    lowered to the room that is left. ``context`` None: the pipeline knows no limit, nothing is checked.
+    """
+    if context is None:
+        return
+    room = context - prompt_tokens
+    if room < 1:
+        raise runtime.InputError(f"the prompt is {prompt_tokens} tokens: it leaves no room for an answer within "
+                                 f"this model's context of {context} tokens; send fewer or smaller images, or "
+                                 "less text")
+    if params.max_tokens <= room:
+        return
+    if explicit:
+        raise runtime.InputError(f"the prompt is {prompt_tokens} tokens and max_tokens is {params.max_tokens}: "
+                                 f"{prompt_tokens + params.max_tokens} exceeds this model's context of {context} "
+                                 f"tokens; lower max_tokens to {room} or shorten the prompt")
+    params.max_tokens = room
+
+
+def context_tokens(pipeline, cap: int | None) -> int | None:
+    """The model's context in tokens: its pipeline's ``context_length`` (the checkpoint's
+    ``max_position_embeddings``), lowered to ``cap`` (``max_context_tokens``) when set; None when unknown."""
+    known = getattr(pipeline, "context_length", None)
+    if known is None:
+        return cap
+    return known if cap is None else min(known, cap)
+
+
 def prepare_text(tokenizer, prompt: str) -> tuple[dict[str, Any], int]:
     """A raw text prompt (``PROMPT``, no chat template) as model inputs, tokenized as transformers would."""
     if not prompt:
@@ -393,6 +425,8 @@ class ChatModel:
         self.pipeline = load(spec.pipeline)(runtime.version_dir(args) / "checkpoint", device, attn,
                                             encoder=encoder, **extra)
         self.max_tokens_limit = params.max_new_tokens_limit
+        # Prompt tokens (images included) + max_tokens must fit here (fit_context, checked before any encoding).
+        self.context = context_tokens(self.pipeline, params.max_context_tokens)
         # MAX_NEW_TOKENS (seed 002) sets the default answer length, within the configured limit.
         self.default_max_tokens = min(self.max_tokens_limit,
                                       int(os.environ.get("MAX_NEW_TOKENS") or params.default_max_new_tokens))
@@ -452,6 +486,9 @@ class ChatModel:
                     messages = parse_messages(raw, fps, max(1, frames), self.max_images,
                                               self.video_limits.max_pixels, self.video_limits)
                     inputs, prompt_tokens = self.pipeline.prepare(messages)
+                # Before the job reaches the engine: no image has gone through the vision encoder yet (prepare
+                # only runs the image processor).
+                fit_context(params, settings.max_tokens is not None, prompt_tokens, self.context)
             except UnicodeDecodeError:
                 release()
                 sender.send(runtime.error_response("PROMPT must be UTF-8 text", invalid_arg=True), flags=final)

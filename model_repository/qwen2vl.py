@@ -26,6 +26,9 @@ class QwenPipeline:
             str(checkpoint_dir), attn_implementation=attn_implementation
         ).eval().to(device)
         self.merge = self.image_processor.merge_size
+        # Prompt (image tokens included) + answer must fit the text model's positions (chat.fit_context).
+        cfg = self.model.config
+        self.context_length = int(getattr(cfg, "text_config", cfg).max_position_embeddings)
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
 

@@ -95,6 +95,8 @@ class SmolVLMPipeline:
         self.patch = cfg.vision_config.patch_size
         self.seq_len = (cfg.vision_config.image_size // self.patch) ** 2 // (cfg.scale_factor**2)
         self.image_token_id = cfg.image_token_id
+        # Prompt (image tokens included) + answer must fit the text model's positions (chat.fit_context).
+        self.context_length = int(cfg.text_config.max_position_embeddings)
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         end_of_utterance = self.tokenizer.convert_tokens_to_ids("<end_of_utterance>")

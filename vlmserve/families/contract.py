@@ -129,6 +129,9 @@ class ChatParams(ModelParams):
     task: str = "chat"
     default_max_new_tokens: int = Field(256, ge=1)
     max_new_tokens_limit: int = Field(MAX_NEW_TOKENS_LIMIT, ge=1)
+    # Prompt tokens (images included) + max_tokens per request: the checkpoint's context (its text model's
+    # max_position_embeddings), or this lower cap when set (a higher value is no use: the checkpoint's wins).
+    max_context_tokens: int | None = Field(None, ge=1)
     supports_video: bool = True
     max_video_frames: int = Field(8, ge=1)
     video_fps: float = Field(1.0, gt=0)
