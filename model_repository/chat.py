@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import io
 import json
+import logging
 import os
 import threading
 import time
@@ -43,6 +45,7 @@ from vlmserve.families.contract import DEFAULT_MAX_PIXELS, ChatParams
 from vlmserve.families.spec import load
 
 ROLES = {"system", "user", "assistant"}
+log = logging.getLogger("vlmserve.chat")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -330,6 +333,47 @@ def _response(text: str, finish: str, usage: dict | None, index: int = 0, logpro
     return pb.InferenceResponse(output_tensors=tensors)
 
 
+class ImageCacheMetrics:
+    """The image cache's counters among Triton's own metrics (its metrics port, ``/metrics``; the gateway's
+    ``/metrics`` has the HTTP side): ``vlmserve_image_cache_hits_total`` and ``vlmserve_image_cache_misses_total``
+    (counters, one lookup per image) and ``vlmserve_image_cache_bytes`` (gauge: bytes held), labelled ``model``.
+    """
+
+    def __init__(self, model: str) -> None:
+        pb = runtime.pb_utils
+        counter, gauge = pb.MetricFamily.COUNTER, pb.MetricFamily.GAUGE
+        # The families must outlive their metrics (the Python backend's rule): both live as long as this object.
+        self.families = [
+            pb.MetricFamily(name="vlmserve_image_cache_hits_total", kind=counter,
+                            description="Images whose vision-encoder output came from the chat model's cache"),
+            pb.MetricFamily(name="vlmserve_image_cache_misses_total", kind=counter,
+                            description="Images the chat model's vision encoder had to encode (not in the cache)"),
+            pb.MetricFamily(name="vlmserve_image_cache_bytes", kind=gauge,
+                            description="Bytes of vision-encoder output held by the chat model's image cache"),
+        ]
+        self.hits, self.misses, self.bytes = (f.Metric(labels={"model": model}) for f in self.families)
+
+    @classmethod
+    def create(cls, model: str) -> ImageCacheMetrics | None:
+        """None outside Triton (unit tests) or where the Python backend has no custom metrics."""
+        if runtime.pb_utils is None or not hasattr(runtime.pb_utils, "MetricFamily"):
+            return None
+        try:
+            return cls(model)
+        except Exception as exc:  # noqa: BLE001 - metrics are not worth failing the model load for
+            log.warning("%s: no image cache metrics (%s: %s)", model, type(exc).__name__, exc)
+            return None
+
+    def hit(self) -> None:
+        self.hits.increment(1)
+
+    def miss(self) -> None:
+        self.misses.increment(1)
+
+    def held(self, size: int) -> None:
+        self.bytes.set(size)
+
+
 class Admission:
     """Chat requests admitted and not yet finished, at most ``limit`` (running rows + waiting jobs)."""
 
@@ -420,10 +464,16 @@ class ChatModel:
         # SmolVLM2's vision encoder is the exported ONNX model (in-process or via BLS, like the other encoders).
         encoder = runtime.make_encoder(args, config, ["image_features"]) if family == "smolvlm2" else None
         # bf16 weights where export measured them faithful and faster on this host (decoder_choice.json).
-        extra = {"decoder_precision": params.decoder_precision} if encoder else {}
+        extra: dict[str, Any] = {"decoder_precision": params.decoder_precision} if encoder else {}
         # The family's spec names its pipeline (vlmserve/families/<family>.py), imported only here.
-        self.pipeline = load(spec.pipeline)(runtime.version_dir(args) / "checkpoint", device, attn,
-                                            encoder=encoder, **extra)
+        pipeline_class = load(spec.pipeline)
+        self.image_cache_metrics = None
+        if "image_cache" in inspect.signature(pipeline_class).parameters:
+            # Vision-encoder outputs of images seen again (image_cache_bytes of host memory; 0: off).
+            self.image_cache_metrics = ImageCacheMetrics.create(config["name"])
+            extra["image_cache"] = runtime.FeatureCache(params.image_cache_bytes, self.image_cache_metrics)
+        self.pipeline = pipeline_class(runtime.version_dir(args) / "checkpoint", device, attn, encoder=encoder,
+                                       **extra)
         self.max_tokens_limit = params.max_new_tokens_limit
         # Prompt tokens (images included) + max_tokens must fit here (fit_context, checked before any encoding).
         self.context = context_tokens(self.pipeline, params.max_context_tokens)
