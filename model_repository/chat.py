@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import io
 import json
+import logging
 import os
 import threading
 import time
@@ -43,6 +45,7 @@ from vlmserve.families.contract import DEFAULT_MAX_PIXELS, ChatParams
 from vlmserve.families.spec import load
 
 ROLES = {"system", "user", "assistant"}
+log = logging.getLogger("vlmserve.chat")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -226,6 +229,38 @@ def parse_params(raw: bytes | None, default_max_tokens: int, max_tokens_limit: i
     return sampling, params
 
 
+def fit_context(params: SamplingParams, explicit: bool, prompt_tokens: int, context: int | None) -> None:
+    """Check that the prompt (images included) plus ``max_tokens`` fits the model's context of ``context`` tokens.
+
+    vLLM's rule: a prompt that leaves no room for one answer token fails; an explicit ``max_tokens`` that does
+    not fit fails (INVALID_ARG naming both numbers); the default ``max_tokens`` (the client sent none) is
+    lowered to the room that is left. ``context`` None: the pipeline knows no limit, nothing is checked.
+    """
+    if context is None:
+        return
+    room = context - prompt_tokens
+    if room < 1:
+        raise runtime.InputError(f"the prompt is {prompt_tokens} tokens: it leaves no room for an answer within "
+                                 f"this model's context of {context} tokens; send fewer or smaller images, or "
+                                 "less text")
+    if params.max_tokens <= room:
+        return
+    if explicit:
+        raise runtime.InputError(f"the prompt is {prompt_tokens} tokens and max_tokens is {params.max_tokens}: "
+                                 f"{prompt_tokens + params.max_tokens} exceeds this model's context of {context} "
+                                 f"tokens; lower max_tokens to {room} or shorten the prompt")
+    params.max_tokens = room
+
+
+def context_tokens(pipeline, cap: int | None) -> int | None:
+    """The model's context in tokens: its pipeline's ``context_length`` (the checkpoint's
+    ``max_position_embeddings``), lowered to ``cap`` (``max_context_tokens``) when set; None when unknown."""
+    known = getattr(pipeline, "context_length", None)
+    if known is None:
+        return cap
+    return known if cap is None else min(known, cap)
+
+
 def prepare_text(tokenizer, prompt: str) -> tuple[dict[str, Any], int]:
     """A raw text prompt (``PROMPT``, no chat template) as model inputs, tokenized as transformers would."""
     if not prompt:
@@ -296,6 +331,47 @@ def _response(text: str, finish: str, usage: dict | None, index: int = 0, logpro
         pb.Tensor("LOGPROBS", np.array([json.dumps(logprobs).encode() if logprobs else b""], dtype=np.object_)),
     ]
     return pb.InferenceResponse(output_tensors=tensors)
+
+
+class ImageCacheMetrics:
+    """The image cache's counters among Triton's own metrics (its metrics port, ``/metrics``; the gateway's
+    ``/metrics`` has the HTTP side): ``vlmserve_image_cache_hits_total`` and ``vlmserve_image_cache_misses_total``
+    (counters, one lookup per image) and ``vlmserve_image_cache_bytes`` (gauge: bytes held), labelled ``model``.
+    """
+
+    def __init__(self, model: str) -> None:
+        pb = runtime.pb_utils
+        counter, gauge = pb.MetricFamily.COUNTER, pb.MetricFamily.GAUGE
+        # The families must outlive their metrics (the Python backend's rule): both live as long as this object.
+        self.families = [
+            pb.MetricFamily(name="vlmserve_image_cache_hits_total", kind=counter,
+                            description="Images whose vision-encoder output came from the chat model's cache"),
+            pb.MetricFamily(name="vlmserve_image_cache_misses_total", kind=counter,
+                            description="Images the chat model's vision encoder had to encode (not in the cache)"),
+            pb.MetricFamily(name="vlmserve_image_cache_bytes", kind=gauge,
+                            description="Bytes of vision-encoder output held by the chat model's image cache"),
+        ]
+        self.hits, self.misses, self.bytes = (f.Metric(labels={"model": model}) for f in self.families)
+
+    @classmethod
+    def create(cls, model: str) -> ImageCacheMetrics | None:
+        """None outside Triton (unit tests) or where the Python backend has no custom metrics."""
+        if runtime.pb_utils is None or not hasattr(runtime.pb_utils, "MetricFamily"):
+            return None
+        try:
+            return cls(model)
+        except Exception as exc:  # noqa: BLE001 - metrics are not worth failing the model load for
+            log.warning("%s: no image cache metrics (%s: %s)", model, type(exc).__name__, exc)
+            return None
+
+    def hit(self) -> None:
+        self.hits.increment(1)
+
+    def miss(self) -> None:
+        self.misses.increment(1)
+
+    def held(self, size: int) -> None:
+        self.bytes.set(size)
 
 
 class Admission:
@@ -388,11 +464,19 @@ class ChatModel:
         # SmolVLM2's vision encoder is the exported ONNX model (in-process or via BLS, like the other encoders).
         encoder = runtime.make_encoder(args, config, ["image_features"]) if family == "smolvlm2" else None
         # bf16 weights where export measured them faithful and faster on this host (decoder_choice.json).
-        extra = {"decoder_precision": params.decoder_precision} if encoder else {}
+        extra: dict[str, Any] = {"decoder_precision": params.decoder_precision} if encoder else {}
         # The family's spec names its pipeline (vlmserve/families/<family>.py), imported only here.
-        self.pipeline = load(spec.pipeline)(runtime.version_dir(args) / "checkpoint", device, attn,
-                                            encoder=encoder, **extra)
+        pipeline_class = load(spec.pipeline)
+        self.image_cache_metrics = None
+        if "image_cache" in inspect.signature(pipeline_class).parameters:
+            # Vision-encoder outputs of images seen again (image_cache_bytes of host memory; 0: off).
+            self.image_cache_metrics = ImageCacheMetrics.create(config["name"])
+            extra["image_cache"] = runtime.FeatureCache(params.image_cache_bytes, self.image_cache_metrics)
+        self.pipeline = pipeline_class(runtime.version_dir(args) / "checkpoint", device, attn, encoder=encoder,
+                                       **extra)
         self.max_tokens_limit = params.max_new_tokens_limit
+        # Prompt tokens (images included) + max_tokens must fit here (fit_context, checked before any encoding).
+        self.context = context_tokens(self.pipeline, params.max_context_tokens)
         # MAX_NEW_TOKENS (seed 002) sets the default answer length, within the configured limit.
         self.default_max_tokens = min(self.max_tokens_limit,
                                       int(os.environ.get("MAX_NEW_TOKENS") or params.default_max_new_tokens))
@@ -452,6 +536,9 @@ class ChatModel:
                     messages = parse_messages(raw, fps, max(1, frames), self.max_images,
                                               self.video_limits.max_pixels, self.video_limits)
                     inputs, prompt_tokens = self.pipeline.prepare(messages)
+                # Before the job reaches the engine: no image has gone through the vision encoder yet (prepare
+                # only runs the image processor).
+                fit_context(params, settings.max_tokens is not None, prompt_tokens, self.context)
             except UnicodeDecodeError:
                 release()
                 sender.send(runtime.error_response("PROMPT must be UTF-8 text", invalid_arg=True), flags=final)

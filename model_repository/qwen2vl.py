@@ -6,6 +6,7 @@ from typing import Any
 
 from model_repository import runtime
 from model_repository.chat_engine import ChatJob, render_prompt
+from vlmserve.families.contract import DEFAULT_IMAGE_CACHE_BYTES
 
 
 class QwenPipeline:
@@ -14,7 +15,8 @@ class QwenPipeline:
     The vision tower stays in torch (its patch loops are data dependent, docs/platform.md).
     """
 
-    def __init__(self, checkpoint_dir, device: str = "cpu", attn_implementation: str = "sdpa", encoder=None) -> None:
+    def __init__(self, checkpoint_dir, device: str = "cpu", attn_implementation: str = "sdpa", encoder=None,
+                 image_cache: runtime.FeatureCache | None = None) -> None:
         import torch
         from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
 
@@ -26,6 +28,12 @@ class QwenPipeline:
             str(checkpoint_dir), attn_implementation=attn_implementation
         ).eval().to(device)
         self.merge = self.image_processor.merge_size
+        self.image_token_id = self.model.config.image_token_id
+        # The vision tower's outputs per image (on the host), keyed by a hash of that image's patches and grid.
+        self.image_cache = image_cache if image_cache is not None else runtime.FeatureCache(DEFAULT_IMAGE_CACHE_BYTES)
+        # Prompt (image tokens included) + answer must fit the text model's positions (chat.fit_context).
+        cfg = self.model.config
+        self.context_length = int(getattr(cfg, "text_config", cfg).max_position_embeddings)
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
 
@@ -53,13 +61,42 @@ class QwenPipeline:
         grid = job.inputs.get("image_grid_thw")
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         if grid is not None:
+            # What Qwen2VLModel.forward does with pixel_values, with the image features from the cache or the
+            # vision tower (image_features): the text embeddings with the image tokens' rows replaced.
+            embeds = self.model.model.get_input_embeddings()(ids)
+            features = self.image_features(job.inputs).to(embeds.device, embeds.dtype)
+            slots = (ids == self.image_token_id)[..., None].expand_as(embeds)
+            if int(slots[..., 0].sum()) != features.shape[0]:
+                raise ValueError(f"{int(slots[..., 0].sum())} image tokens in the prompt but {features.shape[0]} "
+                                 "image features")
+            kwargs = {"inputs_embeds": embeds.masked_scatter(slots, features), "attention_mask": mask}
             grid = grid.to(self.device)
-            kwargs.update(pixel_values=job.inputs["pixel_values"].to(self.device), image_grid_thw=grid)
         # mrope: image tokens share positions, so the text after them continues from the largest one (not from
         # the token count); decode steps go on from there, one per token.
         positions, _ = self.model.model.get_rope_index(ids, grid, None, mask)
         kwargs["position_ids"] = positions
         return kwargs, int(positions.max()) + 1
+
+    def image_features(self, inputs: dict[str, Any]):
+        """The vision tower's output for every image of the request, concatenated: ``[image tokens, dim]``.
+
+        Images found in :attr:`image_cache` (same patches, same grid: bit for bit) are not encoded again; all the
+        others go through the vision tower in one call, and each image's features are cached (a host copy).
+        """
+        torch = self.torch
+        pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+        bounds = [0, *torch.cumsum(grid.prod(-1), 0).tolist()]
+        spans = list(zip(bounds[:-1], bounds[1:], strict=True))
+        keys = [runtime.content_key(pixels[a:b].numpy(), grid[i].numpy()) for i, (a, b) in enumerate(spans)]
+        found: list[Any] = [self.image_cache.get(key) for key in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            rows = pixels if len(missing) == len(spans) else torch.cat([pixels[slice(*spans[i])] for i in missing])
+            encoded = self.model.model.get_image_features(rows.to(self.device), grid[missing].to(self.device))
+            for i, features in zip(missing, encoded, strict=True):
+                found[i] = features.detach().to("cpu", copy=True)  # its own buffer, on the host
+                self.image_cache.put(keys[i], found[i])
+        return torch.cat(found)
 
     def decode_positions(self, positions):
         return positions.view(1, -1, 1).expand(3, -1, -1)

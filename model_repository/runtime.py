@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import logging
 import os
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -276,6 +279,63 @@ def make_encoder(args: dict[str, Any], config: dict[str, Any], output_names: Seq
     onnx_path = model_dir(args).parent / params.encoder_model / "1" / "model.onnx"
     return open_encoder(onnx_path, params.runtime, params.precision, uses_gpu(args), params.intra_op_threads,
                         device_id(args), params.gpu_mem_limit)
+
+
+# ---------------------------------------------------------------------------------------------- feature cache
+
+
+def content_key(*arrays: np.ndarray) -> bytes:
+    """blake2b over the exact arrays (dtype, shape and bytes of each, in order): equal keys, equal inputs."""
+    digest = hashlib.blake2b(digest_size=32)
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape};".encode())
+        digest.update(array.reshape(-1).view(np.uint8).data)
+    return digest.digest()
+
+
+class FeatureCache:
+    """An LRU of vision-encoder outputs (numpy arrays or torch tensors), bounded in bytes (``capacity``; 0: off).
+
+    Keys are :func:`content_key` of the exact arrays the encoder is fed. A value larger than the whole budget is
+    not kept; storing evicts the least recently used entries until the new one fits. ``metrics`` (optional):
+    an object with ``hit()``, ``miss()`` and ``held(bytes)``, called on every lookup and change. Thread-safe.
+    """
+
+    def __init__(self, capacity: int, metrics: Any = None) -> None:
+        self.capacity = capacity
+        self.metrics = metrics
+        self.entries: OrderedDict[bytes, tuple[Any, int]] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.lock = threading.Lock()
+
+    def get(self, key: bytes) -> Any | None:
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+                self.entries.move_to_end(key)
+        if self.metrics is not None:
+            self.metrics.hit() if entry is not None else self.metrics.miss()
+        return None if entry is None else entry[0]
+
+    def put(self, key: bytes, value: Any) -> None:
+        size = int(value.nbytes)
+        with self.lock:
+            if size > self.capacity or key in self.entries:
+                return
+            while self.bytes + size > self.capacity:
+                _, (_, freed) = self.entries.popitem(last=False)
+                self.bytes -= freed
+            self.entries[key] = (value, size)
+            self.bytes += size
+            held = self.bytes
+        if self.metrics is not None:
+            self.metrics.held(held)
 
 
 # ---------------------------------------------------------------------------------------------- inputs

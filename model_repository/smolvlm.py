@@ -8,6 +8,7 @@ import numpy as np
 
 from model_repository import runtime
 from model_repository.chat_engine import ChatJob, render_prompt
+from vlmserve.families.contract import DEFAULT_IMAGE_CACHE_BYTES
 
 
 def vision_module(model):
@@ -72,7 +73,7 @@ class SmolVLMPipeline:
     ``DecoderFamily`` of the chat engine."""
 
     def __init__(self, checkpoint_dir, device: str = "cpu", attn_implementation: str = "sdpa", encoder=None,
-                 decoder_precision: str = "fp32") -> None:
+                 decoder_precision: str = "fp32", image_cache: runtime.FeatureCache | None = None) -> None:
         import torch
         from transformers import AutoTokenizer, SmolVLMForConditionalGeneration, SmolVLMImageProcessor
 
@@ -89,12 +90,16 @@ class SmolVLMPipeline:
         if encoder is None:
             raise ValueError("SmolVLMPipeline needs the vision encoder (ONNX runner)")
         self.encoder = encoder
+        # The encoder's outputs per image, keyed by a hash of that image's exact tiles and patch mask.
+        self.image_cache = image_cache if image_cache is not None else runtime.FeatureCache(DEFAULT_IMAGE_CACHE_BYTES)
         # The vision tower runs as the exported ONNX model; drop the torch copy to save memory.
         self.model.model.vision_model = torch.nn.Identity()
         cfg = self.model.config
         self.patch = cfg.vision_config.patch_size
         self.seq_len = (cfg.vision_config.image_size // self.patch) ** 2 // (cfg.scale_factor**2)
         self.image_token_id = cfg.image_token_id
+        # Prompt (image tokens included) + answer must fit the text model's positions (chat.fit_context).
+        self.context_length = int(cfg.text_config.max_position_embeddings)
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         end_of_utterance = self.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
@@ -115,8 +120,13 @@ class SmolVLMPipeline:
                                                                           strict=True)]
             prompt = pieces[0] + "".join(e + rest for e, rest in zip(expanded, pieces[1:], strict=True))
             pixels = vision["pixel_values"][0].astype(np.float32)
+            # Tiles per image, in order: rows x cols (none when the image was not split) + the global view.
+            tiles = [int(r) * int(c) + 1 for r, c in zip(vision["rows"][0], vision["cols"][0], strict=True)]
+            if sum(tiles) != len(pixels):  # not the processor's usual layout: the request's tiles as one entry
+                tiles = [len(pixels)]
             inputs = {"pixel_values": pixels,
-                      "patch_attention_mask": patch_mask(vision["pixel_attention_mask"][0].astype(bool), self.patch)}
+                      "patch_attention_mask": patch_mask(vision["pixel_attention_mask"][0].astype(bool), self.patch),
+                      "image_tiles": tiles}
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return {"input_ids": ids, **inputs}, len(ids)
 
@@ -125,9 +135,7 @@ class SmolVLMPipeline:
         ids = torch.tensor(job.inputs["input_ids"], device=self.device)
         vectors = self.model.get_input_embeddings()(ids)
         if "pixel_values" in job.inputs:
-            out = self.encoder({"pixel_values": job.inputs["pixel_values"],
-                                "patch_attention_mask": job.inputs["patch_attention_mask"]})
-            features = torch.from_numpy(out["image_features"]).to(self.device, vectors.dtype)
+            features = torch.from_numpy(self.image_features(job.inputs)).to(self.device, vectors.dtype)
             tiles = features.reshape(-1, vectors.shape[-1])
             slots = ids == self.image_token_id
             if int(slots.sum()) != tiles.shape[0]:
@@ -138,6 +146,33 @@ class SmolVLMPipeline:
                   "attention_mask": torch.ones((1, n), dtype=torch.long, device=self.device),
                   "position_ids": torch.arange(n, device=self.device)[None]}
         return kwargs, n
+
+    def image_features(self, inputs: dict[str, Any]) -> np.ndarray:
+        """The encoder's output for every tile of the request, ``[tiles, seq_len, dim]``.
+
+        Images found in :attr:`image_cache` (same tiles, same mask: bit for bit) are not encoded again; the tiles of
+        all the others go through the encoder as one batch, and each image's slice of the output is cached.
+        """
+        pixels, mask = inputs["pixel_values"], inputs["patch_attention_mask"]
+        bounds = np.cumsum([0, *inputs.get("image_tiles", [len(pixels)])])
+        spans = list(zip(bounds[:-1], bounds[1:], strict=True))
+        keys = [runtime.content_key(pixels[a:b], mask[a:b]) for a, b in spans]
+        found: list[Any] = [self.image_cache.get(key) for key in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            rows = np.concatenate([np.arange(*spans[i]) for i in missing])
+            feeds = ({"pixel_values": pixels, "patch_attention_mask": mask} if len(rows) == len(pixels) else
+                     {"pixel_values": pixels[rows], "patch_attention_mask": mask[rows]})
+            out = self.encoder(feeds)["image_features"]
+            start = 0
+            for i in missing:
+                n = spans[i][1] - spans[i][0]
+                features = out[start:start + n].copy()  # its own buffer: the cache counts exactly what it holds
+                features.flags.writeable = False
+                start += n
+                found[i] = features
+                self.image_cache.put(keys[i], features)
+        return np.concatenate(found)
 
     def decode_positions(self, positions):
         return positions[:, None]

@@ -139,3 +139,29 @@ def test_v1_ocr_tiny_grayscale_images(stack, model, size) -> None:
     r = httpx.post(f"{stack.gateway}/v1/ocr", json={"image": image, "model": model, "max_tokens": 2}, timeout=120)
     assert r.status_code == 200, r.text
     assert isinstance(r.json()["text"], str)
+
+
+def test_context_limit_is_a_400_naming_both_numbers_and_the_model_keeps_serving(client) -> None:
+    """The tiny Qwen2-VL's context is its checkpoint's max_position_embeddings (4096)."""
+    import openai
+
+    long_text = "hello world " * 650  # 3900 tokens with the tiny tokenizer: the default 256 does not fit either
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="qwen2vl", max_tokens=1000,
+                                       messages=[{"role": "user", "content": long_text}])
+    assert info.value.status_code == 400
+    message = info.value.body["message"] if isinstance(info.value.body, dict) else str(info.value)
+    prompt = int(message.split("the prompt is ")[1].split(" tokens")[0])
+    assert prompt + 1000 > 4096
+    assert f"the prompt is {prompt} tokens and max_tokens is 1000: {prompt + 1000} exceeds this model's context " \
+           "of 4096 tokens" in message
+    # /v1/completions (PROMPT) is held to the same limit.
+    with pytest.raises(openai.BadRequestError, match="exceeds this model's context of 4096 tokens"):
+        client.completions.create(model="qwen2vl", prompt=long_text, max_tokens=1000)
+    # Without max_tokens the default is lowered to what is left of the context (vLLM's rule), not refused.
+    reply = client.chat.completions.create(model="qwen2vl", messages=[{"role": "user", "content": long_text}])
+    assert reply.usage.prompt_tokens == prompt
+    assert 0 < reply.usage.completion_tokens <= 4096 - prompt
+    # And the next ordinary request is served as usual.
+    ok = client.chat.completions.create(model="qwen2vl", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
+    assert ok.choices[0].finish_reason in ("stop", "length")

@@ -165,3 +165,30 @@ def test_cancellation_stops_generation(stack) -> None:
 def test_bad_input_is_invalid_arg(stack, messages, params, fragment) -> None:
     with pytest.raises(Exception, match=fragment):
         stream(stack, "qwen2vl", messages, params)
+
+
+def triton_metric(stack, name: str, model: str) -> float:
+    """One series of Triton's own metrics (its metrics port), 0 when it is not there yet."""
+    text = httpx.get(f"http://{stack.settings.host}:{stack.settings.metrics_port}/metrics", timeout=30).text
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'model="{model}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.parametrize("model", ["smolvlm2", "qwen2vl"])
+def test_repeated_image_is_served_from_the_image_cache(stack, model) -> None:
+    noise = np.random.default_rng({"smolvlm2": 11, "qwen2vl": 12}[model]).integers(0, 255, (70, 90, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "PNG")
+    messages = [{"role": "user", "content": [{"type": "image", "data": base64.b64encode(buf.getvalue()).decode()},
+                                             {"type": "text", "text": "What is this?"}]}]
+    hits, misses = (triton_metric(stack, f"vlmserve_image_cache_{k}_total", model) for k in ("hits", "misses"))
+    first = stream(stack, model, messages, {"max_tokens": 5})
+    assert triton_metric(stack, "vlmserve_image_cache_misses_total", model) == misses + 1  # a new image
+    assert triton_metric(stack, "vlmserve_image_cache_hits_total", model) == hits
+    assert triton_metric(stack, "vlmserve_image_cache_bytes", model) > 0
+    again = stream(stack, model, messages, {"max_tokens": 5})
+    assert triton_metric(stack, "vlmserve_image_cache_hits_total", model) == hits + 1  # not encoded again
+    assert triton_metric(stack, "vlmserve_image_cache_misses_total", model) == misses + 1
+    assert "".join(t for t, _, _ in again) == "".join(t for t, _, _ in first)  # greedy: the same answer

@@ -139,3 +139,161 @@ def test_resolve_attention() -> None:
         resolve_attention("true", "cpu")
     with pytest.raises(ValueError, match="auto, true or false"):
         resolve_attention("maybe", "cpu")
+
+
+# ---------------------------------------------------------------------------------------------- the context limit
+
+
+def test_fit_context_mirrors_vllm() -> None:
+    from model_repository.chat import fit_context
+
+    params = SamplingParams(max_tokens=100)
+    fit_context(params, True, 50, None)  # no known context: nothing checked
+    fit_context(params, True, 28, 128)  # 28 + 100 = 128 fits exactly
+    assert params.max_tokens == 100
+    with pytest.raises(runtime.InputError, match=r"the prompt is 29 tokens and max_tokens is 100: 129 exceeds "
+                                                 r"this model's context of 128 tokens; lower max_tokens to 99"):
+        fit_context(params, True, 29, 128)
+    fit_context(params, False, 29, 128)  # the default max_tokens: lowered to what is left
+    assert params.max_tokens == 99
+    for explicit in (True, False):
+        with pytest.raises(runtime.InputError, match="the prompt is 128 tokens: it leaves no room"):
+            fit_context(SamplingParams(max_tokens=1), explicit, 128, 128)
+
+
+class FakeTensor:
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def as_numpy(self):
+        import numpy as np
+
+        return np.array([self.value.encode()], dtype=np.object_)
+
+
+class FakeSender:
+    def __init__(self) -> None:
+        import threading
+
+        self.responses: list = []
+        self.done = threading.Event()
+
+    def send(self, response, flags=0) -> None:
+        self.responses.append(response)
+        if flags:
+            self.done.set()
+
+
+class FakeRequest:
+    def __init__(self, **inputs) -> None:
+        self.inputs = {k: FakeTensor(v if isinstance(v, str) else json.dumps(v)) for k, v in inputs.items()}
+        self.sender = FakeSender()
+
+    def get_response_sender(self) -> FakeSender:
+        return self.sender
+
+    def is_cancelled(self) -> bool:
+        return False
+
+    def outcome(self, timeout: float = 60) -> tuple[str | None, dict]:
+        """(error message or None, the final response's USAGE)."""
+        assert self.sender.done.wait(timeout), "no final response"
+        final = self.sender.responses[-1]
+        if final.error is not None:
+            assert final.error.code == "INVALID_ARG", final.error.message
+            return final.error.message, {}
+        usage = dict(final.output_tensors)["USAGE"].reshape(-1)[0]
+        return None, json.loads(usage)
+
+
+@pytest.fixture
+def fake_pb(monkeypatch):
+    from dataclasses import dataclass, field
+    from types import SimpleNamespace
+
+    @dataclass
+    class Response:
+        output_tensors: list = field(default_factory=list)
+        error: object = None
+
+    class TritonError:
+        INVALID_ARG = "INVALID_ARG"
+
+        def __init__(self, message: str, code: str | None = None) -> None:
+            self.message, self.code = message, code
+
+    fake = SimpleNamespace(
+        Tensor=lambda name, value: (name, value), InferenceResponse=Response, TritonError=TritonError,
+        TRITONSERVER_RESPONSE_COMPLETE_FINAL=1,
+        get_input_tensor_by_name=lambda request, name: request.inputs.get(name),
+    )
+    monkeypatch.setattr(runtime, "pb_utils", fake)
+    return fake
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory):
+    from export.tiny import build_tiny_qwen2vl
+
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("qwen") / "checkpoint")
+
+
+def chat_model(root, checkpoint, family: str = "qwen2vl", **parameters):
+    """A ChatModel loaded by its own ``initialize``, as Triton would, from a one-model repository in ``root``."""
+    from model_repository.chat import ChatModel
+
+    version = root / family / "1"
+    version.mkdir(parents=True)
+    (version / "checkpoint").symlink_to(checkpoint)
+    config = {"name": family, "model_transaction_policy": {"decoupled": True},
+              "parameters": {k: {"string_value": str(v)} for k, v in {"family": family, **parameters}.items()}}
+    model = ChatModel()
+    model.initialize({"model_config": json.dumps(config), "model_repository": str(root / family),
+                      "model_version": "1", "model_instance_kind": "CPU"})
+    return model
+
+
+def test_context_limit_fails_before_the_vision_encoder(fake_pb, tiny_qwen_dir, tmp_path) -> None:
+    model = chat_model(tmp_path, tiny_qwen_dir, max_context_tokens=64)
+    try:
+        assert model.context == 64  # the checkpoint's 4096, lowered by max_context_tokens
+        vision_calls: list[int] = []
+        visual = model.pipeline.model.model.visual
+        original = visual.forward
+        visual.forward = lambda *a, **kw: vision_calls.append(1) or original(*a, **kw)
+        submitted: list = []
+        submit = model.engine.submit
+        model.engine.submit = lambda job: submitted.append(job) or submit(job)
+        image = [{"role": "user", "content": [{"type": "image", "data": b64_png()},
+                                              {"type": "text", "text": "what is this?"}]}]
+
+        too_long = FakeRequest(MESSAGES=image, PARAMETERS={"max_tokens": 60})
+        model.execute([too_long])
+        error, _ = too_long.outcome()
+        assert error is not None
+        prompt = int(error.split("the prompt is ")[1].split(" tokens")[0])
+        assert f"the prompt is {prompt} tokens and max_tokens is 60: {prompt + 60} exceeds this model's context " \
+               "of 64 tokens" in error
+        assert not submitted and not vision_calls  # refused before the engine, the image never encoded
+
+        # Without max_tokens the default (256) is lowered to what fits, as vLLM does; the model keeps serving.
+        fits = FakeRequest(MESSAGES=image)
+        model.execute([fits])
+        error, usage = fits.outcome()
+        assert error is None and usage["prompt_tokens"] == prompt
+        assert submitted[-1].params.max_tokens == 64 - prompt and usage["completion_tokens"] <= 64 - prompt
+        assert vision_calls
+
+        # A PROMPT (/v1/completions) is held to the same limit, and a prompt alone beyond it too.
+        text = "hello world " * 4
+        assert 14 < len(model.pipeline.tokenizer(text)["input_ids"]) < 64
+        words = FakeRequest(PROMPT=text, PARAMETERS={"max_tokens": 50})
+        model.execute([words])
+        error, _ = words.outcome()
+        assert error is not None and "and max_tokens is 50" in error and "context of 64 tokens" in error
+        huge = FakeRequest(PROMPT="hello world " * 100)
+        model.execute([huge])
+        error, _ = huge.outcome()
+        assert error is not None and "leaves no room for an answer within this model's context of 64" in error
+    finally:
+        model.finalize()

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError
 
 __all__ = [
+    "DEFAULT_IMAGE_CACHE_BYTES",
     "DEFAULT_MAX_BATCH_TOKENS",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_QUEUE_SIZE",
@@ -29,6 +30,7 @@ DEFAULT_MAX_PIXELS = 40_000_000  # decoded image size cap (decompression bombs);
 MAX_NEW_TOKENS_LIMIT = 1024  # the generating models' default ceiling for max_tokens / max_new_tokens
 DEFAULT_MAX_BATCH_TOKENS = 16384  # chat engine: prompt + max_tokens summed over the running batch
 DEFAULT_MAX_QUEUE_SIZE = 64  # requests waiting per model beyond what runs (Triton queue policy, chat admission)
+DEFAULT_IMAGE_CACHE_BYTES = 256 * 2**20  # chat models: vision-encoder outputs kept for images seen again
 
 
 class ModelParams(BaseModel):
@@ -129,6 +131,9 @@ class ChatParams(ModelParams):
     task: str = "chat"
     default_max_new_tokens: int = Field(256, ge=1)
     max_new_tokens_limit: int = Field(MAX_NEW_TOKENS_LIMIT, ge=1)
+    # Prompt tokens (images included) + max_tokens per request: the checkpoint's context (its text model's
+    # max_position_embeddings), or this lower cap when set (a higher value is no use: the checkpoint's wins).
+    max_context_tokens: int | None = Field(None, ge=1)
     supports_video: bool = True
     max_video_frames: int = Field(8, ge=1)
     video_fps: float = Field(1.0, gt=0)
@@ -141,3 +146,6 @@ class ChatParams(ModelParams):
     max_video_decoded_frames: int = Field(3000, ge=1)
     max_video_decode_s: float = Field(30.0, gt=0)
     batch_window_ms: float = Field(20, ge=0)
+    # Host memory for the vision encoder's outputs of images seen again (LRU keyed by a hash of the encoder's
+    # exact inputs; docs/chat.md); 0 turns the cache off.
+    image_cache_bytes: int = Field(DEFAULT_IMAGE_CACHE_BYTES, ge=0)
