@@ -333,42 +333,54 @@ def _response(text: str, finish: str, usage: dict | None, index: int = 0, logpro
     return pb.InferenceResponse(output_tensors=tensors)
 
 
-class ImageCacheMetrics:
-    """The image cache's counters among Triton's own metrics (its metrics port, ``/metrics``; the gateway's
-    ``/metrics`` has the HTTP side): ``vlmserve_image_cache_hits_total`` and ``vlmserve_image_cache_misses_total``
-    (counters, one lookup per image) and ``vlmserve_image_cache_bytes`` (gauge: bytes held), labelled ``model``.
+# name -> what its hits, misses and bytes count (Triton metrics vlmserve_<name>_{hits_total,misses_total,bytes}).
+CACHE_METRICS = {
+    "image_cache": ("Images whose vision-encoder output came from the chat model's cache",
+                    "Images the chat model's vision encoder had to encode (not in the cache)",
+                    "Bytes of vision-encoder output held by the chat model's image cache"),
+    "prefix_cache": ("Prompt tokens whose keys and values came from the chat model's prefix cache",
+                     "Prompt tokens the chat model computed (their prefix was not in the cache)",
+                     "Bytes of prompt-prefix keys and values held by the chat model's prefix cache"),
+}
+
+
+class CacheMetrics:
+    """A cache's counters among Triton's own metrics (its metrics port, ``/metrics``; the gateway's ``/metrics``
+    has the HTTP side): ``vlmserve_<name>_hits_total`` and ``vlmserve_<name>_misses_total`` (counters: images
+    for the image cache, prompt tokens for the prefix cache) and ``vlmserve_<name>_bytes`` (gauge: bytes held),
+    labelled ``model``.
     """
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, name: str, model: str) -> None:
         pb = runtime.pb_utils
         counter, gauge = pb.MetricFamily.COUNTER, pb.MetricFamily.GAUGE
+        hits, misses, held = CACHE_METRICS[name]
         # The families must outlive their metrics (the Python backend's rule): both live as long as this object.
         self.families = [
-            pb.MetricFamily(name="vlmserve_image_cache_hits_total", kind=counter,
-                            description="Images whose vision-encoder output came from the chat model's cache"),
-            pb.MetricFamily(name="vlmserve_image_cache_misses_total", kind=counter,
-                            description="Images the chat model's vision encoder had to encode (not in the cache)"),
-            pb.MetricFamily(name="vlmserve_image_cache_bytes", kind=gauge,
-                            description="Bytes of vision-encoder output held by the chat model's image cache"),
+            pb.MetricFamily(name=f"vlmserve_{name}_hits_total", kind=counter, description=hits),
+            pb.MetricFamily(name=f"vlmserve_{name}_misses_total", kind=counter, description=misses),
+            pb.MetricFamily(name=f"vlmserve_{name}_bytes", kind=gauge, description=held),
         ]
         self.hits, self.misses, self.bytes = (f.Metric(labels={"model": model}) for f in self.families)
 
     @classmethod
-    def create(cls, model: str) -> ImageCacheMetrics | None:
+    def create(cls, name: str, model: str) -> CacheMetrics | None:
         """None outside Triton (unit tests) or where the Python backend has no custom metrics."""
         if runtime.pb_utils is None or not hasattr(runtime.pb_utils, "MetricFamily"):
             return None
         try:
-            return cls(model)
+            return cls(name, model)
         except Exception as exc:  # noqa: BLE001 - metrics are not worth failing the model load for
-            log.warning("%s: no image cache metrics (%s: %s)", model, type(exc).__name__, exc)
+            log.warning("%s: no %s metrics (%s: %s)", model, name, type(exc).__name__, exc)
             return None
 
-    def hit(self) -> None:
-        self.hits.increment(1)
+    def hit(self, count: int = 1) -> None:
+        if count:
+            self.hits.increment(count)
 
-    def miss(self) -> None:
-        self.misses.increment(1)
+    def miss(self, count: int = 1) -> None:
+        if count:
+            self.misses.increment(count)
 
     def held(self, size: int) -> None:
         self.bytes.set(size)
@@ -470,7 +482,7 @@ class ChatModel:
         self.image_cache_metrics = None
         if "image_cache" in inspect.signature(pipeline_class).parameters:
             # Vision-encoder outputs of images seen again (image_cache_bytes of host memory; 0: off).
-            self.image_cache_metrics = ImageCacheMetrics.create(config["name"])
+            self.image_cache_metrics = CacheMetrics.create("image_cache", config["name"])
             extra["image_cache"] = runtime.FeatureCache(params.image_cache_bytes, self.image_cache_metrics)
         self.pipeline = pipeline_class(runtime.version_dir(args) / "checkpoint", device, attn, encoder=encoder,
                                        **extra)
@@ -486,8 +498,10 @@ class ChatModel:
         self.video_limits = VideoLimits(params.max_video_seconds, params.max_video_decoded_frames, params.max_pixels,
                                         params.max_video_decode_s)
         self.admission = Admission(params.max_batch + params.max_queue_size)
+        # Prompt prefixes seen again (system prompts, earlier turns) reuse their KV (prefix_cache_bytes; 0: off).
+        self.prefix_cache_metrics = CacheMetrics.create("prefix_cache", config["name"])
         self.engine = ChatEngine(self.pipeline, params.max_batch, params.batch_window_ms / 1000,
-                                 params.max_batch_tokens)
+                                 params.max_batch_tokens, params.prefix_cache_bytes, self.prefix_cache_metrics)
         # Static pipelines (deepseek_ocr) run plain requests only; the per-row features live in the decode loop.
         self.grammars = self.engine.loop.grammars if self.engine.loop is not None else None
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from model_repository import runtime
-from vlmserve.families.contract import DEFAULT_MAX_BATCH_TOKENS
+from vlmserve.families.contract import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_PREFIX_CACHE_BYTES
 
 log = logging.getLogger("vlmserve.chat")
 
@@ -306,6 +306,13 @@ def vocab_size(family: DecoderFamily) -> int:
     return int(getattr(head, "out_features", None) or head.weight.shape[0])
 
 
+def decoder_layers(family: DecoderFamily) -> int:
+    """The number of layers of the family's language model (one KV cache entry each)."""
+    backbone = family.model.model
+    text = getattr(backbone, "language_model", None) or backbone.text_model
+    return len(text.layers)
+
+
 def _fail(job: ChatJob, exc: Exception) -> None:
     job.finish = "error"
     try:
@@ -327,14 +334,16 @@ _STACKABLE = {"inputs_embeds", "input_ids", "position_ids", "attention_mask"}
 
 def _stack_prefills(kwargs_list: list[dict[str, Any]]) -> tuple[dict[str, Any], list[int]]:
     """One prefill's backbone kwargs from several batch-of-1 ones: right-padded to the longest prompt and stacked
-    (the padded queries write columns past their row's length, which no later query reads). Returns the kwargs
-    without ``attention_mask`` (the engine passes its own) and each prompt's length."""
+    (the padded queries write columns past their row's length, which no later query reads), and each prompt's
+    length. The kwargs come without ``attention_mask`` (:func:`_drop_prefix`)."""
     import torch
 
     def seq_len(kwargs: dict[str, Any]) -> int:
         return int((kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else kwargs["input_ids"]).shape[1])
 
     lengths = [seq_len(k) for k in kwargs_list]
+    if len(kwargs_list) == 1:
+        return kwargs_list[0], lengths  # alone: as it is (it may carry inputs that are not stackable)
     longest = max(lengths)
     out: dict[str, Any] = {}
     for key in ("inputs_embeds", "input_ids", "position_ids"):
@@ -352,6 +361,19 @@ def _stack_prefills(kwargs_list: list[dict[str, Any]]) -> tuple[dict[str, Any], 
     return out, lengths
 
 
+def _drop_prefix(kwargs: dict[str, Any], start: int) -> dict[str, Any]:
+    """A prefill's kwargs without its first ``start`` tokens (their KV comes from the prefix cache) and without
+    ``attention_mask`` (the engine passes its own)."""
+    out = {}
+    for key, value in kwargs.items():
+        if key == "attention_mask":
+            continue
+        if start and key in _STACKABLE:  # [1, n, hidden] embeddings; [1, n] ids; [1, n] or [3, 1, n] positions
+            value = value[:, start:] if key == "inputs_embeds" else value[..., start:]
+        out[key] = value
+    return out
+
+
 class DecodeLoop:
     """The running batch of one :class:`DecoderFamily` (single-threaded; :class:`ChatEngine` drives it).
 
@@ -360,10 +382,11 @@ class DecodeLoop:
     """
 
     def __init__(self, family: DecoderFamily, max_batch: int = 8,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> None:
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, prefix_metrics: Any = None) -> None:
         import torch
 
-        from model_repository.kv_cache import SlotCache
+        from model_repository.kv_cache import PrefixCache, SlotCache
 
         if max_batch < 1 or max_batch_tokens < 1:
             raise ValueError("max_batch and max_batch_tokens must be positive")
@@ -379,7 +402,8 @@ class DecodeLoop:
         self.waiting: deque[ChatJob] = deque()
         self.rows: list[ChatJob] = []
         self.samplers: list[RowSampler] = []
-        self.kv = SlotCache()
+        self.kv = SlotCache(decoder_layers(family))
+        self.prefix = PrefixCache(prefix_cache_bytes, metrics=prefix_metrics)
         self.lengths: Any = None  # [rows]: KV columns each row holds (the column its next token writes)
         self.positions: Any = None  # [rows]: position id of the token fed at the next step
         self.next_tokens: Any = None  # [rows]
@@ -445,9 +469,12 @@ class DecodeLoop:
                 self._fail_group(job, exc)
                 continue
             prepared.append((job, kwargs, position))
-        stacked = [p for p in prepared if set(p[1]) <= _STACKABLE]
-        runs = ([stacked] if stacked else []) + [[p] for p in prepared if not set(p[1]) <= _STACKABLE]
-        for run in runs:
+        # Prompts with the same kinds of inputs (ids, or embeddings with the images spliced in) share one forward.
+        runs: dict[Any, list[tuple[ChatJob, dict[str, Any], int]]] = {}
+        for item in prepared:
+            keys = frozenset(item[1])
+            runs.setdefault(keys if keys <= _STACKABLE else id(item), []).append(item)
+        for run in runs.values():
             for group, outcome in runtime.retry_singly(run, self._prefill):
                 if isinstance(outcome, Exception):
                     log.error("chat prefill failed", exc_info=outcome)
@@ -461,48 +488,57 @@ class DecodeLoop:
                 _fail(choice, exc)
 
     def _prefill(self, run: list[tuple[ChatJob, dict[str, Any], int]]) -> None:
-        """One forward over the prompts of ``run`` (each written into a fresh slot after the running rows), then
-        each choice's first token; the choices that go on become rows."""
+        """One forward over the prompts of ``run`` (each written into a fresh slot after the running rows; the
+        blocks of a prefix found in :attr:`prefix` are copied in, not computed), then each choice's first token;
+        the choices that go on become rows."""
         from model_repository.kv_cache import attention_mask
 
         torch = self.torch
         device = self.family.device
         base = len(self.rows)
         groups = [[job, *job.shared] for job, _, _ in run]
-        self._reserve(base + sum(len(g) for g in groups), [c for g in groups for c in g])
-        if len(run) == 1:
-            kwargs = {k: v for k, v in run[0][1].items() if k != "attention_mask"}
-            key = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else kwargs["input_ids"]
-            lengths = [int(key.shape[1])]
-        else:
-            kwargs, lengths = _stack_prefills([p[1] for p in run])
+        hits = [self._prefix_hits(job, kwargs) for job, kwargs, _ in run]
+        starts = [len(cached) * self.prefix.block for _, cached in hits]
+        kwargs, lengths = _stack_prefills([_drop_prefix(kwargs, start)
+                                           for (_, kwargs, _), start in zip(run, starts, strict=True)])
         longest = max(lengths)
-        cols = torch.arange(longest, device=device)[None, :].expand(len(run), longest)
-        self.kv.plan(base, cols, longest)
+        read_len = max(starts) + longest
+        self._reserve(base + sum(len(g) for g in groups), [c for g in groups for c in g], read_len)
+        for slot, (_, cached) in enumerate(hits):
+            for i, block in enumerate(cached):
+                self.kv.write_block(base + slot, i * self.prefix.block, block)
+        cols = torch.tensor(starts, device=device)[:, None] + torch.arange(longest, device=device)[None, :]
+        self.kv.plan(base, cols, read_len)
         hidden = self.family.model.model(
-            **kwargs, attention_mask=attention_mask(cols, longest, self.family.model.dtype),
+            **kwargs, attention_mask=attention_mask(cols, read_len, self.family.model.dtype),
             past_key_values=self.kv, use_cache=True,
         ).last_hidden_state
         last = hidden[torch.arange(len(run), device=device), torch.tensor(lengths, device=device) - 1]
         logits = self.family.model.lm_head(last)
+        for slot, ((keys, cached), start, n) in enumerate(zip(hits, starts, lengths, strict=True)):
+            block = self.prefix.block
+            for i in range(len(cached), len(keys)):  # this prompt's new whole blocks, for the next one
+                self.prefix.put(keys[i], self.kv.read_block(base + slot, i * block, (i + 1) * block))
+            if keys or cached:
+                self.prefix.record(start + n, start)
         # Each choice that goes on takes a row: (source slot, job, sampler, token, prompt length, position).
         joining: list[tuple[int, ChatJob, RowSampler, int, int, int]] = []
-        for slot, ((_, _, position), group, n) in enumerate(zip(run, groups, lengths, strict=True)):
+        for slot, ((_, _, position), group, start, n) in enumerate(zip(run, groups, starts, lengths, strict=True)):
             for choice in group:
                 sampler = RowSampler(choice.params, choice.index, self.grammars if choice.params.grammar else None)
                 choice.batch_size = max(choice.batch_size, base + sum(len(g) for g in groups))
                 token = sampler(logits[slot], choice)
                 if not self._answer(choice, token, sampler):
-                    joining.append((base + slot, choice, sampler, token, n, position))
+                    joining.append((base + slot, choice, sampler, token, start + n, position))
         if not joining:
             return
         # Place the joining rows right after the running ones (a choice of n > 1 copies its request's slot).
         sources = torch.tensor([j[0] for j in joining], device=device)
         targets = torch.arange(base, base + len(joining), device=device)
         if not torch.equal(sources, targets):
-            for store in (self.kv.keys, self.kv.values):
-                for buf in store:
-                    buf[targets, :, :longest] = buf[sources, :, :longest]
+            data = self.kv.data
+            assert data is not None
+            data[:, :, targets, :, :read_len] = data[:, :, sources, :, :read_len]
         new = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
         first = not self.rows
         self.rows += [j[1] for j in joining]
@@ -515,10 +551,22 @@ class DecodeLoop:
             self.lengths = torch.cat([self.lengths, added[1]])
             self.positions = torch.cat([self.positions, added[2]])
 
-    def _reserve(self, rows: int, jobs: list[ChatJob]) -> None:
-        """KV slots for ``rows`` rows as long as the longest reservation of the running rows and ``jobs``; as many
-        more rows (up to ``max_batch``) as the KV budget allows at that length, so later joins copy nothing."""
-        length = max(j.kv_reservation for j in [*self.rows, *jobs])
+    def _prefix_hits(self, job: ChatJob, kwargs: dict[str, Any]) -> tuple[list[bytes], list[Any]]:
+        """The prefix-cache keys of the job's whole prompt blocks, and the cached blocks that begin it (at least
+        the prompt's last token is always computed: its logits give the first token)."""
+        from model_repository.kv_cache import inputs_digest
+
+        ids = job.inputs.get("input_ids") if isinstance(job.inputs, dict) else None
+        if not self.prefix.enabled or not isinstance(ids, list) or not set(kwargs) <= _STACKABLE:
+            return [], []
+        keys = self.prefix.keys(ids, inputs_digest(job.inputs))
+        return keys, self.prefix.lookup(keys[: (len(ids) - 1) // self.prefix.block])
+
+    def _reserve(self, rows: int, jobs: list[ChatJob], length: int) -> None:
+        """KV slots for ``rows`` rows as long as the longest reservation of the running rows and ``jobs`` (and at
+        least ``length``); as many more rows (up to ``max_batch``) as the KV budget allows at that length, so
+        later joins copy nothing."""
+        length = max(length, *(j.kv_reservation for j in [*self.rows, *jobs]))
         spare = min(self.max_batch, max(rows, self.max_batch_tokens // max(length, 1)))
         if rows > self.kv.rows or length > self.kv.length:
             self.kv.reserve(max(rows, spare), length)
@@ -673,11 +721,13 @@ class ChatEngine:
     :class:`DecoderFamily`, to their static ``run_batch``)."""
 
     def __init__(self, pipeline: Any, max_batch: int = 8, window_s: float = 0.02,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> None:
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, prefix_metrics: Any = None) -> None:
         self.pipeline = pipeline
         self.max_batch = max_batch
         self.window_s = window_s
-        self.loop = DecodeLoop(pipeline, max_batch, max_batch_tokens) if isinstance(pipeline, DecoderFamily) else None
+        self.loop = (DecodeLoop(pipeline, max_batch, max_batch_tokens, prefix_cache_bytes, prefix_metrics)
+                     if isinstance(pipeline, DecoderFamily) else None)
         self.queue: queue.Queue[ChatJob | None] = queue.Queue()
         target = self._continuous if self.loop is not None else self._static
         self.thread = threading.Thread(target=target, name="chat-engine", daemon=True)

@@ -25,20 +25,31 @@ LENGTH_QUANTUM = 64
 class SlotCache(Cache):
     """Transformers ``Cache`` over per-row slots (see the module docstring).
 
-    Before each forward the engine calls :meth:`plan` with the slots the forward runs and the column each of its
-    query tokens writes; the model's attention layers then call :meth:`update`.
+    All layers' keys and values are one tensor :attr:`data` ``[2, layers, rows, kv_heads, capacity, head_dim]``
+    (made on the first forward, when the model's kv heads, head dim and dtype are known), so moving a row or a
+    block of columns is one copy. Before each forward the engine calls :meth:`plan` with the slots the forward runs
+    and the column each of its query tokens writes; the model's attention layers then call :meth:`update`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, layers: int) -> None:
         super().__init__(layers=[])
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.rows = 0  # row capacity of the buffers
+        self.num_layers = layers
+        self.data: torch.Tensor | None = None
+        self.rows = 0  # row capacity
         self.length = 0  # column capacity
         self._read: slice = slice(0, 0)
         self._write_rows: torch.Tensor | None = None  # [B, 1] slot of each row of the forward
         self._write_cols: torch.Tensor | None = None  # [B, T] column each query token writes
         self._read_len = 0
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        """Per layer, ``[rows, kv_heads, capacity, head_dim]`` (views of :attr:`data`)."""
+        return [] if self.data is None else list(self.data[0])
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return [] if self.data is None else list(self.data[1])
 
     # -- capacity -------------------------------------------------------------------------------------------------
 
@@ -48,31 +59,39 @@ class SlotCache(Cache):
         if rows <= self.rows and length <= self.length:
             return
         new_rows, new_length = max(rows, self.rows), max(length, self.length)
-        for store in (self.keys, self.values):
-            for i, old in enumerate(store):
-                grown = old.new_zeros((new_rows, old.shape[1], new_length, old.shape[3]))
-                grown[: old.shape[0], :, : old.shape[2]] = old
-                store[i] = grown
+        if self.data is not None:
+            old = self.data
+            shape = (*old.shape[:2], new_rows, old.shape[3], new_length, old.shape[5])
+            self.data = old.new_zeros(shape)
+            self.data[:, :, : old.shape[2], :, : old.shape[4]] = old
         self.rows, self.length = new_rows, new_length
 
     def release(self) -> None:
         """Free the buffers (the batch is empty)."""
-        self.keys, self.values = [], []
+        self.data = None
         self.rows = self.length = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return 0 if self.data is None else self.data.numel() * self.data.element_size()
 
-    # -- moving rows ----------------------------------------------------------------------------------------------
+    # -- moving rows and blocks -----------------------------------------------------------------------------------
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Slot ``dst`` takes slot ``src``'s first ``length`` columns (a row moving down, or a choice's copy)."""
-        if src == dst:
-            return
-        for store in (self.keys, self.values):
-            for buf in store:
-                buf[dst, :, :length] = buf[src, :, :length]
+        if src != dst and self.data is not None:
+            self.data[:, :, dst, :, :length] = self.data[:, :, src, :, :length]
+
+    def read_block(self, slot: int, start: int, stop: int) -> torch.Tensor:
+        """A copy of slot ``slot``'s columns ``[start, stop)``: ``[2, layers, kv_heads, stop - start, head_dim]``."""
+        assert self.data is not None
+        return self.data[:, :, slot, :, start:stop].clone()
+
+    def write_block(self, slot: int, start: int, block: torch.Tensor) -> None:
+        """Slot ``slot``'s columns from ``start`` take ``block`` (from :meth:`read_block`)."""
+        if self.data is None:
+            self.data = block.new_zeros((2, self.num_layers, self.rows, block.shape[2], self.length, block.shape[4]))
+        self.data[:, :, slot, :, start:start + block.shape[3]] = block
 
     # -- one forward ----------------------------------------------------------------------------------------------
 
@@ -90,12 +109,10 @@ class SlotCache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer_idx == len(self.keys):  # first forward: buffers take the model's kv heads, head dim and dtype
+        if self.data is None:  # first forward: the buffers take the model's kv heads, head dim and dtype
             _, heads, _, dim = key_states.shape
-            shape = (self.rows, heads, self.length, dim)
-            self.keys.append(key_states.new_zeros(shape))
-            self.values.append(value_states.new_zeros((self.rows, heads, self.length, value_states.shape[3])))
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
+            self.data = key_states.new_zeros((2, self.num_layers, self.rows, heads, self.length, dim))
+        keys, values = self.data[0, layer_idx], self.data[1, layer_idx]
         # [B, H, T, D] -> [B, T, H, D]: advanced indices (slot, column) come first in the indexed view.
         keys[self._write_rows, :, self._write_cols] = key_states.transpose(1, 2)
         values[self._write_rows, :, self._write_cols] = value_states.transpose(1, 2)
@@ -121,3 +138,78 @@ def attention_mask(cols: torch.Tensor, read_len: int, dtype: torch.dtype) -> tor
     mask = torch.zeros(allowed.shape, dtype=dtype, device=cols.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
+
+
+class PrefixCache:
+    """The KV of prompt prefixes seen before, by blocks of :attr:`block` tokens, so that a repeated system prompt
+    or the earlier turns of a conversation are not computed again.
+
+    Block ``i`` of a prompt is keyed by a hash chain: the hash of block ``i - 1``'s key and block ``i``'s token ids,
+    starting from a digest of the request's other model inputs (its images' pixels), so a key names the exact
+    inputs of everything up to the block's end, and with them its keys and values. Blocks are held in an LRU
+    bounded in bytes (``capacity``; 0: off). ``metrics`` (optional): ``hit(n)`` / ``miss(n)`` with prompt tokens
+    taken from the cache / computed, ``held(bytes)``.
+    """
+
+    def __init__(self, capacity: int, block: int = 32, metrics: Any = None) -> None:
+        from model_repository.runtime import FeatureCache
+
+        self.block = block
+        self.store = FeatureCache(capacity)
+        self.metrics = metrics
+        self.hit_tokens = 0
+        self.missed_tokens = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.store.capacity > 0
+
+    def keys(self, ids: list[int], extra: bytes) -> list[bytes]:
+        """The key of each whole block of ``ids``."""
+        import hashlib
+
+        out: list[bytes] = []
+        previous = extra
+        for start in range(0, len(ids) - self.block + 1, self.block):
+            digest = hashlib.blake2b(previous, digest_size=16)
+            digest.update(torch.tensor(ids[start:start + self.block], dtype=torch.int64).numpy().tobytes())
+            previous = digest.digest()
+            out.append(previous)
+        return out
+
+    def lookup(self, keys: list[bytes]) -> list[torch.Tensor]:
+        """The cached blocks that begin the prompt (stops at the first block not held)."""
+        found: list[torch.Tensor] = []
+        for key in keys:
+            block = self.store.get(key)
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def put(self, key: bytes, block: torch.Tensor) -> None:
+        self.store.put(key, block)
+
+    def record(self, prompt_tokens: int, hit: int) -> None:
+        self.hit_tokens += hit
+        self.missed_tokens += prompt_tokens - hit
+        if self.metrics is not None:
+            self.metrics.hit(hit)
+            self.metrics.miss(prompt_tokens - hit)
+            self.metrics.held(self.store.bytes)
+
+
+def inputs_digest(inputs: dict[str, Any]) -> bytes:
+    """A digest of a prompt's model inputs other than its token ids (images' pixels, grids): prefixes with the
+    same ids but other images never share a key."""
+    import numpy as np
+
+    from model_repository.runtime import content_key
+
+    arrays = []
+    for name in sorted(k for k in inputs if k != "input_ids"):
+        value = inputs[name]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        arrays.append(np.asarray(value))
+    return content_key(*arrays)

@@ -744,3 +744,102 @@ def test_a_failing_static_batch_is_retried_job_by_job() -> None:
     assert clients["a"].events == [("ok a", "stop", {"prompt_tokens": 0, "completion_tokens": 1, "batch_size": 1})]
     assert clients["c"].events == [("ok c", "stop", {"prompt_tokens": 0, "completion_tokens": 1, "batch_size": 1})]
     assert_failed_once(clients["bad"])
+
+
+LONG_SYSTEM = ("You are a careful assistant for a photo library. Answer in short plain sentences, name the objects "
+               "you see, their colours and where they are, and never invent what the picture does not show. ") * 2
+
+
+def conversation(pipeline, question: str, image_size: tuple[int, int] | None = None, earlier: list | None = None,
+                 **params) -> tuple[ChatJob, Client]:
+    content: list[dict] = []
+    if image_size:
+        content.append({"type": "image", "image": Image.new("RGB", image_size, (30 + image_size[0] % 200, 90, 160))})
+    content.append({"type": "text", "text": question})
+    messages = [{"role": "system", "content": [{"type": "text", "text": LONG_SYSTEM}]}, *(earlier or []),
+                {"role": "user", "content": content}]
+    inputs, prompt_tokens = pipeline.prepare(messages)
+    client = Client()
+    return ChatJob(inputs, SamplingParams(**{"max_tokens": 8, **params}), prompt_tokens, client.emit), client
+
+
+class PrefillWidths:
+    """Records the number of prompt tokens each prefill forward computes (rows x tokens)."""
+
+    def __init__(self, pipeline) -> None:
+        backbone = pipeline.model.model
+        text = getattr(backbone, "language_model", None) or backbone.text_model
+        self.widths: list[tuple[int, int]] = []
+        self.hook = text.layers[0].register_forward_pre_hook(self._see, with_kwargs=True)
+
+    def _see(self, module, args, kwargs) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] > 1:
+            self.widths.append((hidden.shape[0], hidden.shape[1]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_repeated_prompt_prefix_is_not_computed_again(families, family: str) -> None:
+    """The second request with the same system prompt (and the second turn of a conversation) takes the KV of its
+    whole 32-token blocks from the prefix cache and computes only the rest; its tokens and logits are those of a
+    cold run."""
+    import torch
+
+    pipeline = families[family]
+    cold_job, _ = conversation(pipeline, "what is in the second picture?", max_tokens=8)
+    cold = DecodeLoop(pipeline, prefix_cache_bytes=0)
+    cold_trace = trace_decode_logits(cold)
+    cold.add(cold_job)
+    cold.drain()
+    assert cold.prefix.hit_tokens == 0
+
+    loop = DecodeLoop(pipeline)
+    trace = trace_decode_logits(loop)
+    first, _ = conversation(pipeline, "what is in the first picture?", max_tokens=8)
+    loop.add(first)
+    loop.drain()
+    assert loop.prefix.hit_tokens == 0 and loop.prefix.store.bytes > 0
+    widths = PrefillWidths(pipeline)
+    try:
+        again, client = conversation(pipeline, "what is in the second picture?", max_tokens=8)
+        loop.add(again)
+        loop.drain()
+    finally:
+        widths.hook.remove()
+    shared = loop.prefix.hit_tokens
+    assert shared >= 32 and shared % loop.prefix.block == 0
+    assert widths.widths == [(1, again.prompt_tokens - shared)]  # only the tokens after the cached blocks
+    assert again.token_ids == cold_job.token_ids and client.finish in ("stop", "length")
+    for a, b in zip(logits_of(trace, again), logits_of(cold_trace, cold_job), strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+
+    # The next turn of that conversation begins with all of the previous prompt.
+    answer = pipeline.tokenizer.decode(again.token_ids, skip_special_tokens=True)
+    earlier = [{"role": "user", "content": [{"type": "text", "text": "what is in the second picture?"}]},
+               {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    turn, _ = conversation(pipeline, "and what colour is it?", earlier=earlier, max_tokens=4)
+    before = loop.prefix.hit_tokens
+    loop.add(turn)
+    loop.drain()
+    assert loop.prefix.hit_tokens - before >= shared
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_prefix_cache_never_mixes_images(families, family: str) -> None:
+    """The same text with another image shares no block: keys cover the request's pixels."""
+    pipeline = families[family]
+    loop = DecodeLoop(pipeline)
+    for size in ((64, 48), (48, 64)):
+        job, _ = conversation(pipeline, "describe it", size, max_tokens=4)
+        loop.add(job)
+        loop.drain()
+    assert loop.prefix.hit_tokens == 0
+    job, _ = conversation(pipeline, "describe it again", (64, 48), max_tokens=4)
+    loop.add(job)
+    loop.drain()
+    assert loop.prefix.hit_tokens > 0  # the same image again: its blocks are reused
+    alone = DecodeLoop(pipeline, prefix_cache_bytes=0)
+    cold, _ = conversation(pipeline, "describe it again", (64, 48), max_tokens=4)
+    alone.add(cold)
+    alone.drain()
+    assert job.token_ids == cold.token_ids

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError
 
 __all__ = [
     "DEFAULT_IMAGE_CACHE_BYTES",
+    "DEFAULT_PREFIX_CACHE_BYTES",
     "DEFAULT_MAX_BATCH_TOKENS",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_QUEUE_SIZE",
@@ -31,6 +32,7 @@ MAX_NEW_TOKENS_LIMIT = 1024  # the generating models' default ceiling for max_to
 DEFAULT_MAX_BATCH_TOKENS = 16384  # chat engine: prompt + max_tokens summed over the running batch
 DEFAULT_MAX_QUEUE_SIZE = 64  # requests waiting per model beyond what runs (Triton queue policy, chat admission)
 DEFAULT_IMAGE_CACHE_BYTES = 256 * 2**20  # chat models: vision-encoder outputs kept for images seen again
+DEFAULT_PREFIX_CACHE_BYTES = 256 * 2**20  # chat models: KV of prompt prefixes kept for prompts that repeat them
 
 
 class ModelParams(BaseModel):
@@ -149,3 +151,6 @@ class ChatParams(ModelParams):
     # Host memory for the vision encoder's outputs of images seen again (LRU keyed by a hash of the encoder's
     # exact inputs; docs/chat.md); 0 turns the cache off.
     image_cache_bytes: int = Field(DEFAULT_IMAGE_CACHE_BYTES, ge=0)
+    # Host memory for the KV of prompt prefixes (system prompts, earlier turns) by blocks of 32 tokens, kept for
+    # prompts that begin the same way (docs/chat.md); 0 turns the cache off.
+    prefix_cache_bytes: int = Field(DEFAULT_PREFIX_CACHE_BYTES, ge=0)
