@@ -252,6 +252,22 @@ def fit_context(params: SamplingParams, explicit: bool, prompt_tokens: int, cont
     params.max_tokens = room
 
 
+def fit_kv_budget(choices: int, params: SamplingParams, prompt_tokens: int, budget: int,
+                  bytes_per_token: int) -> None:
+    """A request's KV reservation (each choice holds prompt + ``max_tokens`` positions) must fit the model's KV
+    budget (``max_batch_tokens``) on its own: the engine admits the first request of an empty batch whatever it
+    reserves, so one that can never fit is refused here (INVALID_ARG naming the numbers, in positions and bytes)."""
+    need = choices * (prompt_tokens + params.max_tokens)
+    if need <= budget:
+        return
+    mib = 2**20
+    raise runtime.InputError(
+        f"this request needs {need} KV positions ({choices} choice(s) x (prompt {prompt_tokens} + max_tokens "
+        f"{params.max_tokens}), {need * bytes_per_token / mib:.0f} MiB); this model's KV budget is {budget} "
+        f"positions ({budget * bytes_per_token / mib:.0f} MiB, max_batch_tokens); lower max_tokens or n, or "
+        "shorten the prompt")
+
+
 def context_tokens(pipeline, cap: int | None) -> int | None:
     """The model's context in tokens: its pipeline's ``context_length`` (the checkpoint's
     ``max_position_embeddings``), lowered to ``cap`` (``max_context_tokens``) when set; None when unknown."""
@@ -553,6 +569,9 @@ class ChatModel:
                 # Before the job reaches the engine: no image has gone through the vision encoder yet (prepare
                 # only runs the image processor).
                 fit_context(params, settings.max_tokens is not None, prompt_tokens, self.context)
+                if self.engine.loop is not None:
+                    fit_kv_budget(settings.n, params, prompt_tokens, self.engine.loop.max_batch_tokens,
+                                  self.engine.loop.kv_bytes_per_token)
             except UnicodeDecodeError:
                 release()
                 sender.send(runtime.error_response("PROMPT must be UTF-8 text", invalid_arg=True), flags=final)

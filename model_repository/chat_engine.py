@@ -425,6 +425,14 @@ class DecodeLoop:
     def busy(self) -> bool:
         return bool(self.rows or self.waiting)
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one token holds: layers x 2 x kv heads x head dim x the weights' dtype size."""
+        text = self.family.model.config.get_text_config()
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return self.kv.num_layers * 2 * heads * head_dim * self.family.model.dtype.itemsize
+
     def kv_bound(self, jobs: list[ChatJob]) -> int:
         """KV positions the batch ``jobs`` can reach: rows x the longest row it can grow to."""
         return len(jobs) * max((j.kv_reservation for j in jobs), default=0)

@@ -297,3 +297,32 @@ def test_context_limit_fails_before_the_vision_encoder(fake_pb, tiny_qwen_dir, t
         assert error is not None and "leaves no room for an answer within this model's context of 64" in error
     finally:
         model.finalize()
+
+
+def test_a_request_beyond_the_kv_budget_is_refused_even_alone(fake_pb, tiny_qwen_dir, tmp_path) -> None:
+    """The engine runs the first request of an empty batch whatever it reserves: one that can never fit the KV
+    budget (n x (prompt + max_tokens) > max_batch_tokens) is refused up front, naming positions and bytes."""
+    model = chat_model(tmp_path, tiny_qwen_dir, max_batch_tokens=100)
+    try:
+        loop = model.engine.loop
+        text = loop.family.model.config.get_text_config()
+        head_dim = text.hidden_size // text.num_attention_heads
+        assert loop.kv_bytes_per_token == text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * 4
+        submitted: list = []
+        submit = model.engine.submit
+        model.engine.submit = lambda job: submitted.append(job) or submit(job)
+        prompt = "hello world"
+        tokens = len(model.pipeline.tokenizer(prompt)["input_ids"])
+        fits = FakeRequest(PROMPT=prompt, PARAMETERS={"max_tokens": 100 - tokens})
+        model.execute([fits])
+        error, _ = fits.outcome()
+        assert error is None and len(submitted) == 1
+        two = FakeRequest(PROMPT=prompt, PARAMETERS={"max_tokens": 100 - tokens, "n": 2})
+        model.execute([two])
+        error, _ = two.outcome()
+        need = 2 * 100
+        assert error is not None and f"this request needs {need} KV positions (2 choice(s) x (prompt {tokens} + " \
+            f"max_tokens {100 - tokens}" in error and "KV budget is 100 positions" in error
+        assert len(submitted) == 1  # refused before the engine
+    finally:
+        model.finalize()
