@@ -386,13 +386,14 @@ class DecodeLoop:
                  prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, prefix_metrics: Any = None) -> None:
         import torch
 
-        from model_repository.kv_cache import PrefixCache, SlotCache
+        from model_repository.kv_cache import PrefixCache, SlotCache, use_gqa_sdpa
 
         if max_batch < 1 or max_batch_tokens < 1:
             raise ValueError("max_batch and max_batch_tokens must be positive")
         attn = getattr(family.model.config, "_attn_implementation", "sdpa")
         if attn not in ("sdpa", "eager"):
             raise ValueError(f"the chat engine's KV slots need SDPA or eager attention (custom 4D masks), not {attn}")
+        use_gqa_sdpa(family.model)
         self.torch = torch
         self.family = family
         self.max_batch = max_batch

@@ -213,3 +213,36 @@ def inputs_digest(inputs: dict[str, Any]) -> bytes:
             value = value.detach().cpu().numpy()
         arrays.append(np.asarray(value))
     return content_key(*arrays)
+
+
+GQA_SDPA = "vlmserve_gqa_sdpa"
+
+
+def _gqa_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+              is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, with grouped-query attention done inside the kernel (``enable_gqa``) also
+    when a mask is given: transformers' own ``sdpa`` then copies every layer's keys and values ``heads /
+    kv_heads`` times on every step (``repeat_kv``), which costs more than the attention itself on long rows."""
+    if attention_mask is not None and attention_mask.ndim == 4:
+        attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+    if is_causal is None:
+        is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=bool(is_causal),
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_gqa_sdpa(model: Any) -> None:
+    """Switch ``model``'s language model from ``sdpa`` to :func:`_gqa_sdpa` (same kernel, same masks, no
+    repeated keys and values). Other attention implementations are left as they are."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(GQA_SDPA, _gqa_sdpa)
+    AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
+    text = model.config.get_text_config()
+    if text._attn_implementation == "sdpa":
+        text._attn_implementation = GQA_SDPA
