@@ -211,11 +211,11 @@ def ensure_server(log: Log, jobs: int = 2, flags: Iterable[str] | None = None) -
 _CONVERT_WRAPPER = """
 import json, runpy, sys
 from pathlib import Path
-import conversion.base as base
 model_dir = Path(sys.argv[1])
 pre = json.loads((model_dir / "tokenizer.json").read_text()).get("pre_tokenizer") or {}
 if not (pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")):
     sys.exit(f"not GPT-2's byte-level pre-tokenizer, refusing to declare it gpt2: {pre}")
+import conversion.base as base
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt2"
 sys.argv = ["convert_hf_to_gguf.py", *sys.argv[1:]]
 runpy.run_path("convert_hf_to_gguf.py", run_name="__main__")
@@ -317,3 +317,14 @@ def check_tokenizer(url: str, checkpoint: Path, prompt: str) -> dict[str, Any]:
         raise RuntimeError(f"llama-server and the HF tokenizer disagree on the chat prompt: {result}; "
                            f"llama-server rendered {applied!r}, HF {rendered!r}")
     return result
+
+
+def prompt_tokens(url: str, prompt: str, model: str = "smolvlm2") -> int:
+    """``usage.prompt_tokens`` of one short chat request with ``prompt``, as the bench sends it (text part)."""
+    import httpx
+
+    body = {"model": model, "max_tokens": 1, "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": prompt}]}]}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+    r.raise_for_status()
+    return int(r.json()["usage"]["prompt_tokens"])
