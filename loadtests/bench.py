@@ -299,7 +299,8 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
               chat_users: tuple[int, ...] = (1, 8), chat_duration_s: int = 40, chat_max_tokens: int = 32,
               chat_structured_share: float = 0.5, repeats: int = 3, model_set: str = "perf",
               out_dir: Path = REPORTS, log=print, siglip: bool = True, chat_think_s: float = 0.0,
-              chat_baseline: bool = True, llama_cpp: bool = False, llama_cpp_outtype: str = "auto") -> Path:
+              chat_baseline: bool = True, llama_cpp: bool = False, llama_cpp_outtype: str = "auto",
+              llama_cpp_threads: int | None = None) -> Path:
     from export.progress import Progress
     from export.repository import ExportOptions
     from export.run import export_model_set
@@ -309,6 +310,7 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
 
     cpu = cpu_info()
     log(f"host: {cpu.summary}")
+    load_start = os.getloadavg()
     out = out_dir / name
     out.mkdir(parents=True, exist_ok=True)
     repo = paths.repository_dir(model_set)
@@ -396,7 +398,7 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
             request_extra = {}
             if llama_cpp:
                 llama = llamacpp.start_server(llama_binary, llama_gguf, free_port(), max(chat_users),
-                                              os.cpu_count() or 2, out / "llama-server.log")
+                                              llama_cpp_threads or os.cpu_count() or 2, out / "llama-server.log")
                 log(f"llama.cpp: {' '.join(llama.command)}")
                 _wait(f"{llama.url}/health", 300, llama.proc)
                 extra["llama_cpp"] = {
@@ -446,7 +448,8 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
     report = {
         "name": name,
         "machine": {"cpu": cpu.model, "isa": list(cpu.isa), "cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(),
+                    "loadavg_1m": {"start": load_start[0], "end": os.getloadavg()[0]}},
         "settings": {"model_set": model_set, "users": users, "duration_s": duration_s,
                      "florence_users": florence_users, "florence_duration_s": florence_duration_s,
                      "max_new_tokens": max_new_tokens, "chat_users": list(chat_users),
@@ -469,7 +472,8 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
                    f"--chat-structured-share {chat_structured_share} --repeats {repeats}"
                    + ("" if siglip else " --no-siglip") + ("" if florence else " --no-florence")
                    + ("" if chat else " --no-chat") + ("" if chat_baseline else " --no-chat-baseline")
-                   + (f" --llama-cpp --llama-cpp-outtype {llama_cpp_outtype}" if llama_cpp else ""),
+                   + (f" --llama-cpp --llama-cpp-outtype {llama_cpp_outtype}" if llama_cpp else "")
+                   + (f" --llama-cpp-threads {llama_cpp_threads}" if llama_cpp and llama_cpp_threads else ""),
     }
     report["derived"] = derive(report)
     json_path = out_dir / f"{name}.json"
@@ -641,7 +645,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# vlmserve bench: {report['name']}",
         "",
         f"Command: `{report['command']}`.",
-        f"Host: **{m['cpu']}**, {m['cpus']} CPUs, ISA: {' '.join(m['isa']) or 'no AVX2'} ({m['platform']}).",
+        f"Host: **{m['cpu']}**, {m['cpus']} CPUs, ISA: {' '.join(m['isa']) or 'no AVX2'} ({m['platform']})"
+        + (f"; 1-min load average {m['loadavg_1m']['start']:.1f} at the start, {m['loadavg_1m']['end']:.1f} at the end"
+           if m.get("loadavg_1m") else "") + ".",
         f"Models: the `{st['model_set']}` set (real architectures and sizes, random weights). vlmserve and the",
         "baselines ran on the same machine with the same Locust load; every scenario ran "
         f"{st['repeats']} times, interleaved; figures are medians (min–max).",

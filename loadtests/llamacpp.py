@@ -23,7 +23,7 @@ weights and tokenizer, its own ``config.json``), so the checkpoint vlmserve serv
 2. it recognises a BPE pre-tokenizer by hashing the ids the HF tokenizer gives for a fixed text, and refuses
    unknown hashes. The perf tokenizer is trained locally (other merges, so another hash) but its pre-tokenizer is
    exactly GPT-2's: ``ByteLevel(add_prefix_space=False, use_regex=True)``. The converter is run through a small
-   wrapper that checks that (and refuses anything else) and declares ``tokenizer.ggml.pre = "gpt2"``; vocab,
+   wrapper that checks that (and refuses anything else) and declares ``tokenizer.ggml.pre = "gpt-2"``; vocab,
    merges and special tokens are written by the converter itself, all 49280 ids in place. The bench then asks
    the running ``llama-server`` to tokenize the rendered chat prompt and fails unless the ids equal the HF
    tokenizer's (:func:`check_tokenizer`), so both servers prefill the same tokens.
@@ -114,12 +114,12 @@ def build_command(build: Path, jobs: int) -> list[str]:
 
 
 def server_command(binary: Path, gguf: Path, port: int, slots: int, threads: int = 2,
-                   ctx_per_slot: int = CTX_PER_SLOT) -> list[str]:
+                   ctx_per_slot: int = CTX_PER_SLOT, poll: int | None = None) -> list[str]:
     """``llama-server`` with ``slots`` parallel sequences (continuous batching), ``ctx_per_slot`` tokens of KV
     each, ``threads`` for decoding and for prompt processing."""
     return [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
             "-c", str(slots * ctx_per_slot), "-t", str(threads), "-tb", str(threads), "--cont-batching",
-            "--chat-template", "smolvlm", "--no-webui", "--metrics"]
+            "--no-webui", "--metrics", *([] if poll is None else ["--poll", str(poll)])]
 
 
 def _run(cmd: list[str], log_file: Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
@@ -214,9 +214,9 @@ from pathlib import Path
 model_dir = Path(sys.argv[1])
 pre = json.loads((model_dir / "tokenizer.json").read_text()).get("pre_tokenizer") or {}
 if not (pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")):
-    sys.exit(f"not GPT-2's byte-level pre-tokenizer, refusing to declare it gpt2: {pre}")
+    sys.exit(f"not GPT-2's byte-level pre-tokenizer, refusing to declare it gpt-2: {pre}")
 import conversion.base as base
-base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt2"
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
 sys.argv = ["convert_hf_to_gguf.py", *sys.argv[1:]]
 runpy.run_path("convert_hf_to_gguf.py", run_name="__main__")
 """
@@ -289,15 +289,17 @@ class LlamaServer:
             self.proc.wait(timeout=30)
 
 
-def start_server(binary: Path, gguf: Path, port: int, slots: int, threads: int, log_file: Path) -> LlamaServer:
-    cmd = server_command(binary, gguf, port, slots, threads)
+def start_server(binary: Path, gguf: Path, port: int, slots: int, threads: int, log_file: Path,
+                 poll: int | None = None) -> LlamaServer:
+    cmd = server_command(binary, gguf, port, slots, threads, poll=poll)
     proc = subprocess.Popen(cmd, stdout=open(log_file, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     return LlamaServer(proc, f"http://127.0.0.1:{port}", cmd)
 
 
 def check_tokenizer(url: str, checkpoint: Path, prompt: str) -> dict[str, Any]:
-    """The rendered chat prompt, tokenized by ``llama-server`` and by the HF tokenizer: the ids must be equal
-    (same vocab, merges and pre-tokenizer), and the vocab sizes too. Raises otherwise."""
+    """The chat prompt rendered by ``llama-server`` (the GGUF's template) and by the HF tokenizer's template must
+    be the same text, tokenize to the same ids (same vocab, merges and pre-tokenizer), and the vocab sizes must be
+    equal. Raises otherwise."""
     import httpx
     from transformers import AutoTokenizer
 
@@ -305,15 +307,15 @@ def check_tokenizer(url: str, checkpoint: Path, prompt: str) -> dict[str, Any]:
     messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     hf_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    applied = httpx.post(f"{url}/apply-template", json={"messages": [{"role": "user", "content": prompt}]},
-                         timeout=30).json()["prompt"]
+    # The messages exactly as ChatUser sends them (content as a list of typed parts).
+    applied = httpx.post(f"{url}/apply-template", json={"messages": messages}, timeout=30).json()["prompt"]
     ours = httpx.post(f"{url}/tokenize", json={"content": rendered, "add_special": False, "parse_special": True},
                       timeout=30).json()["tokens"]
-    props = httpx.get(f"{url}/props", timeout=30).json()
-    n_vocab = (props.get("model_info") or {}).get("n_vocab")
+    models = httpx.get(f"{url}/v1/models", timeout=30).json()
+    n_vocab = ((models.get("data") or [{}])[0].get("meta") or {}).get("n_vocab")
     result = {"prompt_tokens": len(hf_ids), "ids_equal": ours == hf_ids, "template_equal": applied == rendered,
               "hf_vocab": len(tokenizer), "gguf_vocab": n_vocab}
-    if ours != hf_ids or applied != rendered:
+    if ours != hf_ids or applied != rendered or n_vocab != len(tokenizer):
         raise RuntimeError(f"llama-server and the HF tokenizer disagree on the chat prompt: {result}; "
                            f"llama-server rendered {applied!r}, HF {rendered!r}")
     return result

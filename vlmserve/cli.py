@@ -149,6 +149,7 @@ def bench(
                                    "~8 min on 2 cores, and converts the model; cached in the state dir)"),
     llama_cpp_outtype: str = typer.Option("auto", help="GGUF type for llama.cpp: auto (vlmserve's decoder "
                                           "precision: f32 or bf16), f32, bf16, f16, q8_0"),
+    llama_cpp_threads: int = typer.Option(0, help="llama-server -t/-tb (0: one per CPU)"),
     chat_structured_share: float = typer.Option(0.5, help="share of JSON-schema requests in the mixed chat "
                                                           "scenario (vlmserve only; 0 skips it)"),
     repeats: int = typer.Option(3, help="rounds: every scenario runs this many times (median and range)"),
@@ -172,5 +173,6 @@ def bench(
                      chat_structured_share=chat_structured_share, repeats=repeats,
                      model_set=model_set, siglip=siglip, chat_think_s=chat_think, chat_baseline=chat_baseline,
                      llama_cpp=llama_cpp, llama_cpp_outtype=llama_cpp_outtype,
+                     llama_cpp_threads=llama_cpp_threads or None,
                      log=lambda m: orchestrator_cli.console.print(f"[cyan]bench[/cyan] {m}"))
     orchestrator_cli.console.print(path.with_suffix(".md").read_text())

@@ -76,8 +76,11 @@ def test_server_command_has_a_slot_per_user_and_context_for_each() -> None:
     assert arg("-np") == "32" and arg("-t") == "2" and arg("-tb") == "2"
     assert int(arg("-c")) == 32 * llamacpp.CTX_PER_SLOT
     assert "--cont-batching" in cmd
-    # The prompt: SmolVLM's "<|im_start|>User: ...<end_of_utterance>\nAssistant:", checked against HF at run time.
-    assert arg("--chat-template") == "smolvlm"
+    # The GGUF's own chat template (the checkpoint's, rendered by llama-server's jinja), checked against HF at run
+    # time; no --chat-template: with jinja on (the default) a built-in name would be taken as the template text.
+    assert "--chat-template" not in cmd and "--poll" not in cmd
+    polled = llamacpp.server_command(Path("/x/llama-server"), Path("/m/model.gguf"), 8123, slots=1, poll=0)
+    assert polled[-2:] == ["--poll", "0"]
 
 
 def test_conversion_config_adds_the_text_architecture_only_when_missing() -> None:
@@ -92,7 +95,7 @@ def test_conversion_config_adds_the_text_architecture_only_when_missing() -> Non
 
 def test_convert_command_runs_the_vendored_converter_with_the_outtype(tmp_path: Path) -> None:
     cmd = llamacpp.convert_command(tmp_path / "src", tmp_path / "hf", tmp_path / "model.gguf", "f32")
-    assert cmd[1] == "-c" and "convert_hf_to_gguf.py" in cmd[2] and '"gpt2"' in cmd[2]
+    assert cmd[1] == "-c" and "convert_hf_to_gguf.py" in cmd[2] and '"gpt-2"' in cmd[2]
     assert cmd[3:] == [str(tmp_path / "hf"), "--outtype", "f32", "--outfile", str(tmp_path / "model.gguf")]
 
 
@@ -106,7 +109,7 @@ def test_converter_wrapper_refuses_a_pre_tokenizer_that_is_not_gpt2s(tmp_path: P
     cmd = llamacpp.convert_command(tmp_path, tmp_path, tmp_path / "model.gguf", "f32")
     # Refused before the vendored converter is imported (it is not on the path here).
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=60)
-    assert done.returncode != 0 and "refusing to declare it gpt2" in done.stderr
+    assert done.returncode != 0 and "refusing to declare it gpt-2" in done.stderr
     assert not (tmp_path / "model.gguf").exists()
 
 
