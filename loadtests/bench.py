@@ -9,9 +9,13 @@ reported as median with min–max spread):
   siglip: ``POST /embed`` with one photo, N users, against each baseline, vlmserve (the runtime export chose for
     this host), vlmserve int8, and straight to Triton (gateway overhead);
   florence: Florence-2 ``caption`` via ``POST /infer``, M users;
-  chat: SmolVLM2 streaming ``/v1/chat/completions`` at 1 and K users: output tokens/s, TTFT, inter-token latency;
-    and vlmserve at K users with a share of the requests asking for JSON-schema output (constrained decoding rows
-    mixed into the same batch): tokens/s mixed vs free.
+  chat: SmolVLM2 streaming ``/v1/chat/completions`` at each of ``chat_users``: output tokens/s, TTFT, inter-token
+    latency; lockstep (closed loop, no think time) and, with ``chat_think_s`` > 0, staggered (exponential think
+    times: Poisson arrivals per user); and vlmserve at the most users with a share of the requests asking for
+    JSON-schema output (constrained decoding rows mixed into the same batch): tokens/s mixed vs free.
+  llama.cpp (``llama_cpp=True``, opt-in): ``llama-server`` on the same checkpoint's text model (GGUF, built and
+    converted once by ``loadtests/llamacpp.py``) as a third chat target, same ChatUser load; every ratio
+    vlmserve/llama.cpp is reported per scenario.
 Also measured in the same run: the host's CPU and ISA, GEMM ceilings per precision, each encoder alone
 ("raw"), resident memory per Triton model, and the served embeddings' cosine to the transformers reference.
 Writes ``<out>/<name>.{json,md,png}``. Models: the ``perf`` set (real sizes, random weights).
@@ -42,7 +46,13 @@ REPORTS = paths.PROJECT_ROOT / "loadtests" / "reports"
 USERS_FILE = paths.PROJECT_ROOT / "loadtests" / "bench_users.py"
 GEMM_N = 2048
 CHAT_REQUEST = "chat completion"  # Locust names used by bench_users.ChatUser
-CHAT_METRICS = {"ttft": "chat TTFT", "itl": "chat ITL", "tokens": "chat tokens", "structured": "chat structured"}
+CHAT_METRICS = {"ttft": "chat TTFT", "itl": "chat ITL", "tokens": "chat tokens", "structured": "chat structured",
+                "deltas": "chat deltas", "stopped_early": "chat stopped early"}
+# The chat prompt every chat scenario sends (ChatUser's VLMSERVE_BENCH_CHAT_PROMPT), set here so that the
+# llama.cpp tokenizer check covers the very prompt the load uses.
+CHAT_PROMPT = "Describe this picture in as much detail as you can, then tell a long story about it."
+LLAMA_CPP = "llama.cpp"  # the system name of llama-server in scenario names: chat-llama.cpp-8u
+STAGGERED = "-staggered"  # suffix of the staggered (Poisson arrivals) chat scenarios
 
 
 @dataclass
@@ -205,6 +215,12 @@ def run_locust(s: Scenario, out: Path, round_no: int) -> dict[str, Any]:
             structured = rows.get(CHAT_METRICS["structured"])
             if structured:
                 result["structured_requests"] = int(structured["Request Count"])
+            deltas = rows.get(CHAT_METRICS["deltas"])
+            if deltas and result["output_tokens"]:
+                result["deltas_per_token"] = (int(deltas["Request Count"]) * float(deltas["Average Content Size"])
+                                              / result["output_tokens"])
+            stopped = rows.get(CHAT_METRICS["stopped_early"])
+            result["stopped_early"] = int(stopped["Request Count"]) if stopped else 0
     return result
 
 
@@ -248,11 +264,43 @@ def _checkpoints(model_set: str) -> Path:
     return paths.state_dir() / "perf-models" if model_set == "perf" else paths.tiny_models_dir()
 
 
+def chat_scenarios(targets: dict[str, str], chat_users: tuple[int, ...], duration_s: int, max_tokens: int,
+                   think_s: float = 0.0, extra: dict[str, dict[str, Any]] | None = None) -> list[Scenario]:
+    """The chat scenarios: per user count, lockstep then (``think_s`` > 0) staggered, every target side by side
+    (so a round runs vlmserve and its peers back to back on the same load). ``extra``: per target, JSON fields
+    added to every request body (llama-server's ``ignore_eos``)."""
+    # Text-only prompts: decoding is what this scenario measures. (With an image, SmolVLM2 splits it into
+    # 512 px tiles and the vision prefill of one request takes tens of seconds on 2 cores.)
+    env = {"VLMSERVE_BENCH_MAX_NEW_TOKENS": str(max_tokens), "VLMSERVE_BENCH_CHAT_IMAGE": "none",
+           "VLMSERVE_BENCH_CHAT_PROMPT": CHAT_PROMPT}
+    modes = [("", 0.0)] + ([(STAGGERED, think_s)] if think_s > 0 else [])
+    out = []
+    for n in chat_users:
+        for suffix, think in modes:
+            for system, url in targets.items():
+                s_env = dict(env, VLMSERVE_BENCH_THINK_S=str(think))
+                if extra and extra.get(system):
+                    s_env["VLMSERVE_BENCH_CHAT_EXTRA"] = json.dumps(extra[system])
+                out.append(Scenario(f"chat-{system}-{n}u{suffix}", "chat", "ChatUser", url, n, duration_s, s_env))
+    return out
+
+
+def _llama_outtype(outtype: str, repo: Path) -> str:
+    """``auto``: the precision vlmserve's SmolVLM2 decoder serves in (its export's decoder_choice.json)."""
+    if outtype != "auto":
+        return outtype
+    choice = repo / "smolvlm2" / "decoder_choice.json"
+    precision = json.loads(choice.read_text()).get("precision", "fp32") if choice.exists() else "fp32"
+    return {"fp32": "f32", "bf16": "bf16"}.get(precision, "f32")
+
+
 def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, florence_users: int = 8,
               florence_duration_s: int = 90, max_new_tokens: int = 32, florence: bool = True, chat: bool = True,
               chat_users: tuple[int, ...] = (1, 8), chat_duration_s: int = 40, chat_max_tokens: int = 32,
               chat_structured_share: float = 0.5, repeats: int = 3, model_set: str = "perf",
-              out_dir: Path = REPORTS, log=print) -> Path:
+              out_dir: Path = REPORTS, log=print, siglip: bool = True, chat_think_s: float = 0.0,
+              chat_baseline: bool = True, llama_cpp: bool = False, llama_cpp_outtype: str = "auto",
+              llama_cpp_threads: int | None = None) -> Path:
     from export.progress import Progress
     from export.repository import ExportOptions
     from export.run import export_model_set
@@ -262,19 +310,34 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
 
     cpu = cpu_info()
     log(f"host: {cpu.summary}")
+    load_start = os.getloadavg()
     out = out_dir / name
     out.mkdir(parents=True, exist_ok=True)
     repo = paths.repository_dir(model_set)
-    families = ["siglip"] + (["florence2"] if florence else []) + (["smolvlm2"] if chat else [])
+    if llama_cpp and not chat:
+        raise ValueError("--llama-cpp is a chat peer: it needs the chat scenarios")
+    families = ((["siglip"] if siglip else []) + (["florence2"] if florence else [])
+                + (["smolvlm2"] if chat else []))
     log(f"exporting the {model_set} model set ({', '.join(families)}; the first run takes minutes)")
     stamps = export_model_set(model_set, repo=repo, options=ExportOptions(int8=True), families=families,
                               progress=Progress())
     checkpoints = _checkpoints(model_set)
 
-    log("measuring GEMM ceilings and the encoders alone")
-    ceilings = gemm_ceilings(cpu)
-    raw = raw_siglip(repo, checkpoints / "siglip", cpu)
-    gflop_per_image = siglip_vision_gflop(checkpoints / "siglip")
+    ceilings: dict[str, dict[str, float]] = {}
+    raw: dict[str, float] = {}
+    gflop_per_image = None
+    if siglip:
+        log("measuring GEMM ceilings and the encoders alone")
+        ceilings = gemm_ceilings(cpu)
+        raw = raw_siglip(repo, checkpoints / "siglip", cpu)
+        gflop_per_image = siglip_vision_gflop(checkpoints / "siglip")
+    llama_binary = llama_gguf = None
+    if llama_cpp:
+        from loadtests import llamacpp
+
+        llama_binary, llama_build = llamacpp.ensure_server(log)
+        llama_outtype = _llama_outtype(llama_cpp_outtype, repo)
+        llama_gguf = llamacpp.ensure_gguf(checkpoints / "smolvlm2", llama_outtype, log)
     choices = {m: json.loads((repo / m / "runtime_choice.json").read_text())
                for m in ("siglip_vision", "siglip_text", "florence2_vision", "smolvlm2_vision")
                if (repo / m / "runtime_choice.json").exists()}
@@ -283,17 +346,20 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
                                     state_dir=paths.state_dir() / "bench", ready_timeout_s=900)
     runtime = ProcessRuntime(settings, log=log)
     baselines: dict[str, tuple[subprocess.Popen, str]] = {}
-    model_args = ["--siglip", str(checkpoints / "siglip")]
+    model_args = ["--siglip", str(checkpoints / "siglip")] if siglip else []
     if florence:
         model_args += ["--florence2", str(checkpoints / "florence2")]
     if chat:
         model_args += ["--smolvlm2", str(checkpoints / "smolvlm2")]
     results: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
+    llama = None
     try:
         for system, flags in [("baseline-fp32", []), ("baseline-bf16", ["--bf16"])]:
             if system == "baseline-bf16" and not cpu.has_bf16:
                 continue
+            if not siglip and not florence and not chat_baseline:
+                break
             port = free_port()
             proc = subprocess.Popen(
                 [sys.executable, "-m", "loadtests.baseline.server", *model_args, "--port", str(port), *flags],
@@ -313,24 +379,44 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
             os.environ.pop("VLMSERVE_GATEWAY_LOCAL_IMAGE_DIR")
         gw = settings.gateway_url
         targets = {system: url for system, (_, url) in baselines.items()} | {"vlmserve": gw}
-        scenarios = [Scenario(f"siglip-{system}", "siglip", "EmbedUser", url, users, duration_s)
-                     for system, url in targets.items()]
-        scenarios += [
-            Scenario("siglip-vlmserve-int8", "siglip", "EmbedUser", gw, users, duration_s,
-                     {"VLMSERVE_BENCH_MODEL": "siglip_embed_image_int8"}),
-            Scenario("siglip-direct", "siglip", "DirectEmbedUser", settings.triton_http_url, users,
-                     duration_s),
-        ]
+        scenarios: list[Scenario] = []
+        if siglip:
+            scenarios += [Scenario(f"siglip-{system}", "siglip", "EmbedUser", url, users, duration_s)
+                          for system, url in targets.items()]
+            scenarios += [
+                Scenario("siglip-vlmserve-int8", "siglip", "EmbedUser", gw, users, duration_s,
+                         {"VLMSERVE_BENCH_MODEL": "siglip_embed_image_int8"}),
+                Scenario("siglip-direct", "siglip", "DirectEmbedUser", settings.triton_http_url, users,
+                         duration_s),
+            ]
         if florence:
             tokens = {"VLMSERVE_BENCH_MAX_NEW_TOKENS": str(max_new_tokens)}
             scenarios += [Scenario(f"florence-{system}", "florence", "CaptionUser", url, florence_users,
                                    florence_duration_s, tokens) for system, url in targets.items()]
         if chat:
-            # Text-only prompts: decoding is what this scenario measures. (With an image, SmolVLM2 splits it into
-            # 512 px tiles and the vision prefill of one request takes tens of seconds on 2 cores.)
-            chat_env = {"VLMSERVE_BENCH_MAX_NEW_TOKENS": str(chat_max_tokens), "VLMSERVE_BENCH_CHAT_IMAGE": "none"}
-            scenarios += [Scenario(f"chat-{system}-{n}u", "chat", "ChatUser", url, n, chat_duration_s,
-                                   chat_env) for n in chat_users for system, url in targets.items()]
+            chat_targets = targets if chat_baseline else {"vlmserve": gw}
+            request_extra = {}
+            if llama_cpp:
+                llama = llamacpp.start_server(llama_binary, llama_gguf, free_port(), max(chat_users),
+                                              llama_cpp_threads or os.cpu_count() or 2, out / "llama-server.log")
+                log(f"llama.cpp: {' '.join(llama.command)}")
+                _wait(f"{llama.url}/health", 300, llama.proc)
+                extra["llama_cpp"] = {
+                    "build": llama_build, "gguf": str(llama_gguf), "outtype": llama_outtype,
+                    "gguf_bytes": llama_gguf.stat().st_size, "command": llama.command,
+                    "request_extra": llamacpp.REQUEST_EXTRA,
+                    "tokenizer_check": llamacpp.check_tokenizer(llama.url, checkpoints / "smolvlm2", CHAT_PROMPT),
+                    "prompt_tokens": {"vlmserve": llamacpp.prompt_tokens(gw, CHAT_PROMPT),
+                                      LLAMA_CPP: llamacpp.prompt_tokens(llama.url, CHAT_PROMPT)},
+                }
+                log(f"llama.cpp: tokenizer check {extra['llama_cpp']['tokenizer_check']}, prompt tokens "
+                    f"{extra['llama_cpp']['prompt_tokens']}")
+                chat_targets = chat_targets | {LLAMA_CPP: llama.url}
+                request_extra[LLAMA_CPP] = llamacpp.REQUEST_EXTRA
+            chat_env = {"VLMSERVE_BENCH_MAX_NEW_TOKENS": str(chat_max_tokens), "VLMSERVE_BENCH_CHAT_IMAGE": "none",
+                        "VLMSERVE_BENCH_CHAT_PROMPT": CHAT_PROMPT}
+            scenarios += chat_scenarios(chat_targets, chat_users, chat_duration_s, chat_max_tokens, chat_think_s,
+                                        request_extra)
             if chat_structured_share > 0:
                 # vlmserve only: the baselines have no constrained decoding.
                 scenarios.append(Scenario(
@@ -343,13 +429,17 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
                 r = results[-1]
                 log(f"  {r['rps']:.2f} req/s, p95 {r['p95_ms']:.0f} ms, {r['failures']} failures"
                     + (f", {r['tokens_per_s']:.1f} tokens/s" if r.get("tokens_per_s") is not None else ""))
-        extra["triton_batch_sizes"] = _batch_sizes(settings.triton_http_url,
-                                                   ["siglip_embed_image", "florence2"] if florence
-                                                   else ["siglip_embed_image"])
+        batched = (["siglip_embed_image"] if siglip else []) + (["florence2"] if florence else [])
+        extra["triton_batch_sizes"] = _batch_sizes(settings.triton_http_url, batched)
         triton = runtime.running().get("triton")
         extra["model_rss_bytes"] = model_rss(triton.pid) if triton else {}
-        extra["fidelity"] = _fidelity(gw, checkpoints / "siglip", image_dir, log)
+        if llama is not None:
+            extra["llama_cpp"]["rss_bytes"] = _rss(llama.proc.pid)
+        if siglip:
+            extra["fidelity"] = _fidelity(gw, checkpoints / "siglip", image_dir, log)
     finally:
+        if llama is not None:
+            llama.stop()
         runtime.stop()
         for proc, _ in baselines.values():
             proc.terminate()
@@ -358,12 +448,14 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
     report = {
         "name": name,
         "machine": {"cpu": cpu.model, "isa": list(cpu.isa), "cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(),
+                    "loadavg_1m": {"start": load_start[0], "end": os.getloadavg()[0]}},
         "settings": {"model_set": model_set, "users": users, "duration_s": duration_s,
                      "florence_users": florence_users, "florence_duration_s": florence_duration_s,
                      "max_new_tokens": max_new_tokens, "chat_users": list(chat_users),
                      "chat_duration_s": chat_duration_s, "chat_max_tokens": chat_max_tokens,
-                     "chat_structured_share": chat_structured_share, "repeats": repeats},
+                     "chat_structured_share": chat_structured_share, "repeats": repeats,
+                     "chat_think_s": chat_think_s, "siglip": siglip, "llama_cpp": llama_cpp},
         "runtime_choice": {m: {k: c[k] for k in ("runtime", "precision", "items_per_s", "min_cosine", "candidates")}
                            for m, c in choices.items()},
         "int8_min_cosine": stamps.get("siglip", {}).get("int8_min_cosine"),
@@ -375,8 +467,13 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
         **extra,
         "command": f"vlmserve bench --name {name} --users {users} --duration {duration_s} --florence-users "
                    f"{florence_users} --florence-duration {florence_duration_s} --chat-duration {chat_duration_s} "
+                   f"--chat-users {','.join(map(str, chat_users))} --chat-max-tokens {chat_max_tokens} "
+                   f"--chat-think {chat_think_s:g} "
                    f"--chat-structured-share {chat_structured_share} --repeats {repeats}"
-                   + ("" if florence else " --no-florence") + ("" if chat else " --no-chat"),
+                   + ("" if siglip else " --no-siglip") + ("" if florence else " --no-florence")
+                   + ("" if chat else " --no-chat") + ("" if chat_baseline else " --no-chat-baseline")
+                   + (f" --llama-cpp --llama-cpp-outtype {llama_cpp_outtype}" if llama_cpp else "")
+                   + (f" --llama-cpp-threads {llama_cpp_threads}" if llama_cpp and llama_cpp_threads else ""),
     }
     report["derived"] = derive(report)
     json_path = out_dir / f"{name}.json"
@@ -384,6 +481,15 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
     (out_dir / f"{name}.md").write_text(render_markdown(report))
     render_chart(report, out_dir / f"{name}.png")
     return json_path
+
+
+def _rss(pid: int) -> int | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.Error:
+        return None
 
 
 def _batch_sizes(triton_url: str, models: list[str]) -> dict[str, dict[str, int]]:
@@ -419,8 +525,10 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         entry: dict[str, Any] = {"rounds": len(runs), "users": runs[0]["users"],
                                  "requests": sum(r["requests"] for r in runs),
                                  "failures": sum(r["failures"] for r in runs)}
+        if any("stopped_early" in r for r in runs):
+            entry["stopped_early"] = sum(r.get("stopped_early", 0) for r in runs)
         for key in ("rps", "p50_ms", "p95_ms", "p99_ms", "avg_ms", "tokens_per_s", "ttft_p50_ms", "ttft_p95_ms",
-                    "itl_p50_ms", "itl_p95_ms"):
+                    "itl_p50_ms", "itl_p95_ms", "deltas_per_token"):
             values = [r[key] for r in runs if r.get(key) is not None]
             if values:
                 entry[key] = statistics.median(values)
@@ -433,8 +541,27 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+# Chat figures compared vlmserve / llama.cpp: tokens/s above 1 means vlmserve is faster, latencies above 1 mean
+# vlmserve is slower.
+LLAMA_RATIO_KEYS = ("tokens_per_s", "ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms")
+
+
+def llama_cpp_ratios(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per chat load (``8u``, ``8u-staggered``...) run against both: vlmserve's figure / llama.cpp's."""
+    out = {}
+    prefix = f"chat-{LLAMA_CPP}-"
+    for scenario, theirs in summary.items():
+        if not scenario.startswith(prefix):
+            continue
+        load = scenario.removeprefix(prefix)
+        ours = summary.get(f"chat-vlmserve-{load}")
+        if ours is not None:
+            out[load] = {k: _ratio(ours.get(k), theirs.get(k)) for k in LLAMA_RATIO_KEYS}
+    return out
+
+
 def derive(report: dict[str, Any]) -> dict[str, Any]:
-    s, raw = report["summary"], report["raw_images_per_s"]
+    s, raw = report["summary"], report.get("raw_images_per_s") or {}
     d: dict[str, Any] = {}
 
     def rps(scenario: str, key: str = "rps") -> float | None:
@@ -447,6 +574,32 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
     def stronger(prefix: str, key: str = "rps") -> tuple[str | None, float | None]:
         return _strongest([f"{prefix}-{b}" for b in ("baseline-fp32", "baseline-bf16")], key)
 
+    if raw:
+        _derive_siglip(report, d, rps, stronger)
+    if "florence-vlmserve" in s:
+        f_name, f_base = stronger("florence")
+        d["florence_stronger_baseline"] = f_name
+        d["florence_vs_stronger_baseline"] = _ratio(rps("florence-vlmserve"), f_base)
+    chat_users = report["settings"]["chat_users"]
+    if chat_users and f"chat-vlmserve-{chat_users[-1]}u" in s:
+        low, high = chat_users[0], chat_users[-1]
+        c_name, c_base = _strongest([f"chat-{b}-{high}u" for b in ("baseline-fp32", "baseline-bf16")],
+                                    "tokens_per_s")
+        d["chat_stronger_baseline"] = c_name
+        d["chat_tokens_per_s_vs_stronger_baseline"] = _ratio(rps(f"chat-vlmserve-{high}u", "tokens_per_s"), c_base)
+        d["chat_ttft_p95_loaded_over_idle_p50"] = _ratio(rps(f"chat-vlmserve-{high}u", "ttft_p95_ms"),
+                                                         rps(f"chat-vlmserve-{low}u", "ttft_p50_ms"))
+        if f"chat-vlmserve-mixed-{high}u" in s:
+            d["chat_mixed_structured_tokens_per_s_vs_free"] = _ratio(
+                rps(f"chat-vlmserve-mixed-{high}u", "tokens_per_s"), rps(f"chat-vlmserve-{high}u", "tokens_per_s"))
+    ratios = llama_cpp_ratios(s)
+    if ratios:
+        d["chat_vs_llama_cpp"] = ratios
+    return d
+
+
+def _derive_siglip(report: dict[str, Any], d: dict[str, Any], rps, stronger) -> None:
+    raw = report["raw_images_per_s"]
     base_name, base = stronger("siglip")
     d["siglip_stronger_baseline"] = base_name
     d["siglip_vs_stronger_baseline"] = _ratio(rps("siglip-vlmserve"), base)
@@ -469,23 +622,6 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
     d["gateway_overhead_latency"] = 1 - direct / gateway if gateway and direct else None
     served = _ratio(rps("siglip-vlmserve"), rps("siglip-direct"))
     d["gateway_overhead_throughput"] = None if served is None else 1 - served
-    if "florence-vlmserve" in s:
-        f_name, f_base = stronger("florence")
-        d["florence_stronger_baseline"] = f_name
-        d["florence_vs_stronger_baseline"] = _ratio(rps("florence-vlmserve"), f_base)
-    chat_users = report["settings"]["chat_users"]
-    if chat_users and f"chat-vlmserve-{chat_users[-1]}u" in s:
-        low, high = chat_users[0], chat_users[-1]
-        c_name, c_base = _strongest([f"chat-{b}-{high}u" for b in ("baseline-fp32", "baseline-bf16")],
-                                    "tokens_per_s")
-        d["chat_stronger_baseline"] = c_name
-        d["chat_tokens_per_s_vs_stronger_baseline"] = _ratio(rps(f"chat-vlmserve-{high}u", "tokens_per_s"), c_base)
-        d["chat_ttft_p95_loaded_over_idle_p50"] = _ratio(rps(f"chat-vlmserve-{high}u", "ttft_p95_ms"),
-                                                         rps(f"chat-vlmserve-{low}u", "ttft_p50_ms"))
-        if f"chat-vlmserve-mixed-{high}u" in s:
-            d["chat_mixed_structured_tokens_per_s_vs_free"] = _ratio(
-                rps(f"chat-vlmserve-mixed-{high}u", "tokens_per_s"), rps(f"chat-vlmserve-{high}u", "tokens_per_s"))
-    return d
 
 
 def _fmt(v: Any, spec: str = ".2f") -> str:
@@ -509,7 +645,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# vlmserve bench: {report['name']}",
         "",
         f"Command: `{report['command']}`.",
-        f"Host: **{m['cpu']}**, {m['cpus']} CPUs, ISA: {' '.join(m['isa']) or 'no AVX2'} ({m['platform']}).",
+        f"Host: **{m['cpu']}**, {m['cpus']} CPUs, ISA: {' '.join(m['isa']) or 'no AVX2'} ({m['platform']})"
+        + (f"; 1-min load average {m['loadavg_1m']['start']:.1f} at the start, {m['loadavg_1m']['end']:.1f} at the end"
+           if m.get("loadavg_1m") else "") + ".",
         f"Models: the `{st['model_set']}` set (real architectures and sizes, random weights). vlmserve and the",
         "baselines ran on the same machine with the same Locust load; every scenario ran "
         f"{st['repeats']} times, interleaved; figures are medians (min–max).",
@@ -523,17 +661,47 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {e['users']} | {e['requests']} | {e['failures']} | {_spread(e, 'rps')} | "
                      f"{_fmt(e.get('p50_ms'), '.0f')} | {_fmt(e.get('p95_ms'), '.0f')} | "
                      f"{_spread(e, 'tokens_per_s', '.1f')} | {ttft} | {_fmt(e.get('itl_p50_ms'), '.0f')} |")
-    ceilings = "; ".join(f"{p}: " + ", ".join(f"{k} {v:.0f}" for k, v in libs.items())
-                         for p, libs in report["ceilings_gflops"].items())
     choices = "; ".join(f"{m_}: {c['runtime']}/{c['precision']} (cosine {c['min_cosine']:.5f})"
                         for m_, c in report["runtime_choice"].items())
-    sor = d["served_over_raw"]
-    fid = report.get("fidelity") or {}
     lines += [
         "",
         "| derived | value |",
         "|---|---|",
         f"| runtime chosen at export (per encoder) | {choices} |",
+    ]
+    if "siglip_stronger_baseline" in d:
+        lines += _siglip_rows(report)
+    lines += [
+        f"| Triton batch sizes (size: executions) | {report.get('triton_batch_sizes')} |",
+        "| resident memory per Triton model (MiB) | "
+        + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(report.get("model_rss_bytes", {}).items())) + " |",
+    ]
+    if "florence_vs_stronger_baseline" in d:
+        lines.append(f"| Florence-2 caption vs the stronger baseline ({d['florence_stronger_baseline']}) | "
+                     f"{_fmt(d['florence_vs_stronger_baseline'])}x |")
+    if d.get("chat_stronger_baseline"):
+        lines += [
+            f"| chat output tokens/s at {st['chat_users'][-1]} users vs the stronger baseline "
+            f"({d['chat_stronger_baseline']}) | {_fmt(d['chat_tokens_per_s_vs_stronger_baseline'])}x |",
+            f"| chat TTFT p95 at {st['chat_users'][-1]} users / idle TTFT p50 | "
+            f"{_fmt(d['chat_ttft_p95_loaded_over_idle_p50'])}x |",
+        ]
+    if d.get("chat_mixed_structured_tokens_per_s_vs_free") is not None:
+        lines.append(f"| chat tokens/s at {st['chat_users'][-1]} users with {100 * st['chat_structured_share']:.0f}% "
+                     "JSON-schema requests / all free | "
+                     f"{_fmt(d['chat_mixed_structured_tokens_per_s_vs_free'])}x |")
+    if d.get("chat_vs_llama_cpp"):
+        lines += _llama_cpp_section(report)
+    return "\n".join(lines) + "\n"
+
+
+def _siglip_rows(report: dict[str, Any]) -> list[str]:
+    d = report["derived"]
+    ceilings = "; ".join(f"{p}: " + ", ".join(f"{k} {v:.0f}" for k, v in libs.items())
+                         for p, libs in report["ceilings_gflops"].items())
+    sor = d["served_over_raw"]
+    fid = report.get("fidelity") or {}
+    return [
         f"| SigLIP vs the stronger baseline ({d['siglip_stronger_baseline']}) | "
         f"{_fmt(d['siglip_vs_stronger_baseline'])}x |",
         f"| SigLIP vs baseline fp32 | {_fmt(d['siglip_vs_baseline_fp32'])}x |",
@@ -552,25 +720,50 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| served / raw | " + ", ".join(f"{k} {_pct(v)}" for k, v in sor.items() if v is not None) + " |",
         f"| gateway overhead (1 - direct/gateway mean latency; by throughput) | "
         f"{_pct(d['gateway_overhead_latency'])}; {_pct(d['gateway_overhead_throughput'])} |",
-        f"| Triton batch sizes (size: executions) | {report.get('triton_batch_sizes')} |",
-        "| resident memory per Triton model (MiB) | "
-        + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(report.get("model_rss_bytes", {}).items())) + " |",
     ]
-    if "florence_vs_stronger_baseline" in d:
-        lines.append(f"| Florence-2 caption vs the stronger baseline ({d['florence_stronger_baseline']}) | "
-                     f"{_fmt(d['florence_vs_stronger_baseline'])}x |")
-    if "chat_tokens_per_s_vs_stronger_baseline" in d:
-        lines += [
-            f"| chat output tokens/s at {st['chat_users'][-1]} users vs the stronger baseline "
-            f"({d['chat_stronger_baseline']}) | {_fmt(d['chat_tokens_per_s_vs_stronger_baseline'])}x |",
-            f"| chat TTFT p95 at {st['chat_users'][-1]} users / idle TTFT p50 | "
-            f"{_fmt(d['chat_ttft_p95_loaded_over_idle_p50'])}x |",
-        ]
-    if d.get("chat_mixed_structured_tokens_per_s_vs_free") is not None:
-        lines.append(f"| chat tokens/s at {st['chat_users'][-1]} users with {100 * st['chat_structured_share']:.0f}% "
-                     "JSON-schema requests / all free | "
-                     f"{_fmt(d['chat_mixed_structured_tokens_per_s_vs_free'])}x |")
-    return "\n".join(lines) + "\n"
+
+
+def _llama_cpp_section(report: dict[str, Any]) -> list[str]:
+    """vlmserve and llama-server side by side per chat load, and vlmserve / llama.cpp per figure."""
+    s, st, info = report["summary"], report["settings"], report.get("llama_cpp") or {}
+    build = info.get("build") or {}
+    think = st.get("chat_think_s") or 0
+    lines = [
+        "",
+        "## Chat: vlmserve vs llama.cpp",
+        "",
+        f"llama.cpp: `llama-server` from llama-cpp-python {build.get('version', '?')}'s vendored llama.cpp, ISA level "
+        f"`{build.get('isa_level', '?')}` (`{' '.join(build.get('cmake_switches', []))}`), the same perf "
+        f"checkpoint's text model as GGUF `{info.get('outtype', '?')}`; "
+        f"command `{' '.join(Path(c).name if i < 1 else c for i, c in enumerate(info.get('command', [])))}`.",
+        f"Same ChatUser load for both: text prompt, `max_tokens` {st.get('chat_max_tokens')}, temperature 0, "
+        "streaming, tokens = `usage.completion_tokens` of the last chunk; llama-server also gets "
+        f"`{json.dumps(info.get('request_extra', {}))}`. Lockstep: closed loop, no think time. Staggered: "
+        f"exponential think time, mean {think:g} s, before each request (Poisson arrivals per waiting user).",
+        f"Tokenizer check: {info.get('tokenizer_check')}; prompt tokens per server: {info.get('prompt_tokens')}.",
+        "",
+        "| load | system | requests | failures | stopped early | deltas/token | tokens/s | TTFT p50 / p95 ms "
+        "| ITL p50 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    ratios = report["derived"]["chat_vs_llama_cpp"]
+    for load in ratios:
+        for system in ("vlmserve", LLAMA_CPP):
+            e = s[f"chat-{system}-{load}"]
+            lines.append(f"| {load} | {system} | {e['requests']} | {e['failures']} | {e.get('stopped_early', '–')} "
+                         f"| {_fmt(e.get('deltas_per_token'))} | {_spread(e, 'tokens_per_s', '.1f')} | "
+                         f"{_fmt(e.get('ttft_p50_ms'), '.0f')} / {_fmt(e.get('ttft_p95_ms'), '.0f')} | "
+                         f"{_fmt(e.get('itl_p50_ms'), '.1f')} |")
+    lines += [
+        "",
+        "vlmserve / llama.cpp (tokens/s above 1: vlmserve faster; latencies above 1: vlmserve slower):",
+        "",
+        "| load | tokens/s | TTFT p50 | TTFT p95 | ITL p50 |",
+        "|---|---|---|---|---|",
+    ]
+    for load, r in ratios.items():
+        lines.append(f"| {load} | " + " | ".join(f"{_fmt(r[k])}x" for k in LLAMA_RATIO_KEYS) + " |")
+    return lines
 
 
 def render_chart(report: dict[str, Any], path: Path) -> None:

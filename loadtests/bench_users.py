@@ -27,6 +27,11 @@ CHAT_IMAGE_SPEC = os.environ.get("VLMSERVE_BENCH_CHAT_IMAGE", "96x48")
 CHAT_PROMPT = os.environ.get("VLMSERVE_BENCH_CHAT_PROMPT",
                              "Describe this picture in as much detail as you can, then tell a long story about it.")
 TIMING_LOG = os.environ.get("VLMSERVE_BENCH_TIMING_LOG")
+# Extra fields merged into every chat request body (JSON object), e.g. llama-server's {"ignore_eos": true}.
+CHAT_EXTRA = json.loads(os.environ.get("VLMSERVE_BENCH_CHAT_EXTRA") or "{}")
+# Staggered arrivals: mean of the exponential think time (s) a chat user waits before each request, the first
+# included; 0 (default) is lockstep: every user sends its next request as soon as the last one ends.
+THINK_S = float(os.environ.get("VLMSERVE_BENCH_THINK_S", "0"))
 # Share of chat requests sent with a JSON-schema response_format (constrained decoding), mixed into the free ones.
 STRUCTURED_SHARE = float(os.environ.get("VLMSERVE_BENCH_STRUCTURED_SHARE", "0"))
 # No length bounds: like the free requests, structured ones run to max_tokens with random weights (the grammar
@@ -109,11 +114,20 @@ class DirectEmbedUser(User):
         )
 
 
+def chat_wait_time(think_s: float):
+    """Locust ``wait_time`` for ChatUser: none (lockstep) or exponential with mean ``think_s`` (staggered)."""
+    if think_s <= 0:
+        return constant(0)
+    return lambda _user: random.expovariate(1 / think_s)
+
+
 class ChatUser(HttpUser):
     """Streaming OpenAI chat completion (one small image + a short prompt, greedy, ``max_tokens`` from
     ``VLMSERVE_BENCH_MAX_NEW_TOKENS``), against the gateway or the baseline's ``/v1/chat/completions``.
     Env: ``VLMSERVE_BENCH_MODEL`` (default smolvlm2), ``VLMSERVE_BENCH_CHAT_IMAGE`` (``WxH``, default 96x48, or
-    ``none``), ``VLMSERVE_BENCH_CHAT_PROMPT``.
+    ``none``), ``VLMSERVE_BENCH_CHAT_PROMPT``, ``VLMSERVE_BENCH_CHAT_EXTRA`` (JSON merged into the body),
+    ``VLMSERVE_BENCH_THINK_S`` (staggered: exponential think time of that mean before each request, the first
+    included, so each user's requests arrive as a Poisson process while it waits; 0: lockstep).
 
     Rows it writes to Locust's stats (``--csv``; read them by name, the ``Aggregated`` row mixes them):
 
@@ -122,6 +136,8 @@ class ChatUser(HttpUser):
     - ``chat ITL`` (METRIC): per request, (last content delta - first) / (completion_tokens - 1), ms;
     - ``chat tokens`` (METRIC): response_length = completion_tokens, so Request Count x Average Content Size
       is all output tokens (divide by the run time for output tokens/s);
+    - ``chat deltas`` (METRIC): response_length = non-empty content deltas of the stream (tokens are counted
+      from ``usage.completion_tokens`` for every server; this row shows how each one chunks them);
     - ``chat stopped early`` (METRIC): fired when a request ended before ``max_tokens`` (EOS), which would make
       token counts differ between servers; with random perf weights it should stay empty (a structured answer
       may end early when its JSON document is complete);
@@ -129,14 +145,17 @@ class ChatUser(HttpUser):
       of them, spread evenly); its answer must open a JSON object and, when it ended by ``stop``, parse, else
       the request counts as failed.
 
-    There is no ``ignore_eos`` in either API; random weights over a 49280-token vocabulary almost never pick
-    EOS, so greedy answers run to ``max_tokens``.
+    vlmserve and the torch baseline have no ``ignore_eos``; random weights over a 49280-token vocabulary almost
+    never pick EOS, so greedy answers run to ``max_tokens`` (``chat stopped early`` counts the exceptions).
+    llama-server gets ``ignore_eos`` through ``VLMSERVE_BENCH_CHAT_EXTRA``.
     """
 
-    wait_time = constant(0)
+    wait_time = chat_wait_time(THINK_S)
 
     def on_start(self) -> None:
         self.structured_credit = 1.0 - STRUCTURED_SHARE if STRUCTURED_SHARE > 0 else 0.0  # first one: structured
+        if THINK_S > 0:
+            time.sleep(random.expovariate(1 / THINK_S))  # staggered from the first request on
 
     def _metric(self, name: str, value: float, length: int = 0) -> None:
         self.environment.events.request.fire(request_type="METRIC", name=name, response_time=value,
@@ -151,6 +170,7 @@ class ChatUser(HttpUser):
         }
         if CHAT_IMAGE:
             body["messages"][0]["content"].insert(0, {"type": "image_url", "image_url": {"url": CHAT_IMAGE}})
+        body.update(CHAT_EXTRA)
         self.structured_credit += STRUCTURED_SHARE
         structured = self.structured_credit >= 1
         if structured:
@@ -161,6 +181,7 @@ class ChatUser(HttpUser):
         usage = None
         finish = None
         received = 0
+        deltas = 0
         text: list[str] = []
         with self.client.post("/v1/chat/completions", json=body, name="chat completion", stream=True,
                               catch_response=True) as r:
@@ -186,6 +207,7 @@ class ChatUser(HttpUser):
                         if choice.get("delta", {}).get("content"):
                             last = time.perf_counter()
                             first = first or last
+                            deltas += 1
                             text.append(choice["delta"]["content"])
                         finish = choice.get("finish_reason") or finish
                 if not done or usage is None or first is None:
@@ -203,6 +225,7 @@ class ChatUser(HttpUser):
         if tokens > 1:
             self._metric("chat ITL", (last - first) * 1000 / (tokens - 1))
         self._metric("chat tokens", 0, tokens)
+        self._metric("chat deltas", 0, deltas)
         if tokens < MAX_NEW_TOKENS or finish != "length":
             self._metric("chat stopped early", 0, tokens)
         if structured:

@@ -138,6 +138,18 @@ def bench(
     chat: bool = typer.Option(True, help="include the SmolVLM2 chat scenarios"),
     chat_duration: int = typer.Option(40, help="seconds per chat scenario and round"),
     chat_max_tokens: int = typer.Option(32, help="output tokens per chat request"),
+    chat_users: str = typer.Option("1,8", help="comma-separated user counts of the chat scenarios"),
+    chat_think: float = typer.Option(0.0, help="also run every chat load staggered: each user waits an "
+                                     "exponential think time of this mean (s) before each request (0: lockstep only)"),
+    chat_baseline: bool = typer.Option(True, help="run the chat scenarios against the torch baseline too"),
+    siglip: bool = typer.Option(True, help="include the SigLIP scenarios (and the GEMM ceilings, raw encoder and "
+                                "fidelity measurements)"),
+    llama_cpp: bool = typer.Option(False, "--llama-cpp", help="add llama.cpp's llama-server as a chat peer, on the "
+                                   "same checkpoint (first run: builds it from PyPI's llama-cpp-python sdist, "
+                                   "~8 min on 2 cores, and converts the model; cached in the state dir)"),
+    llama_cpp_outtype: str = typer.Option("auto", help="GGUF type for llama.cpp: auto (vlmserve's decoder "
+                                          "precision: f32 or bf16), f32, bf16, f16, q8_0"),
+    llama_cpp_threads: int = typer.Option(0, help="llama-server -t/-tb (0: one per CPU)"),
     chat_structured_share: float = typer.Option(0.5, help="share of JSON-schema requests in the mixed chat "
                                                           "scenario (vlmserve only; 0 skips it)"),
     repeats: int = typer.Option(3, help="rounds: every scenario runs this many times (median and range)"),
@@ -146,9 +158,21 @@ def bench(
     """Benchmark vlmserve against the one-request-at-a-time baselines on the perf models (offline)."""
     from loadtests.bench import run_bench
 
+    try:
+        chat_user_counts = tuple(int(n) for n in chat_users.split(",") if n.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--chat-users takes comma-separated integers, got {chat_users!r}") from None
+    if not chat_user_counts or min(chat_user_counts) < 1:
+        raise typer.BadParameter("--chat-users needs at least one count, each >= 1")
+    if llama_cpp_outtype not in ("auto", "f32", "bf16", "f16", "q8_0"):
+        raise typer.BadParameter("--llama-cpp-outtype: auto, f32, bf16, f16 or q8_0")
+    if llama_cpp and not chat:
+        raise typer.BadParameter("--llama-cpp is a chat peer: drop --no-chat")
     path = run_bench(name, users, duration, florence_users, florence_duration, max_new_tokens, florence, chat,
-                     chat_duration_s=chat_duration, chat_max_tokens=chat_max_tokens,
+                     chat_users=chat_user_counts, chat_duration_s=chat_duration, chat_max_tokens=chat_max_tokens,
                      chat_structured_share=chat_structured_share, repeats=repeats,
-                     model_set=model_set,
+                     model_set=model_set, siglip=siglip, chat_think_s=chat_think, chat_baseline=chat_baseline,
+                     llama_cpp=llama_cpp, llama_cpp_outtype=llama_cpp_outtype,
+                     llama_cpp_threads=llama_cpp_threads or None,
                      log=lambda m: orchestrator_cli.console.print(f"[cyan]bench[/cyan] {m}"))
     orchestrator_cli.console.print(path.with_suffix(".md").read_text())
