@@ -12,6 +12,7 @@ the native model via BLS on NGC), the image features spliced into the prompt emb
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -250,7 +251,8 @@ class Florence2Model:
             self.engine.submit(job, _answer(sender), cancelled)
 
     def finalize(self) -> None:
-        self.engine.join(timeout=30)
+        with contextlib.suppress(TimeoutError):  # unloading anyway; Triton fails what is left
+            self.engine.join(timeout=30)
 
 
 def _answer(sender) -> Callable[[Any], None]:

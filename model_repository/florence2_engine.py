@@ -16,9 +16,10 @@ through its Triton response sender when it is done:
   that has waited ``fair_every - 1`` times its last step gets the next turn, so heavy requests keep moving
   (with at least ``1 / fair_every`` of the time) under a steady stream of light ones.
 
-Failures stay with their request: a batch whose ``generate`` raises is run again job by job
-(``runtime.retry_singly``). Cancelled requests are dropped before their batch starts, and a batch whose requests
-were all cancelled stops at its next step.
+At most ``max_active`` batches decode at once (each holds its key/value cache until it is done); further
+batches wait for one of them to finish. Failures stay with their request: a batch whose ``generate`` raises is
+run again job by job (``runtime.retry_singly``). Cancelled requests are dropped before their batch starts, and
+a batch whose requests were all cancelled stops at its next step.
 """
 
 from __future__ import annotations
@@ -159,10 +160,13 @@ class Florence2Engine:
     ``pipeline`` needs ``run(jobs, step=...) -> {job.index: result}`` (:class:`Florence2Pipeline`).
     """
 
-    def __init__(self, pipeline: Any, max_batch: int = 8, scheduler: StepScheduler | None = None) -> None:
+    def __init__(self, pipeline: Any, max_batch: int = 8, scheduler: StepScheduler | None = None,
+                 max_active: int = 16) -> None:
         self.pipeline = pipeline
         self.max_batch = max(1, max_batch)
         self.scheduler = scheduler or StepScheduler()
+        # Batches decoding at once (each holds its KV cache until done); more wait for one to finish.
+        self._active = threading.BoundedSemaphore(max(1, max_active))
         self._lock = threading.Lock()
         self._pending: dict[tuple[int, int], list[Entry]] = {}
         self._forming: set[tuple[int, int]] = set()  # settings with a worker waiting for its first turn
@@ -216,7 +220,7 @@ class Florence2Engine:
         answers: list[tuple[Entry, Any]] = []
         entries: list[Entry] = []
         try:
-            with self.scheduler.turn(f"{key[0]}x{key[1]}") as ticket:
+            with self._active, self.scheduler.turn(f"{key[0]}x{key[1]}") as ticket:
                 entries = self._take(key)
                 answers = self._run(entries, lambda: self.scheduler.step(ticket))
         except Exception as exc:  # noqa: BLE001 - a last guard: every job gets an answer

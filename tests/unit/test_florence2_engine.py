@@ -204,3 +204,20 @@ def test_engine_cancellation_before_and_during_decoding() -> None:
 def test_fair_every_must_leave_room_for_priority(fair_every: int) -> None:
     with pytest.raises(ValueError, match="fair_every"):
         StepScheduler(fair_every)
+
+
+def test_engine_bounds_the_batches_decoding_at_once() -> None:
+    scheduler, log = counting_scheduler()
+    pipeline = FakePipeline(scheduler)
+    engine = Florence2Engine(pipeline, max_batch=1, scheduler=scheduler, max_active=2)
+    answers = Answers()
+    with scheduler.turn("test"):
+        for i in range(4):
+            engine.submit(FakeJob(0, f"j{i}", 5 + i, 1), answers.to(f"j{i}"))  # four settings: four batches
+        deadline = time.monotonic() + 10
+        while scheduler.waiting < 2 and time.monotonic() < deadline:  # two queue for their turn, two for a slot
+            time.sleep(0.001)
+        time.sleep(0.05)
+        assert scheduler.waiting == 2
+    engine.join(10)
+    assert sorted(answers.got) == ["j0", "j1", "j2", "j3"]
