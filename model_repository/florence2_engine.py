@@ -11,10 +11,11 @@ through its Triton response sender when it is done:
 * Each batch runs HF ``generate`` in its own thread, unchanged (same tokens as the static path, greedy and beam),
   but a :class:`StepScheduler` lets only one batch compute at a time and takes the turn back after every decode
   step (a stopping criterion that never stops: ``Florence2Pipeline.run(step=...)``).
-* The next turn goes to the batch with the least compute so far (least attained service): a request that
-  arrives while a heavy one runs goes ahead of it, so it waits at most about as long as its own work. A batch
-  that has waited ``fair_every - 1`` times its last step gets the next turn, so heavy requests keep moving
-  (with at least ``1 / fair_every`` of the time) under a steady stream of light ones.
+* The next turn goes to the batch with the least work left by its settings (new tokens left x beams x
+  requests; ties to the oldest): a request that arrives while a heavy one runs goes ahead of it, so it waits at
+  most about as long as its own work, and batches of equal settings go first come, first served. A batch that
+  has waited ``fair_every - 1`` times its last step gets the next turn, so heavy requests keep moving (with
+  at least ``1 / fair_every`` of the time) under a steady stream of light ones.
 
 At most ``max_active`` batches decode at once (each holds its key/value cache until it is done); further
 batches wait for one of them to finish. Failures stay with their request: a batch whose ``generate`` raises is
@@ -50,6 +51,7 @@ class Ticket:
     name: str
     seq: int
     service: float = 0.0  # clock units computed so far
+    work: float | None = None  # the holder's estimate of its remaining work (see StepScheduler)
     last_cost: float = 0.0  # its last turn
     turns: int = 0
     waiting_since: float = 0.0
@@ -59,7 +61,8 @@ class StepScheduler:
     """Lets one holder compute at a time; holders give the turn back after each step (:meth:`step`).
 
     The next turn: a waiting holder that has waited at least ``fair_every - 1`` times its own last turn (the one
-    waiting longest), else the one with the least service (ties: the oldest). ``clock`` measures service (seconds
+    waiting longest), else the one with the least remaining ``work`` (when holders state it; else the least
+    service so far), ties to the oldest. ``clock`` measures service (seconds
     by default; tests pass a counter). ``log``, when given, records the name of every turn's holder.
     """
 
@@ -77,9 +80,12 @@ class StepScheduler:
         self._started = 0.0
 
     @contextmanager
-    def turn(self, name: str = "") -> Iterator[Ticket]:
-        """Hold the turn (waiting for it first) for the body; :meth:`step` inside gives others a turn."""
-        ticket = Ticket(name, next(self._seq))
+    def turn(self, name: str = "", work: float | None = None) -> Iterator[Ticket]:
+        """Hold the turn (waiting for it first) for the body; :meth:`step` inside gives others a turn.
+
+        ``work``: the remaining work, in any unit shared by all holders; the holder updates ``ticket.work``.
+        """
+        ticket = Ticket(name, next(self._seq), work=work)
         with self._cond:
             ticket.waiting_since = self.clock()
             self._waiting.append(ticket)
@@ -125,7 +131,7 @@ class StepScheduler:
         if starved:
             pick = min(starved, key=lambda t: (t.waiting_since, t.seq))
         else:
-            pick = min(self._waiting, key=lambda t: (t.service, t.seq))
+            pick = min(self._waiting, key=lambda t: (t.service if t.work is None else t.work, t.seq))
         self._waiting.remove(pick)
         self._holder = pick
         if self.log is not None:
@@ -220,9 +226,18 @@ class Florence2Engine:
         answers: list[tuple[Entry, Any]] = []
         entries: list[Entry] = []
         try:
-            with self._active, self.scheduler.turn(f"{key[0]}x{key[1]}") as ticket:
+            # Remaining work: new tokens x beams x requests, less a step's worth per step (shortest first).
+            per_step = key[1]
+            with self._active, self.scheduler.turn(f"{key[0]}x{key[1]}", work=key[0] * per_step) as ticket:
                 entries = self._take(key)
-                answers = self._run(entries, lambda: self.scheduler.step(ticket))
+                ticket.work = key[0] * per_step * len(entries)
+
+                def step() -> None:
+                    assert ticket.work is not None
+                    ticket.work = max(0.0, ticket.work - per_step * len(entries))
+                    self.scheduler.step(ticket)
+
+                answers = self._run(entries, step)
         except Exception as exc:  # noqa: BLE001 - a last guard: every job gets an answer
             log.exception("florence2 batch failed")
             answered = {id(e) for e, _ in answers}

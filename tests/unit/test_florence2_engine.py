@@ -221,3 +221,35 @@ def test_engine_bounds_the_batches_decoding_at_once() -> None:
         assert scheduler.waiting == 2
     engine.join(10)
     assert sorted(answers.got) == ["j0", "j1", "j2", "j3"]
+
+
+def work_steps(scheduler: StepScheduler, name: str, n: int, work_per_step: float,
+               pause_at: int | None = None) -> None:
+    with scheduler.turn(name, work=n * work_per_step) as ticket:
+        for i in range(n):
+            if i == pause_at:
+                while not scheduler.waiting:
+                    time.sleep(0.001)
+            compute(scheduler)
+            assert ticket.work is not None
+            ticket.work -= work_per_step
+            scheduler.step(ticket)
+
+
+@pytest.mark.parametrize(("newcomer_work", "goes_first"), [(0.1, True), (1.0, False)])
+def test_with_stated_work_the_least_remaining_goes_first(newcomer_work: float, goes_first: bool) -> None:
+    """Holders that state their work are served shortest-remaining first: a newcomer with as much work as an
+    equal batch already under way waits for it (first come, first served) instead of preempting it."""
+    scheduler, log = counting_scheduler(fair_every=1000)
+    old = threading.Thread(target=work_steps, args=(scheduler, "old", 30, 1.0), kwargs={"pause_at": 10})
+    old.start()
+    while len(log) < 10:
+        time.sleep(0.001)
+    new = threading.Thread(target=work_steps, args=(scheduler, "new", 30, newcomer_work))
+    new.start()
+    old.join(10)
+    new.join(10)
+    if goes_first:
+        assert log[11:42] == ["new"] * 31 and log[42:] == ["old"] * 20
+    else:
+        assert log[:31] == ["old"] * 31 and log[31:] == ["new"] * 31
