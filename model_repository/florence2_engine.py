@@ -7,12 +7,13 @@ through its Triton response sender when it is done:
 
 * Jobs are batched by their generation settings (``max_new_tokens``, ``num_beams``), as the static path always
   did, so a light request never shares a ``generate`` with a heavy one. A batch is formed when its worker gets
-  its first turn, from every job with those settings that arrived by then (up to ``max_batch``).
+  its first turn (``window_s`` after its first job arrived, at the earliest), from every job with those settings
+  that arrived by then (up to ``max_batch``).
 * Each batch runs HF ``generate`` in its own thread, unchanged (same tokens as the static path, greedy and beam),
   but a :class:`StepScheduler` lets only one batch compute at a time and takes the turn back after every decode
   step (a stopping criterion that never stops: ``Florence2Pipeline.run(step=...)``).
-* The next turn goes to the batch with the least work left by its settings (new tokens left x beams x
-  requests; ties to the oldest): a request that arrives while a heavy one runs goes ahead of it, so it waits at
+* The next turn goes to the batch whose requests have the least work left by their settings (new tokens left x
+  beams; ties to the oldest): a request that arrives while a heavy one runs goes ahead of it, so it waits at
   most about as long as its own work, and batches of equal settings go first come, first served. A batch that
   has waited ``fair_every - 1`` times its last step gets the next turn, so heavy requests keep moving (with
   at least ``1 / fair_every`` of the time) under a steady stream of light ones.
@@ -167,9 +168,13 @@ class Florence2Engine:
     """
 
     def __init__(self, pipeline: Any, max_batch: int = 8, scheduler: StepScheduler | None = None,
-                 max_active: int = 16) -> None:
+                 max_active: int = 16, window_s: float = 0.02) -> None:
         self.pipeline = pipeline
         self.max_batch = max(1, max_batch)
+        # A new batch gathers jobs for window_s before it asks for its first turn (Triton's queue delay does the
+        # same for a dynamic batch): without it, requests answered together come back one by one and decode as
+        # many small batches, which costs throughput.
+        self.window_s = window_s
         self.scheduler = scheduler or StepScheduler()
         # Batches decoding at once (each holds its KV cache until done); more wait for one to finish.
         self._active = threading.BoundedSemaphore(max(1, max_active))
@@ -226,15 +231,17 @@ class Florence2Engine:
         answers: list[tuple[Entry, Any]] = []
         entries: list[Entry] = []
         try:
-            # Remaining work: new tokens x beams x requests, less a step's worth per step (shortest first).
-            per_step = key[1]
-            with self._active, self.scheduler.turn(f"{key[0]}x{key[1]}", work=key[0] * per_step) as ticket:
+            if self.window_s > 0:
+                time.sleep(self.window_s)
+            # Each request's remaining work: new tokens left x beams (shortest first). Per request, not per
+            # batch: eight captions decoding together are eight light requests, not one heavy one.
+            beams = key[1]
+            with self._active, self.scheduler.turn(f"{key[0]}x{key[1]}", work=key[0] * beams) as ticket:
                 entries = self._take(key)
-                ticket.work = key[0] * per_step * len(entries)
 
                 def step() -> None:
                     assert ticket.work is not None
-                    ticket.work = max(0.0, ticket.work - per_step * len(entries))
+                    ticket.work = max(0.0, ticket.work - beams)
                     self.scheduler.step(ticket)
 
                 answers = self._run(entries, step)
