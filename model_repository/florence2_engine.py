@@ -207,9 +207,9 @@ class Florence2Engine:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError("florence2 engine still busy")
 
-    def _start_worker(self, key: tuple[int, int]) -> None:  # holding self._lock
+    def _start_worker(self, key: tuple[int, int], gather: bool = True) -> None:  # holding self._lock
         self._forming.add(key)
-        thread = threading.Thread(target=self._worker, args=(key,), name=f"florence2-{key[0]}x{key[1]}",
+        thread = threading.Thread(target=self._worker, args=(key, gather), name=f"florence2-{key[0]}x{key[1]}",
                                   daemon=True)
         self._threads.add(thread)
         thread.start()
@@ -224,14 +224,14 @@ class Florence2Engine:
                 self._pending.pop(key, None)
             self._forming.discard(key)
             if rest:
-                self._start_worker(key)
+                self._start_worker(key, gather=False)  # a full batch is already waiting
             return batch
 
-    def _worker(self, key: tuple[int, int]) -> None:
+    def _worker(self, key: tuple[int, int], gather: bool = True) -> None:
         answers: list[tuple[Entry, Any]] = []
         entries: list[Entry] = []
         try:
-            if self.window_s > 0:
+            if gather and self.window_s > 0:
                 time.sleep(self.window_s)
             # Each request's remaining work: new tokens left x beams (shortest first). Per request, not per
             # batch: eight captions decoding together are eight light requests, not one heavy one.

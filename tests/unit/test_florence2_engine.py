@@ -152,7 +152,7 @@ def test_engine_batches_by_settings_and_answers_each_job_once() -> None:
     engine = Florence2Engine(pipeline, max_batch=2, scheduler=scheduler)
     answers = Answers()
     with scheduler.turn("test"):  # hold the turn: all five wait, then batch
-        for i, (prompt, tokens) in enumerate([("a", 4), ("b", 4), ("c", 4), ("x", 50), ("d", 4)]):
+        for i, (prompt, tokens) in enumerate([("a", 4), ("b", 4), ("c", 4), ("x", 5000), ("d", 4)]):
             engine.submit(FakeJob(0 if i % 2 else i, prompt, tokens, 1), answers.to(prompt))
     engine.join(10)
     assert {k: v["text"] for k, v in answers.got.items()} == {p: p.upper() for p in "abcxd"}
