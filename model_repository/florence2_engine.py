@@ -259,8 +259,9 @@ class Florence2Engine:
                 self._threads.discard(threading.current_thread())
 
     def _run(self, entries: list[Entry], step: Callable[[], None]) -> list[tuple[Entry, Any]]:
-        answers: list[tuple[Entry, Any]] = [(e, Cancelled()) for e in entries if e.is_cancelled()]
-        live = [e for e in entries if not e.is_cancelled()]
+        cancelled = {id(e) for e in entries if e.is_cancelled()}  # asked once: an entry is in exactly one list
+        answers: list[tuple[Entry, Any]] = [(e, Cancelled()) for e in entries if id(e) in cancelled]
+        live = [e for e in entries if id(e) not in cancelled]
         if not live:
             return answers
         # Jobs from different Triton batches may share an index: number them by their row here.
