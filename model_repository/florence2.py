@@ -1,22 +1,28 @@
-"""Triton model ``florence2``: every Florence-2 task, with requests batched into one ``generate``.
+"""Triton model ``florence2``: every Florence-2 task; no request waits behind another request's work.
 
-Per ``execute`` (one dynamic batch): decode images and validate each request (a bad one fails alone), run the
-vision encoder once for all images (ONNX: in-process on the embedded server, the native model via BLS on
-NGC), splice the image features into the prompt embeddings, then run one beam-search ``generate`` per group
-of requests sharing generation settings (tasks may be mixed), and post-process each answer with the
-checkpoint's own ``Florence2Processor.post_process_generation`` (location tokens -> pixel coordinates).
+Per ``execute`` (one dynamic batch): decode images and validate each request (a bad one fails alone), then hand
+the jobs to a :class:`~model_repository.florence2_engine.Florence2Engine` and return at once; each request is
+answered through its response sender when its own batch is done. The engine batches jobs by generation settings
+and interleaves the batches decode step by decode step, lightest first (see its module docstring). A batch runs
+:meth:`Florence2Pipeline.run`: the vision encoder once for its images (ONNX: in-process on the embedded server,
+the native model via BLS on NGC), the image features spliced into the prompt embeddings, one beam-search
+``generate`` (tasks may be mixed), and each answer post-processed with the checkpoint's own
+``Florence2Processor.post_process_generation`` (location tokens -> pixel coordinates).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from model_repository import runtime
+from model_repository.florence2_engine import Cancelled, Florence2Engine
 from model_repository.florence2_tasks import (
     DEFAULT_POST_PROCESSOR_CONFIG,
     REGION_TASKS,
@@ -108,9 +114,23 @@ class Florence2Pipeline:
             raise runtime.InputError(f"NUM_BEAMS must be 1..{self.limits[1]}, got {beams}")
         return Job(index, task, prompt, decoded, new_tokens, beams)
 
-    def run(self, jobs: list[Job]) -> dict[int, dict[str, Any]]:
-        """Generate for all jobs: one encoder call, one generate per (max_new_tokens, num_beams) group."""
+    def run(self, jobs: list[Job], step: Callable[[], None] | None = None) -> dict[int, dict[str, Any]]:
+        """Generate for all jobs: one encoder call, one generate per (max_new_tokens, num_beams) group.
+
+        ``step``, when given, is called after the encoders and after every decode step (it may block, to let
+        other batches compute, or raise, to stop); it does not change what is generated.
+        """
         torch = self.torch
+        criteria = None
+        if step is not None:
+            from transformers import StoppingCriteria, StoppingCriteriaList
+
+            class StepHook(StoppingCriteria):
+                def __call__(self, input_ids, scores, **kwargs):  # never stops: only yields the turn
+                    step()
+                    return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+            criteria = StoppingCriteriaList([StepHook()])
         started = time.perf_counter()
         # channels_last: RGB PIL images; transformers would guess an image 1 or 3 pixels high is channels-first.
         inputs = self.processor(text=[j.prompt for j in jobs], images=[j.image for j in jobs],
@@ -137,9 +157,12 @@ class Florence2Pipeline:
                 encoder_outputs = self.model.get_encoder()(
                     inputs_embeds=embeds[rows], attention_mask=attention_mask[rows], return_dict=True
                 )
+                if step is not None:
+                    step()
                 generated = self.model.generate(
                     encoder_outputs=encoder_outputs, attention_mask=attention_mask[rows],
                     max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, early_stopping=False,
+                    stopping_criteria=criteria,
                 )
             texts = self.processor.batch_decode(generated, skip_special_tokens=False)
             for row, text in zip(rows, texts, strict=True):
@@ -198,33 +221,56 @@ class Florence2Model:
             device=device,
             decoder_precision=params.decoder_precision,
         )
+        # Triton's max_batch_size bounds one generate's batch (as it did when a dynamic batch was one generate).
+        self.engine = Florence2Engine(self.pipeline, max_batch=int(config.get("max_batch_size") or 8))
 
-    def execute(self, requests):
+    def execute(self, requests) -> None:
+        """Validate each request and hand it to the engine; every request is answered through its response
+        sender (exactly one final response: non-decoupled), so ``execute`` returns None at once."""
         pb = runtime.pb_utils
-        responses: list[Any] = [None] * len(requests)
-        jobs: list[Job] = []
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for i, request in enumerate(requests):
+            sender = request.get_response_sender()
             try:
                 images = runtime.as_bytes_list(pb.get_input_tensor_by_name(request, "IMAGE").as_numpy())
                 if len(images) != 1:
                     raise runtime.InputError("send one image per request (IMAGE shape [1, 1])")
                 task = runtime.as_bytes_list(pb.get_input_tensor_by_name(request, "TASK").as_numpy())[0]
-                jobs.append(self.pipeline.job(
+                job = self.pipeline.job(
                     i, images[0], task.decode("utf-8", "replace"), _optional_text(request, "TEXT"),
                     _optional_int(request, "MAX_NEW_TOKENS"), _optional_int(request, "NUM_BEAMS"),
-                ))
+                )
             except runtime.InputError as exc:
-                responses[i] = runtime.error_response(str(exc), invalid_arg=True)
-            except Exception as exc:  # noqa: BLE001 - one bad request must not take the batch down
-                responses[i] = runtime.error_response(f"preprocessing failed: {type(exc).__name__}: {exc}")
-        # A failure of the batched generate is retried request by request: only the request that causes it fails.
-        for group, results in runtime.retry_singly(jobs, self.pipeline.run) if jobs else []:
-            if isinstance(results, Exception):
-                for job in group:
-                    responses[job.index] = runtime.error_response(
-                        f"generation failed: {type(results).__name__}: {results}")
+                sender.send(runtime.error_response(str(exc), invalid_arg=True), flags=final)
                 continue
-            for index, result in results.items():
-                payload = np.array([[json.dumps(result).encode("utf-8")]], dtype=np.object_)
-                responses[index] = pb.InferenceResponse(output_tensors=[pb.Tensor("RESULT", payload)])
-        return responses
+            except Exception as exc:  # noqa: BLE001 - one bad request must not take the batch down
+                sender.send(runtime.error_response(f"preprocessing failed: {type(exc).__name__}: {exc}"),
+                            flags=final)
+                continue
+            cancelled = getattr(request, "is_cancelled", None) or (lambda: False)
+            self.engine.submit(job, _answer(sender), cancelled)
+
+    def finalize(self) -> None:
+        with contextlib.suppress(TimeoutError):  # unloading anyway; Triton fails what is left
+            self.engine.join(timeout=30)
+
+
+def _answer(sender) -> Callable[[Any], None]:
+    """Sends one job's result (or failure) as its request's only, final response."""
+
+    def send(result: Any) -> None:
+        pb = runtime.pb_utils
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if isinstance(result, Cancelled):
+            code = getattr(pb.TritonError, "CANCELLED", None)
+            error = pb.TritonError("request cancelled", code) if code is not None else pb.TritonError(
+                "request cancelled")
+            sender.send(pb.InferenceResponse(error=error), flags=final)
+        elif isinstance(result, Exception):
+            sender.send(runtime.error_response(f"generation failed: {type(result).__name__}: {result}"),
+                        flags=final)
+        else:
+            payload = np.array([[json.dumps(result).encode("utf-8")]], dtype=np.object_)
+            sender.send(pb.InferenceResponse(output_tensors=[pb.Tensor("RESULT", payload)]), flags=final)
+
+    return send

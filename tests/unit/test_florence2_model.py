@@ -7,6 +7,7 @@ through the checkpoint's own ``Florence2Processor.post_process_generation``.
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 
 from model_repository import runtime
 from model_repository.florence2 import Florence2Pipeline, Job
+from model_repository.florence2_engine import Cancelled, Florence2Engine, StepScheduler
 from model_repository.florence2_tasks import TASKS, UnknownTask, find_task, region_to_loc_tokens
 
 
@@ -121,3 +123,122 @@ def test_run_mixed_tasks_and_settings_in_one_batch(pipeline) -> None:
     assert results[1]["image_size"] == [64, 64]
     assert isinstance(results[2]["result"], str)
     assert np.all([isinstance(r["text"], str) for r in results.values()])
+
+
+# ------------------------------------------------------------------------------------- step scheduling (engine)
+
+
+class StepClock:
+    """The scheduler's clock for these tests: one unit per decode step, so service counts steps, not time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class CountingScheduler(StepScheduler):
+    def step(self, ticket) -> None:
+        assert isinstance(self.clock, StepClock)
+        self.clock.now += 1
+        super().step(ticket)
+
+
+def _engine(pipeline, max_batch: int = 8) -> tuple[Florence2Engine, list[str]]:
+    log: list[str] = []
+    scheduler = CountingScheduler(4, clock=StepClock(), log=log)
+    return Florence2Engine(pipeline, max_batch=max_batch, scheduler=scheduler), log
+
+
+def _mixed_jobs(pipeline: Florence2Pipeline) -> list[Job]:
+    return [
+        pipeline.job(0, png(), "<OD>", None, 6, 3),
+        pipeline.job(1, png(64, 64), "phrase_grounding", "a red car", 6, 3),
+        pipeline.job(2, png(30, 90), "caption", None, 5, 1),
+        pipeline.job(3, png(50, 50), "region_to_description", "5,5,40,40", 6, 3),
+        pipeline.job(4, png(80, 40), "ocr", None, 5, 1),
+        pipeline.job(5, png(), "more_detailed_caption", None, 9, 2),
+    ]
+
+
+def _without_timing(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "timing"}
+
+
+def test_step_hook_does_not_change_what_is_generated(pipeline) -> None:
+    jobs = _mixed_jobs(pipeline)
+    calls = []
+    hooked = pipeline.run(jobs, step=lambda: calls.append(1))
+    plain = pipeline.run(jobs)
+    assert {i: _without_timing(r) for i, r in hooked.items()} == {i: _without_timing(r) for i, r in plain.items()}
+    assert len(calls) >= 9  # after the encoders, then every decode step
+
+
+def test_engine_answers_equal_the_static_path(pipeline) -> None:
+    jobs = _mixed_jobs(pipeline)
+    engine, _ = _engine(pipeline)
+    answers: dict[int, dict] = {}
+    with engine.scheduler.turn("test"):  # hold the turn: the jobs wait and batch by settings
+        for job in jobs:
+            engine.submit(job, lambda result, i=job.index: answers.__setitem__(i, result))
+    engine.join(120)
+    assert sorted(answers) == [j.index for j in jobs]
+    # The static path for the same batches: one pipeline.run per (max_new_tokens, num_beams), greedy and beam.
+    groups: dict[tuple[int, int], list[Job]] = {}
+    for job in jobs:
+        groups.setdefault((job.max_new_tokens, job.num_beams), []).append(job)
+    for group in groups.values():
+        static = pipeline.run(group)
+        for job in group:
+            assert _without_timing(answers[job.index]) == _without_timing(static[job.index]), job.prompt
+            assert answers[job.index]["timing"]["batch_size"] == len(group)
+
+
+def test_light_request_is_answered_while_a_heavy_one_decodes(pipeline) -> None:
+    """A 4-token greedy caption submitted while a 200-token, 8-beam request decodes: it gets the next turn and
+    is answered before the heavy one, which gets at most every 4th turn meanwhile; both answers are what the
+    static path gives."""
+    heavy = pipeline.job(0, png(), "more_detailed_caption", None, 200, 8)
+    light = pipeline.job(0, png(40, 30), "caption", None, 4, 1)
+    engine, log = _engine(pipeline)
+    answers: dict[str, dict] = {}
+    engine.submit(heavy, lambda result: answers.__setitem__("heavy", result))
+    while log.count("200x8") < 20:  # the heavy one is decoding
+        time.sleep(0.005)
+    engine.submit(light, lambda result: answers.__setitem__("light", result))
+    engine.join(300)
+    first = log.index("4x1")
+    last = len(log) - 1 - log[::-1].index("4x1")
+    during = log[first:last + 1]
+    light_turns = during.count("4x1")  # its first turn (encoders), then one per decode step (it may stop at EOS)
+    assert light_turns >= 2
+    assert during.count("200x8") <= light_turns // 3 + 1, log  # the heavy one: at most every 4th turn
+    tail = log[last + 1:]
+    assert tail and tail == ["200x8"] * len(tail)  # answered first; the heavy one was still decoding
+    assert _without_timing(answers["light"]) == _without_timing(pipeline.run([light])[0])
+    assert _without_timing(answers["heavy"]) == _without_timing(pipeline.run([heavy])[0])
+
+
+def test_engine_failure_and_cancellation_stay_with_their_request(pipeline, monkeypatch) -> None:
+    jobs = _mixed_jobs(pipeline)[:3]
+    for job in jobs:
+        job.max_new_tokens, job.num_beams = 4, 2
+    real_run = pipeline.run
+
+    def run(batch, step=None):
+        if any(j.prompt.startswith("<CAPTION_TO_PHRASE_GROUNDING>") for j in batch):
+            raise RuntimeError("poisoned row")
+        return real_run(batch, step=step)
+
+    monkeypatch.setattr(pipeline, "run", run)
+    engine, _ = _engine(pipeline)
+    answers: dict[int, object] = {}
+    with engine.scheduler.turn("test"):
+        for job in jobs:
+            engine.submit(job, lambda result, i=job.index: answers.__setitem__(i, result),
+                          cancelled=lambda i=job.index: i == 2)
+    engine.join(120)
+    assert isinstance(answers[1], RuntimeError) and "poisoned" in str(answers[1])
+    assert isinstance(answers[2], Cancelled)
+    assert answers[0]["task"] == "object_detection"  # type: ignore[index]
