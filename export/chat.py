@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from export import photos, runtime_choice
+from export import image_fence, photos, runtime_choice
 from export.pbtxt import Enum, parameters
 from export.progress import Progress
 from export.repository import (
@@ -123,13 +123,21 @@ def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weight
         diff = onnx_utils.validate("smolvlm2_vision", vision, onnx_path,
                                    {"pixel_values": pixels[picks], "patch_attention_mask": pmask[picks]})
         step.detail = f"max abs diff {diff:.2e} (wrapper vs transformers {wrapper_diff:.1e})"
-    # The runtime for the vision encoder, on the tiles of a real photo (the processor's own split).
+    # The runtime for the vision encoder, timed on the tiles of a real photo (the processor's own split) and
+    # fenced end to end: the language model's logits over photo prompts with each candidate's features vs the
+    # fp32 tower's (export/image_fence.py); the tower's own cosine is reported, not the gate.
+    fence = None
+    if options.device == "cpu":
+        with progress.step("preparing the image-prompt fence (fp32 decoder, reference tower)") as step:
+            fence = image_fence.SmolVLMImageFence(source_dir, image_fence.torch_encoder(vision))
+            step.detail = fence.description
     photo_tiles = processor(images=[[photos.photos(1)[0]]], return_tensors="np")
     choice = runtime_choice.select_for_export(
         repo, "smolvlm2_vision", vision, onnx_path,
         {"pixel_values": photo_tiles["pixel_values"][0].astype(np.float32),
          "patch_attention_mask": patch_mask(photo_tiles["pixel_attention_mask"][0].astype(bool), patch)},
-        options, progress)
+        options, progress, fence=fence)
+    del fence  # its own copy of the decoder
     chosen = runtime_choice.config_params(choice)
     with progress.step("copying checkpoint and writing Triton configs"):
         meta = {"family": "smolvlm2", "source_model": source_name, "weights": weights}
@@ -188,7 +196,7 @@ def _choose_smolvlm2_decoder(model, source_dir: Path, options: ExportOptions) ->
     return runtime_choice.choose_decoder(generate, logits, options.precision)
 
 
-smolvlm2 = _Recipe("smolvlm2-5", ["smolvlm2_vision", "smolvlm2"], export_smolvlm2)
+smolvlm2 = _Recipe("smolvlm2-6", ["smolvlm2_vision", "smolvlm2"], export_smolvlm2)
 
 
 def export_deepseek_ocr(source_dir: Path, repo: Path, options: ExportOptions, weights: str, source_name: str,

@@ -123,6 +123,22 @@ def test_export_writes_the_choice_next_to_the_model(tiny_repo: Path) -> None:
             assert params["runtime_choice"].string_value.startswith(f"{report['runtime']}/{report['precision']}")
 
 
+def test_smolvlm2_vision_is_chosen_by_the_language_model_fence(tiny_repo: Path) -> None:
+    """SmolVLM2's tower is gated on the LM's teacher-forced logits; its own cosine is kept as a reported figure."""
+    report = json.loads((tiny_repo / "smolvlm2_vision" / runtime_choice.REPORT_FILE).read_text())
+    assert report["gate"] == "lm" and "photo prompts" in report["lm_fence"]
+    assert report["lm_min_cosine"] >= runtime_choice.FIDELITY_FLOOR
+    assert report["lm_argmax_agreement"] >= runtime_choice.ARGMAX_FLOOR and report["lm_positions"] > 0
+    assert report["min_cosine"] is not None  # the tower's cosine, reported
+    for c in report["candidates"]:
+        assert c["gate"] == "lm" and (c["error"] is not None or c["lm_argmax_agreement"] is not None)
+    text = (tiny_repo / "smolvlm2_vision" / "configs" / "embedded.pbtxt").read_text()
+    line = text_format.Parse(text, model_config_pb2.ModelConfig()).parameters["runtime_choice"].string_value
+    assert "LM logits cosine" in line and "tower cosine" in line
+    # SigLIP's embeddings are what the user gets: its towers keep the tower-level gate.
+    assert json.loads((tiny_repo / "siglip_vision" / runtime_choice.REPORT_FILE).read_text())["gate"] == "tower"
+
+
 def _decoder_fakes(bf16_error: float, bf16_seconds: float):
     """generate/logits stand-ins: bf16 perturbs the logits by ``bf16_error`` and takes ``bf16_seconds``."""
     import time
