@@ -397,6 +397,7 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
             chat_targets = targets if chat_baseline else {"vlmserve": gw}
             request_extra = {}
             if llama_cpp:
+                assert llama_binary is not None and llama_gguf is not None  # built above
                 llama = llamacpp.start_server(llama_binary, llama_gguf, free_port(), max(chat_users),
                                               llama_cpp_threads or os.cpu_count() or 2, out / "llama-server.log")
                 log(f"llama.cpp: {' '.join(llama.command)}")

@@ -1,6 +1,6 @@
 """In-process Florence-2 latency check: caption p95 under N users, with and without one heavy request.
 
-``python -m model_repository.florence2_bench --checkpoint DIR [--mode static|engine] [--heavy]``
+``python -m loadtests.florence2_bench --checkpoint DIR [--mode static|engine] [--heavy]``
 
 N closed-loop users (no think time) each send a ``caption`` (``--caption-tokens`` new tokens, the default beams)
 on a synthetic photo; with ``--heavy`` one more user keeps one ``more_detailed_caption`` request with 1024 new
