@@ -39,6 +39,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from loadtests.image_ttft import image_chat_ttft
 from vlmserve import paths
 from vlmserve.host import CpuInfo, cpu_info
 
@@ -430,6 +431,10 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
                 r = results[-1]
                 log(f"  {r['rps']:.2f} req/s, p95 {r['p95_ms']:.0f} ms, {r['failures']} failures"
                     + (f", {r['tokens_per_s']:.1f} tokens/s" if r.get("tokens_per_s") is not None else ""))
+        if chat:
+            # One user: a never-seen 1024x768 JPEG, then the same request again (image and prefix caches).
+            extra["image_chat_ttft"] = image_chat_ttft(gw)
+            log(f"image chat TTFT: {extra['image_chat_ttft']}")
         batched = (["siglip_embed_image"] if siglip else []) + (["florence2"] if florence else [])
         extra["triton_batch_sizes"] = _batch_sizes(settings.triton_http_url, batched)
         triton = runtime.running().get("triton")
@@ -693,6 +698,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{_fmt(d['chat_mixed_structured_tokens_per_s_vs_free'])}x |")
     if d.get("chat_vs_llama_cpp"):
         lines += _llama_cpp_section(report)
+    lines += _image_ttft_lines(report)
     return "\n".join(lines) + "\n"
 
 
@@ -722,6 +728,16 @@ def _siglip_rows(report: dict[str, Any]) -> list[str]:
         f"| gateway overhead (1 - direct/gateway mean latency; by throughput) | "
         f"{_pct(d['gateway_overhead_latency'])}; {_pct(d['gateway_overhead_throughput'])} |",
     ]
+
+
+def _image_ttft_lines(report: dict[str, Any]) -> list[str]:
+    t = report.get("image_chat_ttft")
+    if not t:
+        return []
+    return ["", f"Image chat TTFT, 1 user, {t['image']} (`loadtests/image_ttft.py`): first time "
+            f"{t['first_ms']:.0f} ms; the same request again {t['repeated_p50_ms']:.0f} ms "
+            f"(median of {len(t['repeated_ms'])}: "
+            f"{', '.join(f'{v:.0f}' for v in t['repeated_ms'])})."]
 
 
 def _llama_cpp_section(report: dict[str, Any]) -> list[str]:

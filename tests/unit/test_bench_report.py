@@ -103,3 +103,12 @@ def test_llama_cpp_rows_ratios_and_a_report_without_siglip() -> None:
 def test_no_llama_cpp_rows_without_both_sides() -> None:
     results = [_chat("chat-llama.cpp-8u", 0, 8, 50.0, 200, 140), _chat("chat-vlmserve-1u", 0, 1, 30.0, 100, 30)]
     assert llama_cpp_ratios(summarise(results)) == {}
+
+
+def test_the_image_ttft_line_names_first_and_repeated() -> None:
+    from loadtests.bench import _image_ttft_lines
+
+    assert _image_ttft_lines({}) == []
+    lines = _image_ttft_lines({"image_chat_ttft": {"image": "1024x768 JPEG", "first_ms": 9123.4,
+                                                   "repeated_ms": [310.0, 290.0, 305.0], "repeated_p50_ms": 305.0}})
+    assert "first time 9123 ms" in lines[1] and "again 305 ms (median of 3: 310, 290, 305)" in lines[1]
