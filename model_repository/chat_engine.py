@@ -383,7 +383,8 @@ class DecodeLoop:
 
     def __init__(self, family: DecoderFamily, max_batch: int = 8,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, prefix_metrics: Any = None) -> None:
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, prefix_metrics: Any = None,
+                 max_prefill_tokens: int = 1024) -> None:
         import torch
 
         from model_repository.kv_cache import PrefixCache, SlotCache, use_gqa_sdpa
@@ -398,6 +399,7 @@ class DecodeLoop:
         self.family = family
         self.max_batch = max_batch
         self.max_batch_tokens = max_batch_tokens
+        self.max_prefill_tokens = max_prefill_tokens
         self.streamer = RowStreamer(family.tokenizer, family.eos_ids)
         self._grammars: Any = getattr(family, "grammars", None)
         self.waiting: deque[ChatJob] = deque()
@@ -465,10 +467,16 @@ class DecodeLoop:
         # First come, first served: a job that does not fit holds back those behind it (no starvation).
         requests: list[ChatJob] = []
         admitted: list[ChatJob] = []  # their rows: each request's choices
+        prompt_tokens = 0
+        # One step prefills at most max_prefill_tokens of prompts (at least one request): a burst of long prompts
+        # is spread over several steps, so the first ones answer sooner and the running rows keep decoding.
         while self.waiting and self._fits(self.waiting[0], admitted):
+            if requests and prompt_tokens + self.waiting[0].prompt_tokens > self.max_prefill_tokens:
+                break
             job = self.waiting.popleft()
             requests.append(job)
             admitted += [job, *job.shared]
+            prompt_tokens += job.prompt_tokens
         prepared: list[tuple[ChatJob, dict[str, Any], int]] = []
         for job in requests:
             try:

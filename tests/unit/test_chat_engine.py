@@ -843,3 +843,22 @@ def test_the_prefix_cache_never_mixes_images(families, family: str) -> None:
     alone.add(cold)
     alone.drain()
     assert job.token_ids == cold.token_ids
+
+
+def test_a_burst_of_prompts_is_prefilled_within_the_token_budget(families) -> None:
+    """One step prefills at most max_prefill_tokens of prompts (always at least one request); the rest join at
+    the next steps while the first rows decode, and every answer is the solo one."""
+    pipeline = families["smolvlm2"]
+    jobs = [make_job(pipeline, f"a long question about picture number {i}, " * 3, max_tokens=6) for i in range(3)]
+    budget = jobs[0][0].prompt_tokens + jobs[1][0].prompt_tokens - 1  # room for one prompt, not two
+    loop = DecodeLoop(pipeline, max_prefill_tokens=budget)
+    for job, _ in jobs:
+        loop.add(job)
+    loop.step()
+    assert loop.rows == [jobs[0][0]] and len(loop.waiting) == 2
+    loop.step()
+    assert loop.rows == [jobs[0][0], jobs[1][0]] and len(jobs[0][0].token_ids) == 3  # it kept decoding
+    loop.drain()
+    for i, (job, client) in enumerate(jobs):
+        alone = solo(pipeline, f"a long question about picture number {i}, " * 3, max_tokens=6)[0]
+        assert job.token_ids == alone.token_ids and client.finish in ("stop", "length")
