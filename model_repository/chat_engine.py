@@ -536,7 +536,7 @@ class DecodeLoop:
             block = self.prefix.block
             for i in range(len(cached), len(keys)):  # this prompt's new whole blocks, for the next one
                 self.prefix.put(keys[i], self.kv.read_block(base + slot, i * block, (i + 1) * block))
-            if keys or cached:
+            if self.prefix.enabled:  # every prompt token counts: taken from the cache, or computed
                 self.prefix.record(start + n, start)
         # Each choice that goes on takes a row: (source slot, job, sampler, token, prompt length, position).
         joining: list[tuple[int, ChatJob, RowSampler, int, int, int]] = []

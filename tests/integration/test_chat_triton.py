@@ -192,3 +192,21 @@ def test_repeated_image_is_served_from_the_image_cache(stack, model) -> None:
     assert triton_metric(stack, "vlmserve_image_cache_hits_total", model) == hits + 1  # not encoded again
     assert triton_metric(stack, "vlmserve_image_cache_misses_total", model) == misses + 1
     assert "".join(t for t, _, _ in again) == "".join(t for t, _, _ in first)  # greedy: the same answer
+
+
+@pytest.mark.parametrize("model", ["smolvlm2", "qwen2vl"])
+def test_a_repeated_prompt_prefix_is_counted_in_the_prefix_cache_metrics(stack, model) -> None:
+    """The same long prompt twice: the first computes every prompt token (misses), the second takes its whole
+    32-token blocks from the prefix cache (hits), and answers the same."""
+    text = "Describe a quiet harbour at dawn, the boats, the gulls, the light on the water, in detail. " * 3
+    messages = [{"role": "user", "content": text + model}]
+    hits, misses = (triton_metric(stack, f"vlmserve_prefix_cache_{k}_total", model) for k in ("hits", "misses"))
+    first = stream(stack, model, messages, {"max_tokens": 4})
+    computed = triton_metric(stack, "vlmserve_prefix_cache_misses_total", model) - misses
+    assert computed >= 32 and triton_metric(stack, "vlmserve_prefix_cache_hits_total", model) == hits
+    assert triton_metric(stack, "vlmserve_prefix_cache_bytes", model) > 0
+    again = stream(stack, model, messages, {"max_tokens": 4})
+    reused = triton_metric(stack, "vlmserve_prefix_cache_hits_total", model) - hits
+    assert reused >= 32 and reused % 32 == 0
+    assert triton_metric(stack, "vlmserve_prefix_cache_misses_total", model) - misses == 2 * computed - reused
+    assert "".join(t for t, _, _ in again) == "".join(t for t, _, _ in first)
