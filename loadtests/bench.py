@@ -14,7 +14,7 @@ reported as median with min–max spread):
     times: Poisson arrivals per user); and vlmserve at the most users with a share of the requests asking for
     JSON-schema output (constrained decoding rows mixed into the same batch): tokens/s mixed vs free.
   llama.cpp (``llama_cpp=True``, opt-in): ``llama-server`` on the same checkpoint's text model (GGUF, built and
-    converted once by ``loadtests/llamacpp.py``) as a third chat target, same ChatUser load; every ratio
+    converted once by ``export/llamacpp.py``) as a third chat target, same ChatUser load; every ratio
     vlmserve/llama.cpp is reported per scenario.
 Also measured in the same run: the host's CPU and ISA, GEMM ceilings per precision, each encoder alone
 ("raw"), resident memory per Triton model, and the served embeddings' cosine to the transformers reference.
@@ -334,11 +334,12 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
         gflop_per_image = siglip_vision_gflop(checkpoints / "siglip")
     llama_binary = llama_gguf = None
     if llama_cpp:
+        from export import llamacpp as llamacpp_build
         from loadtests import llamacpp
 
-        llama_binary, llama_build = llamacpp.ensure_server(log)
+        llama_binary, llama_build = llamacpp_build.ensure_server(log)
         llama_outtype = _llama_outtype(llama_cpp_outtype, repo)
-        llama_gguf = llamacpp.ensure_gguf(checkpoints / "smolvlm2", llama_outtype, log)
+        llama_gguf = llamacpp_build.ensure_gguf(checkpoints / "smolvlm2", llama_outtype, log)
     choices = {m: json.loads((repo / m / "runtime_choice.json").read_text())
                for m in ("siglip_vision", "siglip_text", "florence2_vision", "smolvlm2_vision")
                if (repo / m / "runtime_choice.json").exists()}

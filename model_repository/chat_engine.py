@@ -385,16 +385,23 @@ class DecodeLoop:
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
                  prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, prefix_metrics: Any = None,
                  max_prefill_tokens: int = 1024) -> None:
-        import torch
-
         from model_repository.kv_cache import PrefixCache, SlotCache, use_gqa_sdpa
 
-        if max_batch < 1 or max_batch_tokens < 1:
-            raise ValueError("max_batch and max_batch_tokens must be positive")
         attn = getattr(family.model.config, "_attn_implementation", "sdpa")
         if attn not in ("sdpa", "eager"):
             raise ValueError(f"the chat engine's KV slots need SDPA or eager attention (custom 4D masks), not {attn}")
+        self._init_scheduler(family, max_batch, max_batch_tokens, max_prefill_tokens)
         use_gqa_sdpa(family.model)
+        self.kv = SlotCache(decoder_layers(family))
+        self.prefix = PrefixCache(prefix_cache_bytes, metrics=prefix_metrics)
+
+    def _init_scheduler(self, family: DecoderFamily, max_batch: int, max_batch_tokens: int,
+                        max_prefill_tokens: int) -> None:
+        """What every engine's loop shares: the queue, the rows with their samplers, the streamer, the limits."""
+        import torch
+
+        if max_batch < 1 or max_batch_tokens < 1:
+            raise ValueError("max_batch and max_batch_tokens must be positive")
         self.torch = torch
         self.family = family
         self.max_batch = max_batch
@@ -405,8 +412,6 @@ class DecodeLoop:
         self.waiting: deque[ChatJob] = deque()
         self.rows: list[ChatJob] = []
         self.samplers: list[RowSampler] = []
-        self.kv = SlotCache(decoder_layers(family))
-        self.prefix = PrefixCache(prefix_cache_bytes, metrics=prefix_metrics)
         self.lengths: Any = None  # [rows]: KV columns each row holds (the column its next token writes)
         self.positions: Any = None  # [rows]: position id of the token fed at the next step
         self.next_tokens: Any = None  # [rows]
@@ -665,9 +670,8 @@ class DecodeLoop:
             return False
         keep: list[int] = []
         for row, job in enumerate(self.rows):
-            one = slice(row, row + 1)
             try:
-                self._forward(row, self.next_tokens[one], self.lengths[one], self.positions[one])
+                self._probe(row)
             except Exception as row_exc:  # noqa: BLE001 - this row causes it: only its client gets the error
                 log.warning("chat: row %d of %d fails alone (%s: %s); failing its request, the others go on",
                             row, rows, type(row_exc).__name__, row_exc)
@@ -684,6 +688,12 @@ class DecodeLoop:
             return False
         self._select(keep)
         return True
+
+    def _probe(self, row: int) -> None:
+        """Run row ``row``'s decode forward alone (raises when the row fails alone). Its write lands past the
+        row's length, where the next batched forward writes again."""
+        one = slice(row, row + 1)
+        self._forward(row, self.next_tokens[one], self.lengths[one], self.positions[one])
 
     def _fail_all(self, exc: Exception) -> None:
         for job in self.rows:
@@ -739,12 +749,15 @@ class ChatEngine:
 
     def __init__(self, pipeline: Any, max_batch: int = 8, window_s: float = 0.02,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, prefix_metrics: Any = None) -> None:
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, prefix_metrics: Any = None,
+                 loop: DecodeLoop | None = None) -> None:
         self.pipeline = pipeline
         self.max_batch = max_batch
         self.window_s = window_s
-        self.loop = (DecodeLoop(pipeline, max_batch, max_batch_tokens, prefix_cache_bytes, prefix_metrics)
-                     if isinstance(pipeline, DecoderFamily) else None)
+        # ``loop``: another engine's loop for the family (model_repository.llamacpp_engine); else the torch one.
+        if loop is None and isinstance(pipeline, DecoderFamily):
+            loop = DecodeLoop(pipeline, max_batch, max_batch_tokens, prefix_cache_bytes, prefix_metrics)
+        self.loop = loop
         self.queue: queue.Queue[ChatJob | None] = queue.Queue()
         target = self._continuous if self.loop is not None else self._static
         self.thread = threading.Thread(target=target, name="chat-engine", daemon=True)

@@ -1,4 +1,4 @@
-"""loadtests/llamacpp.py and the bench's llama.cpp scenarios: what would be built, converted and run (no build,
+"""export/llamacpp.py, loadtests/llamacpp.py and the bench's llama.cpp scenarios: what would be built, converted and run (no build,
 no server: the real build is slow and only runs with ``vlmserve bench --llama-cpp``)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from export import llamacpp as build
 from loadtests import llamacpp
 from loadtests.bench import LLAMA_CPP, chat_scenarios
 
@@ -22,14 +23,14 @@ def _switches(args: list[str]) -> dict[str, str]:
 
 
 def test_isa_level_names_every_switch_and_never_native_or_amx() -> None:
-    name, args = llamacpp.isa_level(AVX2_EPYC)
+    name, args = build.isa_level(AVX2_EPYC)
     sw = _switches(args)
     assert name == "avx2"
     assert sw["GGML_NATIVE"] == "OFF"
     assert all(sw[s] == "ON" for s in ("GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2"))
     assert sw["GGML_AVX512"] == "OFF" and sw["GGML_AMX_INT8"] == "OFF"
 
-    name, args = llamacpp.isa_level(SAPPHIRE)
+    name, args = build.isa_level(SAPPHIRE)
     sw = _switches(args)
     assert name == "avx512-vnni-bf16"
     assert sw["GGML_AVX512"] == sw["GGML_AVX512_VNNI"] == sw["GGML_AVX512_BF16"] == "ON"
@@ -40,28 +41,28 @@ def test_isa_level_names_every_switch_and_never_native_or_amx() -> None:
 
 def test_isa_level_needs_every_flag_of_a_level() -> None:
     # AVX-512F without BW/VL/DQ (e.g. Knights Landing) stays at AVX2; no AVX2 at all falls back to SSE.
-    assert llamacpp.isa_level(AVX2_EPYC | {"avx512f"})[0] == "avx2"
-    name, args = llamacpp.isa_level({"sse4_2"})
+    assert build.isa_level(AVX2_EPYC | {"avx512f"})[0] == "avx2"
+    name, args = build.isa_level({"sse4_2"})
     assert name == "sse42" and "-DGGML_AVX2=OFF" in args
 
 
 def test_cpu_flags_reads_the_first_flags_line(tmp_path: Path) -> None:
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx avx2 fma\n\nflags\t: other\n")
-    assert llamacpp.cpu_flags(info) == {"fpu", "avx", "avx2", "fma"}
-    assert llamacpp.cpu_flags(tmp_path / "missing") == set()
+    assert build.cpu_flags(info) == {"fpu", "avx", "avx2", "fma"}
+    assert build.cpu_flags(tmp_path / "missing") == set()
 
 
 def test_build_commands(tmp_path: Path) -> None:
-    _, switches = llamacpp.isa_level(AVX2_EPYC)
-    configure = llamacpp.configure_command(tmp_path / "src", tmp_path / "build", switches)
+    _, switches = build.isa_level(AVX2_EPYC)
+    configure = build.configure_command(tmp_path / "src", tmp_path / "build", switches)
     assert configure[:5] == ["cmake", "-S", str(tmp_path / "src"), "-B", str(tmp_path / "build")]
     assert configure[configure.index("-G") + 1] == "Ninja"
     for flag in ("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                  "-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON"):
         assert flag in configure
     assert not any("march=native" in a for a in configure)
-    assert llamacpp.build_command(tmp_path / "build", 2) == ["cmake", "--build", str(tmp_path / "build"), "-j", "2",
+    assert build.build_command(tmp_path / "build", 2) == ["cmake", "--build", str(tmp_path / "build"), "-j", "2",
                                                              "--target", "llama-server"]
 
 
@@ -85,16 +86,16 @@ def test_server_command_has_a_slot_per_user_and_context_for_each() -> None:
 
 def test_conversion_config_adds_the_text_architecture_only_when_missing() -> None:
     config = {"architectures": ["SmolVLMForConditionalGeneration"], "text_config": {"vocab_size": 49280}}
-    out = llamacpp.conversion_config(config)
+    out = build.conversion_config(config)
     assert out["text_config"]["architectures"] == ["VLlama3ForCausalLM"]
     assert out["text_config"]["vocab_size"] == 49280 and out["architectures"] == config["architectures"]
     assert "architectures" not in config["text_config"]  # a copy: the served checkpoint's config is untouched
-    kept = llamacpp.conversion_config({"text_config": {"architectures": ["LlamaForCausalLM"]}})
+    kept = build.conversion_config({"text_config": {"architectures": ["LlamaForCausalLM"]}})
     assert kept["text_config"]["architectures"] == ["LlamaForCausalLM"]
 
 
 def test_convert_command_runs_the_vendored_converter_with_the_outtype(tmp_path: Path) -> None:
-    cmd = llamacpp.convert_command(tmp_path / "src", tmp_path / "hf", tmp_path / "model.gguf", "f32")
+    cmd = build.convert_command(tmp_path / "src", tmp_path / "hf", tmp_path / "model.gguf", "f32")
     assert cmd[1] == "-c" and "convert_hf_to_gguf.py" in cmd[2] and '"gpt-2"' in cmd[2]
     assert cmd[3:] == [str(tmp_path / "hf"), "--outtype", "f32", "--outfile", str(tmp_path / "model.gguf")]
 
@@ -106,7 +107,7 @@ def test_convert_command_runs_the_vendored_converter_with_the_outtype(tmp_path: 
 ])
 def test_converter_wrapper_refuses_a_pre_tokenizer_that_is_not_gpt2s(tmp_path: Path, pre: dict) -> None:
     (tmp_path / "tokenizer.json").write_text(json.dumps({"pre_tokenizer": pre}))
-    cmd = llamacpp.convert_command(tmp_path, tmp_path, tmp_path / "model.gguf", "f32")
+    cmd = build.convert_command(tmp_path, tmp_path, tmp_path / "model.gguf", "f32")
     # Refused before the vendored converter is imported (it is not on the path here).
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert done.returncode != 0 and "refusing to declare it gpt-2" in done.stderr
