@@ -190,13 +190,15 @@ class PrefixCache:
     def put(self, key: bytes, block: torch.Tensor) -> None:
         self.store.put(key, block)
 
-    def record(self, prompt_tokens: int, hit: int) -> None:
+    def record(self, prompt_tokens: int, hit: int, held: int | None = None) -> None:
+        """Count a prompt's tokens taken from the cache (``hit``) and computed; ``held``: the bytes the cache holds
+        when they are not in :attr:`store` (an engine that keeps prefixes its own way)."""
         self.hit_tokens += hit
         self.missed_tokens += prompt_tokens - hit
         if self.metrics is not None:
             self.metrics.hit(hit)
             self.metrics.miss(prompt_tokens - hit)
-            self.metrics.held(self.store.bytes)
+            self.metrics.held(self.store.bytes if held is None else held)
 
 
 def inputs_digest(inputs: dict[str, Any]) -> bytes:

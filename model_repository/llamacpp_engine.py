@@ -15,7 +15,12 @@ streamer (stop strings, cancellation), per-row failure isolation.
   cells removed (``llama_memory_seq_rm``). Packing rows after a leave moves no data.
 - **Failures.** On a non-zero return llama.cpp restores the cache as it was before the call, so a failed step has
   nothing to undo, as in the torch loop.
-- **Prefix cache.** Not on this engine (yet): a prompt seen again is computed again (see docs/chat.md).
+- **Prefix cache.** When a request ends, its sequence's prompt cells stay resident (parked, LRU) with the
+  prompt's block keys (:class:`~model_repository.kv_cache.PrefixCache`'s hash chain over 32-token blocks and the
+  images' pixels). A later prompt that begins with the same whole blocks gets them by ``llama_memory_seq_cp`` of
+  that range (tags, no copy) and computes only the rest. Parked prompts hold at most ``prefix_cache_bytes`` of
+  KV (and at most ``max_batch_tokens`` cells, which the context adds to the running rows' budget); they are
+  dropped first when a batch needs cells or sequence ids.
 
 The GGUF is written at export (``export/llamacpp.py``), which also fences it (teacher-forced logits vs the
 transformers reference) and times it against the torch loop before choosing it for the host.
@@ -27,13 +32,14 @@ import ctypes
 import logging
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from model_repository.chat_engine import ChatJob, DecodeLoop, DecoderFamily, RowSampler
-from vlmserve.families.contract import DEFAULT_MAX_BATCH_TOKENS
+from vlmserve.families.contract import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_PREFIX_CACHE_BYTES
 
 log = logging.getLogger("vlmserve.chat")
 
@@ -131,8 +137,9 @@ class LlamaCppModel:
         logits = np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(outputs, self.vocab))
         return logits.copy()
 
-    def copy(self, src: int, dst: int) -> None:
-        self.lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+    def copy(self, src: int, dst: int, start: int = -1, end: int = -1) -> None:
+        """Give ``dst`` the cells of ``src`` at positions ``[start, end)`` (all by default)."""
+        self.lib.llama_memory_seq_cp(self.memory, src, dst, start, end)
 
     def drop(self, seq: int) -> None:
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
@@ -157,12 +164,22 @@ class LlamaCppLoop(DecodeLoop):
 
     def __init__(self, family: DecoderFamily, gguf: Path, max_batch: int = 8,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_prefill_tokens: int = 1024,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+                 prefix_metrics: Any = None) -> None:
+        from model_repository.kv_cache import PrefixCache
+
         self._init_scheduler(family, max_batch, max_batch_tokens, max_prefill_tokens)
-        self.llama = LlamaCppModel(gguf, max_batch_tokens, max_batch, threads)
-        self.prefix = None
+        self.prefix = PrefixCache(prefix_cache_bytes, metrics=prefix_metrics)
+        # Parked prompts: at most prefix_cache_bytes of KV, and at most max_batch_tokens cells beside the rows'.
+        self.parked_limit = min(prefix_cache_bytes // self.kv_bytes_per_token, max_batch_tokens)
+        parked_seqs = max_batch if self.parked_limit else 0
+        self.llama = LlamaCppModel(gguf, max_batch_tokens + self.parked_limit, max_batch + parked_seqs, threads)
         self.seqs: list[int] = []  # row -> its llama.cpp sequence id
-        self.free = list(range(max_batch))  # sequence ids no row holds
+        self.sequences = max_batch + parked_seqs
+        self.free = list(range(self.sequences))  # sequence ids nothing holds
+        # Parked sequence id -> (its prompt's block keys, its prompt length), least recently used first.
+        self.parked: OrderedDict[int, tuple[list[bytes], int]] = OrderedDict()
+        self.prompt_keys: dict[int, list[bytes]] = {}  # id(job) of a row -> its prompt's block keys
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -172,7 +189,13 @@ class LlamaCppLoop(DecodeLoop):
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         return text.num_hidden_layers * 2 * heads * head_dim * 2
 
+    @property
+    def parked_tokens(self) -> int:
+        return sum(n for _, n in self.parked.values())
+
     def _take(self) -> int:
+        if not self.free:
+            self._evict()
         seq = self.free.pop(0)
         self.llama.drop(seq)  # nothing of an earlier holder's cells may remain
         return seq
@@ -181,32 +204,66 @@ class LlamaCppLoop(DecodeLoop):
         self.llama.drop(seq)
         self.free.append(seq)
 
+    def _evict(self) -> None:
+        """Drop the least recently used parked prompt."""
+        seq, _ = self.parked.popitem(last=False)
+        self._give_back(seq)
+
+    def _park(self, seq: int, job: ChatJob) -> None:
+        """Keep ``seq``'s prompt cells for later prompts that begin the same way (or free it)."""
+        keys = self.prompt_keys.pop(id(job), None)
+        length = len(job.inputs["input_ids"])
+        if (not keys or length > self.parked_limit
+                or any(k[-1] == keys[-1] for k, _ in self.parked.values())):  # nothing to keep, or kept already
+            self._give_back(seq)
+            return
+        self.llama.truncate(seq, length)  # the answer's cells go; the prompt's stay
+        self.parked[seq] = (keys, length)
+        while self.parked_tokens > self.parked_limit:
+            self._evict()
+
+    def _reuse(self, job: ChatJob, seq: int) -> int:
+        """Give ``seq`` the cells of the longest parked prefix of ``job``'s prompt (whole blocks, at least the last
+        prompt token left to compute); returns how many prompt tokens they cover."""
+        from model_repository.kv_cache import inputs_digest
+
+        ids = job.inputs["input_ids"]
+        if not self.prefix.enabled:
+            return 0
+        keys = self.prefix.keys(ids, inputs_digest(job.inputs))
+        self.prompt_keys[id(job)] = keys
+        usable = keys[: (len(ids) - 1) // self.prefix.block]
+        best, blocks = None, 0
+        for parked, (held, _) in self.parked.items():
+            n = 0
+            while n < min(len(usable), len(held)) and usable[n] == held[n]:
+                n += 1
+            if n > blocks:
+                best, blocks = parked, n
+        if best is None:
+            return 0
+        self.parked.move_to_end(best)
+        start = blocks * self.prefix.block
+        self.llama.copy(best, seq, 0, start)
+        return start
+
     def _prefill(self, run: list[tuple[ChatJob, dict[str, Any], int]]) -> None:
         """The prompts of ``run`` into fresh sequences (text prompts in one ``llama_decode``, a prompt with images
-        alone, as embeddings), then each choice's first token; the choices that go on become rows."""
-        torch = self.torch
-        seqs = [self._take() for _ in run]
+        alone, as embeddings), each from the end of its longest parked prefix, then each choice's first token;
+        the choices that go on become rows."""
         try:
-            texts = [i for i, (job, _, _) in enumerate(run) if "pixel_values" not in job.inputs]
-            logits: dict[int, Any] = {}
-            if texts:
-                entries = []
-                for i in texts:
-                    ids = run[i][0].inputs["input_ids"]
-                    entries += [(t, p, seqs[i], p == len(ids) - 1) for p, t in enumerate(ids)]
-                out = self.llama.decode(entries)
-                logits.update({i: out[k] for k, i in enumerate(texts)})
-            for i, (_, kwargs, _) in enumerate(run):
-                if i not in logits:
-                    embeds = kwargs["inputs_embeds"][0].float().cpu().numpy()
-                    logits[i] = self.llama.decode(embeddings=embeds, seq=seqs[i])[0]
-        except Exception:
-            for seq in seqs:
-                self._give_back(seq)
-            raise
+            logits = self._prefill_prompts(run)
+        except RuntimeError as exc:
+            if "no KV cells" not in str(exc) or not self.parked:
+                raise
+            while self.parked:  # the parked prompts hold the cells this batch needs: drop them, once
+                self._evict()
+            logits = self._prefill_prompts(run)
+        torch = self.torch
         rows = len(self.rows) + sum(1 + len(job.shared) for job, _, _ in run)
         joining: list[tuple[int, ChatJob, RowSampler, int, int, int]] = []  # (seq, job, sampler, token, len, pos)
         for i, (job, _, position) in enumerate(run):
+            seq = self._prompt_seqs[i]
             row_logits = torch.from_numpy(logits[i])
             taken = False
             for choice in (job, *job.shared):
@@ -216,13 +273,14 @@ class LlamaCppLoop(DecodeLoop):
                 if self._answer(choice, token, sampler):
                     continue
                 if taken:  # another choice of this request: its own sequence, sharing the prompt's cells
-                    seq = self._take()
-                    self.llama.copy(seqs[i], seq)
+                    own = self._take()
+                    self.llama.copy(seq, own)
+                    joining.append((own, choice, sampler, token, len(job.inputs["input_ids"]), position))
                 else:
-                    seq, taken = seqs[i], True
-                joining.append((seq, choice, sampler, token, len(job.inputs["input_ids"]), position))
+                    taken = True
+                    joining.append((seq, choice, sampler, token, len(job.inputs["input_ids"]), position))
             if not taken:
-                self._give_back(seqs[i])
+                self._park(seq, job)
         if not joining:
             return
         new = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
@@ -238,13 +296,49 @@ class LlamaCppLoop(DecodeLoop):
             self.lengths = torch.cat([self.lengths, added[1]])
             self.positions = torch.cat([self.positions, added[2]])
 
+    def _prefill_prompts(self, run: list[tuple[ChatJob, dict[str, Any], int]]) -> dict[int, np.ndarray]:
+        """Each prompt's last logits; its sequence in ``self._prompt_seqs`` (all freed again when this raises)."""
+        seqs = self._prompt_seqs = [self._take() for _ in run]
+        try:
+            starts = [self._reuse(job, seq) for (job, _, _), seq in zip(run, seqs, strict=True)]
+            texts = [i for i, (job, _, _) in enumerate(run) if "pixel_values" not in job.inputs]
+            logits: dict[int, np.ndarray] = {}
+            if texts:
+                entries = []
+                for i in texts:
+                    ids = run[i][0].inputs["input_ids"]
+                    entries += [(ids[p], p, seqs[i], p == len(ids) - 1) for p in range(starts[i], len(ids))]
+                out = self.llama.decode(entries)
+                logits.update({i: out[k] for k, i in enumerate(texts)})
+            for i, (_, kwargs, _) in enumerate(run):
+                if i not in logits:
+                    embeds = kwargs["inputs_embeds"][0, starts[i]:].float().cpu().numpy()
+                    logits[i] = self.llama.decode(embeddings=embeds, seq=seqs[i], start=starts[i])[0]
+        except Exception:
+            for (job, _, _), seq in zip(run, seqs, strict=True):
+                self.prompt_keys.pop(id(job), None)
+                self._give_back(seq)
+            raise
+        if self.prefix.enabled:
+            for (job, _, _), start in zip(run, starts, strict=True):
+                self.prefix.record(len(job.inputs["input_ids"]), start,
+                                   held=self.parked_tokens * self.kv_bytes_per_token)
+        return logits
+
     def _forward(self, first: int, tokens: Any, lengths: Any, positions: Any) -> Any:
         """One decode step of rows ``first .. first + len(tokens) - 1``: each row's token at its own position in
         its own sequence, all in one ``llama_decode``; their float logits ``[rows, vocab]``."""
         seqs = self.seqs[first:first + len(tokens)]
         entries = [(int(t), int(p), s, True)
                    for t, p, s in zip(tokens.tolist(), positions.tolist(), seqs, strict=True)]
-        return self.torch.from_numpy(self.llama.decode(entries))
+        try:
+            return self.torch.from_numpy(self.llama.decode(entries))
+        except RuntimeError as exc:
+            if "no KV cells" not in str(exc) or not self.parked:
+                raise
+            while self.parked:  # the running rows come first
+                self._evict()
+            return self.torch.from_numpy(self.llama.decode(entries))
 
     def _probe(self, row: int) -> None:
         """Row ``row``'s decode alone, then its token taken out of its sequence again (llama.cpp keeps what a
@@ -257,7 +351,7 @@ class LlamaCppLoop(DecodeLoop):
         kept = set(keep)
         for row, seq in enumerate(self.seqs):
             if row not in kept:
-                self._give_back(seq)
+                self._leave(row, seq)
         index = self.torch.tensor(keep)
         self.lengths = self.lengths[index]
         self.positions = self.positions[index]
@@ -266,8 +360,16 @@ class LlamaCppLoop(DecodeLoop):
         self.rows = [self.rows[i] for i in keep]
         self.samplers = [self.samplers[i] for i in keep]
 
+    def _leave(self, row: int, seq: int) -> None:
+        job = self.rows[row]
+        if job.finish in ("stop", "length"):  # its prompt cells are sound: keep them for a later prompt
+            self._park(seq, job)
+        else:
+            self.prompt_keys.pop(id(job), None)
+            self._give_back(seq)
+
     def _reset(self) -> None:
-        self.rows, self.samplers = [], []
+        for row, seq in enumerate(self.seqs):
+            self._leave(row, seq)
+        self.rows, self.samplers, self.seqs = [], [], []
         self.lengths = self.positions = self.next_tokens = None
-        self.llama.clear()
-        self.seqs, self.free = [], list(range(self.max_batch))

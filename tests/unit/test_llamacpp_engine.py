@@ -63,6 +63,12 @@ def llama_loop(smol, **kwargs):
     return LlamaCppLoop(pipeline, gguf, threads=1, **{"max_batch_tokens": 4096, **kwargs})
 
 
+def all_back(loop) -> bool:
+    """No row holds a sequence: each id is free or holds a parked prompt (at most one per distinct prompt)."""
+    return (not loop.rows and not loop.seqs and not loop.prompt_keys
+            and sorted([*loop.free, *loop.parked]) == list(range(loop.sequences)))
+
+
 def run(loop, pipeline, *specs, **params):
     """Queue one job per (prompt, image size) and drain the loop; the jobs and their clients."""
     jobs = [make_job(pipeline, text, size, **params) for text, size in specs]
@@ -108,7 +114,7 @@ def test_rows_joining_mid_decode_keep_their_solo_tokens(smol) -> None:
     assert len(loop.rows) == 3
     loop.drain()
     assert [j.token_ids for j, _ in jobs] == alone
-    assert sorted(loop.free) == list(range(loop.max_batch))  # every sequence id went back to the pool
+    assert all_back(loop)  # every sequence id is free again, or holds a parked prompt
 
 
 def test_n_choices_share_one_prefill_and_sample_with_their_own_seeds(smol) -> None:
@@ -152,7 +158,7 @@ def test_stop_strings_max_tokens_and_cancellation(smol) -> None:
     assert short.token_ids == reference.token_ids[:3] and short_client.finish == "length"
     assert stopped_client.finish == "stop" and stopped_client.text == text[: text.find(stop)]
     assert doomed_client.finish == "cancelled" and doomed_client.events[-1][2]["completion_tokens"] < 500
-    assert sorted(loop.free) == list(range(loop.max_batch)) and not loop.rows
+    assert all_back(loop)
 
 
 def test_penalties_and_a_schema_row_beside_free_rows(smol) -> None:
@@ -212,7 +218,7 @@ def test_a_failing_prefill_or_row_fails_alone(smol) -> None:
     assert poisoned_client.finish == "error" and "llama_decode failed" in poisoned_client.events[-1][0]
     assert sum(1 for _, f, _ in poisoned_client.events if f == "error") == 1
     assert good.token_ids == alone and good_client.finish in ("stop", "length")
-    assert sorted(loop.free) == list(range(loop.max_batch))
+    assert all_back(loop)
 
 
 def test_kv_budget_makes_jobs_wait_and_sizes_the_context(smol) -> None:
@@ -231,3 +237,28 @@ def test_kv_budget_makes_jobs_wait_and_sizes_the_context(smol) -> None:
     text = pipeline.model.config.get_text_config()
     assert loop.kv_bytes_per_token == text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim * 2
     assert math.isfinite(loop.kv_bytes_per_token)
+
+
+def test_a_repeated_prompt_prefix_is_taken_from_a_parked_sequence(smol) -> None:
+    """A second turn that begins with the first turn's prompt computes only its new blocks, and answers what a
+    cold loop answers (tokens and log probabilities); the same text with another image shares nothing."""
+    pipeline, _ = smol
+    system = "You are a careful assistant who describes photographs in plain words. " * 3
+    first = (system + "What is in this picture?", (70, 50))
+    second = (system + "What is in this picture? And what colour is it, exactly?", (70, 50))
+    params = {"max_tokens": 8, "logprobs": True, "top_logprobs": 3}
+    cold = run(llama_loop(smol), pipeline, second, **params)[0][0]
+    loop = llama_loop(smol)
+    run(loop, pipeline, first, **params)
+    assert len(loop.parked) == 1 and loop.prefix.hit_tokens == 0
+    missed = loop.prefix.missed_tokens
+    (warm, _), = run(loop, pipeline, second, **params)
+    assert loop.prefix.hit_tokens >= 32 and loop.prefix.hit_tokens % 32 == 0
+    assert loop.prefix.missed_tokens - missed == warm.prompt_tokens - loop.prefix.hit_tokens
+    assert warm.token_ids == cold.token_ids
+    for a, b in zip(warm.logprobs, cold.logprobs, strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
+    hits = loop.prefix.hit_tokens
+    run(loop, pipeline, (second[0], (90, 60)), **params)  # same ids, another image
+    assert loop.prefix.hit_tokens == hits
+    assert all_back(loop) and len(loop.parked) == 3
