@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlmserve-installed
 
-.PHONY: install demo serve export bench loadtest test test-unit test-integration test-e2e chaos image lint clean
+.PHONY: install llamacpp demo serve export bench loadtest test test-unit test-integration test-e2e chaos image lint clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+llamacpp: install ## llama.cpp's Python bindings for this CPU (built from the sdist once, ~6 min; cached): the chat engine export may choose
+	$(PY) -m export.llamacpp
 
 demo: install ## offline: tiny random models, Triton + gateway in the foreground (Ctrl-C stops)
 	$(VENV)/bin/vlmserve demo

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from export import image_fence, photos, runtime_choice
+from export import chat_engine_choice, image_fence, photos, runtime_choice
 from export.pbtxt import Enum, parameters
 from export.progress import Progress
 from export.repository import (
@@ -155,20 +155,45 @@ def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weight
         write_python_model(repo, "smolvlm2_vision", "model_repository.onnx_model.TritonPythonModel")
         copy_checkpoint(source_dir, repo / "smolvlm2" / "1" / "checkpoint")
     extra: dict[str, Any] = {"encoder_model": "smolvlm2_vision", **chosen}
-    decoder = None
+    decoder = engine = None
     if options.device == "cpu":
         with progress.step("choosing the decoder precision (timing fp32 vs bf16 weights)") as step:
             decoder = _choose_smolvlm2_decoder(model, source_dir, options)
             (repo / "smolvlm2" / "decoder_choice.json").write_text(json.dumps(decoder, indent=2))
             step.detail = runtime_choice.decoder_summary(decoder)
         extra |= {"decoder_precision": decoder["precision"], "decoder_choice": runtime_choice.decoder_summary(decoder)}
+        with progress.step(f"choosing the chat engine (--chat-engine {options.chat_engine})") as step:
+            engine = _choose_smolvlm2_engine(model, source_dir, repo, options, decoder["precision"], progress)
+            (repo / "smolvlm2" / chat_engine_choice.REPORT_FILE).write_text(json.dumps(engine, indent=2))
+            step.detail = chat_engine_choice.summary(engine)
+        extra |= {"chat_engine": engine["engine"], "engine_choice": chat_engine_choice.summary(engine)}
+        if engine["engine"] == "llamacpp":
+            extra["decoder_gguf"] = engine["gguf"]
     with progress.step("writing the smolvlm2 Triton configs"):
         write_config(repo, "smolvlm2", chat_config("smolvlm2", options, meta, extra, runner="triton"))
         write_config(repo, "smolvlm2", chat_config("smolvlm2", options, meta, extra, runner="onnxruntime"),
                      EMBEDDED_CONFIG)
         write_python_model(repo, "smolvlm2", "model_repository.chat.ChatModel")
     return {"parity_max_abs_diff": {"smolvlm2_vision": diff}, "wrapper_vs_transformers": wrapper_diff,
-            "runtime_choice": {"smolvlm2_vision": choice}, "decoder_choice": decoder}
+            "runtime_choice": {"smolvlm2_vision": choice}, "decoder_choice": decoder,
+            "engine_choice": engine}
+
+
+def _choose_smolvlm2_engine(model, source_dir: Path, repo: Path, options: ExportOptions, precision: str,
+                            progress: Progress) -> dict[str, Any]:
+    """The torch loop or llama.cpp for SmolVLM2's language model on this host (export/chat_engine_choice.py);
+    a chosen GGUF is written into ``smolvlm2/1/``."""
+    if options.chat_engine == "torch":
+        return chat_engine_choice.choose_chat_engine(model, None, source_dir, repo, "torch", precision, progress.info)
+    from model_repository.smolvlm import SmolVLMPipeline
+
+    def no_images(feeds):
+        raise AssertionError("the engine choice times text prompts only")
+
+    family = SmolVLMPipeline(source_dir, encoder=no_images, decoder_precision=precision)
+    version = repo / "smolvlm2" / "1"
+    return chat_engine_choice.choose_chat_engine(model, family, source_dir, version, options.chat_engine, precision,
+                                                 progress.info)
 
 
 def _choose_smolvlm2_decoder(model, source_dir: Path, options: ExportOptions) -> dict[str, Any]:
@@ -196,7 +221,7 @@ def _choose_smolvlm2_decoder(model, source_dir: Path, options: ExportOptions) ->
     return runtime_choice.choose_decoder(generate, logits, options.precision)
 
 
-smolvlm2 = _Recipe("smolvlm2-6", ["smolvlm2_vision", "smolvlm2"], export_smolvlm2)
+smolvlm2 = _Recipe("smolvlm2-7", ["smolvlm2_vision", "smolvlm2"], export_smolvlm2)
 
 
 def export_deepseek_ocr(source_dir: Path, repo: Path, options: ExportOptions, weights: str, source_name: str,

@@ -307,6 +307,7 @@ def ensure_gguf(checkpoint: Path, outtype: str, log: Log, out: Path | None = Non
     env = {**os.environ, "PYTHONPATH": f"{src}:{src / 'gguf-py'}", "NO_LOCAL_GGUF": ""}
     start = time.monotonic()
     _run(convert_command(src, hf_copy, gguf, outtype), out / "convert.log", cwd=src, env=env)
+    shutil.rmtree(hf_copy)  # the conversion's scaffold (symlinks into the checkpoint): nothing reads it again
     stamp.write_text(json.dumps({"fingerprint": fingerprint, "checkpoint": str(checkpoint), "outtype": outtype,
                                  "convert_s": round(time.monotonic() - start, 1),
                                  "bytes": gguf.stat().st_size}, indent=2))

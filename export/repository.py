@@ -38,6 +38,7 @@ class ExportOptions:
     int8: bool = False  # also write dynamic-int8 SigLIP towers (+ client models with the suffix _int8)
     runtime: str = "auto"  # CPU runtime of the encoders: auto (timed at export), onnxruntime or openvino
     precision: str = "auto"  # CPU precision of the encoders: auto, fp32 or bf16 (see export/runtime_choice.py)
+    chat_engine: str = "auto"  # decoder engine of the chat families: auto, torch or llamacpp (chat_engine_choice.py)
 
     def kind(self) -> pbtxt.Enum:
         return pbtxt.Enum("KIND_GPU" if self.device == "cuda" else "KIND_CPU")

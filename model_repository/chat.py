@@ -517,9 +517,36 @@ class ChatModel:
         # Prompt prefixes seen again (system prompts, earlier turns) reuse their KV (prefix_cache_bytes; 0: off).
         self.prefix_cache_metrics = CacheMetrics.create("prefix_cache", config["name"])
         self.engine = ChatEngine(self.pipeline, params.max_batch, params.batch_window_ms / 1000,
-                                 params.max_batch_tokens, params.prefix_cache_bytes, self.prefix_cache_metrics)
+                                 params.max_batch_tokens, params.prefix_cache_bytes, self.prefix_cache_metrics,
+                                 loop=self._llamacpp_loop(args, params))
         # Static pipelines (deepseek_ocr) run plain requests only; the per-row features live in the decode loop.
         self.grammars = self.engine.loop.grammars if self.engine.loop is not None else None
+
+    def _llamacpp_loop(self, args: dict[str, Any], params: ChatParams) -> Any:
+        """The llama.cpp loop when export chose it for this family (else None: the torch loop). Where the
+        bindings cannot be imported here (an image built without them, a repository exported elsewhere), the
+        model serves with the torch loop and says so in the log."""
+        if params.chat_engine != "llamacpp":
+            return None
+        try:
+            import llama_cpp  # noqa: F401
+
+            from model_repository.llamacpp_engine import LlamaCppLoop
+        except ImportError as exc:
+            log.warning("%s: export chose the llama.cpp engine (%s) but llama-cpp-python cannot be imported here "
+                        "(%s); serving with the torch loop (`make llamacpp` installs the bindings)",
+                        params.family, params.engine_choice, exc)
+            return None
+        gguf = runtime.version_dir(args) / params.decoder_gguf
+        log.info("%s: decoding with llama.cpp (%s; %s)", params.family, gguf.name, params.engine_choice)
+        loop = LlamaCppLoop(self.pipeline, gguf, params.max_batch, params.max_batch_tokens,
+                            prefix_cache_bytes=params.prefix_cache_bytes, prefix_metrics=self.prefix_cache_metrics)
+        # The torch copy of the decoder layers is not run any more: only its embeddings (image prompts) and head
+        # (the vocabulary's width) stay.
+        backbone = self.pipeline.model.model
+        text = getattr(backbone, "language_model", None) or backbone.text_model
+        text.layers = type(text.layers)()
+        return loop
 
     def execute(self, requests):
         pb = runtime.pb_utils

@@ -51,15 +51,18 @@ def export(
                                 "faithful one, timed on this host), onnxruntime or openvino"),
     precision: str = typer.Option("auto", "--precision", help="CPU precision of the encoders: auto, fp32 or bf16 "
                                   "(bf16 only where its cosine to the fp32 reference is >= 0.999)"),
+    chat_engine: str = typer.Option("auto", "--chat-engine", help="decoder engine of SmolVLM2: auto (llama.cpp "
+                                    "where its bindings are installed, faithful and faster; else torch), torch or "
+                                    "llamacpp (builds the bindings if missing)"),
     force: bool = typer.Option(False, help="re-export even when up to date"),
 ) -> None:
     """Export checkpoints to ONNX (parity-checked) and write the Triton model repository."""
-    _export(model_set, repo, _sources(model, env=False), family, device, int8, runtime, precision, force)
+    _export(model_set, repo, _sources(model, env=False), family, device, int8, runtime, precision, force, chat_engine)
 
 
 def _export(model_set: str, repo: Path | None, sources: dict[str, str], families: list[str] | None = None,
             device: str = "cpu", int8: bool = False, runtime: str = "auto", precision: str = "auto",
-            force: bool = False) -> None:
+            force: bool = False, chat_engine: str = "auto") -> None:
     from export.onnx_utils import FidelityError, ParityError
     from export.repository import ExportOptions
     from export.run import export_model_set
@@ -68,7 +71,8 @@ def _export(model_set: str, repo: Path | None, sources: dict[str, str], families
     if device not in ("cpu", "cuda"):
         raise typer.BadParameter("device must be cpu or cuda")
     try:
-        options = ExportOptions(device=device, int8=int8, runtime=runtime, precision=precision)
+        options = ExportOptions(device=device, int8=int8, runtime=runtime, precision=precision,
+                                chat_engine=chat_engine)
         export_model_set(model_set, repo, options, sources=sources, families=families or None, force=force)
     except (ParityError, FidelityError, SourceError, ValueError) as exc:
         orchestrator_cli.console.print(f"[red]export failed:[/red] {exc}")

@@ -15,9 +15,12 @@ from export import onnx_utils, pbtxt
 from export.progress import Progress
 from export.repository import EMBEDDED_CONFIG, read_stamp
 from export.run import export_model_set
+from tests.conftest import tiny_export_options
 
 GOLDEN = Path(__file__).parent / "golden"
-HOST_DEPENDENT = ("runtime", "precision", "runtime_choice", "decoder_precision", "decoder_choice")
+# Timed on the exporting host, or (the chat engine) depending on whether llama.cpp's bindings are installed there.
+HOST_DEPENDENT = ("runtime", "precision", "runtime_choice", "decoder_precision", "decoder_choice", "chat_engine",
+                  "engine_choice", "decoder_gguf")
 CONFIG_FILES = [
     f"{m}/{c}"
     for m in ("siglip_vision", "siglip_text", "siglip_embed_image", "siglip_embed_text", "siglip2_vision",
@@ -72,7 +75,7 @@ def test_parity_failure_is_loud_and_reports_the_difference(tiny_repo: Path) -> N
 def test_reexport_is_a_noop(tiny_repo: Path) -> None:
     onnx = tiny_repo / "siglip_vision/1/model.onnx"
     before = onnx.stat().st_mtime_ns
-    reports = export_model_set("tiny", repo=tiny_repo, progress=Progress(quiet=True))
+    reports = export_model_set("tiny", repo=tiny_repo, options=tiny_export_options(), progress=Progress(quiet=True))
     assert all(r["skipped"] is True for r in reports.values()), reports.keys()
     assert onnx.stat().st_mtime_ns == before
 

@@ -1,5 +1,5 @@
-"""export/llamacpp.py, loadtests/llamacpp.py and the bench's llama.cpp scenarios: what would be built, converted and run (no build,
-no server: the real build is slow and only runs with ``vlmserve bench --llama-cpp``)."""
+"""export/llamacpp.py, loadtests/llamacpp.py and the bench's llama.cpp scenarios: what would be built, converted
+and run (no build, no server here: the engine's own tests build and run the real thing)."""
 
 from __future__ import annotations
 
