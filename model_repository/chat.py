@@ -402,6 +402,22 @@ class CacheMetrics:
         self.bytes.set(size)
 
 
+# The loop class that decodes -> the engine's name in ``vlmserve_chat_engine{model, engine}``.
+ENGINE_NAMES = {"DecodeLoop": "torch", "LlamaCppLoop": "llamacpp", "static": "static"}
+
+
+def engine_metric(model: str, loop: str) -> Any:
+    """``vlmserve_chat_engine{model, engine} 1``: the engine this model really decodes with (export's choice, or
+    the torch loop where that choice cannot run here). None outside Triton."""
+    pb = runtime.pb_utils
+    if pb is None or not hasattr(pb, "MetricFamily"):
+        return None
+    family = pb.MetricFamily(name="vlmserve_chat_engine", kind=pb.MetricFamily.GAUGE,
+                             description="1 for the decode engine this chat model runs (torch, llamacpp, static)")
+    family.Metric(labels={"model": model, "engine": ENGINE_NAMES.get(loop, loop)}).set(1)
+    return family
+
+
 class Admission:
     """Chat requests admitted and not yet finished, at most ``limit`` (running rows + waiting jobs)."""
 
@@ -519,6 +535,8 @@ class ChatModel:
         self.engine = ChatEngine(self.pipeline, params.max_batch, params.batch_window_ms / 1000,
                                  params.max_batch_tokens, params.prefix_cache_bytes, self.prefix_cache_metrics,
                                  loop=self._llamacpp_loop(args, params))
+        self.engine_metric = engine_metric(config["name"], type(self.engine.loop).__name__ if self.engine.loop
+                                           else "static")
         # Static pipelines (deepseek_ocr) run plain requests only; the per-row features live in the decode loop.
         self.grammars = self.engine.loop.grammars if self.engine.loop is not None else None
 

@@ -208,6 +208,7 @@ class LlamaCppLoop(DecodeLoop):
         """Drop the least recently used parked prompt."""
         seq, _ = self.parked.popitem(last=False)
         self._give_back(seq)
+        self._report_held()
 
     def _park(self, seq: int, job: ChatJob) -> None:
         """Keep ``seq``'s prompt cells for later prompts that begin the same way (or free it)."""
@@ -221,6 +222,11 @@ class LlamaCppLoop(DecodeLoop):
         self.parked[seq] = (keys, length)
         while self.parked_tokens > self.parked_limit:
             self._evict()
+        self._report_held()
+
+    def _report_held(self) -> None:
+        if self.prefix.metrics is not None:
+            self.prefix.metrics.held(self.parked_tokens * self.kv_bytes_per_token)
 
     def _reuse(self, job: ChatJob, seq: int) -> int:
         """Give ``seq`` the cells of the longest parked prefix of ``job``'s prompt (whole blocks, at least the last

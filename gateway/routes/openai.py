@@ -152,5 +152,7 @@ async def _model_entries(request: Request) -> list[dict[str, Any]]:
                 "why": m.params.get("runtime_choice"),
                 **({"decoder_precision": m.params["decoder_precision"], "decoder_why": m.params.get("decoder_choice")}
                    if "decoder_precision" in m.params else {}),
+                **({"chat_engine": m.params["chat_engine"], "engine_why": m.params.get("engine_choice")}
+                   if "chat_engine" in m.params else {}),
             }
     return list(by_source.values())

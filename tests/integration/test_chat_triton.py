@@ -210,3 +210,25 @@ def test_a_repeated_prompt_prefix_is_counted_in_the_prefix_cache_metrics(stack, 
     assert reused >= 32 and reused % 32 == 0
     assert triton_metric(stack, "vlmserve_prefix_cache_misses_total", model) - misses == 2 * computed - reused
     assert "".join(t for t, _, _ in again) == "".join(t for t, _, _ in first)
+
+
+def test_each_chat_model_decodes_with_the_engine_export_chose(stack) -> None:
+    """SmolVLM2 decodes with llama.cpp where its bindings are installed (the tiny export asks for it; CI builds
+    them), Qwen2-VL with the torch loop: Triton's ``vlmserve_chat_engine`` gauge names the loop each model really
+    runs, and ``/v1/models`` shows export's choice."""
+    import re
+
+    from export import llamacpp
+
+    expected = {"qwen2vl": "torch", "smolvlm2": "llamacpp" if llamacpp.bindings_version() else "torch"}
+    text = httpx.get(f"http://{stack.settings.host}:{stack.settings.metrics_port}/metrics", timeout=30).text
+    running = {}
+    for line in text.splitlines():
+        if line.startswith("vlmserve_chat_engine{") and line.endswith(" 1"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            running[labels["model"]] = labels["engine"]
+    assert {m: running.get(m) for m in expected} == expected
+    models = httpx.get(f"{stack.gateway}/v1/models", timeout=30).json()["data"]
+    smol = next(m for m in models if "smolvlm2" in m["triton_models"])
+    assert smol["runtimes"]["smolvlm2"]["chat_engine"] == expected["smolvlm2"]
+    assert smol["runtimes"]["smolvlm2"]["engine_why"]
