@@ -465,6 +465,9 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
                      "chat_think_s": chat_think_s, "siglip": siglip, "llama_cpp": llama_cpp},
         "runtime_choice": {m: {k: c[k] for k in ("runtime", "precision", "items_per_s", "min_cosine", "candidates")}
                            for m, c in choices.items()},
+        # SmolVLM2's decode engine as export chose it on this host (export/chat_engine_choice.py), with its why.
+        "chat_engine_choice": (json.loads((repo / "smolvlm2" / "engine_choice.json").read_text())
+                               if (repo / "smolvlm2" / "engine_choice.json").exists() else None),
         "int8_min_cosine": stamps.get("siglip", {}).get("int8_min_cosine"),
         "ceilings_gflops": ceilings,
         "raw_images_per_s": raw,
@@ -676,6 +679,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---|",
         f"| runtime chosen at export (per encoder) | {choices} |",
     ]
+    engine = report.get("chat_engine_choice")
+    if engine:
+        lines.append(f"| chat engine chosen at export (SmolVLM2) | {engine['engine']}: {engine['why']} |")
     if "siglip_stronger_baseline" in d:
         lines += _siglip_rows(report)
     lines += [
