@@ -465,6 +465,16 @@ class ChoiceGroup:
         def emit(text: str, finish: str, usage: dict | None) -> None:
             if self.closed:
                 return
+            try:
+                send(text, finish, usage)
+            except Exception:
+                # The client went away (Triton's sender raises): the request is over, whatever it was sending.
+                # Its admission slot must not leak (the engine drops the row when this raises).
+                self.closed = True
+                self.release()
+                raise
+
+        def send(text: str, finish: str, usage: dict | None) -> None:
             job = job_ref[0]
             if finish == "error":
                 self.closed = True  # the other choices stop at their next step

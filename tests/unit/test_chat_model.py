@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import pytest
 from PIL import Image
@@ -324,5 +325,35 @@ def test_a_request_beyond_the_kv_budget_is_refused_even_alone(fake_pb, tiny_qwen
         assert error is not None and f"this request needs {need} KV positions (2 choice(s) x (prompt {tokens} + " \
             f"max_tokens {100 - tokens}" in error and "KV budget is 100 positions" in error
         assert len(submitted) == 1  # refused before the engine
+    finally:
+        model.finalize()
+
+
+def test_a_sender_that_breaks_mid_stream_releases_the_admission_slot(fake_pb, tiny_qwen_dir, tmp_path) -> None:
+    """The client goes away between two deltas (Triton's sender raises): the engine drops the row and the request's
+    admission slot is freed, so requests broken like this never fill the queue (max_batch + max_queue_size)."""
+    model = chat_model(tmp_path, tiny_qwen_dir, max_batch=1, max_queue_size=0)
+    try:
+        assert model.admission.limit == 1
+        for _ in range(3):  # more broken requests than the model admits at once
+            broken = FakeRequest(PROMPT="hello world, tell me a story", PARAMETERS={"max_tokens": 16})
+            sends: list = []
+
+            def send(response, flags=0, sends=sends) -> None:
+                sends.append(response)
+                if len(sends) == 2:
+                    raise ConnectionError("the client went away")
+
+            broken.sender.send = send
+            model.execute([broken])
+            deadline = time.monotonic() + 10
+            while model.admission.count and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(sends) == 2 and model.admission.count == 0
+        healthy = FakeRequest(PROMPT="hello world", PARAMETERS={"max_tokens": 4})
+        model.execute([healthy])
+        error, usage = healthy.outcome()
+        assert error is None and usage["completion_tokens"] >= 1
+        assert model.admission.count == 0
     finally:
         model.finalize()
