@@ -168,7 +168,9 @@ def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weight
             step.detail = chat_engine_choice.summary(engine)
         extra |= {"chat_engine": engine["engine"], "engine_choice": chat_engine_choice.summary(engine)}
         if engine["engine"] == "llamacpp":
-            extra["decoder_gguf"] = engine["gguf"]
+            # llama.cpp decodes 32 rows as llama-server's 32 slots do (one sequence each, cells shared); the torch
+            # loop keeps 8 (its per-step cost grows with the padded batch).
+            extra |= {"decoder_gguf": engine["gguf"], "max_batch": chat_engine_choice.LLAMACPP_MAX_BATCH}
     with progress.step("writing the smolvlm2 Triton configs"):
         write_config(repo, "smolvlm2", chat_config("smolvlm2", options, meta, extra, runner="triton"))
         write_config(repo, "smolvlm2", chat_config("smolvlm2", options, meta, extra, runner="onnxruntime"),
@@ -221,7 +223,7 @@ def _choose_smolvlm2_decoder(model, source_dir: Path, options: ExportOptions) ->
     return runtime_choice.choose_decoder(generate, logits, options.precision)
 
 
-smolvlm2 = _Recipe("smolvlm2-7", ["smolvlm2_vision", "smolvlm2"], export_smolvlm2)
+smolvlm2 = _Recipe("smolvlm2-8", ["smolvlm2_vision", "smolvlm2"], export_smolvlm2)
 
 
 def export_deepseek_ocr(source_dir: Path, repo: Path, options: ExportOptions, weights: str, source_name: str,

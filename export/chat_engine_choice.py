@@ -28,6 +28,7 @@ from vlmserve.host import CpuInfo, cpu_info
 
 ENGINE_CHOICES = ("auto", "torch", "llamacpp")
 USERS = 8
+LLAMACPP_MAX_BATCH = 32  # rows of a served llama.cpp loop (the config's max_batch when llama.cpp is chosen)
 MAX_TOKENS = 32
 ROUNDS = 2
 REPORT_FILE = "engine_choice.json"
