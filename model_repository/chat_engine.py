@@ -561,6 +561,11 @@ class DecodeLoop:
             data = self.kv.data
             assert data is not None
             data[:, :, targets, :, :read_len] = data[:, :, sources, :, :read_len]
+        self._join(joining, device)
+
+    def _join(self, joining: list[tuple[Any, ChatJob, RowSampler, int, int, int]], device: Any) -> None:
+        """Append rows after the running ones: (slot or sequence, job, sampler, next token, KV length, position)."""
+        torch = self.torch
         new = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
         first = not self.rows
         self.rows += [j[1] for j in joining]

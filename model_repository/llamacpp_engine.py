@@ -289,18 +289,8 @@ class LlamaCppLoop(DecodeLoop):
                 self._park(seq, job)
         if not joining:
             return
-        new = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-        first = not self.rows
         self.seqs += [j[0] for j in joining]
-        self.rows += [j[1] for j in joining]
-        self.samplers += [j[2] for j in joining]
-        added = (new([j[3] for j in joining]), new([j[4] for j in joining]), new([j[5] for j in joining]))
-        if first:
-            self.next_tokens, self.lengths, self.positions = added
-        else:
-            self.next_tokens = torch.cat([self.next_tokens, added[0]])
-            self.lengths = torch.cat([self.lengths, added[1]])
-            self.positions = torch.cat([self.positions, added[2]])
+        self._join(joining, "cpu")
 
     def _prefill_prompts(self, run: list[tuple[ChatJob, dict[str, Any], int]]) -> dict[int, np.ndarray]:
         """Each prompt's last logits; its sequence in ``self._prompt_seqs`` (all freed again when this raises)."""
