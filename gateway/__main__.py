@@ -1,8 +1,9 @@
 """``python -m gateway``: serve the gateway with uvicorn using ``VLMSERVE_GATEWAY_*`` settings.
 
-SIGTERM (or Ctrl-C) drains first: the app's :class:`gateway.limits.Drain` answers new requests 503 + Retry-After
-while those in progress finish, for at most ``drain_timeout_s``; then uvicorn shuts down. A second signal stops at
-once.
+SIGTERM (or Ctrl-C) drains first, readiness first: for ``drain_delay_s`` only ``/readyz`` answers 503 (load
+balancers stop routing here; what they still send is served), then the app's :class:`gateway.limits.Drain`
+answers new requests 503 + Retry-After while those in progress finish, for at most ``drain_timeout_s``; then
+uvicorn shuts down. A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -21,21 +22,33 @@ log = logging.getLogger("vlmserve.gateway")
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, drain: Drain, drain_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, drain: Drain, drain_timeout_s: float,
+                 drain_delay_s: float = 0.0) -> None:
         super().__init__(config)
         self.drain = drain
         self.drain_timeout_s = drain_timeout_s
+        self.drain_delay_s = drain_delay_s
+        self.unready_until: float | None = None
         self.drain_deadline: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.drain_deadline is not None or self.should_exit:
+        if self.unready_until is not None or self.should_exit:
             super().handle_exit(sig, frame)  # second signal: uvicorn's own shutdown now
             return
         # Signal handler context: only set plain attributes; on_tick (in the loop) acts on them.
+        self.drain.unready = True
+        self.unready_until = time.monotonic() + self.drain_delay_s
+        if not self.drain_delay_s:
+            self._start_draining()
+
+    def _start_draining(self) -> None:
         self.drain.draining = True
         self.drain_deadline = time.monotonic() + self.drain_timeout_s
 
     async def on_tick(self, counter: int) -> bool:
+        if self.unready_until is not None and self.drain_deadline is None and time.monotonic() >= self.unready_until:
+            log.info("stop requested %.0f s ago: draining (new requests get 503)", self.drain_delay_s)
+            self._start_draining()
         if self.drain_deadline is not None and not self.should_exit:
             if self.drain.active == 0:
                 log.info("drained: no request in progress; stopping")
@@ -53,7 +66,7 @@ def main() -> None:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=5)
-    DrainingServer(config, app.state.drain, settings.drain_timeout_s).run()
+    DrainingServer(config, app.state.drain, settings.drain_timeout_s, settings.drain_delay_s).run()
 
 
 if __name__ == "__main__":

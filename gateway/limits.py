@@ -107,13 +107,16 @@ class InFlightLimit:
 
 
 class Drain:
-    """Graceful stop (SIGTERM): requests already in progress finish; new ones get 503 + Retry-After and
-    ``Connection: close`` (a load balancer or client retries elsewhere) while ``/readyz`` answers 503, instead of a
-    refused connection. The server (``gateway.__main__``) exits once ``active`` reaches 0 or the drain times out.
-    ``/livez`` keeps answering: the process is alive until it exits."""
+    """Graceful stop (SIGTERM), readiness first. While ``unready`` (the first ``drain_delay_s`` after the signal)
+    only ``/readyz`` answers 503, every other request is served as before: load balancers and Kubernetes
+    endpoints stop routing here while the requests they still send are answered. Then ``draining``: requests
+    already in progress finish; new ones get 503 + Retry-After and ``Connection: close`` (a load balancer or client
+    retries elsewhere) instead of a refused connection. The server (``gateway.__main__``) exits once ``active``
+    reaches 0 or the drain times out. ``/livez`` keeps answering: the process is alive until it exits."""
 
     def __init__(self, retry_after_s: int) -> None:
         self.retry_after_s = retry_after_s
+        self.unready = False
         self.draining = False
         self.active = 0  # HTTP requests in progress (a streamed answer counts until its end)
 
@@ -122,7 +125,8 @@ class Drain:
             if scope["type"] != "http":
                 await app(scope, receive, send)
                 return
-            if self.draining and scope.get("path") != "/livez":
+            path = scope.get("path")
+            if (self.draining and path != "/livez") or (self.unready and path == "/readyz"):
                 scope["route"] = SimpleNamespace(path=scope.get("path", ""))  # the metrics' route label
                 body = error_body(503, "the gateway is shutting down; retry the request", "shutting_down")
                 headers = {"Retry-After": str(self.retry_after_s), "Connection": "close"}

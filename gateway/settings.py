@@ -21,7 +21,10 @@ class GatewaySettings(BaseSettings):
                                       "replicas behind one DNS name share the load (the deploy targets set 30); "
                                       "0 keeps them")
     retry_after_s: int = 5
-    drain_timeout_s: float = Field(15.0, ge=0, description="on SIGTERM, wait this long at most for requests in "
+    drain_delay_s: float = Field(0.0, ge=0, description="on SIGTERM, first answer /readyz 503 and keep serving "
+                                 "everything else this long (s), so load balancers stop routing here before new "
+                                 "requests are refused (the Swarm and Kubernetes targets set 5)")
+    drain_timeout_s: float = Field(15.0, ge=0, description="then wait this long at most for requests in "
                                    "progress (new ones get 503 + Retry-After), then exit")
     api_keys: list[str] = Field(default_factory=list, description="if set, Bearer keys required (JSON list)")
     max_body_bytes: int = 64 * 1024 * 1024

@@ -418,12 +418,59 @@ def engine_metric(model: str, loop: str) -> Any:
     return family
 
 
-class Admission:
-    """Chat requests admitted and not yet finished, at most ``limit`` (running rows + waiting jobs)."""
+class LoadMetrics:
+    """A chat model's load among Triton's metrics, labelled ``model``: what a replica is asked to do, which
+    Triton's own queue time does not show for decoupled models (their requests leave Triton's queue at once).
 
-    def __init__(self, limit: int) -> None:
+    - ``vlmserve_chat_admitted`` (gauge): requests admitted and not finished (0 when idle: a leak shows here);
+    - ``vlmserve_chat_rows{state="running"|"waiting"}`` (gauge): rows (choices) decoding / queued for prefill;
+    - ``vlmserve_chat_queue_seconds_total`` (counter): seconds requests waited before their prefill, summed.
+    """
+
+    def __init__(self, model: str) -> None:
+        pb = runtime.pb_utils
+        gauge, counter = pb.MetricFamily.GAUGE, pb.MetricFamily.COUNTER
+        self.families = [  # the families must outlive their metrics (the Python backend's rule)
+            pb.MetricFamily(name="vlmserve_chat_admitted", kind=gauge,
+                            description="Chat requests admitted and not yet finished"),
+            pb.MetricFamily(name="vlmserve_chat_rows", kind=gauge,
+                            description="Chat rows (choices) decoding (running) or queued for prefill (waiting)"),
+            pb.MetricFamily(name="vlmserve_chat_queue_seconds_total", kind=counter,
+                            description="Seconds chat requests waited in the model's queue before prefill"),
+        ]
+        self.admitted = self.families[0].Metric(labels={"model": model})
+        self.running = self.families[1].Metric(labels={"model": model, "state": "running"})
+        self.waiting = self.families[1].Metric(labels={"model": model, "state": "waiting"})
+        self.queued = self.families[2].Metric(labels={"model": model})
+        self.waited_s = 0.0
+
+    @classmethod
+    def create(cls, model: str) -> LoadMetrics | None:
+        """None outside Triton (unit tests) or where the Python backend has no custom metrics."""
+        if runtime.pb_utils is None or not hasattr(runtime.pb_utils, "MetricFamily"):
+            return None
+        try:
+            return cls(model)
+        except Exception as exc:  # noqa: BLE001 - metrics are not worth failing the model load for
+            log.warning("%s: no chat load metrics (%s: %s)", model, type(exc).__name__, exc)
+            return None
+
+    def rows(self, running: int, waiting: int, waited_s: float) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+        if waited_s > self.waited_s:
+            self.queued.increment(waited_s - self.waited_s)
+            self.waited_s = waited_s
+
+
+class Admission:
+    """Chat requests admitted and not yet finished, at most ``limit`` (running rows + waiting jobs);
+    ``on_change(count)`` sees every change (the ``vlmserve_chat_admitted`` gauge)."""
+
+    def __init__(self, limit: int, on_change: Callable[[int], None] = lambda _count: None) -> None:
         self.limit = limit
         self.count = 0
+        self.on_change = on_change
         self.lock = threading.Lock()  # execute runs on Triton's thread, finishes on the engine's
 
     def enter(self) -> Callable[[], None] | None:
@@ -432,6 +479,7 @@ class Admission:
             if self.count >= self.limit:
                 return None
             self.count += 1
+            self.on_change(self.count)
         released = threading.Event()
 
         def release() -> None:
@@ -439,6 +487,7 @@ class Admission:
                 if not released.is_set():
                     released.set()
                     self.count -= 1
+                    self.on_change(self.count)
 
         return release
 
@@ -539,12 +588,15 @@ class ChatModel:
         self.default_fps = params.video_fps
         self.video_limits = VideoLimits(params.max_video_seconds, params.max_video_decoded_frames, params.max_pixels,
                                         params.max_video_decode_s)
-        self.admission = Admission(params.max_batch + params.max_queue_size)
+        self.load_metrics = LoadMetrics.create(config["name"])
+        self.admission = Admission(params.max_batch + params.max_queue_size,
+                                   self.load_metrics.admitted.set if self.load_metrics else lambda _count: None)
         # Prompt prefixes seen again (system prompts, earlier turns) reuse their KV (prefix_cache_bytes; 0: off).
         self.prefix_cache_metrics = CacheMetrics.create("prefix_cache", config["name"])
         self.engine = ChatEngine(self.pipeline, params.max_batch, params.batch_window_ms / 1000,
                                  params.max_batch_tokens, params.prefix_cache_bytes, self.prefix_cache_metrics,
-                                 loop=self._llamacpp_loop(args, params))
+                                 loop=self._llamacpp_loop(args, params),
+                                 load=self.load_metrics.rows if self.load_metrics else None)
         self.engine_metric = engine_metric(config["name"], type(self.engine.loop).__name__ if self.engine.loop
                                            else "static")
         # Static pipelines (deepseek_ocr) run plain requests only; the per-row features live in the decode loop.

@@ -101,6 +101,7 @@ class ChatJob:
     sent: str = ""
     finish: str = ""
     batch_size: int = 0  # the most rows this job shared a decode step with
+    submitted: float = field(default_factory=time.monotonic)  # when the request was queued (its wait is counted)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids and isinstance(self.inputs, dict) and isinstance(self.inputs.get("input_ids"), list):
@@ -410,6 +411,7 @@ class DecodeLoop:
         self.streamer = RowStreamer(family.tokenizer, family.eos_ids)
         self._grammars: Any = getattr(family, "grammars", None)
         self.waiting: deque[ChatJob] = deque()
+        self.waited_s = 0.0  # seconds requests spent queued before their prefill, summed (a load signal)
         self.rows: list[ChatJob] = []
         self.samplers: list[RowSampler] = []
         self.lengths: Any = None  # [rows]: KV columns each row holds (the column its next token writes)
@@ -479,6 +481,7 @@ class DecodeLoop:
             if requests and prompt_tokens + self.waiting[0].prompt_tokens > self.max_prefill_tokens:
                 break
             job = self.waiting.popleft()
+            self.waited_s += time.monotonic() - job.submitted
             requests.append(job)
             admitted += [job, *job.shared]
             prompt_tokens += job.prompt_tokens
@@ -755,8 +758,10 @@ class ChatEngine:
     def __init__(self, pipeline: Any, max_batch: int = 8, window_s: float = 0.02,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
                  prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, prefix_metrics: Any = None,
-                 loop: DecodeLoop | None = None) -> None:
+                 loop: DecodeLoop | None = None, load: Callable[[int, int, float], None] | None = None) -> None:
         self.pipeline = pipeline
+        # ``load(running rows, waiting rows, seconds waited in all)`` after every step that changed them.
+        self.load = load
         self.max_batch = max_batch
         self.window_s = window_s
         # ``loop``: another engine's loop for the family (model_repository.llamacpp_engine); else the torch one.
@@ -764,6 +769,7 @@ class ChatEngine:
             loop = DecodeLoop(pipeline, max_batch, max_batch_tokens, prefix_cache_bytes, prefix_metrics)
         self.loop = loop
         self.queue: queue.Queue[ChatJob | None] = queue.Queue()
+        self._last_load: tuple[int, int, float] = (0, 0, 0.0)
         target = self._continuous if self.loop is not None else self._static
         self.thread = threading.Thread(target=target, name="chat-engine", daemon=True)
         self.thread.start()
@@ -795,6 +801,17 @@ class ChatEngine:
                 loop.step()
             except Exception:  # noqa: BLE001 - step handles model errors; this is a last guard for the thread
                 log.exception("chat engine step failed")
+            self._report_load(loop)
+
+    def _report_load(self, loop: DecodeLoop) -> None:
+        waiting = sum(1 + len(j.shared) for j in loop.waiting) + self.queue.qsize()
+        state = (len(loop.rows), waiting, loop.waited_s)
+        if self.load is not None and state != self._last_load:
+            self._last_load = state
+            try:
+                self.load(*state)
+            except Exception as exc:  # noqa: BLE001 - a metric is not worth a decode step
+                log.warning("chat load metrics: %s: %s", type(exc).__name__, exc)
 
     def _static(self) -> None:
         while True:

@@ -32,9 +32,12 @@ TRITON_LIVE_PATH = "/v2/health/live"  # Triton's liveness endpoint (readiness is
 GRACE_MARGIN_S = 20
 PLAN_MOUNT = "/etc/vlmserve/plan"
 PLAN_FILE = "plan.yaml"
+# The gateways' shared object store (/v1/predict's kept images): a ReadWriteMany claim (Kubernetes), a volume (Swarm).
+FILES_MOUNT = "/var/lib/vlmserve/files"
 
 
 TRITON_RECONNECT_S = 30
+DRAIN_DELAY_S = 5  # the gateway's readiness-first drain delay behind a balancer (gateway/__main__.py)
 
 
 class DeployError(ValueError):
@@ -83,6 +86,8 @@ class Replica:
             # Triton is several replicas behind one name here: reopen its connections every 30 s, so that a
             # replica that comes back or is added gets its share (gateway/triton.py, TritonBackend.reconnect_s).
             env["VLMSERVE_GATEWAY_TRITON_RECONNECT_S"] = str(TRITON_RECONNECT_S)
+            # Behind a balancer: on SIGTERM turn unready first and keep serving while it stops routing here.
+            env["VLMSERVE_GATEWAY_DRAIN_DELAY_S"] = str(DRAIN_DELAY_S)
         return env
 
     @property

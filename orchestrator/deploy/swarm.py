@@ -123,7 +123,9 @@ def render_stack(replica: Replica, replicas: int, repository: Path, port: int, p
     network = f"{project}-net"
     restart = {"condition": "any", "delay": "1s", "window": "0s"}
     triton_env = replica.env("triton")
-    gateway_env = replica.env("gateway")
+    # Every gateway replica stores /v1/predict's images in one shared volume, so /files/{key} answers on each.
+    gateway_env = {**replica.env("gateway"), "VLMSERVE_GATEWAY_STORAGE_DIR": spec.FILES_MOUNT}
+    files = f"{project}-files"
     services = {
         replica.triton_service_host: {
             "image": replica.image, "command": ["triton"], "init": True, "read_only": True,
@@ -141,7 +143,8 @@ def render_stack(replica: Replica, replicas: int, repository: Path, port: int, p
         replica.gateway_service_host: {
             "image": replica.image, "command": ["gateway"], "init": True, "read_only": True,
             "environment": {**gateway_env, "VLMSERVE_ROLE": "gateway"},
-            "volumes": [_tmpfs("/tmp"), _tmpfs("/var/lib/vlmserve")],
+            "volumes": [_tmpfs("/tmp"), _tmpfs("/var/lib/vlmserve"),
+                        {"type": "volume", "source": files, "target": spec.FILES_MOUNT}],
             "healthcheck": _health(),
             "labels": _labels(project, "gateway"),
             "networks": [network],
@@ -162,6 +165,9 @@ def render_stack(replica: Replica, replicas: int, repository: Path, port: int, p
         "version": "3.8",
         "services": services,
         "networks": {network: {"driver": "overlay", "labels": _labels(project, "network")}},
+        # A local volume: shared by the replicas on one node. Across nodes give it a shared driver (NFS, e.g.
+        # driver_opts type=nfs, o=addr=...,rw, device=:/export) or use S3 (VLMSERVE_GATEWAY_STORAGE_S3_BUCKET).
+        "volumes": {files: {"labels": _labels(project, "files")}},
         "configs": {f"{project}-nginx": {"file": "./nginx.conf", "labels": _labels(project, "config")}},
     }
 

@@ -79,14 +79,42 @@ def counts(client, project: str) -> dict[str, float]:
     return {c.name: requests_served(c) for c in swarm.running_containers(client, project, GATEWAY)}
 
 
+def fetch_stored_file_on_every_gateway(client, project: str, lb: str) -> dict[str, int]:
+    """Store an image through the balancer (/v1/predict, store_image on: it lands on one gateway replica), then
+    fetch it from inside each gateway replica (its own /files/{key} on localhost): the replicas share the volume,
+    so every one answers 200 (on a per-replica folder all but one would 404)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (10, 120, 200)).save(buf, "PNG")
+    stored = httpx.post(f"{lb}/v1/predict", data={"task": "caption", "max_new_tokens": "2"},
+                        files={"file": ("x.png", buf.getvalue(), "image/png")}, timeout=120)
+    assert stored.status_code == 200, stored.text
+    key = stored.json()["output_image_url"].rsplit("/", 1)[1]
+    fetch = ("import sys, urllib.request\n"
+             "try:\n"
+             f"    print(urllib.request.urlopen('http://127.0.0.1:{spec.gateway_port()}/files/{key}').status)\n"
+             "except urllib.error.HTTPError as e:\n"
+             "    print(e.code)\n")
+    answers = {}
+    for container in swarm.running_containers(client, project, GATEWAY):
+        result = container.exec_run(["python", "-c", fetch])
+        answers[container.name] = int(result.output.decode().strip().splitlines()[-1])
+    assert len(answers) == REPLICAS and set(answers.values()) == {200}, answers
+    return answers
+
+
 def test_swarm_replicas_survive_a_killed_replica(docker_client, cpu_image: str, tiny_repo: Path,
                                                  tmp_path: Path) -> None:
     project = f"vlmk8s-e2e-{uuid.uuid4().hex[:6]}"
     port = free_port()
     lb = f"http://127.0.0.1:{port}"
-    # The SigLIP models only: every replica (and every rescheduled one) loads them in seconds.
+    # The SigLIP models, and Florence-2 for /v1/predict's stored files: every replica (and every rescheduled
+    # one) loads them in seconds.
     repo = tmp_path / "repository"
-    for model in tiny_repo.glob("siglip_*"):
+    for model in [*tiny_repo.glob("siglip_*"), *tiny_repo.glob("florence2*")]:
         shutil.copytree(model, repo / model.name)
     os.chmod(tmp_path, 0o755)
     swarm.build_lb_image(docker_client, log=lambda m: print(f"[lb] {m}"))
@@ -104,6 +132,7 @@ def test_swarm_replicas_survive_a_killed_replica(docker_client, cpu_image: str, 
         wait_for("an embedding through the balancer",
                  lambda: httpx.post(f"{lb}/embed_text", json={"texts": ["hi"]}, timeout=30).status_code == 200, 60)
         figures["startup_s"] = round(time.monotonic() - start, 1)
+        figures["stored file fetched through"] = fetch_stored_file_on_every_gateway(docker_client, project, lb)
 
         records = tmp_path / "records.json"
         load_started = time.time()
@@ -189,6 +218,8 @@ def test_swarm_replicas_survive_a_killed_replica(docker_client, cpu_image: str, 
     finally:
         down = cli("--project", project, "--down")
         left = swarm.leftovers(docker_client, project)
+        for volume in docker_client.volumes.list(filters={"label": f"com.docker.stack.namespace={project}"}):
+            volume.remove(force=True)  # the stored files' volume: kept by `docker stack rm`, as user data
         if initialised:
             swarm.leave_swarm(remove_gwbridge=not had_gwbridge)
     assert down.returncode == 0, down.stdout + down.stderr

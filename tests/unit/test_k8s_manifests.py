@@ -201,12 +201,16 @@ def test_probes_and_services_point_at_real_ports_and_paths(variant: str, plan_fi
     policy = one(docs, "NetworkPolicy", k8s.TRITON)
     for rule in policy["spec"]["ingress"]:
         assert {p["port"] for p in rule["ports"]} <= {p["name"] for p in triton["ports"]}
-    # The gateway reaches Triton through its Service: the URL's host is the Service, the ports its ports.
+    # The gateway reaches Triton through its Services: HTTP through the ClusterIP one, gRPC through the headless
+    # one (every ready pod's address, for the channel's round_robin); the ports are those Services' ports.
     env = env_of(gateway)
-    triton_ports = {p["port"] for p in one(docs, "Service", k8s.TRITON)["spec"]["ports"]}
-    for key in ("VLMSERVE_GATEWAY_TRITON_URL", "VLMSERVE_GATEWAY_TRITON_GRPC_URL"):
+    for key, name in (("VLMSERVE_GATEWAY_TRITON_URL", k8s.TRITON), ("VLMSERVE_GATEWAY_TRITON_GRPC_URL",
+                                                                   k8s.TRITON_GRPC)):
+        service = one(docs, "Service", name)["spec"]
         host, port = env[key].split(":")
-        assert host == k8s.TRITON and int(port) in triton_ports
+        assert host == name and int(port) in {p["port"] for p in service["ports"]}
+    assert one(docs, "Service", k8s.TRITON_GRPC)["spec"]["clusterIP"] == "None"
+    assert "clusterIP" not in one(docs, "Service", k8s.TRITON)["spec"]
     assert env["VLMSERVE_GATEWAY_API_KEYS"]["secretKeyRef"]["name"] == k8s.API_KEYS_SECRET
 
 
@@ -231,10 +235,11 @@ def test_selectors_match_labels(variant: str, plan_file: Path) -> None:
     pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in by_kind(docs, "Deployment")}
     for deployment in by_kind(docs, "Deployment"):
         assert matches(deployment["spec"]["selector"]["matchLabels"], pods[deployment["metadata"]["name"]])
-    for name in (k8s.TRITON, k8s.GATEWAY):
+    for name, service in ((k8s.TRITON, k8s.TRITON), (k8s.TRITON, k8s.TRITON_GRPC), (k8s.GATEWAY, k8s.GATEWAY)):
         selected = [p for p, labels in pods.items()
-                    if matches(one(docs, "Service", name)["spec"]["selector"], labels)]
+                    if matches(one(docs, "Service", service)["spec"]["selector"], labels)]
         assert selected == [name]
+    for name in (k8s.TRITON, k8s.GATEWAY):
         pdb = [p for p, labels in pods.items()
                if matches(one(docs, "PodDisruptionBudget", name)["spec"]["selector"]["matchLabels"], labels)]
         assert pdb == [name]
@@ -311,7 +316,8 @@ def test_hpa_metrics_are_the_adapter_rules_outputs_from_exported_series() -> Non
     docs = k8s.render(spec.prepare("cpu"))
     wanted = [m["pods"]["metric"]["name"] for hpa in by_kind(docs, "HorizontalPodAutoscaler")
               for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
-    assert sorted(wanted) == sorted(produced) == sorted([k8s.TRITON_QUEUE_METRIC, k8s.GATEWAY_INFLIGHT_METRIC])
+    assert sorted(wanted) == sorted(produced) == sorted([k8s.TRITON_QUEUE_METRIC, k8s.CHAT_ROWS_METRIC,
+                                                         k8s.GATEWAY_INFLIGHT_METRIC])
     for rule in rules:
         series = rule["seriesQuery"].split("{")[0]
         assert re.search(rule["name"]["matches"], series)
@@ -323,8 +329,41 @@ def test_hpa_metrics_are_the_adapter_rules_outputs_from_exported_series() -> Non
     # The gateway really exports the gauge its HPA scales on.
     exported = Metrics().render().decode()
     assert re.search(rf"^{k8s.GATEWAY_INFLIGHT_METRIC} 0\.0$", exported, re.M), exported
-    target = one(docs, "HorizontalPodAutoscaler", k8s.TRITON)["spec"]["metrics"][0]["pods"]["target"]
-    assert target == {"type": "AverageValue", "averageValue": str(int(k8s.Scaling().queue_target_ms * 1000))}
+    triton_hpa = one(docs, "HorizontalPodAutoscaler", k8s.TRITON)["spec"]["metrics"]
+    targets = {m["pods"]["metric"]["name"]: m["pods"]["target"] for m in triton_hpa}
+    assert targets[k8s.TRITON_QUEUE_METRIC] == {"type": "AverageValue",
+                                                "averageValue": str(int(k8s.Scaling().queue_target_ms * 1000))}
+    # Chat load: the chat models' rows (running + waiting) per pod, which Triton's queue time never shows for
+    # decoupled models. The series the rule reads is the one the chat model exports (model_repository/chat.py).
+    rows_target = str(k8s.Scaling().chat_rows_target)
+    assert targets[k8s.CHAT_ROWS_METRIC] == {"type": "AverageValue", "averageValue": rows_target}
+    chat_rule = produced[k8s.CHAT_ROWS_METRIC]
+    assert chat_rule["seriesQuery"].startswith("vlmserve_chat_rows{")
+    source = (paths.PROJECT_ROOT / "model_repository" / "chat.py").read_text()
+    assert 'name="vlmserve_chat_rows"' in source and '"state": "running"' in source and '"state": "waiting"' in source
+
+
+def test_gateway_replicas_share_their_files_and_drain_readiness_first() -> None:
+    from gateway.settings import GatewaySettings
+
+    docs = k8s.render(spec.prepare("cpu"))
+    pod = one(docs, "Deployment", k8s.GATEWAY)["spec"]["template"]["spec"]
+    gateway = pod["containers"][0]
+    env = env_of(gateway)
+    # /v1/predict's kept images: one ReadWriteMany claim mounted where the gateway stores them.
+    claim = one(docs, "PersistentVolumeClaim", k8s.FILES_PVC)["spec"]
+    assert claim["accessModes"] == ["ReadWriteMany"]
+    volume = next(v for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == k8s.FILES_PVC)
+    mount = next(m for m in gateway["volumeMounts"] if m["name"] == volume["name"])
+    assert mount["mountPath"] == env["VLMSERVE_GATEWAY_STORAGE_DIR"] and not mount.get("readOnly")
+    assert GatewaySettings(storage_dir=env["VLMSERVE_GATEWAY_STORAGE_DIR"]).storage_dir == k8s.FILES_MOUNT
+    # A stop: preStop waits, then the gateway turns unready and serves on (drain_delay_s), then drains; the
+    # grace period covers all three and a margin.
+    assert gateway["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(k8s.PRESTOP_S)]
+    delay = float(env["VLMSERVE_GATEWAY_DRAIN_DELAY_S"])
+    assert delay > 0
+    timeout = GatewaySettings().drain_timeout_s
+    assert pod["terminationGracePeriodSeconds"] >= k8s.PRESTOP_S + delay + timeout + 5
 
 
 def test_the_gateway_gauge_counts_requests_being_served() -> None:

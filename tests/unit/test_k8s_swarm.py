@@ -35,7 +35,17 @@ def test_stack_runs_the_kubernetes_containers(tmp_path: Path) -> None:
     services = stack["services"]
     triton, gateway = services[k8s.TRITON], services[k8s.GATEWAY]
     assert triton["environment"] == env_of_k8s(k8s.TRITON)
-    assert gateway["environment"] == env_of_k8s(k8s.GATEWAY)
+    # The same gateway environment, except gRPC: Kubernetes needs a headless Service for the channel to see every
+    # Triton pod, Swarm's dnsrr service name already resolves to every replica.
+    gateway_env, k8s_env = dict(gateway["environment"]), env_of_k8s(k8s.GATEWAY)
+    assert gateway_env.pop("VLMSERVE_GATEWAY_TRITON_GRPC_URL") == f"{k8s.TRITON}:{spec.triton_ports()['grpc']}"
+    assert k8s_env.pop("VLMSERVE_GATEWAY_TRITON_GRPC_URL").startswith(f"{k8s.TRITON_GRPC}:")
+    assert gateway_env == k8s_env
+    # Every gateway replica stores into one volume (/files/{key} answers on each), where the image lets it write.
+    files = next(v for v in gateway["volumes"] if v["target"] == spec.FILES_MOUNT)
+    assert files["type"] == "volume" and files["source"] in stack["volumes"]
+    assert gateway_env["VLMSERVE_GATEWAY_STORAGE_DIR"] == spec.FILES_MOUNT
+    assert float(gateway_env["VLMSERVE_GATEWAY_DRAIN_DELAY_S"]) > 0  # nginx re-resolves every second
     assert triton["command"] == ["triton"] and gateway["command"] == ["gateway"]
     assert triton["image"] == gateway["image"] == "vlmserve:cpu-x"
     for service in (triton, gateway):
