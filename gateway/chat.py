@@ -267,6 +267,12 @@ async def translate_messages(
     return out
 
 
+def cancel_request(request_id: str) -> dict[str, np.ndarray]:
+    """The inputs of a request that makes a chat model end its request ``request_id`` (model_repository/chat.py:
+    no MESSAGES/PROMPT, ``PARAMETERS`` ``{"cancel": id}``; answered with a final flag only)."""
+    return {"PARAMETERS": _bytes_tensor(json.dumps({"cancel": request_id}))}
+
+
 def build_inputs(messages: list[dict[str, Any]] | None, sampling: Sampling | None = None,
                  prompt: str | None = None) -> dict[str, np.ndarray]:
     """The Triton inputs: ``MESSAGES`` (or ``PROMPT``, raw text) and, when any setting is given, ``PARAMETERS``
@@ -518,10 +524,12 @@ class ChatService:
         """The answer as deltas; it ends after every one of the ``choices`` has had its ``finish_reason`` (the
         last delta usually has ``usage``).
 
-        Close it (``aclose``) to abandon the answer: that cancels the request in Triton.
+        Close it (``aclose``) to abandon the answer: the model ends the request at its next step (a
+        ``{"cancel": request id}`` request down the same stream, :func:`cancel_request`).
         """
         request.app.state.metrics.items.labels(info.name).inc()
-        responses = self.backend.stream(info.name, inputs, OUTPUTS, final_output=FINAL_OUTPUT)
+        responses = self.backend.stream(info.name, inputs, OUTPUTS, final_output=FINAL_OUTPUT,
+                                        cancel_inputs=cancel_request)
         finished: set[int] = set()
         try:
             async for values in responses:

@@ -12,7 +12,8 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -125,6 +126,7 @@ class InferenceBackend(Protocol):
         ...
 
     def stream(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str], *,
+               cancel_inputs: Callable[[str], dict[str, np.ndarray]] | None = None,
                final_output: str = "FINISH_REASON") -> AsyncGenerator[dict[str, np.ndarray], None]:
         """The responses of a decoupled model as they come; closing the generator cancels the request."""
         ...
@@ -175,9 +177,7 @@ class TritonBackend:
             await asyncio.sleep(self.timeout_s)
             await old.close()
 
-        task = asyncio.get_running_loop().create_task(later())
-        self._retired.add(task)
-        task.add_done_callback(self._retired.discard)
+        self._background(later())
 
     @property
     def client(self) -> triton_http.InferenceServerClient:
@@ -359,13 +359,21 @@ class TritonBackend:
         return {n: result.as_numpy(n) for n in outputs}
 
     async def stream(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str], *,
+                     cancel_inputs: Callable[[str], dict[str, np.ndarray]] | None = None,
                      final_output: str = "FINISH_REASON") -> AsyncGenerator[dict[str, np.ndarray], None]:
         """Stream the responses of a decoupled model for one request (gRPC streaming).
 
         Yields one ``{output: array}`` dict per response and stops after the final one: the response whose
         ``final_output`` tensor is non-empty (or that Triton flags ``triton_final_response``). Errors map like
-        :meth:`infer` (bad input -> 400, queue full -> 429, Triton down -> 503), also mid-stream. Closing the
-        generator early (the HTTP client went away) cancels the gRPC call, and with it the request in Triton.
+        :meth:`infer` (bad input -> 400, queue full -> 429, Triton down -> 503), also mid-stream.
+
+        Closing the generator early (the HTTP client went away) ends the request in Triton. With
+        ``cancel_inputs`` (the inputs of a request, given this one's request id, that makes the model end it:
+        the chat models' ``{"cancel": id}``) that request goes down the same stream, the stream is half-closed and
+        what is left of it is read in the background: the gRPC call is never cancelled. Triton 2.51's gRPC
+        frontend can abort the whole server (``GRPC_CALL_ERROR_TOO_MANY_OPERATIONS``, an assertion) when a
+        stream is cancelled while it writes a response; 200 abandoned chat streams crashed it here. Without
+        ``cancel_inputs`` the gRPC call is cancelled, which cancels the request in Triton.
         """
         self._check_not_reloading(model)
         grpc_inputs = []
@@ -376,12 +384,16 @@ class TritonBackend:
             grpc_inputs.append(item)
         requested = [triton_grpc.InferRequestedOutput(n) for n in outputs]
         # The request side stays open until the final response: Triton ends the call once it is closed and
-        # every request on it is done, and cancelling the call is how a request gets cancelled.
+        # every request on it is done. ``None`` in the outbox closes it.
+        request_id = uuid.uuid4().hex
+        outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        outbox.put_nowait({"model_name": model, "inputs": grpc_inputs, "outputs": requested,
+                           "request_id": request_id})
         finished = asyncio.Event()
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": model, "inputs": grpc_inputs, "outputs": requested}
-            await finished.wait()
+            while (item := await outbox.get()) is not None:
+                yield item
 
         try:
             call: Any = self.grpc_client.stream_infer(requests())
@@ -403,18 +415,49 @@ class TritonBackend:
                     raise self._map_rpc_error(model, exc) from None
                 if error is not None:
                     finished.set()
+                    outbox.put_nowait(None)
                     raise self._map_stream_error(model, error)
                 values = {n: array for n in outputs if (array := result.as_numpy(n)) is not None}
                 final = _is_final(result, values.get(final_output))
                 if final:
                     finished.set()
+                    outbox.put_nowait(None)
                 yield values
                 if final:
                     return
         finally:
             if not finished.is_set():
                 finished.set()
-                call.cancel()
+                if cancel_inputs is None:
+                    outbox.put_nowait(None)
+                    call.cancel()
+                else:
+                    control = []
+                    for name, array in cancel_inputs(request_id).items():
+                        item = triton_grpc.InferInput(name, list(array.shape), "BYTES")
+                        item.set_data_from_numpy(array)
+                        control.append(item)
+                    outbox.put_nowait({"model_name": model, "inputs": control, "outputs": requested})
+                    outbox.put_nowait(None)
+                    self._background(self._drain(model, call))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(work)
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    async def _drain(self, model: str, call: Any) -> None:
+        """Read an abandoned stream to its end (the model answers the cancelled request with a final response);
+        cancel it only if it does not end within ``timeout_s``."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async for _ in call:
+                    pass
+        except TimeoutError:
+            log.warning("%s: an abandoned stream did not end within %gs; cancelling it", model, self.timeout_s)
+            call.cancel()
+        except Exception as exc:  # noqa: BLE001 - the client is gone; the stream's own errors do not matter
+            log.debug("%s: abandoned stream ended with %s", model, type(exc).__name__)
 
     def _map_rpc_error(self, model: str, exc: grpc.aio.AioRpcError) -> APIError:
         code = exc.code()

@@ -503,10 +503,11 @@ class ChoiceGroup:
         self.closed = False
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "batch_size": 0}
         self.request_cancelled = is_cancelled
+        self.abandoned = False  # a ``{"cancel": request id}`` request came for it (the gateway's client left)
         self.render = render  # TokenLogprob entries -> OpenAI dicts
 
     def is_cancelled(self) -> bool:
-        return self.closed or self.request_cancelled()
+        return self.closed or self.abandoned or self.request_cancelled()
 
     def emitter(self, job_ref: list[ChatJob]):
         pb = runtime.pb_utils
@@ -588,6 +589,7 @@ class ChatModel:
         self.default_fps = params.video_fps
         self.video_limits = VideoLimits(params.max_video_seconds, params.max_video_decoded_frames, params.max_pixels,
                                         params.max_video_decode_s)
+        self.open_groups: dict[str, ChoiceGroup] = {}  # by Triton request id: what a {"cancel": id} request ends
         self.load_metrics = LoadMetrics.create(config["name"])
         self.admission = Admission(params.max_batch + params.max_queue_size,
                                    self.load_metrics.admitted.set if self.load_metrics else lambda _count: None)
@@ -628,10 +630,47 @@ class ChatModel:
         text.layers = type(text.layers)()
         return loop
 
+    def _cancel_request(self, request) -> bool:
+        """A request with no MESSAGES/PROMPT and ``PARAMETERS`` ``{"cancel": id}`` ends the running request whose
+        Triton request id is ``id`` (its rows stop at their next step and it gets its final response,
+        ``finish_reason`` "cancelled"); it is answered with a final flag only. The gateway sends one down the same
+        stream when its client goes away, instead of cancelling the gRPC call (see gateway/triton.py). True when
+        ``request`` was such a request."""
+        pb = runtime.pb_utils
+        raw = pb.get_input_tensor_by_name(request, "PARAMETERS")
+        if raw is None or pb.get_input_tensor_by_name(request, "MESSAGES") is not None \
+                or pb.get_input_tensor_by_name(request, "PROMPT") is not None:
+            return False
+        try:
+            data = json.loads(runtime.as_bytes_list(raw.as_numpy())[0])
+        except (UnicodeDecodeError, ValueError):
+            return False
+        if not isinstance(data, dict) or set(data) != {"cancel"} or not isinstance(data["cancel"], str):
+            return False
+        group = self.open_groups.get(data["cancel"])
+        if group is not None:
+            group.abandoned = True
+        request.get_response_sender().send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return True
+
+    def _register(self, request_id: str, release: Callable[[], None]) -> tuple[Callable[[], None],
+                                                                            Callable[[Any], None]]:
+        """(release, bind): the request's release also forgets it; ``bind(group)`` makes it cancellable by id."""
+        if not request_id:
+            return release, lambda _group: None
+
+        def forget() -> None:
+            self.open_groups.pop(request_id, None)
+            release()
+
+        return forget, lambda group: self.open_groups.__setitem__(request_id, group)
+
     def execute(self, requests):
         pb = runtime.pb_utils
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for request in requests:
+            if self._cancel_request(request):
+                continue
             sender = request.get_response_sender()
             release = self.admission.enter()
             if release is None:
@@ -693,9 +732,11 @@ class ChatModel:
                             flags=final)
                 continue
 
+            release, bind = self._register(request.request_id(), release)
             group = ChoiceGroup(sender, settings.n, request.is_cancelled,
                                 lambda entries: render_logprobs(entries, self.pipeline.tokenizer, self.grammars),
                                 release)
+            bind(group)
             jobs = []
             for index in range(settings.n):
                 ref: list[ChatJob] = []

@@ -106,6 +106,7 @@ class FakeBackend:
         return answer(call) if callable(answer) else answer
 
     async def stream(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str], *,
+                     cancel_inputs: Any = None,
                      final_output: str = "FINISH_REASON") -> AsyncGenerator[dict[str, np.ndarray], None]:
         self.calls.append(Call("stream", model, inputs, list(outputs), final_output))
         script = self.streams.get(model, self.script)

@@ -311,12 +311,9 @@ def gateway_objects(replica: Replica, scaling: Scaling) -> list[dict[str, Any]]:
 
 
 def gateway_grace_s(env: dict[str, str]) -> int:
-    """preStop + the gateway's drain delay + its drain timeout, and a margin: Kubernetes kills it after that."""
-    from gateway.settings import GatewaySettings
-
-    default = GatewaySettings.model_fields["drain_timeout_s"].default
-    timeout = float(env.get("VLMSERVE_GATEWAY_DRAIN_TIMEOUT_S", default))
-    delay = float(env.get("VLMSERVE_GATEWAY_DRAIN_DELAY_S", 0))
+    """preStop + the gateway's drain delay + its drain timeout (both set in its environment), and a margin:
+    Kubernetes kills it after that."""
+    delay, timeout = float(env["VLMSERVE_GATEWAY_DRAIN_DELAY_S"]), float(env["VLMSERVE_GATEWAY_DRAIN_TIMEOUT_S"])
     return int(PRESTOP_S + delay + timeout + spec.GRACE_MARGIN_S)
 
 

@@ -38,6 +38,7 @@ FILES_MOUNT = "/var/lib/vlmserve/files"
 
 TRITON_RECONNECT_S = 30
 DRAIN_DELAY_S = 5  # the gateway's readiness-first drain delay behind a balancer (gateway/__main__.py)
+DRAIN_TIMEOUT_S = 15  # then at most this long for requests in progress (the gateway's own default)
 
 
 class DeployError(ValueError):
@@ -88,6 +89,7 @@ class Replica:
             env["VLMSERVE_GATEWAY_TRITON_RECONNECT_S"] = str(TRITON_RECONNECT_S)
             # Behind a balancer: on SIGTERM turn unready first and keep serving while it stops routing here.
             env["VLMSERVE_GATEWAY_DRAIN_DELAY_S"] = str(DRAIN_DELAY_S)
+            env["VLMSERVE_GATEWAY_DRAIN_TIMEOUT_S"] = str(DRAIN_TIMEOUT_S)
         return env
 
     @property

@@ -407,6 +407,53 @@ def test_triton_stream_closed_early_cancels_the_call() -> None:
     assert call.cancelled
 
 
+def test_triton_stream_closed_early_sends_a_cancel_request_and_drains_instead_of_cancelling() -> None:
+    """With ``cancel_inputs`` (the chat models) an abandoned stream is never cancelled (Triton 2.51's gRPC frontend
+    can abort on a cancel that races a write): the control request goes down the same stream, naming the first
+    request's id, the request side is closed, and the rest of the stream is read to its end in the background."""
+    from gateway.chat import cancel_request
+
+    class EndingCall(_FakeCall):
+        async def __anext__(self) -> tuple[Any, Any]:
+            if not self.items:
+                raise StopAsyncIteration
+            return self.items.pop(0)
+
+    sent: list[Any] = []
+
+    class Grpc:
+        def stream_infer(self, requests: Any) -> _FakeCall:
+            async def read() -> None:
+                async for item in requests:
+                    sent.append(item)
+                sent.append("closed")
+            asyncio.get_running_loop().create_task(read())
+            return call
+
+    call = EndingCall([(_FakeResult(resp("a")), None), (_FakeResult(resp("b")), None),
+                       (_FakeResult(resp("", "cancelled", USAGE)), None)])
+    backend = TritonBackend("127.0.0.1:18000", timeout_s=5, grpc_url="127.0.0.1:18001")
+    backend._grpc_client = Grpc()  # type: ignore[assignment]
+
+    async def run() -> None:
+        gen = backend.stream("chat", {"MESSAGES": np.array([b"[]"], dtype=np.object_)}, ["TEXT", "FINISH_REASON"],
+                             cancel_inputs=cancel_request)
+        async for _ in gen:
+            break
+        await gen.aclose()
+        for _ in range(100):  # the background drain reads the stream to its end
+            if not call.items and not backend._retired:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    assert not call.cancelled and not call.items
+    first, control, closed = sent
+    assert first["request_id"] and [i.name() for i in first["inputs"]] == ["MESSAGES"]
+    assert [i.name() for i in control["inputs"]] == ["PARAMETERS"] and closed == "closed"
+    assert json.loads(control["inputs"][0]._raw_content[4:]) == {"cancel": first["request_id"]}
+
+
 @pytest.mark.parametrize(("message", "status"), [
     ("messages[0].content[1]: 'data' is not valid base64", 400),
     ("max_tokens must be 1..64, got 100", 400),

@@ -179,16 +179,20 @@ class FakeSender:
         self.responses: list = []
         self.done = threading.Event()
 
-    def send(self, response, flags=0) -> None:
+    def send(self, response=None, flags=0) -> None:
         self.responses.append(response)
         if flags:
             self.done.set()
 
 
 class FakeRequest:
-    def __init__(self, **inputs) -> None:
+    def __init__(self, request_id: str = "", **inputs) -> None:
         self.inputs = {k: FakeTensor(v if isinstance(v, str) else json.dumps(v)) for k, v in inputs.items()}
         self.sender = FakeSender()
+        self.id = request_id
+
+    def request_id(self) -> str:
+        return self.id
 
     def get_response_sender(self) -> FakeSender:
         return self.sender
@@ -355,5 +359,39 @@ def test_a_sender_that_breaks_mid_stream_releases_the_admission_slot(fake_pb, ti
         error, usage = healthy.outcome()
         assert error is None and usage["completion_tokens"] >= 1
         assert model.admission.count == 0
+    finally:
+        model.finalize()
+
+
+def test_a_cancel_request_ends_the_running_request_it_names(fake_pb, tiny_qwen_dir, tmp_path) -> None:
+    """The gateway's way to abandon a stream without cancelling the gRPC call (which can abort Triton 2.51): a
+    request with only PARAMETERS {"cancel": id}. It is answered with a final flag and no response; the request
+    with that Triton id stops at its next step with finish_reason "cancelled", and its admission slot is free.
+    A cancel naming no running request changes nothing."""
+    model = chat_model(tmp_path, tiny_qwen_dir, max_batch=2)
+    try:
+        stranger = FakeRequest(PARAMETERS={"cancel": "nobody"})
+        model.execute([stranger])
+        assert stranger.sender.responses == [None] and stranger.sender.done.is_set()
+        long = FakeRequest("req-1", PROMPT="hello world, tell me a story", PARAMETERS={"max_tokens": 1000})
+        model.execute([long])
+        deadline = time.monotonic() + 30
+        while len(long.sender.responses) < 3:  # polls a condition (decoding has started), bounded
+            assert time.monotonic() < deadline and not long.sender.done.is_set()
+            time.sleep(0.01)
+        assert model.admission.count == 1 and "req-1" in model.open_groups
+        cancel = FakeRequest(PARAMETERS={"cancel": "req-1"})
+        model.execute([cancel])
+        assert cancel.sender.responses == [None] and cancel.sender.done.is_set()
+        error, usage = long.outcome(timeout=30)
+        assert error is None and usage["completion_tokens"] < 1000
+        finish = dict(long.sender.responses[-1].output_tensors)["FINISH_REASON"].reshape(-1)[0]
+        assert (finish.decode() if isinstance(finish, bytes) else finish) == "cancelled"
+        assert model.admission.count == 0 and model.open_groups == {}
+        # A request whose PARAMETERS merely contain "cancel" among generation settings is not a cancel.
+        odd = FakeRequest(PROMPT="hi", PARAMETERS={"cancel": "req-1", "max_tokens": 2})
+        model.execute([odd])
+        message, _ = odd.outcome()
+        assert message is not None and "cancel" in message
     finally:
         model.finalize()

@@ -362,7 +362,8 @@ def test_gateway_replicas_share_their_files_and_drain_readiness_first() -> None:
     assert gateway["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(k8s.PRESTOP_S)]
     delay = float(env["VLMSERVE_GATEWAY_DRAIN_DELAY_S"])
     assert delay > 0
-    timeout = GatewaySettings().drain_timeout_s
+    timeout = float(env["VLMSERVE_GATEWAY_DRAIN_TIMEOUT_S"])
+    assert timeout == GatewaySettings().drain_timeout_s  # the gateway's own default, stated
     assert pod["terminationGracePeriodSeconds"] >= k8s.PRESTOP_S + delay + timeout + 5
 
 
