@@ -52,6 +52,9 @@ class ModelParams(BaseModel):
     runtime: str = "onnxruntime"  # chosen at export per host (export/runtime_choice.py)
     precision: str = "fp32"
     runtime_choice: str = ""  # the export's measurement, one line
+    # Every candidate that passed export's fence, fastest first ("openvino/bf16,onnxruntime/fp32"): where the
+    # serving CPU lacks the choice's ISA, the model runs the first one it has (vlmserve.host.serve_choice).
+    runtime_faithful: str = ""
     decoder_precision: str = "fp32"
     decoder_choice: str = ""
     onnx_file: str = "model.onnx"
