@@ -48,6 +48,14 @@ def model_config(args: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def warn(message: str) -> None:
+    """A WARNING in Triton's own log (``W...`` lines) inside Triton, else this module's Python logger."""
+    if pb_utils is not None and hasattr(pb_utils, "Logger"):
+        pb_utils.Logger.log_warn(message)
+    else:
+        log.warning("%s", message)
+
+
 def apply_serve_choice(config: dict[str, Any], cpu: CpuInfo | None = None) -> None:
     """Rewrite ``config``'s runtime parameters to what :func:`vlmserve.host.serve_choice` allows on ``cpu``."""
     parameters = config.get("parameters") or {}
@@ -60,7 +68,7 @@ def apply_serve_choice(config: dict[str, Any], cpu: CpuInfo | None = None) -> No
     except IsaError as exc:
         raise IsaError(f"model {name!r}: {exc}") from None
     for warning in choice.warnings:
-        log.warning("model %r: %s", name, warning)
+        warn(f"model {name!r}: {warning}")
     chosen = {"decoder_precision": choice.decoder_precision} if "decoder_precision" in raw else {}
     if {"runtime", "precision"} & raw.keys():
         chosen |= {"runtime": choice.runtime, "precision": choice.precision}
