@@ -119,3 +119,42 @@ def test_the_pixel_budget_is_checked_from_the_header_before_decoding(monkeypatch
         chat.decode_video(mp4(frames=6), 1.0, 8, chat.VideoLimits(max_request_pixels=3 * 64 * 48))
     assert not decoded
     assert len(chat.decode_video(mp4(frames=6), 1.0, 8, chat.VideoLimits())) == 6 and decoded
+
+
+def test_at_most_video_workers_decodes_run_at_once(fake_pb, tiny_qwen_dir, tmp_path,  # noqa: F811
+                                                   monkeypatch) -> None:
+    """The pool is bounded: with video_workers 2, four videos decode two at a time, and each gets its answer."""
+    lock, running, most = threading.Lock(), [0], [0]
+    both, go_on = threading.Event(), threading.Event()
+    real_decode = chat.decode_video
+
+    def tracked(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            if running[0] == 2:
+                both.set()
+        go_on.wait(120)
+        try:
+            return real_decode(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(chat, "decode_video", tracked)
+    model = chat_model(tmp_path, tiny_qwen_dir, video_workers=2)
+    try:
+        videos = [FakeRequest(MESSAGES=video_message(mp4()), PARAMETERS={"max_tokens": 2, "video_max_frames": 2})
+                  for _ in range(4)]
+        model.execute(videos)  # returns at once: the decodes wait in the pool
+        assert both.wait(60)
+        time.sleep(0.2)  # a third decode, were the pool unbounded, would have started by now
+        assert most[0] == 2
+        go_on.set()
+        for video in videos:
+            error, usage = video.outcome()
+            assert error is None and usage["completion_tokens"] >= 1
+        assert most[0] == 2 and _drains(model)
+    finally:
+        go_on.set()
+        model.finalize()
