@@ -16,7 +16,9 @@ and the argmax agrees at >= ``ARGMAX_FLOOR`` of the positions (:func:`lm_faithfu
 still measured and reported for every candidate, but no longer gates it (``"gate": "lm"`` in the report).
 
 The report (host, every candidate's speed and cosine, the choice and why) is written next to the model as
-``runtime_choice.json`` and, shortened, into the configs' parameters, where ``/v1/models`` shows it.
+``runtime_choice.json`` and, shortened, into the configs' parameters, where ``/v1/models`` shows it, with every
+faithful candidate in speed order (``runtime_faithful``): a model served on a CPU without the choice's ISA runs
+the next one it can (``vlmserve.host.serve_choice``, checked at load).
 GPU exports are not timed here: their instances run ONNX Runtime's CUDA/ROCm providers (TensorRT on the NGC
 image's native backend).
 """
@@ -238,7 +240,16 @@ def config_params(report: dict[str, Any] | None) -> dict[str, str]:
     """The parameters the serving models read (``runtime``, ``precision``) and ``/v1/models`` shows."""
     if report is None:
         return {}
-    return {"runtime": report["runtime"], "precision": report["precision"], "runtime_choice": summary(report)}
+    return {"runtime": report["runtime"], "precision": report["precision"], "runtime_choice": summary(report),
+            "runtime_faithful": ",".join(faithful_candidates(report))}
+
+
+def faithful_candidates(report: dict[str, Any]) -> list[str]:
+    """The choice, then every other candidate that passed the fence, fastest first: what a serving host whose CPU
+    lacks the choice's ISA (a repository exported on an AMX host, served from an AVX2 node) falls back to."""
+    chosen = f"{report['runtime']}/{report['precision']}"
+    others = sorted((Trial(**c) for c in report["candidates"]), key=lambda t: -(t.items_per_s or 0.0))
+    return [chosen, *(t.name for t in others if t.name != chosen and t.faithful(report["fidelity_floor"]))]
 
 
 def select_for_export(repo: Path, name: str, module, onnx_path: Path, inputs: dict[str, np.ndarray], options,

@@ -25,7 +25,9 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +43,7 @@ from model_repository.chat_engine import (
 )
 from vlmserve.api.openai import GenerationParameters
 from vlmserve.families import families
-from vlmserve.families.contract import DEFAULT_MAX_PIXELS, ChatParams
+from vlmserve.families.contract import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VIDEO_PIXELS, ChatParams
 from vlmserve.families.spec import load
 
 ROLES = {"system", "user", "assistant"}
@@ -68,14 +70,17 @@ class VideoLimits:
     max_decoded_frames: int = 3000  # max_video_decoded_frames: frames decoded, sampled or not
     max_pixels: int = DEFAULT_MAX_PIXELS  # max_pixels: width*height of one frame, the image rule
     max_decode_s: float = 30.0  # max_video_decode_s: wall time of the whole decode
+    max_request_pixels: int = DEFAULT_MAX_VIDEO_PIXELS  # max_video_pixels: frames kept x pixels, all videos
 
 
-def decode_video(data: bytes, fps: float, max_frames: int,
-                 limits: VideoLimits = VideoLimits()) -> list[tuple[float, Any]]:
+def decode_video(data: bytes, fps: float, max_frames: int, limits: VideoLimits = VideoLimits(),
+                 used_pixels: int = 0) -> list[tuple[float, Any]]:
     """Sample ``(timestamp_s, RGB PIL image)`` frames at ``fps``, at most ``max_frames`` spread over the clip.
 
     Bounded work and memory: the limits in ``limits`` raise InputError naming the limit, and at most
     ``2 * max_frames`` sampled frames are held at any time (the sampling interval doubles when that fills up).
+    ``used_pixels``: what the request's earlier videos keep; with this one's kept frames it must stay within
+    ``limits.max_request_pixels`` (checked from the header before decoding, then on the decoded frames).
     """
     import av
 
@@ -88,13 +93,15 @@ def decode_video(data: bytes, fps: float, max_frames: int,
     try:
         with container:
             stream = container.streams.video[0]
-            _check_video_header(container, stream, limits)
+            _check_video_header(container, stream, limits, fps, max_frames, used_pixels)
             step = 1.0 / fps
             next_t = 0.0
             for decoded, frame in enumerate(container.decode(stream), start=1):
                 _check_video_progress(decoded, frame, started, limits)
                 t = float(frame.time or 0.0)
                 if t + 1e-6 >= next_t:
+                    _check_video_budget(min(len(frames) + 1, max_frames), frame.width, frame.height, used_pixels,
+                                        limits)
                     frames.append((t, frame.to_image().convert("RGB")))
                     next_t = t + step
                     if len(frames) >= 2 * max_frames:
@@ -114,7 +121,8 @@ def decode_video(data: bytes, fps: float, max_frames: int,
     return frames
 
 
-def _check_video_header(container: Any, stream: Any, limits: VideoLimits) -> None:
+def _check_video_header(container: Any, stream: Any, limits: VideoLimits, fps: float, max_frames: int,
+                        used_pixels: int) -> None:
     width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
     if width * height > limits.max_pixels:
         raise runtime.InputError(f"video frames are {width}x{height} = {width * height:,} pixels; the limit is "
@@ -127,6 +135,24 @@ def _check_video_header(container: Any, stream: Any, limits: VideoLimits) -> Non
     if seconds is not None and seconds > limits.max_seconds:
         raise runtime.InputError(f"video is {seconds:.1f}s long; the limit is {limits.max_seconds:g}s "
                                  "(max_video_seconds); send a shorter clip")
+    # The frames this clip will keep, as far as the header tells (never more than it will really keep: a clip
+    # that fits is not refused here; the decoded frames are checked again).
+    kept = max_frames
+    if seconds is not None:
+        kept = min(kept, int(seconds * fps) + 1)
+    if stream.frames:
+        kept = min(kept, int(stream.frames))
+    _check_video_budget(kept, width, height, used_pixels, limits)
+
+
+def _check_video_budget(kept: int, width: int, height: int, used_pixels: int, limits: VideoLimits) -> None:
+    pixels = kept * width * height
+    if used_pixels + pixels > limits.max_request_pixels:
+        earlier = f" + {used_pixels:,} of the request's earlier videos" if used_pixels else ""
+        raise runtime.InputError(
+            f"video frames: {kept} frames x {width}x{height} = {pixels:,} pixels{earlier}; the limit is "
+            f"{limits.max_request_pixels:,} pixels of video frames per request (max_video_pixels); send fewer "
+            "frames (video_max_frames), a lower video_fps or a smaller clip")
 
 
 def _check_video_progress(decoded: int, frame: Any, started: float, limits: VideoLimits) -> None:
@@ -145,18 +171,32 @@ def _check_video_progress(decoded: int, frame: Any, started: float, limits: Vide
                                  "(max_video_decode_s); send a shorter or smaller clip")
 
 
-def parse_messages(raw: bytes, video_fps: float, max_frames: int, max_images: int,
-                   max_pixels: int = DEFAULT_MAX_PIXELS,
-                   video_limits: VideoLimits = VideoLimits()) -> list[dict[str, Any]]:
-    """Validated messages with images decoded; a video becomes timestamped frames (images + text)."""
+def load_messages(raw: bytes) -> list[Any]:
+    """``MESSAGES`` as JSON: a non-empty list (its parts are checked by :func:`parse_messages`)."""
     try:
         messages = json.loads(raw)
     except (UnicodeDecodeError, ValueError):
         raise runtime.InputError("MESSAGES must be a JSON list of messages") from None
     if not isinstance(messages, list) or not messages:
         raise runtime.InputError("MESSAGES must be a non-empty JSON list")
+    return messages
+
+
+def has_video(messages: list[Any]) -> bool:
+    return any(isinstance(m, dict) and isinstance(m.get("content"), list)
+               and any(isinstance(p, dict) and p.get("type") == "video" for p in m["content"]) for m in messages)
+
+
+def parse_messages(raw: bytes | list[Any], video_fps: float, max_frames: int, max_images: int,
+                   max_pixels: int = DEFAULT_MAX_PIXELS,
+                   video_limits: VideoLimits = VideoLimits()) -> list[dict[str, Any]]:
+    """Validated messages with images decoded; a video becomes timestamped frames (images + text).
+
+    ``raw``: the ``MESSAGES`` bytes, or what :func:`load_messages` made of them."""
+    messages = load_messages(raw) if isinstance(raw, bytes) else raw
     out: list[dict[str, Any]] = []
     images = 0
+    video_pixels = 0
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise runtime.InputError(f"messages[{i}] needs a role in {sorted(ROLES)}")
@@ -180,7 +220,9 @@ def parse_messages(raw: bytes, video_fps: float, max_frames: int, max_images: in
                     raise runtime.InputError(f"{where}: {exc}") from None
                 images += 1
             elif kind == "video":
-                frames = decode_video(_b64(part.get("data"), where), video_fps, max_frames, video_limits)
+                frames = decode_video(_b64(part.get("data"), where), video_fps, max_frames, video_limits,
+                                      video_pixels)
+                video_pixels += sum(frame.width * frame.height for _, frame in frames)
                 parts.append({"type": "text", "text": f"A video of {len(frames)} sampled frames:"})
                 for t, frame in frames:
                     parts.append({"type": "text", "text": f" frame at {t:.1f}s"})
@@ -550,6 +592,12 @@ class ChoiceGroup:
         return emit
 
 
+def _log_failure(future: Future) -> None:
+    """A video worker's request that failed outside its own error handling (a bug): at least in the log."""
+    if not future.cancelled() and future.exception() is not None:
+        log.error("chat request failed in the video pool", exc_info=future.exception())
+
+
 class ChatModel:
     """Triton model for one chat family (decoupled; see the module docstring)."""
 
@@ -588,8 +636,15 @@ class ChatModel:
         self.max_images = params.max_images
         self.default_fps = params.video_fps
         self.video_limits = VideoLimits(params.max_video_seconds, params.max_video_decoded_frames, params.max_pixels,
-                                        params.max_video_decode_s)
+                                        params.max_video_decode_s, params.max_video_pixels)
+        # Videos are decoded here, off Triton's execute thread (which then admits the next requests at once);
+        # at most video_workers decodes run together, the others wait their turn holding only their bytes.
+        self.video_pool = ThreadPoolExecutor(params.video_workers, thread_name_prefix=f"{config['name']}-video")
+        # The pipeline's tokenizer and image processor are shared by Triton's thread and the video workers.
+        self.prepare_lock = threading.Lock()
         self.open_groups: dict[str, ChoiceGroup] = {}  # by Triton request id: what a {"cancel": id} request ends
+        # Ids cancelled before their request reached the engine (a video still waiting for a worker), bounded.
+        self.cancelled_early: deque[str] = deque(maxlen=1024)
         self.load_metrics = LoadMetrics.create(config["name"])
         self.admission = Admission(params.max_batch + params.max_queue_size,
                                    self.load_metrics.admitted.set if self.load_metrics else lambda _count: None)
@@ -650,6 +705,8 @@ class ChatModel:
         group = self.open_groups.get(data["cancel"])
         if group is not None:
             group.abandoned = True
+        else:  # not admitted yet (a video waiting for a worker), or already finished
+            self.cancelled_early.append(data["cancel"])
         request.get_response_sender().send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return True
 
@@ -680,72 +737,97 @@ class ChatModel:
                     f"chat queue is full ({self.admission.limit} requests running or waiting: max_batch + "
                     "max_queue_size); retry later"), flags=final)
                 continue
-            try:
-                raw_params = pb.get_input_tensor_by_name(request, "PARAMETERS")
-                params, settings = parse_params(
-                    None if raw_params is None else runtime.as_bytes_list(raw_params.as_numpy())[0],
-                    self.default_max_tokens, self.max_tokens_limit, self.engine.max_batch,
-                )
-                if self.grammars is None and (settings.n > 1 or settings.logprobs or params.penalised
-                                              or settings.response_format is not None):
-                    raise runtime.InputError("n, logprobs, penalties and response_format need a continuously "
-                                             "batched chat model; this one runs plain requests only")
-                if settings.response_format is not None:
-                    assert self.grammars is not None
-                    try:
-                        params.grammar = self.grammars.compile(settings.response_format)
-                    except ValueError as exc:
-                        raise runtime.InputError(str(exc)) from None
-                raw_prompt = pb.get_input_tensor_by_name(request, "PROMPT")
-                raw_messages = pb.get_input_tensor_by_name(request, "MESSAGES")
-                if (raw_prompt is None) == (raw_messages is None):
-                    raise runtime.InputError("send MESSAGES (a conversation) or PROMPT (raw text), one of them")
-                if raw_prompt is not None:
-                    if self.grammars is None:
-                        raise runtime.InputError("PROMPT needs a continuously batched chat model; send MESSAGES")
-                    prompt = runtime.as_bytes_list(raw_prompt.as_numpy())[0].decode("utf-8", errors="strict")
-                    inputs, prompt_tokens = prepare_text(self.pipeline.tokenizer, prompt)
-                else:
-                    fps = float(settings.video_fps or self.default_fps)
-                    frames = min(int(settings.video_max_frames or self.max_frames), self.max_frames)
-                    raw = runtime.as_bytes_list(raw_messages.as_numpy())[0]
-                    messages = parse_messages(raw, fps, max(1, frames), self.max_images,
-                                              self.video_limits.max_pixels, self.video_limits)
-                    inputs, prompt_tokens = self.pipeline.prepare(messages)
-                # Before the job reaches the engine: no image has gone through the vision encoder yet (prepare
-                # only runs the image processor).
-                fit_context(params, settings.max_tokens is not None, prompt_tokens, self.context)
-                if self.engine.loop is not None:
-                    fit_kv_budget(settings.n, params, prompt_tokens, self.engine.loop.max_batch_tokens,
-                                  self.engine.loop.kv_bytes_per_token)
-            except UnicodeDecodeError:
-                release()
-                sender.send(runtime.error_response("PROMPT must be UTF-8 text", invalid_arg=True), flags=final)
-                continue
-            except runtime.InputError as exc:
-                release()
-                sender.send(runtime.error_response(str(exc), invalid_arg=True), flags=final)
-                continue
-            except Exception as exc:  # noqa: BLE001
-                release()
-                sender.send(runtime.error_response(f"preprocessing failed: {type(exc).__name__}: {exc}"),
-                            flags=final)
-                continue
+            # Read on this thread: the request's tensors are Triton's.
+            raw = {name: (None if tensor is None else runtime.as_bytes_list(tensor.as_numpy())[0])
+                   for name in ("PARAMETERS", "PROMPT", "MESSAGES")
+                   for tensor in [pb.get_input_tensor_by_name(request, name)]}
+            messages: list[Any] | None = None
+            if raw["MESSAGES"] is not None:
+                try:
+                    messages = load_messages(raw["MESSAGES"])
+                except runtime.InputError as exc:
+                    release()
+                    sender.send(runtime.error_response(str(exc), invalid_arg=True), flags=final)
+                    continue
+            if messages is not None and has_video(messages):
+                # Decoding takes up to max_video_decode_s: in the pool, so that this thread admits the others.
+                future = self.video_pool.submit(self._admit, request, sender, release, raw, messages)
+                future.add_done_callback(_log_failure)
+            else:
+                self._admit(request, sender, release, raw, messages)
 
-            release, bind = self._register(request.request_id(), release)
-            group = ChoiceGroup(sender, settings.n, request.is_cancelled,
-                                lambda entries: render_logprobs(entries, self.pipeline.tokenizer, self.grammars),
-                                release)
-            bind(group)
-            jobs = []
-            for index in range(settings.n):
-                ref: list[ChatJob] = []
-                jobs.append(ChatJob(inputs, params, prompt_tokens, group.emitter(ref), group.is_cancelled,
-                                    index=index))
-                ref.append(jobs[-1])
-            jobs[0].shared = jobs[1:]
-            self.engine.submit(jobs[0])
-        return
+    def _admit(self, request, sender, release: Callable[[], None], raw: dict[str, bytes | None],
+               messages: list[Any] | None) -> None:
+        """Validate one request, prepare its prompt (decoding its images and videos) and hand it to the engine;
+        any failure is that request's error response (INVALID_ARG for the client's input) and frees its slot."""
+        final = runtime.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if request.is_cancelled() or request.request_id() in self.cancelled_early:  # gone while its video waited
+            release()
+            sender.send(runtime.error_response("cancelled before its video was decoded"), flags=final)
+            return
+        try:
+            params, settings = parse_params(raw["PARAMETERS"], self.default_max_tokens, self.max_tokens_limit,
+                                            self.engine.max_batch)
+            if self.grammars is None and (settings.n > 1 or settings.logprobs or params.penalised
+                                          or settings.response_format is not None):
+                raise runtime.InputError("n, logprobs, penalties and response_format need a continuously "
+                                         "batched chat model; this one runs plain requests only")
+            if settings.response_format is not None:
+                assert self.grammars is not None
+                try:
+                    params.grammar = self.grammars.compile(settings.response_format)
+                except ValueError as exc:
+                    raise runtime.InputError(str(exc)) from None
+            if (raw["PROMPT"] is None) == (messages is None):
+                raise runtime.InputError("send MESSAGES (a conversation) or PROMPT (raw text), one of them")
+            if messages is None:
+                if self.grammars is None:
+                    raise runtime.InputError("PROMPT needs a continuously batched chat model; send MESSAGES")
+                prompt = (raw["PROMPT"] or b"").decode("utf-8", errors="strict")
+                with self.prepare_lock:
+                    inputs, prompt_tokens = prepare_text(self.pipeline.tokenizer, prompt)
+            else:
+                fps = float(settings.video_fps or self.default_fps)
+                frames = min(int(settings.video_max_frames or self.max_frames), self.max_frames)
+                parsed = parse_messages(messages, fps, max(1, frames), self.max_images,
+                                        self.video_limits.max_pixels, self.video_limits)
+                with self.prepare_lock:
+                    inputs, prompt_tokens = self.pipeline.prepare(parsed)
+            # Before the job reaches the engine: no image has gone through the vision encoder yet (prepare
+            # only runs the image processor).
+            fit_context(params, settings.max_tokens is not None, prompt_tokens, self.context)
+            if self.engine.loop is not None:
+                fit_kv_budget(settings.n, params, prompt_tokens, self.engine.loop.max_batch_tokens,
+                              self.engine.loop.kv_bytes_per_token)
+        except UnicodeDecodeError:
+            release()
+            sender.send(runtime.error_response("PROMPT must be UTF-8 text", invalid_arg=True), flags=final)
+            return
+        except runtime.InputError as exc:
+            release()
+            sender.send(runtime.error_response(str(exc), invalid_arg=True), flags=final)
+            return
+        except Exception as exc:  # noqa: BLE001
+            release()
+            sender.send(runtime.error_response(f"preprocessing failed: {type(exc).__name__}: {exc}"),
+                        flags=final)
+            return
+
+        release, bind = self._register(request.request_id(), release)
+        group = ChoiceGroup(sender, settings.n, request.is_cancelled,
+                            lambda entries: render_logprobs(entries, self.pipeline.tokenizer, self.grammars),
+                            release)
+        bind(group)
+        group.abandoned = request.request_id() in self.cancelled_early  # a cancel that came while it was prepared
+        jobs = []
+        for index in range(settings.n):
+            ref: list[ChatJob] = []
+            jobs.append(ChatJob(inputs, params, prompt_tokens, group.emitter(ref), group.is_cancelled,
+                                index=index))
+            ref.append(jobs[-1])
+        jobs[0].shared = jobs[1:]
+        self.engine.submit(jobs[0])
 
     def finalize(self) -> None:
+        self.video_pool.shutdown(wait=False, cancel_futures=True)
         self.engine.stop()

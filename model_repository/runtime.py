@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from vlmserve.families.contract import DEFAULT_MAX_PIXELS, ModelParams
+from vlmserve.host import CpuInfo, IsaError, serve_choice, serving_cpu
 
 try:  # Only importable inside Triton's Python backend stub.
     import triton_python_backend_utils as pb_utils
@@ -34,8 +35,45 @@ class InputError(ValueError):
 
 
 def model_config(args: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(args["model_config"])
+    """The model's config as Triton hands it, with export's CPU runtime choice re-checked on this CPU.
 
+    A CPU instance whose CPU lacks the ISA of the exported ``runtime``/``precision``/``decoder_precision`` (a
+    repository exported on an AMX host, served from a shared volume on an AVX2 node) gets the next faithful
+    candidate export recorded in those parameters, with a WARNING in the log; none that runs here: the load fails
+    naming the missing ISA (:func:`vlmserve.host.serve_choice`). GPU instances do not use the CPU choice.
+    """
+    config = json.loads(args["model_config"])
+    if not uses_gpu(args):
+        apply_serve_choice(config)
+    return config
+
+
+def warn(message: str) -> None:
+    """A WARNING in Triton's own log (``W...`` lines) inside Triton, else this module's Python logger."""
+    if pb_utils is not None and hasattr(pb_utils, "Logger"):
+        pb_utils.Logger.log_warn(message)
+    else:
+        log.warning("%s", message)
+
+
+def apply_serve_choice(config: dict[str, Any], cpu: CpuInfo | None = None) -> None:
+    """Rewrite ``config``'s runtime parameters to what :func:`vlmserve.host.serve_choice` allows on ``cpu``."""
+    parameters = config.get("parameters") or {}
+    raw = {k: (v or {}).get("string_value", "") for k, v in parameters.items()}
+    if not {"runtime", "precision", "decoder_precision"} & raw.keys():
+        return
+    name = config.get("name")
+    try:
+        choice = serve_choice(raw, cpu or serving_cpu())
+    except IsaError as exc:
+        raise IsaError(f"model {name!r}: {exc}") from None
+    for warning in choice.warnings:
+        warn(f"model {name!r}: {warning}")
+    chosen = {"decoder_precision": choice.decoder_precision} if "decoder_precision" in raw else {}
+    if {"runtime", "precision"} & raw.keys():
+        chosen |= {"runtime": choice.runtime, "precision": choice.precision}
+    for key, value in chosen.items():
+        parameters[key] = {"string_value": value}
 
 
 

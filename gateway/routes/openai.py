@@ -17,6 +17,7 @@ from starlette.responses import Response
 from gateway.auth import require_api_key
 from gateway.embedding import IMAGE_TASK, TEXT_TASK, EmbeddingService, get_service
 from gateway.errors import APIError
+from vlmserve.host import IsaError, serve_choice, serving_cpu
 
 # Discriminator values pydantic puts into an error's location (messages[0].user.content ...): not fields.
 _TAGS = {"system", "developer", "user", "assistant", "text", "image_url", "video_url", "json_object", "json_schema",
@@ -154,5 +155,25 @@ async def _model_entries(request: Request) -> list[dict[str, Any]]:
                    if "decoder_precision" in m.params else {}),
                 **({"chat_engine": m.params["chat_engine"], "engine_why": m.params.get("engine_choice")}
                    if "chat_engine" in m.params else {}),
+                **_isa_check(m.params),
             }
     return list(by_source.values())
+
+
+def _isa_check(params: dict[str, str]) -> dict[str, Any]:
+    """Export's CPU choice re-checked on the gateway's CPU, as the model does at load (``vlmserve.host``):
+    ``served_as`` (runtime/precision, decoder) and ``isa_warnings`` where it falls back, ``isa_error`` where the
+    model refuses to load. Exact where the gateway shares Triton's host (the process and Docker runtimes); across
+    nodes it is the gateway's node, and Triton's log is the word of each replica (docs/operating-limits.md)."""
+    if params.get("device", "cpu") != "cpu":
+        return {}
+    try:
+        choice = serve_choice(params, serving_cpu())
+    except IsaError as exc:
+        return {"isa_error": str(exc)}
+    if not choice.warnings:
+        return {}
+    served = {"served_as": f"{choice.runtime}/{choice.precision}"} if "runtime" in params else {}
+    if "decoder_precision" in params:
+        served["decoder_served_as"] = choice.decoder_precision
+    return {**served, "isa_warnings": list(choice.warnings)}

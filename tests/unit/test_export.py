@@ -19,8 +19,8 @@ from tests.conftest import tiny_export_options
 
 GOLDEN = Path(__file__).parent / "golden"
 # Timed on the exporting host, or (the chat engine) depending on whether llama.cpp's bindings are installed there.
-HOST_DEPENDENT = ("runtime", "precision", "runtime_choice", "decoder_precision", "decoder_choice", "chat_engine",
-                  "engine_choice", "decoder_gguf", "max_batch")
+HOST_DEPENDENT = ("runtime", "precision", "runtime_choice", "runtime_faithful", "decoder_precision", "decoder_choice",
+                  "chat_engine", "engine_choice", "decoder_gguf", "max_batch")
 CONFIG_FILES = [
     f"{m}/{c}"
     for m in ("siglip_vision", "siglip_text", "siglip_embed_image", "siglip_embed_text", "siglip2_vision",

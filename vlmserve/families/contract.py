@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_PREFIX_CACHE_BYTES",
     "DEFAULT_MAX_BATCH_TOKENS",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_VIDEO_PIXELS",
     "DEFAULT_MAX_QUEUE_SIZE",
     "MAX_NEW_TOKENS_LIMIT",
     "ChatParams",
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_PIXELS = 40_000_000  # decoded image size cap (decompression bombs); per model: ``max_pixels``
+DEFAULT_MAX_VIDEO_PIXELS = 100_000_000  # chat: frames kept by a request's videos x their pixels (12 4K frames)
 MAX_NEW_TOKENS_LIMIT = 1024  # the generating models' default ceiling for max_tokens / max_new_tokens
 DEFAULT_MAX_BATCH_TOKENS = 16384  # chat engine: prompt + max_tokens summed over the running batch
 DEFAULT_MAX_QUEUE_SIZE = 64  # requests waiting per model beyond what runs (Triton queue policy, chat admission)
@@ -52,6 +54,9 @@ class ModelParams(BaseModel):
     runtime: str = "onnxruntime"  # chosen at export per host (export/runtime_choice.py)
     precision: str = "fp32"
     runtime_choice: str = ""  # the export's measurement, one line
+    # Every candidate that passed export's fence, fastest first ("openvino/bf16,onnxruntime/fp32"): where the
+    # serving CPU lacks the choice's ISA, the model runs the first one it has (vlmserve.host.serve_choice).
+    runtime_faithful: str = ""
     decoder_precision: str = "fp32"
     decoder_choice: str = ""
     onnx_file: str = "model.onnx"
@@ -147,6 +152,12 @@ class ChatParams(ModelParams):
     max_video_seconds: float = Field(600.0, gt=0)
     max_video_decoded_frames: int = Field(3000, ge=1)
     max_video_decode_s: float = Field(30.0, gt=0)
+    # Pixels of every frame a request's videos keep (frames x width x height, all videos together): a 400 naming
+    # it, from the header before decoding where it can tell; decoding holds at most twice that.
+    max_video_pixels: int = Field(DEFAULT_MAX_VIDEO_PIXELS, ge=1)
+    # Videos are decoded by this many worker threads, off Triton's execute thread: other requests are admitted
+    # meanwhile, and at most this many decodes (each within the bounds above) run at once.
+    video_workers: int = Field(2, ge=1)
     batch_window_ms: float = Field(20, ge=0)
     # Host memory for the vision encoder's outputs of images seen again (LRU keyed by a hash of the encoder's
     # exact inputs; docs/chat.md); 0 turns the cache off.
