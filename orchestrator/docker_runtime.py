@@ -5,6 +5,10 @@ Everything this runtime creates carries the labels ``io.vlmserve.managed=true`` 
 Docker's: containers run with ``--init`` and the ``on-failure`` restart policy, so a crashed Triton or gateway
 (the role process is the init's only child) is restarted with Docker's exponential backoff; ``status``
 shows the restart count and ``logs`` the container's output across restarts.
+
+Containers are nobody's children: while ``up`` starts them, a watchdog (:class:`orchestrator.lifetime.Watchdog`)
+removes them if ``up`` dies before both are healthy (SIGKILL, a crash); once they are, ``up`` releases them to
+Docker's supervision, like ``docker compose up -d``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 from orchestrator.images import LABEL
 from orchestrator.launch import Launch
+from orchestrator.lifetime import Watchdog
 from orchestrator.process import StartupError, _healthy, _human
 from orchestrator.settings import OrchestratorSettings
 
@@ -227,7 +232,11 @@ class DockerRuntime:
         running = [n for n, c in self.containers().items() if c.status == "running"]
         if running:
             raise StartupError(f"already running (docker): {', '.join(running)}; use `ensure` or `restart`")
-        started = self.ensure()
+        watchdog = Watchdog(self.labels())  # removes what this start created if this process dies before it ends
+        try:
+            started = self.ensure()
+        finally:
+            watchdog.release()  # healthy: Docker supervises them; failed: ensure() has removed them already
         self.log(f"vlmserve is up (docker): gateway {self.settings.gateway_url}, "
                  f"triton {self.settings.triton_http_url}")
         return started
