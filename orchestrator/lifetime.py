@@ -99,6 +99,14 @@ class Watchdog:
         except subprocess.TimeoutExpired:
             self.proc.kill()
 
+    def finish(self, timeout: float = 120.0) -> None:
+        """Remove the containers now (as this process's death would) and wait until the watchdog has."""
+        self.close()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
     def close(self) -> None:
         """Close the write end now (as this process's death would): the watchdog removes the containers."""
         if self._write >= 0:
