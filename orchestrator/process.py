@@ -129,7 +129,7 @@ class ProcessRuntime:
     def _save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         data = {n: {"pid": s.pid, "log": str(s.log), "url": s.url, "restarts": self.restarts.get(n, 0),
-                    "supervisor": os.getpid()}
+                    "supervisor": os.getpid(), "started": _create_time(s.pid)}
                 for n, s in self.services.items()}
         self.state_file.write_text(json.dumps(data, indent=2))
 
@@ -140,7 +140,9 @@ class ProcessRuntime:
             return {}
 
     def load(self) -> dict[str, Service]:
-        return {n: Service(n, d["pid"], Path(d["log"]), d["url"]) for n, d in self._load_raw().items()}
+        """The recorded services that are still the processes recorded (not a reused pid)."""
+        return {n: Service(n, d["pid"], Path(d["log"]), d["url"]) for n, d in self._load_raw().items()
+                if d.get("started") is None or _create_time(d["pid"]) in (None, d["started"])}
 
     def supervisor(self) -> Service | None:
         """The detached supervisor started by ``up``, if it is alive."""
@@ -226,7 +228,9 @@ class ProcessRuntime:
                 parent = psutil.Process(service.pid).ppid()
             except psutil.Error:
                 continue
-            if service.alive() and parent != raw[name].get("supervisor"):
+            # Recorded by an older vlmserve (no supervisor): orphaned only once reparented to init.
+            supervisor = raw[name].get("supervisor", parent if parent != 1 else None)
+            if service.alive() and parent != supervisor:
                 found[name] = service
         return found
 
@@ -442,6 +446,13 @@ class ProcessRuntime:
 
 
 SERVICES = ("triton", "gateway")  # start order; stopped in reverse
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
 
 
 def _port_busy(host: str, port: int) -> bool:

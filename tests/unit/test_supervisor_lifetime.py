@@ -68,11 +68,12 @@ def runtime(tmp_path: Path, **ports: int) -> ProcessRuntime:
     return ProcessRuntime(settings, log=lambda m: None)
 
 
-def record(rt: ProcessRuntime, pid: int, supervisor: int) -> None:
+def record(rt: ProcessRuntime, pid: int, supervisor: int, started: float | None = None) -> None:
     rt.run_dir.mkdir(parents=True, exist_ok=True)
+    started = psutil.Process(pid).create_time() if started is None else started
     rt.state_file.write_text(json.dumps({"triton": {"pid": pid, "log": str(rt.run_dir / "triton.log"),
                                                     "url": "http://127.0.0.1:1", "restarts": 0,
-                                                    "supervisor": supervisor}}))
+                                                    "supervisor": supervisor, "started": started}}))
 
 
 def test_start_stops_a_stack_whose_supervisor_is_gone(tmp_path: Path) -> None:
@@ -115,3 +116,17 @@ def test_start_refuses_a_busy_port_and_names_who_holds_it(tmp_path: Path) -> Non
     message = str(err.value)
     assert f"gateway port 127.0.0.1:{ports['gateway_port']} is in use by pid {os.getpid()}" in message, message
     assert "VLMSERVE_GATEWAY_PORT" in message and "vlmserve down" in message
+
+
+def test_a_reused_pid_is_neither_stopped_nor_counted_as_running(tmp_path: Path) -> None:
+    rt = runtime(tmp_path)
+    stranger = subprocess.Popen(SLEEPER, start_new_session=True)
+    try:
+        # The recorded process started at another time: this pid now belongs to someone else.
+        record(rt, stranger.pid, supervisor=stranger.pid + 1, started=1.0)
+        with pytest.raises(StartupError, match="vlmserve export"):
+            rt.start()
+        assert stranger.poll() is None, "an unrelated process was killed"
+    finally:
+        stranger.kill()
+        stranger.wait()
