@@ -40,6 +40,7 @@ import httpx
 import numpy as np
 
 from loadtests.image_ttft import image_chat_ttft
+from orchestrator.lifetime import die_with_parent, sigterm_exits
 from vlmserve import paths
 from vlmserve.host import CpuInfo, cpu_info
 
@@ -190,7 +191,8 @@ def run_locust(s: Scenario, out: Path, round_no: int) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "locust", "-f", str(USERS_FILE), s.user_class, "--headless", "-u", str(s.users),
            "-r", str(s.users), "-t", f"{s.duration_s}s", "--host", s.host, "--csv", str(prefix), "--only-summary",
            "--stop-timeout", "120"]
-    subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, timeout=s.duration_s + 600)
+    subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, timeout=s.duration_s + 600,
+                   preexec_fn=die_with_parent())
     with open(f"{prefix}_stats.csv") as f:
         rows = {r["Name"]: r for r in csv.DictReader(f)}
     main = rows.get(CHAT_REQUEST) if s.workload == "chat" else rows.get("Aggregated")
@@ -295,6 +297,7 @@ def _llama_outtype(outtype: str, repo: Path) -> str:
     return {"fp32": "f32", "bf16": "bf16"}.get(precision, "f32")
 
 
+@sigterm_exits()  # SIGTERM (a time limit) ends the bench like Ctrl-C: the cleanup in its `finally` runs
 def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, florence_users: int = 8,
               florence_duration_s: int = 90, max_new_tokens: int = 32, florence: bool = True, chat: bool = True,
               chat_users: tuple[int, ...] = (1, 8), chat_duration_s: int = 40, chat_max_tokens: int = 32,
@@ -367,7 +370,7 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
                 [sys.executable, "-m", "loadtests.baseline.server", *model_args, "--port", str(port), *flags],
                 # The log file outlives this block: the server writes to it until it is stopped.
                 cwd=paths.PROJECT_ROOT, stdout=open(out / f"{system}.log", "w"),  # noqa: SIM115
-                stderr=subprocess.STDOUT,
+                stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
             )
             baselines[system] = (proc, f"http://127.0.0.1:{port}")
         for proc, url in baselines.values():
@@ -445,11 +448,16 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
         if siglip:
             extra["fidelity"] = _fidelity(gw, checkpoints / "siglip", image_dir, log)
     finally:
+        # Stopped (SIGTERM, Ctrl-C): nothing to wait for, stop at once. Anything this misses dies with the bench.
+        interrupted = isinstance(sys.exc_info()[1], (SystemExit, KeyboardInterrupt))
         if llama is not None:
             llama.stop()
-        runtime.stop()
+        runtime.stop(timeout_s=2.0 if interrupted else None)
         for proc, _ in baselines.values():
-            proc.terminate()
+            if interrupted:
+                proc.kill()
+            else:
+                proc.terminate()
             proc.wait(timeout=30)
 
     report = {

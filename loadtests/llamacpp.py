@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.lifetime import die_with_parent
+
 # Tokens of KV per parallel slot: the bench's text prompt (~30 tokens) + max_tokens (64) with room to spare.
 CTX_PER_SLOT = 512
 # ChatUser's extra body fields for llama-server: no early EOS (random weights: both servers must emit max_tokens
@@ -50,7 +52,8 @@ class LlamaServer:
 def start_server(binary: Path, gguf: Path, port: int, slots: int, threads: int, log_file: Path,
                  poll: int | None = None) -> LlamaServer:
     cmd = server_command(binary, gguf, port, slots, threads, poll=poll)
-    proc = subprocess.Popen(cmd, stdout=open(log_file, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=open(log_file, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                            preexec_fn=die_with_parent())  # it dies with the bench, however the bench ends
     return LlamaServer(proc, f"http://127.0.0.1:{port}", cmd)
 
 

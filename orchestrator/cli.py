@@ -145,13 +145,18 @@ def start(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, runtime_n
 @app.command()
 def run(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, accelerator: str | None = AccelOpt,
         fallback: bool | None = FallbackOpt, plan: Path | None = PlanOpt, budget: list[str] | None = BudgetOpt,
-        reserve: str | None = ReserveOpt) -> None:
-    """Start Triton + gateway in the foreground, restart them if they crash; Ctrl-C stops both."""
-    settings = _settings(model_set, repo, "process", accelerator, fallback, plan)
-    launch = _launch(settings, budget, reserve, "process")
+        reserve: str | None = ReserveOpt,
+        runtime_name: str = typer.Option("process", "--runtime", help="process (default) or docker (containers "
+                                         "that live only as long as this command)")) -> None:
+    """Start Triton + gateway in the foreground, restart them if they crash; Ctrl-C stops both. Whatever ends
+    this command, nothing it started outlives it."""
+    if runtime_name not in RUNTIMES:
+        raise typer.BadParameter(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime_name!r}")
+    settings = _settings(model_set, repo, runtime_name, accelerator, fallback, plan)
+    launch = _launch(settings, budget, reserve, runtime_name)
     try:
-        code = ProcessRuntime(settings, log=_say, launch=launch).run_foreground()
-    except (StartupError, TritonNotFound) as exc:
+        code = runtime(settings, runtime_name, launch).run_foreground()
+    except (StartupError, TritonNotFound, DockerUnavailable) as exc:
         raise _fail(exc) from None
     raise typer.Exit(code)
 

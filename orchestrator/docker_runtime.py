@@ -5,17 +5,23 @@ Everything this runtime creates carries the labels ``io.vlmserve.managed=true`` 
 Docker's: containers run with ``--init`` and the ``on-failure`` restart policy, so a crashed Triton or gateway
 (the role process is the init's only child) is restarted with Docker's exponential backoff; ``status``
 shows the restart count and ``logs`` the container's output across restarts.
+
+Containers are nobody's children: while ``up`` starts them, a watchdog (:class:`orchestrator.lifetime.Watchdog`)
+removes them if ``up`` dies before both are healthy (SIGKILL, a crash); once they are, ``up`` releases them to
+Docker's supervision, like ``docker compose up -d``. ``run --runtime docker`` keeps them tied for its whole life.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from orchestrator.images import LABEL
 from orchestrator.launch import Launch
+from orchestrator.lifetime import Watchdog
 from orchestrator.process import StartupError, _healthy, _human
 from orchestrator.settings import OrchestratorSettings
 
@@ -224,6 +230,14 @@ class DockerRuntime:
         return started
 
     def up(self) -> list[str]:
+        """Start both containers and wait until they are healthy; then they are Docker's to supervise."""
+        watchdog = Watchdog(self.labels())  # removes what this start created if this process dies before it ends
+        try:
+            return self._up()
+        finally:
+            watchdog.release()  # healthy: Docker supervises them; failed: ensure() has removed them already
+
+    def _up(self) -> list[str]:
         running = [n for n, c in self.containers().items() if c.status == "running"]
         if running:
             raise StartupError(f"already running (docker): {', '.join(running)}; use `ensure` or `restart`")
@@ -231,6 +245,34 @@ class DockerRuntime:
         self.log(f"vlmserve is up (docker): gateway {self.settings.gateway_url}, "
                  f"triton {self.settings.triton_http_url}")
         return started
+
+    def run_foreground(self) -> int:
+        """``run --runtime docker``: start both containers and keep them only while this process lives. Ctrl-C or
+        SIGTERM removes them (``down``); so does this process's death, SIGKILL included (the watchdog)."""
+        started = False
+
+        def interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001
+            raise KeyboardInterrupt
+
+        old = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+        watchdog = Watchdog(self.labels())
+        try:
+            self._up()
+            started = True
+            self.log("press Ctrl-C to stop (the containers are removed)")
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0 if started else 130
+        finally:
+            self.log("stopping ...")
+            try:
+                self.down()
+            finally:
+                watchdog.finish()  # it removes whatever down() did not (nothing, normally)
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+            self.log("stopped")
 
     def down(self) -> list[str]:
         """Stop and remove this project's containers (gateway first) and its network."""

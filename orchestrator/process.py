@@ -1,8 +1,10 @@
 """The ``process`` runtime: tritonserver and the gateway as local child processes.
 
 Each service runs in its own session (process group), so stopping it also stops what it started
-(Triton's Python stubs). A ``services.json`` in the run directory records what is running so that
-``python -m orchestrator down|status`` work from another terminal.
+(Triton's Python stubs), and dies with the process that started it (:mod:`orchestrator.lifetime`): a supervisor
+that is killed takes its stack with it. A ``services.json`` in the run directory records what is running (and
+which process supervises it) so that ``python -m orchestrator down|status`` work from another terminal, and so
+that a start finds a stale stack: one whose supervisor is gone is stopped; a port held by anything else is refused.
 
 Supervision: :meth:`ProcessRuntime.supervise` (the foreground ``run``, and the detached supervisor that ``up``
 starts) restarts a crashed Triton or gateway with exponential backoff and logs every restart; it gives up
@@ -15,6 +17,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +31,7 @@ import psutil
 
 from orchestrator import triton
 from orchestrator.launch import Launch
+from orchestrator.lifetime import die_with_parent
 from orchestrator.settings import OrchestratorSettings
 
 
@@ -124,7 +128,8 @@ class ProcessRuntime:
 
     def _save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        data = {n: {"pid": s.pid, "log": str(s.log), "url": s.url, "restarts": self.restarts.get(n, 0)}
+        data = {n: {"pid": s.pid, "log": str(s.log), "url": s.url, "restarts": self.restarts.get(n, 0),
+                    "supervisor": os.getpid(), "started": _create_time(s.pid)}
                 for n, s in self.services.items()}
         self.state_file.write_text(json.dumps(data, indent=2))
 
@@ -135,7 +140,9 @@ class ProcessRuntime:
             return {}
 
     def load(self) -> dict[str, Service]:
-        return {n: Service(n, d["pid"], Path(d["log"]), d["url"]) for n, d in self._load_raw().items()}
+        """The recorded services that are still the processes recorded (not a reused pid)."""
+        return {n: Service(n, d["pid"], Path(d["log"]), d["url"]) for n, d in self._load_raw().items()
+                if d.get("started") is None or _create_time(d["pid"]) in (None, d["started"])}
 
     def supervisor(self) -> Service | None:
         """The detached supervisor started by ``up``, if it is alive."""
@@ -154,7 +161,7 @@ class ProcessRuntime:
         with open(log, "ab" if append else "wb") as out:
             proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=die_with_parent(),
             )
         service = Service(name, proc.pid, log, url)
         self.services[name] = service
@@ -212,13 +219,49 @@ class ProcessRuntime:
         self._wait_ready(service, self.health_url(name))
         return service
 
+    def orphans(self) -> dict[str, Service]:
+        """Services of this run directory that are alive but whose supervisor is gone (a stale stack)."""
+        raw = self._load_raw()
+        found = {}
+        for name, service in self.load().items():
+            try:
+                parent = psutil.Process(service.pid).ppid()
+            except psutil.Error:
+                continue
+            # Recorded by an older vlmserve (no supervisor): orphaned only once reparented to init.
+            supervisor = raw[name].get("supervisor", parent if parent != 1 else None)
+            if service.alive() and parent != supervisor:
+                found[name] = service
+        return found
+
+    def clear_stale(self) -> None:
+        """Before a start: stop a stale stack of this run directory (its supervisor died); refuse (StartupError)
+        when a port is taken by anything else, naming the process that holds it."""
+        orphans = self.orphans()
+        if orphans:
+            self.log("stopping a stale stack whose supervisor is gone: "
+                     + ", ".join(f"{n} (pid {s.pid})" for n, s in orphans.items()))
+            self.stop(timeout_s=5.0)
+        s = self.settings
+        busy = [f"{name} port {host}:{port} is in use{_holder(port)}"
+                for name, host, port in (("triton http", s.host, s.http_port), ("triton grpc", s.host, s.grpc_port),
+                                         ("triton metrics", s.host, s.metrics_port),
+                                         ("gateway", s.gateway_host, s.gateway_port))
+                if _port_busy(host, port)]
+        if busy:
+            raise StartupError("; ".join(busy) + ". Stop it (a vlmserve stack of another state directory: "
+                               "`VLMSERVE_STATE_DIR=... vlmserve down`; anything else: `kill PID`) or choose other "
+                               "ports (VLMSERVE_HTTP_PORT, VLMSERVE_GRPC_PORT, VLMSERVE_METRICS_PORT, "
+                               "VLMSERVE_GATEWAY_PORT)")
+
     def start(self) -> dict[str, Service]:
         """Start Triton, wait until it is ready, then the gateway; raises StartupError (after cleanup)."""
-        already = self.running()
+        already = {n: s for n, s in self.running().items() if n not in self.orphans()}
         if already:
             raise StartupError(
                 f"already running: {', '.join(already)} (see `vlmserve status`; stop it with `vlmserve down`)"
             )
+        self.clear_stale()
         s = self.settings
         if not (s.repository_path.exists() and any(s.repository_path.glob("*/config.pbtxt"))):
             raise StartupError(f"model repository {s.repository_path} is empty: run `vlmserve export` first")
@@ -234,8 +277,9 @@ class ProcessRuntime:
 
     # -- stop / status ---------------------------------------------------------------------------------
 
-    def stop(self) -> list[str]:
-        """Stop the gateway, then Triton; returns the names that were stopped."""
+    def stop(self, timeout_s: float | None = None) -> list[str]:
+        """Stop the gateway, then Triton (each SIGTERM, then SIGKILL after ``timeout_s``, by default the
+        settings' ``stop_timeout_s``); returns the names that were stopped."""
         services = {**self.load(), **self.services}
         stopped = []
         for name in reversed(SERVICES):
@@ -243,7 +287,7 @@ class ProcessRuntime:
             if service is None:
                 continue
             if service.alive():
-                _stop_group(service, self.settings.stop_timeout_s)
+                _stop_group(service, self.settings.stop_timeout_s if timeout_s is None else timeout_s)
                 stopped.append(name)
         self.services = {}
         self.state_file.unlink(missing_ok=True)
@@ -335,9 +379,13 @@ class ProcessRuntime:
     # -- detached (up / down) --------------------------------------------------------------------------
 
     def up(self, args: list[str], env: dict[str, str]) -> None:
-        """Start a detached supervisor (``python -m orchestrator run ARGS``) and wait until both are ready."""
-        if self.supervisor() or self.running():
+        """Start a detached supervisor (``python -m orchestrator run ARGS``) and wait until both are ready.
+
+        The supervisor is detached on purpose (its own session, not tied to this command); its services die
+        with it."""
+        if self.supervisor() or {n for n in self.running() if n not in self.orphans()}:
             raise StartupError("already running (process); see `vlmserve status`, or `vlmserve down` first")
+        self.clear_stale()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log = self.run_dir / "supervisor.log"
         with open(log, "wb") as out:
@@ -398,6 +446,35 @@ class ProcessRuntime:
 
 
 SERVICES = ("triton", "gateway")  # start order; stopped in reverse
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
+
+
+def _port_busy(host: str, port: int) -> bool:
+    """Whether a server could not listen on ``host:port`` now (the servers set SO_REUSEADDR too)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _holder(port: int) -> str:
+    """`` by pid N (command line)`` for the process listening on ``port``, when this user may see it."""
+    try:
+        for conn in psutil.net_connections("tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return f" by pid {conn.pid} ({' '.join(psutil.Process(conn.pid).cmdline())[:160]})"
+    except psutil.Error:
+        pass
+    return ""
 
 
 def _exit_code(pid: int, timeout_s: float = 5.0) -> str:
