@@ -583,11 +583,11 @@ class ChatModel:
             sender = request.get_response_sender()
             release = self.admission.enter()
             if release is None:
-                # Before decoding anything: a refused request must not hold images. The gateway maps this
-                # wording ("queue ... full") to 429 + Retry-After.
+                # Before decoding anything: a refused request must not hold images. UNAVAILABLE: the gateway
+                # answers 503 + Retry-After.
                 sender.send(runtime.error_response(
                     f"chat queue is full ({self.admission.limit} requests running or waiting: max_batch + "
-                    "max_queue_size); retry later"), flags=final)
+                    "max_queue_size); retry later", unavailable=True), flags=final)
                 continue
             try:
                 raw_params = pb.get_input_tensor_by_name(request, "PARAMETERS")

@@ -1,0 +1,134 @@
+"""Healing next to one Triton: a model whose Python stub died is reloaded on that Triton, by its own supervisor.
+
+Each instance of a Python-backend model runs in its own ``triton_python_backend_stub`` process, a child of
+tritonserver whose command line names the model file (``<repository>/<model>/<version>/model.py``). When a stub
+dies (the OOM killer, a crash in native code, ``kill -9``) Triton keeps the model READY, does not reap the stub,
+and fails every request to it (``Stub process '<instance>' is not healthy.``, HTTP 500 / gRPC INTERNAL); only an
+unload followed by a load gives the model a new stub. Triton's load alone is a no-op for a loaded model whose
+files did not change since it was read (its repository poll classes it "unmodified"), hence unload, then load.
+
+:class:`StubWatcher` runs beside exactly one tritonserver (the process runtime's supervisor, the container
+entrypoint ``python -m orchestrator.container triton`` in Docker, Swarm and Kubernetes) and talks only to that
+server on localhost: with several replicas each heals its own models and never touches another replica's. The
+gateway does not reload anything; it answers 503 + Retry-After for the model meanwhile.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import psutil
+
+from orchestrator.process import _sleep_unless
+
+STUB = "triton_python_backend_stub"
+
+
+def stubs_by_model(triton_pid: int) -> dict[str, set[int]]:
+    """The live (not zombie) Python stubs under ``triton_pid``, by model name (from the model file's path)."""
+    found: dict[str, set[int]] = {}
+    for child in psutil.Process(triton_pid).children(recursive=True):
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = child.cmdline()
+        except psutil.Error:  # gone meanwhile, or a zombie
+            continue
+        if len(cmdline) > 1 and Path(cmdline[0]).name == STUB:
+            found.setdefault(Path(cmdline[1]).parent.parent.name, set()).add(child.pid)
+    return found
+
+
+class StubWatcher:
+    """Watch one Triton's Python stubs; unload + load (on that Triton) a READY model that lost one.
+
+    ``triton_pid`` returns the pid of the tritonserver to watch, or None while there is none (it is restarting:
+    the supervisor's business). A model's stubs are remembered while Triton reports it READY; a remembered stub
+    that is gone (or a zombie) with fewer live stubs than before means the model is dead. Models Triton does not
+    report READY (loading, unloaded on purpose) are forgotten, so a deliberate unload is never undone.
+    """
+
+    def __init__(self, url: str, triton_pid: Callable[[], int | None], log: Callable[[str], None] = print, *,
+                 poll_s: float = 1.0, timeout_s: float = 600.0, backoff_s: float = 1.0,
+                 backoff_max_s: float = 30.0, http: httpx.Client | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.http = http or httpx.Client(base_url=self.url)
+        self.triton_pid = triton_pid
+        self.log = log
+        self.poll_s = poll_s
+        self.timeout_s = timeout_s  # one model-control call (a load of a real checkpoint takes minutes)
+        self.backoff_s = backoff_s  # between failed unload/load attempts, doubling...
+        self.backoff_max_s = backoff_max_s  # ...up to this
+        self.reloads: dict[str, int] = {}
+        self._seen: dict[str, set[int]] = {}
+        self._pid: int | None = None
+
+    def _ready_models(self) -> set[str]:
+        index = self.http.post("/v2/repository/index", timeout=10).raise_for_status().json()
+        return {m["name"] for m in index if m.get("state") == "READY"}
+
+    def dead(self) -> list[str]:
+        """One look: the READY models that lost a stub since the last look."""
+        pid = self.triton_pid()
+        if pid != self._pid:  # a new tritonserver (or none): its stubs are all new
+            self._seen, self._pid = {}, pid
+        if pid is None:
+            return []
+        try:
+            live = stubs_by_model(pid)
+            ready = self._ready_models()
+        except (psutil.Error, httpx.HTTPError, ValueError):
+            return []  # Triton exiting, restarting or not answering yet: the supervisor's business
+        dead = []
+        for model in list(self._seen):
+            if model not in ready:
+                del self._seen[model]
+        for model in sorted(ready):
+            before, now = self._seen.get(model, set()), live.get(model, set())
+            if before - now and len(now) < len(before):
+                dead.append(model)
+                del self._seen[model]  # seen afresh once it is READY with its new stub(s)
+            elif now:
+                self._seen[model] = now
+        return dead
+
+    def heal(self, model: str, should_stop: Callable[[], bool]) -> bool:
+        """Unload, then load ``model`` on this Triton, each step retried with backoff; False if asked to stop."""
+        started = time.monotonic()
+        self.log(f"model {model}: its Python stub died; reloading it on this Triton ({self.url}): unload, load")
+        for step in ("unload", "load"):
+            attempt = 0
+            while True:
+                try:
+                    self.http.post(f"/v2/repository/models/{model}/{step}",
+                                   timeout=self.timeout_s).raise_for_status()
+                    break
+                except httpx.HTTPError as exc:
+                    attempt += 1
+                    delay = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1))
+                    self.log(f"model {model}: {step} failed (attempt {attempt}, {type(exc).__name__}: {exc}); "
+                             f"retrying in {delay:g}s")
+                    if _sleep_unless(delay, should_stop):
+                        return False
+        self.reloads[model] = self.reloads.get(model, 0) + 1
+        self.log(f"model {model} reloaded in {time.monotonic() - started:.1f}s")
+        return True
+
+    def run(self, should_stop: Callable[[], bool]) -> None:
+        while not should_stop():
+            for model in self.dead():
+                if not self.heal(model, should_stop):
+                    return
+            if _sleep_unless(self.poll_s, should_stop):
+                return
+
+    def start(self, should_stop: Callable[[], bool]) -> threading.Thread:
+        """:meth:`run` in a daemon thread."""
+        thread = threading.Thread(target=self.run, args=(should_stop,), name="stub-watcher", daemon=True)
+        thread.start()
+        return thread
+
