@@ -47,9 +47,23 @@ def supervise_triton(cmd: list[str], env: dict[str, str], url: str) -> int:
     """Run tritonserver as a child with the stub watcher beside it; its exit status (128 + signal if killed)."""
     from orchestrator.heal import StubWatcher
 
+    # Handlers first, so that no stop signal can end this process and leave tritonserver behind; also, as PID 1
+    # in a pod without an init, a signal without a handler would do nothing.
+    pending: list[int] = []
+    children: list[subprocess.Popen[bytes]] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            child.send_signal(signum)
+        if not children:
+            pending.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
     server = subprocess.Popen(cmd, env=env)
-    for sig in (signal.SIGTERM, signal.SIGINT):  # PID 1 in a pod without an init: no default action
-        signal.signal(sig, lambda signum, _frame: server.send_signal(signum))
+    children.append(server)
+    for signum in pending:
+        server.send_signal(signum)
     watcher = StubWatcher(url, lambda: server.pid if server.poll() is None else None,
                           lambda m: print(f"vlmserve: {m}", flush=True))
     watcher.start(lambda: server.poll() is not None)

@@ -47,9 +47,11 @@ class StubWatcher:
     """Watch one Triton's Python stubs; unload + load (on that Triton) a READY model that lost one.
 
     ``triton_pid`` returns the pid of the tritonserver to watch, or None while there is none (it is restarting:
-    the supervisor's business). A model's stubs are remembered while Triton reports it READY; a remembered stub
-    that is gone (or a zombie) with fewer live stubs than before means the model is dead. Models Triton does not
-    report READY (loading, unloaded on purpose) are forgotten, so a deliberate unload is never undone.
+    the supervisor's business). A model's stubs are remembered while Triton reports it READY. A remembered stub
+    that is now a zombie died on its own: Triton (2.51) reaps the stubs it stops itself (an unload, a load with a
+    new config) but never one that crashed, and keeps failing that model. So a zombie means a dead model; a stub
+    that is simply gone was replaced by Triton and is forgotten, as are models Triton does not report READY
+    (loading, unloaded on purpose): a deliberate unload or reload is never undone.
     """
 
     def __init__(self, url: str, triton_pid: Callable[[], int | None], log: Callable[[str], None] = print, *,
@@ -88,12 +90,11 @@ class StubWatcher:
             if model not in ready:
                 del self._seen[model]
         for model in sorted(ready):
-            before, now = self._seen.get(model, set()), live.get(model, set())
-            if before - now and len(now) < len(before):
+            if any(_zombie(pid) for pid in self._seen.get(model, ())):
                 dead.append(model)
                 del self._seen[model]  # seen afresh once it is READY with its new stub(s)
-            elif now:
-                self._seen[model] = now
+            elif model in live:
+                self._seen[model] = live[model]
         return dead
 
     def heal(self, model: str, should_stop: Callable[[], bool]) -> bool:
@@ -132,3 +133,9 @@ class StubWatcher:
         thread.start()
         return thread
 
+
+def _zombie(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.Error:  # reaped: stopped by Triton itself
+        return False

@@ -1,7 +1,8 @@
-"""The stub watcher (orchestrator/heal.py) on a real process tree shaped like Triton's: a parent that never reaps
-its children (as tritonserver leaves a killed stub a zombie) and ``triton_python_backend_stub`` children whose
-command line names their model file. Triton's model-control API is a fake (httpx.MockTransport); the integration
-test (tests/reliability) runs the watcher against a real Triton."""
+"""The stub watcher (orchestrator/heal.py) on a real process tree shaped like Triton's: a parent that reaps the
+children that exit (as tritonserver reaps the stubs it stops) but never one killed by a signal (tritonserver
+leaves a crashed stub a zombie), and ``triton_python_backend_stub`` children whose command line names their model
+file. Triton's model-control API is a fake (httpx.MockTransport); the reliability suite runs the watcher against a
+real Triton, the Swarm e2e inside the containers."""
 
 from __future__ import annotations
 
@@ -25,18 +26,27 @@ def triton_like(tmp_path: Path):
     """A parent process with two stubs of ``a`` and one of ``b``; it never waits for them."""
     for model in ("a", "b"):
         (tmp_path / model / "1").mkdir(parents=True)
-        (tmp_path / model / "1" / "model.py").write_text("import time\ntime.sleep(600)\n")
+        (tmp_path / model / "1" / "model.py").write_text(  # SIGTERM: a clean exit, as when Triton stops a stub
+            "import os, signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
+            f"open(os.path.join({str(tmp_path)!r}, f'{{os.getpid()}}.ready'), 'w').close()\ntime.sleep(600)\n")
     parent = textwrap.dedent(f"""
         import os, sys, time
         for model in ("a", "a", "b"):
             path = os.path.join({str(tmp_path)!r}, model, "1", "model.py")
             if os.fork() == 0:
                 os.execv(sys.executable, ["/opt/bin/triton_python_backend_stub", path, "shm", "1048576"])
-        time.sleep(600)
+        while True:
+            time.sleep(0.05)
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                continue
+            if info is not None and info.si_code == os.CLD_EXITED:
+                os.waitpid(info.si_pid, 0)
     """)
     proc = subprocess.Popen([sys.executable, "-c", parent])
     deadline = time.monotonic() + 30
-    while sum(len(p) for p in stubs_by_model(proc.pid).values()) < 3:  # polls the children starting, bounded
+    while len(list(tmp_path.glob("*.ready"))) < 3:  # polls the children starting, bounded
         assert time.monotonic() < deadline
         time.sleep(0.05)
     yield proc
@@ -104,6 +114,14 @@ def test_a_model_unloaded_on_purpose_or_a_new_tritonserver_is_not_reloaded(trito
     watcher = _watcher(triton_like.pid, triton, log)
     watcher.triton_pid = lambda: pid[0]
     watcher.dead()
+    # Triton replaced one of a's stubs itself (a load with a new config): stopped and reaped, never a zombie.
+    replaced = psutil.Process(next(iter(stubs_by_model(triton_like.pid)["a"])))
+    replaced.terminate()
+    deadline = time.monotonic() + 30
+    while replaced.is_running():  # polls the parent reaping it, bounded
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert watcher.dead() == []
     triton.state["b"] = "UNAVAILABLE"  # someone unloaded b: its stub exits
     _kill(next(iter(stubs_by_model(triton_like.pid)["b"])))
     assert watcher.dead() == []
@@ -119,3 +137,24 @@ def test_stopping_ends_a_heal_that_keeps_failing(triton_like) -> None:
     calls = iter(range(5))
     assert watcher.heal("a", lambda: next(calls, None) is None) is False
     assert watcher.reloads == {}
+
+
+def _supervise(cmd: list[str]) -> subprocess.Popen:
+    code = ("import os, sys; from orchestrator.container import supervise_triton; "
+            f"sys.exit(supervise_triton({cmd!r}, dict(os.environ), 'http://127.0.0.1:1'))")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2])
+
+
+def test_the_container_entrypoint_supervises_tritonserver_and_exits_with_its_status() -> None:
+    """``container.py triton`` runs tritonserver as a child (the watcher beside it): its exit status is the
+    container's (Docker's restart policy), and SIGTERM from ``docker stop`` reaches it."""
+    assert _supervise(["sh", "-c", "exit 3"]).wait(60) == 3
+    proc = _supervise(["sleep", "600"])
+    deadline = time.monotonic() + 60
+    while not psutil.Process(proc.pid).children():  # polls the child starting, bounded
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = psutil.Process(proc.pid).children()[0]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    assert not child.is_running()
