@@ -51,7 +51,9 @@ class StubWatcher:
     that is now a zombie died on its own: Triton (2.51) reaps the stubs it stops itself (an unload, a load with a
     new config) but never one that crashed, and keeps failing that model. So a zombie means a dead model; a stub
     that is simply gone was replaced by Triton and is forgotten, as are models Triton does not report READY
-    (loading, unloaded on purpose): a deliberate unload or reload is never undone.
+    (loading, unloaded on purpose): a deliberate unload or reload is never undone. A stub that died before it was
+    first seen (a zombie has no command line to name its model) shows as a READY Python-backend model without
+    any live stub: dead when it is still so at the next look.
     """
 
     def __init__(self, url: str, triton_pid: Callable[[], int | None], log: Callable[[str], None] = print, *,
@@ -67,22 +69,31 @@ class StubWatcher:
         self.backoff_max_s = backoff_max_s  # ...up to this
         self.reloads: dict[str, int] = {}
         self._seen: dict[str, set[int]] = {}
+        self._stubless: set[str] = set()  # READY Python-backend models without a live stub at the last look
+        self._python: dict[str, bool] = {}  # model -> served by the Python backend (its config says so)
         self._pid: int | None = None
 
     def _ready_models(self) -> set[str]:
         index = self.http.post("/v2/repository/index", timeout=10).raise_for_status().json()
         return {m["name"] for m in index if m.get("state") == "READY"}
 
+    def _is_python(self, model: str) -> bool:
+        if model not in self._python:
+            config = self.http.get(f"/v2/models/{model}/config", timeout=10).raise_for_status().json()
+            self._python[model] = config.get("backend") == "python"
+        return self._python[model]
+
     def dead(self) -> list[str]:
         """One look: the READY models that lost a stub since the last look."""
         pid = self.triton_pid()
         if pid != self._pid:  # a new tritonserver (or none): its stubs are all new
-            self._seen, self._pid = {}, pid
+            self._seen, self._stubless, self._python, self._pid = {}, set(), {}, pid
         if pid is None:
             return []
         try:
             live = stubs_by_model(pid)
             ready = self._ready_models()
+            stubless = {m for m in ready if m not in live and self._is_python(m)}
         except (psutil.Error, httpx.HTTPError, ValueError):
             return []  # Triton exiting, restarting or not answering yet: the supervisor's business
         dead = []
@@ -90,11 +101,13 @@ class StubWatcher:
             if model not in ready:
                 del self._seen[model]
         for model in sorted(ready):
-            if any(_zombie(pid) for pid in self._seen.get(model, ())):
+            if any(_zombie(pid) for pid in self._seen.get(model, ())) or \
+                    (model in stubless and model in self._stubless):
                 dead.append(model)
-                del self._seen[model]  # seen afresh once it is READY with its new stub(s)
+                self._seen.pop(model, None)  # seen afresh once it is READY with its new stub(s)
             elif model in live:
                 self._seen[model] = live[model]
+        self._stubless = stubless - set(dead)
         return dead
 
     def heal(self, model: str, should_stop: Callable[[], bool]) -> bool:

@@ -65,6 +65,8 @@ class FakeTriton:
     def handler(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v2/repository/index":
             return httpx.Response(200, json=[{"name": n, "state": s} for n, s in self.state.items()])
+        if request.method == "GET" and request.url.path.endswith("/config"):
+            return httpx.Response(200, json={"backend": "python"})
         *_, model, step = request.url.path.split("/")
         self.calls.append(f"{step} {model}")
         if self.fail[step]:
@@ -106,6 +108,16 @@ def test_a_killed_stub_gets_its_model_unloaded_then_loaded_on_this_triton_only(t
     # The model's old live stub is forgotten, not taken for another death; b was never touched.
     assert watcher.dead() == [] and watcher.dead() == []
     assert len(triton.calls) == 5
+
+
+def test_a_stub_dead_before_the_first_look_is_found_by_its_model_having_none(triton_like) -> None:
+    """A zombie has no command line: a READY Python model without any live stub, at two looks in a row, is dead."""
+    triton, log = FakeTriton(), []
+    _kill(next(iter(stubs_by_model(triton_like.pid)["b"])))
+    watcher = _watcher(triton_like.pid, triton, log)
+    assert watcher.dead() == []  # once could be a load's fork/exec instant
+    assert watcher.dead() == ["b"]
+    assert watcher.heal("b", lambda: False) and triton.calls == ["unload b", "load b"]
 
 
 def test_a_model_unloaded_on_purpose_or_a_new_tritonserver_is_not_reloaded(triton_like) -> None:
