@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -162,10 +162,10 @@ class TritonBackend:
         self._registry: Registry | None = None
         self._registry_at = 0.0
         self._lock = asyncio.Lock()
-        self._reloading: dict[str, asyncio.Task[None]] = {}  # models whose Python stub died, being reloaded
-        self._served: dict[str, ModelInfo] = {}  # each model as last read READY (kept through its reload)
-        self.reload_backoff_s = 1.0  # between failed unload/load attempts of a reload, doubling...
-        self.reload_backoff_max_s = 30.0  # ...up to this
+        # Models whose Python stub died, refused (503) until this clock time: the orchestrator next to their Triton
+        # reloads them (orchestrator/heal.py); the gateway never unloads or loads a model itself.
+        self._unhealthy: dict[str, float] = {}
+        self._served: dict[str, ModelInfo] = {}  # each model as last read READY (kept while it is reloaded)
         self._refresher: asyncio.Task[None] | None = None
 
     def _stale(self, made_at: float) -> bool:
@@ -225,56 +225,24 @@ class TritonBackend:
         """The last registry read (refreshed by :meth:`start_refresh`), read once if there is none yet."""
         return self._registry if self._registry is not None else await self.registry()
 
-    def reloading(self, model: str) -> bool:
-        task = self._reloading.get(model)
-        return task is not None and not task.done()
+    def unhealthy(self, model: str) -> bool:
+        until = self._unhealthy.get(model)
+        return until is not None and self.clock() < until
 
-    def _reload(self, model: str) -> None:
-        """Reload ``model`` through Triton's model control API (its Python stub died); once at a time.
+    def _dead_stub(self, model: str) -> TritonUnavailable:
+        """``model``'s Python stub died: refuse it for ``retry_after_s`` (the watcher beside its Triton reloads it).
 
-        Unload, then load: Triton's load API alone does not reload a loaded model whose files did not change
-        since it was loaded (its repository poll classes it "unmodified" and answers success without touching
-        it), so the dead stub would stay and every request would trigger another no-op "reload". Once unloaded
-        the model is not served, and the load is a full one: a new instance, a new stub. Each step is retried
-        (backoff ``reload_backoff_s`` doubling up to ``reload_backoff_max_s``, each call bounded by ``timeout_s``)
-        until it succeeds or the backend closes, because after the unload no failing request would start another
-        reload. A load retried while Triton is still loading the model waits for that load and then succeeds.
-        Meanwhile the model answers 503 + Retry-After (:meth:`_check_not_reloading`).
+        With several Triton replicas only the one this answer came from is hurt; other gateway replicas (and this
+        one once the mark expires) keep sending to the others, and the reload happens there, not here.
         """
-        if self.reloading(model):
-            return
+        self._unhealthy[model] = self.clock() + self.retry_after_s
+        self._registry = None
+        log.warning("model %s: its Python stub died; refusing it for %ss while its Triton reloads it", model,
+                    self.retry_after_s)
+        return TritonUnavailable(f"model {model} crashed and is being reloaded", self.retry_after_s)
 
-        async def step(name: str, call: Callable[[], Awaitable[Any]]) -> None:
-            attempt = 0
-            while True:
-                try:
-                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel (close()) that lands
-                    # as the call fails, and this loop would then retry forever.
-                    async with asyncio.timeout(self.timeout_s):
-                        await call()
-                    return
-                except Exception as exc:  # noqa: BLE001 - Triton busy, restarting or unreachable: try again
-                    attempt += 1
-                    delay = min(self.reload_backoff_max_s, self.reload_backoff_s * 2 ** (attempt - 1))
-                    log.error("model %s: %s failed (attempt %d, %s: %s); retrying in %gs", model, name, attempt,
-                              type(exc).__name__, exc, delay)
-                    await asyncio.sleep(delay)
-
-        async def reload() -> None:
-            started = time.monotonic()
-            try:
-                log.warning("model %s: its Python stub died; reloading it through Triton's model control API "
-                            "(unload, then load)", model)
-                await step("unload", lambda: self.client.unload_model(model))
-                await step("load", lambda: self.client.load_model(model))
-                log.warning("model %s reloaded in %.1fs", model, time.monotonic() - started)
-            finally:
-                self._registry = None
-
-        self._reloading[model] = asyncio.get_running_loop().create_task(reload(), name=f"reload-{model}")
-
-    def _check_not_reloading(self, model: str) -> None:
-        if self.reloading(model):
+    def _check_healthy(self, model: str) -> None:
+        if self.unhealthy(model):
             raise TritonUnavailable(f"model {model} is being reloaded after a crash", self.retry_after_s)
 
     async def statistics(self) -> dict[str, Any]:
@@ -288,7 +256,7 @@ class TritonBackend:
         if self._refresher is not None:
             self._refresher.cancel()
             self._refresher = None
-        for task in [*self._reloading.values(), *self._retired]:
+        for task in self._retired:
             task.cancel()
         if self._client is not None:
             await self._client.close()
@@ -322,13 +290,13 @@ class TritonBackend:
                                              _device(config))
                     if ready:
                         self._served[name] = models[name]
-                    elif self.reloading(name) and name in self._served:
-                        # Unloaded for its reload, Triton has no config to give; without its task the model would
-                        # drop out of its surface and the default would silently move to another family (another
-                        # embedding space): it stays, not ready, and answers 503 + Retry-After.
-                        models[name] = self._served[name]
-                registry = Registry({name: dataclasses.replace(m, ready=False) if self.reloading(name) else m
-                                 for name, m in models.items()}, reachable=True)
+                    elif name in self._served:
+                        # Unloaded for its reload (orchestrator/heal.py), Triton has no config to give; without its
+                        # task the model would drop out of its surface and the default would silently move to
+                        # another family (another embedding space): it stays, not ready: 503 + Retry-After.
+                        models[name] = dataclasses.replace(self._served[name], ready=False)
+                registry = Registry({name: dataclasses.replace(m, ready=False) if self.unhealthy(name) else m
+                                     for name, m in models.items()}, reachable=True)
             except Exception:  # noqa: BLE001 - any failure to read the index means "Triton not reachable"
                 registry = Registry({}, reachable=False)
             self._registry, self._registry_at = registry, time.monotonic()
@@ -336,7 +304,7 @@ class TritonBackend:
 
     async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         """One inference request; bad input -> 400, queue full -> 429, Triton down -> 503."""
-        self._check_not_reloading(model)
+        self._check_healthy(model)
         infer_inputs = []
         for name, array in inputs.items():
             dtype = "BYTES" if array.dtype == np.object_ else _np_to_triton(array.dtype)
@@ -375,7 +343,7 @@ class TritonBackend:
         stream is cancelled while it writes a response; 200 abandoned chat streams crashed it here. Without
         ``cancel_inputs`` the gRPC call is cancelled, which cancels the request in Triton.
         """
-        self._check_not_reloading(model)
+        self._check_healthy(model)
         grpc_inputs = []
         for name, array in inputs.items():
             dtype = "BYTES" if array.dtype == np.object_ else _np_to_triton(array.dtype)
@@ -396,7 +364,9 @@ class TritonBackend:
                 yield item
 
         try:
-            call: Any = self.grpc_client.stream_infer(requests())
+            # triton_grpc_error: an error ends the call with its gRPC status code (INVALID_ARGUMENT, INTERNAL, ...)
+            # instead of a bare message inside the stream.
+            call: Any = self.grpc_client.stream_infer(requests(), headers={"triton_grpc_error": "true"})
         except InferenceServerException as exc:
             raise self._map_error(model, exc) from None
         except grpc.RpcError as exc:
@@ -459,57 +429,65 @@ class TritonBackend:
         except Exception as exc:  # noqa: BLE001 - the client is gone; the stream's own errors do not matter
             log.debug("%s: abandoned stream ended with %s", model, type(exc).__name__)
 
+    # Errors are told apart by Triton's status code: HTTP status of the one-shot calls, gRPC status code of the
+    # streams (the triton_grpc_error header), the code our models set (model_repository/runtime.py error_response:
+    # INVALID_ARG for the client's input, UNAVAILABLE for a full chat queue). Two cases carry no distinct code and
+    # read Triton's message: a dead Python stub (INTERNAL, like any model failure: "Stub process ... is not
+    # healthy") and an unknown model inside a stream (refused before the request reaches a model, uncoded).
+    # The queue_full / queue_timeout label of a 429 also reads it (both are UNAVAILABLE); the status does not.
+
     def _map_rpc_error(self, model: str, exc: grpc.aio.AioRpcError) -> APIError:
         code = exc.code()
         details = exc.details() or str(code)
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return APIError(400, f"{model}: {details}", code="invalid_input")
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # gRPC's own message size limit
             return APIError(413, f"{model}: request too large for the inference server ({details})",
                             code="request_too_large")
+        if code == grpc.StatusCode.INTERNAL and _is_dead_stub(details):
+            return self._dead_stub(model)
+        if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            return APIError(502, f"{model} failed: {details}", code="inference_failed")
+        # NOT_FOUND (not loaded: being reloaded), UNAVAILABLE (Triton unreachable, or a model's full queue: gRPC
+        # cannot tell them apart), DEADLINE_EXCEEDED, CANCELLED, ...: retry later.
         self._registry = None
         return TritonUnavailable(f"{code.name} from Triton gRPC at {self.grpc_url}", self.retry_after_s)
 
     def _map_stream_error(self, model: str, exc: InferenceServerException) -> APIError:
-        # Errors inside a gRPC stream carry only a message (no status), so the kind is read from the text:
-        # Triton's own wording for missing/unready models and full queues, the model's for internal failures,
-        # and INVALID_ARG (the chat models' input errors) for the rest.
+        # With triton_grpc_error a model's error ends the call (_map_rpc_error); what still arrives inside the
+        # stream is Triton refusing the request before any model saw it, without a code.
         message = exc.message() or str(exc)
-        lowered = message.lower()
-        if exc.status() is not None or "unknown model" in lowered or "not ready" in lowered \
-                or "unavailable" in lowered or "timeout expired" in lowered \
-                or ("queue" in lowered and ("full" in lowered or "maximum" in lowered)):
+        if exc.status() is not None:
             return self._map_error(model, exc)
-        if "stub process" in lowered and "not healthy" in lowered:
-            return self._map_error(model, exc)
-        if lowered.startswith(_INTERNAL_PREFIXES) or "out of memory" in lowered or "stub process" in lowered:
-            return APIError(502, f"{model} failed: {message}", code="inference_failed")
-        return APIError(400, message, code="invalid_input")
-
-    def _map_error(self, model: str, exc: InferenceServerException) -> APIError:
-        message = exc.message() or str(exc)
-        status = str(exc.status() or "")
-        lowered = message.lower()
-        if "queue" in lowered and ("full" in lowered or "maximum" in lowered):
-            return APIError(429, f"{model}: server busy ({message}); retry later", code="queue_full",
-                            headers={"Retry-After": str(self.retry_after_s)})
-        if "timeout expired" in lowered:  # waited longer than the model's queue timeout (queue_timeout_s)
-            return APIError(429, f"{model}: server busy, the request waited too long in the queue ({message}); "
-                                 "retry later", code="queue_timeout", headers={"Retry-After": str(self.retry_after_s)})
-        if "stub process" in lowered and "not healthy" in lowered:
-            # Triton keeps such a model READY but it can no longer answer: reload it, 503 meanwhile.
-            self._reload(model)
-            return TritonUnavailable(f"model {model} crashed and is being reloaded", self.retry_after_s)
-        if status == "400":
-            return APIError(400, message, code="invalid_input")
-        if status in ("404", "503") or "unavailable" in lowered or "not ready" in lowered or "unknown model" in lowered:
+        if "unknown model" in message.lower():  # not loaded (being reloaded): NOT_FOUND, sent uncoded
             self._registry = None
             return TritonUnavailable(f"model {model} is not available ({message})", self.retry_after_s)
         return APIError(502, f"{model} failed: {message}", code="inference_failed")
 
+    def _map_error(self, model: str, exc: InferenceServerException) -> APIError:
+        """An error of a one-shot call (HTTP status; a gRPC client's ``StatusCode.*`` reads the same)."""
+        message = exc.message() or str(exc)
+        status = str(exc.status() or "")
+        if status in ("400", "StatusCode.INVALID_ARGUMENT"):
+            return APIError(400, message, code="invalid_input")
+        if status in ("404", "StatusCode.NOT_FOUND"):  # not loaded: being (re)loaded on its Triton
+            self._registry = None
+            return TritonUnavailable(f"model {model} is not available ({message})", self.retry_after_s)
+        if status in ("503", "StatusCode.UNAVAILABLE"):  # the model's queue is full, or the request waited too long
+            retry = {"Retry-After": str(self.retry_after_s)}
+            if "timeout" in message.lower():
+                return APIError(429, f"{model}: server busy, the request waited too long in the queue ({message}); "
+                                     "retry later", code="queue_timeout", headers=retry)
+            return APIError(429, f"{model}: server busy ({message}); retry later", code="queue_full", headers=retry)
+        if status in ("500", "StatusCode.INTERNAL") and _is_dead_stub(message):
+            return self._dead_stub(model)
+        return APIError(502, f"{model} failed: {message}", code="inference_failed")
 
-# How the chat models word failures that are not the client's fault (model_repository/chat.py, chat_engine.py).
-_INTERNAL_PREFIXES = ("preprocessing failed", "generation failed", "internal", "failed to")
+
+def _is_dead_stub(message: str) -> bool:
+    """Triton's words for a model whose Python stub process died (INTERNAL, no code of its own)."""
+    lowered = message.lower()
+    return "stub process" in lowered and "not healthy" in lowered
 
 
 def _is_final(result: Any, marker: np.ndarray | None) -> bool:

@@ -731,11 +731,11 @@ class ChatModel:
             sender = request.get_response_sender()
             release = self.admission.enter()
             if release is None:
-                # Before decoding anything: a refused request must not hold images. The gateway maps this
-                # wording ("queue ... full") to 429 + Retry-After.
+                # Before decoding anything: a refused request must not hold images. UNAVAILABLE: the gateway
+                # answers 503 + Retry-After.
                 sender.send(runtime.error_response(
                     f"chat queue is full ({self.admission.limit} requests running or waiting: max_batch + "
-                    "max_queue_size); retry later"), flags=final)
+                    "max_queue_size); retry later", unavailable=True), flags=final)
                 continue
             # Read on this thread: the request's tensors are Triton's.
             raw = {name: (None if tensor is None else runtime.as_bytes_list(tensor.as_numpy())[0])

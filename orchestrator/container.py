@@ -1,9 +1,10 @@
 """Entry point inside the vlmserve images: ``python -m orchestrator.container triton|gateway|health|prepare``.
 
 One image runs either role; the Docker runtime (and ``docker/compose.yaml``) pick it with the command and
-``VLMSERVE_ROLE``. The role process is ``exec``'d so that it runs directly under the container's init
-(``docker run --init``): when Triton or the gateway dies the container exits with its status and Docker's
-restart policy brings it back (with Docker's own exponential backoff).
+``VLMSERVE_ROLE``. The gateway is ``exec``'d. The Triton role is a small supervisor: tritonserver runs as its child
+(SIGTERM/SIGINT forwarded to it), a :class:`~orchestrator.heal.StubWatcher` beside it reloads a model whose Python
+stub died on this Triton only, and the role exits with tritonserver's status, so when Triton dies the container
+exits and Docker's (Swarm's, Kubernetes') restart policy brings it back (with its own exponential backoff).
 
 Kept free of heavy imports: the HEALTHCHECK runs this module every few seconds.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -36,8 +39,36 @@ def _triton() -> None:
         dist = triton.find_tritonserver()
         backends = triton.prepare_backends(dist, settings.run_path)
         cmd, env = triton.triton_command(settings, dist, backends, extra), triton.triton_env(dist)
-    print("vlmserve: exec " + " ".join(cmd), flush=True)
-    os.execve(cmd[0], cmd, env)
+    print("vlmserve: run " + " ".join(cmd), flush=True)
+    sys.exit(supervise_triton(cmd, env, f"http://127.0.0.1:{settings.http_port}"))
+
+
+def supervise_triton(cmd: list[str], env: dict[str, str], url: str) -> int:
+    """Run tritonserver as a child with the stub watcher beside it; its exit status (128 + signal if killed)."""
+    from orchestrator.heal import StubWatcher
+
+    # Handlers first, so that no stop signal can end this process and leave tritonserver behind; also, as PID 1
+    # in a pod without an init, a signal without a handler would do nothing.
+    pending: list[int] = []
+    children: list[subprocess.Popen[bytes]] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            child.send_signal(signum)
+        if not children:
+            pending.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    server = subprocess.Popen(cmd, env=env)
+    children.append(server)
+    for signum in pending:
+        server.send_signal(signum)
+    watcher = StubWatcher(url, lambda: server.pid if server.poll() is None else None,
+                          lambda m: print(f"vlmserve: {m}", flush=True))
+    watcher.start(lambda: server.poll() is not None)
+    code = server.wait()
+    return 128 - code if code < 0 else code
 
 
 def _gateway() -> None:

@@ -314,11 +314,16 @@ class ProcessRuntime:
     # -- supervision -----------------------------------------------------------------------------------
 
     def supervise(self, should_stop: Callable[[], bool], poll_s: float = 0.5) -> int:
-        """Watch the started services; restart a dead one with backoff. Returns 0 when asked to stop,
-        1 after ``max_restarts`` consecutive failed restarts of one service."""
+        """Watch the started services; restart a dead one with backoff, reload a model whose Python stub died
+        (:class:`~orchestrator.heal.StubWatcher`, in a thread). Returns 0 when asked to stop, 1 after
+        ``max_restarts`` consecutive failed restarts of one service."""
+        from orchestrator.heal import StubWatcher  # heal uses this module's _sleep_unless
+
         s = self.settings
         failures = dict.fromkeys(SERVICES, 0)
         started_at = {name: time.monotonic() for name in SERVICES}
+        # Healing next to this Triton: a model whose Python stub died is reloaded here (orchestrator/heal.py).
+        StubWatcher(s.triton_http_url, self._triton_pid, self.log).start(should_stop)
         while not should_stop():
             for name in SERVICES:
                 service = self.services.get(name)
@@ -347,6 +352,10 @@ class ProcessRuntime:
                     self.log(f"restart of {name} failed: {exc}")
             time.sleep(poll_s)
         return 0
+
+    def _triton_pid(self) -> int | None:
+        service = self.services.get("triton")
+        return service.pid if service is not None and service.alive() else None
 
     def run_foreground(self) -> int:
         """Start everything, supervise until Ctrl-C/SIGTERM (or restarts are exhausted); always stops both."""

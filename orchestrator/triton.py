@@ -91,7 +91,7 @@ def triton_command(
         f"--metrics-port={settings.metrics_port}",
         "--allow-metrics=true",
         # Explicit model control with every model loaded at start: the same models as the default mode, and the
-        # gateway may reload a model whose Python stub died (POST /v2/repository/models/<name>/load).
+        # stub watcher beside this Triton (orchestrator/heal.py) may unload + load a model whose Python stub died.
         "--model-control-mode=explicit",
         "--load-model=*",
         f"--exit-timeout-secs={EXIT_TIMEOUT_S}",

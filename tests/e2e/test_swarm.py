@@ -226,3 +226,95 @@ def test_swarm_replicas_survive_a_killed_replica(docker_client, cpu_image: str, 
     assert left == [], left
     assert swarm.swarm_active() is not initialised
     assert swarm.has_gwbridge() is had_gwbridge
+
+
+# Run inside a Triton container: that replica's live stubs of one model and a direct inference on its own Triton
+# (its loopback, not through any gateway), as JSON.
+IN_TRITON = """
+import json, sys, urllib.error, urllib.request
+import psutil
+from orchestrator.heal import stubs_by_model
+model, port = sys.argv[1], sys.argv[2]
+server = next(p for p in psutil.process_iter(["name"]) if p.info["name"] == "tritonserver")
+body = json.dumps({"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES", "data": ["hi"]}]}).encode()
+request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{model}/infer", body,
+                                 {"Content-Type": "application/json"})
+try:
+    status = urllib.request.urlopen(request, timeout=30).status
+except urllib.error.HTTPError as exc:
+    status = exc.code
+except OSError:
+    status = 0
+print(json.dumps({"stubs": sorted(stubs_by_model(server.pid).get(model, ())), "infer": status}))
+"""
+
+
+def replica_state(container, model: str) -> dict[str, Any]:
+    result = container.exec_run(["python", "-c", IN_TRITON, model, str(spec.triton_ports()["http"])])
+    assert result.exit_code == 0, result.output.decode()[-2000:]
+    return dict(json.loads(result.output.decode().strip().splitlines()[-1]))
+
+
+def test_swarm_heals_a_dead_stub_inside_one_triton_replica_while_the_other_answers(
+        docker_client, cpu_image: str, tiny_repo: Path, tmp_path: Path) -> None:
+    """Issue 23: the stub watcher beside each Triton (orchestrator/heal.py, run by the container entrypoint) reloads
+    a model whose Python stub died in ITS replica; the other replica is never unloaded and answers throughout, and
+    the balancer answers only 200 or 503 + Retry-After meanwhile."""
+    project = f"vlmheal-e2e-{uuid.uuid4().hex[:6]}"
+    port = free_port()
+    lb = f"http://127.0.0.1:{port}"
+    model = "siglip_embed_text"
+    repo = tmp_path / "repository"
+    for path in tiny_repo.glob("siglip_*"):
+        shutil.copytree(path, repo / path.name)
+    os.chmod(tmp_path, 0o755)
+    swarm.build_lb_image(docker_client, log=lambda m: print(f"[lb] {m}"))
+    had_gwbridge = swarm.has_gwbridge()
+    initialised = swarm.ensure_swarm()
+    figures: dict[str, Any] = {}
+    try:
+        up = cli("--replicas", str(REPLICAS), "--repo", str(repo), "--port", str(port), "--project", project,
+                 "--image", cpu_image, "--out", str(tmp_path / "stack"), "--up")
+        assert up.returncode == 0, up.stdout + up.stderr
+        for service in (TRITON, GATEWAY):
+            wait_for(f"{REPLICAS} healthy {service} replicas", lambda s=service: healthy(docker_client, project, s),
+                     300)
+        wait_for("an embedding through the balancer", lambda: httpx.post(
+            f"{lb}/embed_text", json={"text": "hi", "model": model}, timeout=30).status_code == 200, 60)
+        broken, other = swarm.running_containers(docker_client, project, TRITON)
+        before = {c.name: replica_state(c, model) for c in (broken, other)}
+        assert all(s["infer"] == 200 and len(s["stubs"]) == 1 for s in before.values()), before
+        victim = before[broken.name]["stubs"][0]
+        assert broken.exec_run(["python", "-c", f"import os; os.kill({victim}, 9)"]).exit_code == 0
+        killed = time.monotonic()
+        other_answers: list[int] = []
+        balancer: dict[str, int] = {}
+
+        def healed() -> bool:
+            other_answers.append(replica_state(other, model)["infer"])
+            r = httpx.post(f"{lb}/embed_text", json={"text": "during", "model": model}, timeout=30)
+            assert r.status_code == 200 or (r.status_code == 503 and "retry-after" in r.headers), r.text
+            balancer[str(r.status_code)] = balancer.get(str(r.status_code), 0) + 1
+            now = replica_state(broken, model)
+            return now["infer"] == 200 and len(now["stubs"]) == 1 and now["stubs"] != [victim]
+
+        wait_for(f"{model} reloaded inside {broken.name}", healed, 120, interval_s=0.5)
+        figures["healed_after_s"] = round(time.monotonic() - killed, 1)
+        figures["other replica's answers meanwhile"] = other_answers
+        figures["balancer answers meanwhile"] = balancer
+        after_other = replica_state(other, model)
+        logs = {c.name: c.logs().decode(errors="replace") for c in (broken, other)}
+        print("swarm heal figures:", json.dumps(figures, indent=1))
+        assert all(status == 200 for status in other_answers), other_answers
+        assert after_other["stubs"] == before[other.name]["stubs"], "the healthy replica's model was reloaded"
+        assert f"model {model} reloaded" in logs[broken.name], logs[broken.name][-3000:]
+        assert f"model {model} reloaded" not in logs[other.name], logs[other.name][-3000:]
+        wait_for("200 through the balancer after the heal", lambda: httpx.post(
+            f"{lb}/embed_text", json={"text": "after", "model": model}, timeout=30).status_code == 200, 30)
+    finally:
+        down = cli("--project", project, "--down")
+        left = swarm.leftovers(docker_client, project)
+        if initialised:
+            swarm.leave_swarm(remove_gwbridge=not had_gwbridge)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert left == [], left

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from vlmserve.host import cpu_info
 CHAOS = os.environ.get("VLMSERVE_CHAOS") == "1"
 FIGURES: dict[str, Any] = {}
 CHAT_CAP = 2  # VLMSERVE_GATEWAY_MAX_INFLIGHT_CHAT of this stack
+SUPERVISOR_LOG: list[str] = []  # what the stack's supervisor logged (restarts, stub reloads)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
@@ -50,12 +52,18 @@ def rstack(tiny_repo: Path, state_dir: Path):
         **stack_ports(),
         repository=tiny_repo, state_dir=state_dir / "reliability", ready_timeout_s=240,
     )
-    runtime = ProcessRuntime(settings, log=lambda m: None)
+    runtime = ProcessRuntime(settings, log=SUPERVISOR_LOG.append)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLMSERVE_GATEWAY_URL_ALLOWLIST", '["127.0.0.1"]')
         mp.setenv("VLMSERVE_GATEWAY_MAX_INFLIGHT_CHAT", str(CHAT_CAP))
         mp.setenv("VLMSERVE_GATEWAY_RETRY_AFTER_S", "2")
         mp.setenv("VLMSERVE_GATEWAY_REGISTRY_TTL_S", "1")
         runtime.start()
+    # Supervised as `vlmserve run` / `up` supervise: crashed services restart, dead Python stubs are reloaded.
+    stop = threading.Event()
+    supervisor = threading.Thread(target=runtime.supervise, args=(stop.is_set,), daemon=True)
+    supervisor.start()
     yield runtime
+    stop.set()
+    supervisor.join(60)
     runtime.stop()

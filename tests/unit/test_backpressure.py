@@ -1,4 +1,4 @@
-"""Backpressure: the gateway's in-flight caps per route group, the overload mapping of Triton's errors, the chat
+"""Backpressure: the gateway's in-flight caps per route group, the mapping of Triton's errors by status code, the chat
 model's bounded admission and the queue policy written into the Triton configs."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import httpx
 import pytest
 from tritonclient.utils import InferenceServerException
@@ -69,20 +70,6 @@ def test_every_inference_route_is_in_a_group() -> None:
     assert set(ROUTE_GROUPS.values()) == set(GatewaySettings().inflight_caps())
 
 
-@pytest.mark.parametrize(("message", "status", "code"), [
-    ("Exceeds maximum queue size", 429, "queue_full"),
-    ("Request timeout expired", 429, "queue_timeout"),
-    ("chat queue is full (72 requests running or waiting: max_batch + max_queue_size); retry later", 429,
-     "queue_full"),
-    ("Request for unknown model: 'x' is not found", 503, "triton_unavailable"),
-])
-def test_triton_overload_errors_map_to_429_or_503_with_retry_after(message: str, status: int, code: str) -> None:
-    backend = TritonBackend("127.0.0.1:1", retry_after_s=3)
-    for mapped in (backend._map_error("m", InferenceServerException(message)),
-                   backend._map_stream_error("m", InferenceServerException(message))):
-        assert (mapped.status, mapped.code, mapped.headers.get("Retry-After")) == (status, code, "3")
-
-
 def test_chat_admission_is_bounded_and_releases_once() -> None:
     admission = Admission(2)
     first, second = admission.enter(), admission.enter()
@@ -112,13 +99,67 @@ def test_queue_policy_in_the_rendered_configs(monkeypatch) -> None:
     assert json.loads(params["max_queue_size"]["string_value"]) == 5
 
 
+def _aio_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+# (Triton's HTTP status, its message) -> (gateway status, error code). The messages are chosen to mislead a mapping
+# that reads words: the status code decides (issue 23), the words only label a 429 and spot a dead stub.
+@pytest.mark.parametrize(("status", "message", "expected", "code"), [
+    ("400", "TEXT is not valid UTF-8", 400, "invalid_input"),
+    ("400", "the queue is full of unavailable tokens", 400, "invalid_input"),
+    ("503", "Exceeds maximum queue size", 429, "queue_full"),
+    ("503", "Request timeout expired", 429, "queue_timeout"),
+    ("404", "Request for unknown model: 'x' is not found", 503, "triton_unavailable"),
+    ("404", "Request for unknown model: 'x' has no available versions", 503, "triton_unavailable"),
+    ("500", "inference failed: RuntimeError: model not ready for this input", 502, "inference_failed"),
+    ("500", "preprocessing failed: queue full of NaNs, backend unavailable", 502, "inference_failed"),
+])
+def test_triton_http_errors_map_by_status_code(status: str, message: str, expected: int, code: str) -> None:
+    backend = TritonBackend("127.0.0.1:1", retry_after_s=3)
+    mapped = backend._map_error("m", InferenceServerException(message, status=status))
+    assert (mapped.status, mapped.code) == (expected, code)
+    assert mapped.headers.get("Retry-After") == ("3" if expected in (429, 503) else None)
+
+
+# The gRPC status of a stream's error (Triton ends the call with it under the triton_grpc_error header).
+@pytest.mark.parametrize(("status", "message", "expected", "code"), [
+    (grpc.StatusCode.INVALID_ARGUMENT, "PROMPT must be UTF-8 text", 400, "invalid_input"),
+    (grpc.StatusCode.INTERNAL, "generation failed: RuntimeError: boom", 502, "inference_failed"),
+    (grpc.StatusCode.INTERNAL, "the tokenizer is not available", 502, "inference_failed"),
+    (grpc.StatusCode.UNKNOWN, "something", 502, "inference_failed"),
+    (grpc.StatusCode.UNAVAILABLE, "chat queue is full (72 requests running or waiting); retry later", 503,
+     "triton_unavailable"),
+    (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses", 503, "triton_unavailable"),
+    (grpc.StatusCode.NOT_FOUND, "Request for unknown model: 'm' has no available versions", 503,
+     "triton_unavailable"),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max", 413, "request_too_large"),
+])
+def test_triton_stream_errors_map_by_grpc_status(status: grpc.StatusCode, message: str, expected: int,
+                                                 code: str) -> None:
+    backend = TritonBackend("127.0.0.1:1", retry_after_s=3)
+    mapped = backend._map_rpc_error("m", _aio_error(status, message))
+    assert (mapped.status, mapped.code) == (expected, code)
+    assert mapped.headers.get("Retry-After") == ("3" if expected in (429, 503) else None)
+
+
+def test_uncoded_stream_errors_are_502_unless_the_model_is_not_loaded() -> None:
+    """Inside a stream only Triton's own refusals (before any model saw the request) still come without a code."""
+    backend = TritonBackend("127.0.0.1:1", retry_after_s=3)
+    gone = backend._map_stream_error("m", InferenceServerException("Request for unknown model: 'm' is not found"))
+    wrong = backend._map_stream_error("m", InferenceServerException("unexpected inference input 'X' for model 'm'"))
+    assert (gone.status, gone.code, gone.headers["Retry-After"]) == (503, "triton_unavailable", "3")
+    assert (wrong.status, wrong.code) == (502, "inference_failed")
+
+
 _DEAD = InferenceServerException("Failed to process the request(s) for model instance 'm_0_0', message: "
-                                 "Stub process 'm_0_0' is not healthy.")
+                                 "Stub process 'm_0_0' is not healthy.", status="500")
 
 
-def test_dead_stub_answers_503_and_reloads_the_model_once() -> None:
+def test_dead_stub_answers_503_marks_the_model_a_while_and_never_reloads_it() -> None:
+    """Healing is the orchestrator's, next to each Triton (orchestrator/heal.py): the gateway never calls Triton's
+    model-control API, which with several replicas would reach whichever replica its connection happens to."""
     calls: list[str] = []
-    gate = asyncio.Event()
 
     class Client:
         async def unload_model(self, name: str) -> None:
@@ -126,97 +167,45 @@ def test_dead_stub_answers_503_and_reloads_the_model_once() -> None:
 
         async def load_model(self, name: str) -> None:
             calls.append(f"load {name}")
-            await gate.wait()
 
-    async def scenario() -> tuple[int, int, bool, bool]:
+        async def infer(self, *args, **kwargs) -> None:
+            calls.append("infer")
+            raise InferenceServerException("Stub process 'm_0_0' is not healthy.", status="500")
+
+    now = [100.0]
+
+    async def scenario() -> tuple[list[int], bool, bool]:
         backend = TritonBackend("127.0.0.1:1", retry_after_s=4)
+        backend.clock = lambda: now[0]
         backend._client = Client()  # type: ignore[assignment]
-        first = backend._map_stream_error("m", _DEAD)
-        second = backend._map_error("m", _DEAD)  # while reloading: no second reload
-        await asyncio.sleep(0)
-        during = backend.reloading("m")
+        statuses = []
+        for mapped in (backend._map_error("m", _DEAD),
+                       backend._map_rpc_error("m", _aio_error(grpc.StatusCode.INTERNAL, "Stub process 'm_0_0' is "
+                                                              "not healthy."))):
+            assert mapped.headers["Retry-After"] == "4"
+            statuses.append(mapped.status)
+        marked = backend.unhealthy("m")
+        try:
+            await backend.infer("m", {}, [])  # refused without reaching Triton while marked
+        except Exception as exc:  # noqa: BLE001
+            statuses.append(getattr(exc, "status", 0))
+        now[0] += 5  # past retry_after_s: tried again (the watcher may have reloaded it by now)
         try:
             await backend.infer("m", {}, [])
-            refused_during = False
         except Exception as exc:  # noqa: BLE001
-            refused_during = getattr(exc, "status", None) == 503
-        gate.set()
-        await asyncio.sleep(0.01)
-        assert first.headers["Retry-After"] == "4"
-        return first.status, second.status, during and refused_during, backend.reloading("m")
-
-    first, second, refused_while_reloading, still_reloading = asyncio.run(scenario())
-    assert (first, second) == (503, 503)
-    assert refused_while_reloading and not still_reloading
-    # Unload first: Triton's load alone is a no-op for a loaded model whose files did not change (issue 12).
-    assert calls == ["unload m", "load m"]
-
-
-def test_stub_reload_retries_each_step_until_it_succeeds_and_stays_503_meanwhile() -> None:
-    calls: list[str] = []
-    failures = {"unload": 1, "load": 2}
-
-    class Client:
-        async def _step(self, kind: str, name: str) -> None:
-            calls.append(f"{kind} {name}")
-            if failures[kind]:
-                failures[kind] -= 1
-                if kind == "load":
-                    await asyncio.sleep(1)  # past timeout_s: a load still running in Triton, cut client-side
-                raise InferenceServerException(f"{kind} failed", status="500")
-
-        async def unload_model(self, name: str) -> None:
-            await self._step("unload", name)
-
-        async def load_model(self, name: str) -> None:
-            await self._step("load", name)
-
-    async def scenario() -> tuple[list[bool], bool]:
-        backend = TritonBackend("127.0.0.1:1", timeout_s=0.05, retry_after_s=4)
-        backend.reload_backoff_s, backend.reload_backoff_max_s = 0.01, 0.02
-        backend._client = Client()  # type: ignore[assignment]
-        backend._map_error("m", _DEAD)
-        seen = []
-        for _ in range(20):
-            await asyncio.sleep(0.01)
-            seen.append(backend.reloading("m"))
-        task = backend._reloading["m"]
-        await asyncio.wait_for(task, timeout=5)
-        return seen, backend.reloading("m")
-
-    seen, still_reloading = asyncio.run(scenario())
-    assert calls == ["unload m", "unload m", "load m", "load m", "load m"]
-    assert seen[0] and not still_reloading
-    assert failures == {"unload": 0, "load": 0}
-
-
-def test_closing_the_backend_stops_a_reload_that_keeps_failing() -> None:
-    class Client:
-        async def unload_model(self, name: str) -> None:
-            raise OSError("connection refused")
-
-        async def close(self) -> None:
-            pass
-
-    async def scenario() -> bool:
-        backend = TritonBackend("127.0.0.1:1", retry_after_s=4)
-        backend.reload_backoff_s = backend.reload_backoff_max_s = 0.01
-        backend._client = Client()  # type: ignore[assignment]
-        backend._map_error("m", _DEAD)
+            statuses.append(getattr(exc, "status", 0))
         await asyncio.sleep(0.05)
-        task = backend._reloading["m"]
-        assert backend.reloading("m")  # still refusing: Triton never answered
-        await backend.close()
-        await asyncio.wait([task], timeout=5)
-        return task.cancelled()
+        return statuses, marked, backend.unhealthy("m")
 
-    assert asyncio.run(scenario())
+    statuses, marked, still_marked = asyncio.run(scenario())
+    assert statuses == [503, 503, 503, 503] and marked and still_marked
+    assert calls == ["infer"]  # one request reached Triton; no unload, no load
 
 
 def test_a_model_being_reloaded_keeps_its_surface_and_answers_503_not_another_family() -> None:
-    """Unloaded for its reload, Triton lists the model UNAVAILABLE with no config: the default must not move."""
+    """Unloaded by the healer next to its Triton, the model is listed UNAVAILABLE with no config: the default of its
+    surface must not move to another family (another embedding space) meanwhile."""
     state = {"siglip_embed_text": "READY", "siglip2_embed_text": "READY"}
-    gate = asyncio.Event()
 
     class Client:
         async def get_model_repository_index(self) -> list[dict]:
@@ -227,29 +216,18 @@ def test_a_model_being_reloaded_keeps_its_surface_and_answers_503_not_another_fa
             return {"max_batch_size": 8, "parameters": {"family": {"string_value": family},
                                                         "task": {"string_value": "embed_text"}}}
 
-        async def unload_model(self, name: str) -> None:
-            state[name] = "UNAVAILABLE"
-
-        async def load_model(self, name: str) -> None:
-            await gate.wait()
-            state[name] = "READY"
-
-    async def scenario() -> tuple[str, bool, str, bool, str, bool]:
+    async def scenario() -> list[tuple[str, bool]]:
         backend = TritonBackend("127.0.0.1:1", retry_after_s=4)
         backend._client = Client()  # type: ignore[assignment]
-        before = (await backend.registry(refresh=True)).find("embed_text", None)
-        backend._map_error("siglip_embed_text", _DEAD)
-        await asyncio.sleep(0.01)  # unloaded, the load waits on the gate
-        during = (await backend.registry(refresh=True)).find("embed_text", None)
-        gate.set()
-        await asyncio.wait([backend._reloading["siglip_embed_text"]], timeout=5)
-        after = (await backend.registry(refresh=True)).find("embed_text", None)
-        return before.name, before.ready, during.name, during.ready, after.name, after.ready
+        seen = []
+        for now in ("READY", "UNAVAILABLE", "READY"):
+            state["siglip_embed_text"] = now
+            info = (await backend.registry(refresh=True)).find("embed_text", None)
+            seen.append((info.name, info.ready))
+        return seen
 
-    before, before_ready, during, during_ready, after, after_ready = asyncio.run(scenario())
-    assert (before, before_ready) == ("siglip_embed_text", True)
-    assert (during, during_ready) == ("siglip_embed_text", False)  # use_model answers 503 + Retry-After
-    assert (after, after_ready) == ("siglip_embed_text", True)
+    assert asyncio.run(scenario()) == [("siglip_embed_text", True), ("siglip_embed_text", False),
+                                       ("siglip_embed_text", True)]
 
 
 def test_sigterm_drains_in_flight_requests_and_answers_new_ones_503() -> None:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -334,7 +335,7 @@ class _FakeResult:
 
 
 class _FakeCall:
-    def __init__(self, items: list[tuple[Any, Any]]) -> None:
+    def __init__(self, items: list[Any]) -> None:
         self.items = list(items)
         self.cancelled = False
 
@@ -344,7 +345,10 @@ class _FakeCall:
     async def __anext__(self) -> tuple[Any, Any]:
         if not self.items:
             await asyncio.sleep(3600)  # an open stream with nothing more to say
-        return self.items.pop(0)
+        item = self.items.pop(0)
+        if isinstance(item, BaseException):  # the call ends with a gRPC status
+            raise item
+        return item
 
     def cancel(self) -> bool:
         self.cancelled = True
@@ -355,8 +359,10 @@ class _FakeGrpc:
     def __init__(self, call: _FakeCall) -> None:
         self.call = call
         self.sent: list[dict[str, Any]] = []
+        self.headers: dict[str, str] | None = None
 
-    def stream_infer(self, requests: Any) -> _FakeCall:
+    def stream_infer(self, requests: Any, headers: dict[str, str] | None = None) -> _FakeCall:
+        self.headers = headers
         async def first() -> None:
             self.sent.append(await requests.__anext__())
         asyncio.get_running_loop().create_task(first())
@@ -394,6 +400,8 @@ def test_triton_stream_ends_at_the_final_response_without_cancelling() -> None:
     assert [v["TEXT"][0] for v in out] == [b"a", b"b"] and not call.cancelled
     assert fake.sent[0]["model_name"] == "chat"
     assert [i.name() for i in fake.sent[0]["inputs"]] == ["MESSAGES"]
+    # Errors end the call with their gRPC status code instead of a bare message in the stream (issue 23).
+    assert fake.headers == {"triton_grpc_error": "true"}
     # An empty final response flagged by Triton (enable_empty_final_response) ends the stream too.
     flagged = _FakeCall([(_FakeResult(resp("a")), None), (_FakeResult({}, final_flag=True), None)])
     backend, _ = _backend_with(flagged)
@@ -454,16 +462,19 @@ def test_triton_stream_closed_early_sends_a_cancel_request_and_drains_instead_of
     assert json.loads(control["inputs"][0]._raw_content[4:]) == {"cancel": first["request_id"]}
 
 
-@pytest.mark.parametrize(("message", "status"), [
-    ("messages[0].content[1]: 'data' is not valid base64", 400),
-    ("max_tokens must be 1..64, got 100", 400),
-    ("generation failed: RuntimeError: boom", 502),
-    ("preprocessing failed: ValueError: x", 502),
-    ("Request for unknown model: 'chat' is not found", 503),
-    ("Exceeds maximum queue size", 429),
+@pytest.mark.parametrize(("code", "message", "status"), [
+    (grpc.StatusCode.INVALID_ARGUMENT, "messages[0].content[1]: 'data' is not valid base64", 400),
+    (grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be 1..64, got 100", 400),
+    (grpc.StatusCode.INTERNAL, "generation failed: RuntimeError: boom", 502),
+    (grpc.StatusCode.INTERNAL, "preprocessing failed: ValueError: x", 502),
+    (grpc.StatusCode.NOT_FOUND, "Request for unknown model: 'chat' has no available versions", 503),
+    (grpc.StatusCode.UNAVAILABLE, "chat queue is full (72 requests running or waiting); retry later", 503),
+    (None, "Request for unknown model: 'chat' is not found", 503),  # Triton's refusal, in the stream, uncoded
 ])
-def test_triton_stream_errors_map_to_http_statuses(message: str, status: int) -> None:
-    call = _FakeCall([(_FakeResult(resp("a")), None), (None, InferenceServerException(msg=message))])
+def test_triton_stream_errors_map_to_http_statuses(code: grpc.StatusCode | None, message: str, status: int) -> None:
+    error: Any = (None, InferenceServerException(msg=message)) if code is None else \
+        grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=message)
+    call = _FakeCall([(_FakeResult(resp("a")), None), error])
     backend, _ = _backend_with(call)
     with pytest.raises(APIError) as info:
         _collect(backend)
