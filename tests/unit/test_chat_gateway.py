@@ -430,7 +430,7 @@ def test_triton_stream_closed_early_sends_a_cancel_request_and_drains_instead_of
     sent: list[Any] = []
 
     class Grpc:
-        def stream_infer(self, requests: Any) -> _FakeCall:
+        def stream_infer(self, requests: Any, headers: Any = None) -> _FakeCall:
             async def read() -> None:
                 async for item in requests:
                     sent.append(item)
