@@ -4,33 +4,20 @@ request (max_video_pixels): the ChatModel loaded by its own ``initialize`` on th
 from __future__ import annotations
 
 import base64
-import io
 import json
 import threading
 import time
 
 import pytest
-from PIL import Image
 
 from model_repository import chat, runtime
 from tests.unit.test_chat_model import FakeRequest, chat_model, fake_pb, tiny_qwen_dir  # noqa: F401 (fixtures)
+from tests.unit.test_video_bounds import mp4 as bounds_mp4
 
 
 def mp4(frames: int = 4, fps: int = 1, size: tuple[int, int] = (64, 48)) -> bytes:
-    """A real MPEG-4 clip made with PyAV: ``frames`` frames at ``fps``."""
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
-        for i in range(frames):
-            image = Image.new("RGB", size, (i * 40 % 255, 100, 200))
-            for packet in stream.encode(av.VideoFrame.from_image(image)):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
+    """A real MPEG-4 clip (PyAV): ``frames`` frames at ``fps``."""
+    return bounds_mp4(frames, fps, size)
 
 
 def video_message(data: bytes) -> list[dict]:
