@@ -63,7 +63,16 @@ def rstack(tiny_repo: Path, state_dir: Path):
     stop = threading.Event()
     supervisor = threading.Thread(target=runtime.supervise, args=(stop.is_set,), daemon=True)
     supervisor.start()
+
+    def halt_supervision() -> None:
+        """Before stopping the stack on purpose: else the supervisor restarts what the stop ends, from its own
+        thread (children of a thread other than the main one are not tied to this process: they would outlive
+        the test run)."""
+        stop.set()
+        supervisor.join(300)
+        assert not supervisor.is_alive(), "the supervisor did not stop"
+
+    runtime.halt_supervision = halt_supervision  # type: ignore[attr-defined]
     yield runtime
-    stop.set()
-    supervisor.join(60)
+    halt_supervision()
     runtime.stop()

@@ -464,6 +464,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(rstack) -> None:
     body = {"model": "qwen2vl", "max_tokens": 2, "messages": [{"role": "user", "content": [
         {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": held.url}}]}]}
     gateway_service = rstack.services["gateway"]
+    rstack.halt_supervision()  # a stop on purpose: nothing may restart what it ends
     try:
         with ThreadPoolExecutor(2) as pool:
             in_flight = pool.submit(httpx.post, f"{gateway}/v1/chat/completions", json=body, timeout=120)
@@ -488,6 +489,11 @@ def test_sigterm_drains_in_flight_requests_then_exits(rstack) -> None:
     assert refused.status_code == 503 and "retry-after" in refused.headers, refused.text
     assert refused.json()["error"]["code"] == "shutting_down"
     assert "gateway" in stopped and not gateway_service.alive()
+    # Nothing restarted it: no tritonserver of this stack is left once the stop returned.
+    run_dir = str(rstack.settings.run_path)  # this stack's own (its --backend-directory is under it)
+    left = [p.pid for p in psutil.process_iter(["name", "cmdline"])
+            if p.info["name"] == "tritonserver" and run_dir in " ".join(p.info["cmdline"] or [])]
+    assert not left, f"tritonserver still running after the stop: {left}"
     assert elapsed < rstack.settings.stop_timeout_s + 15
     FIGURES["SIGTERM drain (process runtime)"] = {"in-flight request": answer.status_code,
                                                   "new request while draining": refused.status_code,
