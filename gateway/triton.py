@@ -67,6 +67,11 @@ class ModelInfo:
 class Registry:
     models: dict[str, ModelInfo]
     reachable: bool = True
+    # Models Triton lists but has not READY, whose config this gateway never saw (it cannot know what they serve):
+    # a task with no model may be served by one of them once it is loaded (at start, or while a replica's watcher
+    # reloads it before this gateway first saw it ready), so find() answers 503 + Retry-After instead of 404.
+    loading: tuple[str, ...] = ()
+    retry_after_s: int = 5
 
     def by_task(self, task: str) -> list[ModelInfo]:
         return [m for m in self.models.values() if m.task == task]
@@ -84,6 +89,9 @@ class Registry:
     def find(self, task: str, model: str | None, surface: str | None = None) -> ModelInfo:
         """The model serving ``task`` that matches ``model`` (source id, family or Triton name; None = default)."""
         candidates = self.by_task(task)
+        if not candidates and self.loading:
+            raise TritonUnavailable(f"no model serving {task!r} is ready; not ready yet: {', '.join(self.loading)}",
+                                    self.retry_after_s)
         if not candidates:
             raise APIError(404, f"no model serving {task!r} is loaded in Triton", code="model_not_found")
         if model is None:
@@ -295,8 +303,10 @@ class TritonBackend:
                         # task the model would drop out of its surface and the default would silently move to
                         # another family (another embedding space): it stays, not ready: 503 + Retry-After.
                         models[name] = dataclasses.replace(self._served[name], ready=False)
+                loading = tuple(sorted(n for n, m in models.items() if not m.ready and not m.params))
                 registry = Registry({name: dataclasses.replace(m, ready=False) if self.unhealthy(name) else m
-                                     for name, m in models.items()}, reachable=True)
+                                     for name, m in models.items()}, reachable=True, loading=loading,
+                                    retry_after_s=self.retry_after_s)
             except Exception:  # noqa: BLE001 - any failure to read the index means "Triton not reachable"
                 registry = Registry({}, reachable=False)
             self._registry, self._registry_at = registry, time.monotonic()

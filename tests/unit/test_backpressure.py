@@ -282,3 +282,21 @@ def test_sigterm_drains_in_flight_requests_and_answers_new_ones_503() -> None:
     assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
     assert refused.headers["connection"] == "close" and refused.json()["error"]["code"] == "shutting_down"
     assert ready.status_code == 503 and live.status_code == 200
+
+
+def test_a_task_whose_model_is_still_loading_is_503_not_404() -> None:
+    """A gateway that never saw a model READY (it started while Triton loaded, or a replica's watcher reloads the
+    model before this gateway's first look) cannot know its task: while Triton lists a model it has no config for,
+    a task with no model answers 503 + Retry-After (retry soon), not 404 (the Swarm heal e2e met the 404)."""
+    from gateway.errors import APIError
+    from gateway.triton import ModelInfo, Registry, TritonUnavailable
+
+    loading = Registry({"siglip_embed_text": ModelInfo("siglip_embed_text", False, {}, 0, "cpu")},
+                       loading=("siglip_embed_text",), retry_after_s=3)
+    with pytest.raises(TritonUnavailable) as info:
+        loading.find("embed_text", None)
+    assert info.value.status == 503 and info.value.headers["Retry-After"] == "3"
+    assert "siglip_embed_text" in info.value.message
+    with pytest.raises(APIError) as gone:
+        Registry({}).find("embed_text", None)
+    assert gone.value.status == 404 and gone.value.code == "model_not_found"
