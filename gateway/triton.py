@@ -136,7 +136,8 @@ class InferenceBackend(Protocol):
     def stream(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str], *,
                cancel_inputs: Callable[[str], dict[str, np.ndarray]] | None = None,
                final_output: str = "FINISH_REASON") -> AsyncGenerator[dict[str, np.ndarray], None]:
-        """The responses of a decoupled model as they come; closing the generator cancels the request."""
+        """The responses of a decoupled model as they come; closing the generator ends the request (through
+        ``cancel_inputs`` when given, else by cancelling the call)."""
         ...
 
     async def statistics(self) -> dict[str, Any]:
@@ -354,12 +355,7 @@ class TritonBackend:
         ``cancel_inputs`` the gRPC call is cancelled, which cancels the request in Triton.
         """
         self._check_healthy(model)
-        grpc_inputs = []
-        for name, array in inputs.items():
-            dtype = "BYTES" if array.dtype == np.object_ else _np_to_triton(array.dtype)
-            item = triton_grpc.InferInput(name, list(array.shape), dtype)
-            item.set_data_from_numpy(array)
-            grpc_inputs.append(item)
+        grpc_inputs = _grpc_inputs(inputs)
         requested = [triton_grpc.InferRequestedOutput(n) for n in outputs]
         # The request side stays open until the final response: Triton ends the call once it is closed and
         # every request on it is done. ``None`` in the outbox closes it.
@@ -367,7 +363,7 @@ class TritonBackend:
         outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         outbox.put_nowait({"model_name": model, "inputs": grpc_inputs, "outputs": requested,
                            "request_id": request_id})
-        finished = asyncio.Event()
+        finished = False  # the final response (or an error) came: the request side is closed
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
             while (item := await outbox.get()) is not None:
@@ -394,30 +390,25 @@ class TritonBackend:
                 except grpc.aio.AioRpcError as exc:
                     raise self._map_rpc_error(model, exc) from None
                 if error is not None:
-                    finished.set()
+                    finished = True
                     outbox.put_nowait(None)
                     raise self._map_stream_error(model, error)
                 values = {n: array for n in outputs if (array := result.as_numpy(n)) is not None}
                 final = _is_final(result, values.get(final_output))
                 if final:
-                    finished.set()
+                    finished = True
                     outbox.put_nowait(None)
                 yield values
                 if final:
                     return
         finally:
-            if not finished.is_set():
-                finished.set()
+            if not finished:
                 if cancel_inputs is None:
                     outbox.put_nowait(None)
                     call.cancel()
                 else:
-                    control = []
-                    for name, array in cancel_inputs(request_id).items():
-                        item = triton_grpc.InferInput(name, list(array.shape), "BYTES")
-                        item.set_data_from_numpy(array)
-                        control.append(item)
-                    outbox.put_nowait({"model_name": model, "inputs": control, "outputs": requested})
+                    outbox.put_nowait({"model_name": model, "inputs": _grpc_inputs(cancel_inputs(request_id)),
+                                       "outputs": requested})
                     outbox.put_nowait(None)
                     self._background(self._drain(model, call))
 
@@ -492,6 +483,16 @@ class TritonBackend:
         if status in ("500", "StatusCode.INTERNAL") and _is_dead_stub(message):
             return self._dead_stub(model)
         return APIError(502, f"{model} failed: {message}", code="inference_failed")
+
+
+def _grpc_inputs(inputs: dict[str, np.ndarray]) -> list[triton_grpc.InferInput]:
+    items = []
+    for name, array in inputs.items():
+        dtype = "BYTES" if array.dtype == np.object_ else _np_to_triton(array.dtype)
+        item = triton_grpc.InferInput(name, list(array.shape), dtype)
+        item.set_data_from_numpy(array)
+        items.append(item)
+    return items
 
 
 def _is_dead_stub(message: str) -> bool:
