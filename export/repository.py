@@ -72,10 +72,14 @@ def copy_tree(src: Path, dst: Path, names: list[str]) -> None:
 
 
 def dynamic_batching(options: ExportOptions, max_queue_delay_us: int | None = None) -> dict[str, Any]:
-    """Triton's dynamic batcher with a bounded queue: full -> rejected at once, waited too long -> rejected."""
+    """Triton's dynamic batcher with a bounded queue: full -> rejected at once, waited too long -> rejected.
+    Two priority levels: 1 (the default) for interactive requests, 2 for batch work (the gateway's
+    ``X-Vlmserve-Priority: batch``), queued behind every waiting level-1 request."""
     return {
         "max_queue_delay_microseconds": options.max_queue_delay_us if max_queue_delay_us is None
         else max_queue_delay_us,
+        "priority_levels": 2,
+        "default_priority_level": 1,
         "default_queue_policy": {
             "timeout_action": pbtxt.Enum("REJECT"),
             "default_timeout_microseconds": round(options.queue_timeout_s * 1_000_000),

@@ -12,10 +12,12 @@ import httpx
 from fastapi import FastAPI
 
 from gateway import errors
+from gateway.batches import BatchStore, batch_root, batch_runner
 from gateway.chat import ChatService
 from gateway.embedding import EmbeddingService
 from gateway.limits import BodySizeLimit, Drain, InFlightLimit
 from gateway.metrics import Metrics, MetricsMiddleware
+from gateway.routes import batches as batch_routes
 from gateway.routes import chat as chat_routes
 from gateway.routes import embeddings, health, openai
 from gateway.routes import florence as florence_routes
@@ -51,7 +53,8 @@ def create_app(settings: GatewaySettings, backend: InferenceBackend | None = Non
             sweeper = (asyncio.create_task(sweep_forever(app.state.storage, settings.storage_sweep_s))
                        if isinstance(app.state.storage, LocalStore) else None)
             try:
-                yield
+                async with batch_runner(app, settings):
+                    yield
             finally:
                 if sweeper is not None:
                     sweeper.cancel()
@@ -65,6 +68,7 @@ def create_app(settings: GatewaySettings, backend: InferenceBackend | None = Non
     app.state.started_at = time.time()
     app.state.drain = Drain(settings.retry_after_s)  # started by the server on SIGTERM (gateway.__main__)
     app.state.storage = build_store(settings)  # lazy: no folder or S3 client until first use
+    app.state.batches = BatchStore(batch_root(settings))  # lazy too: the database opens on first use
     errors.install(app)
     app.include_router(health.router)
     app.include_router(embeddings.router)
@@ -72,6 +76,7 @@ def create_app(settings: GatewaySettings, backend: InferenceBackend | None = Non
     app.include_router(florence_routes.router)
     app.include_router(florence_routes.files_router)
     app.include_router(chat_routes.router)
+    app.include_router(batch_routes.router)
     app.include_router(ui_router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(InFlightLimit, caps=settings.inflight_caps(), retry_after_s=settings.retry_after_s)

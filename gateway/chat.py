@@ -28,6 +28,7 @@ from PIL import Image, ImageOps
 
 from gateway.errors import APIError
 from gateway.images import ImageInputError, ImagePolicy, resolve_image
+from gateway.limits import batch_priority
 from gateway.media import resolve_video, video_policy
 from gateway.settings import GatewaySettings
 from gateway.triton import InferenceBackend, ModelInfo, Registry, live_registry, use_model
@@ -282,6 +283,8 @@ def build_inputs(messages: list[dict[str, Any]] | None, sampling: Sampling | Non
     else:
         inputs = {"MESSAGES": _bytes_tensor(json.dumps(messages, ensure_ascii=False))}
     params = sampling.to_json() if sampling is not None else {}
+    if batch_priority.get():
+        params["priority"] = "batch"  # the model admits this request's rows after the interactive ones
     if params:
         inputs["PARAMETERS"] = _bytes_tensor(json.dumps(params))
     return inputs

@@ -1,8 +1,9 @@
 """Request body size cap (413), enforced on Content-Length and on the bytes actually received; in-flight caps per
-route group (429 + Retry-After)."""
+route group (429 + Retry-After); the request's priority (interactive, or batch below it)."""
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from types import SimpleNamespace
 
 from starlette.responses import JSONResponse
@@ -75,9 +76,18 @@ ROUTE_GROUPS: dict[str, str] = {
 }
 
 
+# ``X-Vlmserve-Priority: batch`` (the Batch API's runner sends it; any client may) puts a request below interactive
+# traffic: Triton's dynamic batchers queue it at priority level 2 of 2 (``TRITON_PRIORITY``), the chat models admit
+# its rows after every waiting interactive row. Nothing can raise a request above the default.
+PRIORITY_HEADER = b"x-vlmserve-priority"
+batch_priority: ContextVar[bool] = ContextVar("vlmserve_batch_priority", default=False)
+TRITON_PRIORITY = {False: 1, True: 2}  # the exported dynamic batchers: priority_levels 2, default level 1
+
+
 class InFlightLimit:
     """At most ``caps[group]`` requests of a route group in progress (a streamed answer counts until its end);
-    the next one gets 429 + Retry-After at once instead of queueing in the gateway (fetching URLs, decoding)."""
+    the next one gets 429 + Retry-After at once instead of queueing in the gateway (fetching URLs, decoding).
+    It also reads the request's priority header into ``batch_priority`` for the handlers below it."""
 
     def __init__(self, app: ASGIApp, caps: dict[str, int], retry_after_s: int) -> None:
         self.app = app
@@ -90,6 +100,8 @@ class InFlightLimit:
         if group is None or group not in self.caps or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
+        batch_priority.set(any(k == PRIORITY_HEADER and v.strip().lower() == b"batch"
+                                   for k, v in scope.get("headers", [])))
         cap = self.caps[group]
         if self.active[group] >= cap:
             # Metrics label by route template; these paths are templates already (no path parameters).

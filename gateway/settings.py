@@ -55,6 +55,15 @@ class GatewaySettings(BaseSettings):
     storage_max_age_s: float | None = Field(7 * 24 * 3600, description="stored images older than this are deleted")
     storage_max_bytes: int | None = Field(1024**3, description="oldest stored images deleted beyond this total")
     storage_sweep_s: float = Field(300, gt=0, description="retention sweep interval")
+    # The Batch API (/v1/files, /v1/batches): its state and files, shared by the replicas like the stored images.
+    batch_dir: str | None = Field(None, description="batch state and files; default <storage dir>/batches")
+    batch_max_file_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest batch input file")
+    batch_max_requests: int = Field(50_000, ge=1, description="most request lines in one batch")
+    batch_share: float = Field(0.5, gt=0, le=1, description="a batch runs at most this share of its route "
+                               "group's in-flight cap at once, below interactive requests")
+    batch_lease_s: float = Field(30.0, gt=0, description="a replica's hold on the batch it runs, renewed while it "
+                                 "runs; a dead replica's batch is taken over once this runs out")
+    batch_poll_s: float = Field(2.0, gt=0, description="how often an idle runner looks for queued batches")
     storage_url_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600, description="presigned URL lifetime")
 
     def inflight_caps(self) -> dict[str, int]:

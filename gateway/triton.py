@@ -24,6 +24,7 @@ import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
 from gateway.errors import APIError
+from gateway.limits import TRITON_PRIORITY, batch_priority
 from vlmserve.families import TASK_SURFACE, default_family
 from vlmserve.families.contract import ModelParams
 
@@ -325,7 +326,8 @@ class TritonBackend:
         requested = [triton_http.InferRequestedOutput(n, binary_data=True) for n in outputs]
         try:
             result = await asyncio.wait_for(
-                self.client.infer(model, infer_inputs, outputs=requested), timeout=self.timeout_s
+                self.client.infer(model, infer_inputs, outputs=requested,
+                                  priority=TRITON_PRIORITY[batch_priority.get()]), timeout=self.timeout_s
             )
         except InferenceServerException as exc:
             raise self._map_error(model, exc) from None
@@ -362,7 +364,7 @@ class TritonBackend:
         request_id = uuid.uuid4().hex
         outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         outbox.put_nowait({"model_name": model, "inputs": grpc_inputs, "outputs": requested,
-                           "request_id": request_id})
+                           "request_id": request_id, "priority": TRITON_PRIORITY[batch_priority.get()]})
         finished = False  # the final response (or an error) came: the request side is closed
 
         async def requests() -> AsyncIterator[dict[str, Any]]:

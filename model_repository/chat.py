@@ -823,7 +823,7 @@ class ChatModel:
         for index in range(settings.n):
             ref: list[ChatJob] = []
             jobs.append(ChatJob(inputs, params, prompt_tokens, group.emitter(ref), group.is_cancelled,
-                                index=index))
+                                index=index, background=settings.priority == "batch"))
             ref.append(jobs[-1])
         jobs[0].shared = jobs[1:]
         self.engine.submit(jobs[0])

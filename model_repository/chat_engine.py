@@ -102,6 +102,7 @@ class ChatJob:
     finish: str = ""
     batch_size: int = 0  # the most rows this job shared a decode step with
     submitted: float = field(default_factory=time.monotonic)  # when the request was queued (its wait is counted)
+    background: bool = False  # a batch request (PARAMETERS priority "batch"): admitted after interactive ones
 
     def __post_init__(self) -> None:
         if not self.prompt_ids and isinstance(self.inputs, dict) and isinstance(self.inputs.get("input_ids"), list):
@@ -419,7 +420,13 @@ class DecodeLoop:
         self.next_tokens: Any = None  # [rows]
 
     def add(self, job: ChatJob) -> None:
-        """Queue a request: ``job`` and the choices in ``job.shared`` (admitted together, one prefill)."""
+        """Queue a request: ``job`` and the choices in ``job.shared`` (admitted together, one prefill). An
+        interactive job goes ahead of every waiting batch job (``background``), after the interactive ones."""
+        if not job.background:
+            for i, queued in enumerate(self.waiting):
+                if queued.background:
+                    self.waiting.insert(i, job)
+                    return
         self.waiting.append(job)
 
     @property

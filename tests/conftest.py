@@ -127,6 +127,7 @@ def stack(tiny_repo: Path, state_dir: Path, image_dir: Path) -> Stack:
         mp.setenv("VLMSERVE_GATEWAY_URL_ALLOWLIST", '["127.0.0.1"]')
         mp.setenv("VLMSERVE_GATEWAY_LOCAL_IMAGE_DIR", str(image_dir))
         mp.setenv("VLMSERVE_GATEWAY_MAX_BODY_BYTES", str(4 * 1024 * 1024))
+        mp.setenv("VLMSERVE_GATEWAY_BATCH_MAX_FILE_BYTES", str(1024 * 1024))
         runtime.start()
     services = dict(runtime.services)
     yield Stack(settings.gateway_url, settings.triton_http_url, f"{settings.host}:{settings.grpc_port}",

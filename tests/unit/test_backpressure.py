@@ -66,7 +66,8 @@ def test_every_inference_route_is_in_a_group() -> None:
 
     app = create_app(GatewaySettings())
     posts = {path for path, ops in app.openapi()["paths"].items() if "post" in ops}
-    assert posts == set(ROUTE_GROUPS)
+    # The Batch API's own routes only store files and queue batches (their lines run through the routes above).
+    assert posts - {"/v1/files", "/v1/batches", "/v1/batches/{batch_id}/cancel"} == set(ROUTE_GROUPS)
     assert set(ROUTE_GROUPS.values()) == set(GatewaySettings().inflight_caps())
 
 

@@ -256,6 +256,23 @@ def test_max_batch_caps_the_rows(families) -> None:
     assert all(j.finish for j in jobs)
 
 
+def test_interactive_rows_are_admitted_before_batch_rows(families) -> None:
+    pipeline = families["qwen2vl"]
+    loop = DecodeLoop(pipeline, max_batch=2)
+    batch = [make_job(pipeline, f"batch {i}", max_tokens=4)[0] for i in range(3)]
+    interactive = [make_job(pipeline, f"chat {i}", max_tokens=4)[0] for i in range(2)]
+    for job in batch:
+        job.background = True
+        loop.add(job)
+    for job in interactive:
+        loop.add(job)  # queued after the batch rows, admitted before them
+    assert list(loop.waiting) == [*interactive, *batch]
+    loop.step()
+    assert loop.rows == interactive
+    loop.drain()
+    assert all(j.finish for j in batch + interactive)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_failing_prefill_fails_only_its_request(families, family: str) -> None:
     pipeline = families[family]

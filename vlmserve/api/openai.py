@@ -245,6 +245,8 @@ class GenerationParameters(BaseModel):
         None, description='{"type": "json_object"} or {"type": "json_schema", "schema": {...}}')
     video_fps: VideoFps | None = None
     video_max_frames: VideoFrames | None = None
+    priority: Literal["interactive", "batch"] = Field(
+        "interactive", description="'batch' rows are admitted after every waiting 'interactive' row")
 
     @field_validator("stop")
     @classmethod

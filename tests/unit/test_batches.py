@@ -1,0 +1,111 @@
+"""The Batch API's own logic: input validation, the store's leases and retention, and batch priority (the
+header, the chat PARAMETERS, the engine's queue order). The API itself is tested on the real stack
+(tests/integration/test_batches.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.batches import BatchStore, Line, validate_input
+from gateway.chat import Sampling, build_inputs
+from gateway.limits import PRIORITY_HEADER, InFlightLimit, batch_priority
+from model_repository.chat import parse_params
+
+CHAT = "/v1/chat/completions"
+
+
+def write(tmp_path: Path, lines: list[object]) -> Path:
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+def line(custom_id: str, url: str = CHAT) -> dict[str, object]:
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": {"messages": []}}
+
+
+def test_valid_input_keeps_line_numbers_and_skips_blank_lines(tmp_path) -> None:
+    lines, errors = validate_input(write(tmp_path, [line("a"), "", line("b")]), CHAT, 10)
+    assert errors == []
+    assert [(x.line, x.custom_id) for x in lines] == [(1, "a"), (3, "b")]
+
+
+def test_every_bad_line_is_named_and_nothing_is_kept(tmp_path) -> None:
+    lines, errors = validate_input(write(tmp_path, [line("a"), line("a"), "[1]", line("c", "/v1/embeddings")]),
+                                   CHAT, 10)
+    assert lines == []
+    assert [(e["code"], e["line"]) for e in errors] == [
+        ("duplicate_custom_id", 2), ("invalid_json_line", 3), ("mismatched_url", 4)]
+
+
+def test_empty_and_oversized_inputs_fail(tmp_path) -> None:
+    assert validate_input(write(tmp_path, [""]), CHAT, 10)[1][0]["code"] == "empty_file"
+    lines, errors = validate_input(write(tmp_path, [line("a"), line("b"), line("c")]), CHAT, 2)
+    assert errors[0]["code"] == "too_many_requests"
+
+
+def _store_with_batch(tmp_path: Path) -> tuple[BatchStore, str]:
+    store = BatchStore(tmp_path / "batches")
+    store.root.mkdir(parents=True)
+    source = write(tmp_path, [line("a"), line("b")])
+    file_id = store.add_file(source, "in.jsonl", "batch", None)["id"]
+    return store, store.add_batch(CHAT, file_id, "24h", None, 2, [])["id"]
+
+
+def test_a_lease_is_held_until_it_runs_out(tmp_path) -> None:
+    store, batch_id = _store_with_batch(tmp_path)
+    assert store.claim("one", lease_s=0.3)["id"] == batch_id
+    assert store.claim("two", lease_s=0.3) is None  # held by "one"
+    assert store.renew(batch_id, "one", 0.3) == "validating"
+    time.sleep(0.4)
+    assert store.claim("two", lease_s=5)["id"] == batch_id  # "one" died: "two" takes over
+    assert store.renew(batch_id, "one", 5) is None  # and "one" learns it lost it
+
+
+def test_finished_lines_count_once_and_survive_a_new_store(tmp_path) -> None:
+    store, batch_id = _store_with_batch(tmp_path)
+    store.record(batch_id, Line(1, "a", {}), 200, {"ok": 1}, None, "req-1")
+    store.record(batch_id, Line(1, "a", {}), 200, {"ok": 2}, None, "req-2")  # a second answer is ignored
+    store.record(batch_id, Line(2, "b", {}), 400, {"error": {}}, None, "req-3")
+    store.close()
+    again = BatchStore(tmp_path / "batches")
+    assert again.done_lines(batch_id) == {1, 2}
+    assert again.batch(batch_id)["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+    assert [r["request_id"] for r in again.results(batch_id)] == ["req-1", "req-3"]
+
+
+def test_retention_removes_finished_batches_and_their_files_only(tmp_path) -> None:
+    store, batch_id = _store_with_batch(tmp_path)
+    input_id = store.batch(batch_id)["input_file_id"]
+    assert store.sweep(max_age_s=0, now=time.time() + 10) == 0  # still active: kept, input included
+    store.set_status(batch_id, "completed")
+    assert store.sweep(max_age_s=3600) == 0  # finished just now
+    assert store.sweep(max_age_s=3600, now=time.time() + 7200) == 2  # the batch and its input file
+    assert store.batch(batch_id) is None and store.file(input_id) is None
+    assert not store.file_path(input_id).exists()
+
+
+def test_the_priority_header_marks_the_request_and_its_chat_parameters() -> None:
+    seen: list[bool] = []
+
+    async def app(scope, receive, send) -> None:
+        seen.append(batch_priority.get())
+        seen.append("priority" in json.loads(build_inputs([], Sampling(max_tokens=2))["PARAMETERS"][0]))
+
+    limit = InFlightLimit(app, {"chat": 4}, retry_after_s=1)
+    for headers in ([(PRIORITY_HEADER, b"batch")], [(PRIORITY_HEADER, b"urgent")], []):
+        scope = {"type": "http", "path": CHAT, "method": "POST", "headers": headers}
+        asyncio.run(limit(scope, None, None))
+    assert seen == [True, True, False, False, False, False]
+
+
+def test_the_model_reads_the_priority_and_refuses_unknown_ones() -> None:
+    assert parse_params(b'{"priority": "batch"}', 8, 64)[1].priority == "batch"
+    assert parse_params(b"{}", 8, 64)[1].priority == "interactive"
+    with pytest.raises(Exception, match="priority"):
+        parse_params(b'{"priority": "urgent"}', 8, 64)
