@@ -460,8 +460,13 @@ def test_embeddings_rank_images_by_text_and_by_image(ui, stack, sample_png, tmp_
 # --- status ----------------------------------------------------------------------------------------------
 
 
-def test_status_shows_models_runtimes_random_weights_and_metrics(ui, stack, screenshots) -> None:
+def test_status_shows_models_runtimes_random_weights_metrics_and_batches(ui, stack, screenshots) -> None:
     page = ui
+    line = {"custom_id": "ui", "method": "POST", "url": "/v1/embeddings", "body": {"input": "a cat"}}
+    upload = httpx.post(f"{stack.gateway}/v1/files", data={"purpose": "batch"},
+                        files={"file": ("ui.jsonl", json.dumps(line).encode())}).raise_for_status().json()
+    batch = httpx.post(f"{stack.gateway}/v1/batches", json={"input_file_id": upload["id"],
+                       "endpoint": "/v1/embeddings", "completion_window": "24h"}).raise_for_status().json()
     open_panel(page, "status")
     info = httpx.get(f"{stack.gateway}/info").json()
     rows = page.locator("#status-models tbody tr")
@@ -473,6 +478,7 @@ def test_status_shows_models_runtimes_random_weights_and_metrics(ui, stack, scre
     expect(page.locator("#status-health .random")).to_contain_text("RANDOM WEIGHTS")
     expect(page.locator("#status-triton tr[data-model='florence2']")).to_have_count(1)
     expect(page.locator("#status-gateway tr[data-route='/v1/models']")).to_have_count(1)
+    expect(page.locator(f"#status-batches tr[data-batch='{batch['id']}']")).to_contain_text("/v1/embeddings")
     page.screenshot(path=str(screenshots / "ui-status.png"), full_page=True)
 
 

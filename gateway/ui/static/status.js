@@ -1,5 +1,6 @@
-// Status: GET /health, GET /info (runtime/precision per model), GET /metrics (the gateway's Prometheus text)
-// and GET /ui/api/triton-stats (Triton's inference statistics), refreshed when the panel is shown.
+// Status: GET /health, GET /info (runtime/precision per model), GET /metrics (the gateway's Prometheus text),
+// GET /ui/api/triton-stats (Triton's inference statistics) and GET /v1/batches (the latest batches), refreshed
+// when the panel is shown.
 import { $, ApiError, apiJSON, busy, el, models } from "./common.js";
 
 export async function init() {
@@ -14,16 +15,18 @@ async function refresh() {
   // /health answers 503 with the same body when something is down; that body is what to show.
   const healthResponse = await fetch("/health", { cache: "no-store" });
   const health = await healthResponse.json();
-  const [info, list, triton, metricsText] = await Promise.all([
+  const [info, list, triton, metricsText, batches] = await Promise.all([
     apiJSON("/info"),
     models(true),
     apiJSON("/ui/api/triton-stats").catch((error) => ({ error })),
     fetch("/metrics", { cache: "no-store" }).then((r) => (r.ok ? r.text() : "")),
+    apiJSON("/v1/batches?limit=20").catch((error) => ({ error })),
   ]);
   showHealth(health, list);
   showModels(info.models);
   showTriton(triton);
   showGateway(metricsText);
+  showBatches(batches);
   $("status-updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
 }
 
@@ -95,4 +98,22 @@ function showGateway(text) {
   $("status-gateway").tBodies[0].replaceChildren(...rows.map(([name, r]) => el("tr", { "data-route": name },
     cell(name), cell(String(r.requests), "num"), cell(String(r.errors), "num"),
     cell(r.count ? ((r.sum / r.count) * 1000).toFixed(1) : "–", "num"))));
+}
+
+function showBatches(page) {
+  const body = $("status-batches").tBodies[0];
+  if (page.error) {
+    const message = page.error instanceof ApiError ? page.error.message : String(page.error);
+    body.replaceChildren(el("tr", {}, el("td", { colSpan: 8, text: `unavailable: ${message}` })));
+    return;
+  }
+  if (!page.data.length) {
+    body.replaceChildren(el("tr", {}, el("td", { colSpan: 8, className: "muted", text: "no batches yet" })));
+    return;
+  }
+  body.replaceChildren(...page.data.map((b) => el("tr", { "data-batch": b.id },
+    cell(b.id), cell(b.endpoint), cell(b.status, ["failed", "expired"].includes(b.status) ? "bad" : ""),
+    cell(String(b.request_counts.completed), "num"), cell(String(b.request_counts.failed), "num"),
+    cell(String(b.request_counts.total), "num"), cell(new Date(b.created_at * 1000).toLocaleString()),
+    cell(b.output_file_id))));
 }
