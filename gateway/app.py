@@ -15,7 +15,7 @@ from gateway import errors
 from gateway.batches import BatchStore, batch_root, batch_runner
 from gateway.chat import ChatService
 from gateway.embedding import EmbeddingService
-from gateway.limits import BodySizeLimit, Drain, InFlightLimit
+from gateway.limits import BodySizeLimit, Drain, InFlightLimit, Interactive
 from gateway.metrics import Metrics, MetricsMiddleware
 from gateway.routes import batches as batch_routes
 from gateway.routes import chat as chat_routes
@@ -68,6 +68,7 @@ def create_app(settings: GatewaySettings, backend: InferenceBackend | None = Non
     app.state.started_at = time.time()
     app.state.drain = Drain(settings.retry_after_s)  # started by the server on SIGTERM (gateway.__main__)
     app.state.storage = build_store(settings)  # lazy: no folder or S3 client until first use
+    app.state.interactive = Interactive()  # counted by InFlightLimit; a running batch yields to it
     app.state.batches = BatchStore(batch_root(settings))  # lazy too: the database opens on first use
     errors.install(app)
     app.include_router(health.router)
@@ -79,7 +80,8 @@ def create_app(settings: GatewaySettings, backend: InferenceBackend | None = Non
     app.include_router(batch_routes.router)
     app.include_router(ui_router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(InFlightLimit, caps=settings.inflight_caps(), retry_after_s=settings.retry_after_s)
+    app.add_middleware(InFlightLimit, caps=settings.inflight_caps(), retry_after_s=settings.retry_after_s,
+                       interactive=app.state.interactive)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(app.state.drain.middleware)  # outermost: a draining gateway refuses before any work
     return app

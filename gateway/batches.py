@@ -11,8 +11,11 @@ The lines run through the gateway's own app, in-process (``httpx.ASGITransport``
 and answers as the public route, with the header ``X-Vlmserve-Priority: batch``. That header lowers the request
 below interactive traffic (``gateway.limits.batch_priority``): Triton's dynamic batchers queue it behind
 interactive requests and the chat engine admits interactive rows first. A batch runs at most
-``batch_share`` of its route group's in-flight cap at once; a 429/503 (the caps are full of interactive work, a
-model is loading) is retried after its Retry-After, until the batch expires.
+``batch_share`` of its route group's in-flight cap at once, and one line at a time while the group has
+interactive requests in progress or had one in the last ``batch_yield_s`` (the gateway's own CPU, parsing and
+encoding, is shared too: on the tiny models it, not Triton, is what a busy batch takes from interactive requests).
+A 429/503 (the caps are full of interactive work, a model is loading) is retried after its Retry-After, until
+the batch expires.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 import httpx
 
 from gateway.errors import APIError
+from gateway.limits import Interactive
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("vlmserve.gateway")
@@ -371,6 +375,7 @@ class BatchRunner:
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://batch.internal",
                                         headers=headers, timeout=None)
         self.wake = asyncio.Event()
+        self.interactive: Interactive = app.state.interactive
 
     def concurrency(self, endpoint: str) -> int:
         cap = self.settings.inflight_caps()[ENDPOINTS[endpoint]]
@@ -424,12 +429,19 @@ class BatchRunner:
         for line in todo:
             queue.put_nowait(line)
 
-        async def worker() -> None:
+        group = ENDPOINTS[endpoint]
+
+        async def worker(index: int) -> None:
             while not queue.empty():
+                # Interactive traffic in the group: every worker but the first waits until it has been quiet.
+                while index and self.interactive.busy(group, self.settings.batch_yield_s):
+                    await asyncio.sleep(0.05)
+                if queue.empty():
+                    return
                 line = queue.get_nowait()
                 await self._run_line(batch_id, endpoint, line, expires_at)
 
-        workers = [asyncio.create_task(worker()) for _ in range(min(self.concurrency(endpoint), len(todo)) or 1)]
+        workers = [asyncio.create_task(worker(i)) for i in range(min(self.concurrency(endpoint), len(todo)) or 1)]
         outcome: str | None = "completed"
         try:
             while not all(w.done() for w in workers):

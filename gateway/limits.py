@@ -3,6 +3,8 @@ route group (429 + Retry-After); the request's priority (interactive, or batch b
 
 from __future__ import annotations
 
+import math
+import time
 from contextvars import ContextVar
 from types import SimpleNamespace
 
@@ -84,24 +86,47 @@ batch_priority: ContextVar[bool] = ContextVar("vlmserve_batch_priority", default
 TRITON_PRIORITY = {False: 1, True: 2}  # the exported dynamic batchers: priority_levels 2, default level 1
 
 
+class Interactive:
+    """Interactive (not batch) requests per route group: how many are in progress and when the last one came or
+    went. A running batch yields to them (``gateway.batches``): one line at a time while the group is busy."""
+
+    def __init__(self) -> None:
+        self.active: dict[str, int] = {}
+        self.last: dict[str, float] = {}
+
+    def busy(self, group: str, quiet_s: float) -> bool:
+        """Whether ``group`` has interactive requests in progress, or had one within ``quiet_s`` seconds."""
+        return self.active.get(group, 0) > 0 or time.monotonic() - self.last.get(group, -math.inf) < quiet_s
+
+    def enter(self, group: str) -> None:
+        self.active[group] = self.active.get(group, 0) + 1
+        self.last[group] = time.monotonic()
+
+    def leave(self, group: str) -> None:
+        self.active[group] -= 1
+        self.last[group] = time.monotonic()
+
+
 class InFlightLimit:
     """At most ``caps[group]`` requests of a route group in progress (a streamed answer counts until its end);
     the next one gets 429 + Retry-After at once instead of queueing in the gateway (fetching URLs, decoding).
     It also reads the request's priority header into ``batch_priority`` for the handlers below it."""
 
-    def __init__(self, app: ASGIApp, caps: dict[str, int], retry_after_s: int) -> None:
+    def __init__(self, app: ASGIApp, caps: dict[str, int], retry_after_s: int,
+                 interactive: Interactive | None = None) -> None:
         self.app = app
         self.caps = caps
         self.retry_after_s = retry_after_s
         self.active = dict.fromkeys(caps, 0)
+        self.interactive = interactive or Interactive()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         group = ROUTE_GROUPS.get(scope.get("path", "")) if scope["type"] == "http" else None
         if group is None or group not in self.caps or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
-        batch_priority.set(any(k == PRIORITY_HEADER and v.strip().lower() == b"batch"
-                                   for k, v in scope.get("headers", [])))
+        batch = any(k == PRIORITY_HEADER and v.strip().lower() == b"batch" for k, v in scope.get("headers", []))
+        batch_priority.set(batch)
         cap = self.caps[group]
         if self.active[group] >= cap:
             # Metrics label by route template; these paths are templates already (no path parameters).
@@ -112,10 +137,14 @@ class InFlightLimit:
             return
         # Single-threaded event loop: the check above and this increment cannot interleave.
         self.active[group] += 1
+        if not batch:
+            self.interactive.enter(group)
         try:
             await self.app(scope, receive, send)
         finally:
             self.active[group] -= 1
+            if not batch:
+                self.interactive.leave(group)
 
 
 class Drain:

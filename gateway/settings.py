@@ -61,6 +61,8 @@ class GatewaySettings(BaseSettings):
     batch_max_requests: int = Field(50_000, ge=1, description="most request lines in one batch")
     batch_share: float = Field(0.5, gt=0, le=1, description="a batch runs at most this share of its route "
                                "group's in-flight cap at once, below interactive requests")
+    batch_yield_s: float = Field(2.0, ge=0, description="while the route group has interactive requests in "
+                                 "progress, or had one this recently (s), a batch runs one line at a time")
     batch_lease_s: float = Field(30.0, gt=0, description="a replica's hold on the batch it runs, renewed while it "
                                  "runs; a dead replica's batch is taken over once this runs out")
     batch_poll_s: float = Field(2.0, gt=0, description="how often an idle runner looks for queued batches")

@@ -13,7 +13,7 @@ import pytest
 
 from gateway.batches import BatchStore, Line, validate_input
 from gateway.chat import Sampling, build_inputs
-from gateway.limits import PRIORITY_HEADER, InFlightLimit, batch_priority
+from gateway.limits import PRIORITY_HEADER, InFlightLimit, Interactive, batch_priority
 from model_repository.chat import parse_params
 
 CHAT = "/v1/chat/completions"
@@ -97,11 +97,16 @@ def test_the_priority_header_marks_the_request_and_its_chat_parameters() -> None
         seen.append(batch_priority.get())
         seen.append("priority" in json.loads(build_inputs([], Sampling(max_tokens=2))["PARAMETERS"][0]))
 
-    limit = InFlightLimit(app, {"chat": 4}, retry_after_s=1)
+    interactive = Interactive()
+    limit = InFlightLimit(app, {"chat": 4}, retry_after_s=1, interactive=interactive)
     for headers in ([(PRIORITY_HEADER, b"batch")], [(PRIORITY_HEADER, b"urgent")], []):
         scope = {"type": "http", "path": CHAT, "method": "POST", "headers": headers}
         asyncio.run(limit(scope, None, None))
+        if headers == [(PRIORITY_HEADER, b"batch")]:
+            assert not interactive.busy("chat", quiet_s=60)  # a batch request is not interactive traffic
     assert seen == [True, True, False, False, False, False]
+    assert interactive.busy("chat", quiet_s=60) and not interactive.busy("chat", quiet_s=0)
+    assert not interactive.busy("embeddings", quiet_s=60)
 
 
 def test_the_model_reads_the_priority_and_refuses_unknown_ones() -> None:
