@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--duration", type=float, default=30, help="seconds per interactive round")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-lines", type=int, default=400, help="lines of the batch-alone run")
+    parser.add_argument("--beside-lines", type=int, default=2000,
+                        help="lines of the batch beside interactive traffic (more than a round finishes)")
     parser.add_argument("--locust-users", type=int, default=16)
     parser.add_argument("--name", default=None, help="report name (default batch-<endpoint>)")
     args = parser.parse_args(argv)
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for repeat in range(args.repeats):
             alone = asyncio.run(interactive(url, args.endpoint, args.users, args.think, args.duration, config))
             # Enough lines that the batch outlasts the round; cancelled after it.
-            batch_id = submit_batch(client, args.endpoint, 4000, config, seed=repeat)
+            batch_id = submit_batch(client, args.endpoint, args.beside_lines, config, seed=repeat)
             wait_status(client, batch_id, ("in_progress",))
             before = client.get(f"/v1/batches/{batch_id}").json()["request_counts"]["completed"]
             beside = asyncio.run(interactive(url, args.endpoint, args.users, args.think, args.duration, config))

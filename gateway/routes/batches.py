@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from gateway.auth import require_api_key
-from gateway.batches import ENDPOINTS, WINDOWS, BatchStore, validate_input
+from gateway.batches import BatchStore, validate_input
 from gateway.errors import APIError
 from gateway.routes.openai import OpenAIRoute
 
@@ -41,12 +41,10 @@ def _missing(kind: str, ident: str) -> APIError:
 # --- files -------------------------------------------------------------------------------------------------
 
 @router.post("/files")
-async def upload_file(request: Request, file: UploadFile = File(...), purpose: str = Form(...),
+async def upload_file(request: Request, file: UploadFile = File(...),
+                      purpose: Literal["batch"] = Form(..., description="the only files this server keeps"),
                       store: BatchStore = Depends(get_store)) -> dict[str, Any]:
     """Upload a JSONL of requests (``purpose=batch``), at most ``batch_max_file_bytes``."""
-    if purpose != "batch":
-        raise APIError(400, f"purpose must be 'batch' (the only files this server keeps), got {purpose!r}",
-                       code="invalid_value", param="purpose")
     limit = request.app.state.settings.batch_max_file_bytes
     store.root.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=store.root, prefix=".upload-")
@@ -61,8 +59,9 @@ async def upload_file(request: Request, file: UploadFile = File(...), purpose: s
                 await asyncio.to_thread(out.write, chunk)
         max_age = request.app.state.settings.storage_max_age_s
         expires_at = None if max_age is None else int(time.time() + max_age)
-        return await asyncio.to_thread(store.add_file, Path(tmp), file.filename or "upload.jsonl", purpose,
-                                       expires_at)
+        # Kept as text only (never a path): printable UTF-8, bounded.
+        name = (file.filename or "upload.jsonl").encode("utf-8", "replace").decode("utf-8")[-255:]
+        return await asyncio.to_thread(store.add_file, Path(tmp), name, purpose, expires_at)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -101,9 +100,9 @@ async def delete_file(file_id: str, store: BatchStore = Depends(get_store)) -> d
 # --- batches -----------------------------------------------------------------------------------------------
 
 class BatchRequest(BaseModel):
-    input_file_id: str
-    endpoint: str = Field(description="one of " + ", ".join(ENDPOINTS))
-    completion_window: str = "24h"
+    input_file_id: str = Field(description="an uploaded file's id (purpose batch)")
+    endpoint: Literal["/v1/chat/completions", "/v1/embeddings", "/v1/completions"]
+    completion_window: Literal["24h"] = "24h"
     metadata: dict[str, str] | None = None
 
 
@@ -112,12 +111,6 @@ async def create_batch(body: BatchRequest, request: Request,
                        store: BatchStore = Depends(get_store)) -> dict[str, Any]:
     """Validate the input file up front and queue the batch; a malformed file gives a ``failed`` batch whose
     ``errors`` name each bad line (nothing of it runs)."""
-    if body.endpoint not in ENDPOINTS:
-        raise APIError(400, f"endpoint must be one of {', '.join(ENDPOINTS)}, got {body.endpoint!r}",
-                       code="invalid_value", param="endpoint")
-    if body.completion_window not in WINDOWS:
-        raise APIError(400, f"completion_window must be one of {', '.join(WINDOWS)}", code="invalid_value",
-                       param="completion_window")
     found = await asyncio.to_thread(store.file, body.input_file_id)
     if found is None:
         raise _missing("file", body.input_file_id)
