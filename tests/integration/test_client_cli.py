@@ -192,7 +192,8 @@ def test_embed_throughput(stack, tmp_path: Path) -> None:
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, "JPEG", quality=85)
         (folder / f"{i:04d}.jpg").write_bytes(buf.getvalue())
-    result = cli("embed", str(folder), "--out", str(tmp_path / "bench.npy"), "--base-url", stack.gateway,
-                 timeout=1200)
-    assert result.returncode == 0 and summary(result.stderr)["done"] == n, result.stderr
-    print("\n" + result.stderr.strip().splitlines()[0] + "\n" + result.stderr.strip().splitlines()[-1])
+    for run in range(3):  # three fresh outputs: the first also warms the gateway's connections
+        out = tmp_path / f"bench{run}.npy"
+        result = cli("embed", str(folder), "--out", str(out), "--base-url", stack.gateway, timeout=1200)
+        assert result.returncode == 0 and summary(result.stderr)["done"] == n, result.stderr
+        print("\n" + result.stderr.strip().splitlines()[0] + "\n" + result.stderr.strip().splitlines()[-1])

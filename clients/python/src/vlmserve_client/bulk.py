@@ -332,14 +332,6 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
 
-    def note(self, message: str) -> None:
-        """A line of its own (a warning), above the bar on a terminal."""
-        if self.tty and self._drawn:
-            self.stream.write("\r\x1b[K")
-        self.stream.write(message + "\n")
-        self.stream.flush()
-        self._last = 0.0 if self.tty else self._last
-
 
 # --- the run ----------------------------------------------------------------------------------------------
 
