@@ -12,7 +12,10 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -216,8 +219,9 @@ def test_progress_lines_when_not_a_terminal() -> None:
 class FakeGateway:
     """/info, /embed, /v1/embeddings, /infer/upload and /ocr; the first ``busy`` POSTs get 429 + Retry-After."""
 
-    def __init__(self, busy: int = 0, max_items: int = 4) -> None:
+    def __init__(self, busy: int = 0, max_items: int = 4, delay: float = 0.0) -> None:
         self.busy = busy
+        self.delay = delay
         self.max_items = max_items
         self.requests: list[tuple[str, int]] = []  # (path, images) of every POST
         self.lock = threading.Lock()
@@ -230,6 +234,7 @@ class FakeGateway:
             count = len(refs)
         else:
             count = 1
+        time.sleep(self.delay)
         with self.lock:
             self.requests.append((path, count))
             if self.busy > 0:
@@ -398,10 +403,60 @@ def test_unreachable_server_is_a_clear_error(images: Path, tmp_path: Path,
 
 
 def test_python_dash_m_help() -> None:
-    import subprocess
-    import sys
-
     result = subprocess.run([sys.executable, "-m", "vlmserve_client", "embed", "--help"], capture_output=True,
                             text=True, env={**os.environ}, timeout=60)
     assert result.returncode == 0 and "--out" in result.stdout and "--api" in result.stdout
 
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".jsonl", ".parquet"])
+def test_a_killed_run_resumes_without_redoing_a_file(suffix: str, images: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    gateway = FakeGateway(delay=0.15)
+    out = tmp_path / f"vectors{suffix}"
+    written = tmp_path / ("vectors.index.jsonl" if suffix == ".npy" else "vectors.parquet.parts" if
+                          suffix == ".parquet" else "vectors.jsonl")
+    with local_http_server(gateway.handler()) as port:
+        url = f"http://127.0.0.1:{port}"
+        args = ["embed", str(images), "--out", str(out), "--base-url", url, "--concurrency", "1", "--batch-size", "1"]
+        if suffix == ".parquet":  # a part file per result, so that the kill finds some written
+            args += ["--flush-seconds", "0"]
+        proc = subprocess.Popen([sys.executable, "-m", "vlmserve_client", *args], stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not (written.exists() and (
+                    len(list(written.glob("*.parquet"))) >= 2 if written.is_dir() else
+                    written.read_bytes().count(b"\n") >= 2)):
+                time.sleep(0.02)
+            proc.kill()  # SIGKILL: no cleanup of any kind
+        finally:
+            proc.wait(timeout=30)
+        sent_before = len(gateway.requests)
+        assert 2 <= sent_before < 7
+        code, err = run_cli(capsys, *args)
+        assert code == 0, err
+        counts = summary(err)
+        # every file done once: what the killed run finished is skipped, the rest sent (at most the one request the
+        # kill cut short is sent again)
+        assert counts["done"] + counts["skipped"] == 7 and counts["failed"] == 0
+        assert counts["done"] <= 7 - sent_before + 1
+    files, _ = find_images([str(images)])
+    if suffix == ".npy":
+        index = read_jsonl(tmp_path / "vectors.index.jsonl")
+        vectors = np.load(out)
+        assert [e["row"] for e in index] == list(range(7)) and vectors.shape == (7, DIM)
+        rows = {e["path"]: vectors[e["row"]] for e in index}
+    elif suffix == ".jsonl":
+        rows = {r["path"]: np.asarray(r["embedding"]) for r in read_jsonl(out)}
+        assert len(read_jsonl(out)) == 7
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(out)
+        assert table.num_rows == 7 and not (tmp_path / "vectors.parquet.parts").exists()
+        rows = dict(zip(table.column("path").to_pylist(), map(np.asarray, table.column("embedding").to_pylist()),
+                        strict=True))
+    assert sorted(rows) == files
+    assert all(np.allclose(v, vector_of(Path(p).read_bytes())) for p, v in rows.items())

@@ -400,13 +400,13 @@ class ParquetSink:
         self.parts = []
 
 
-def open_sink(out: str, command: str) -> Sink:
+def open_sink(out: str, command: str, parquet_part_seconds: float = 30.0) -> Sink:
     """The sink for ``--out``: ``.parquet`` → Parquet, ``.jsonl`` → JSONL, else ``.npy`` + index (embeddings) or
     JSONL (caption/OCR)."""
     paths = output_paths(out, command)
     data = paths["data"]
     if data.suffix.lower() == ".parquet":
-        return ParquetSink(data, paths["errors"], command)
+        return ParquetSink(data, paths["errors"], command, part_seconds=parquet_part_seconds)
     if data.suffix == ".npy":
         return NpySink(data, paths["index"], paths["errors"])
     return JsonlSink(data, paths["errors"])

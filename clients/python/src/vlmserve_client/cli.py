@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--max-retries", type=int, default=8, metavar="N",
                         help="tries again after a 429/503 (after its Retry-After) or no answer (default 8)")
     common.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per request (default 120 s)")
+    common.add_argument("--flush-seconds", type=float, default=30.0, metavar="S",
+                        help="Parquet output: write what has arrived as a part file at least this often, so that a "
+                             "killed run keeps it (default 30 s; .npy and JSONL are written as results arrive)")
     common.add_argument("--quiet", action="store_true", help="no progress bar (the summary line is still printed)")
 
     embed = commands.add_parser("embed", parents=[common], help="image embeddings (POST /embed)")
@@ -116,7 +119,7 @@ async def _main(args: argparse.Namespace, err: IO[str]) -> int:
     for arg in unmatched:
         err.write(f"vlmserve-client: warning: {arg!r} matches no file\n")
     outputs = set(output_paths(args.out, args.command).values())
-    sink = open_sink(args.out, args.command)
+    sink = open_sink(args.out, args.command, args.flush_seconds)
     stats = RunStats(found=len(files))
     try:
         items, stats.skipped_done, stats.skipped_bad, missing = plan(files, sink.done, sink.known_bad)
@@ -133,11 +136,14 @@ async def _main(args: argparse.Namespace, err: IO[str]) -> int:
                                                     getattr(args, "batch_size", None))
             max_bytes = info.limits.get("max_body_bytes") if info is not None else None
             if not args.quiet:
-                err.write(f"vlmserve-client {args.command}: {len(files)} images, {len(items)} to do, "
-                          f"{stats.skipped_done} already done, {stats.skipped_bad} known bad; concurrency "
-                          f"{concurrency}" + (f", {batch_size} per request" if args.command == "embed" else "")
-                          + f" -> {', '.join(sorted(str(p) for p in outputs))}\n")
-            progress = Progress(len(items), err, enabled=not args.quiet)
+                plan_text = (f"{len(files)} images: {len(items)} to do, {stats.skipped_done} already done, "
+                             f"{stats.skipped_bad} known bad")
+                if items:
+                    per_request = f", {batch_size} per request" if args.command == "embed" else ""
+                    plan_text += f"; concurrency {concurrency}{per_request}"
+                outputs_text = ", ".join(sorted(str(p) for p in outputs))
+                err.write(f"vlmserve-client {args.command}: {plan_text} -> {outputs_text}\n")
+            progress = Progress(len(items), err, enabled=not args.quiet and bool(items))
             await run(_backend(args, client, batch_size), sink, items, concurrency=concurrency,
                       max_retries=args.max_retries, progress=progress, stats=stats, max_request_bytes=max_bytes)
     finally:
