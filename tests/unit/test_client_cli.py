@@ -460,3 +460,22 @@ def test_a_killed_run_resumes_without_redoing_a_file(suffix: str, images: Path, 
                         strict=True))
     assert sorted(rows) == files
     assert all(np.allclose(v, vector_of(Path(p).read_bytes())) for p, v in rows.items())
+
+
+def test_a_server_that_stays_busy_stops_the_run_and_the_next_run_finishes(
+        images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gateway = FakeGateway(busy=10_000)
+    out = tmp_path / "vectors.npy"
+    with local_http_server(gateway.handler()) as port:
+        args = ["embed", str(images), "--out", str(out), "--base-url", f"http://127.0.0.1:{port}",
+                "--concurrency", "1", "--batch-size", "2", "--max-retries", "2"]
+        code, err = run_cli(capsys, *args)
+        assert code == 2 and "stopped early with 5 left" in err and "429: too many" in err, err
+        assert len(gateway.requests) == 3  # one batch, tried three times; nothing sent after it
+        errors = read_jsonl(tmp_path / "vectors.errors.jsonl")
+        assert len(errors) == 2 and all(e["transient"] and e["status"] == 429 for e in errors)
+        gateway.busy = 0
+        code, err = run_cli(capsys, *args)
+        assert code == 0 and summary(err) == {"done": 7, "skipped": 0, "failed": 0}, err
+    assert read_jsonl(tmp_path / "vectors.errors.jsonl") == []  # transient failures are tried again, then dropped
+    assert np.load(out).shape == (7, DIM)

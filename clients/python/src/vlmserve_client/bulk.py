@@ -346,6 +346,9 @@ class RunStats:
     requests: int = 0
     retries: int = 0
     elapsed_s: float = 0.0
+    failed_before: int = 0  # failures counted before the run (files that vanished between the walk and the stat)
+    stopped: str | None = None  # why the run stopped early (the server stayed unavailable), if it did
+    left: int = 0  # files not sent because the run stopped early
 
     @property
     def rate(self) -> float:
@@ -355,7 +358,9 @@ class RunStats:
         return (f"done {self.done}, skipped {self.skipped_done + self.skipped_bad} "
                 f"({self.skipped_done} already done, {self.skipped_bad} known bad), failed {self.failed}, "
                 f"{self.rate:.1f} images/s ({self.done + self.failed} in {self.elapsed_s:.1f} s, "
-                f"{self.requests} requests, {self.retries} retries)")
+                f"{self.requests} requests, {self.retries} retries)"
+                + (f"; stopped early with {self.left} left, the server stayed unavailable ({self.stopped})"
+                   if self.stopped else ""))
 
 
 _INDEX = re.compile(r"\[(\d+)\]$")
@@ -392,6 +397,9 @@ class _Runner:
         self.max_request_bytes = max_request_bytes
         self.results: dict[int, tuple[list[Record], list[Failure]]] = {}
         self.next_seq = 0
+        # Set when a request still met 429/503/no answer after every retry: the server is down or saturated, so
+        # the run stops sending (what is done stays written; the next run resumes).
+        self.stopped: str | None = None
         # Batches read but not yet written: bounds memory, and keeps the output in input order.
         self.window = asyncio.Semaphore(2 * concurrency + 2)
 
@@ -417,6 +425,8 @@ class _Runner:
             except Exception as exc:  # a VlmserveError, or a local one (e.g. encoding the image)
                 if is_transient(exc) or len(group) == 1:
                     failures.extend(_failure(items[i], exc) for i in group)
+                    if is_transient(exc) and self.stopped is None:
+                        self.stopped = _reason(exc)
                     continue
                 bad = _bad_index(exc, len(group)) if isinstance(exc, VlmserveError) else None
                 if bad is None:
@@ -470,6 +480,8 @@ class _Runner:
             batch, bad, batch_bytes = [], [], 0
 
         for item in items:
+            if self.stopped is not None:
+                break
             failure = await self._read(item)
             if failure is not None:
                 bad.append(failure)
@@ -494,6 +506,8 @@ class _Runner:
             if job is None:
                 return
             seq, batch, bad = job
+            if self.stopped is not None:  # not sent: left for the next run
+                batch = []
             records, failures = await self.process(batch) if batch else ([], [])
             for item in batch:
                 item.data = b""  # sent: free the bytes
@@ -520,13 +534,16 @@ def _encoded_size(item: Item) -> int:
 async def run(backend: Backend, sink: Sink, items: list[Item], *, concurrency: int, max_retries: int,
               progress: Progress, stats: RunStats, max_request_bytes: int | None = None) -> RunStats:
     """Process ``items`` with ``concurrency`` requests in flight and write every result and failure to ``sink``,
-    in input order. ``stats`` is updated as results are written (and returned)."""
+    in input order. ``stats`` is updated as results are written (and returned). When a request still meets a
+    transient error after ``max_retries``, no new request is sent (``stats.stopped`` says why)."""
     runner = _Runner(backend, sink, progress, stats, concurrency, max_retries, max_request_bytes)
     start = time.monotonic()
     try:
         await runner.run(items)
     finally:
         stats.elapsed_s = time.monotonic() - start
+        stats.stopped = runner.stopped
+        stats.left = len(items) - stats.done - stats.failed + stats.failed_before
         progress.finish()
     return stats
 

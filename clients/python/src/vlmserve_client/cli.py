@@ -10,7 +10,8 @@ Usage::
 
 Re-running with the same ``--out`` resumes: files already in the output (same path, size and mtime) are skipped.
 Files that cannot be read or that the server refuses (4xx) go to ``STEM.errors.jsonl`` with the reason. Exit
-status: 0 when every file is done, 1 when some failed, 2 for a usage error or an unreachable server.
+status: 0 when every file is done, 1 when some failed, 2 for a usage error, an unreachable server, or a run
+stopped early because the server stayed unavailable (429/503/no answer after every retry).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ async def _main(args: argparse.Namespace, err: IO[str]) -> int:
     try:
         items, stats.skipped_done, stats.skipped_bad, missing = plan(files, sink.done, sink.known_bad)
         sink.write_errors(missing)
-        stats.failed += len(missing)
+        stats.failed = stats.failed_before = len(missing)
         client = _client(args)
         async with client:
             try:
@@ -152,6 +153,9 @@ async def _main(args: argparse.Namespace, err: IO[str]) -> int:
     if stats.failed:
         errors = output_paths(args.out, args.command)["errors"]
         err.write(f"vlmserve-client: the failures and their reasons are in {errors}\n")
+    if stats.stopped:
+        err.write("vlmserve-client: run the same command again to resume\n")
+        return 2
     return 1 if stats.failed else 0
 
 
