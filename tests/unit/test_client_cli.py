@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from vlmserve_client import VlmserveBadRequest, VlmserveUnavailable
-from vlmserve_client._core import ServiceInfo
+from vlmserve_client._core import ServiceInfo, _service_info
 from vlmserve_client._sinks import Failure, JsonlSink, NpySink, Record, open_sink, output_paths, read_jsonl
 from vlmserve_client.bulk import Progress, choose_limits, find_images, plan, with_retries
 from vlmserve_client.cli import main
@@ -84,6 +84,17 @@ def test_choose_limits_from_info() -> None:
     assert choose_limits(info, "caption", None, None) == (8, 1)
     assert choose_limits(None, "ocr", None, None) == (4, 1)
     assert choose_limits(None, "embed", None, None) == (4, 16)
+    nested = {"max_items": 32, "max_inflight": {"embeddings": 40, "chat": 8}, "note": "x"}
+    info = ServiceInfo(models=[], model=None, max_new_tokens=None, version="", limits={"max_items": 32},
+                       raw={"limits": nested})
+    assert choose_limits(info, "embed", None, None) == (10, 16) and choose_limits(info, "ocr", None, None) == (2, 1)
+    assert choose_limits(info, "caption", None, None) == (4, 1)
+
+
+def test_info_keeps_numeric_limits_and_tolerates_others() -> None:
+    info = _service_info({"models": [], "limits": {"max_items": 32, "max_inflight": {"chat": 8}, "mode": "x",
+                                                   "strict": True}})
+    assert info.limits == {"max_items": 32} and info.raw["limits"]["max_inflight"] == {"chat": 8}
 
 
 # --- retries --------------------------------------------------------------------------------------------------

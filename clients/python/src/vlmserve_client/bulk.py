@@ -244,14 +244,27 @@ class OcrBackend:
         return out
 
 
+def _inflight_cap(info: ServiceInfo | None, group: str) -> int | None:
+    # ``limits.max_inflight_<group>``, or ``limits.max_inflight.<group>``
+    if info is None:
+        return None
+    if f"max_inflight_{group}" in info.limits:
+        return info.limits[f"max_inflight_{group}"]
+    raw = info.raw.get("limits")
+    nested = raw.get("max_inflight") if isinstance(raw, dict) else None
+    value = nested.get(group) if isinstance(nested, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def choose_limits(info: ServiceInfo | None, command: str, concurrency: int | None,
                   batch_size: int | None) -> tuple[int, int]:
     """(concurrency, images per request). Concurrency: ``concurrency`` when given, else a quarter of the gateway's
-    in-flight cap for the command's route group when ``/info`` reports it (``limits.max_inflight_<group>``), else
+    in-flight cap for the command's route group when ``/info`` reports it (``limits.max_inflight_<group>`` or
+    ``limits.max_inflight.<group>``; the groups are ``embeddings``, ``florence`` and ``chat``), else
     4. Images per request (embeddings only): ``batch_size`` when given, else ``limits.max_items`` capped at 16."""
     limits = info.limits if info is not None else {}
     if concurrency is None:
-        cap = limits.get(f"max_inflight_{ROUTE_GROUPS[command]}")
+        cap = _inflight_cap(info, ROUTE_GROUPS[command])
         concurrency = max(1, cap // 4) if cap else FALLBACK_CONCURRENCY
     if command != "embed":
         return concurrency, 1
