@@ -192,8 +192,10 @@ def test_embed_throughput(stack, tmp_path: Path) -> None:
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, "JPEG", quality=85)
         (folder / f"{i:04d}.jpg").write_bytes(buf.getvalue())
-    for run in range(3):  # three fresh outputs: the first also warms the gateway's connections
+    # fresh outputs; the defaults twice (the first run also warms the gateway), then other settings to compare
+    settings = [[], [], ["--concurrency", "1"], ["--concurrency", "8"], ["--batch-size", "1"]]
+    for run, extra in enumerate(settings):
         out = tmp_path / f"bench{run}.npy"
-        result = cli("embed", str(folder), "--out", str(out), "--base-url", stack.gateway, timeout=1200)
+        result = cli("embed", str(folder), "--out", str(out), "--base-url", stack.gateway, *extra, timeout=1200)
         assert result.returncode == 0 and summary(result.stderr)["done"] == n, result.stderr
-        print("\n" + result.stderr.strip().splitlines()[0] + "\n" + result.stderr.strip().splitlines()[-1])
+        print(f"\n{' '.join(extra) or 'defaults'}: {result.stderr.strip().splitlines()[-1]}")
