@@ -208,6 +208,26 @@ def test_parquet_sink_parts_survive_a_kill_and_merge(tmp_path: Path) -> None:
     assert not (tmp_path / "vec.parquet.parts").exists()
 
 
+def test_parquet_merge_killed_before_removing_its_parts_is_not_doubled(tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "caps.parquet"
+    sink = open_sink(str(out), "caption", parquet_part_seconds=0)
+    sink.write([Record(f"/{i}.png", i, 1.0, {"text": f"t{i}", "model": "m"}) for i in range(3)])
+    parts = tmp_path / "caps.parquet.parts"
+    saved = {p.name: p.read_bytes() for p in parts.iterdir()}
+    sink.close()
+    parts.mkdir()  # as if killed after renaming the merged file over FILE, before removing the parts
+    for name, data in saved.items():
+        (parts / name).write_bytes(data)
+    sink = open_sink(str(out), "caption")
+    assert set(sink.done) == {"/0.png", "/1.png", "/2.png"}
+    sink.write([Record("/3.png", 3, 1.0, {"text": "t3", "model": "m"})])
+    sink.close()
+    table = pq.read_table(out)
+    assert table.column("path").to_pylist() == ["/0.png", "/1.png", "/2.png", "/3.png"]
+    assert table.column("text").to_pylist() == ["t0", "t1", "t2", "t3"]
+
+
 def test_progress_lines_when_not_a_terminal() -> None:
     stream = io.StringIO()
     progress = Progress(10, stream, tty=False, interval=0.0)

@@ -317,10 +317,11 @@ class ParquetSink:
                  part_seconds: float = 30.0) -> None:
         try:
             import pyarrow as pa  # the ``parquet`` extra
+            import pyarrow.compute as pc
             import pyarrow.parquet as pq
         except ImportError:
             raise SystemExit("Parquet output needs pyarrow: pip install 'vlmserve-client[parquet]'") from None
-        self.pa, self.pq = pa, pq
+        self.pa, self.pc, self.pq = pa, pc, pq
         self.data_path = data
         self.parts_dir = data.with_name(data.name + ".parts")
         self.errors = _ErrorsFile(errors)
@@ -382,7 +383,6 @@ class ParquetSink:
         self.errors.close()
         if not self.parts:
             return
-        pc = __import__("pyarrow.compute", fromlist=["compute"])
         tmp = self.data_path.with_name(self.data_path.name + ".tmp")
         seen: set[tuple[str, int, float]] = set()
         with self.pq.ParquetWriter(tmp, self.schema) as writer:
@@ -394,7 +394,7 @@ class ParquetSink:
                         keep.append(key not in seen)
                         seen.add(key)
                     table = self.pa.Table.from_batches([batch]).cast(self.schema)
-                    writer.write_table(pc.filter(table, self.pa.array(keep)) if not all(keep) else table)
+                    writer.write_table(self.pc.filter(table, self.pa.array(keep)) if not all(keep) else table)
         os.replace(tmp, self.data_path)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         self.parts = []
