@@ -433,6 +433,13 @@ def test_unreachable_server_is_a_clear_error(images: Path, tmp_path: Path,
     assert code == 2 and "cannot reach" in err
 
 
+def test_no_image_found_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    code, err = run_cli(capsys, "ocr", str(tmp_path), str(tmp_path / "nothing-*.png"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "no image files found" in err and "matches no file" in err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_python_dash_m_help() -> None:
     result = subprocess.run([sys.executable, "-m", "vlmserve_client", "embed", "--help"], capture_output=True,
                             text=True, env={**os.environ}, timeout=60)

@@ -26,6 +26,7 @@ from typing import IO
 from vlmserve_client._core import DEFAULT_BASE_URL, _AsyncClient
 from vlmserve_client._sinks import open_sink, output_paths
 from vlmserve_client.bulk import (
+    IMAGE_EXTENSIONS,
     Backend,
     CaptionBackend,
     EmbedBackend,
@@ -119,6 +120,10 @@ async def _main(args: argparse.Namespace, err: IO[str]) -> int:
     files, unmatched = find_images(args.paths)
     for arg in unmatched:
         err.write(f"vlmserve-client: warning: {arg!r} matches no file\n")
+    if not files:
+        err.write("vlmserve-client: no image files found (folders are searched for "
+                  f"{' '.join(sorted(IMAGE_EXTENSIONS))})\n")
+        return 2
     outputs = set(output_paths(args.out, args.command).values())
     sink = open_sink(args.out, args.command, args.flush_seconds)
     stats = RunStats(found=len(files))
