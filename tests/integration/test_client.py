@@ -29,6 +29,7 @@ from vlmserve_client import (
     VlmserveBadRequest,
     VlmserveError,
 )
+from vlmserve_client.bulk import find_images
 
 from tests.integration.test_embeddings import triton_http_embed
 from tests.integration.test_readme import _localise
@@ -203,6 +204,28 @@ def test_pypy3_installs_only_httpx_and_runs_every_client(stack, pypy_venv) -> No
     assert out["ocr"] == {"model": "vlmserve/tiny-qwen2vl", "text_type": "str"}
     assert out["region"]["box"] == [4.0, 4.0, 40.0, 30.0]
     assert out["async"]["caption_task"] == "caption" and out["async"]["ocr_model"] == "vlmserve/tiny-qwen2vl"
+
+
+def test_pypy3_runs_the_command(stack, pypy_venv, tmp_path: Path) -> None:
+    """The console script ``vlmserve-client`` as pip installs it, under Python 3.9 with httpx only."""
+    images = find_images([str(stack.image_dir)])[0]  # what the command walks: red.png, blue.jpg, ...
+    out = tmp_path / "vectors.npy"
+    for _ in range(2):  # the second run resumes: nothing left to send
+        run = subprocess.run([str(pypy_venv / "bin" / "vlmserve-client"), "embed", str(stack.image_dir),
+                              "--out", str(out), "--base-url", stack.gateway],
+                             capture_output=True, text=True, timeout=300, env=clean_env())
+        assert run.returncode == 0, f"vlmserve-client under pypy3 failed:\n{run.stdout}\n{run.stderr}"
+    assert f"done 0, skipped {len(images)}" in run.stderr and "0 requests" in run.stderr, run.stderr
+    index = [json.loads(line) for line in (tmp_path / "vectors.index.jsonl").read_text().splitlines()]
+    assert [e["path"] for e in index] == images and len(images) >= 2
+    red = triton_http_embed(stack, "siglip_embed_image", "IMAGE", [(stack.image_dir / "red.png").read_bytes()])[0]
+    assert close(np.load(out)[images.index(str(stack.image_dir / "red.png"))].tolist(), red)
+    caption = subprocess.run([str(pypy_venv / "bin" / "python"), "-m", "vlmserve_client", "caption",
+                              str(stack.image_dir / "red.png"), "--out", str(tmp_path / "caps.jsonl"),
+                              "--base-url", stack.gateway, "--max-new-tokens", "4"],
+                             capture_output=True, text=True, timeout=300, env=clean_env())
+    assert caption.returncode == 0, caption.stderr
+    assert len((tmp_path / "caps.jsonl").read_text().splitlines()) == 1
 
 
 # --- the client README's examples ---------------------------------------------------------------------------

@@ -193,6 +193,13 @@ def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _int_limits(limits: Any) -> dict[str, int]:
+    # the numeric limits; anything else a newer gateway may add there (nested objects, strings) is left out
+    if not isinstance(limits, Mapping):
+        return {}
+    return {str(k): int(v) for k, v in limits.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def _service_info(raw: dict[str, Any]) -> ServiceInfo:
     models = [
         ModelInfo(id=str(m["id"]), triton_model=str(m.get("triton_model") or ""), family=str(m.get("family") or ""),
@@ -207,7 +214,7 @@ def _service_info(raw: dict[str, Any]) -> ServiceInfo:
     tokens = raw.get("max_new_tokens")
     return ServiceInfo(models=models, model=_opt_str(raw.get("model")),
                        max_new_tokens=None if tokens is None else int(tokens),
-                       limits={str(k): int(v) for k, v in limits.items()} if isinstance(limits, Mapping) else {},
+                       limits=_int_limits(limits),
                        version=str(raw.get("version") or ""), raw=raw)
 
 

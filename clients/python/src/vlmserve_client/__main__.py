@@ -1,0 +1,7 @@
+"""``python -m vlmserve_client``: the ``vlmserve-client`` command."""
+
+import sys
+
+from vlmserve_client.cli import main
+
+sys.exit(main())
