@@ -378,6 +378,8 @@ async def model_info(request: Request, chat: ChatService = Depends(get_chat)) ->
             "max_video_bytes": settings.max_video_bytes,
             "max_images_per_request": settings.max_images_per_request,
             "max_items": settings.max_items,
+            # In-flight caps per route group (beyond them 429): bulk clients size their concurrency from them.
+            **{f"max_inflight_{group}": cap for group, cap in settings.inflight_caps().items()},
         },
         "version": request.app.version,
     }

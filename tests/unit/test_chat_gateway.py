@@ -886,7 +886,8 @@ def test_info_lists_every_client_model_and_the_limits(make_client) -> None:
     assert by_name["siglip_embed_text"]["max_new_tokens_limit"] is None
     assert body["limits"] == {"max_body_bytes": 64 * 1024 * 1024, "max_image_bytes": 20 * 1024 * 1024,
                               "max_image_pixels": 40_000_000, "max_video_bytes": 1234, "max_images_per_request": 3,
-                              "max_items": 32}
+                              "max_items": 32, "max_inflight_embeddings": 64, "max_inflight_florence": 32,
+                              "max_inflight_chat": 64}
     assert body["version"] == "0.1.0" and body["model"] == "vlmserve/tiny-qwen2vl"
 
 
