@@ -8,7 +8,6 @@ figure the client README quotes."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -179,23 +178,3 @@ def test_client_readme_command_example_runs(index: int, stack, tmp_path: Path) -
     assert result.returncode == 0, f"client README command {index} failed:\n{code}\n{result.stdout}\n{result.stderr}"
     assert result.stdout.strip(), "example printed nothing"
     assert "failed 0" in result.stderr, result.stderr
-
-
-@pytest.mark.skipif(not os.environ.get("VLMSERVE_CLI_BENCH_IMAGES"), reason="set VLMSERVE_CLI_BENCH_IMAGES=200")
-def test_embed_throughput(stack, tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "bench"
-    folder.mkdir()
-    n = int(os.environ["VLMSERVE_CLI_BENCH_IMAGES"])
-    for i in range(n):
-        pixels = (rng.random((480, 640, 3)) * 64 + np.linspace(0, 190, 640)[None, :, None]).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, "JPEG", quality=85)
-        (folder / f"{i:04d}.jpg").write_bytes(buf.getvalue())
-    # fresh outputs; the defaults twice (the first run also warms the gateway), then other settings to compare
-    settings = [[], [], ["--concurrency", "1"], ["--concurrency", "8"], ["--batch-size", "1"]]
-    for run, extra in enumerate(settings):
-        out = tmp_path / f"bench{run}.npy"
-        result = cli("embed", str(folder), "--out", str(out), "--base-url", stack.gateway, *extra, timeout=1200)
-        assert result.returncode == 0 and summary(result.stderr)["done"] == n, result.stderr
-        print(f"\n{' '.join(extra) or 'defaults'}: {result.stderr.strip().splitlines()[-1]}")
