@@ -16,6 +16,7 @@ from gateway.chat import ChatService
 from gateway.embedding import EmbeddingService
 from gateway.limits import BodySizeLimit, Drain, InFlightLimit
 from gateway.metrics import Metrics, MetricsMiddleware
+from gateway.observability import RequestIdMiddleware
 from gateway.routes import chat as chat_routes
 from gateway.routes import embeddings, health, openai
 from gateway.routes import florence as florence_routes
@@ -76,5 +77,6 @@ def create_app(settings: GatewaySettings, backend: InferenceBackend | None = Non
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(InFlightLimit, caps=settings.inflight_caps(), retry_after_s=settings.retry_after_s)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    app.add_middleware(app.state.drain.middleware)  # outermost: a draining gateway refuses before any work
+    app.add_middleware(app.state.drain.middleware)  # a draining gateway refuses before any work
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer (a drain's 503 too) carries X-Request-ID
     return app
