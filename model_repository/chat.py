@@ -467,7 +467,8 @@ class LoadMetrics:
 
     - ``vlmserve_chat_admitted`` (gauge): requests admitted and not finished (0 when idle: a leak shows here);
     - ``vlmserve_chat_rows{state="running"|"waiting"}`` (gauge): rows (choices) decoding / queued for prefill;
-    - ``vlmserve_chat_queue_seconds_total`` (counter): seconds requests waited before their prefill, summed.
+    - ``vlmserve_chat_queue_seconds_total`` (counter): seconds requests waited before their prefill, summed;
+    - ``vlmserve_chat_tokens_total{kind="prompt"|"completion"}`` (counter): tokens of finished requests (tokens/s).
     """
 
     def __init__(self, model: str) -> None:
@@ -480,12 +481,20 @@ class LoadMetrics:
                             description="Chat rows (choices) decoding (running) or queued for prefill (waiting)"),
             pb.MetricFamily(name="vlmserve_chat_queue_seconds_total", kind=counter,
                             description="Seconds chat requests waited in the model's queue before prefill"),
+            pb.MetricFamily(name="vlmserve_chat_tokens_total", kind=counter,
+                            description="Tokens of finished chat requests: prompt and completion"),
         ]
         self.admitted = self.families[0].Metric(labels={"model": model})
         self.running = self.families[1].Metric(labels={"model": model, "state": "running"})
         self.waiting = self.families[1].Metric(labels={"model": model, "state": "waiting"})
         self.queued = self.families[2].Metric(labels={"model": model})
+        self.prompt_tokens = self.families[3].Metric(labels={"model": model, "kind": "prompt"})
+        self.completion_tokens = self.families[3].Metric(labels={"model": model, "kind": "completion"})
         self.waited_s = 0.0
+
+    def tokens(self, usage: dict[str, int]) -> None:
+        self.prompt_tokens.increment(usage.get("prompt_tokens", 0))
+        self.completion_tokens.increment(usage.get("completion_tokens", 0))
 
     @classmethod
     def create(cls, model: str) -> LoadMetrics | None:
@@ -546,9 +555,12 @@ class RequestTrace:
     received: float
     queued: float = 0.0
     first_output: float = 0.0
+    metrics: LoadMetrics | None = None
 
     def finish(self, started: float, usage: dict[str, int], finish: str, n: int) -> None:
         end = time.time()
+        if self.metrics is not None:
+            self.metrics.tokens(usage)
         model = runtime.MODEL_NAME or "chat"
         log.info("chat request done: %s, %d prompt + %d completion tokens, n=%d, %.0f ms",
                  finish, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), n,
@@ -873,7 +885,7 @@ class ChatModel:
                             lambda entries: render_logprobs(entries, self.pipeline.tokenizer, self.grammars),
                             release)
         group.trace = RequestTrace(request.request_id(), runtime.request_traceparent(request),
-                                   received or time.time(), queued=time.time())
+                                   received or time.time(), queued=time.time(), metrics=self.load_metrics)
         bind(group)
         group.abandoned = request.request_id() in self.cancelled_early  # a cancel that came while it was prepared
         jobs = []

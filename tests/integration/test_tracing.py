@@ -53,6 +53,15 @@ class Span:
     attributes: dict[str, Any] = field(default_factory=dict)
 
 
+def _hex_ids_to_base64(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: (base64.b64encode(bytes.fromhex(v)).decode() if k in ("traceId", "spanId", "parentSpanId") and v
+                    else _hex_ids_to_base64(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_hex_ids_to_base64(v) for v in data]
+    return data
+
+
 class Receiver:
     """What an OTLP/HTTP collector gets: ExportTraceServiceRequest protobufs (or their JSON form) on /v1/traces."""
 
@@ -66,8 +75,8 @@ class Receiver:
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
         message = ExportTraceServiceRequest()
-        if "json" in content_type:
-            json_format.Parse(body, message)
+        if "json" in content_type:  # OTLP/JSON (Triton's exporter): ids are hex there, not protobuf-JSON base64
+            json_format.ParseDict(_hex_ids_to_base64(json.loads(body)), message)
         else:
             message.ParseFromString(body)
         found = []
@@ -151,6 +160,12 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
+def _chat(image_b64: str, max_tokens: int) -> dict[str, Any]:
+    image = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image_b64}"}}
+    return {"model": "smolvlm2", "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": PROMPT}, image]}]}
+
+
 def _wait_for(receiver: Receiver, trace_id: str, services: set[str], names: set[str],
               timeout: float = 60.0) -> list[Span]:
     deadline = time.monotonic() + timeout
@@ -199,8 +214,7 @@ def test_one_chat_request_is_one_trace_across_gateway_triton_and_model(traced: T
     traceparent = f"00-{TRACE_ID}-{CLIENT_SPAN}-01"
     r = httpx.post(f"{traced.gateway}/v1/chat/completions", timeout=120, headers={
         "Authorization": f"Bearer {API_KEY}", "X-Request-ID": "trace-chat-1", "traceparent": traceparent},
-        json={"model": "smolvlm2", "max_tokens": 4, "messages": [{"role": "user", "content": [
-            {"type": "text", "text": PROMPT}, {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}]}]})
+        json=_chat(image, 4))
     assert r.status_code == 200, r.text
     assert r.headers["x-request-id"] == "trace-chat-1" and r.json()["id"] != "trace-chat-1"
     spans = _wait_for(traced.receiver, TRACE_ID, {"vlmserve-gateway", "vlmserve-triton", "vlmserve-smolvlm2"},
@@ -243,8 +257,7 @@ def test_json_logs_carry_the_request_id_and_no_secret(traced: TracedStack) -> No
     b64 = base64.b64encode(image).decode()
     r = httpx.post(f"{traced.gateway}/v1/chat/completions", timeout=120, headers={
         "Authorization": f"Bearer {API_KEY}", "X-Request-ID": "log-chat-1"},
-        json={"model": "smolvlm2", "max_tokens": 3, "messages": [{"role": "user", "content": [
-            {"type": "text", "text": PROMPT}, {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}}]}]})
+        json=_chat(b64, 3))
     assert r.status_code == 200, r.text
     refused = httpx.post(f"{traced.gateway}/v1/chat/completions", timeout=30, headers={
         "Authorization": "Bearer sk-wrong-key-0815", "X-Request-ID": "log-chat-401"},
