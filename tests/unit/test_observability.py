@@ -187,3 +187,76 @@ def test_spans_join_the_clients_trace(monkeypatch) -> None:
     assert sent == telemetry.traceparent_of(call) == fake.calls[0]["parameters"]["traceparent"]
     assert request.attributes["vlmserve.model"] == "siglip_embed_text"
     assert all("secret" not in str(v) for s in spans.values() for v in s.attributes.values())
+
+
+def _memory_provider(monkeypatch, component: str):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setenv(telemetry.OTLP_ENDPOINT_ENV, "http://127.0.0.1:9")
+    monkeypatch.setitem(telemetry._providers, component, provider)
+    return exporter
+
+
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+class _Request:
+    def __init__(self, context: Any = None, parameters: str = "{}") -> None:
+        self.context = context
+        self.params = parameters
+
+    def trace(self) -> Any:
+        request = self
+
+        class Trace:
+            def get_context(self) -> Any:
+                return request.context
+
+        return Trace()
+
+    def parameters(self) -> str:
+        return self.params
+
+    def request_id(self) -> str:
+        return "rid-model"
+
+
+def test_a_models_parent_is_tritons_context_else_the_gateways_parameter(monkeypatch) -> None:
+    from model_repository import runtime
+
+    other = "00-11111111111111111111111111111111-2222222222222222-01"
+    monkeypatch.delenv(telemetry.OTLP_ENDPOINT_ENV, raising=False)
+    assert runtime.request_traceparent(_Request(json.dumps({"traceparent": PARENT}))) is None  # tracing off
+    monkeypatch.setenv(telemetry.OTLP_ENDPOINT_ENV, "http://127.0.0.1:9")
+    assert runtime.request_traceparent(_Request(json.dumps({"traceparent": PARENT}),
+                                                json.dumps({"traceparent": other}))) == PARENT
+    assert runtime.request_traceparent(_Request(None, json.dumps({"traceparent": other}))) == other
+    assert runtime.request_traceparent(_Request("", json.dumps({"traceparent": "junk"}))) is None
+    assert runtime.request_traceparent(_Request(PARENT)) == PARENT  # a bare traceparent
+
+
+def test_a_chat_requests_timeline_becomes_its_spans(monkeypatch) -> None:
+    from model_repository import runtime
+    from model_repository.chat import RequestTrace
+
+    monkeypatch.setattr(runtime, "MODEL_NAME", "smolvlm2")
+    exporter = _memory_provider(monkeypatch, "smolvlm2")
+    trace = RequestTrace("rid-chat", PARENT, received=100.0, queued=100.5)
+    trace.first_output = 102.0
+    monkeypatch.setattr("time.time", lambda: 103.0)
+    trace.finish(101.0, {"prompt_tokens": 7, "completion_tokens": 3, "batch_size": 2}, "stop", 1)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    root = spans["chat request"]
+    assert root.parent is not None and root.parent.span_id == 0xb7ad6b7169203331
+    assert root.attributes["vlmserve.request_id"] == "rid-chat" and root.attributes["vlmserve.completion_tokens"] == 3
+    expected = {"chat prepare": (100.0, 100.5), "chat queue": (100.5, 101.0), "chat prefill": (101.0, 102.0),
+                "chat decode": (102.0, 103.0)}
+    for name, (start, end) in expected.items():
+        span = spans[name]
+        assert span.parent is not None and span.parent.span_id == root.context.span_id
+        assert (span.start_time, span.end_time) == (int(start * 1e9), int(end * 1e9))
