@@ -324,13 +324,13 @@ class TritonBackend:
             item.set_data_from_numpy(array, binary_data=True)
             infer_inputs.append(item)
         requested = [triton_http.InferRequestedOutput(n, binary_data=True) for n in outputs]
-        ids = _call_ids()
+        call_id = _call_id()
         try:
             with telemetry.span("gateway", f"triton.infer {model}", **{"vlmserve.model": model,
-                                                                        "vlmserve.triton_request_id": ids[0]}):
+                                                                        "vlmserve.triton_request_id": call_id}):
                 headers, parameters = _trace_headers()
                 result = await asyncio.wait_for(
-                    self.client.infer(model, infer_inputs, outputs=requested, request_id=ids[0], headers=headers,
+                    self.client.infer(model, infer_inputs, outputs=requested, request_id=call_id, headers=headers,
                                       parameters=parameters), timeout=self.timeout_s
                 )
         except InferenceServerException as exc:
@@ -366,7 +366,7 @@ class TritonBackend:
         # The request side stays open until the final response: Triton ends the call once it is closed and
         # every request on it is done. ``None`` in the outbox closes it.
         # The request's id (X-Request-ID; <id>-<n> for its n-th Triton call), which its cancel request names.
-        request_id, _ = _call_ids()
+        request_id = _call_id()
         outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         # The span lasts until the final response (ended in ``finally``; never the current span: a generator's
         # context is not the caller's).
@@ -504,13 +504,12 @@ class TritonBackend:
         return APIError(502, f"{model} failed: {message}", code="inference_failed")
 
 
-def _call_ids() -> tuple[str, bool]:
-    """(Triton request id of this call, whether it comes from a gateway request): the request's X-Request-ID,
-    ``<id>-<n>`` for its n-th call; outside a request (tests, background work) a fresh id."""
+def _call_id() -> str:
+    """The Triton request id of this call: the gateway request's X-Request-ID, ``<id>-<n>`` for its n-th call
+    (calls made concurrently for one request share its context, so each gets its own n); outside a request
+    (tests, background work) a fresh one."""
     ctx = telemetry.current.get()
-    if ctx is None:
-        return uuid.uuid4().hex, False
-    return ctx.next_triton_id(), True
+    return uuid.uuid4().hex if ctx is None else ctx.next_triton_id()
 
 
 def _trace_headers(span: Any = None) -> tuple[dict[str, str] | None, dict[str, str] | None]:
