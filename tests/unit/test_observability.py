@@ -260,3 +260,23 @@ def test_a_chat_requests_timeline_becomes_its_spans(monkeypatch) -> None:
         span = spans[name]
         assert span.parent is not None and span.parent.span_id == root.context.span_id
         assert (span.start_time, span.end_time) == (int(start * 1e9), int(end * 1e9))
+
+
+def test_the_orchestrator_turns_tracing_on_in_triton_gateway_and_manifests() -> None:
+    from orchestrator import triton
+    from orchestrator.deploy import k8s, spec
+    from orchestrator.process import observability_env
+    from orchestrator.settings import OrchestratorSettings
+
+    assert triton.trace_args(None) == [] and triton.trace_args("") == []
+    args = triton.trace_args("http://collector:4318")
+    assert "--trace-config=mode=opentelemetry" in args and "--trace-config=rate=1" in args
+    assert "--trace-config=opentelemetry,url=http://collector:4318/v1/traces" in args
+    assert observability_env(OrchestratorSettings(otlp_endpoint="http://c:4318")) == {
+        telemetry.OTLP_ENDPOINT_ENV: "http://c:4318"}
+    assert observability_env(OrchestratorSettings(otlp_endpoint=None)) == {}
+    for doc in k8s.render(spec.prepare("cpu")):
+        if doc["kind"] == "Deployment":
+            env = {e["name"]: e for e in doc["spec"]["template"]["spec"]["containers"][0]["env"]}
+            ref = env[telemetry.OTLP_ENDPOINT_ENV]["valueFrom"]["configMapKeyRef"]
+            assert ref == {"name": k8s.OBSERVABILITY_CONFIGMAP, "key": "otlp_endpoint", "optional": True}
