@@ -17,6 +17,7 @@ import uvicorn
 from gateway.app import create_app
 from gateway.limits import Drain
 from gateway.settings import GatewaySettings
+from vlmserve import telemetry
 
 log = logging.getLogger("vlmserve.gateway")
 
@@ -62,11 +63,16 @@ class DrainingServer(uvicorn.Server):
 
 def main() -> None:
     settings = GatewaySettings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # VLMSERVE_LOG_FORMAT=json: JSON lines (uvicorn's own loggers too), else the plain format.
+    json_logs = telemetry.configure_logging("gateway", text_format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
+    log_config = None if json_logs else uvicorn.config.LOGGING_CONFIG
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            timeout_graceful_shutdown=5)
-    DrainingServer(config, app.state.drain, settings.drain_timeout_s, settings.drain_delay_s).run()
+                            timeout_graceful_shutdown=5, log_config=log_config)
+    try:
+        DrainingServer(config, app.state.drain, settings.drain_timeout_s, settings.drain_delay_s).run()
+    finally:
+        telemetry.shutdown()  # the last spans (VLMSERVE_OTLP_ENDPOINT) leave before the process does
 
 
 if __name__ == "__main__":

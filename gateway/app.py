@@ -17,6 +17,7 @@ from gateway.chat import ChatService
 from gateway.embedding import EmbeddingService
 from gateway.limits import BodySizeLimit, Drain, InFlightLimit, Interactive
 from gateway.metrics import Metrics, MetricsMiddleware
+from gateway.observability import RequestIdMiddleware
 from gateway.routes import batches as batch_routes
 from gateway.routes import chat as chat_routes
 from gateway.routes import embeddings, health, openai
@@ -83,5 +84,6 @@ def create_app(settings: GatewaySettings, backend: InferenceBackend | None = Non
     app.add_middleware(InFlightLimit, caps=settings.inflight_caps(), retry_after_s=settings.retry_after_s,
                        interactive=app.state.interactive)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    app.add_middleware(app.state.drain.middleware)  # outermost: a draining gateway refuses before any work
+    app.add_middleware(app.state.drain.middleware)  # a draining gateway refuses before any work
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer (a drain's 503 too) carries X-Request-ID
     return app

@@ -40,6 +40,7 @@ import httpx
 from gateway.errors import APIError
 from gateway.limits import Interactive
 from gateway.settings import GatewaySettings
+from vlmserve.telemetry import REQUEST_ID_HEADER
 
 log = logging.getLogger("vlmserve.gateway")
 
@@ -84,6 +85,11 @@ def batch_root(settings: GatewaySettings) -> Path:
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:24]}"
+
+
+def _line_id() -> str:
+    """A line's request id: OpenAI's ``batch_req_`` shape, and the X-Request-ID of the line's request."""
+    return _new_id("batch_req_")
 
 
 @dataclass(frozen=True)
@@ -466,13 +472,14 @@ class BatchRunner:
         return outcome
 
     async def _run_line(self, batch_id: str, endpoint: str, line: Line, expires_at: int) -> None:
-        request_id = _new_id("batch_req_")
+        request_id = _line_id()
         if line.body.get("stream"):
             await asyncio.to_thread(self.store.record, batch_id, line, 400, _error_body(
                 "streaming is not supported inside a batch: drop 'stream'", "stream"), None, request_id)
             return
         while True:
-            response = await self.client.post(endpoint, json=line.body)
+            # The line's id is its request id in the gateway's and the models' logs and traces too.
+            response = await self.client.post(endpoint, json=line.body, headers={REQUEST_ID_HEADER: request_id})
             if response.status_code in (429, 503) and time.time() < expires_at:
                 # The caps are full of interactive work, or a model is loading: the line waits, it did not fail.
                 delay = float(response.headers.get("Retry-After") or self.settings.retry_after_s)
@@ -504,7 +511,7 @@ class BatchRunner:
             entry: dict[str, Any]
             if row is None:
                 code = "batch_cancelled" if status == "cancelled" else "batch_expired"
-                entry = {"id": _new_id("batch_req_"), "custom_id": line.custom_id, "response": None,
+                entry = {"id": _line_id(), "custom_id": line.custom_id, "response": None,
                          "error": {"code": code, "message": f"the batch was {status} before this request ran"}}
                 failed.append(json.dumps(entry))
                 continue

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_repository.florence2_tasks import UnknownTask
+from vlmserve import telemetry
 
 log = logging.getLogger("vlmserve.gateway")
 
@@ -75,7 +76,12 @@ def about(param: str) -> Iterator[None]:
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}}
+    """OpenAI's error shape; inside a request also ``request_id`` (the ``X-Request-ID`` of the response)."""
+    error = {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}
+    request_id = telemetry.request_id()
+    if request_id is not None:
+        error["request_id"] = request_id
+    return {"error": error}
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -121,4 +127,8 @@ def install(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Log the traceback for operators; the client gets no internals.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(500, "internal server error; see the gateway log", "internal_error"), 500)
+        # Answered outside every middleware (Starlette's last resort): the request id header is added here.
+        request_id = telemetry.request_id()
+        headers = {telemetry.REQUEST_ID_HEADER: request_id} if request_id else None
+        return JSONResponse(error_body(500, "internal server error; see the gateway log", "internal_error"), 500,
+                            headers)

@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic.json_schema import JsonDict
 
 from gateway.errors import DomainError
+from vlmserve import telemetry
 
 __all__ = [
     "EXAMPLE_IMAGE",
@@ -110,6 +111,18 @@ async def resolve_image(ref: str, policy: ImagePolicy, client: httpx.AsyncClient
     """
     if not isinstance(ref, str):
         raise ImageInputError("image reference must be a string")
+    head = ref.strip()[:8].lower()
+    source = ("data_uri" if head.startswith("data:") else "url" if head.startswith(("http://", "https://"))
+              else "other")
+    # The request's intake span (tracing on): where the image came from and its size; never its bytes or URL.
+    with telemetry.span("gateway", "gateway.image", **{"vlmserve.image.source": source}) as span:
+        data = await _resolve_image(ref, policy, client)
+        if span is not None:
+            span.set_attribute("vlmserve.image.bytes", len(data))
+        return data
+
+
+async def _resolve_image(ref: str, policy: ImagePolicy, client: httpx.AsyncClient | None) -> bytes:
     text = ref.strip()
     if not text:
         raise ImageInputError("image reference is empty")

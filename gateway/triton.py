@@ -25,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.errors import APIError
 from gateway.limits import TRITON_PRIORITY, batch_priority
+from vlmserve import telemetry
 from vlmserve.families import TASK_SURFACE, default_family
 from vlmserve.families.contract import ModelParams
 
@@ -324,11 +325,16 @@ class TritonBackend:
             item.set_data_from_numpy(array, binary_data=True)
             infer_inputs.append(item)
         requested = [triton_http.InferRequestedOutput(n, binary_data=True) for n in outputs]
+        call_id = _call_id()
         try:
-            result = await asyncio.wait_for(
-                self.client.infer(model, infer_inputs, outputs=requested,
-                                  priority=TRITON_PRIORITY[batch_priority.get()]), timeout=self.timeout_s
-            )
+            with telemetry.span("gateway", f"triton.infer {model}", **{"vlmserve.model": model,
+                                                                        "vlmserve.triton_request_id": call_id}):
+                headers, parameters = _trace_headers()
+                result = await asyncio.wait_for(
+                    self.client.infer(model, infer_inputs, outputs=requested, request_id=call_id, headers=headers,
+                                      parameters=parameters, priority=TRITON_PRIORITY[batch_priority.get()]),
+                    timeout=self.timeout_s,
+                )
         except InferenceServerException as exc:
             raise self._map_error(model, exc) from None
         except (TimeoutError, OSError) as exc:
@@ -361,10 +367,19 @@ class TritonBackend:
         requested = [triton_grpc.InferRequestedOutput(n) for n in outputs]
         # The request side stays open until the final response: Triton ends the call once it is closed and
         # every request on it is done. ``None`` in the outbox closes it.
-        request_id = uuid.uuid4().hex
+        # The request's id (X-Request-ID; <id>-<n> for its n-th Triton call), which its cancel request names.
+        request_id = _call_id()
         outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        outbox.put_nowait({"model_name": model, "inputs": grpc_inputs, "outputs": requested,
-                           "request_id": request_id, "priority": TRITON_PRIORITY[batch_priority.get()]})
+        # The span lasts until the final response (ended in ``finally``; never the current span: a generator's
+        # context is not the caller's).
+        span = telemetry.start_span("gateway", f"triton.stream {model}", **{
+            "vlmserve.model": model, "vlmserve.triton_request_id": request_id})
+        headers, parameters = _trace_headers(span)
+        first: dict[str, Any] = {"model_name": model, "inputs": grpc_inputs, "outputs": requested,
+                                 "request_id": request_id, "priority": TRITON_PRIORITY[batch_priority.get()]}
+        if parameters:
+            first["parameters"] = parameters
+        outbox.put_nowait(first)
         finished = False  # the final response (or an error) came: the request side is closed
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
@@ -374,10 +389,13 @@ class TritonBackend:
         try:
             # triton_grpc_error: an error ends the call with its gRPC status code (INVALID_ARGUMENT, INTERNAL, ...)
             # instead of a bare message inside the stream.
-            call: Any = self.grpc_client.stream_infer(requests(), headers={"triton_grpc_error": "true"})
+            call: Any = self.grpc_client.stream_infer(requests(), headers={"triton_grpc_error": "true",
+                                                                         **(headers or {})})
         except InferenceServerException as exc:
+            telemetry.end_span(span, "error")
             raise self._map_error(model, exc) from None
         except grpc.RpcError as exc:
+            telemetry.end_span(span, "error")
             raise self._unavailable(exc) from None
         try:
             while True:
@@ -404,6 +422,7 @@ class TritonBackend:
                 if final:
                     return
         finally:
+            telemetry.end_span(span, None if finished else "abandoned")
             if not finished:
                 if cancel_inputs is None:
                     outbox.put_nowait(None)
@@ -487,6 +506,23 @@ class TritonBackend:
         return APIError(502, f"{model} failed: {message}", code="inference_failed")
 
 
+def _call_id() -> str:
+    """The Triton request id of this call: the gateway request's X-Request-ID, ``<id>-<n>`` for its n-th call
+    (calls made concurrently for one request share its context, so each gets its own n); outside a request
+    (tests, background work) a fresh one."""
+    ctx = telemetry.current.get()
+    return uuid.uuid4().hex if ctx is None else ctx.next_triton_id()
+
+
+def _trace_headers(span: Any = None) -> tuple[dict[str, str] | None, dict[str, str] | None]:
+    """With tracing on, ``span`` (default: the current one) as W3C ``traceparent``: a header (Triton's own
+    OpenTelemetry trace joins it) and a request parameter (the Python models parent their spans on it)."""
+    traceparent = telemetry.traceparent_of(span) if span is not None else telemetry.current_traceparent()
+    if traceparent is None:
+        return None, None
+    return {telemetry.TRACEPARENT: traceparent}, {telemetry.TRACEPARENT: traceparent}
+
+
 def _grpc_inputs(inputs: dict[str, np.ndarray]) -> list[triton_grpc.InferInput]:
     items = []
     for name, array in inputs.items():
@@ -537,4 +573,5 @@ def use_model(request: Any, info: ModelInfo, retry_after_s: int) -> ModelInfo:
         raise APIError(503, f"model {info.name} is not ready yet; retry later", code="model_not_ready",
                        headers={"Retry-After": str(retry_after_s)})
     request.scope.setdefault("state", {})["model"] = info.name
+    telemetry.set_model(info.name)  # the request's log lines and span name it
     return info

@@ -41,6 +41,7 @@ from model_repository.chat_engine import (
     SamplingParams,
     TokenLogprob,
 )
+from vlmserve import telemetry
 from vlmserve.api.openai import GenerationParameters
 from vlmserve.families import families
 from vlmserve.families.contract import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VIDEO_PIXELS, ChatParams
@@ -466,7 +467,8 @@ class LoadMetrics:
 
     - ``vlmserve_chat_admitted`` (gauge): requests admitted and not finished (0 when idle: a leak shows here);
     - ``vlmserve_chat_rows{state="running"|"waiting"}`` (gauge): rows (choices) decoding / queued for prefill;
-    - ``vlmserve_chat_queue_seconds_total`` (counter): seconds requests waited before their prefill, summed.
+    - ``vlmserve_chat_queue_seconds_total`` (counter): seconds requests waited before their prefill, summed;
+    - ``vlmserve_chat_tokens_total{kind="prompt"|"completion"}`` (counter): tokens of finished requests (tokens/s).
     """
 
     def __init__(self, model: str) -> None:
@@ -479,12 +481,20 @@ class LoadMetrics:
                             description="Chat rows (choices) decoding (running) or queued for prefill (waiting)"),
             pb.MetricFamily(name="vlmserve_chat_queue_seconds_total", kind=counter,
                             description="Seconds chat requests waited in the model's queue before prefill"),
+            pb.MetricFamily(name="vlmserve_chat_tokens_total", kind=counter,
+                            description="Tokens of finished chat requests: prompt and completion"),
         ]
         self.admitted = self.families[0].Metric(labels={"model": model})
         self.running = self.families[1].Metric(labels={"model": model, "state": "running"})
         self.waiting = self.families[1].Metric(labels={"model": model, "state": "waiting"})
         self.queued = self.families[2].Metric(labels={"model": model})
+        self.prompt_tokens = self.families[3].Metric(labels={"model": model, "kind": "prompt"})
+        self.completion_tokens = self.families[3].Metric(labels={"model": model, "kind": "completion"})
         self.waited_s = 0.0
+
+    def tokens(self, usage: dict[str, int]) -> None:
+        self.prompt_tokens.increment(usage.get("prompt_tokens", 0))
+        self.completion_tokens.increment(usage.get("completion_tokens", 0))
 
     @classmethod
     def create(cls, model: str) -> LoadMetrics | None:
@@ -534,6 +544,49 @@ class Admission:
         return release
 
 
+@dataclass
+class RequestTrace:
+    """One chat request's timeline (wall clock), logged and (tracing on) exported as spans when it ends:
+    ``chat request`` with ``chat prepare`` (messages, images, video decode, tokens), ``chat queue`` (waiting for
+    the engine), ``chat prefill`` (until the first output) and ``chat decode`` (until the last)."""
+
+    request_id: str
+    parent: str | None  # traceparent: Triton's span of the request, or the gateway's
+    received: float
+    queued: float = 0.0
+    first_output: float = 0.0
+    metrics: LoadMetrics | None = None
+
+    def finish(self, started: float, usage: dict[str, int], finish: str, n: int) -> None:
+        end = time.time()
+        if self.metrics is not None:
+            self.metrics.tokens(usage)
+        model = runtime.MODEL_NAME or "chat"
+        log.info("chat request done: %s, %d prompt + %d completion tokens, n=%d, %.0f ms",
+                 finish, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), n,
+                 (end - self.received) * 1000, extra={"request_id": self.request_id})
+        if self.parent is None:
+            return
+        attrs = {"vlmserve.request_id": self.request_id, "vlmserve.model": model}
+        root = telemetry.record_span(model, "chat request", self.parent, self.received, end, **attrs, **{
+            "vlmserve.finish_reason": finish, "vlmserve.choices": n,
+            "vlmserve.prompt_tokens": usage.get("prompt_tokens"),
+            "vlmserve.completion_tokens": usage.get("completion_tokens"),
+            "vlmserve.batch_size": usage.get("batch_size")})
+        if root is None:
+            return
+        queued = self.queued or self.received
+        started = started or queued
+        first = self.first_output or end
+        telemetry.record_span(model, "chat prepare", root, self.received, queued, **attrs)
+        telemetry.record_span(model, "chat queue", root, queued, started, **attrs)
+        telemetry.record_span(model, "chat prefill", root, started, first, **attrs,
+                              **{"vlmserve.prompt_tokens": usage.get("prompt_tokens")})
+        telemetry.record_span(model, "chat decode", root, first, end, **attrs,
+                              **{"vlmserve.completion_tokens": usage.get("completion_tokens"),
+                                 "vlmserve.batch_size": usage.get("batch_size")})
+
+
 class ChoiceGroup:
     """The ``n`` rows of one request answering through one Triton response sender: per-choice deltas, and the
     final flag (with the summed usage) only once, on the last choice's end."""
@@ -547,6 +600,8 @@ class ChoiceGroup:
         self.request_cancelled = is_cancelled
         self.abandoned = False  # a ``{"cancel": request id}`` request came for it (the gateway's client left)
         self.render = render  # TokenLogprob entries -> OpenAI dicts
+        self.trace: RequestTrace | None = None
+        self.n = n
 
     def is_cancelled(self) -> bool:
         return self.closed or self.abandoned or self.request_cancelled()
@@ -568,9 +623,13 @@ class ChoiceGroup:
 
         def send(text: str, finish: str, usage: dict | None) -> None:
             job = job_ref[0]
+            if self.trace is not None and not self.trace.first_output:
+                self.trace.first_output = time.time()
             if finish == "error":
                 self.closed = True  # the other choices stop at their next step
                 self.release()
+                if self.trace is not None:
+                    self.trace.finish(job.started_at, self.usage, "error", self.n)
                 self.sender.send(runtime.error_response(text), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 return
             logprobs = self.render(job.take_logprobs()) if job.params.logprobs else None
@@ -584,6 +643,8 @@ class ChoiceGroup:
                 self.closed = last
                 if last:
                     self.release()
+                    if self.trace is not None:
+                        self.trace.finish(job.started_at, self.usage, finish, self.n)
                 self.sender.send(_response(text, finish, dict(self.usage) if last else None, job.index, logprobs),
                                  flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0)
             elif text or logprobs:
@@ -728,11 +789,13 @@ class ChatModel:
         for request in requests:
             if self._cancel_request(request):
                 continue
+            received = time.time()
             sender = request.get_response_sender()
             release = self.admission.enter()
             if release is None:
                 # Before decoding anything: a refused request must not hold images. UNAVAILABLE: the gateway
                 # answers 503 + Retry-After.
+                log.warning("chat request refused: queue full", extra={"request_id": request.request_id()})
                 sender.send(runtime.error_response(
                     f"chat queue is full ({self.admission.limit} requests running or waiting: max_batch + "
                     "max_queue_size); retry later", unavailable=True), flags=final)
@@ -747,17 +810,18 @@ class ChatModel:
                     messages = load_messages(raw["MESSAGES"])
                 except runtime.InputError as exc:
                     release()
+                    log.info("chat request refused: invalid MESSAGES", extra={"request_id": request.request_id()})
                     sender.send(runtime.error_response(str(exc), invalid_arg=True), flags=final)
                     continue
             if messages is not None and has_video(messages):
                 # Decoding takes up to max_video_decode_s: in the pool, so that this thread admits the others.
-                future = self.video_pool.submit(self._admit, request, sender, release, raw, messages)
+                future = self.video_pool.submit(self._admit, request, sender, release, raw, messages, received)
                 future.add_done_callback(_log_failure)
             else:
-                self._admit(request, sender, release, raw, messages)
+                self._admit(request, sender, release, raw, messages, received)
 
     def _admit(self, request, sender, release: Callable[[], None], raw: dict[str, bytes | None],
-               messages: list[Any] | None) -> None:
+               messages: list[Any] | None, received: float = 0.0) -> None:
         """Validate one request, prepare its prompt (decoding its images and videos) and hand it to the engine;
         any failure is that request's error response (INVALID_ARG for the client's input) and frees its slot."""
         final = runtime.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -805,10 +869,13 @@ class ChatModel:
             return
         except runtime.InputError as exc:
             release()
+            log.info("chat request refused: invalid input", extra={"request_id": request.request_id()})
             sender.send(runtime.error_response(str(exc), invalid_arg=True), flags=final)
             return
         except Exception as exc:  # noqa: BLE001
             release()
+            log.warning("chat preprocessing failed: %s", type(exc).__name__,
+                        extra={"request_id": request.request_id()})
             sender.send(runtime.error_response(f"preprocessing failed: {type(exc).__name__}: {exc}"),
                         flags=final)
             return
@@ -817,13 +884,16 @@ class ChatModel:
         group = ChoiceGroup(sender, settings.n, request.is_cancelled,
                             lambda entries: render_logprobs(entries, self.pipeline.tokenizer, self.grammars),
                             release)
+        group.trace = RequestTrace(request.request_id(), runtime.request_traceparent(request),
+                                   received or time.time(), queued=time.time(), metrics=self.load_metrics)
         bind(group)
         group.abandoned = request.request_id() in self.cancelled_early  # a cancel that came while it was prepared
         jobs = []
         for index in range(settings.n):
             ref: list[ChatJob] = []
             jobs.append(ChatJob(inputs, params, prompt_tokens, group.emitter(ref), group.is_cancelled,
-                                index=index, background=settings.priority == "batch"))
+                                index=index, request_id=request.request_id(),
+                                background=settings.priority == "batch"))
             ref.append(jobs[-1])
         jobs[0].shared = jobs[1:]
         self.engine.submit(jobs[0])

@@ -103,6 +103,8 @@ class ChatJob:
     batch_size: int = 0  # the most rows this job shared a decode step with
     submitted: float = field(default_factory=time.monotonic)  # when the request was queued (its wait is counted)
     background: bool = False  # a batch request (PARAMETERS priority "batch"): admitted after interactive ones
+    request_id: str = ""  # Triton's request id (the gateway's X-Request-ID): its log lines carry it
+    started_at: float = 0.0  # wall clock (time.time()) when the engine took it from its queue: its prefill began
 
     def __post_init__(self) -> None:
         if not self.prompt_ids and isinstance(self.inputs, dict) and isinstance(self.inputs.get("input_ids"), list):
@@ -489,6 +491,7 @@ class DecodeLoop:
                 break
             job = self.waiting.popleft()
             self.waited_s += time.monotonic() - job.submitted
+            job.started_at = time.time()
             requests.append(job)
             admitted += [job, *job.shared]
             prompt_tokens += job.prompt_tokens
@@ -497,7 +500,7 @@ class DecodeLoop:
             try:
                 kwargs, position = self.family.prefill_inputs(job)  # the vision encoder runs here
             except Exception as exc:  # noqa: BLE001 - only this request fails
-                log.exception("chat prefill failed")
+                log.exception("chat prefill failed", extra={"request_id": job.request_id})
                 self._fail_group(job, exc)
                 continue
             prepared.append((job, kwargs, position))
@@ -509,7 +512,8 @@ class DecodeLoop:
         for run in runs.values():
             for group, outcome in runtime.retry_singly(run, self._prefill):
                 if isinstance(outcome, Exception):
-                    log.error("chat prefill failed", exc_info=outcome)
+                    log.error("chat prefill failed (requests %s)", ", ".join(j.request_id for j, _, _ in group),
+                              exc_info=outcome)
                     for job, _, _ in group:
                         self._fail_group(job, outcome)
 
@@ -842,6 +846,8 @@ class ChatEngine:
             if not batch:
                 continue
             log.info("chat batch of %d", len(batch))
+            for job in batch:
+                job.started_at = time.time()
             # The jobs of a batch are independent requests: when the batch fails, each is run alone, so that only
             # the request(s) that cause the failure fail.
             for group, outcome in runtime.retry_singly(batch, self._run_static):

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from vlmserve import telemetry
 from vlmserve.families.contract import DEFAULT_MAX_PIXELS, ModelParams
 from vlmserve.host import CpuInfo, IsaError, serve_choice, serving_cpu
 
@@ -28,6 +30,9 @@ except ImportError:  # pragma: no cover - unit tests use the pure logic below
 T = TypeVar("T")
 R = TypeVar("R")
 log = logging.getLogger("vlmserve.models")
+# This stub's model (one Triton model instance per stub process): set by model_config() at initialize; names the
+# model's log lines (VLMSERVE_LOG_FORMAT=json) and its spans' service (VLMSERVE_OTLP_ENDPOINT).
+MODEL_NAME: str | None = None
 
 
 class InputError(ValueError):
@@ -42,10 +47,52 @@ def model_config(args: dict[str, Any]) -> dict[str, Any]:
     candidate export recorded in those parameters, with a WARNING in the log; none that runs here: the load fails
     naming the missing ISA (:func:`vlmserve.host.serve_choice`). GPU instances do not use the CPU choice.
     """
+    global MODEL_NAME
     config = json.loads(args["model_config"])
+    MODEL_NAME = args.get("model_name") or config.get("name")
+    telemetry.configure_logging("model", model=MODEL_NAME)  # JSON lines when VLMSERVE_LOG_FORMAT=json
     if not uses_gpu(args):
         apply_serve_choice(config)
     return config
+
+
+def request_traceparent(request: Any) -> str | None:
+    """The W3C traceparent a request's spans hang from (None when tracing is off or the request has none):
+    Triton's own span for it when Triton traces (its OpenTelemetry mode), else the ``traceparent`` request
+    parameter the gateway sends."""
+    if telemetry.otlp_endpoint() is None:
+        return None
+    try:
+        trace = request.trace()
+        found = _traceparent_in(trace.get_context() if hasattr(trace, "get_context") else None)
+    except Exception:  # noqa: BLE001 - an older stub, or a request Triton does not trace
+        found = None
+    if found:
+        return found
+    try:
+        params = json.loads(request.parameters() or "{}")
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return telemetry.valid_traceparent(params.get(telemetry.TRACEPARENT)) if isinstance(params, dict) else None
+
+
+def _traceparent_in(context: Any) -> str | None:
+    """Triton's trace context of a request (a JSON text map such as ``{"traceparent": "00-..."}``)."""
+    if not context:
+        return None
+    if isinstance(context, str):
+        try:
+            context = json.loads(context)
+        except ValueError:
+            return telemetry.valid_traceparent(context)
+    return telemetry.valid_traceparent(context.get(telemetry.TRACEPARENT)) if isinstance(context, dict) else None
+
+
+def request_id(request: Any) -> str:
+    try:
+        return str(request.request_id() or "")
+    except Exception:  # noqa: BLE001 - stand-in requests in unit tests
+        return ""
 
 
 def warn(message: str) -> None:
@@ -447,18 +494,48 @@ def run_batched(
     concatenation (same type) and returns named outputs with the same first axis.
     (The shape of pytriton's ``@batch`` decorator: concatenate, run once, split.)
     """
+    started = time.time()
     responses: list[Any] = [None] * len(requests)
     ready: list[tuple[int, Any]] = []
     for i, request in enumerate(requests):
         try:
             ready.append((i, prepare(request)))
         except InputError as exc:
+            log.info("input refused (INVALID_ARG)", extra={"request_id": request_id(request)})
             responses[i] = error_response(str(exc), invalid_arg=True)
         except Exception as exc:  # noqa: BLE001 - one bad request must not take the batch down
+            log.warning("preprocessing failed: %s", type(exc).__name__, extra={"request_id": request_id(request)})
             responses[i] = error_response(f"preprocessing failed: {type(exc).__name__}: {exc}")
-    if not ready:
-        return responses
+    prepared = time.time()
+    if ready:
+        _run_ready(ready, compute, responses)
+    _report_batch(requests, ready, responses, started, prepared, time.time())
+    return responses
 
+
+def _report_batch(requests: Sequence[Any], ready: list[tuple[int, Any]], responses: list[Any], started: float,
+                  prepared: float, done: float) -> None:
+    """Each request's log line and (tracing on) spans: preprocess, then the batched encode with its size."""
+    rows = sum(len(next(iter(r.values())) if isinstance(r, dict) else r) for _, r in ready)
+    model = MODEL_NAME or "model"
+    for i, request in enumerate(requests):
+        rid = request_id(request)
+        failed = responses[i] is None or (hasattr(responses[i], "has_error") and responses[i].has_error())
+        log.info("request done in a batch of %d requests (%d rows)%s", len(requests), rows,
+                 " with an error" if failed else "", extra={"request_id": rid})
+        parent = request_traceparent(request)
+        if parent is None:
+            continue
+        attrs = {"vlmserve.request_id": rid, "vlmserve.model": model, "vlmserve.batch.requests": len(requests),
+                 "vlmserve.batch.rows": rows, "vlmserve.error": failed or None}
+        parent = telemetry.record_span(model, f"{model} execute", parent, started, done, **attrs) or parent
+        telemetry.record_span(model, f"{model} preprocess", parent, started, prepared, **attrs)
+        telemetry.record_span(model, f"{model} encode", parent, prepared, done, **attrs)
+
+
+def _run_ready(ready: list[tuple[int, Any]], compute: Callable[[Any], dict[str, np.ndarray]],
+               responses: list[Any]) -> None:
+    """One batched ``compute`` over the prepared requests (retried singly on failure), responses split back."""
     def run(group: list[tuple[int, Any]]) -> dict[str, np.ndarray]:
         parts = [rows for _, rows in group]
         if isinstance(parts[0], dict):
@@ -476,7 +553,6 @@ def run_batched(
             tensors = [pb_utils.Tensor(name, np.ascontiguousarray(v[start:end])) for name, v in outputs.items()]
             responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
             start = end
-    return responses
 
 
 def retry_singly(items: list[T], run: Callable[[list[T]], R]) -> list[tuple[list[T], R | Exception]]:

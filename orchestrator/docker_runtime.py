@@ -22,7 +22,7 @@ from typing import Any
 from orchestrator.images import LABEL
 from orchestrator.launch import Launch
 from orchestrator.lifetime import Watchdog
-from orchestrator.process import StartupError, _healthy, _human
+from orchestrator.process import StartupError, _healthy, _human, observability_env
 from orchestrator.settings import OrchestratorSettings
 
 PROJECT_LABEL = "io.vlmserve.project"
@@ -33,7 +33,8 @@ SERVICES = ("triton", "gateway")  # start order; stopped in reverse
 TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 GATEWAY_PORT = 8080
 # Host variables handed to the containers as they are (the gateway's whole configuration, HF offline mode).
-PASS_THROUGH_PREFIXES = ("VLMSERVE_GATEWAY_", "HF_HUB_OFFLINE", "HF_TOKEN", "TRANSFORMERS_OFFLINE")
+PASS_THROUGH_PREFIXES = ("VLMSERVE_GATEWAY_", "HF_HUB_OFFLINE", "HF_TOKEN", "TRANSFORMERS_OFFLINE",
+                         "VLMSERVE_LOG_FORMAT", "OTEL_")
 PASS_THROUGH_SKIP = {"VLMSERVE_GATEWAY_HOST", "VLMSERVE_GATEWAY_PORT", "VLMSERVE_GATEWAY_TRITON_URL",
                      "VLMSERVE_GATEWAY_TRITON_GRPC_URL"}
 
@@ -131,7 +132,7 @@ class DockerRuntime:
             "image": self.image_tag(), "name": self.container_name(service), "labels": self.labels(service),
             "detach": True, "init": True, "network": self.network_name,
             "restart_policy": {"Name": "on-failure", "MaximumRetryCount": s.max_restarts},
-            "environment": {**self._pass_through_env(), "VLMSERVE_ROLE": service},
+            "environment": {**self._pass_through_env(), "VLMSERVE_ROLE": service, **observability_env(s)},
         }
         if service == "triton":
             launch = self.launch

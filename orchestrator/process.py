@@ -33,6 +33,7 @@ from orchestrator import triton
 from orchestrator.launch import Launch
 from orchestrator.lifetime import die_with_parent
 from orchestrator.settings import OrchestratorSettings
+from vlmserve import telemetry
 
 
 class StartupError(RuntimeError):
@@ -197,6 +198,7 @@ class ProcessRuntime:
             settings = s
             extra: list[str] = []
             env = triton.triton_env(dist)
+            env.update(observability_env(s))  # the Python models export spans too
             if self.launch is not None:
                 settings = s.model_copy(update={"model_config_name": self.launch.model_config_name(
                     s.model_config_name)})
@@ -214,6 +216,7 @@ class ProcessRuntime:
                 "VLMSERVE_GATEWAY_PORT": str(s.gateway_port),
                 "VLMSERVE_GATEWAY_TRITON_URL": f"{s.host}:{s.http_port}",
                 "VLMSERVE_GATEWAY_TRITON_GRPC_URL": f"{s.host}:{s.grpc_port}",
+                **observability_env(s),
             })
             service = self._spawn("gateway", [sys.executable, "-m", "gateway"], env, s.gateway_url, append)
         self._wait_ready(service, self.health_url(name))
@@ -455,6 +458,11 @@ class ProcessRuntime:
 
 
 SERVICES = ("triton", "gateway")  # start order; stopped in reverse
+
+
+def observability_env(settings: OrchestratorSettings) -> dict[str, str]:
+    """What turns tracing on in a service (vlmserve/telemetry.py), from the orchestrator's settings."""
+    return {telemetry.OTLP_ENDPOINT_ENV: settings.otlp_endpoint} if settings.otlp_endpoint else {}
 
 
 def _create_time(pid: int) -> float | None:

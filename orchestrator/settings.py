@@ -25,6 +25,9 @@ class OrchestratorSettings(BaseSettings):
     model_config_name: str | None = Field(
         "embedded", description="tritonserver --model-config-name (None: the native config.pbtxt files)"
     )
+    otlp_endpoint: str | None = Field(
+        None, description="OpenTelemetry collector (OTLP/HTTP), e.g. http://otel-collector:4318: Triton traces every "
+        "request (its OpenTelemetry mode), the gateway and the Python models export their spans; unset: off")
     ready_timeout_s: float = 300.0
     stop_timeout_s: float = 20.0
     state_dir: Path = Field(default_factory=paths.state_dir)

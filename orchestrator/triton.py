@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.settings import OrchestratorSettings
-from vlmserve import paths
+from vlmserve import paths, telemetry
 
 # How long tritonserver waits for in-flight requests when asked to stop; a supervisor (Docker, Kubernetes'
 # terminationGracePeriodSeconds) must wait longer before it kills.
@@ -96,8 +96,19 @@ def triton_command(
         "--load-model=*",
         f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
         "--log-verbose=0",
+        *trace_args(settings.otlp_endpoint),
         *(extra_args or []),
     ]
+
+
+def trace_args(otlp_endpoint: str | None) -> list[str]:
+    """Triton's OpenTelemetry trace mode, every request at TIMESTAMPS level, exporting to the collector's OTLP/HTTP
+    traces URL; the gateway's ``traceparent`` header makes Triton's spans children of its Triton call."""
+    if not otlp_endpoint:
+        return []
+    return ["--trace-config=mode=opentelemetry", "--trace-config=rate=1", "--trace-config=level=TIMESTAMPS",
+            f"--trace-config=opentelemetry,url={telemetry.traces_url(otlp_endpoint)}",
+            "--trace-config=opentelemetry,resource=service.name=vlmserve-triton"]
 
 
 def triton_env(dist: TritonDist) -> dict[str, str]:

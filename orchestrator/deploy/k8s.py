@@ -43,6 +43,10 @@ PRESTOP_S = 5  # the gateway's preStop wait: endpoint removal reaches kube-proxy
 PLAN_CONFIGMAP = f"{NAME}-plan"
 API_KEYS_SECRET = f"{NAME}-gateway"  # optional: kubectl create secret generic vlmserve-gateway --from-literal=...
 API_KEYS_KEY = "api-keys"  # a JSON list, as VLMSERVE_GATEWAY_API_KEYS takes it
+# Optional too: `kubectl create configmap vlmserve-observability --from-literal=otlp_endpoint=http://otel:4318
+# --from-literal=log_format=json` turns on traces (Triton, gateway, models) and JSON logs (docs/operate.md).
+OBSERVABILITY_CONFIGMAP = f"{NAME}-observability"
+OBSERVABILITY_KEYS = {"VLMSERVE_OTLP_ENDPOINT": "otlp_endpoint", "VLMSERVE_LOG_FORMAT": "log_format"}
 TRITON_QUEUE_METRIC = "vlmserve_triton_queue_us_per_request"
 GATEWAY_INFLIGHT_METRIC = "vlmserve_requests_in_flight"  # the gateway's own gauge (gateway/metrics.py)
 CHAT_ROWS_METRIC = "vlmserve_chat_rows_per_pod"  # the chat models' rows (model_repository/chat.py LoadMetrics)
@@ -79,6 +83,13 @@ def _meta(name: str, component: str, **extra: Any) -> dict[str, Any]:
 
 def _env_list(env: dict[str, str]) -> list[dict[str, Any]]:
     return [{"name": k, "value": v} for k, v in env.items()]
+
+
+def _observability_env() -> list[dict[str, Any]]:
+    """The tracing and log-format settings, from the optional ConfigMap (absent: off, plain logs)."""
+    return [{"name": name, "valueFrom": {"configMapKeyRef": {"name": OBSERVABILITY_CONFIGMAP, "key": key,
+                                                              "optional": True}}}
+            for name, key in OBSERVABILITY_KEYS.items()]
 
 
 def _container_security() -> dict[str, Any]:
@@ -155,7 +166,7 @@ def triton_objects(replica: Replica) -> list[dict[str, Any]]:
     container = {
         "name": "triton", "image": replica.image, "imagePullPolicy": "IfNotPresent", "args": ["triton"],
         "ports": [{"name": name, "containerPort": port, "protocol": "TCP"} for name, port in ports.items()],
-        "env": _env_list(env),
+        "env": _env_list(env) + _observability_env(),
         "resources": resources,
         # Loading real checkpoints takes minutes: the startup probe allows the orchestrator's own ready timeout.
         "startupProbe": _http_probe(ready, "http", 5, _startup_failures()),
@@ -259,6 +270,7 @@ def gateway_objects(replica: Replica, scaling: Scaling) -> list[dict[str, Any]]:
     env = _env_list(gateway_env)
     env.append({"name": "VLMSERVE_GATEWAY_API_KEYS", "valueFrom": {"secretKeyRef": {
         "name": API_KEYS_SECRET, "key": API_KEYS_KEY, "optional": True}}})
+    env += _observability_env()
     container = {
         "name": "gateway", "image": f"{NAME}:cpu", "imagePullPolicy": "IfNotPresent", "args": ["gateway"],
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],

@@ -20,6 +20,7 @@ from orchestrator.docker_runtime import GATEWAY_PORT, TRITON_PORTS, DockerRuntim
 from orchestrator.launch import Launch
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.triton import EXIT_TIMEOUT_S
+from vlmserve import telemetry
 
 # `--accelerator` values of `vlmserve deploy` (the overlay names are the image names: cpu, gpu, rocm).
 ACCELERATORS = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "rocm": "rocm"}
@@ -80,6 +81,7 @@ class Replica:
         env: dict[str, str] = dict(runtime.spec(service)["environment"])
         for key in runtime._pass_through_env():
             env.pop(key, None)
+        env.pop(telemetry.OTLP_ENDPOINT_ENV, None)  # this shell's collector is not the cluster's
         if service == "gateway":
             # The image's defaults bind to 127.0.0.1 outside containers; be explicit.
             env["VLMSERVE_GATEWAY_HOST"] = "0.0.0.0"  # noqa: S104 - a container's service port

@@ -115,6 +115,9 @@ def _health(interval: str = "2s") -> dict[str, Any]:
             "timeout": "4s", "retries": 3, "start_period": "300s"}
 
 
+OBSERVABILITY_ENV = ("VLMSERVE_OTLP_ENDPOINT", "VLMSERVE_LOG_FORMAT")
+
+
 def render_stack(replica: Replica, replicas: int, repository: Path, port: int, project: str,
                  lb_image: str = LB_IMAGE) -> dict[str, Any]:
     """The compose-file (v3.8) stack ``docker stack deploy`` takes; ``nginx.conf`` sits next to it."""
@@ -122,9 +125,12 @@ def render_stack(replica: Replica, replicas: int, repository: Path, port: int, p
         raise ValueError("--replicas must be >= 1")
     network = f"{project}-net"
     restart = {"condition": "any", "delay": "1s", "window": "0s"}
-    triton_env = replica.env("triton")
+    # Traces and JSON logs (docs/operate.md, "Follow a request"): from the deploying shell, as
+    # `docker stack deploy` substitutes them (unset: off); Kubernetes reads them from a ConfigMap instead.
+    observability = {name: f"${{{name}:-}}" for name in OBSERVABILITY_ENV}
+    triton_env = {**replica.env("triton"), **observability}
     # Every gateway replica stores /v1/predict's images in one shared volume, so /files/{key} answers on each.
-    gateway_env = {**replica.env("gateway"), "VLMSERVE_GATEWAY_STORAGE_DIR": spec.FILES_MOUNT}
+    gateway_env = {**replica.env("gateway"), "VLMSERVE_GATEWAY_STORAGE_DIR": spec.FILES_MOUNT, **observability}
     files = f"{project}-files"
     services = {
         replica.triton_service_host: {

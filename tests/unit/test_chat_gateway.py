@@ -734,7 +734,8 @@ def test_error_mid_stream_is_an_error_event_then_done(make_client) -> None:
     events = sse_events(r.text)
     assert events[-1] == "[DONE]"
     assert events[-2] == {"error": {"message": "smolvlm2 failed: generation failed: boom", "type": "api_error",
-                                    "param": None, "code": "inference_failed"}}
+                                    "param": None, "code": "inference_failed",
+                                    "request_id": r.headers["x-request-id"]}}
     assert events[1]["choices"][0]["delta"] == {"content": "partial"}
     # No chunk claims the answer finished.
     assert all(e["choices"][0]["finish_reason"] is None for e in events[:-2])

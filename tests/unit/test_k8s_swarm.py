@@ -34,6 +34,10 @@ def test_stack_runs_the_kubernetes_containers(tmp_path: Path) -> None:
     stack, _ = render(tmp_path)
     services = stack["services"]
     triton, gateway = services[k8s.TRITON], services[k8s.GATEWAY]
+    # Traces and JSON logs: from the deploying shell here, from the optional ConfigMap there.
+    for service in (triton, gateway):
+        for name in swarm.OBSERVABILITY_ENV:
+            assert service["environment"].pop(name) == f"${{{name}:-}}"
     assert triton["environment"] == env_of_k8s(k8s.TRITON)
     # The same gateway environment, except gRPC: Kubernetes needs a headless Service for the channel to see every
     # Triton pod, Swarm's dnsrr service name already resolves to every replica.
