@@ -164,6 +164,7 @@ class TritonBackend:
         self._client_at = 0.0
         self._grpc_at = 0.0
         self._retired: set[asyncio.Task[None]] = set()
+        self._open_streams: set[str] = set()  # Triton request ids of the streams in progress
         self.grpc_url = grpc_url or _default_grpc_url(url)
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
@@ -369,6 +370,9 @@ class TritonBackend:
         # every request on it is done. ``None`` in the outbox closes it.
         # The request's id (X-Request-ID; <id>-<n> for its n-th Triton call), which its cancel request names.
         request_id = _call_id()
+        if request_id in self._open_streams:
+            # A client sent one X-Request-ID on two requests at once: the cancel request must name this one only.
+            request_id = f"{request_id}.{uuid.uuid4().hex[:8]}"
         outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         # The span lasts until the final response (ended in ``finally``; never the current span: a generator's
         # context is not the caller's).
@@ -397,6 +401,7 @@ class TritonBackend:
         except grpc.RpcError as exc:
             telemetry.end_span(span, "error")
             raise self._unavailable(exc) from None
+        self._open_streams.add(request_id)
         try:
             while True:
                 try:
@@ -422,6 +427,7 @@ class TritonBackend:
                 if final:
                     return
         finally:
+            self._open_streams.discard(request_id)
             telemetry.end_span(span, None if finished else "abandoned")
             if not finished:
                 if cancel_inputs is None:

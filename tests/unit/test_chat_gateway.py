@@ -462,6 +462,49 @@ def test_triton_stream_closed_early_sends_a_cancel_request_and_drains_instead_of
     assert json.loads(control["inputs"][0]._raw_content[4:]) == {"cancel": first["request_id"]}
 
 
+def test_two_open_streams_with_one_client_request_id_get_distinct_triton_ids() -> None:
+    """A client that sends one X-Request-ID on two requests at once: the second stream's Triton id is suffixed, so
+    that an abandoned stream's cancel request names it alone; once the first is over, the id is free again."""
+    from vlmserve import telemetry
+
+    sent: list[dict[str, Any]] = []
+
+    class Grpc:
+        def stream_infer(self, requests: Any, headers: Any = None) -> _FakeCall:
+            async def first() -> None:
+                sent.append(await requests.__anext__())
+            asyncio.get_running_loop().create_task(first())
+            return _FakeCall([(_FakeResult(resp("a")), None), (_FakeResult(resp("b", "stop", USAGE)), None)])
+
+    backend = TritonBackend("127.0.0.1:18000", timeout_s=5, grpc_url="127.0.0.1:18001")
+    backend._grpc_client = Grpc()  # type: ignore[assignment]
+
+    async def one(started: asyncio.Event, release: asyncio.Event) -> None:
+        telemetry.current.set(telemetry.RequestContext(request_id="dup"))
+        gen = backend.stream("chat", {"MESSAGES": np.array([b"[]"], dtype=np.object_)}, ["TEXT", "FINISH_REASON"])
+        await gen.__anext__()
+        started.set()
+        await release.wait()
+        async for _ in gen:
+            pass
+
+    async def run() -> None:
+        release = asyncio.Event()
+        events = [asyncio.Event(), asyncio.Event()]
+        first = asyncio.create_task(one(events[0], release))
+        await events[0].wait()
+        second = asyncio.create_task(one(events[1], release))
+        await events[1].wait()
+        release.set()
+        await asyncio.gather(first, second)
+        third = asyncio.Event()
+        await one(third, release)
+
+    asyncio.run(run())
+    ids = [item["request_id"] for item in sent]
+    assert ids[0] == "dup" and re.fullmatch(r"dup\.[0-9a-f]{8}", ids[1]) and ids[2] == "dup"
+
+
 @pytest.mark.parametrize(("code", "message", "status"), [
     (grpc.StatusCode.INVALID_ARGUMENT, "messages[0].content[1]: 'data' is not valid base64", 400),
     (grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be 1..64, got 100", 400),

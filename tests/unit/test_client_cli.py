@@ -79,15 +79,15 @@ def test_plan_skips_done_and_known_bad_unless_changed(tmp_path: Path) -> None:
 def test_choose_limits_from_info() -> None:
     info = ServiceInfo(models=[], model=None, max_new_tokens=None, version="",
                        limits={"max_items": 8, "max_inflight_embeddings": 64, "max_inflight_florence": 32})
-    assert choose_limits(info, "embed", None, None) == (16, 8)
+    assert choose_limits(info, "embed", None, None) == (4, 8)  # a quarter of 64 is 16: at most 4 by default
     assert choose_limits(info, "embed", 3, 100) == (3, 8)  # never more than max_items per request
-    assert choose_limits(info, "caption", None, None) == (8, 1)
+    assert choose_limits(info, "caption", None, None) == (4, 1)
     assert choose_limits(None, "ocr", None, None) == (4, 1)
     assert choose_limits(None, "embed", None, None) == (4, 16)
     nested = {"max_items": 32, "max_inflight": {"embeddings": 40, "chat": 8}, "note": "x"}
     info = ServiceInfo(models=[], model=None, max_new_tokens=None, version="", limits={"max_items": 32},
                        raw={"limits": nested})
-    assert choose_limits(info, "embed", None, None) == (10, 16) and choose_limits(info, "ocr", None, None) == (2, 1)
+    assert choose_limits(info, "embed", None, None) == (4, 16) and choose_limits(info, "ocr", None, None) == (2, 1)
     assert choose_limits(info, "caption", None, None) == (4, 1)
 
 
