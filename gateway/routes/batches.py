@@ -6,6 +6,7 @@ import asyncio
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,8 +35,12 @@ def _page(items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
             "last_id": shown[-1]["id"] if shown else None, "has_more": len(items) > limit}
 
 
-def _missing(kind: str, ident: str) -> APIError:
-    return APIError(404, f"no {kind} with id {ident!r}", code="not_found", param=f"{kind}_id")
+async def _found(kind: str, lookup: Callable[[str], dict[str, Any] | None], ident: str) -> dict[str, Any]:
+    """``lookup(ident)`` (a store call, in a thread), or 404 naming the ``kind`` of id."""
+    found = await asyncio.to_thread(lookup, ident)
+    if found is None:
+        raise APIError(404, f"no {kind} with id {ident!r}", code="not_found", param=f"{kind}_id")
+    return found
 
 
 # --- files -------------------------------------------------------------------------------------------------
@@ -76,24 +81,18 @@ async def list_files(purpose: str | None = None, limit: int = Query(10000, ge=1,
 
 @router.get("/files/{file_id}")
 async def get_file(file_id: str, store: BatchStore = Depends(get_store)) -> dict[str, Any]:
-    found = await asyncio.to_thread(store.file, file_id)
-    if found is None:
-        raise _missing("file", file_id)
-    return found
+    return await _found("file", store.file, file_id)
 
 
 @router.get("/files/{file_id}/content", response_model=None)
 async def file_content(file_id: str, store: BatchStore = Depends(get_store)) -> FileResponse:
-    found = await asyncio.to_thread(store.file, file_id)
-    if found is None or not store.file_path(file_id).is_file():
-        raise _missing("file", file_id)
+    found = await _found("file", lambda i: store.file(i) if store.file_path(i).is_file() else None, file_id)
     return FileResponse(store.file_path(file_id), media_type="application/jsonl", filename=found["filename"])
 
 
 @router.delete("/files/{file_id}")
 async def delete_file(file_id: str, store: BatchStore = Depends(get_store)) -> dict[str, Any]:
-    if not await asyncio.to_thread(store.delete_file, file_id):
-        raise _missing("file", file_id)
+    await _found("file", lambda i: {"deleted": True} if store.delete_file(i) else None, file_id)
     return {"id": file_id, "object": "file", "deleted": True}
 
 
@@ -111,9 +110,7 @@ async def create_batch(body: BatchRequest, request: Request,
                        store: BatchStore = Depends(get_store)) -> dict[str, Any]:
     """Validate the input file up front and queue the batch; a malformed file gives a ``failed`` batch whose
     ``errors`` name each bad line (nothing of it runs)."""
-    found = await asyncio.to_thread(store.file, body.input_file_id)
-    if found is None:
-        raise _missing("file", body.input_file_id)
+    found = await _found("file", store.file, body.input_file_id)
     if found["purpose"] != "batch":
         raise APIError(400, f"file {body.input_file_id} has purpose {found['purpose']!r}, not 'batch'",
                        code="invalid_value", param="input_file_id")
@@ -136,16 +133,10 @@ async def list_batches(limit: int = Query(20, ge=1, le=100), after: str | None =
 
 @router.get("/batches/{batch_id}")
 async def get_batch(batch_id: str, store: BatchStore = Depends(get_store)) -> dict[str, Any]:
-    found = await asyncio.to_thread(store.batch, batch_id)
-    if found is None:
-        raise _missing("batch", batch_id)
-    return found
+    return await _found("batch", store.batch, batch_id)
 
 
 @router.post("/batches/{batch_id}/cancel")
 async def cancel_batch(batch_id: str, store: BatchStore = Depends(get_store)) -> dict[str, Any]:
     """Stops new work at once; the lines already finished are kept, in the output and error files."""
-    found = await asyncio.to_thread(store.cancel, batch_id)
-    if found is None:
-        raise _missing("batch", batch_id)
-    return found
+    return await _found("batch", store.cancel, batch_id)

@@ -54,6 +54,17 @@ def wait(client: OpenAI, batch_id: str, until: tuple[str, ...] = ("completed", "
     raise AssertionError(f"batch {batch_id} still {batch.status} after {timeout_s}s")
 
 
+def chat_batch_under_way(client: OpenAI, tmp_path: Path, lines: int, max_tokens: int, completed: int) -> Any:
+    """A chat batch of ``lines`` stories, once at least ``completed`` of them are done."""
+    rows = [chat_line(f"r{i}", f"Tell story {i}", max_tokens=max_tokens) for i in range(lines)]
+    batch = client.batches.create(input_file_id=upload(client, tmp_path, rows), endpoint=CHAT,
+                                  completion_window="24h")
+    deadline = time.monotonic() + 120
+    while client.batches.retrieve(batch.id).request_counts.completed < completed and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return batch
+
+
 def jsonl(client: OpenAI, file_id: str | None) -> list[dict[str, Any]]:
     return [] if file_id is None else [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
 
@@ -133,18 +144,14 @@ def test_bad_requests_change_nothing(client, tmp_path) -> None:
 
 
 def test_cancel_keeps_finished_lines(client, tmp_path) -> None:
-    lines = [chat_line(f"r{i}", f"Tell story {i}", max_tokens=48) for i in range(60)]
-    batch = client.batches.create(input_file_id=upload(client, tmp_path, lines), endpoint=CHAT,
-                                  completion_window="24h")
-    deadline = time.monotonic() + 120
-    while client.batches.retrieve(batch.id).request_counts.completed < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    # Far more lines than can finish before the cancel lands, however fast this host is.
+    batch = chat_batch_under_way(client, tmp_path, 400, max_tokens=48, completed=2)
     assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
     done = wait(client, batch.id, until=("cancelled",))
     assert done.cancelled_at and done.cancelling_at
     output, errors = jsonl(client, done.output_file_id), jsonl(client, done.error_file_id)
-    assert 2 <= len(output) < 60 and len(output) == done.request_counts.completed
-    assert sorted(x["custom_id"] for x in output + errors) == sorted(f"r{i}" for i in range(60))
+    assert 2 <= len(output) < 400 and len(output) == done.request_counts.completed
+    assert sorted(x["custom_id"] for x in output + errors) == sorted(f"r{i}" for i in range(400))
     assert {x["error"]["code"] for x in errors} == {"batch_cancelled"}
     # A finished batch stays as it is.
     assert client.batches.cancel(batch.id).status == "cancelled"
@@ -154,7 +161,7 @@ def test_cancel_keeps_finished_lines(client, tmp_path) -> None:
 
 
 def test_interactive_requests_are_served_while_a_batch_runs(client, tmp_path) -> None:
-    lines = [chat_line(f"r{i}", f"Tell story {i}", max_tokens=32) for i in range(40)]
+    lines = [chat_line(f"r{i}", f"Tell story {i}", max_tokens=32) for i in range(400)]
     batch = client.batches.create(input_file_id=upload(client, tmp_path, lines), endpoint=CHAT,
                                   completion_window="24h")
     deadline = time.monotonic() + 60
@@ -194,22 +201,17 @@ def test_sigkill_mid_batch_loses_and_redoes_no_finished_line(stack, tmp_path) ->
     gateway = _start_gateway(stack, storage, port)
     try:
         sdk = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        lines = [chat_line(f"r{i}", f"Tell story {i}", max_tokens=24) for i in range(30)]
-        batch = sdk.batches.create(input_file_id=upload(sdk, tmp_path, lines), endpoint=CHAT,
-                                   completion_window="24h")
-        deadline = time.monotonic() + 120
-        while sdk.batches.retrieve(batch.id).request_counts.completed < 5 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        batch = chat_batch_under_way(sdk, tmp_path, 400, max_tokens=8, completed=5)
         gateway.send_signal(signal.SIGKILL)
         gateway.wait(10)
         with sqlite3.connect(storage / "batches" / "batches.sqlite3") as db:
             before = dict(db.execute("SELECT custom_id, request_id FROM results WHERE batch_id = ?", (batch.id,)))
-        assert 5 <= len(before) < 30
+        assert 5 <= len(before) < 400
         gateway = _start_gateway(stack, storage, port)
-        done = wait(sdk, batch.id)
-        assert done.status == "completed" and done.request_counts.completed == 30
+        done = wait(sdk, batch.id, timeout_s=600)
+        assert done.status == "completed" and done.request_counts.completed == 400
         output = jsonl(sdk, done.output_file_id)
-        assert [x["custom_id"] for x in output] == [f"r{i}" for i in range(30)]  # each line exactly once
+        assert [x["custom_id"] for x in output] == [f"r{i}" for i in range(400)]  # each line exactly once
         after = {x["custom_id"]: x["response"]["request_id"] for x in output}
         assert {k: after[k] for k in before} == before  # the lines finished before the kill were not run again
     finally:
