@@ -114,3 +114,49 @@ def test_the_model_reads_the_priority_and_refuses_unknown_ones() -> None:
     assert parse_params(b"{}", 8, 64)[1].priority == "interactive"
     with pytest.raises(Exception, match="priority"):
         parse_params(b'{"priority": "urgent"}', 8, 64)
+
+
+def test_a_batch_past_its_window_expires_keeping_what_finished(tmp_path) -> None:
+    """A line that gets 200 is kept; lines that only ever get 503 (a model that never loads) are retried until the
+    window closes; then the batch is ``expired`` and every line is in the output or the error file."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    from gateway.batches import BatchRunner
+    from gateway.settings import GatewaySettings
+
+    app = FastAPI()
+    app.state.interactive = Interactive()
+    calls: list[str] = []
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: dict) -> JSONResponse:
+        calls.append(body["input"])
+        if body["input"] == "ok":
+            return JSONResponse({"object": "list", "data": []})
+        return JSONResponse({"error": {"message": "loading"}}, 503, headers={"Retry-After": "0"})
+
+    settings = GatewaySettings(batch_dir=str(tmp_path / "batches"), batch_lease_s=0.6)
+    store = BatchStore(tmp_path / "batches")
+    store.root.mkdir(parents=True)
+    lines = [{"custom_id": name, "method": "POST", "url": "/v1/embeddings", "body": {"input": name}}
+             for name in ("ok", "never-1", "never-2")]
+    file_id = store.add_file(write(tmp_path, lines), "in.jsonl", "batch", None)["id"]
+    batch_id = store.add_batch("/v1/embeddings", file_id, "24h", None, 3, [])["id"]
+    store.set_status(batch_id, "validating", only_from=("validating",), expires_at=int(time.time()) + 1)
+
+    async def run() -> None:
+        runner = BatchRunner(store, app, settings)
+        await runner.run(store.claim(runner.owner, runner.lease_s))
+        await runner.client.aclose()
+
+    asyncio.run(run())
+    batch = store.batch(batch_id)
+    assert batch["status"] == "expired" and batch["expired_at"]
+    assert calls.count("ok") == 1 and calls.count("never-1") > 1  # retried, not failed at the first 503
+    output = [json.loads(x) for x in store.file_path(batch["output_file_id"]).read_text().splitlines()]
+    errors = [json.loads(x) for x in store.file_path(batch["error_file_id"]).read_text().splitlines()]
+    assert [x["custom_id"] for x in output] == ["ok"]
+    assert sorted(x["custom_id"] for x in errors) == ["never-1", "never-2"]
+    assert all((x["response"] or {}).get("status_code") == 503 or x["error"]["code"] == "batch_expired"
+               for x in errors)
