@@ -423,7 +423,10 @@ class BatchRunner:
             await asyncio.to_thread(self.store.set_status, batch_id, "in_progress", only_from=("validating",))
         if done:
             log.info("batch %s: resuming, %d of %d lines already done", batch_id, len(done), len(lines))
-        status = await self._work(batch_id, endpoint, todo, batch["expires_at"])
+        if batch["status"] in ("cancelling", "finalizing"):  # cancelled before it ran, or its runner died finalizing
+            status: str | None = "cancelled" if batch["status"] == "cancelling" else "completed"
+        else:
+            status = await self._work(batch_id, endpoint, todo, batch["expires_at"])
         if status is None:
             return  # lease lost: another replica finishes it
         await self._finalize(batch_id, lines, status)

@@ -160,3 +160,33 @@ def test_a_batch_past_its_window_expires_keeping_what_finished(tmp_path) -> None
     assert sorted(x["custom_id"] for x in errors) == ["never-1", "never-2"]
     assert all((x["response"] or {}).get("status_code") == 503 or x["error"]["code"] == "batch_expired"
                for x in errors)
+
+
+def test_a_batch_cancelled_before_it_ran_runs_nothing(tmp_path) -> None:
+    from fastapi import FastAPI
+
+    from gateway.batches import BatchRunner
+    from gateway.settings import GatewaySettings
+
+    app = FastAPI()
+    app.state.interactive = Interactive()
+    calls: list[dict] = []
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict) -> dict:
+        calls.append(body)
+        return {}
+
+    store, batch_id = _store_with_batch(tmp_path)
+    assert store.cancel(batch_id)["status"] == "cancelling"
+
+    async def run() -> None:
+        runner = BatchRunner(store, app, GatewaySettings(batch_dir=str(store.root)))
+        await runner.run(store.claim(runner.owner, runner.lease_s))
+        await runner.client.aclose()
+
+    asyncio.run(run())
+    batch = store.batch(batch_id)
+    assert batch["status"] == "cancelled" and calls == [] and batch["output_file_id"] is None
+    errors = store.file_path(batch["error_file_id"]).read_text().splitlines()
+    assert [json.loads(x)["error"]["code"] for x in errors] == ["batch_cancelled", "batch_cancelled"]
