@@ -147,9 +147,16 @@ def test_chat_streams_a_multi_turn_conversation_with_an_image_and_a_video(ui, sa
 
 def test_chat_stop_aborts_the_streaming_request(ui) -> None:
     page = ui
+    # The tiny models write 1024 tokens in 1.5-3 s (the llama.cpp engine the fastest): too short a window to click
+    # Stop in reliably. Chromium's network throttling (DevTools protocol) makes the answer arrive slowly, so that
+    # the request is still streaming when Stop or Clear is clicked, however fast the host.
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": 4000,
+                                                  "uploadThroughput": -1})
     open_panel(page, "chat")
     choose_model(page, "#chat-model", "smolvlm2")
-    page.fill("#chat-max-tokens", "1024")  # greedy on the tiny model runs to the cap: seconds of streaming
+    page.fill("#chat-max-tokens", "1024")  # greedy on the tiny model runs to the cap: ~100 KB of events
     page.fill("#chat-temperature", "0")
     page.fill("#chat-input", "Tell me a long story.")
     page.click("#chat-send")
