@@ -22,7 +22,8 @@ from vlmserve import paths
 
 IMAGES = ("cpu", "gpu", "rocm")
 # What the image runs: the Triton Python models (`models`) and the gateway (`gateway`).
-IMAGE_EXTRAS = ("models", "gateway")
+# observability: a container with VLMSERVE_OTLP_ENDPOINT set exports spans (the SDK is imported only then).
+IMAGE_EXTRAS = ("models", "gateway", "observability")
 TRITON_WHEEL = "nvidia-pytriton==0.7.0"  # the tritonserver binary; installed --no-deps (see Makefile)
 LABEL = "io.vlmserve.managed"
 

@@ -130,7 +130,8 @@ def test_gpu_and_rocm_containers_get_their_devices(tmp_path: Path, repo: Path) -
 def test_image_requirements_and_build_context(tmp_path: Path) -> None:
     reqs = images.image_requirements()
     names = {r.split(">")[0].split("=")[0].split("[")[0].split("<")[0] for r in reqs}
-    assert {"torch", "onnxruntime", "transformers", "fastapi", "uvicorn", "tritonclient"} <= names
+    assert {"torch", "onnxruntime", "transformers", "fastapi", "uvicorn", "tritonclient", "opentelemetry-sdk",
+            "opentelemetry-exporter-otlp-proto-http"} <= names  # tracing works in containers too
     assert not any(r.startswith("vlmserve") for r in reqs) and "pytest" not in names  # no test deps in images
     house = tmp_path / "house"
     (house / "deps").mkdir(parents=True)
