@@ -37,10 +37,10 @@ from typing import Any
 
 import httpx
 
-from gateway.errors import APIError
+from gateway.errors import APIError, error_body
 from gateway.limits import Interactive
 from gateway.settings import GatewaySettings
-from vlmserve.telemetry import REQUEST_ID_HEADER
+from vlmserve import telemetry
 
 log = logging.getLogger("vlmserve.gateway")
 
@@ -476,13 +476,16 @@ class BatchRunner:
 
     async def _run_line(self, batch_id: str, endpoint: str, line: Line, expires_at: int) -> None:
         request_id = _line_id()
+        telemetry.current.set(telemetry.RequestContext(request_id))  # this line's id in the bodies made here
         if line.body.get("stream"):
-            await asyncio.to_thread(self.store.record, batch_id, line, 400, _error_body(
-                "streaming is not supported inside a batch: drop 'stream'", "stream"), None, request_id)
+            await asyncio.to_thread(self.store.record, batch_id, line, 400, error_body(
+                400, "streaming is not supported inside a batch: drop 'stream'", "invalid_request", "stream"),
+                None, request_id)
             return
         while True:
             # The line's id is its request id in the gateway's and the models' logs and traces too.
-            response = await self.client.post(endpoint, json=line.body, headers={REQUEST_ID_HEADER: request_id})
+            response = await self.client.post(endpoint, json=line.body,
+                                              headers={telemetry.REQUEST_ID_HEADER: request_id})
             if response.status_code in (429, 503) and time.time() < expires_at:
                 # The caps are full of interactive work, or a model is loading: the line waits, it did not fail.
                 delay = float(response.headers.get("Retry-After") or self.settings.retry_after_s)
@@ -537,11 +540,6 @@ class BatchRunner:
                                            None if max_age is None else int(time.time() + max_age))["id"])
         finally:
             Path(tmp).unlink(missing_ok=True)
-
-
-def _error_body(message: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": "invalid_request_error", "param": param,
-                      "code": "invalid_request"}}
 
 
 @contextlib.asynccontextmanager

@@ -35,11 +35,15 @@ def _page(items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
             "last_id": shown[-1]["id"] if shown else None, "has_more": len(items) > limit}
 
 
+def _not_found(kind: str, ident: str) -> APIError:
+    return APIError(404, f"no {kind} with id {ident!r}", code="not_found", param=f"{kind}_id")
+
+
 async def _found(kind: str, lookup: Callable[[str], dict[str, Any] | None], ident: str) -> dict[str, Any]:
     """``lookup(ident)`` (a store call, in a thread), or 404 naming the ``kind`` of id."""
     found = await asyncio.to_thread(lookup, ident)
     if found is None:
-        raise APIError(404, f"no {kind} with id {ident!r}", code="not_found", param=f"{kind}_id")
+        raise _not_found(kind, ident)
     return found
 
 
@@ -86,13 +90,16 @@ async def get_file(file_id: str, store: BatchStore = Depends(get_store)) -> dict
 
 @router.get("/files/{file_id}/content", response_model=None)
 async def file_content(file_id: str, store: BatchStore = Depends(get_store)) -> FileResponse:
-    found = await _found("file", lambda i: store.file(i) if store.file_path(i).is_file() else None, file_id)
+    found = await _found("file", store.file, file_id)
+    if not store.file_path(file_id).is_file():
+        raise _not_found("file", file_id)
     return FileResponse(store.file_path(file_id), media_type="application/jsonl", filename=found["filename"])
 
 
 @router.delete("/files/{file_id}")
 async def delete_file(file_id: str, store: BatchStore = Depends(get_store)) -> dict[str, Any]:
-    await _found("file", lambda i: {"deleted": True} if store.delete_file(i) else None, file_id)
+    if not await asyncio.to_thread(store.delete_file, file_id):
+        raise _not_found("file", file_id)
     return {"id": file_id, "object": "file", "deleted": True}
 
 

@@ -143,7 +143,8 @@ def test_a_batch_past_its_window_expires_keeping_what_finished(tmp_path) -> None
              for name in ("ok", "never-1", "never-2")]
     file_id = store.add_file(write(tmp_path, lines), "in.jsonl", "batch", None)["id"]
     batch_id = store.add_batch("/v1/embeddings", file_id, "24h", None, 3, [])["id"]
-    store.set_status(batch_id, "validating", only_from=("validating",), expires_at=int(time.time()) + 1)
+    # A window of 2-3 s (whole seconds, as stored): several retries of the 503s before it closes.
+    store.set_status(batch_id, "validating", only_from=("validating",), expires_at=int(time.time()) + 3)
 
     async def run() -> None:
         runner = BatchRunner(store, app, settings)

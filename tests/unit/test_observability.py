@@ -20,10 +20,8 @@ from vlmserve import telemetry
 
 
 @pytest.fixture
-def client():
-    settings = GatewaySettings(triton_url=f"127.0.0.1:{free_port()}")  # nothing listens there
-    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
-        yield c
+def client(offline_gateway):
+    return offline_gateway
 
 
 def test_every_response_carries_a_request_id(client) -> None:

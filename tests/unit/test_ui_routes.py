@@ -14,10 +14,8 @@ from tests.conftest import free_port
 
 
 @pytest.fixture
-def client():
-    settings = GatewaySettings(triton_url=f"127.0.0.1:{free_port()}")  # nothing listens there
-    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
-        yield c
+def client(offline_gateway):
+    return offline_gateway
 
 
 def test_root_redirects_browsers_and_keeps_the_json_404_for_api_clients(client) -> None:
