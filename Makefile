@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 install: $(STAMP)
 
 llamacpp: install ## llama.cpp's Python bindings for this CPU (built from the sdist once, ~6 min; cached): the chat engine export may choose
-	$(PY) -m export.llamacpp
+	$(PY) -m vlmserve.export.llamacpp
 
 demo: install ## offline: tiny random models, Triton + gateway in the foreground (Ctrl-C stops)
 	$(VENV)/bin/vlmserve demo
@@ -58,7 +58,7 @@ image: install ## the CPU image, offline (base image from debootstrap, local whe
 	$(VENV)/bin/vlmserve image build --image cpu
 
 lint: install
-	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy gateway orchestrator export model_repository vlmserve tests/fakes.py && $(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy vlmserve tests/fakes.py --exclude '^vlmserve/loadtests/' && $(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy --config-file clients/python/pyproject.toml clients/python/src
 
 clean:

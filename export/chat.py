@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from export import chat_engine_choice, image_fence, photos, runtime_choice
-from export.pbtxt import Enum, parameters
-from export.progress import Progress
-from export.repository import (
+from vlmserve.export import chat_engine_choice, image_fence, photos, runtime_choice
+from vlmserve.export.pbtxt import Enum, parameters
+from vlmserve.export.progress import Progress
+from vlmserve.export.repository import (
     EMBEDDED_CONFIG,
     ExportOptions,
     copy_checkpoint,
@@ -63,7 +63,7 @@ def export_qwen2vl(source_dir: Path, repo: Path, options: ExportOptions, weights
         meta = {"family": "qwen2vl", "source_model": source_name, "weights": weights}
         write_config(repo, "qwen2vl", chat_config("qwen2vl", options, meta))
         write_config(repo, "qwen2vl", chat_config("qwen2vl", options, meta), EMBEDDED_CONFIG)
-        write_python_model(repo, "qwen2vl", "model_repository.chat.ChatModel")
+        write_python_model(repo, "qwen2vl", "vlmserve.model_repository.chat.ChatModel")
     return {}
 
 
@@ -85,8 +85,8 @@ def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weight
     from PIL import Image
     from transformers import AutoConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor
 
-    from export import onnx_utils
-    from model_repository.smolvlm import patch_mask, vision_module
+    from vlmserve.export import onnx_utils
+    from vlmserve.model_repository.smolvlm import patch_mask, vision_module
 
     with progress.step(f"loading {source_name}"):
         config = AutoConfig.from_pretrained(source_dir)
@@ -152,7 +152,7 @@ def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weight
                                  "dims": [size // patch, size // patch]})
         write_config(repo, "smolvlm2_vision", native)
         write_config(repo, "smolvlm2_vision", embedded, EMBEDDED_CONFIG)
-        write_python_model(repo, "smolvlm2_vision", "model_repository.onnx_model.TritonPythonModel")
+        write_python_model(repo, "smolvlm2_vision", "vlmserve.model_repository.onnx_model.TritonPythonModel")
         copy_checkpoint(source_dir, repo / "smolvlm2" / "1" / "checkpoint")
     extra: dict[str, Any] = {"encoder_model": "smolvlm2_vision", **chosen}
     decoder = engine = None
@@ -175,7 +175,7 @@ def export_smolvlm2(source_dir: Path, repo: Path, options: ExportOptions, weight
         write_config(repo, "smolvlm2", chat_config("smolvlm2", options, meta, extra, runner="triton"))
         write_config(repo, "smolvlm2", chat_config("smolvlm2", options, meta, extra, runner="onnxruntime"),
                      EMBEDDED_CONFIG)
-        write_python_model(repo, "smolvlm2", "model_repository.chat.ChatModel")
+        write_python_model(repo, "smolvlm2", "vlmserve.model_repository.chat.ChatModel")
     return {"parity_max_abs_diff": {"smolvlm2_vision": diff}, "wrapper_vs_transformers": wrapper_diff,
             "runtime_choice": {"smolvlm2_vision": choice}, "decoder_choice": decoder,
             "engine_choice": engine}
@@ -187,7 +187,7 @@ def _choose_smolvlm2_engine(model, source_dir: Path, repo: Path, options: Export
     a chosen GGUF is written into ``smolvlm2/1/``."""
     if options.chat_engine == "torch":
         return chat_engine_choice.choose_chat_engine(model, None, source_dir, repo, "torch", precision, progress.info)
-    from model_repository.smolvlm import SmolVLMPipeline
+    from vlmserve.model_repository.smolvlm import SmolVLMPipeline
 
     def no_images(feeds):
         raise AssertionError("the engine choice times text prompts only")
@@ -237,7 +237,7 @@ def export_deepseek_ocr(source_dir: Path, repo: Path, options: ExportOptions, we
         extra = {"supports_video": False, "max_batch": 1}
         write_config(repo, "deepseek_ocr", chat_config("deepseek_ocr", options, meta, extra))
         write_config(repo, "deepseek_ocr", chat_config("deepseek_ocr", options, meta, extra), EMBEDDED_CONFIG)
-        write_python_model(repo, "deepseek_ocr", "model_repository.chat.ChatModel")
+        write_python_model(repo, "deepseek_ocr", "vlmserve.model_repository.chat.ChatModel")
     return {}
 
 

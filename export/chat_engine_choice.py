@@ -1,7 +1,7 @@
 """Which engine decodes a chat family on this host: the torch loop or llama.cpp, fenced and timed at export.
 
 The llama.cpp candidate is the checkpoint's text model converted to GGUF (``export/llamacpp.py``: f32, and bf16
-where the CPU has native bf16), run by :class:`model_repository.llamacpp_engine.LlamaCppLoop`. It is **fenced**
+where the CPU has native bf16), run by :class:`vlmserve.model_repository.llamacpp_engine.LlamaCppLoop`. It is **fenced**
 where the user sees it — the language model's next-token logits, teacher-forced over realistic chat prompts and
 the reference's own greedy continuation, against the transformers fp32 model: minimum cosine >= 0.999 and argmax
 agreement >= 99% of positions (the floors of ``export/runtime_choice.py``) — and **timed** against the torch loop
@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from export import photos
-from export.runtime_choice import ARGMAX_FLOOR, FIDELITY_FLOOR, MARGIN, SELECTION_VERSION
+from vlmserve.export import photos
+from vlmserve.export.runtime_choice import ARGMAX_FLOOR, FIDELITY_FLOOR, MARGIN, SELECTION_VERSION
 from vlmserve.host import CpuInfo, cpu_info
 
 ENGINE_CHOICES = ("auto", "torch", "llamacpp")
@@ -51,7 +51,7 @@ def fence_gguf(model, prompts: list[list[int]], gguf: Path, new_tokens: int = 16
     import numpy as np
     import torch
 
-    from model_repository.llamacpp_engine import LlamaCppModel
+    from vlmserve.model_repository.llamacpp_engine import LlamaCppModel
 
     longest = max(len(p) for p in prompts) + new_tokens
     llama = LlamaCppModel(gguf, cells=longest, sequences=1)
@@ -79,7 +79,7 @@ def time_loops(makers: dict[str, Callable[[], Any]], prompts: list[list[int]], m
                rounds: int = ROUNDS) -> dict[str, dict[str, float]]:
     """Each engine's loop decoding ``prompts`` together (greedy, ``max_tokens`` each), interleaved round by round:
     median output tokens per second and the tokens they gave (engines that agree produce the same work)."""
-    from model_repository.chat_engine import ChatJob, SamplingParams
+    from vlmserve.model_repository.chat_engine import ChatJob, SamplingParams
 
     seconds: dict[str, list[float]] = {name: [] for name in makers}
     tokens: dict[str, int] = {}
@@ -105,7 +105,7 @@ def choose_chat_engine(model, family, source_dir: Path, out_dir: Path, engine: s
                        log: Callable[[str], None], cpu: CpuInfo | None = None) -> dict[str, Any]:
     """The report of the choice (``engine``: ``torch`` or ``llamacpp``; ``gguf``: the file in ``out_dir`` when
     llama.cpp won). ``model``: the transformers fp32 reference; ``family``: the serving pipeline, for the loops."""
-    from export import llamacpp
+    from vlmserve.export import llamacpp
 
     if engine not in ENGINE_CHOICES:
         raise ValueError(f"--chat-engine must be one of {', '.join(ENGINE_CHOICES)}, got {engine!r}")
@@ -121,7 +121,7 @@ def choose_chat_engine(model, family, source_dir: Path, out_dir: Path, engine: s
             return {**report, "engine": "torch",
                     "why": "llama-cpp-python is not installed (`make llamacpp` builds it, ~6 min once; then re-export)"}
         llamacpp.ensure_bindings(log)
-    from model_repository.llamacpp_engine import LlamaCppLoop
+    from vlmserve.model_repository.llamacpp_engine import LlamaCppLoop
 
     outtypes = ["f32", "bf16"] if cpu.has_bf16 else ["f32"]
     prompts = chat_prompts(family.tokenizer, USERS)
@@ -159,7 +159,7 @@ def _llama_maker(loop_class, family, gguf: Path) -> Callable[[], Any]:
 
 
 def _torch_loop(family):
-    from model_repository.chat_engine import DecodeLoop
+    from vlmserve.model_repository.chat_engine import DecodeLoop
 
     return DecodeLoop(family, max_batch=USERS, prefix_cache_bytes=0)
 

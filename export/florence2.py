@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from export import onnx_utils, photos, runtime_choice
-from export.pbtxt import Enum, parameters
-from export.progress import Progress
-from export.repository import (
+from vlmserve.export import onnx_utils, photos, runtime_choice
+from vlmserve.export.pbtxt import Enum, parameters
+from vlmserve.export.progress import Progress
+from vlmserve.export.repository import (
     EMBEDDED_CONFIG,
     ExportOptions,
     copy_checkpoint,
@@ -25,9 +25,9 @@ from export.repository import (
     write_config,
     write_python_model,
 )
-from model_repository.florence2_tasks import TASKS
 from vlmserve.families import family
 from vlmserve.families.contract import MAX_NEW_TOKENS_LIMIT, FlorenceParams, ModelParams
+from vlmserve.model_repository.florence2_tasks import TASKS
 
 FAMILY = "florence2"
 RECIPE_VERSION = "florence2-2"  # 2: per-host runtime/precision choice
@@ -104,7 +104,7 @@ def export(source_dir: Path, repo: Path, options: ExportOptions, weights: str, s
             cfg["max_batch_size"] = MAX_BATCH
         write_config(repo, "florence2_vision", native)
         write_config(repo, "florence2_vision", embedded, EMBEDDED_CONFIG)
-        write_python_model(repo, "florence2_vision", "model_repository.onnx_model.TritonPythonModel")
+        write_python_model(repo, "florence2_vision", "vlmserve.model_repository.onnx_model.TritonPythonModel")
 
         copy_checkpoint(source_dir, repo / "florence2" / "1" / "checkpoint")
         decoder_params = {} if decoder is None else {"decoder_precision": decoder["precision"],
@@ -179,4 +179,4 @@ def _write_client_model(repo: Path, options: ExportOptions, meta: dict[str, Any]
 
     write_config(repo, "florence2", config("triton"))
     write_config(repo, "florence2", config("onnxruntime"), EMBEDDED_CONFIG)
-    write_python_model(repo, "florence2", "model_repository.florence2.Florence2Model")
+    write_python_model(repo, "florence2", "vlmserve.model_repository.florence2.Florence2Model")

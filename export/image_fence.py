@@ -3,12 +3,14 @@
 SmolVLM2's vision encoder + connector (``smolvlm2_vision``) produces features nobody sees: the language model reads
 them. A tower cosine of 0.999 says little about whether the answer changes, so export fences each candidate
 runtime/precision of that tower by the language model's logits instead. For a few realistic photos
-(:func:`export.photos.photos`), the serving pipeline's own prompt (:class:`model_repository.smolvlm.SmolVLMPipeline`:
+(:func:`vlmserve.export.photos.photos`), the serving pipeline's own prompt
+(:class:`vlmserve.model_repository.smolvlm.SmolVLMPipeline`:
 chat template, image-token layout, tiles, the features spliced into the embeddings) is followed by a fixed answer,
 and the fp32 decoder runs once over prompt + answer (teacher forcing) with the features of the fp32 PyTorch tower
 and once with the candidate's. The logits at the positions that predict the answer tokens (the first of them is
 the last prompt position: the first token the user gets) are compared: minimum and mean cosine and the share of
-positions whose argmax (the greedy token) agrees (:func:`export.runtime_choice.logit_fidelity`). The decoder stays
+positions whose argmax (the greedy token) agrees (:func:`vlmserve.export.runtime_choice.logit_fidelity`). The decoder
+stays
 fp32 here so that only the tower's precision is measured; the decoder's own precision has its own fence
 (``decoder_choice.json``).
 """
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from export import photos, runtime_choice
+from vlmserve.export import photos, runtime_choice
 
 PHOTOS = 3
 QUESTION = "Describe this image."
@@ -33,7 +35,8 @@ def answer_text(index: int) -> str:
 
 
 def torch_encoder(vision):
-    """The fp32 PyTorch tower (``model_repository.smolvlm.vision_module``) as an encoder callable (feeds -> outputs),
+    """The fp32 PyTorch tower (``vlmserve.model_repository.smolvlm.vision_module``) as an encoder callable (feeds ->
+    outputs),
     the shape of what ``open_encoder`` returns."""
     import torch
 
@@ -46,7 +49,7 @@ def torch_encoder(vision):
 
 
 class SmolVLMImageFence:
-    """``fence(encoder)`` -> the :func:`~export.runtime_choice.logit_fidelity` figures of the language model's
+    """``fence(encoder)`` -> the :func:`~vlmserve.export.runtime_choice.logit_fidelity` figures of the language model's
     teacher-forced logits with ``encoder``'s image features vs with the fp32 reference tower's.
 
     ``reference`` is an encoder callable (feeds -> ``{"image_features": ...}``), normally :func:`torch_encoder` of
@@ -54,8 +57,8 @@ class SmolVLMImageFence:
     """
 
     def __init__(self, checkpoint_dir: Path, reference, count: int = PHOTOS, seed: int = 0) -> None:
-        from model_repository.runtime import FeatureCache
-        from model_repository.smolvlm import SmolVLMPipeline
+        from vlmserve.model_repository.common import FeatureCache
+        from vlmserve.model_repository.smolvlm import SmolVLMPipeline
 
         # The served pipeline (fp32 decoder), with its image cache off: every call runs the encoder it is given.
         self.pipeline = SmolVLMPipeline(checkpoint_dir, encoder=reference, decoder_precision="fp32",

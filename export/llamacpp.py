@@ -11,7 +11,8 @@ and ISA level, so every state directory (tests, benches, demos) shares one build
         build-<isa>/bin/llama-server          Release, static, no curl/OpenSSL; BUILD_OK.json when finished
         gguf/<checkpoint>-<outtype>/          hf/ (the conversion copy) and model.gguf; GGUF_OK.json when done
 
-``python -m export.llamacpp`` (``make llamacpp``) builds and installs the bindings into the running environment:
+``python -m vlmserve.export.llamacpp`` (``make llamacpp``) builds and installs the bindings into the running
+environment:
 then ``vlmserve export`` can time and fence the llama.cpp chat engine and choose it (docs/chat.md).
 
 **Portable ISA, never ``-march=native``.** ``GGML_NATIVE=ON`` crashed with Illegal instruction (q8_0 on an AMX

@@ -18,9 +18,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from export.progress import Progress
-from export.tiny import SMOLVLM_CHAT_TEMPLATE, _bart_tokenizer, _byte_bpe, _train_sentencepiece
 from vlmserve import paths
+from vlmserve.export.progress import Progress
+from vlmserve.export.tiny import SMOLVLM_CHAT_TEMPLATE, _bart_tokenizer, _byte_bpe, _train_sentencepiece
 from vlmserve.families import FamilySpec, families
 from vlmserve.families.spec import load
 
@@ -205,7 +205,7 @@ def _write_markers(out_dir: Path, architecture: str, reference: str, parameters:
         "parameters": parameters,
     }
     text = json.dumps(marker, indent=2)
-    # VLMSERVE_TINY.json too: everything that checks export.tiny.is_tiny() then reports random weights.
+    # VLMSERVE_TINY.json too: everything that checks vlmserve.export.tiny.is_tiny() then reports random weights.
     (out_dir / "VLMSERVE_TINY.json").write_text(text)
     (out_dir / PERF_MARKER).write_text(text)  # last: its presence means the build finished
 
@@ -234,7 +234,7 @@ def build_perf_florence2(out_dir: Path) -> Path:
     from PIL.Image import Resampling
     from transformers import CLIPImageProcessor, Florence2ForConditionalGeneration, Florence2Processor
 
-    from model_repository.florence2_tasks import DEFAULT_POST_PROCESSOR_CONFIG
+    from vlmserve.model_repository.florence2_tasks import DEFAULT_POST_PROCESSOR_CONFIG
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(PERF_SEED)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export import pbtxt
+from vlmserve.export import pbtxt
 from vlmserve.families.contract import ModelParams
 
 EMBEDDED_CONFIG = "embedded"  # tritonserver --model-config-name=embedded selects configs/embedded.pbtxt

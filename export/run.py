@@ -7,12 +7,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from export import tiny
-from export.progress import Progress
-from export.repository import ExportOptions, fingerprint, read_stamp, write_stamp
-from export.runtime_choice import SELECTION_VERSION
-from export.sources import resolve_source
 from vlmserve import paths
+from vlmserve.export import tiny
+from vlmserve.export.progress import Progress
+from vlmserve.export.repository import ExportOptions, fingerprint, read_stamp, write_stamp
+from vlmserve.export.runtime_choice import SELECTION_VERSION
+from vlmserve.export.sources import resolve_source
 from vlmserve.families import FamilySpec, families, family
 from vlmserve.families.spec import load
 from vlmserve.host import cpu_info
@@ -55,7 +55,7 @@ def export_family(
     recipe = family(name).load_recipe()
     source_dir = resolve_source(source)
     weights = "random" if tiny.is_tiny(source_dir) else "pretrained"
-    from export.perf import is_perf
+    from vlmserve.export.perf import is_perf
 
     kind = "perf" if is_perf(source_dir) else "tiny"
     source_name = f"vlmserve/{kind}-{name}" if weights == "random" else str(source)
@@ -105,7 +105,7 @@ def export_model_set(
         if model_set == "tiny":
             source: str | Path = tiny_source(spec, progress)
         elif model_set == "perf":
-            from export.perf import perf_source
+            from vlmserve.export.perf import perf_source
 
             source = perf_source(spec, progress)
         else:

@@ -1,6 +1,6 @@
 """Pick, per exported encoder, the fastest CPU runtime/precision of this host whose fidelity holds.
 
-The candidates are the ones the serving models can open (``model_repository.runtime.open_encoder``): ONNX
+The candidates are the ones the serving models can open (``vlmserve.model_repository.common.open_encoder``): ONNX
 Runtime fp32 (the default, exact), OpenVINO fp32, and OpenVINO bf16 where the CPU has native bf16 (AVX512-BF16
 or AMX). Each is checked against the fp32 PyTorch reference's outputs on realistic inputs (photos through the
 checkpoint's own processor, natural sentences) and timed, interleaved round by round so that a busy machine
@@ -9,7 +9,7 @@ it must beat the default by ``MARGIN`` (timing noise must not flip the choice be
 
 A tower whose output the user never sees directly (SmolVLM2's vision encoder + connector, whose features the
 language model reads) is fenced end to end instead: ``choose(..., fence=...)`` runs each candidate through
-``fence`` (e.g. :class:`export.image_fence.SmolVLMImageFence`), which teacher-forces the language model over
+``fence`` (e.g. :class:`vlmserve.export.image_fence.SmolVLMImageFence`), which teacher-forces the language model over
 image prompts with that candidate's features and compares the logits with the ones the fp32 reference tower
 gives (:func:`logit_fidelity`); the candidate is faithful when the minimum per-position cosine is >= the floor
 and the argmax agrees at >= ``ARGMAX_FLOOR`` of the positions (:func:`lm_faithful`). The tower-level cosine is
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from export.onnx_utils import FidelityError
+from vlmserve.export.onnx_utils import FidelityError
 from vlmserve.host import CpuInfo, cpu_info
 
 # Bump when the candidates, the floors or the way of choosing change: every repository re-selects.
@@ -138,9 +138,9 @@ def choose(
     With it, ``fence(encoder)`` returns the candidate's :func:`logit_fidelity` figures (the language model's
     logits with this encoder's features vs with the fp32 reference's) and those gate it (:func:`lm_faithful`);
     the tower cosine is reported only. ``opener(path, runtime, precision)`` opens a candidate (default
-    ``model_repository.runtime.open_encoder``; tests pass fakes).
+    ``vlmserve.model_repository.common.open_encoder``; tests pass fakes).
     """
-    from model_repository.runtime import open_encoder
+    from vlmserve.model_repository.common import open_encoder
 
     open_candidate = opener or open_encoder
     cpu = cpu or cpu_info()

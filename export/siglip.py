@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from export import onnx_utils, photos, runtime_choice
-from export.pbtxt import Enum, parameters
-from export.progress import Progress
-from export.repository import (
+from vlmserve.export import onnx_utils, photos, runtime_choice
+from vlmserve.export.pbtxt import Enum, parameters
+from vlmserve.export.progress import Progress
+from vlmserve.export.repository import (
     EMBEDDED_CONFIG,
     ExportOptions,
     copy_tree,
@@ -195,17 +195,17 @@ def _write_models(repo: Path, source_dir: Path, options: ExportOptions, meta: di
                                         EmbedParams(**meta, role="encoder", **chosen))
         write_config(repo, name + suffix, native)
         write_config(repo, name + suffix, embedded, EMBEDDED_CONFIG)
-        write_python_model(repo, name + suffix, "model_repository.onnx_model.TritonPythonModel")
+        write_python_model(repo, name + suffix, "vlmserve.model_repository.onnx_model.TritonPythonModel")
 
     embedding = {"name": "EMBEDDING", "data_type": Enum("TYPE_FP32"), "dims": [dim]}
     clients = [
         ("siglip_embed_image", {"name": "IMAGE", "data_type": Enum("TYPE_STRING"), "dims": [1]}, [embedding],
          "siglip_vision", {"task": "embed_image", "image_size": size, "max_pixels": options.max_pixels},
-         "model_repository.siglip.EmbedImageModel"),
+         "vlmserve.model_repository.siglip.EmbedImageModel"),
         ("siglip_embed_text", {"name": "TEXT", "data_type": Enum("TYPE_STRING"), "dims": [1]},
          [embedding, {"name": "NUM_TOKENS", "data_type": Enum("TYPE_INT32"), "dims": [1]}],
          "siglip_text", {"task": "embed_text", "max_text_length": seq},
-         "model_repository.siglip.EmbedTextModel"),
+         "vlmserve.model_repository.siglip.EmbedTextModel"),
     ]
     for name, inp, outs, encoder, extra, cls in clients:
         chosen = runtime_choice.config_params(choices.get(encoder))

@@ -1,14 +1,14 @@
 """SigLIP 2 recipe: fixed-resolution and NaFlex checkpoints -> ONNX towers + the client-facing embedding models.
 
 Writes ``siglip2_vision`` / ``siglip2_text`` (ONNX) and ``siglip2_embed_image`` / ``siglip2_embed_text`` (Python
-models, :mod:`model_repository.siglip2`), in the layout of SigLIP v1 (:mod:`export.siglip`):
+models, :mod:`vlmserve.model_repository.siglip2`), in the layout of SigLIP v1 (:mod:`vlmserve.export.siglip`):
 
 * fixed resolution (``google/siglip2-base-patch16-224``, ``model_type`` ``siglip``): the vision tower takes
   ``pixel_values`` [batch, 3, size, size], exactly as v1;
 * NaFlex (``google/siglip2-*-naflex``, ``Siglip2Model``): the vision tower takes ``pixel_values`` [batch, patches,
   3 * p * p], ``pixel_attention_mask`` [batch, patches] and ``position_weights`` [batch, patches, grid * grid]; the
   position-embedding resize is the product ``position_weights @ table`` in the graph, the antialiased-bilinear
-  weights come from numpy (``model_repository.siglip2.position_weights``, which says why);
+  weights come from numpy (``vlmserve.model_repository.siglip2.position_weights``, which says why);
 * text (both): ``input_ids`` + ``attention_mask`` [batch, max_position_embeddings] (Gemma tokenizer).
 
 Parity is checked against transformers itself (``get_image_features`` / ``get_text_features`` on its own
@@ -23,12 +23,19 @@ from typing import Any
 
 import numpy as np
 
-from export import onnx_utils, photos, runtime_choice
-from export.pbtxt import Enum
-from export.progress import Progress
-from export.repository import EMBEDDED_CONFIG, ExportOptions, copy_tree, onnx_configs, write_config, write_python_model
-from export.siglip import _client_configs
-from export.tiny import TINY_SEED
+from vlmserve.export import onnx_utils, photos, runtime_choice
+from vlmserve.export.pbtxt import Enum
+from vlmserve.export.progress import Progress
+from vlmserve.export.repository import (
+    EMBEDDED_CONFIG,
+    ExportOptions,
+    copy_tree,
+    onnx_configs,
+    write_config,
+    write_python_model,
+)
+from vlmserve.export.siglip import _client_configs
+from vlmserve.export.tiny import TINY_SEED
 from vlmserve.families.siglip2 import Siglip2Params
 
 FAMILY = "siglip2"
@@ -151,7 +158,7 @@ def reference_features(model, naflex: bool, pixels: dict[str, np.ndarray] | None
 def graph_inputs(naflex: bool, grid: int, pixels: dict[str, np.ndarray] | None = None,
                  tokens: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The ONNX towers' inputs for the processor's outputs (the same tensors the Triton models build in numpy)."""
-    from model_repository.siglip2 import position_weights
+    from vlmserve.model_repository.siglip2 import position_weights
 
     if pixels is not None:
         if not naflex:
@@ -264,16 +271,16 @@ def _write_models(repo: Path, source_dir: Path, options: ExportOptions, meta: di
         native["input"] = embedded["input"] = inputs
         write_config(repo, name, native)
         write_config(repo, name, embedded, EMBEDDED_CONFIG)
-        write_python_model(repo, name, "model_repository.onnx_model.TritonPythonModel")
+        write_python_model(repo, name, "vlmserve.model_repository.onnx_model.TritonPythonModel")
 
     embedding = _tensor("EMBEDDING", "TYPE_FP32", [dim])
     clients = [
         ("siglip2_embed_image", _tensor("IMAGE", "TYPE_STRING", [1]), [embedding], "siglip2_vision",
          {"task": "embed_image", "max_pixels": options.max_pixels, **vision_meta},
-         "model_repository.siglip2.EmbedImageModel"),
+         "vlmserve.model_repository.siglip2.EmbedImageModel"),
         ("siglip2_embed_text", _tensor("TEXT", "TYPE_STRING", [1]),
          [embedding, _tensor("NUM_TOKENS", "TYPE_INT32", [1])], "siglip2_text",
-         {"task": "embed_text", "max_text_length": seq}, "model_repository.siglip2.EmbedTextModel"),
+         {"task": "embed_text", "max_text_length": seq}, "vlmserve.model_repository.siglip2.EmbedTextModel"),
     ]
     for name, inp, outs, encoder, extra, cls in clients:
         chosen = runtime_choice.config_params(choices.get(encoder))
@@ -297,7 +304,7 @@ def gemma_tokenizer(vocab_size: int, max_length: int):
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
     from transformers import GemmaTokenizerFast
 
-    from export.tiny import _CORPUS
+    from vlmserve.export.tiny import _CORPUS
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
@@ -387,7 +394,7 @@ def build_perf_siglip2(out_dir: Path) -> Path:
     import torch
     from transformers import Siglip2ImageProcessor, Siglip2Model, Siglip2Processor
 
-    from export.perf import PERF_SEED, _write_markers
+    from vlmserve.export.perf import PERF_SEED, _write_markers
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(PERF_SEED)

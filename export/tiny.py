@@ -170,7 +170,7 @@ def build_tiny_florence2(out_dir: Path) -> Path:
         size={"height": image_size, "width": image_size}, do_center_crop=False, crop_size=None,
         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], image_seq_length=tokens,
     )
-    from model_repository.florence2_tasks import DEFAULT_POST_PROCESSOR_CONFIG
+    from vlmserve.model_repository.florence2_tasks import DEFAULT_POST_PROCESSOR_CONFIG
 
     Florence2Processor(image_processor=image_processor, tokenizer=tokenizer,
                        post_processor_config=DEFAULT_POST_PROCESSOR_CONFIG).save_pretrained(out_dir)

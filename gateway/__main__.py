@@ -1,7 +1,7 @@
-"""``python -m gateway``: serve the gateway with uvicorn using ``VLMSERVE_GATEWAY_*`` settings.
+"""``python -m vlmserve.gateway``: serve the gateway with uvicorn using ``VLMSERVE_GATEWAY_*`` settings.
 
 SIGTERM (or Ctrl-C) drains first, readiness first: for ``drain_delay_s`` only ``/readyz`` answers 503 (load
-balancers stop routing here; what they still send is served), then the app's :class:`gateway.limits.Drain`
+balancers stop routing here; what they still send is served), then the app's :class:`vlmserve.gateway.limits.Drain`
 answers new requests 503 + Retry-After while those in progress finish, for at most ``drain_timeout_s``; then
 uvicorn shuts down. A second signal stops at once.
 """
@@ -14,10 +14,10 @@ from types import FrameType
 
 import uvicorn
 
-from gateway.app import create_app
-from gateway.limits import Drain
-from gateway.settings import GatewaySettings
 from vlmserve import telemetry
+from vlmserve.gateway.app import create_app
+from vlmserve.gateway.limits import Drain
+from vlmserve.gateway.settings import GatewaySettings
 
 log = logging.getLogger("vlmserve.gateway")
 

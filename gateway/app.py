@@ -11,21 +11,21 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI
 
-from gateway import errors
-from gateway.batches import BatchStore, batch_root, batch_runner
-from gateway.chat import ChatService
-from gateway.embedding import EmbeddingService
-from gateway.limits import BodySizeLimit, Drain, InFlightLimit, Interactive
-from gateway.metrics import Metrics, MetricsMiddleware
-from gateway.observability import RequestIdMiddleware
-from gateway.routes import batches as batch_routes
-from gateway.routes import chat as chat_routes
-from gateway.routes import embeddings, health, openai
-from gateway.routes import florence as florence_routes
-from gateway.settings import GatewaySettings
-from gateway.storage import LocalStore, build_store, sweep_forever
-from gateway.triton import InferenceBackend, TritonBackend
-from gateway.ui import router as ui_router
+from vlmserve.gateway import errors
+from vlmserve.gateway.batches import BatchStore, batch_root, batch_runner
+from vlmserve.gateway.chat import ChatService
+from vlmserve.gateway.embedding import EmbeddingService
+from vlmserve.gateway.limits import BodySizeLimit, Drain, InFlightLimit, Interactive
+from vlmserve.gateway.metrics import Metrics, MetricsMiddleware
+from vlmserve.gateway.observability import RequestIdMiddleware
+from vlmserve.gateway.routes import batches as batch_routes
+from vlmserve.gateway.routes import chat as chat_routes
+from vlmserve.gateway.routes import embeddings, health, openai
+from vlmserve.gateway.routes import florence as florence_routes
+from vlmserve.gateway.settings import GatewaySettings
+from vlmserve.gateway.storage import LocalStore, build_store, sweep_forever
+from vlmserve.gateway.triton import InferenceBackend, TritonBackend
+from vlmserve.gateway.ui import router as ui_router
 
 log = logging.getLogger("vlmserve.gateway")
 
@@ -38,7 +38,7 @@ def create_app(settings: GatewaySettings, backend: InferenceBackend | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Redirects are followed by gateway.images itself, re-checking every hop against the SSRF rules.
+        # Redirects are followed by vlmserve.gateway.images itself, re-checking every hop against the SSRF rules.
         async with httpx.AsyncClient(follow_redirects=False, timeout=settings.fetch_timeout_s) as http:
             app.state.embeddings = EmbeddingService(settings, backend, http)
             app.state.chat = ChatService(settings, backend, http)
@@ -62,12 +62,12 @@ def create_app(settings: GatewaySettings, backend: InferenceBackend | None = Non
                 await backend.close()
 
     app = FastAPI(title="vlmserve", version="0.1.0", lifespan=lifespan,
-                  description="Vision-language models behind NVIDIA Triton: seed-compatible APIs + OpenAI API")
+                  description="Vision-language models behind NVIDIA Triton: the old services' APIs + OpenAI API")
     app.state.settings = settings
     app.state.backend = backend
     app.state.metrics = Metrics()
     app.state.started_at = time.time()
-    app.state.drain = Drain(settings.retry_after_s)  # started by the server on SIGTERM (gateway.__main__)
+    app.state.drain = Drain(settings.retry_after_s)  # started by the server on SIGTERM (vlmserve.gateway.__main__)
     app.state.storage = build_store(settings)  # lazy: no folder or S3 client until first use
     app.state.interactive = Interactive()  # counted by InFlightLimit; a running batch yields to it
     app.state.batches = BatchStore(batch_root(settings))  # lazy too: the database opens on first use

@@ -6,7 +6,7 @@ import hmac
 
 from fastapi import Request
 
-from gateway.errors import APIError
+from vlmserve.gateway.errors import APIError
 
 
 def require_api_key(request: Request) -> None:

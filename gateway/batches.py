@@ -9,7 +9,7 @@ loses no finished line and redoes none: only the lines that were in flight run a
 
 The lines run through the gateway's own app, in-process (``httpx.ASGITransport``): the same validation, limits
 and answers as the public route, with the header ``X-Vlmserve-Priority: batch``. That header lowers the request
-below interactive traffic (``gateway.limits.batch_priority``): Triton's dynamic batchers queue it behind
+below interactive traffic (``vlmserve.gateway.limits.batch_priority``): Triton's dynamic batchers queue it behind
 interactive requests and the chat engine admits interactive rows first. A batch runs at most
 ``batch_share`` of its route group's in-flight cap at once, and one line at a time while the group has
 interactive requests in progress or had one in the last ``batch_yield_s`` (the gateway's own CPU, parsing and
@@ -37,10 +37,10 @@ from typing import Any
 
 import httpx
 
-from gateway.errors import APIError, error_body
-from gateway.limits import Interactive
-from gateway.settings import GatewaySettings
 from vlmserve import telemetry
+from vlmserve.gateway.errors import APIError, error_body
+from vlmserve.gateway.limits import Interactive
+from vlmserve.gateway.settings import GatewaySettings
 
 log = logging.getLogger("vlmserve.gateway")
 

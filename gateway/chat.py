@@ -1,4 +1,4 @@
-"""Chat logic behind ``/v1/chat/completions`` and the chat-model seed routes (``/ocr``, ``/v1/ocr``,
+"""Chat logic behind ``/v1/chat/completions`` and the chat models' service routes (``/ocr``, ``/v1/ocr``,
 ``/v1/describe_region``).
 
 It turns OpenAI-style requests into the chat models' Triton contract (``MESSAGES`` or ``PROMPT``, and
@@ -26,13 +26,13 @@ import numpy as np
 from fastapi import Request
 from PIL import Image, ImageOps
 
-from gateway.errors import APIError
-from gateway.images import ImageInputError, ImagePolicy, resolve_image
-from gateway.limits import batch_priority
-from gateway.media import resolve_video, video_policy
-from gateway.settings import GatewaySettings
-from gateway.triton import InferenceBackend, ModelInfo, Registry, live_registry, use_model
 from vlmserve.families.contract import ChatParams
+from vlmserve.gateway.errors import APIError
+from vlmserve.gateway.images import ImageInputError, ImagePolicy, resolve_image
+from vlmserve.gateway.limits import batch_priority
+from vlmserve.gateway.media import resolve_video, video_policy
+from vlmserve.gateway.settings import GatewaySettings
+from vlmserve.gateway.triton import InferenceBackend, ModelInfo, Registry, live_registry, use_model
 
 __all__ = [
     "BOX_PATTERN",
@@ -388,7 +388,7 @@ def _first_str(array: np.ndarray | None) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-# --- seed helpers: OCR and regions -----------------------------------------------------------------------
+# --- service-route helpers: OCR and regions -----------------------------------------------------------------------
 
 
 def ocr_prompt(language: str | None) -> str:

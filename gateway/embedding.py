@@ -1,4 +1,4 @@
-"""Embedding logic shared by the seed routes (/embed, /embed_text) and the OpenAI route (/v1/embeddings)."""
+"""Embedding logic shared by the old services' routes (/embed, /embed_text) and the OpenAI route (/v1/embeddings)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import httpx
 import numpy as np
 from fastapi import Request
 
-from gateway.errors import APIError, about
-from gateway.images import resolve_image
-from gateway.settings import GatewaySettings
-from gateway.triton import InferenceBackend, ModelInfo, live_registry, use_model
+from vlmserve.gateway.errors import APIError, about
+from vlmserve.gateway.images import resolve_image
+from vlmserve.gateway.settings import GatewaySettings
+from vlmserve.gateway.triton import InferenceBackend, ModelInfo, live_registry, use_model
 
 IMAGE_TASK = "embed_image"
 TEXT_TASK = "embed_text"

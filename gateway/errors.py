@@ -11,8 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model_repository.florence2_tasks import UnknownTask
 from vlmserve import telemetry
+from vlmserve.model_repository.florence2_tasks import UnknownTask
 
 log = logging.getLogger("vlmserve.gateway")
 

@@ -1,8 +1,8 @@
-"""Florence-2 logic behind the seed routes, free of FastAPI and torch so it is unit-testable on its own.
+"""Florence-2 logic behind the old services' routes, free of FastAPI and torch so it is unit-testable on its own.
 
 The task table comes from the served model's config (parameter ``tasks``, written by the export), so the
 gateway offers exactly what Triton serves. This module checks a request against that table, builds the Triton
-inputs, turns the model's ``RESULT`` JSON into the response the seeds' users read (``bboxes``, ``labels``,
+inputs, turns the model's ``RESULT`` JSON into the response the old services' users read (``bboxes``, ``labels``,
 ``objects``, ...), and draws the result onto the image for ``/v1/predict``.
 """
 
@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from gateway.errors import APIError, DomainError
-from gateway.triton import ModelInfo
-from model_repository.florence2_tasks import REGION_HINT, REGION_TASKS, Task, UnknownTask, region_to_loc_tokens
 from vlmserve.families.contract import FlorenceParams
+from vlmserve.gateway.errors import APIError, DomainError
+from vlmserve.gateway.triton import ModelInfo
+from vlmserve.model_repository.florence2_tasks import REGION_HINT, REGION_TASKS, Task, UnknownTask, region_to_loc_tokens
 
 __all__ = [
     "FlorenceInputError",
@@ -93,7 +93,7 @@ class TaskTable:
         """A task by name (``object_detection``) or token (``<OD>``); UnknownTask lists the valid ones."""
         task = self._by_key.get(key.strip().lower())
         if task is None:
-            # Same wording as model_repository.florence2_tasks.find_task, but over the served table.
+            # Same wording as vlmserve.model_repository.florence2_tasks.find_task, but over the served table.
             valid = ", ".join(f"{t.name} ({t.token})" for t in self.tasks)
             raise UnknownTask(f"unknown task {key!r}; valid tasks: {valid}")
         return task
@@ -123,7 +123,7 @@ def check_generation_args(max_new_tokens: int | None, num_beams: int | None, lim
 def prepare_text(task: FlorenceTask, text: str | None, image_size: tuple[int, int], max_chars: int) -> str | None:
     """The TEXT input to send for ``task``, or None to send none.
 
-    Text for a task that takes none is dropped (the seeds accepted it silently). A task that needs text
+    Text for a task that takes none is dropped (the old services accepted it silently). A task that needs text
     without it is a 422 naming the hint; text over ``max_chars`` is a 413. Region tasks get their
     ``x1,y1,x2,y2`` pixel box checked against ``image_size`` and converted to Florence's loc tokens.
     """
@@ -184,7 +184,7 @@ def shape_response(payload: Mapping[str, Any], task: FlorenceTask, *, model: str
     """The /infer response: the model's answer plus flat fields per result kind.
 
     Always ``task``, ``task_token``, ``text`` (raw generated text), ``result`` (parsed), ``image_size``
-    (``{"width", "height"}``), ``latency_ms`` and ``processing_time_ms`` (seed 000's name, same value),
+    (``{"width", "height"}``), ``latency_ms`` and ``processing_time_ms`` (the Florence-2 service's name, same value),
     ``model``. Box results add ``bboxes``, ``labels``, ``objects`` (``[{"label", "bbox"}]``); OCR with
     regions adds ``quad_boxes``, ``labels`` and objects with ``quad_box``; segmentation adds ``polygons``,
     ``labels`` and objects with ``polygons``; open-vocabulary detection adds ``bboxes``, ``bboxes_labels``,

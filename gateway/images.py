@@ -24,8 +24,8 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 from pydantic.json_schema import JsonDict
 
-from gateway.errors import DomainError
 from vlmserve import telemetry
+from vlmserve.gateway.errors import DomainError
 
 __all__ = [
     "EXAMPLE_IMAGE",
@@ -372,7 +372,7 @@ async def _fetch_url(url: str, policy: ImagePolicy, client: httpx.AsyncClient | 
 async def fetch_url(url: str, policy: ImagePolicy, client: httpx.AsyncClient | None, *, accept: str) -> bytes:
     """GET ``url`` within ``policy`` (SSRF rules and pinned address on every redirect hop, size cap, timeout).
 
-    Shared by images and videos (:mod:`gateway.media`). Raises :class:`ImageInputError`.
+    Shared by images and videos (:mod:`vlmserve.gateway.media`). Raises :class:`ImageInputError`.
     """
     if not policy.allow_urls:
         raise ImageInputError(

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import error_body
+from vlmserve.gateway.errors import error_body
 
 
 class BodySizeLimit:
@@ -88,7 +88,7 @@ TRITON_PRIORITY = {False: 1, True: 2}  # the exported dynamic batchers: priority
 
 class Interactive:
     """Interactive (not batch) requests per route group: how many are in progress and when the last one came or
-    went. A running batch yields to them (``gateway.batches``): one line at a time while the group is busy."""
+    went. A running batch yields to them (``vlmserve.gateway.batches``): one line at a time while the group is busy."""
 
     def __init__(self) -> None:
         self.active: dict[str, int] = {}
@@ -152,7 +152,7 @@ class Drain:
     only ``/readyz`` answers 503, every other request is served as before: load balancers and Kubernetes
     endpoints stop routing here while the requests they still send are answered. Then ``draining``: requests
     already in progress finish; new ones get 503 + Retry-After and ``Connection: close`` (a load balancer or client
-    retries elsewhere) instead of a refused connection. The server (``gateway.__main__``) exits once ``active``
+    retries elsewhere) instead of a refused connection. The server (``vlmserve.gateway.__main__``) exits once ``active``
     reaches 0 or the drain times out. ``/livez`` keeps answering: the process is alive until it exits."""
 
     def __init__(self, retry_after_s: int) -> None:

@@ -1,6 +1,7 @@
 """Video intake for chat: ``data:video/...;base64,`` URIs and http(s) URLs, checked before any model work.
 
-URLs follow the image SSRF rules (:func:`gateway.images.fetch_url`: checked and pinned address on every redirect
+URLs follow the image SSRF rules (:func:`vlmserve.gateway.images.fetch_url`: checked and pinned address on every
+redirect
 hop) with their own size cap. The gateway cannot decode video without heavy native libraries, so it checks the container
 signature (MP4/QuickTime/M4V, WebM/Matroska; read by the ``filetype`` package) and leaves frame decoding to the model.
 """
@@ -14,7 +15,7 @@ import dataclasses
 import filetype
 import httpx
 
-from gateway.images import ImageInputError, ImagePolicy, fetch_url
+from vlmserve.gateway.images import ImageInputError, ImagePolicy, fetch_url
 
 __all__ = ["resolve_video", "video_container", "video_policy"]
 
@@ -46,7 +47,7 @@ def video_container(data: bytes) -> str | None:
 async def resolve_video(ref: str, policy: ImagePolicy, client: httpx.AsyncClient | None = None) -> bytes:
     """The bytes of a video given as a data URI or an http(s) URL, within ``policy.max_bytes``.
 
-    Raises :class:`gateway.images.ImageInputError` (400 bad reference or refused URL, 413 too large,
+    Raises :class:`vlmserve.gateway.images.ImageInputError` (400 bad reference or refused URL, 413 too large,
     415 not a video).
     """
     if not isinstance(ref, str) or not ref.strip():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gateway.images import ImagePolicy
+from vlmserve.gateway.images import ImagePolicy
 
 
 class GatewaySettings(BaseSettings):
@@ -42,7 +42,7 @@ class GatewaySettings(BaseSettings):
     url_allowlist: list[str] = Field(default_factory=list, description="hosts/IPs/CIDRs exempt from SSRF checks")
     local_image_dir: str | None = Field(None, description="local image paths allowed only inside this folder")
     fetch_timeout_s: float = 10.0
-    # Object store for Florence-2's /v1/predict store_image=true (seed 001 used MinIO).
+    # Object store for Florence-2's /v1/predict store_image=true (the Florence-2 v1 service used MinIO).
     storage_dir: str | None = Field(None, description="local object store folder; default <state dir>/storage")
     public_base_url: str | None = Field(None, description="base of /files URLs; default: the request's base URL")
     storage_s3_bucket: str | None = Field(None, description="when set, store objects in this S3-compatible bucket")

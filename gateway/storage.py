@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from gateway.settings import GatewaySettings
+from vlmserve.gateway.settings import GatewaySettings
 
 log = logging.getLogger("vlmserve.gateway")
 

@@ -23,11 +23,11 @@ import tritonclient.grpc.aio as triton_grpc
 import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
-from gateway.errors import APIError
-from gateway.limits import TRITON_PRIORITY, batch_priority
 from vlmserve import telemetry
 from vlmserve.families import TASK_SURFACE, default_family
 from vlmserve.families.contract import ModelParams
+from vlmserve.gateway.errors import APIError
+from vlmserve.gateway.limits import TRITON_PRIORITY, batch_priority
 
 P = TypeVar("P", bound=ModelParams)
 
@@ -458,7 +458,7 @@ class TritonBackend:
             log.debug("%s: abandoned stream ended with %s", model, type(exc).__name__)
 
     # Errors are told apart by Triton's status code: HTTP status of the one-shot calls, gRPC status code of the
-    # streams (the triton_grpc_error header), the code our models set (model_repository/runtime.py error_response:
+    # streams (the triton_grpc_error header), the code our models set (model_repository/common.py error_response:
     # INVALID_ARG for the client's input, UNAVAILABLE for a full chat queue). Two cases carry no distinct code and
     # read Triton's message: a dead Python stub (INTERNAL, like any model failure: "Stub process ... is not
     # healthy") and an unknown model inside a stream (refused before the request reaches a model, uncoded).

@@ -1,7 +1,7 @@
 """Interactive latency beside a running batch, and a batch's throughput against Locust's maximum.
 
 Against a running gateway (``make demo``, or the perf stack), for one endpoint (``embeddings`` or ``chat``), with
-the Locust suite's own request bodies (``loadtests.payloads``), it measures, in alternating rounds:
+the Locust suite's own request bodies (``vlmserve.loadtests.payloads``), it measures, in alternating rounds:
 
 1. **interactive alone**: ``--users`` closed-loop clients with ``--think`` seconds between requests, for
    ``--duration`` s: latency p50/p95;
@@ -14,7 +14,7 @@ then, once each:
 4. **Locust's maximum**: Locust headless on the same endpoint's user class with ``--locust-users`` users, no
    think time, requests/s.
 
-Run: ``python -m loadtests.batch_bench --base-url http://127.0.0.1:8080 --endpoint embeddings``. Writes
+Run: ``python -m vlmserve.loadtests.batch_bench --base-url http://127.0.0.1:8080 --endpoint embeddings``. Writes
 ``loadtests/reports/batch-<endpoint>.{md,json}``.
 """
 
@@ -35,8 +35,8 @@ from typing import Any
 
 import httpx
 
-from loadtests.payloads import Config, chat_body, v1_embeddings_body
 from vlmserve.host import serving_cpu
+from vlmserve.loadtests.payloads import Config, chat_body, v1_embeddings_body
 
 ENDPOINTS = {
     "embeddings": ("/v1/embeddings", "v1_embeddings"),
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = args.name or f"batch-{args.endpoint}"
     REPORTS.mkdir(exist_ok=True)
     (REPORTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (REPORTS / f"{name}.md").write_text(render(report, " ".join(["python -m loadtests.batch_bench",
+    (REPORTS / f"{name}.md").write_text(render(report, " ".join(["python -m vlmserve.loadtests.batch_bench",
                                                                    *(argv or sys.argv[1:])])))
     print(json.dumps(report, indent=2))
     return report

@@ -39,10 +39,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from loadtests.image_ttft import image_chat_ttft
-from orchestrator.lifetime import die_with_parent, sigterm_exits
 from vlmserve import paths
 from vlmserve.host import CpuInfo, cpu_info
+from vlmserve.loadtests.image_ttft import image_chat_ttft
+from vlmserve.orchestrator.lifetime import die_with_parent, sigterm_exits
 
 REPORTS = paths.PROJECT_ROOT / "loadtests" / "reports"
 USERS_FILE = paths.PROJECT_ROOT / "loadtests" / "bench_users.py"
@@ -152,8 +152,8 @@ def raw_siglip(repo: Path, checkpoint: Path, cpu: CpuInfo, batch: int = 8, round
     import torch
     from transformers import AutoImageProcessor, SiglipModel
 
-    from export import photos
-    from model_repository.runtime import open_encoder
+    from vlmserve.export import photos
+    from vlmserve.model_repository.common import open_encoder
 
     processor = AutoImageProcessor.from_pretrained(checkpoint)
     pixels = processor(images=photos.photos(batch), return_tensors="np")["pixel_values"].astype(np.float32)
@@ -305,12 +305,12 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
               out_dir: Path = REPORTS, log=print, siglip: bool = True, chat_think_s: float = 0.0,
               chat_baseline: bool = True, llama_cpp: bool = False, llama_cpp_outtype: str = "auto",
               llama_cpp_threads: int | None = None) -> Path:
-    from export.progress import Progress
-    from export.repository import ExportOptions
-    from export.run import export_model_set
-    from orchestrator.ports import free_port, stack_ports
-    from orchestrator.process import ProcessRuntime
-    from orchestrator.settings import OrchestratorSettings
+    from vlmserve.export.progress import Progress
+    from vlmserve.export.repository import ExportOptions
+    from vlmserve.export.run import export_model_set
+    from vlmserve.orchestrator.ports import free_port, stack_ports
+    from vlmserve.orchestrator.process import ProcessRuntime
+    from vlmserve.orchestrator.settings import OrchestratorSettings
 
     cpu = cpu_info()
     log(f"host: {cpu.summary}")
@@ -337,8 +337,8 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
         gflop_per_image = siglip_vision_gflop(checkpoints / "siglip")
     llama_binary = llama_gguf = None
     if llama_cpp:
-        from export import llamacpp as llamacpp_build
-        from loadtests import llamacpp
+        from vlmserve.export import llamacpp as llamacpp_build
+        from vlmserve.loadtests import llamacpp
 
         llama_binary, llama_build = llamacpp_build.ensure_server(log)
         llama_outtype = _llama_outtype(llama_cpp_outtype, repo)
@@ -367,7 +367,7 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
                 break
             port = free_port()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "loadtests.baseline.server", *model_args, "--port", str(port), *flags],
+                [sys.executable, "-m", "vlmserve.loadtests.baseline.server", *model_args, "--port", str(port), *flags],
                 # The log file outlives this block: the server writes to it until it is stopped.
                 cwd=paths.PROJECT_ROOT, stdout=open(out / f"{system}.log", "w"),  # noqa: SIM115
                 stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
@@ -521,7 +521,7 @@ def _batch_sizes(triton_url: str, models: list[str]) -> dict[str, dict[str, int]
 def _fidelity(gateway: str, checkpoint: Path, local_dir: Path, log) -> dict[str, Any]:
     """Served ``/embed`` vs the transformers reference pipeline on photos of every format and mode, 224-4000 px
     (sent by path through the gateway's local image folder: the largest exceed the request body cap)."""
-    from loadtests.fidelity import fence_images, served_vs_reference, summarise
+    from vlmserve.loadtests.fidelity import fence_images, served_vs_reference, summarise
 
     rows = served_vs_reference(gateway, checkpoint, fence_images(), local_dir=local_dir)
     cosines = [r["cosine"] for r in rows]

@@ -15,7 +15,7 @@ import time
 import numpy as np
 from locust import HttpUser, User, constant, task
 
-from export.photos import photo_jpeg as _photo
+from vlmserve.export.photos import photo_jpeg as _photo
 
 MODEL = os.environ.get("VLMSERVE_BENCH_MODEL") or None
 MAX_NEW_TOKENS = int(os.environ.get("VLMSERVE_BENCH_MAX_NEW_TOKENS", "32"))
@@ -50,7 +50,7 @@ CHAT_IMAGE = None if CHAT_IMAGE_SPEC == "none" else "data:image/jpeg;base64," + 
 
 
 class EmbedUser(HttpUser):
-    """One image per ``POST /embed`` (seed 004's call), as fast as answers come back."""
+    """One image per ``POST /embed`` (the SigLIP embedding service's call), as fast as answers come back."""
 
     wait_time = constant(0)
 
@@ -65,7 +65,7 @@ class EmbedUser(HttpUser):
 
 
 class CaptionUser(HttpUser):
-    """Florence-2 ``caption`` through seed 000's ``POST /infer``."""
+    """Florence-2 ``caption`` through the Florence-2 service's ``POST /infer``."""
 
     wait_time = constant(0)
 

@@ -5,7 +5,7 @@ twice (the first run also warms the gateway), then ``--concurrency 1``, ``--conc
 ``--batch-size 1`` to compare. Prints each run's summary line (done, images/s, requests) and writes
 ``loadtests/reports/client-embed.{md,json}``.
 
-Run: ``python -m loadtests.client_bench --base-url http://127.0.0.1:8080 --images 200``.
+Run: ``python -m vlmserve.loadtests.client_bench --base-url http://127.0.0.1:8080 --images 200``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """Served SigLIP image embeddings vs the transformers reference pipeline: cosine per image, summary per format/mode.
 
-The reference is how seed 004 (and ``loadtests/baseline``) embed an image: ``PIL.Image.open(...).convert("RGB")``,
+The reference is how the SigLIP embedding service (and ``loadtests/baseline``) embed an image:
+``PIL.Image.open(...).convert("RGB")``,
 the checkpoint's ``AutoProcessor`` and ``SiglipModel.get_image_features`` in eager PyTorch fp32, L2-normalised.
 vlmserve's path differs in every step (gateway validation, JPEG reduced-scale decoding, the numpy preprocessing of
-``model_repository.siglip``, the ONNX encoder), so the cosine between the two is the end-to-end fidelity.
+``vlmserve.model_repository.siglip``, the ONNX encoder), so the cosine between the two is the end-to-end fidelity.
 
-    python -m loadtests.fidelity --gateway http://127.0.0.1:8000 --checkpoint DIR [--local-dir DIR]
+    python -m vlmserve.loadtests.fidelity --gateway http://127.0.0.1:8000 --checkpoint DIR [--local-dir DIR]
 
 prints one JSON line per format/mode (``min_cosine``, ``mean_cosine``, ``images``) for the bench report.
 """
@@ -25,7 +26,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from export import photos
+from vlmserve.export import photos
 
 DEFAULT_SIZES = ((224, 224), (640, 480), (1024, 768), (2048, 1536), (4000, 3000), (3000, 4000))
 # The gateway refuses images over 20 MiB (``max_image_bytes``): a noisy 4000x3000 PNG is ~30 MB, so PNG stops
@@ -68,7 +69,8 @@ def fence_images(sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES, seed: int = 0
 
 
 def reference_embeddings(checkpoint_dir: Path, images: Sequence[bytes]) -> np.ndarray:
-    """Seed 004's pipeline: PIL open + convert RGB, the checkpoint's AutoProcessor, SiglipModel fp32, L2-normalised."""
+    """The SigLIP embedding service's pipeline: PIL open + convert RGB, the checkpoint's AutoProcessor, SiglipModel
+    fp32, L2-normalised."""
     import torch
     from PIL import Image
     from transformers import AutoProcessor, SiglipModel

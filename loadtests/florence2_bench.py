@@ -1,6 +1,6 @@
 """In-process Florence-2 latency check: caption p95 under N users, with and without one heavy request.
 
-``python -m loadtests.florence2_bench --checkpoint DIR [--mode static|engine] [--heavy]``
+``python -m vlmserve.loadtests.florence2_bench --checkpoint DIR [--mode static|engine] [--heavy]``
 
 N closed-loop users (no think time) each send a ``caption`` (``--caption-tokens`` new tokens, the default beams)
 on a synthetic photo; with ``--heavy`` one more user keeps one ``more_detailed_caption`` request with 1024 new
@@ -8,9 +8,10 @@ tokens and 8 beams in flight (random perf weights never emit EOS early, so each 
 
 ``static`` is the old serving path: one execution thread takes up to 8 queued requests (after a 20 ms window,
 like Triton's dynamic batcher) and runs them with ``Florence2Pipeline.run``. ``engine`` is the
-:class:`~model_repository.florence2_engine.Florence2Engine` the Triton model now uses. The vision encoder is the
+:class:`~vlmserve.model_repository.florence2_engine.Florence2Engine` the Triton model now uses. The vision encoder is
+the
 checkpoint's own torch tower here (the export's ONNX copy computes the same features), so only the checkpoint is
-needed (``export.perf.build_perf_florence2`` or ``vlmserve export --set perf``).
+needed (``vlmserve.export.perf.build_perf_florence2`` or ``vlmserve export --set perf``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from model_repository.florence2 import Florence2Pipeline, Job
-from model_repository.florence2_engine import Florence2Engine
+from vlmserve.model_repository.florence2 import Florence2Pipeline, Job
+from vlmserve.model_repository.florence2_engine import Florence2Engine
 
 
 class TorchVision:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         torch.set_num_threads(args.threads)
 
-    from export import photos
+    from vlmserve.export import photos
 
     pipeline = Florence2Pipeline(args.checkpoint, TorchVision(args.checkpoint))
     images = [photos.photo_jpeg(640, 480, seed) for seed in range(8)]

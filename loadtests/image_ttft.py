@@ -2,7 +2,7 @@
 
 The first request pays for the image's tiles through the vision encoder and the whole prompt's prefill; the
 repeated ones (same bytes, same prompt) find the image in the image cache and the prompt's blocks in the prefix
-cache. ``vlmserve bench`` runs it against the served stack; ``python -m loadtests.image_ttft URL`` alone.
+cache. ``vlmserve bench`` runs it against the served stack; ``python -m vlmserve.loadtests.image_ttft URL`` alone.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from export.photos import photo_jpeg
+from vlmserve.export.photos import photo_jpeg
 
 WIDTH, HEIGHT = 1024, 768
 PROMPT = "What is in this picture? Describe it."

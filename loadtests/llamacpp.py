@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.lifetime import die_with_parent
+from vlmserve.orchestrator.lifetime import die_with_parent
 
 # Tokens of KV per parallel slot: the bench's text prompt (~30 tokens) + max_tokens (64) with room to spare.
 CTX_PER_SLOT = 512

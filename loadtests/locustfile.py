@@ -236,7 +236,7 @@ class ChatUser(GatewayUser):
         )
 
 
-# --- OCR: /ocr (seed 002) and /v1/ocr (seed 003) ----------------------------------------------------------
+# --- OCR: /ocr (the Qwen2-VL OCR service) and /v1/ocr (the SmolVLM2 service) ------------------------------------------
 
 
 class OcrUser(GatewayUser):

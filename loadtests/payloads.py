@@ -378,13 +378,13 @@ def chat_body(config: Config, rng: random.Random, stream: bool) -> dict[str, Any
 
 
 def ocr_body(config: Config, rng: random.Random) -> dict[str, Any]:
-    """Seed 002's ``POST /ocr``: bare base64 and a language hint."""
+    """The Qwen2-VL OCR service's ``POST /ocr``: bare base64 and a language hint."""
     body = {"image": pick_image(config, rng).b64, "language": "en", "max_tokens": config.max_new_tokens}
     return _with_model(body, config.ocr_model)
 
 
 def v1_ocr_body(config: Config, rng: random.Random) -> dict[str, Any]:
-    """Seed 003's ``POST /v1/ocr`` (JSON): a data URI."""
+    """The SmolVLM2 service's ``POST /v1/ocr`` (JSON): a data URI."""
     body = {"image": pick_image(config, rng).data_uri, "max_tokens": config.max_new_tokens}
     return _with_model(body, config.ocr_model)
 

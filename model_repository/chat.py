@@ -34,18 +34,18 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from model_repository import runtime
-from model_repository.chat_engine import (
-    ChatEngine,
-    ChatJob,
-    SamplingParams,
-    TokenLogprob,
-)
 from vlmserve import telemetry
 from vlmserve.api.openai import GenerationParameters
 from vlmserve.families import families
 from vlmserve.families.contract import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VIDEO_PIXELS, ChatParams
 from vlmserve.families.spec import load
+from vlmserve.model_repository import common
+from vlmserve.model_repository.chat_engine import (
+    ChatEngine,
+    ChatJob,
+    SamplingParams,
+    TokenLogprob,
+)
 
 ROLES = {"system", "user", "assistant"}
 log = logging.getLogger("vlmserve.chat")
@@ -56,11 +56,11 @@ log = logging.getLogger("vlmserve.chat")
 
 def _b64(data: Any, what: str) -> bytes:
     if not isinstance(data, str) or not data:
-        raise runtime.InputError(f"{what}: 'data' must be a non-empty base64 string")
+        raise common.InputError(f"{what}: 'data' must be a non-empty base64 string")
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise runtime.InputError(f"{what}: 'data' is not valid base64") from None
+        raise common.InputError(f"{what}: 'data' is not valid base64") from None
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def decode_video(data: bytes, fps: float, max_frames: int, limits: VideoLimits =
     try:
         container = av.open(io.BytesIO(data), mode="r")
     except Exception as exc:  # noqa: BLE001 - PyAV raises many types for broken input
-        raise runtime.InputError(f"not a decodable video ({type(exc).__name__})") from None
+        raise common.InputError(f"not a decodable video ({type(exc).__name__})") from None
     frames: list[tuple[float, Any]] = []
     try:
         with container:
@@ -108,14 +108,14 @@ def decode_video(data: bytes, fps: float, max_frames: int, limits: VideoLimits =
                     if len(frames) >= 2 * max_frames:
                         frames, step = frames[::2], step * 2
     except IndexError:
-        raise runtime.InputError("the video has no video stream") from None
-    except runtime.InputError:
+        raise common.InputError("the video has no video stream") from None
+    except common.InputError:
         raise
     except Exception as exc:  # noqa: BLE001
         if not frames:
-            raise runtime.InputError(f"not a decodable video ({type(exc).__name__})") from None
+            raise common.InputError(f"not a decodable video ({type(exc).__name__})") from None
     if not frames:
-        raise runtime.InputError("the video has no frames")
+        raise common.InputError("the video has no frames")
     if len(frames) > max_frames:
         picks = np.linspace(0, len(frames) - 1, max_frames).round().astype(int)
         frames = [frames[i] for i in picks]
@@ -126,7 +126,7 @@ def _check_video_header(container: Any, stream: Any, limits: VideoLimits, fps: f
                         used_pixels: int) -> None:
     width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
     if width * height > limits.max_pixels:
-        raise runtime.InputError(f"video frames are {width}x{height} = {width * height:,} pixels; the limit is "
+        raise common.InputError(f"video frames are {width}x{height} = {width * height:,} pixels; the limit is "
                                  f"{limits.max_pixels:,} pixels per frame (max_pixels)")
     seconds = None
     if stream.duration is not None and stream.time_base is not None:
@@ -134,7 +134,7 @@ def _check_video_header(container: Any, stream: Any, limits: VideoLimits, fps: f
     elif container.duration is not None:
         seconds = container.duration / 1_000_000  # av.time_base
     if seconds is not None and seconds > limits.max_seconds:
-        raise runtime.InputError(f"video is {seconds:.1f}s long; the limit is {limits.max_seconds:g}s "
+        raise common.InputError(f"video is {seconds:.1f}s long; the limit is {limits.max_seconds:g}s "
                                  "(max_video_seconds); send a shorter clip")
     # The frames this clip will keep, as far as the header tells (never more than it will really keep: a clip
     # that fits is not refused here; the decoded frames are checked again).
@@ -150,7 +150,7 @@ def _check_video_budget(kept: int, width: int, height: int, used_pixels: int, li
     pixels = kept * width * height
     if used_pixels + pixels > limits.max_request_pixels:
         earlier = f" + {used_pixels:,} of the request's earlier videos" if used_pixels else ""
-        raise runtime.InputError(
+        raise common.InputError(
             f"video frames: {kept} frames x {width}x{height} = {pixels:,} pixels{earlier}; the limit is "
             f"{limits.max_request_pixels:,} pixels of video frames per request (max_video_pixels); send fewer "
             "frames (video_max_frames), a lower video_fps or a smaller clip")
@@ -159,16 +159,16 @@ def _check_video_budget(kept: int, width: int, height: int, used_pixels: int, li
 def _check_video_progress(decoded: int, frame: Any, started: float, limits: VideoLimits) -> None:
     # The header can lie or be missing: the same limits hold for what is actually decoded.
     if frame.width * frame.height > limits.max_pixels:
-        raise runtime.InputError(f"video frames are {frame.width}x{frame.height} pixels; the limit is "
+        raise common.InputError(f"video frames are {frame.width}x{frame.height} pixels; the limit is "
                                  f"{limits.max_pixels:,} pixels per frame (max_pixels)")
     if frame.time is not None and frame.time > limits.max_seconds:
-        raise runtime.InputError(f"video is longer than {limits.max_seconds:g}s (max_video_seconds); "
+        raise common.InputError(f"video is longer than {limits.max_seconds:g}s (max_video_seconds); "
                                  "send a shorter clip")
     if decoded > limits.max_decoded_frames:
-        raise runtime.InputError(f"video has more than {limits.max_decoded_frames} frames "
+        raise common.InputError(f"video has more than {limits.max_decoded_frames} frames "
                                  "(max_video_decoded_frames); send a shorter clip or a lower frame rate")
     if time.monotonic() - started > limits.max_decode_s:
-        raise runtime.InputError(f"decoding the video took longer than {limits.max_decode_s:g}s "
+        raise common.InputError(f"decoding the video took longer than {limits.max_decode_s:g}s "
                                  "(max_video_decode_s); send a shorter or smaller clip")
 
 
@@ -177,9 +177,9 @@ def load_messages(raw: bytes) -> list[Any]:
     try:
         messages = json.loads(raw)
     except (UnicodeDecodeError, ValueError):
-        raise runtime.InputError("MESSAGES must be a JSON list of messages") from None
+        raise common.InputError("MESSAGES must be a JSON list of messages") from None
     if not isinstance(messages, list) or not messages:
-        raise runtime.InputError("MESSAGES must be a non-empty JSON list")
+        raise common.InputError("MESSAGES must be a non-empty JSON list")
     return messages
 
 
@@ -200,13 +200,13 @@ def parse_messages(raw: bytes | list[Any], video_fps: float, max_frames: int, ma
     video_pixels = 0
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise runtime.InputError(f"messages[{i}] needs a role in {sorted(ROLES)}")
+            raise common.InputError(f"messages[{i}] needs a role in {sorted(ROLES)}")
         content = message.get("content")
         if isinstance(content, str):
             out.append({"role": message["role"], "content": [{"type": "text", "text": content}]})
             continue
         if not isinstance(content, list):
-            raise runtime.InputError(f"messages[{i}].content must be a string or a list of parts")
+            raise common.InputError(f"messages[{i}].content must be a string or a list of parts")
         parts: list[dict[str, Any]] = []
         for j, part in enumerate(content):
             where = f"messages[{i}].content[{j}]"
@@ -215,10 +215,10 @@ def parse_messages(raw: bytes | list[Any], video_fps: float, max_frames: int, ma
                 parts.append({"type": "text", "text": part["text"]})
             elif kind == "image":
                 try:
-                    parts.append({"type": "image", "image": runtime.decode_image(_b64(part.get("data"), where),
+                    parts.append({"type": "image", "image": common.decode_image(_b64(part.get("data"), where),
                                                                                    max_pixels)})
-                except runtime.InputError as exc:
-                    raise runtime.InputError(f"{where}: {exc}") from None
+                except common.InputError as exc:
+                    raise common.InputError(f"{where}: {exc}") from None
                 images += 1
             elif kind == "video":
                 frames = decode_video(_b64(part.get("data"), where), video_fps, max_frames, video_limits,
@@ -230,12 +230,12 @@ def parse_messages(raw: bytes | list[Any], video_fps: float, max_frames: int, ma
                     parts.append({"type": "image", "image": frame})
                 images += len(frames)
             else:
-                raise runtime.InputError(f"{where}: parts are text {{text}}, image {{data}} or video {{data}}")
+                raise common.InputError(f"{where}: parts are text {{text}}, image {{data}} or video {{data}}")
         out.append({"role": message["role"], "content": parts})
     if images > max_images:
-        raise runtime.InputError(f"{images} images/frames in the conversation; at most {max_images}")
+        raise common.InputError(f"{images} images/frames in the conversation; at most {max_images}")
     if out[-1]["role"] == "assistant":
-        raise runtime.InputError("the last message must not be from the assistant")
+        raise common.InputError("the last message must not be from the assistant")
     return out
 
 
@@ -248,22 +248,22 @@ def parse_params(raw: bytes | None, default_max_tokens: int, max_tokens_limit: i
     try:
         data = json.loads(raw) if raw else {}
     except (UnicodeDecodeError, ValueError):
-        raise runtime.InputError("PARAMETERS must be a JSON object") from None
+        raise common.InputError("PARAMETERS must be a JSON object") from None
     if not isinstance(data, dict):
-        raise runtime.InputError("PARAMETERS must be a JSON object")
+        raise common.InputError("PARAMETERS must be a JSON object")
     try:
         params = GenerationParameters.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'PARAMETERS'}: {e['msg']}"
                              for e in exc.errors())
-        raise runtime.InputError(f"PARAMETERS: {problems}") from None
+        raise common.InputError(f"PARAMETERS: {problems}") from None
     max_tokens = default_max_tokens if params.max_tokens is None else params.max_tokens
     if not 1 <= max_tokens <= max_tokens_limit:
-        raise runtime.InputError(f"max_tokens must be 1..{max_tokens_limit}, got {max_tokens}")
+        raise common.InputError(f"max_tokens must be 1..{max_tokens_limit}, got {max_tokens}")
     if params.n > max_choices:
-        raise runtime.InputError(f"n must be 1..{max_choices} for this model (its max_batch), got {params.n}")
+        raise common.InputError(f"n must be 1..{max_choices} for this model (its max_batch), got {params.n}")
     if params.top_logprobs and not params.logprobs:
-        raise runtime.InputError("top_logprobs needs logprobs: true")
+        raise common.InputError("top_logprobs needs logprobs: true")
     sampling = SamplingParams(
         max_tokens, params.temperature, params.top_p, tuple(params.stop), params.seed,
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
@@ -283,13 +283,13 @@ def fit_context(params: SamplingParams, explicit: bool, prompt_tokens: int, cont
         return
     room = context - prompt_tokens
     if room < 1:
-        raise runtime.InputError(f"the prompt is {prompt_tokens} tokens: it leaves no room for an answer within "
+        raise common.InputError(f"the prompt is {prompt_tokens} tokens: it leaves no room for an answer within "
                                  f"this model's context of {context} tokens; send fewer or smaller images, or "
                                  "less text")
     if params.max_tokens <= room:
         return
     if explicit:
-        raise runtime.InputError(f"the prompt is {prompt_tokens} tokens and max_tokens is {params.max_tokens}: "
+        raise common.InputError(f"the prompt is {prompt_tokens} tokens and max_tokens is {params.max_tokens}: "
                                  f"{prompt_tokens + params.max_tokens} exceeds this model's context of {context} "
                                  f"tokens; lower max_tokens to {room} or shorten the prompt")
     params.max_tokens = room
@@ -304,7 +304,7 @@ def fit_kv_budget(choices: int, params: SamplingParams, prompt_tokens: int, budg
     if need <= budget:
         return
     mib = 2**20
-    raise runtime.InputError(
+    raise common.InputError(
         f"this request needs {need} KV positions ({choices} choice(s) x (prompt {prompt_tokens} + max_tokens "
         f"{params.max_tokens}), {need * bytes_per_token / mib:.0f} MiB); this model's KV budget is {budget} "
         f"positions ({budget * bytes_per_token / mib:.0f} MiB, max_batch_tokens); lower max_tokens or n, or "
@@ -323,7 +323,7 @@ def context_tokens(pipeline, cap: int | None) -> int | None:
 def prepare_text(tokenizer, prompt: str) -> tuple[dict[str, Any], int]:
     """A raw text prompt (``PROMPT``, no chat template) as model inputs, tokenized as transformers would."""
     if not prompt:
-        raise runtime.InputError("PROMPT must be non-empty text")
+        raise common.InputError("PROMPT must be non-empty text")
     ids = tokenizer(prompt)["input_ids"]
     return {"input_ids": ids}, len(ids)
 
@@ -361,7 +361,7 @@ def render_logprobs(entries: list[TokenLogprob], tokenizer, grammars) -> list[di
 
 
 def resolve_attention(setting: str, device: str) -> str:
-    """``USE_FLASH_ATTENTION`` (seed 002): auto -> flash-attn when importable on a GPU, else SDPA."""
+    """``USE_FLASH_ATTENTION`` (the Qwen2-VL OCR service): auto -> flash-attn when importable on a GPU, else SDPA."""
     import importlib.util
 
     setting = (setting or "auto").strip().lower()
@@ -381,7 +381,7 @@ def resolve_attention(setting: str, device: str) -> str:
 
 
 def _response(text: str, finish: str, usage: dict | None, index: int = 0, logprobs: list | None = None):
-    pb = runtime.pb_utils
+    pb = common.pb_utils
     tensors = [
         pb.Tensor("TEXT", np.array([text.encode("utf-8")], dtype=np.object_)),
         pb.Tensor("FINISH_REASON", np.array([finish.encode()], dtype=np.object_)),
@@ -411,7 +411,7 @@ class CacheMetrics:
     """
 
     def __init__(self, name: str, model: str) -> None:
-        pb = runtime.pb_utils
+        pb = common.pb_utils
         counter, gauge = pb.MetricFamily.COUNTER, pb.MetricFamily.GAUGE
         hits, misses, held = CACHE_METRICS[name]
         # The families must outlive their metrics (the Python backend's rule): both live as long as this object.
@@ -425,7 +425,7 @@ class CacheMetrics:
     @classmethod
     def create(cls, name: str, model: str) -> CacheMetrics | None:
         """None outside Triton (unit tests) or where the Python backend has no custom metrics."""
-        if runtime.pb_utils is None or not hasattr(runtime.pb_utils, "MetricFamily"):
+        if common.pb_utils is None or not hasattr(common.pb_utils, "MetricFamily"):
             return None
         try:
             return cls(name, model)
@@ -452,7 +452,7 @@ ENGINE_NAMES = {"DecodeLoop": "torch", "LlamaCppLoop": "llamacpp", "static": "st
 def engine_metric(model: str, loop: str) -> Any:
     """``vlmserve_chat_engine{model, engine} 1``: the engine this model really decodes with (export's choice, or
     the torch loop where that choice cannot run here). None outside Triton."""
-    pb = runtime.pb_utils
+    pb = common.pb_utils
     if pb is None or not hasattr(pb, "MetricFamily"):
         return None
     family = pb.MetricFamily(name="vlmserve_chat_engine", kind=pb.MetricFamily.GAUGE,
@@ -472,7 +472,7 @@ class LoadMetrics:
     """
 
     def __init__(self, model: str) -> None:
-        pb = runtime.pb_utils
+        pb = common.pb_utils
         gauge, counter = pb.MetricFamily.GAUGE, pb.MetricFamily.COUNTER
         self.families = [  # the families must outlive their metrics (the Python backend's rule)
             pb.MetricFamily(name="vlmserve_chat_admitted", kind=gauge,
@@ -499,7 +499,7 @@ class LoadMetrics:
     @classmethod
     def create(cls, model: str) -> LoadMetrics | None:
         """None outside Triton (unit tests) or where the Python backend has no custom metrics."""
-        if runtime.pb_utils is None or not hasattr(runtime.pb_utils, "MetricFamily"):
+        if common.pb_utils is None or not hasattr(common.pb_utils, "MetricFamily"):
             return None
         try:
             return cls(model)
@@ -561,7 +561,7 @@ class RequestTrace:
         end = time.time()
         if self.metrics is not None:
             self.metrics.tokens(usage)
-        model = runtime.MODEL_NAME or "chat"
+        model = common.MODEL_NAME or "chat"
         log.info("chat request done: %s, %d prompt + %d completion tokens, n=%d, %.0f ms",
                  finish, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), n,
                  (end - self.received) * 1000, extra={"request_id": self.request_id})
@@ -607,7 +607,7 @@ class ChoiceGroup:
         return self.closed or self.abandoned or self.request_cancelled()
 
     def emitter(self, job_ref: list[ChatJob]):
-        pb = runtime.pb_utils
+        pb = common.pb_utils
 
         def emit(text: str, finish: str, usage: dict | None) -> None:
             if self.closed:
@@ -630,7 +630,7 @@ class ChoiceGroup:
                 self.release()
                 if self.trace is not None:
                     self.trace.finish(job.started_at, self.usage, "error", self.n)
-                self.sender.send(runtime.error_response(text), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                self.sender.send(common.error_response(text), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 return
             logprobs = self.render(job.take_logprobs()) if job.params.logprobs else None
             if finish:
@@ -663,7 +663,7 @@ class ChatModel:
     """Triton model for one chat family (decoupled; see the module docstring)."""
 
     def initialize(self, args: dict[str, Any]) -> None:
-        config = runtime.model_config(args)
+        config = common.model_config(args)
         if not config.get("model_transaction_policy", {}).get("decoupled"):
             raise ValueError(f"{config['name']}: chat models must be decoupled (model_transaction_policy)")
         params = ChatParams.from_config(config)
@@ -671,11 +671,11 @@ class ChatModel:
         spec = families().get(family)
         if spec is None or spec.pipeline is None:
             raise ValueError(f"{config['name']}: unknown chat family {family!r}")
-        device = runtime.torch_device(args)
-        runtime.apply_gpu_budget(args, config)  # before loading: an over-budget checkpoint fails loudly here
+        device = common.torch_device(args)
+        common.apply_gpu_budget(args, config)  # before loading: an over-budget checkpoint fails loudly here
         attn = resolve_attention(os.environ.get("USE_FLASH_ATTENTION", "auto"), device)
         # SmolVLM2's vision encoder is the exported ONNX model (in-process or via BLS, like the other encoders).
-        encoder = runtime.make_encoder(args, config, ["image_features"]) if family == "smolvlm2" else None
+        encoder = common.make_encoder(args, config, ["image_features"]) if family == "smolvlm2" else None
         # bf16 weights where export measured them faithful and faster on this host (decoder_choice.json).
         extra: dict[str, Any] = {"decoder_precision": params.decoder_precision} if encoder else {}
         # The family's spec names its pipeline (vlmserve/families/<family>.py), imported only here.
@@ -684,13 +684,13 @@ class ChatModel:
         if "image_cache" in inspect.signature(pipeline_class).parameters:
             # Vision-encoder outputs of images seen again (image_cache_bytes of host memory; 0: off).
             self.image_cache_metrics = CacheMetrics.create("image_cache", config["name"])
-            extra["image_cache"] = runtime.FeatureCache(params.image_cache_bytes, self.image_cache_metrics)
-        self.pipeline = pipeline_class(runtime.version_dir(args) / "checkpoint", device, attn, encoder=encoder,
+            extra["image_cache"] = common.FeatureCache(params.image_cache_bytes, self.image_cache_metrics)
+        self.pipeline = pipeline_class(common.version_dir(args) / "checkpoint", device, attn, encoder=encoder,
                                        **extra)
         self.max_tokens_limit = params.max_new_tokens_limit
         # Prompt tokens (images included) + max_tokens must fit here (fit_context, checked before any encoding).
         self.context = context_tokens(self.pipeline, params.max_context_tokens)
-        # MAX_NEW_TOKENS (seed 002) sets the default answer length, within the configured limit.
+        # MAX_NEW_TOKENS (the Qwen2-VL OCR service) sets the default answer length, within the configured limit.
         self.default_max_tokens = min(self.max_tokens_limit,
                                       int(os.environ.get("MAX_NEW_TOKENS") or params.default_max_new_tokens))
         self.max_frames = params.max_video_frames
@@ -729,13 +729,13 @@ class ChatModel:
         try:
             import llama_cpp  # noqa: F401
 
-            from model_repository.llamacpp_engine import LlamaCppLoop
+            from vlmserve.model_repository.llamacpp_engine import LlamaCppLoop
         except ImportError as exc:
             log.warning("%s: export chose the llama.cpp engine (%s) but llama-cpp-python cannot be imported here "
                         "(%s); serving with the torch loop (`make llamacpp` installs the bindings)",
                         params.family, params.engine_choice, exc)
             return None
-        gguf = runtime.version_dir(args) / params.decoder_gguf
+        gguf = common.version_dir(args) / params.decoder_gguf
         log.info("%s: decoding with llama.cpp (%s; %s)", params.family, gguf.name, params.engine_choice)
         loop = LlamaCppLoop(self.pipeline, gguf, params.max_batch, params.max_batch_tokens,
                             prefix_cache_bytes=params.prefix_cache_bytes, prefix_metrics=self.prefix_cache_metrics)
@@ -752,13 +752,13 @@ class ChatModel:
         ``finish_reason`` "cancelled"); it is answered with a final flag only. The gateway sends one down the same
         stream when its client goes away, instead of cancelling the gRPC call (see gateway/triton.py). True when
         ``request`` was such a request."""
-        pb = runtime.pb_utils
+        pb = common.pb_utils
         raw = pb.get_input_tensor_by_name(request, "PARAMETERS")
         if raw is None or pb.get_input_tensor_by_name(request, "MESSAGES") is not None \
                 or pb.get_input_tensor_by_name(request, "PROMPT") is not None:
             return False
         try:
-            data = json.loads(runtime.as_bytes_list(raw.as_numpy())[0])
+            data = json.loads(common.as_bytes_list(raw.as_numpy())[0])
         except (UnicodeDecodeError, ValueError):
             return False
         if not isinstance(data, dict) or set(data) != {"cancel"} or not isinstance(data["cancel"], str):
@@ -784,7 +784,7 @@ class ChatModel:
         return forget, lambda group: self.open_groups.__setitem__(request_id, group)
 
     def execute(self, requests):
-        pb = runtime.pb_utils
+        pb = common.pb_utils
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for request in requests:
             if self._cancel_request(request):
@@ -796,22 +796,22 @@ class ChatModel:
                 # Before decoding anything: a refused request must not hold images. UNAVAILABLE: the gateway
                 # answers 503 + Retry-After.
                 log.warning("chat request refused: queue full", extra={"request_id": request.request_id()})
-                sender.send(runtime.error_response(
+                sender.send(common.error_response(
                     f"chat queue is full ({self.admission.limit} requests running or waiting: max_batch + "
                     "max_queue_size); retry later", unavailable=True), flags=final)
                 continue
             # Read on this thread: the request's tensors are Triton's.
-            raw = {name: (None if tensor is None else runtime.as_bytes_list(tensor.as_numpy())[0])
+            raw = {name: (None if tensor is None else common.as_bytes_list(tensor.as_numpy())[0])
                    for name in ("PARAMETERS", "PROMPT", "MESSAGES")
                    for tensor in [pb.get_input_tensor_by_name(request, name)]}
             messages: list[Any] | None = None
             if raw["MESSAGES"] is not None:
                 try:
                     messages = load_messages(raw["MESSAGES"])
-                except runtime.InputError as exc:
+                except common.InputError as exc:
                     release()
                     log.info("chat request refused: invalid MESSAGES", extra={"request_id": request.request_id()})
-                    sender.send(runtime.error_response(str(exc), invalid_arg=True), flags=final)
+                    sender.send(common.error_response(str(exc), invalid_arg=True), flags=final)
                     continue
             if messages is not None and has_video(messages):
                 # Decoding takes up to max_video_decode_s: in the pool, so that this thread admits the others.
@@ -824,29 +824,29 @@ class ChatModel:
                messages: list[Any] | None, received: float = 0.0) -> None:
         """Validate one request, prepare its prompt (decoding its images and videos) and hand it to the engine;
         any failure is that request's error response (INVALID_ARG for the client's input) and frees its slot."""
-        final = runtime.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        final = common.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if request.is_cancelled() or request.request_id() in self.cancelled_early:  # gone while its video waited
             release()
-            sender.send(runtime.error_response("cancelled before its video was decoded"), flags=final)
+            sender.send(common.error_response("cancelled before its video was decoded"), flags=final)
             return
         try:
             params, settings = parse_params(raw["PARAMETERS"], self.default_max_tokens, self.max_tokens_limit,
                                             self.engine.max_batch)
             if self.grammars is None and (settings.n > 1 or settings.logprobs or params.penalised
                                           or settings.response_format is not None):
-                raise runtime.InputError("n, logprobs, penalties and response_format need a continuously "
+                raise common.InputError("n, logprobs, penalties and response_format need a continuously "
                                          "batched chat model; this one runs plain requests only")
             if settings.response_format is not None:
                 assert self.grammars is not None
                 try:
                     params.grammar = self.grammars.compile(settings.response_format)
                 except ValueError as exc:
-                    raise runtime.InputError(str(exc)) from None
+                    raise common.InputError(str(exc)) from None
             if (raw["PROMPT"] is None) == (messages is None):
-                raise runtime.InputError("send MESSAGES (a conversation) or PROMPT (raw text), one of them")
+                raise common.InputError("send MESSAGES (a conversation) or PROMPT (raw text), one of them")
             if messages is None:
                 if self.grammars is None:
-                    raise runtime.InputError("PROMPT needs a continuously batched chat model; send MESSAGES")
+                    raise common.InputError("PROMPT needs a continuously batched chat model; send MESSAGES")
                 prompt = (raw["PROMPT"] or b"").decode("utf-8", errors="strict")
                 with self.prepare_lock:
                     inputs, prompt_tokens = prepare_text(self.pipeline.tokenizer, prompt)
@@ -865,18 +865,18 @@ class ChatModel:
                               self.engine.loop.kv_bytes_per_token)
         except UnicodeDecodeError:
             release()
-            sender.send(runtime.error_response("PROMPT must be UTF-8 text", invalid_arg=True), flags=final)
+            sender.send(common.error_response("PROMPT must be UTF-8 text", invalid_arg=True), flags=final)
             return
-        except runtime.InputError as exc:
+        except common.InputError as exc:
             release()
             log.info("chat request refused: invalid input", extra={"request_id": request.request_id()})
-            sender.send(runtime.error_response(str(exc), invalid_arg=True), flags=final)
+            sender.send(common.error_response(str(exc), invalid_arg=True), flags=final)
             return
         except Exception as exc:  # noqa: BLE001
             release()
             log.warning("chat preprocessing failed: %s", type(exc).__name__,
                         extra={"request_id": request.request_id()})
-            sender.send(runtime.error_response(f"preprocessing failed: {type(exc).__name__}: {exc}"),
+            sender.send(common.error_response(f"preprocessing failed: {type(exc).__name__}: {exc}"),
                         flags=final)
             return
 
@@ -884,7 +884,7 @@ class ChatModel:
         group = ChoiceGroup(sender, settings.n, request.is_cancelled,
                             lambda entries: render_logprobs(entries, self.pipeline.tokenizer, self.grammars),
                             release)
-        group.trace = RequestTrace(request.request_id(), runtime.request_traceparent(request),
+        group.trace = RequestTrace(request.request_id(), common.request_traceparent(request),
                                    received or time.time(), queued=time.time(), metrics=self.load_metrics)
         bind(group)
         group.abandoned = request.request_id() in self.cancelled_early  # a cancel that came while it was prepared

@@ -1,7 +1,8 @@
 """Continuous batching for chat decoders, streaming tokens per request.
 
 A :class:`DecodeLoop` owns one running batch: a preallocated key/value cache with one slot per row
-(:class:`~model_repository.kv_cache.SlotCache`: nothing is copied when rows join or leave, nothing is padded) and,
+(:class:`~vlmserve.model_repository.kv_cache.SlotCache`: nothing is copied when rows join or leave, nothing is padded)
+and,
 per row, its length, the next position id and the token to feed next. Every :meth:`DecodeLoop.step`
 
 1. admits queued jobs while the batch has room (``max_batch`` rows, ``max_batch_tokens`` of KV) and prefills them
@@ -26,7 +27,7 @@ row's length, so a failed step has nothing to undo.
 A family plugs in through :class:`DecoderFamily` (``QwenPipeline``, ``SmolVLMPipeline``). Pipelines without it
 (``deepseek_ocr``, whose remote code has no forward we can drive step by step) keep the static path: jobs arriving
 within ``window_s`` go to ``run_batch`` together, and a batch that fails is run again job by job
-(``runtime.retry_singly``).
+(``common.retry_singly``).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from model_repository import runtime
 from vlmserve.families.contract import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_PREFIX_CACHE_BYTES
+from vlmserve.model_repository import common
 
 log = logging.getLogger("vlmserve.chat")
 
@@ -60,7 +61,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: bool = False
     top_logprobs: int = 0
-    grammar: str | None = None  # a compiled llguidance grammar (model_repository.structured.Grammars.compile)
+    grammar: str | None = None  # a compiled llguidance grammar (vlmserve.model_repository.structured.Grammars.compile)
 
     @property
     def plain_greedy(self) -> bool:
@@ -170,7 +171,7 @@ class RowSampler:
         self.generator.manual_seed(params.seed + index if params.seed is not None else time.time_ns() % 2**63)
         self.grammar = None
         if params.grammar is not None:
-            from model_repository.structured import RowGrammar
+            from vlmserve.model_repository.structured import RowGrammar
 
             if grammars is None:
                 raise ValueError("structured output needs the model's grammars")
@@ -381,7 +382,8 @@ def _drop_prefix(kwargs: dict[str, Any], start: int) -> dict[str, Any]:
 class DecodeLoop:
     """The running batch of one :class:`DecoderFamily` (single-threaded; :class:`ChatEngine` drives it).
 
-    Row ``i`` of the batch is slot ``i`` of :attr:`kv` (a :class:`~model_repository.kv_cache.SlotCache`): rows are
+    Row ``i`` of the batch is slot ``i`` of :attr:`kv` (a :class:`~vlmserve.model_repository.kv_cache.SlotCache`):
+    rows are
     kept packed in slots ``0 .. rows - 1``, each with its own length, position and next token.
     """
 
@@ -389,7 +391,7 @@ class DecodeLoop:
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
                  prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, prefix_metrics: Any = None,
                  max_prefill_tokens: int = 1024) -> None:
-        from model_repository.kv_cache import PrefixCache, SlotCache, use_gqa_sdpa
+        from vlmserve.model_repository.kv_cache import PrefixCache, SlotCache, use_gqa_sdpa
 
         attn = getattr(family.model.config, "_attn_implementation", "sdpa")
         if attn not in ("sdpa", "eager"):
@@ -433,9 +435,9 @@ class DecodeLoop:
 
     @property
     def grammars(self) -> Any:
-        """The family's :class:`~model_repository.structured.Grammars` (made on first use)."""
+        """The family's :class:`~vlmserve.model_repository.structured.Grammars` (made on first use)."""
         if self._grammars is None:
-            from model_repository.structured import Grammars
+            from vlmserve.model_repository.structured import Grammars
 
             self._grammars = Grammars(self.family.tokenizer, self.family.eos_ids, vocab_size(self.family))
         return self._grammars
@@ -510,7 +512,7 @@ class DecodeLoop:
             keys = frozenset(item[1])
             runs.setdefault(keys if keys <= _STACKABLE else id(item), []).append(item)
         for run in runs.values():
-            for group, outcome in runtime.retry_singly(run, self._prefill):
+            for group, outcome in common.retry_singly(run, self._prefill):
                 if isinstance(outcome, Exception):
                     log.error("chat prefill failed (requests %s)", ", ".join(j.request_id for j, _, _ in group),
                               exc_info=outcome)
@@ -527,7 +529,7 @@ class DecodeLoop:
         """One forward over the prompts of ``run`` (each written into a fresh slot after the running rows; the
         blocks of a prefix found in :attr:`prefix` are copied in, not computed), then each choice's first token;
         the choices that go on become rows."""
-        from model_repository.kv_cache import attention_mask
+        from vlmserve.model_repository.kv_cache import attention_mask
 
         torch = self.torch
         device = self.family.device
@@ -595,7 +597,7 @@ class DecodeLoop:
     def _prefix_hits(self, job: ChatJob, kwargs: dict[str, Any]) -> tuple[list[bytes], list[Any]]:
         """The prefix-cache keys of the job's whole prompt blocks, and the cached blocks that begin it (at least
         the prompt's last token is always computed: its logits give the first token)."""
-        from model_repository.kv_cache import inputs_digest
+        from vlmserve.model_repository.kv_cache import inputs_digest
 
         ids = job.inputs.get("input_ids") if isinstance(job.inputs, dict) else None
         if not self.prefix.enabled or not isinstance(ids, list) or not set(kwargs) <= _STACKABLE:
@@ -642,7 +644,7 @@ class DecodeLoop:
     def _forward(self, first: int, tokens: Any, lengths: Any, positions: Any) -> Any:
         """One decode forward of the rows in slots ``first .. first + len(tokens) - 1``: their float logits
         ``[rows, vocab]``. Each row's key/value is written at its own next column."""
-        from model_repository.kv_cache import attention_mask
+        from vlmserve.model_repository.kv_cache import attention_mask
 
         cols = lengths[:, None]
         read_len = int(lengths.max()) + 1
@@ -775,7 +777,8 @@ class ChatEngine:
         self.load = load
         self.max_batch = max_batch
         self.window_s = window_s
-        # ``loop``: another engine's loop for the family (model_repository.llamacpp_engine); else the torch one.
+        # ``loop``: another engine's loop for the family (vlmserve.model_repository.llamacpp_engine); else the torch
+        # one.
         if loop is None and isinstance(pipeline, DecoderFamily):
             loop = DecodeLoop(pipeline, max_batch, max_batch_tokens, prefix_cache_bytes, prefix_metrics)
         self.loop = loop
@@ -850,7 +853,7 @@ class ChatEngine:
                 job.started_at = time.time()
             # The jobs of a batch are independent requests: when the batch fails, each is run alone, so that only
             # the request(s) that cause the failure fail.
-            for group, outcome in runtime.retry_singly(batch, self._run_static):
+            for group, outcome in common.retry_singly(batch, self._run_static):
                 if isinstance(outcome, Exception):
                     log.error("chat request failed", exc_info=outcome)
                     for job in group:

@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from model_repository import runtime
-from model_repository.chat_engine import ChatJob
+from vlmserve.model_repository import common
+from vlmserve.model_repository.chat_engine import ChatJob
 
 
 class DeepSeekOcrPipeline:
@@ -32,7 +32,7 @@ class DeepSeekOcrPipeline:
     def prepare(self, messages: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
         images = [p["image"] for m in messages for p in m["content"] if p["type"] == "image"]
         if len(images) != 1:
-            raise runtime.InputError("DeepSeek-OCR takes exactly one image per request")
+            raise common.InputError("DeepSeek-OCR takes exactly one image per request")
         text = " ".join(p["text"] for p in messages[-1]["content"] if p["type"] == "text").strip()
         return {"image": images[0], "prompt": "<image>\n" + (text or "Free OCR.")}, 0
 

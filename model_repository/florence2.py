@@ -1,7 +1,7 @@
 """Triton model ``florence2``: every Florence-2 task; no request waits behind another request's work.
 
 Per ``execute`` (one dynamic batch): decode images and validate each request (a bad one fails alone), then hand
-the jobs to a :class:`~model_repository.florence2_engine.Florence2Engine` and return at once; each request is
+the jobs to a :class:`~vlmserve.model_repository.florence2_engine.Florence2Engine` and return at once; each request is
 answered through its response sender when its own batch is done. The engine batches jobs by generation settings
 and interleaves the batches decode step by decode step, lightest first (see its module docstring). A batch runs
 :meth:`Florence2Pipeline.run`: the vision encoder once for its images (ONNX: in-process on the embedded server,
@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from model_repository import runtime
-from model_repository.florence2_engine import Cancelled, Florence2Engine
-from model_repository.florence2_tasks import (
+from vlmserve.families.contract import DEFAULT_MAX_PIXELS, FlorenceParams
+from vlmserve.model_repository import common
+from vlmserve.model_repository.florence2_engine import Cancelled, Florence2Engine
+from vlmserve.model_repository.florence2_tasks import (
     DEFAULT_POST_PROCESSOR_CONFIG,
     REGION_TASKS,
     Task,
@@ -31,7 +32,6 @@ from model_repository.florence2_tasks import (
     find_task,
     region_to_loc_tokens,
 )
-from vlmserve.families.contract import DEFAULT_MAX_PIXELS, FlorenceParams
 
 
 @dataclass
@@ -45,19 +45,19 @@ class Job:
 
 
 def _optional_int(request, name: str) -> int | None:
-    tensor = runtime.pb_utils.get_input_tensor_by_name(request, name)
+    tensor = common.pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else int(tensor.as_numpy().reshape(-1)[0])
 
 
 def _optional_text(request, name: str) -> str | None:
-    tensor = runtime.pb_utils.get_input_tensor_by_name(request, name)
+    tensor = common.pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         return None
-    value = runtime.as_bytes_list(tensor.as_numpy())[0]
+    value = common.as_bytes_list(tensor.as_numpy())[0]
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:
-        raise runtime.InputError(f"{name} is not valid UTF-8") from None
+        raise common.InputError(f"{name} is not valid UTF-8") from None
 
 
 class Florence2Pipeline:
@@ -94,24 +94,24 @@ class Florence2Pipeline:
         try:
             task = find_task(task_key)
         except UnknownTask as exc:
-            raise runtime.InputError(str(exc)) from None
-        decoded = runtime.decode_image(image, self.max_pixels)
+            raise common.InputError(str(exc)) from None
+        decoded = common.decode_image(image, self.max_pixels)
         prompt = task.token
         if task.needs_text:
             if not text or not text.strip():
-                raise runtime.InputError(f"task {task.name} needs TEXT: {task.text_hint}")
+                raise common.InputError(f"task {task.name} needs TEXT: {task.text_hint}")
             if task.name in REGION_TASKS:
                 try:
                     text = region_to_loc_tokens(text, *decoded.size)
                 except ValueError as exc:
-                    raise runtime.InputError(str(exc)) from None
+                    raise common.InputError(str(exc)) from None
             prompt = task.token + text.strip()
         new_tokens = self.defaults[0] if max_new_tokens is None else max_new_tokens
         beams = self.defaults[1] if num_beams is None else num_beams
         if not 1 <= new_tokens <= self.limits[0]:
-            raise runtime.InputError(f"MAX_NEW_TOKENS must be 1..{self.limits[0]}, got {new_tokens}")
+            raise common.InputError(f"MAX_NEW_TOKENS must be 1..{self.limits[0]}, got {new_tokens}")
         if not 1 <= beams <= self.limits[1]:
-            raise runtime.InputError(f"NUM_BEAMS must be 1..{self.limits[1]}, got {beams}")
+            raise common.InputError(f"NUM_BEAMS must be 1..{self.limits[1]}, got {beams}")
         return Job(index, task, prompt, decoded, new_tokens, beams)
 
     def run(self, jobs: list[Job], step: Callable[[], None] | None = None) -> dict[int, dict[str, Any]]:
@@ -203,16 +203,16 @@ class Florence2Model:
     """Triton model ``florence2`` (see the module docstring)."""
 
     def initialize(self, args: dict[str, Any]) -> None:
-        config = runtime.model_config(args)
+        config = common.model_config(args)
         names = {i["name"] for i in config["input"]}
         if not {"IMAGE", "TASK"} <= names or {o["name"] for o in config["output"]} != {"RESULT"}:
             raise ValueError("florence2: config must declare inputs IMAGE, TASK (+ optional) and output RESULT")
-        device = runtime.torch_device(args)
-        runtime.apply_gpu_budget(args, config)  # before loading: an over-budget checkpoint fails loudly here
+        device = common.torch_device(args)
+        common.apply_gpu_budget(args, config)  # before loading: an over-budget checkpoint fails loudly here
         params = FlorenceParams.from_config(config)
         self.pipeline = Florence2Pipeline(
-            runtime.version_dir(args) / "checkpoint",
-            runtime.make_encoder(args, config, ["image_features"]),
+            common.version_dir(args) / "checkpoint",
+            common.make_encoder(args, config, ["image_features"]),
             default_max_new_tokens=params.default_max_new_tokens,
             default_num_beams=params.default_num_beams,
             max_new_tokens_limit=params.max_new_tokens_limit,
@@ -227,24 +227,24 @@ class Florence2Model:
     def execute(self, requests) -> None:
         """Validate each request and hand it to the engine; every request is answered through its response
         sender (exactly one final response: non-decoupled), so ``execute`` returns None at once."""
-        pb = runtime.pb_utils
+        pb = common.pb_utils
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for i, request in enumerate(requests):
             sender = request.get_response_sender()
             try:
-                images = runtime.as_bytes_list(pb.get_input_tensor_by_name(request, "IMAGE").as_numpy())
+                images = common.as_bytes_list(pb.get_input_tensor_by_name(request, "IMAGE").as_numpy())
                 if len(images) != 1:
-                    raise runtime.InputError("send one image per request (IMAGE shape [1, 1])")
-                task = runtime.as_bytes_list(pb.get_input_tensor_by_name(request, "TASK").as_numpy())[0]
+                    raise common.InputError("send one image per request (IMAGE shape [1, 1])")
+                task = common.as_bytes_list(pb.get_input_tensor_by_name(request, "TASK").as_numpy())[0]
                 job = self.pipeline.job(
                     i, images[0], task.decode("utf-8", "replace"), _optional_text(request, "TEXT"),
                     _optional_int(request, "MAX_NEW_TOKENS"), _optional_int(request, "NUM_BEAMS"),
                 )
-            except runtime.InputError as exc:
-                sender.send(runtime.error_response(str(exc), invalid_arg=True), flags=final)
+            except common.InputError as exc:
+                sender.send(common.error_response(str(exc), invalid_arg=True), flags=final)
                 continue
             except Exception as exc:  # noqa: BLE001 - one bad request must not take the batch down
-                sender.send(runtime.error_response(f"preprocessing failed: {type(exc).__name__}: {exc}"),
+                sender.send(common.error_response(f"preprocessing failed: {type(exc).__name__}: {exc}"),
                             flags=final)
                 continue
             cancelled = getattr(request, "is_cancelled", None) or (lambda: False)
@@ -259,7 +259,7 @@ def _answer(sender) -> Callable[[Any], None]:
     """Sends one job's result (or failure) as its request's only, final response."""
 
     def send(result: Any) -> None:
-        pb = runtime.pb_utils
+        pb = common.pb_utils
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if isinstance(result, Cancelled):
             code = getattr(pb.TritonError, "CANCELLED", None)
@@ -267,7 +267,7 @@ def _answer(sender) -> Callable[[Any], None]:
                 "request cancelled")
             sender.send(pb.InferenceResponse(error=error), flags=final)
         elif isinstance(result, Exception):
-            sender.send(runtime.error_response(f"generation failed: {type(result).__name__}: {result}"),
+            sender.send(common.error_response(f"generation failed: {type(result).__name__}: {result}"),
                         flags=final)
         else:
             payload = np.array([[json.dumps(result).encode("utf-8")]], dtype=np.object_)

@@ -20,7 +20,7 @@ through its Triton response sender when it is done:
 
 At most ``max_active`` batches decode at once (each holds its key/value cache until it is done); further
 batches wait for one of them to finish. Failures stay with their request: a batch whose ``generate`` raises is
-run again job by job (``runtime.retry_singly``). Cancelled requests are dropped before their batch starts, and
+run again job by job (``common.retry_singly``). Cancelled requests are dropped before their batch starts, and
 a batch whose requests were all cancelled stops at its next step.
 """
 
@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from model_repository import runtime
+from vlmserve.model_repository import common
 
 log = logging.getLogger("vlmserve.florence2")
 
@@ -281,7 +281,7 @@ class Florence2Engine:
             return self.pipeline.run(group, step=hook)
 
         started = time.perf_counter()
-        for group, results in runtime.retry_singly(jobs, run):
+        for group, results in common.retry_singly(jobs, run):
             for job in group:
                 entry = by_row[job.index]
                 if isinstance(results, Exception):

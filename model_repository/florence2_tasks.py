@@ -1,4 +1,5 @@
-"""Florence-2's task table: names users send (seed 000), Florence task tokens (seed 001), text needs.
+"""Florence-2's task table: names users send (the Florence-2 service), Florence task tokens (the Florence-2 v1
+service), text needs.
 
 Pure data (no torch): the export writes it into the ``florence2`` model config (parameter ``tasks``) and the
 gateway reads it back from Triton, so there is one table.

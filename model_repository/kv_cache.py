@@ -152,7 +152,7 @@ class PrefixCache:
     """
 
     def __init__(self, capacity: int, block: int = 32, metrics: Any = None) -> None:
-        from model_repository.runtime import FeatureCache
+        from vlmserve.model_repository.common import FeatureCache
 
         self.block = block
         self.store = FeatureCache(capacity)
@@ -206,7 +206,7 @@ def inputs_digest(inputs: dict[str, Any]) -> bytes:
     same ids but other images never share a key."""
     import numpy as np
 
-    from model_repository.runtime import content_key
+    from vlmserve.model_repository.common import content_key
 
     arrays = []
     for name in sorted(k for k in inputs if k != "input_ids"):

@@ -1,6 +1,7 @@
 """The chat decode loop on llama.cpp (``llama-cpp-python``'s low-level bindings), for the families that have a GGUF.
 
-:class:`LlamaCppLoop` is a :class:`~model_repository.chat_engine.DecodeLoop` whose forwards run in llama.cpp: one
+:class:`LlamaCppLoop` is a :class:`~vlmserve.model_repository.chat_engine.DecodeLoop` whose forwards run in llama.cpp:
+one
 ``llama_context`` with a unified KV cache of ``max_batch_tokens`` cells and one sequence id per row, each step one
 ``llama_decode`` of a multi-sequence batch (every row's next token, at its own position, in its own sequence) —
 llama.cpp's continuous batching, as ``llama-server`` does it. Everything else is the shared loop's: admission
@@ -16,7 +17,8 @@ streamer (stop strings, cancellation), per-row failure isolation.
 - **Failures.** On a non-zero return llama.cpp restores the cache as it was before the call, so a failed step has
   nothing to undo, as in the torch loop.
 - **Prefix cache.** When a request ends, its sequence's prompt cells stay resident (parked, LRU) with the
-  prompt's block keys (:class:`~model_repository.kv_cache.PrefixCache`'s hash chain over 32-token blocks and the
+  prompt's block keys (:class:`~vlmserve.model_repository.kv_cache.PrefixCache`'s hash chain over 32-token blocks and
+  the
   images' pixels). A later prompt that begins with the same whole blocks gets them by ``llama_memory_seq_cp`` of
   that range (tags, no copy) and computes only the rest. Parked prompts hold at most ``prefix_cache_bytes`` of
   KV (and at most ``max_batch_tokens`` cells, which the context adds to the running rows' budget); they are
@@ -38,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from model_repository.chat_engine import ChatJob, DecodeLoop, DecoderFamily, RowSampler
 from vlmserve.families.contract import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_PREFIX_CACHE_BYTES
+from vlmserve.model_repository.chat_engine import ChatJob, DecodeLoop, DecoderFamily, RowSampler
 
 log = logging.getLogger("vlmserve.chat")
 
@@ -166,7 +168,7 @@ class LlamaCppLoop(DecodeLoop):
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_prefill_tokens: int = 1024,
                  threads: int | None = None, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
                  prefix_metrics: Any = None) -> None:
-        from model_repository.kv_cache import PrefixCache
+        from vlmserve.model_repository.kv_cache import PrefixCache
 
         self._init_scheduler(family, max_batch, max_batch_tokens, max_prefill_tokens)
         self.prefix = PrefixCache(prefix_cache_bytes, metrics=prefix_metrics)
@@ -231,7 +233,7 @@ class LlamaCppLoop(DecodeLoop):
     def _reuse(self, job: ChatJob, seq: int) -> int:
         """Give ``seq`` the cells of the longest parked prefix of ``job``'s prompt (whole blocks, at least the last
         prompt token left to compute); returns how many prompt tokens they cover."""
-        from model_repository.kv_cache import inputs_digest
+        from vlmserve.model_repository.kv_cache import inputs_digest
 
         ids = job.inputs["input_ids"]
         if not self.prefix.enabled:

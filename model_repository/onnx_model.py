@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from model_repository import runtime
 from vlmserve.families.contract import ModelParams
+from vlmserve.model_repository import common
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-        config = runtime.model_config(args)
+        config = common.model_config(args)
         params = ModelParams.from_config(config)
-        self.encoder = runtime.open_encoder(
-            runtime.version_dir(args) / params.onnx_file, params.runtime, params.precision, runtime.uses_gpu(args),
-            params.intra_op_threads, runtime.device_id(args), params.gpu_mem_limit,
+        self.encoder = common.open_encoder(
+            common.version_dir(args) / params.onnx_file, params.runtime, params.precision, common.uses_gpu(args),
+            params.intra_op_threads, common.device_id(args), params.gpu_mem_limit,
         )
         declared_in = [i["name"] for i in config["input"]]
         declared_out = [o["name"] for o in config["output"]]
@@ -33,7 +33,7 @@ class TritonPythonModel:
         self.output_names = declared_out
 
     def execute(self, requests):
-        pb = runtime.pb_utils
+        pb = common.pb_utils
 
         def prepare(request):
             return {n: pb.get_input_tensor_by_name(request, n).as_numpy() for n in self.input_names}
@@ -42,4 +42,4 @@ class TritonPythonModel:
             out = self.encoder(rows)
             return {n: out[n] for n in self.output_names}
 
-        return runtime.run_batched(requests, prepare, compute)
+        return common.run_batched(requests, prepare, compute)

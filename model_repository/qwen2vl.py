@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from model_repository import runtime
-from model_repository.chat_engine import ChatJob, render_prompt
 from vlmserve.families.contract import DEFAULT_IMAGE_CACHE_BYTES
+from vlmserve.model_repository import common
+from vlmserve.model_repository.chat_engine import ChatJob, render_prompt
 
 
 class QwenPipeline:
@@ -16,7 +16,7 @@ class QwenPipeline:
     """
 
     def __init__(self, checkpoint_dir, device: str = "cpu", attn_implementation: str = "sdpa", encoder=None,
-                 image_cache: runtime.FeatureCache | None = None) -> None:
+                 image_cache: common.FeatureCache | None = None) -> None:
         import torch
         from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
 
@@ -30,7 +30,7 @@ class QwenPipeline:
         self.merge = self.image_processor.merge_size
         self.image_token_id = self.model.config.image_token_id
         # The vision tower's outputs per image (on the host), keyed by a hash of that image's patches and grid.
-        self.image_cache = image_cache if image_cache is not None else runtime.FeatureCache(DEFAULT_IMAGE_CACHE_BYTES)
+        self.image_cache = image_cache if image_cache is not None else common.FeatureCache(DEFAULT_IMAGE_CACHE_BYTES)
         # Prompt (image tokens included) + answer must fit the text model's positions (chat.fit_context).
         cfg = self.model.config
         self.context_length = int(getattr(cfg, "text_config", cfg).max_position_embeddings)
@@ -47,7 +47,7 @@ class QwenPipeline:
             counts = (vision["image_grid_thw"].prod(-1) // (self.merge**2)).tolist()
             pieces = prompt.split("<|image_pad|>")
             if len(pieces) - 1 != len(counts):
-                raise runtime.InputError("the chat template did not place every image")
+                raise common.InputError("the chat template did not place every image")
             prompt = pieces[0] + "".join("<|image_pad|>" * n + rest for n, rest in zip(counts, pieces[1:],
                                                                                        strict=True))
             inputs = {"pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
@@ -87,7 +87,7 @@ class QwenPipeline:
         pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
         bounds = [0, *torch.cumsum(grid.prod(-1), 0).tolist()]
         spans = list(zip(bounds[:-1], bounds[1:], strict=True))
-        keys = [runtime.content_key(pixels[a:b].numpy(), grid[i].numpy()) for i, (a, b) in enumerate(spans)]
+        keys = [common.content_key(pixels[a:b].numpy(), grid[i].numpy()) for i, (a, b) in enumerate(spans)]
         found: list[Any] = [self.image_cache.get(key) for key in keys]
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:

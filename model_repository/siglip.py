@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from model_repository import runtime
 from vlmserve.families.contract import DEFAULT_MAX_PIXELS, EmbedParams
+from vlmserve.model_repository import common
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -102,7 +102,7 @@ class SiglipImageTransform:
         return max(self.size) if self.size else None
 
     def __call__(self, image) -> np.ndarray:
-        """``image``: an RGB PIL image (:func:`runtime.decode_image` gives one; do_convert_rgb is implied)."""
+        """``image``: an RGB PIL image (:func:`common.decode_image` gives one; do_convert_rgb is implied)."""
         if image.mode != "RGB":
             image = image.convert("RGB")
         if self.size is not None:
@@ -130,11 +130,11 @@ class SiglipImagePreprocessor:
         rows = []
         for i, data in enumerate(images):
             try:
-                rows.append(self.transform(runtime.decode_image(data, self.max_pixels, self.min_size)))
-            except runtime.InputError as exc:
-                raise runtime.InputError(f"IMAGE[{i}]: {exc}") from None
+                rows.append(self.transform(common.decode_image(data, self.max_pixels, self.min_size)))
+            except common.InputError as exc:
+                raise common.InputError(f"IMAGE[{i}]: {exc}") from None
         if len({r.shape for r in rows}) > 1:  # only with do_resize=false
-            raise runtime.InputError(f"images of different sizes {sorted({r.shape for r in rows})}; this model "
+            raise common.InputError(f"images of different sizes {sorted({r.shape for r in rows})}; this model "
                                      "does not resize, send images of its input size")
         return np.stack(rows)
 
@@ -268,7 +268,7 @@ def utf8_texts(raw: list[bytes]) -> list[str]:
     try:
         return [t.decode("utf-8") for t in raw]
     except UnicodeDecodeError as exc:
-        raise runtime.InputError(f"TEXT is not valid UTF-8: {exc}") from None
+        raise common.InputError(f"TEXT is not valid UTF-8: {exc}") from None
 
 
 def max_text_length(config: dict[str, Any], params: EmbedParams) -> int:
@@ -298,13 +298,13 @@ class _SiglipModel:
     encoder_output: str
 
     def _setup(self, args: dict[str, Any]) -> dict[str, Any]:
-        config = runtime.model_config(args)
+        config = common.model_config(args)
         names = {i["name"] for i in config["input"]}
         if names != {self.input_name}:
             raise ValueError(f"{config['name']}: expected the single input {self.input_name}, got {sorted(names)}")
         if "EMBEDDING" not in {o["name"] for o in config["output"]}:
             raise ValueError(f"{config['name']}: output EMBEDDING missing from config")
-        self.encoder = runtime.make_encoder(args, config, [self.encoder_output])
+        self.encoder = common.make_encoder(args, config, [self.encoder_output])
         return config
 
     def _encode(self, inputs: np.ndarray) -> np.ndarray:
@@ -321,17 +321,17 @@ class EmbedImageModel(_SiglipModel):
     def initialize(self, args: dict[str, Any]) -> None:
         config = self._setup(args)
         self.preprocess = SiglipImagePreprocessor(
-            runtime.version_dir(args) / "processor",
+            common.version_dir(args) / "processor",
             EmbedParams.from_config(config).max_pixels,
         )
 
     def execute(self, requests):
-        pb = runtime.pb_utils
+        pb = common.pb_utils
 
         def prepare(request):
-            return self.preprocess(runtime.as_bytes_list(pb.get_input_tensor_by_name(request, "IMAGE").as_numpy()))
+            return self.preprocess(common.as_bytes_list(pb.get_input_tensor_by_name(request, "IMAGE").as_numpy()))
 
-        return runtime.run_batched(requests, prepare, lambda px: {"EMBEDDING": self._encode(px)})
+        return common.run_batched(requests, prepare, lambda px: {"EMBEDDING": self._encode(px)})
 
 
 class EmbedTextModel(_SiglipModel):
@@ -344,14 +344,14 @@ class EmbedTextModel(_SiglipModel):
     def initialize(self, args: dict[str, Any]) -> None:
         config = self._setup(args)
         length = max_text_length(config, EmbedParams.from_config(config))
-        self.preprocess = SiglipTextPreprocessor(runtime.version_dir(args) / "processor", length)
+        self.preprocess = SiglipTextPreprocessor(common.version_dir(args) / "processor", length)
 
     def execute(self, requests):
-        pb = runtime.pb_utils
+        pb = common.pb_utils
 
         def prepare(request):
             ids, lengths = self.preprocess(
-                runtime.as_bytes_list(pb.get_input_tensor_by_name(request, "TEXT").as_numpy())
+                common.as_bytes_list(pb.get_input_tensor_by_name(request, "TEXT").as_numpy())
             )
             # Carry the token counts through the batch as an extra column; split off in compute.
             return np.concatenate([ids, lengths[:, None].astype(np.int64)], axis=1)
@@ -359,4 +359,4 @@ class EmbedTextModel(_SiglipModel):
         def compute(rows):
             return {"EMBEDDING": self._encode(rows[:, :-1]), "NUM_TOKENS": rows[:, -1:].astype(np.int32)}
 
-        return runtime.run_batched(requests, prepare, compute)
+        return common.run_batched(requests, prepare, compute)

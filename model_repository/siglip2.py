@@ -1,6 +1,6 @@
 """SigLIP 2 image/text embeddings, torch-free: decode -> preprocess -> encoder -> L2-normalise.
 
-Same client contract as SigLIP v1 (:mod:`model_repository.siglip`): ``siglip2_embed_image`` takes ``IMAGE``
+Same client contract as SigLIP v1 (:mod:`vlmserve.model_repository.siglip`): ``siglip2_embed_image`` takes ``IMAGE``
 (BYTES) and returns ``EMBEDDING``; ``siglip2_embed_text`` takes ``TEXT`` (BYTES, UTF-8) and returns ``EMBEDDING``
 and ``NUM_TOKENS``. What differs from v1:
 
@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from model_repository import runtime
-from model_repository.siglip import (
+from vlmserve.families.contract import DEFAULT_MAX_PIXELS
+from vlmserve.families.siglip2 import Siglip2Params
+from vlmserve.model_repository import common
+from vlmserve.model_repository.siglip import (
     SiglipImagePreprocessor,
     SiglipImageTransform,
     _SiglipModel,
@@ -35,8 +37,6 @@ from model_repository.siglip import (
     max_text_length,
     utf8_texts,
 )
-from vlmserve.families.contract import DEFAULT_MAX_PIXELS
-from vlmserve.families.siglip2 import Siglip2Params
 
 # ---------------------------------------------------------------------------------------------- NaFlex images
 
@@ -159,9 +159,9 @@ class NaflexImagePreprocessor:
             try:
                 # No reduced-scale JPEG decode: the target size is computed from the decoded size, so a draft
                 # decode could change the patch grid itself, not only the pixels.
-                rows.append(self.transform(runtime.decode_image(data, self.max_pixels)))
-            except runtime.InputError as exc:
-                raise runtime.InputError(f"IMAGE[{i}]: {exc}") from None
+                rows.append(self.transform(common.decode_image(data, self.max_pixels)))
+            except common.InputError as exc:
+                raise common.InputError(f"IMAGE[{i}]: {exc}") from None
         shapes = np.array([r[2] for r in rows], dtype=np.int64)
         return {
             "pixel_values": np.stack([r[0] for r in rows]),
@@ -252,7 +252,7 @@ class EmbedImageModel(_SiglipModel):
 
     def initialize(self, args: dict[str, Any]) -> None:
         config = self._setup(args)
-        processor_dir = runtime.version_dir(args) / "processor"
+        processor_dir = common.version_dir(args) / "processor"
         params = Siglip2Params.from_config(config)
         self.naflex = params.vision_mode == "naflex"
         self.preprocess: NaflexImagePreprocessor | SiglipImagePreprocessor
@@ -265,17 +265,17 @@ class EmbedImageModel(_SiglipModel):
             self.preprocess = SiglipImagePreprocessor(processor_dir, params.max_pixels)
 
     def execute(self, requests):
-        pb = runtime.pb_utils
+        pb = common.pb_utils
 
         def prepare(request):
-            images = runtime.as_bytes_list(pb.get_input_tensor_by_name(request, "IMAGE").as_numpy())
+            images = common.as_bytes_list(pb.get_input_tensor_by_name(request, "IMAGE").as_numpy())
             out = self.preprocess(images)
             return out if isinstance(out, dict) else {"pixel_values": out}
 
         def compute(inputs):
             return {"EMBEDDING": l2_normalise(self.encoder(inputs)[self.encoder_output])}
 
-        return runtime.run_batched(requests, prepare, compute)
+        return common.run_batched(requests, prepare, compute)
 
 
 class EmbedTextModel(_SiglipModel):
@@ -287,13 +287,13 @@ class EmbedTextModel(_SiglipModel):
     def initialize(self, args: dict[str, Any]) -> None:
         config = self._setup(args)
         length = max_text_length(config, Siglip2Params.from_config(config))
-        self.tokenizer = FastTokenizer(runtime.version_dir(args) / "processor", length)
+        self.tokenizer = FastTokenizer(common.version_dir(args) / "processor", length)
 
     def execute(self, requests):
-        pb = runtime.pb_utils
+        pb = common.pb_utils
 
         def prepare(request):
-            texts = utf8_texts(runtime.as_bytes_list(pb.get_input_tensor_by_name(request, "TEXT").as_numpy()))
+            texts = utf8_texts(common.as_bytes_list(pb.get_input_tensor_by_name(request, "TEXT").as_numpy()))
             ids, mask, counts = self.tokenizer(texts)
             return {"input_ids": ids, "attention_mask": mask, "NUM_TOKENS": counts[:, None]}
 
@@ -301,4 +301,4 @@ class EmbedTextModel(_SiglipModel):
             encoded = self.encoder({"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"]})
             return {"EMBEDDING": l2_normalise(encoded[self.encoder_output]), "NUM_TOKENS": rows["NUM_TOKENS"]}
 
-        return runtime.run_batched(requests, prepare, compute)
+        return common.run_batched(requests, prepare, compute)

@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from model_repository import runtime
-from model_repository.chat_engine import ChatJob, render_prompt
 from vlmserve.families.contract import DEFAULT_IMAGE_CACHE_BYTES
+from vlmserve.model_repository import common
+from vlmserve.model_repository.chat_engine import ChatJob, render_prompt
 
 
 def vision_module(model):
@@ -73,7 +73,7 @@ class SmolVLMPipeline:
     ``DecoderFamily`` of the chat engine."""
 
     def __init__(self, checkpoint_dir, device: str = "cpu", attn_implementation: str = "sdpa", encoder=None,
-                 decoder_precision: str = "fp32", image_cache: runtime.FeatureCache | None = None) -> None:
+                 decoder_precision: str = "fp32", image_cache: common.FeatureCache | None = None) -> None:
         import torch
         from transformers import AutoTokenizer, SmolVLMForConditionalGeneration, SmolVLMImageProcessor
 
@@ -91,7 +91,7 @@ class SmolVLMPipeline:
             raise ValueError("SmolVLMPipeline needs the vision encoder (ONNX runner)")
         self.encoder = encoder
         # The encoder's outputs per image, keyed by a hash of that image's exact tiles and patch mask.
-        self.image_cache = image_cache if image_cache is not None else runtime.FeatureCache(DEFAULT_IMAGE_CACHE_BYTES)
+        self.image_cache = image_cache if image_cache is not None else common.FeatureCache(DEFAULT_IMAGE_CACHE_BYTES)
         # The vision tower runs as the exported ONNX model; drop the torch copy to save memory.
         self.model.model.vision_model = torch.nn.Identity()
         cfg = self.model.config
@@ -115,7 +115,7 @@ class SmolVLMPipeline:
                                           input_data_format="channels_last")
             pieces = prompt.split("<image>")
             if len(pieces) - 1 != len(images):
-                raise runtime.InputError("the chat template did not place every image")
+                raise common.InputError("the chat template did not place every image")
             expanded = [image_prompt(r, c, self.seq_len) for r, c in zip(vision["rows"][0], vision["cols"][0],
                                                                           strict=True)]
             prompt = pieces[0] + "".join(e + rest for e, rest in zip(expanded, pieces[1:], strict=True))
@@ -156,7 +156,7 @@ class SmolVLMPipeline:
         pixels, mask = inputs["pixel_values"], inputs["patch_attention_mask"]
         bounds = np.cumsum([0, *inputs.get("image_tiles", [len(pixels)])])
         spans = list(zip(bounds[:-1], bounds[1:], strict=True))
-        keys = [runtime.content_key(pixels[a:b], mask[a:b]) for a, b in spans]
+        keys = [common.content_key(pixels[a:b], mask[a:b]) for a, b in spans]
         found: list[Any] = [self.image_cache.get(key) for key in keys]
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:

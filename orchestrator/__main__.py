@@ -1,3 +1,3 @@
-from orchestrator.cli import app
+from vlmserve.orchestrator.cli import app
 
-app(prog_name="python -m orchestrator")
+app(prog_name="python -m vlmserve.orchestrator")

@@ -1,6 +1,7 @@
-"""Orchestrator commands, shared by ``python -m orchestrator`` and the ``vlmserve`` CLI.
+"""Orchestrator commands, shared by ``python -m vlmserve.orchestrator`` and the ``vlmserve`` CLI.
 
-Verbs (seed 000's docker manager had the same ones): ``up`` (alias ``start``), ``down`` (alias ``stop``),
+Verbs (the old Florence-2 service's docker manager had the same ones): ``up`` (alias ``start``), ``down`` (alias
+``stop``),
 ``restart``, ``status``, ``health``, ``logs``, ``clean``, ``ensure``, plus ``run`` (foreground, supervised),
 ``hardware``, ``plan``, ``image build`` and ``deploy k8s|swarm``. ``--runtime process`` (default) runs local processes;
 ``--runtime docker`` runs containers through the Docker Engine API.
@@ -19,16 +20,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator import hardware, memory
-from orchestrator.deploy.cli import app as deploy_app
-from orchestrator.docker_runtime import DockerRuntime, DockerUnavailable
-from orchestrator.images import IMAGES, ImageBuildError
-from orchestrator.launch import Launch, plan_launch
-from orchestrator.process import ProcessRuntime, StartupError
-from orchestrator.settings import OrchestratorSettings
-from orchestrator.triton import TritonNotFound
+from vlmserve.orchestrator import hardware, memory
+from vlmserve.orchestrator.console import console, fail, say, settings_from
+from vlmserve.orchestrator.deploy.cli import app as deploy_app
+from vlmserve.orchestrator.docker_runtime import DockerRuntime, DockerUnavailable
+from vlmserve.orchestrator.images import IMAGES, ImageBuildError
+from vlmserve.orchestrator.launch import Launch, plan_launch
+from vlmserve.orchestrator.process import ProcessRuntime, StartupError
+from vlmserve.orchestrator.settings import OrchestratorSettings
+from vlmserve.orchestrator.triton import TritonNotFound
 
-console = Console(stderr=True)
 app = typer.Typer(help="Start, stop and inspect vlmserve's services (local processes or Docker containers).",
                   no_args_is_help=True)
 image_app = typer.Typer(help="Build the vlmserve images (docker/Dockerfile.<image>).", no_args_is_help=True)
@@ -48,34 +49,13 @@ ReserveOpt = typer.Option(None, "--reserve", help="per-device reserve for CUDA c
 RUNTIMES = ("process", "docker")
 
 
-def _say(message: str) -> None:
-    console.print(f"[cyan]vlmserve[/cyan] {escape(message)}", highlight=False)
-
-
-def settings_from(model_set: str | None = None, repo: Path | None = None, **overrides: Any) -> OrchestratorSettings:
-    values = {k: v for k, v in overrides.items() if v is not None}
-    if model_set:
-        values["model_set"] = model_set
-    if repo:
-        values["repository"] = repo
-    try:
-        return OrchestratorSettings(**values)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-
-
 def runtime(settings: OrchestratorSettings, name: str | None = None, launch: Launch | None = None):
     """The runtime object for ``name`` (default: the settings' runtime)."""
     name = name or settings.runtime
     if name not in RUNTIMES:
         raise typer.BadParameter(f"--runtime must be one of {', '.join(RUNTIMES)}, not {name!r}")
     cls = DockerRuntime if name == "docker" else ProcessRuntime
-    return cls(settings, log=_say, launch=launch)
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {exc}", highlight=False)
-    return typer.Exit(1)
+    return cls(settings, log=say, launch=launch)
 
 
 def _launch(settings: OrchestratorSettings, budget: list[str] | None, reserve: str | None,
@@ -83,12 +63,12 @@ def _launch(settings: OrchestratorSettings, budget: list[str] | None, reserve: s
     try:
         launch = plan_launch(settings, budget, reserve, runtime_name)
     except (hardware.AcceleratorUnavailable, memory.PlanError, ValueError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     for warning in launch.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     hw = launch.hardware
     gpus = ", ".join(f"{g.vendor} {g.name}" for g in hw.gpus) or "no GPU"
-    _say(f"hardware: {gpus} (via {hw.source}); accelerator {launch.choice.accelerator}, "
+    say(f"hardware: {gpus} (via {hw.source}); accelerator {launch.choice.accelerator}, "
          f"image {launch.choice.image}")
     return launch
 
@@ -123,7 +103,7 @@ def _up(settings: OrchestratorSettings, child_args: list[str], budget, reserve) 
             _launch(settings, budget, reserve, "process")  # fail fast, before detaching
             runtime(settings, name).up(child_args, dict(os.environ))
     except (StartupError, TritonNotFound, DockerUnavailable) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
 
 
 @app.command()
@@ -135,7 +115,7 @@ def up(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, runtime_name
     _up(settings, _child_args(model_set, repo, accelerator, fallback, plan, budget, reserve), budget, reserve)
 
 
-@app.command("start", help="Alias of `up` (seed 000's verb).")
+@app.command("start", help="Alias of `up` (the old Florence-2 service's docker manager's verb).")
 def start(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, runtime_name: str | None = RuntimeOpt,
           accelerator: str | None = AccelOpt, fallback: bool | None = FallbackOpt, plan: Path | None = PlanOpt,
           budget: list[str] | None = BudgetOpt, reserve: str | None = ReserveOpt) -> None:
@@ -157,7 +137,7 @@ def run(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, accelerator
     try:
         code = runtime(settings, runtime_name, launch).run_foreground()
     except (StartupError, TritonNotFound, DockerUnavailable) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     raise typer.Exit(code)
 
 
@@ -165,8 +145,8 @@ def _present(settings: OrchestratorSettings, runtime_name: str | None) -> list[A
     """Runtimes to act on: the named one, or every runtime that is usable here."""
     if runtime_name:
         return [runtime(settings, runtime_name)]
-    found: list[Any] = [ProcessRuntime(settings, log=_say)]
-    docker_rt = DockerRuntime(settings, log=_say)
+    found: list[Any] = [ProcessRuntime(settings, log=say)]
+    docker_rt = DockerRuntime(settings, log=say)
     try:
         docker_rt.client  # noqa: B018 - probe for an engine; without one there is nothing of ours in Docker
         found.append(docker_rt)
@@ -182,11 +162,11 @@ def down(runtime_name: str | None = AnyRuntimeOpt) -> None:
     try:
         stopped = [f"{rt.name} {n}" for rt in _present(settings, runtime_name) for n in rt.down()]
     except DockerUnavailable as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
 
-@app.command("stop", help="Alias of `down` (seed 000's verb).")
+@app.command("stop", help="Alias of `down` (the old Florence-2 service's docker manager's verb).")
 def stop(runtime_name: str | None = AnyRuntimeOpt) -> None:
     down(runtime_name)
 
@@ -200,7 +180,7 @@ def restart(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, runtime
     try:
         runtime(settings).down()
     except DockerUnavailable as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     _up(settings, _child_args(model_set, repo, accelerator, fallback, plan, budget, reserve), budget, reserve)
 
 
@@ -225,7 +205,7 @@ def ensure(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, runtime_
                     budget, reserve)
                 started = ["triton", "gateway"]
     except (StartupError, TritonNotFound, DockerUnavailable) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print(f"started: {', '.join(started)}" if started else "already running and healthy")
 
 
@@ -241,7 +221,7 @@ def status(runtime_name: str | None = AnyRuntimeOpt, as_json: bool = typer.Optio
     try:
         rows = [row for rt in _present(settings, runtime_name) for row in rt.status()]
     except DockerUnavailable as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     budgets = _budget_rows(settings, budget) if (plan or budget) else []
     runtimes = runtime_rows(settings.repository_path)
     if as_json:
@@ -299,7 +279,7 @@ def _budget_rows(settings: OrchestratorSettings, budget: list[str] | None) -> li
     try:
         resolved = memory.validate(memory.load_plan(settings.gpu_plan, list(budget or []), None), hw)
     except (memory.PlanError, ValueError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     used = {g.index: g.memory_used_bytes for g in hw.gpus}
     rows = []
     for row in resolved.rows():
@@ -350,7 +330,7 @@ def logs(service: str | None = typer.Argument(None, help="triton, gateway (or su
                 print(line, flush=True)
                 printed = True
     except ValueError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     except KeyboardInterrupt:
         return
     if not printed:
@@ -368,7 +348,7 @@ def clean(runtime_name: str | None = AnyRuntimeOpt,
         for rt in _present(settings, runtime_name):
             removed += rt.clean(volumes) if rt.name == "docker" else rt.clean()
     except DockerUnavailable as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print("removed:\n  " + "\n  ".join(removed) if removed else "nothing to clean")
 
 
@@ -387,7 +367,7 @@ def hardware_cmd(accelerator: str | None = AccelOpt, fallback: bool | None = Fal
     try:
         choice = hardware.choose(settings.accelerator, hw, settings.fallback)
     except hardware.AcceleratorUnavailable as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     for w in choice.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
     print(f"accelerator: {choice.accelerator}  image: vlmserve:{choice.image}  "
@@ -429,7 +409,7 @@ def plan_cmd(plan: Path | None = PlanOpt, budget: list[str] | None = BudgetOpt, 
         else:
             print(f"dry run: --render writes {len(rendered.files)} configs under {settings.repository_path}")
     except (memory.PlanError, ValueError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
 
 
 @image_app.command("build")
@@ -437,15 +417,15 @@ def image_build(image: str = typer.Option("cpu", "--image", help=f"one of {', '.
                 tag: str | None = typer.Option(None, "--tag", help="default vlmserve:<image>"),
                 base_image: str = typer.Option("debian:bookworm-slim", "--base-image", help="cpu image base")) -> None:
     """Build docker/Dockerfile.<image> from a local wheelhouse (offline inside the build)."""
-    from orchestrator.docker_runtime import docker_client
-    from orchestrator.images import build_image
+    from vlmserve.orchestrator.docker_runtime import docker_client
+    from vlmserve.orchestrator.images import build_image
 
     if image not in IMAGES:
         raise typer.BadParameter(f"--image must be one of {', '.join(IMAGES)}")
     settings = settings_from()
     try:
         image_id = build_image(docker_client(), image, tag or f"vlmserve:{image}", settings.cache_dir, base_image,
-                               log=_say)
+                               log=say)
     except (ImageBuildError, DockerUnavailable) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     print(image_id)

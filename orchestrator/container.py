@@ -1,8 +1,9 @@
-"""Entry point inside the vlmserve images: ``python -m orchestrator.container triton|gateway|health|prepare``.
+"""Entry point inside the vlmserve images: ``python -m vlmserve.orchestrator.container triton|gateway|health|prepare``.
 
 One image runs either role; the Docker runtime (and ``docker/compose.yaml``) pick it with the command and
 ``VLMSERVE_ROLE``. The gateway is ``exec``'d. The Triton role is a small supervisor: tritonserver runs as its child
-(SIGTERM/SIGINT forwarded to it), a :class:`~orchestrator.heal.StubWatcher` beside it reloads a model whose Python
+(SIGTERM/SIGINT forwarded to it), a :class:`~vlmserve.orchestrator.heal.StubWatcher` beside it reloads a model whose
+Python
 stub died on this Triton only, and the role exits with tritonserver's status, so when Triton dies the container
 exits and Docker's (Swarm's, Kubernetes') restart policy brings it back (with its own exponential backoff).
 
@@ -27,8 +28,8 @@ PROBES = {"triton": "/v2/health/ready", "gateway": "/livez"}
 
 
 def _triton() -> None:
-    from orchestrator import triton
-    from orchestrator.settings import OrchestratorSettings
+    from vlmserve.orchestrator import triton
+    from vlmserve.orchestrator.settings import OrchestratorSettings
 
     settings = OrchestratorSettings()
     extra = shlex.split(os.environ.get("VLMSERVE_TRITON_EXTRA_ARGS", ""))
@@ -45,7 +46,7 @@ def _triton() -> None:
 
 def supervise_triton(cmd: list[str], env: dict[str, str], url: str) -> int:
     """Run tritonserver as a child with the stub watcher beside it; its exit status (128 + signal if killed)."""
-    from orchestrator.heal import StubWatcher
+    from vlmserve.orchestrator.heal import StubWatcher
 
     # Handlers first, so that no stop signal can end this process and leave tritonserver behind; also, as PID 1
     # in a pod without an init, a signal without a handler would do nothing.
@@ -72,7 +73,7 @@ def supervise_triton(cmd: list[str], env: dict[str, str], url: str) -> int:
 
 
 def _gateway() -> None:
-    os.execv(sys.executable, [sys.executable, "-m", "gateway"])
+    os.execv(sys.executable, [sys.executable, "-m", "vlmserve.gateway"])
 
 
 def probe(role: str, port: int, timeout: float = 3.0) -> bool:
@@ -96,8 +97,8 @@ def _health() -> int:
 
 def _prepare() -> None:
     """At image build time: the writable backend directory with the Python stub (saves work at start)."""
-    from orchestrator import triton
-    from orchestrator.settings import OrchestratorSettings
+    from vlmserve.orchestrator import triton
+    from vlmserve.orchestrator.settings import OrchestratorSettings
 
     print(triton.prepare_backends(triton.find_tritonserver(), OrchestratorSettings().run_path))
 
@@ -113,7 +114,7 @@ def main(argv: list[str]) -> int:
     elif command == "prepare":
         _prepare()
         return 0
-    print("usage: python -m orchestrator.container triton|gateway|health|prepare", file=sys.stderr)
+    print("usage: python -m vlmserve.orchestrator.container triton|gateway|health|prepare", file=sys.stderr)
     return 2
 
 

@@ -6,7 +6,8 @@ Docker's: containers run with ``--init`` and the ``on-failure`` restart policy, 
 (the role process is the init's only child) is restarted with Docker's exponential backoff; ``status``
 shows the restart count and ``logs`` the container's output across restarts.
 
-Containers are nobody's children: while ``up`` starts them, a watchdog (:class:`orchestrator.lifetime.Watchdog`)
+Containers are nobody's children: while ``up`` starts them, a watchdog
+(:class:`vlmserve.orchestrator.lifetime.Watchdog`)
 removes them if ``up`` dies before both are healthy (SIGKILL, a crash); once they are, ``up`` releases them to
 Docker's supervision, like ``docker compose up -d``. ``run --runtime docker`` keeps them tied for its whole life.
 """
@@ -19,11 +20,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from orchestrator.images import LABEL
-from orchestrator.launch import Launch
-from orchestrator.lifetime import Watchdog
-from orchestrator.process import StartupError, _healthy, _human, observability_env
-from orchestrator.settings import OrchestratorSettings
+from vlmserve.orchestrator.images import LABEL
+from vlmserve.orchestrator.launch import Launch
+from vlmserve.orchestrator.lifetime import Watchdog
+from vlmserve.orchestrator.process import StartupError, _healthy, _human, observability_env
+from vlmserve.orchestrator.settings import OrchestratorSettings
 
 PROJECT_LABEL = "io.vlmserve.project"
 SERVICE_LABEL = "io.vlmserve.service"

@@ -8,7 +8,7 @@ unload followed by a load gives the model a new stub. Triton's load alone is a n
 files did not change since it was read (its repository poll classes it "unmodified"), hence unload, then load.
 
 :class:`StubWatcher` runs beside exactly one tritonserver (the process runtime's supervisor, the container
-entrypoint ``python -m orchestrator.container triton`` in Docker, Swarm and Kubernetes) and talks only to that
+entrypoint ``python -m vlmserve.orchestrator.container triton`` in Docker, Swarm and Kubernetes) and talks only to that
 server on localhost: with several replicas each heals its own models and never touches another replica's. The
 gateway does not reload anything; it answers 503 + Retry-After for the model meanwhile.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from orchestrator.process import _sleep_unless
+from vlmserve.orchestrator.lifetime import sleep_unless
 
 STUB = "triton_python_backend_stub"
 
@@ -126,7 +126,7 @@ class StubWatcher:
                     delay = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1))
                     self.log(f"model {model}: {step} failed (attempt {attempt}, {type(exc).__name__}: {exc}); "
                              f"retrying in {delay:g}s")
-                    if _sleep_unless(delay, should_stop):
+                    if sleep_unless(delay, should_stop):
                         return False
         self.reloads[model] = self.reloads.get(model, 0) + 1
         self.log(f"model {model} reloaded in {time.monotonic() - started:.1f}s")
@@ -137,7 +137,7 @@ class StubWatcher:
             for model in self.dead():
                 if not self.heal(model, should_stop):
                     return
-            if _sleep_unless(self.poll_s, should_stop):
+            if sleep_unless(self.poll_s, should_stop):
                 return
 
     def start(self, should_stop: Callable[[], bool]) -> threading.Thread:

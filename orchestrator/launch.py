@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator import hardware, memory
-from orchestrator.settings import OrchestratorSettings
+from vlmserve.orchestrator import hardware, memory
+from vlmserve.orchestrator.settings import OrchestratorSettings
 
 
 @dataclass
@@ -27,7 +27,9 @@ class Launch:
     def env(self) -> dict[str, str]:
         """Environment for Triton: the chosen accelerator (the Python models place their work by it on ROCm)
         and what the memory plan rendered (``CUDA_VISIBLE_DEVICES``, ...)."""
-        from model_repository.runtime import ACCELERATOR_ENV  # the models' own name for it; numpy only when used
+        from vlmserve.model_repository.common import (
+            ACCELERATOR_ENV,  # the models' own name for it; numpy only when used
+        )
 
         return {ACCELERATOR_ENV: self.choice.accelerator, **(self.rendered.env if self.rendered else {})}
 

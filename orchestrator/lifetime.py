@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -82,7 +83,7 @@ class Watchdog:
         # Its own session: a Ctrl-C to the terminal's process group, or a kill of this process's group, leaves it
         # running to do its work.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.watchdog", str(read), *filters], pass_fds=(read,),
+            [sys.executable, "-m", "vlmserve.orchestrator.watchdog", str(read), *filters], pass_fds=(read,),
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
         os.close(read)
@@ -112,3 +113,13 @@ class Watchdog:
         if self._write >= 0:
             os.close(self._write)
             self._write = -1
+
+
+def sleep_unless(seconds: float, should_stop: Callable[[], bool]) -> bool:
+    """Sleep, waking early (and returning True) when a stop is requested."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if should_stop():
+            return True
+        time.sleep(0.1)
+    return should_stop()

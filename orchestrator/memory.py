@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ByteSize, ConfigDict, TypeAdapter, ValidationError, field_validator, model_validator
 
-from orchestrator.hardware import Hardware
+from vlmserve.orchestrator.hardware import Hardware
 
 DEFAULT_RESERVE = 0.05
 PLAN_CONFIG_NAME = "vlmserve-plan"
@@ -624,7 +624,7 @@ def render(
     The base of each is ``configs/<base_config_name>.pbtxt`` where it exists, else ``config.pbtxt`` (the same
     fallback Triton applies to ``--model-config-name``). Unbudgeted models are copied unchanged so
     ``tritonserver --model-config-name=<out_config_name>`` sees the whole repository. ``instance_kind`` is the
-    :class:`~orchestrator.hardware.Choice`'s: with ``KIND_CPU`` (ROCm) the instance groups are left alone and
+    :class:`~vlmserve.orchestrator.hardware.Choice`'s: with ``KIND_CPU`` (ROCm) the instance groups are left alone and
     only the memory parameters are written.
 
     Device indices stay physical throughout (see :class:`Rendered` for the environment that keeps them so).
@@ -678,7 +678,7 @@ def render(
 def process_knobs(resolved: ResolvedPlan) -> tuple[list[str], dict[str, str], list[str]]:
     """The plan's per-process knobs, independent of any model config: ``tritonserver`` arguments, environment
     (see :class:`Rendered`) and notes. :func:`render` uses them; so do the cluster renderers
-    (``orchestrator.deploy``), which have no repository at hand."""
+    (``vlmserve.orchestrator.deploy``), which have no repository at hand."""
     notes: list[str] = []
     own = [b for b in resolved.budgets if not b.external]
     own_devices = sorted({b.device for b in own})

@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 class StackPorts(TypedDict):
-    """The ports of one stack, as :class:`~orchestrator.settings.OrchestratorSettings` keyword arguments."""
+    """The ports of one stack, as :class:`~vlmserve.orchestrator.settings.OrchestratorSettings` keyword arguments."""
 
     http_port: int
     grpc_port: int

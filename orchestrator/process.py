@@ -1,9 +1,9 @@
 """The ``process`` runtime: tritonserver and the gateway as local child processes.
 
 Each service runs in its own session (process group), so stopping it also stops what it started
-(Triton's Python stubs), and dies with the process that started it (:mod:`orchestrator.lifetime`): a supervisor
+(Triton's Python stubs), and dies with the process that started it (:mod:`vlmserve.orchestrator.lifetime`): a supervisor
 that is killed takes its stack with it. A ``services.json`` in the run directory records what is running (and
-which process supervises it) so that ``python -m orchestrator down|status`` work from another terminal, and so
+which process supervises it) so that ``python -m vlmserve.orchestrator down|status`` work from another terminal, and so
 that a start finds a stale stack: one whose supervisor is gone is stopped; a port held by anything else is refused.
 
 Supervision: :meth:`ProcessRuntime.supervise` (the foreground ``run``, and the detached supervisor that ``up``
@@ -29,11 +29,11 @@ from typing import Any
 import httpx
 import psutil
 
-from orchestrator import triton
-from orchestrator.launch import Launch
-from orchestrator.lifetime import die_with_parent
-from orchestrator.settings import OrchestratorSettings
 from vlmserve import telemetry
+from vlmserve.orchestrator import triton
+from vlmserve.orchestrator.launch import Launch
+from vlmserve.orchestrator.lifetime import die_with_parent, sleep_unless
+from vlmserve.orchestrator.settings import OrchestratorSettings
 
 
 class StartupError(RuntimeError):
@@ -218,7 +218,7 @@ class ProcessRuntime:
                 "VLMSERVE_GATEWAY_TRITON_GRPC_URL": f"{s.host}:{s.grpc_port}",
                 **observability_env(s),
             })
-            service = self._spawn("gateway", [sys.executable, "-m", "gateway"], env, s.gateway_url, append)
+            service = self._spawn("gateway", [sys.executable, "-m", "vlmserve.gateway"], env, s.gateway_url, append)
         self._wait_ready(service, self.health_url(name))
         return service
 
@@ -318,9 +318,9 @@ class ProcessRuntime:
 
     def supervise(self, should_stop: Callable[[], bool], poll_s: float = 0.5) -> int:
         """Watch the started services; restart a dead one with backoff, reload a model whose Python stub died
-        (:class:`~orchestrator.heal.StubWatcher`, in a thread). Returns 0 when asked to stop, 1 after
+        (:class:`~vlmserve.orchestrator.heal.StubWatcher`, in a thread). Returns 0 when asked to stop, 1 after
         ``max_restarts`` consecutive failed restarts of one service."""
-        from orchestrator.heal import StubWatcher  # heal uses this module's _sleep_unless
+        from vlmserve.orchestrator.heal import StubWatcher
 
         s = self.settings
         failures = dict.fromkeys(SERVICES, 0)
@@ -344,7 +344,7 @@ class ProcessRuntime:
                 self.restarts[name] = self.restarts.get(name, 0) + 1
                 self.log(f"{name} exited unexpectedly ({code}); restart {self.restarts[name]} in {delay:.1f}s "
                          f"(attempt {failures[name]}/{s.max_restarts})")
-                if _sleep_unless(delay, should_stop):
+                if sleep_unless(delay, should_stop):
                     return 0
                 try:
                     _stop_group(service, 5.0)  # leftovers of the dead one (e.g. Triton's Python stubs)
@@ -391,7 +391,7 @@ class ProcessRuntime:
     # -- detached (up / down) --------------------------------------------------------------------------
 
     def up(self, args: list[str], env: dict[str, str]) -> None:
-        """Start a detached supervisor (``python -m orchestrator run ARGS``) and wait until both are ready.
+        """Start a detached supervisor (``python -m vlmserve.orchestrator run ARGS``) and wait until both are ready.
 
         The supervisor is detached on purpose (its own session, not tied to this command); its services die
         with it."""
@@ -401,7 +401,7 @@ class ProcessRuntime:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log = self.run_dir / "supervisor.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", *args], stdout=out,
+            proc = subprocess.Popen([sys.executable, "-m", "vlmserve.orchestrator", "run", *args], stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)
         self.supervisor_file.write_text(json.dumps({"pid": proc.pid, "log": str(log)}))
@@ -511,16 +511,6 @@ def _exit_code(pid: int, timeout_s: float = 5.0) -> str:
     if os.WIFSIGNALED(status):
         return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exit code {os.WEXITSTATUS(status)}"
-
-
-def _sleep_unless(seconds: float, should_stop: Callable[[], bool]) -> bool:
-    """Sleep, waking early (and returning True) when a stop is requested."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if should_stop():
-            return True
-        time.sleep(0.1)
-    return should_stop()
 
 
 def group_rss(pid: int) -> int | None:

@@ -15,8 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.settings import OrchestratorSettings
 from vlmserve import paths, telemetry
+from vlmserve.orchestrator.settings import OrchestratorSettings
 
 # How long tritonserver waits for in-flight requests when asked to stop; a supervisor (Docker, Kubernetes'
 # terminationGracePeriodSeconds) must wait longer before it kills.

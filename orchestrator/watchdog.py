@@ -1,6 +1,7 @@
-"""``python -m orchestrator.watchdog FD LABEL=VALUE...``: wait for EOF on FD, then remove the labelled containers.
+"""``python -m vlmserve.orchestrator.watchdog FD LABEL=VALUE...``: wait for EOF on FD, then remove the labelled
+containers.
 
-Started by :class:`orchestrator.lifetime.Watchdog`, which holds the pipe's other end: EOF means that process
+Started by :class:`vlmserve.orchestrator.lifetime.Watchdog`, which holds the pipe's other end: EOF means that process
 ended (or closed it); a line ``release`` before EOF means "leave them running".
 """
 
@@ -20,7 +21,7 @@ def main(argv: list[str]) -> int:
         return 0
     import docker.errors
 
-    from orchestrator.docker_runtime import DockerUnavailable, docker_client
+    from vlmserve.orchestrator.docker_runtime import DockerUnavailable, docker_client
 
     try:
         client = docker_client()

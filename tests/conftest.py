@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.ports import free_port, stack_ports
-from orchestrator.process import ProcessRuntime
-from orchestrator.settings import OrchestratorSettings
+from vlmserve.orchestrator.ports import free_port, stack_ports
+from vlmserve.orchestrator.process import ProcessRuntime
+from vlmserve.orchestrator.settings import OrchestratorSettings
 
 __all__ = ["Stack", "compose_commands", "free_port", "local_http_server", "tiny_export_options"]
 
@@ -59,8 +59,8 @@ def state_dir(tmp_path_factory) -> Path:
 
 def tiny_export_options():
     """The options of the session's tiny export (SmolVLM2's engine asked for, see ``tiny_repo``)."""
-    from export import llamacpp
-    from export.repository import ExportOptions
+    from vlmserve.export import llamacpp
+    from vlmserve.export.repository import ExportOptions
 
     return ExportOptions(chat_engine="llamacpp" if llamacpp.bindings_version() or os.environ.get("CI") else "torch")
 
@@ -70,8 +70,8 @@ def tiny_repo(state_dir: Path) -> Path:
     """A freshly exported tiny repository (the real export code path, quiet). SmolVLM2 decodes with llama.cpp
     where its bindings are installed (CI builds them: ``make llamacpp``), asked for, not timed: the choice must not
     depend on this run's timings; Qwen2-VL keeps the torch loop, so both engines serve the integration tests."""
-    from export.progress import Progress
-    from export.run import export_model_set
+    from vlmserve.export.progress import Progress
+    from vlmserve.export.run import export_model_set
 
     repo = state_dir / "repository" / "tiny"
     export_model_set("tiny", repo=repo, options=tiny_export_options(), progress=Progress(quiet=True))

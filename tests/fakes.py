@@ -1,8 +1,10 @@
 """The one stand-in for the gateway's inference server in unit tests: no Triton, no network, no torch.
 
-:class:`FakeBackend` satisfies :class:`gateway.triton.InferenceBackend` structurally (``make lint`` runs mypy on
+:class:`FakeBackend` satisfies :class:`vlmserve.gateway.triton.InferenceBackend` structurally (``make lint`` runs mypy
+on
 this file), so tests pass it to ``create_app(settings, backend=...)`` as they are. It serves a registry of
-:class:`~gateway.triton.ModelInfo`, answers one-shot calls per model (a fixed answer, one computed from the call,
+:class:`~vlmserve.gateway.triton.ModelInfo`, answers one-shot calls per model (a fixed answer, one computed from the
+call,
 or an exception), streams scripted responses for decoupled models, and records every call the gateway made.
 It knows no model contract: the tests that use it build their models, answers and scripts.
 """
@@ -17,10 +19,10 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
 
-from gateway.triton import ModelInfo, Registry, TritonUnavailable
+from vlmserve.gateway.triton import ModelInfo, Registry, TritonUnavailable
 
 if TYPE_CHECKING:
-    from gateway.triton import InferenceBackend
+    from vlmserve.gateway.triton import InferenceBackend
 
 __all__ = ["Answer", "Call", "FakeBackend", "StreamItem", "Tensors"]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from orchestrator import cli as orchestrator_cli
+from vlmserve.orchestrator import cli as orchestrator_cli
 
 app = typer.Typer(help="vlmserve: vision-language models behind NVIDIA Triton.", no_args_is_help=True)
 # The orchestrator's verbs and its sub-groups (``image build``) are vlmserve's own.
@@ -63,10 +63,10 @@ def export(
 def _export(model_set: str, repo: Path | None, sources: dict[str, str], families: list[str] | None = None,
             device: str = "cpu", int8: bool = False, runtime: str = "auto", precision: str = "auto",
             force: bool = False, chat_engine: str = "auto") -> None:
-    from export.onnx_utils import FidelityError, ParityError
-    from export.repository import ExportOptions
-    from export.run import export_model_set
-    from export.sources import SourceError
+    from vlmserve.export.onnx_utils import FidelityError, ParityError
+    from vlmserve.export.repository import ExportOptions
+    from vlmserve.export.run import export_model_set
+    from vlmserve.export.sources import SourceError
 
     if device not in ("cpu", "cuda"):
         raise typer.BadParameter("device must be cpu or cuda")
@@ -160,7 +160,7 @@ def bench(
     model_set: str = typer.Option("perf", "--set", help="perf (real sizes) or tiny (a quick check of the harness)"),
 ) -> None:
     """Benchmark vlmserve against the one-request-at-a-time baselines on the perf models (offline)."""
-    from loadtests.bench import run_bench
+    from vlmserve.loadtests.bench import run_bench
 
     try:
         chat_user_counts = tuple(int(n) for n in chat_users.split(",") if n.strip())

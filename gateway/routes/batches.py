@@ -1,4 +1,5 @@
-"""OpenAI's Files and Batch APIs: ``/v1/files`` (``purpose=batch``) and ``/v1/batches`` (``gateway.batches``)."""
+"""OpenAI's Files and Batch APIs: ``/v1/files`` (``purpose=batch``) and ``/v1/batches``
+(:mod:`vlmserve.gateway.batches`)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from gateway.auth import require_api_key
-from gateway.batches import BatchStore, validate_input
-from gateway.errors import APIError
-from gateway.routes.openai import OpenAIRoute
+from vlmserve.gateway.auth import require_api_key
+from vlmserve.gateway.batches import BatchStore, validate_input
+from vlmserve.gateway.errors import APIError
+from vlmserve.gateway.routes.openai import OpenAIRoute
 
 router = APIRouter(prefix="/v1", tags=["OpenAI batches"], dependencies=[Depends(require_api_key)],
                    route_class=OpenAIRoute)

@@ -1,6 +1,6 @@
 """Chat models' APIs: OpenAI ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming and not;
-request models in ``vlmserve.api.openai``), seed 002's OCR service
-(``POST /ocr``, ``GET /info``) and seed 003's SmolVLM2 tools (``POST /v1/ocr`` with a ``.txt`` download,
+request models in ``vlmserve.api.openai``), the Qwen2-VL OCR service
+(``POST /ocr``, ``GET /info``) and the SmolVLM2 service's tools (``POST /v1/ocr`` with a ``.txt`` download,
 ``POST /v1/describe_region``).
 """
 
@@ -23,8 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import JsonDict
 from starlette.datastructures import UploadFile
 
-from gateway.auth import require_api_key
-from gateway.chat import (
+from vlmserve.api.openai import ChatCompletionRequest, CompletionRequest, StreamOptions, grammar_spec
+from vlmserve.gateway.auth import require_api_key
+from vlmserve.gateway.chat import (
     BOX_PATTERN,
     CHAT_TASK,
     REGION_PROMPT,
@@ -40,12 +41,11 @@ from gateway.chat import (
     run_cancellable,
     source_model,
 )
-from gateway.errors import APIError, about, error_body
-from gateway.florence import oriented_size
-from gateway.images import EXAMPLE_IMAGE, IMAGE_REF_SCHEMA, resolve_image, validate_image_bytes
-from gateway.routes.openai import OpenAIRoute
-from gateway.triton import ModelInfo
-from vlmserve.api.openai import ChatCompletionRequest, CompletionRequest, StreamOptions, grammar_spec
+from vlmserve.gateway.errors import APIError, about, error_body
+from vlmserve.gateway.florence import oriented_size
+from vlmserve.gateway.images import EXAMPLE_IMAGE, IMAGE_REF_SCHEMA, resolve_image, validate_image_bytes
+from vlmserve.gateway.routes.openai import OpenAIRoute
+from vlmserve.gateway.triton import ModelInfo
 
 log = logging.getLogger("vlmserve.gateway")
 
@@ -296,7 +296,7 @@ async def _sse_events(first: Delta, deltas: AsyncGenerator[Delta, None], *, answ
 router.include_router(openai_router)
 
 
-# --- seed 002: /ocr and /info ------------------------------------------------------------------------------
+# --- the Qwen2-VL OCR service: /ocr and /info -------------------------------------------------------------------------
 
 
 SCHEMA_HELP = ("vlmserve extension: a JSON Schema; the text is then read into JSON that matches it (constrained "
@@ -331,9 +331,9 @@ async def _read_text(request: Request, chat: ChatService, info: ModelInfo, image
     return result, {"json": parsed, "finish_reason": result.finish_reason}
 
 
-@router.post("/ocr", tags=["OCR (seed-compatible)"])
+@router.post("/ocr", tags=["OCR service API"])
 async def ocr(body: OcrRequest, request: Request, chat: ChatService = Depends(get_chat)) -> dict[str, Any]:
-    """Seed 002: the text in an image, read by a chat model (``schema``: as JSON matching it)."""
+    """The Qwen2-VL OCR service: the text in an image, read by a chat model (``schema``: as JSON matching it)."""
     language = _check_language(body.language)
     image, _ = await _resolve(request, body.image, "image")
     info = await chat.model(request, body.model, surface="ocr")
@@ -342,7 +342,7 @@ async def ocr(body: OcrRequest, request: Request, chat: ChatService = Depends(ge
             "latency_ms": result.latency_ms, **structured}
 
 
-@router.get("/info", tags=["OCR (seed-compatible)"])
+@router.get("/info", tags=["OCR service API"])
 async def model_info(request: Request, chat: ChatService = Depends(get_chat)) -> dict[str, Any]:
     """Every client-facing model Triton serves (embeddings, Florence-2, chat) and the gateway's limits."""
     registry = await chat.registry()
@@ -368,7 +368,7 @@ async def model_info(request: Request, chat: ChatService = Depends(get_chat)) ->
     default = registry.default(CHAT_TASK, "ocr")
     return {
         "models": models,
-        # Seed 002's /info described its one model: the one /ocr uses by default.
+        # The Qwen2-VL OCR service's /info described its one model: the one /ocr uses by default.
         "model": source_model(default) if default else None,
         "max_new_tokens": ChatLimits.of(default).default_max_new_tokens if default else None,
         "limits": {
@@ -385,7 +385,7 @@ async def model_info(request: Request, chat: ChatService = Depends(get_chat)) ->
     }
 
 
-# --- seed 003: /v1/ocr and /v1/describe_region ------------------------------------------------------------
+# --- the SmolVLM2 service: /v1/ocr and /v1/describe_region ------------------------------------------------------------
 
 
 class OcrV1Request(BaseModel):
@@ -435,11 +435,12 @@ _FILE = {"type": "string", "format": "binary", "description": "the image file"}
 _STR = {"type": "string"}
 
 
-@router.post("/v1/ocr", tags=["SmolVLM2 (seed-compatible)"], response_model=None,
+@router.post("/v1/ocr", tags=["SmolVLM2 service API"], response_model=None,
              openapi_extra=_body_schema(OcrV1Request, {"file": _FILE, "model": _STR, "language": _STR}))
 async def ocr_v1(request: Request, fmt: Literal["json", "txt"] | None = Query(None, alias="format"),
                  chat: ChatService = Depends(get_chat)) -> dict[str, Any] | Response:
-    """Seed 003's OCR: plain text (JSON, or ``?format=txt`` / ``Accept: text/plain`` for a .txt download)."""
+    """The SmolVLM2 service's OCR: plain text (JSON, or ``?format=txt`` / ``Accept: text/plain`` for a .txt
+    download)."""
     body, image, _ = await _image_request(request, OcrV1Request)
     language = _check_language(body.language) if body.language else None
     info = await chat.model(request, body.model)
@@ -452,11 +453,11 @@ async def ocr_v1(request: Request, fmt: Literal["json", "txt"] | None = Query(No
             **structured}
 
 
-@router.post("/v1/describe_region", tags=["SmolVLM2 (seed-compatible)"],
+@router.post("/v1/describe_region", tags=["SmolVLM2 service API"],
              openapi_extra=_body_schema(DescribeRegionRequest, {"file": _FILE, "box": _BOX_TEXT,
                                                                 "model": _STR, "prompt": _STR}, "box"))
 async def describe_region(request: Request, chat: ChatService = Depends(get_chat)) -> dict[str, Any]:
-    """Seed 003: describe the object inside ``box`` (``x1,y1,x2,y2``, strictly validated)."""
+    """The SmolVLM2 service: describe the object inside ``box`` (``x1,y1,x2,y2``, strictly validated)."""
     body, image, size = await _image_request(request, DescribeRegionRequest)
     box = parse_box(body.box, size)
     prompt = (body.prompt or "").strip() or REGION_PROMPT

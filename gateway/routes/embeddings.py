@@ -1,4 +1,4 @@
-"""Seed 004's API: ``POST /embed`` and ``POST /embed_text`` -> a JSON list of vectors."""
+"""The SigLIP embedding service's API: ``POST /embed`` and ``POST /embed_text`` -> a JSON list of vectors."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import JsonDict
 
-from gateway.auth import require_api_key
-from gateway.embedding import EmbeddingService, get_service
-from gateway.images import EXAMPLE_IMAGE, IMAGE_REF_SCHEMA
+from vlmserve.gateway.auth import require_api_key
+from vlmserve.gateway.embedding import EmbeddingService, get_service
+from vlmserve.gateway.images import EXAMPLE_IMAGE, IMAGE_REF_SCHEMA
 
-router = APIRouter(tags=["embeddings (seed-compatible)"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["embedding service API"], dependencies=[Depends(require_api_key)])
 
 
 MODEL = Field(None, description="source id, family or Triton name; default: the embeddings surface's default "

@@ -1,4 +1,5 @@
-"""Florence-2's seed APIs: seed 000 (``/tasks``, ``/infer``, ``/infer/upload``) and seed 001 (``/v1/tasks``,
+"""The Florence-2 services' APIs: the Florence-2 service (``/tasks``, ``/infer``, ``/infer/upload``) and the
+Florence-2 v1 service (``/v1/tasks``,
 ``/v1/predict`` with ``store_image``), plus ``GET /files/{key}`` for images kept in the local object store.
 
 Every route runs the Triton model whose config says ``task: florence2``; its config's ``tasks`` parameter is the
@@ -18,9 +19,9 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.auth import require_api_key
-from gateway.errors import APIError, about
-from gateway.florence import (
+from vlmserve.gateway.auth import require_api_key
+from vlmserve.gateway.errors import APIError, about
+from vlmserve.gateway.florence import (
     FlorenceLimits,
     FlorenceTask,
     TaskTable,
@@ -33,15 +34,15 @@ from gateway.florence import (
     prepare_text,
     shape_response,
 )
-from gateway.images import EXAMPLE_IMAGE, IMAGE_REF_SCHEMA, decode_base64_image, validate_image_bytes
-from gateway.storage import LocalStore, StorageError, media_type_for
-from gateway.triton import ModelInfo, live_registry, use_model
+from vlmserve.gateway.images import EXAMPLE_IMAGE, IMAGE_REF_SCHEMA, decode_base64_image, validate_image_bytes
+from vlmserve.gateway.storage import LocalStore, StorageError, media_type_for
+from vlmserve.gateway.triton import ModelInfo, live_registry, use_model
 
 log = logging.getLogger("vlmserve.gateway")
 
 FLORENCE_TASK = "florence2"
 
-router = APIRouter(tags=["florence-2 (seed-compatible)"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["Florence-2 service API"], dependencies=[Depends(require_api_key)])
 # No API key on stored files: their names are random 128-bit ids handed out only in responses, which makes
 # the URL itself the credential, as with the presigned URLs of the S3 store.
 files_router = APIRouter(tags=["files"])
@@ -55,7 +56,7 @@ class InferRequest(BaseModel):
                               json_schema_extra=IMAGE_REF_SCHEMA)
     task: str = Field("caption", description="task name (object_detection) or Florence token (<OD>)")
     text: str | None = Field(None, description="prompt for tasks that need one; region tasks take 'x1,y1,x2,y2'")
-    text_input: str | None = Field(None, description="seed 000's name for 'text'")
+    text_input: str | None = Field(None, description="the Florence-2 service's name for 'text'")
     max_new_tokens: int | None = Field(None, ge=1, description="1..max_new_tokens_limit of the served model "
                                        "(GET /v1/models; 1024 by default)")
     num_beams: int | None = Field(None, ge=1, description="1..num_beams_limit of the served model (8 by default)")
@@ -63,7 +64,7 @@ class InferRequest(BaseModel):
 
 @router.get("/tasks")
 async def list_tasks(request: Request) -> dict[str, Any]:
-    """Seed 000's task list (names + descriptions) with the full served table under ``details``."""
+    """The Florence-2 service's task list (names + descriptions) with the full served table under ``details``."""
     info = await _florence_model(request)
     table = TaskTable.of(info)
     return {
@@ -83,7 +84,7 @@ async def list_tasks_v1(request: Request) -> list[dict[str, Any]]:
 
 @router.post("/infer")
 async def infer(body: InferRequest, request: Request) -> dict[str, Any]:
-    """Run one task on a base64 image (seed 000)."""
+    """Run one task on a base64 image (the Florence-2 service)."""
     policy = request.app.state.settings.image_policy()
     with about("image_base64"):
         data = decode_base64_image(body.image_base64, policy)
@@ -103,7 +104,7 @@ async def infer_upload(
     max_new_tokens: int = Form(None, ge=1),  # absent: the model's default (a form has no null)
     num_beams: int = Form(None, ge=1),  # absent: the model's default (a form has no null)
 ) -> dict[str, Any]:
-    """Run one task on an uploaded image (seed 000)."""
+    """Run one task on an uploaded image (the Florence-2 service)."""
     data, size = await _read_upload(request, file)
     response, _ = await _run(request, data, size, task, _one_text(text, text_input), max_new_tokens, num_beams)
     return response
@@ -120,7 +121,7 @@ async def predict(
     max_new_tokens: int = Form(None, ge=1),  # absent: the model's default (a form has no null)
     num_beams: int = Form(None, ge=1),  # absent: the model's default (a form has no null)
 ) -> dict[str, Any]:
-    """Seed 001: the /infer answer plus the annotated image, as base64 or as stored-object URLs."""
+    """The Florence-2 v1 service: the /infer answer plus the annotated image, as base64 or as stored-object URLs."""
     data, size = await _read_upload(request, file)
     response, florence_task = await _run(request, data, size, task, _one_text(text, text_input), max_new_tokens,
                                          num_beams)
@@ -131,7 +132,7 @@ async def predict(
                        code="invalid_image", param="file") from None
     response["request_id"] = uuid.uuid4().hex
     response["store_image_enabled"] = store_image
-    response["result_data"] = {florence_task.token: response["result"]}  # seed 001's post-processed dict
+    response["result_data"] = {florence_task.token: response["result"]}  # the v1 service's post-processed dict
     if not store_image:
         response["annotated_image"] = base64.b64encode(annotated).decode("ascii")
         return response
@@ -146,7 +147,7 @@ async def predict(
     response.update(
         input_image_url=stored_in.url,
         output_image_url=stored_out.url,
-        # Seed 001's names for the same URLs.
+        # The Florence-2 v1 service's names for the same URLs.
         input_image=stored_in.url,
         output_visualized=[stored_out.url],
     )

@@ -1,12 +1,13 @@
-"""``GET /health`` (seed 004's fields + per-model readiness), ``GET /livez``, ``GET /readyz``, ``GET /metrics``."""
+"""``GET /health`` (the SigLIP embedding service's fields + per-model readiness), ``GET /livez``, ``GET /readyz``,
+``GET /metrics``."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from gateway.embedding import IMAGE_TASK, TEXT_TASK
-from gateway.triton import TritonBackend
+from vlmserve.gateway.embedding import IMAGE_TASK, TEXT_TASK
+from vlmserve.gateway.triton import TritonBackend
 
 router = APIRouter(tags=["health"])
 
@@ -20,7 +21,7 @@ async def livez() -> dict[str, str]:
 @router.get("/readyz")
 async def readyz() -> dict[str, str]:
     """The gateway takes new requests: 200, or 503 + Retry-After once it is draining for a stop (the answer then
-    comes from gateway.limits.Drain). A load balancer's readiness probe; Triton's state is /health's job."""
+    comes from vlmserve.gateway.limits.Drain). A load balancer's readiness probe; Triton's state is /health's job."""
     return {"status": "ready"}
 
 
@@ -32,7 +33,8 @@ async def health(request: Request) -> JSONResponse:
     # unauthenticated and must not cost a Triton round trip per call.
     registry = await (backend.cached_registry() if isinstance(backend, TritonBackend) else backend.registry())
     models = {name: m.ready for name, m in sorted(registry.models.items())}
-    # Seed 004's "model": the embedding model a request naming none gets (the surface's default family).
+    # The SigLIP embedding service's "model": the embedding model a request naming none gets (the surface's default
+    # family).
     primary = registry.default(IMAGE_TASK) or registry.default(TEXT_TASK)
     devices = {m.device for m in registry.models.values()}
     weights = sorted({m.params["weights"] for m in registry.models.values() if m.params.get("weights")})

@@ -14,9 +14,9 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from gateway.auth import require_api_key
-from gateway.embedding import IMAGE_TASK, TEXT_TASK, EmbeddingService, get_service
-from gateway.errors import APIError
+from vlmserve.gateway.auth import require_api_key
+from vlmserve.gateway.embedding import IMAGE_TASK, TEXT_TASK, EmbeddingService, get_service
+from vlmserve.gateway.errors import APIError
 from vlmserve.host import IsaError, serve_choice, serving_cpu
 
 # Discriminator values pydantic puts into an error's location (messages[0].user.content ...): not fields.
@@ -44,7 +44,7 @@ def openai_param(loc: tuple[Any, ...]) -> str:
 
 class OpenAIRoute(APIRoute):
     """Validation errors become OpenAI's ``400 invalid_request_error`` naming the field (``param``), as OpenAI and
-    vLLM answer them (the seed routes keep FastAPI's 422)."""
+    vLLM answer them (the old services' routes keep FastAPI's 422)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

@@ -1,7 +1,7 @@
 """The web UI: static files under ``/ui`` (shipped as package data, no network at run time), ``/`` redirecting
 browsers there, and ``GET /ui/api/triton-stats``, Triton's per-model inference statistics for the Status panel.
 
-The page itself talks only to the gateway's public APIs (OpenAI API and the seed APIs); see docs/ui.md.
+The page itself talks only to the gateway's public APIs (OpenAI API and the old services' APIs); see docs/ui.md.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 
-from gateway.auth import require_api_key
-from gateway.errors import APIError, error_body
+from vlmserve.gateway.auth import require_api_key
+from vlmserve.gateway.errors import APIError, error_body
 
 STATIC = Path(__file__).parent / "static"
 MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",

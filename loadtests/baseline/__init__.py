@@ -1,1 +1,1 @@
-"""One-request-at-a-time baseline server (the seeds' way of serving), for comparison with vlmserve only."""
+"""One-request-at-a-time baseline server (the old services' way of serving), for comparison with vlmserve only."""

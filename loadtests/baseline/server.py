@@ -3,12 +3,12 @@
 One FastAPI app, ``transformers`` PyTorch models loaded with ``from_pretrained`` from the same checkpoint
 directories vlmserve exports from, and every request handled alone: all model work (decode, preprocess,
 forward, ``generate``) runs on one worker thread, so requests queue up and are never batched together,
-like the seeds' single-model services. It speaks vlmserve's seed-compatible routes (and OpenAI's
+like the old services' single-model services. It speaks vlmserve's routes of the old services (and OpenAI's
 ``/v1/chat/completions`` for SmolVLM2, streamed with ``TextIteratorStreamer`` when ``stream`` is true) so one load
 test can hit both. ``--bf16`` runs all model work under ``torch.autocast(dtype=bfloat16)``: the second naive
 baseline, what a user with a bf16-capable CPU would switch on. For comparison only; never deploy it.
 
-    python -m loadtests.baseline.server --siglip DIR --florence2 DIR --smolvlm2 DIR [--bf16] --port 8090
+    python -m vlmserve.loadtests.baseline.server --siglip DIR --florence2 DIR --smolvlm2 DIR [--bf16] --port 8090
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from model_repository.florence2_tasks import (
+from vlmserve.model_repository.florence2_tasks import (
     DEFAULT_POST_PROCESSOR_CONFIG,
     REGION_TASKS,
     TASKS,
@@ -47,7 +47,7 @@ log = logging.getLogger("vlmserve.baseline")
 T = TypeVar("T")
 MAX_NEW_TOKENS_LIMIT = 1024
 NUM_BEAMS_LIMIT = 8
-DEFAULT_MAX_NEW_TOKENS = 1024  # the reference generation settings (seed 000, Florence-2 model card)
+DEFAULT_MAX_NEW_TOKENS = 1024  # the reference generation settings (the Florence-2 service, Florence-2 model card)
 DEFAULT_NUM_BEAMS = 3
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -268,7 +268,7 @@ class SmolVLMChatRunner:
 
     def prepare(self, body: ChatRequest) -> tuple[dict[str, Any], dict[str, Any]]:
         """Validated request -> (model inputs, generate settings); ``BadInput`` for client errors."""
-        from model_repository.smolvlm import image_prompt
+        from vlmserve.model_repository.smolvlm import image_prompt
 
         if not body.messages:
             raise BadInput(400, "messages must be a non-empty list", "messages")
@@ -531,7 +531,7 @@ def create_app(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m loadtests.baseline.server``: load the checkpoints and serve with uvicorn."""
+    """``python -m vlmserve.loadtests.baseline.server``: load the checkpoints and serve with uvicorn."""
     import uvicorn
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(args.siglip, args.florence2, args.device, args.dtype, args.smolvlm2, args.bf16)
     log.info("baseline models loaded in %.1fs; serving on http://%s:%d (one request at a time)",
              time.monotonic() - start, args.host, args.port)
-    # One process, no reload: the seeds' single-model service.
+    # One process, no reload: the old services' single-model service.
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

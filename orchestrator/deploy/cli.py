@@ -1,4 +1,4 @@
-"""``vlmserve deploy k8s|swarm`` (also ``python -m orchestrator deploy ...``)."""
+"""``vlmserve deploy k8s|swarm`` (also ``python -m vlmserve.orchestrator deploy ...``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from orchestrator.deploy import k8s, spec, swarm
+from vlmserve.orchestrator.console import fail, say, settings_from
+from vlmserve.orchestrator.deploy import k8s, spec, swarm
 
 app = typer.Typer(help="Deploy beyond one machine: Kubernetes manifests, or N replicas on Docker Swarm.",
                   no_args_is_help=True)
@@ -15,18 +16,6 @@ AccelOpt = typer.Option("cpu", "--accelerator", help="cpu, gpu (NVIDIA) or rocm 
 PlanOpt = typer.Option(None, "--plan", help="GPU memory plan (YAML/JSON); devices 0..n-1 = the pod's GPUs")
 BudgetOpt = typer.Option(None, "--budget", help="NAME=0.25 | NAME=6GiB[@DEVICE][:external], repeatable")
 ImageOpt = typer.Option(None, "--image", help="Triton image (default vlmserve:<cpu|gpu|rocm>)")
-
-
-def _say(message: str) -> None:
-    from orchestrator.cli import _say as say
-
-    say(message)
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    from orchestrator.cli import _fail as fail
-
-    return fail(exc)
 
 
 @app.command("k8s")
@@ -51,9 +40,9 @@ def deploy_k8s(
     try:
         replica = spec.prepare(accelerator, plan, budget, image)
     except spec.DeployError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     for note in replica.notes:
-        _say(note)
+        say(note)
     written = k8s.write_tree(k8s.bundle(replica, scaling), out)
     print(f"wrote {len(written)} files under {out}: kubectl apply -k {out}")
 
@@ -73,8 +62,7 @@ def deploy_swarm(
     down: bool = typer.Option(False, "--down", help="remove the stack and wait until nothing is left"),
 ) -> None:
     """N gateway+Triton replicas behind nginx on Docker Swarm (CPU images; dnsrr, no routing mesh needed)."""
-    from orchestrator.cli import settings_from
-    from orchestrator.docker_runtime import DockerUnavailable, docker_client
+    from vlmserve.orchestrator.docker_runtime import DockerUnavailable, docker_client
 
     try:
         if down:
@@ -86,14 +74,14 @@ def deploy_swarm(
         stack_file = swarm.write(replica, replicas, settings.repository_path, port, project, out, lb_image)
         print(f"wrote {stack_file} and {out / 'nginx.conf'}")
         if build_lb:
-            swarm.build_lb_image(docker_client(), lb_image, log=_say)
+            swarm.build_lb_image(docker_client(), lb_image, log=say)
         if up:
             if not settings.repository_path.is_dir():
                 raise swarm.SwarmError(f"model repository {settings.repository_path} is missing: "
                                        "run `vlmserve export` first")
             if swarm.ensure_swarm():
-                _say("initialised a single-node swarm on this engine (`docker swarm leave --force` undoes it)")
+                say("initialised a single-node swarm on this engine (`docker swarm leave --force` undoes it)")
             swarm.deploy(stack_file, project)
             print(f"deployed stack {project}: http://127.0.0.1:{port} (docker stack ps {project})")
     except (swarm.SwarmError, DockerUnavailable) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None

@@ -2,7 +2,7 @@
 hand-written JSON), over the Prometheus series the stack exports: the gateway's ``/metrics``, Triton's metrics port
 (``nv_*``) and the chat models' own series (``vlmserve_chat_*``, cache counters) that Triton exports beside them.
 
-``python -m orchestrator.deploy.dashboard [path]`` writes it (default: the committed
+``python -m vlmserve.orchestrator.deploy.dashboard [path]`` writes it (default: the committed
 ``docker/k8s/monitoring/grafana-dashboard.json``, which the monitoring kustomization ships as a ConfigMap that
 Grafana's dashboard sidecar picks up). ``tests/integration/test_dashboard.py`` checks that the committed file is
 what this module builds and that every query names only series the real stack exports.

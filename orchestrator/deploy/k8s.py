@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from orchestrator.deploy import spec
-from orchestrator.deploy.spec import NAME, Replica
+from vlmserve.orchestrator.deploy import spec
+from vlmserve.orchestrator.deploy.spec import NAME, Replica
 
 TRITON = f"{NAME}-triton"
 GATEWAY = f"{NAME}-gateway"
@@ -108,7 +108,7 @@ def _http_probe(path: str, port: str, period: int, failures: int) -> dict[str, A
 
 
 def _shm_bytes() -> str:
-    from orchestrator.settings import OrchestratorSettings
+    from vlmserve.orchestrator.settings import OrchestratorSettings
 
     return OrchestratorSettings.model_fields["shm_size"].default.replace("g", "Gi").replace("m", "Mi")
 
@@ -149,7 +149,7 @@ def triton_objects(replica: Replica) -> list[dict[str, Any]]:
         volumes += [{"name": "models-src", "persistentVolumeClaim": {"claimName": MODELS_PVC, "readOnly": True}},
                     {"name": "models", "emptyDir": {}},
                     {"name": "plan", "configMap": {"name": PLAN_CONFIGMAP}}]
-        render = (f"cp -R /models-src/. /models/ && python -m orchestrator.deploy.podplan /models "
+        render = (f"cp -R /models-src/. /models/ && python -m vlmserve.orchestrator.deploy.podplan /models "
                   f"{spec.PLAN_MOUNT}/{spec.PLAN_FILE} {replica.base_config} {replica.launch.choice.instance_kind}")
         pod["initContainers"] = [{
             "name": "render-plan", "image": replica.image, "imagePullPolicy": "IfNotPresent",
@@ -191,7 +191,7 @@ def triton_objects(replica: Replica) -> list[dict[str, Any]]:
 
 
 def _startup_failures() -> int:
-    from orchestrator.settings import OrchestratorSettings
+    from vlmserve.orchestrator.settings import OrchestratorSettings
 
     return int(OrchestratorSettings.model_fields["ready_timeout_s"].default // 5)
 

@@ -2,7 +2,7 @@
 pod's copy of the model repository, with the same code as ``vlmserve plan --render`` and the instance kind of
 the image's accelerator (``KIND_CPU`` on ROCm: Triton schedules AMD work as CPU instances).
 
-    python -m orchestrator.deploy.podplan REPO PLAN_FILE BASE_CONFIG INSTANCE_KIND
+    python -m vlmserve.orchestrator.deploy.podplan REPO PLAN_FILE BASE_CONFIG INSTANCE_KIND
 
 ``BASE_CONFIG`` is ``embedded`` or ``native``. The init container sees no GPU (it requests none): budgets given
 as sizes need the plan's ``devices:`` sizes; fractions always work.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from orchestrator import hardware, memory
+from vlmserve.orchestrator import hardware, memory
 
 
 def render_in_pod(repo: Path, plan_file: Path, base_config: str, instance_kind: str) -> memory.Rendered:

@@ -1,11 +1,13 @@
 """What one vlmserve replica is, for deployments on other machines (Kubernetes, Docker Swarm).
 
 Nothing here is a hand-kept copy: the image and model-config flavour per accelerator come from
-:mod:`orchestrator.hardware`, the GPU memory plan's knobs from :mod:`orchestrator.memory`, the containers'
+:mod:`vlmserve.orchestrator.hardware`, the GPU memory plan's knobs from :mod:`vlmserve.orchestrator.memory`, the
+containers'
 environment, ports and commands from the Docker runtime's own container specs
-(:meth:`orchestrator.docker_runtime.DockerRuntime.spec`), the health endpoints from
-:mod:`orchestrator.container` and Triton's exit timeout from :mod:`orchestrator.triton`. Both renderers
-(:mod:`orchestrator.deploy.k8s`, :mod:`orchestrator.deploy.swarm`) start from :func:`prepare`.
+(:meth:`vlmserve.orchestrator.docker_runtime.DockerRuntime.spec`), the health endpoints from
+:mod:`vlmserve.orchestrator.container` and Triton's exit timeout from :mod:`vlmserve.orchestrator.triton`. Both
+renderers
+(:mod:`vlmserve.orchestrator.deploy.k8s`, :mod:`vlmserve.orchestrator.deploy.swarm`) start from :func:`prepare`.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator import hardware, memory
-from orchestrator.container import PROBES
-from orchestrator.docker_runtime import GATEWAY_PORT, TRITON_PORTS, DockerRuntime
-from orchestrator.launch import Launch
-from orchestrator.settings import OrchestratorSettings
-from orchestrator.triton import EXIT_TIMEOUT_S
 from vlmserve import telemetry
+from vlmserve.orchestrator import hardware, memory
+from vlmserve.orchestrator.container import PROBES
+from vlmserve.orchestrator.docker_runtime import GATEWAY_PORT, TRITON_PORTS, DockerRuntime
+from vlmserve.orchestrator.launch import Launch
+from vlmserve.orchestrator.settings import OrchestratorSettings
+from vlmserve.orchestrator.triton import EXIT_TIMEOUT_S
 
 # `--accelerator` values of `vlmserve deploy` (the overlay names are the image names: cpu, gpu, rocm).
 ACCELERATORS = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "rocm": "rocm"}

@@ -23,10 +23,10 @@ from typing import Any
 import docker.errors
 import yaml
 
-from orchestrator.deploy import spec
-from orchestrator.deploy.spec import NAME, Replica
-from orchestrator.docker_runtime import PROJECT_LABEL
-from orchestrator.images import LABEL
+from vlmserve.orchestrator.deploy import spec
+from vlmserve.orchestrator.deploy.spec import NAME, Replica
+from vlmserve.orchestrator.docker_runtime import PROJECT_LABEL
+from vlmserve.orchestrator.images import LABEL
 
 LB_IMAGE = f"{NAME}-lb:latest"
 LB = f"{NAME}-lb"
@@ -99,7 +99,7 @@ def _shm_size() -> int:
     """The Docker runtime's ``shm_size`` (Docker's notation, e.g. ``1g``) in bytes, as a tmpfs size."""
     from docker.utils import parse_bytes
 
-    from orchestrator.settings import OrchestratorSettings
+    from vlmserve.orchestrator.settings import OrchestratorSettings
 
     return int(parse_bytes(OrchestratorSettings.model_fields["shm_size"].default))
 
@@ -109,9 +109,10 @@ def _labels(project: str, service: str) -> dict[str, str]:
 
 
 def _health(interval: str = "2s") -> dict[str, Any]:
-    # The image's HEALTHCHECK (python -m orchestrator.container health), polled faster than in the image so that
+    # The image's HEALTHCHECK (python -m vlmserve.orchestrator.container health), polled faster than in the image so
+    # that
     # a rescheduled replica is marked healthy soon after it is ready.
-    return {"test": ["CMD", "python", "-m", "orchestrator.container", "health"], "interval": interval,
+    return {"test": ["CMD", "python", "-m", "vlmserve.orchestrator.container", "health"], "interval": interval,
             "timeout": "4s", "retries": 3, "start_period": "300s"}
 
 

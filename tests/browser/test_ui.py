@@ -497,8 +497,8 @@ def keyed_gateway(stack):
     """A second gateway in front of the same Triton, with an API key configured."""
     import uvicorn
 
-    from gateway.app import create_app
-    from gateway.settings import GatewaySettings
+    from vlmserve.gateway.app import create_app
+    from vlmserve.gateway.settings import GatewaySettings
 
     port = free_port()
     settings = GatewaySettings(port=port, triton_url=stack.triton_http.removeprefix("http://"),

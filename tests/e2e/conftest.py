@@ -20,7 +20,7 @@ IMAGE_TAG = "vlmserve:cpu-e2e"
 
 @pytest.fixture(scope="session")
 def docker_client():
-    from orchestrator.docker_runtime import DockerUnavailable, docker_client
+    from vlmserve.orchestrator.docker_runtime import DockerUnavailable, docker_client
 
     try:
         return docker_client()
@@ -33,7 +33,7 @@ def docker_client():
 @pytest.fixture(scope="session")
 def cpu_image(docker_client) -> str:
     """docker/Dockerfile.cpu built through the orchestrator's image builder (cached layers make repeats quick)."""
-    from orchestrator.images import build_image
+    from vlmserve.orchestrator.images import build_image
 
     subprocess.run(["bash", str(paths.PROJECT_ROOT / "docker" / "offline-base.sh")], check=True)
     start = time.monotonic()

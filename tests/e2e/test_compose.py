@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.docker_runtime import PROJECT_LABEL, SERVICE_LABEL
-from orchestrator.images import LABEL
-from orchestrator.ports import stack_port_env, stack_ports
 from tests.conftest import compose_commands
 from tests.e2e.test_docker_runtime import embed
 from vlmserve import paths
+from vlmserve.orchestrator.docker_runtime import PROJECT_LABEL, SERVICE_LABEL
+from vlmserve.orchestrator.images import LABEL
+from vlmserve.orchestrator.ports import stack_port_env, stack_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -84,8 +84,8 @@ def test_compose_cpu_profile(docker_client, cpu_image: str, tiny_repo: Path, tmp
 
         # The orchestrator's docker runtime (project "vlmserve" and its own) does not see or remove compose's.
         orch_env = dict(env, VLMSERVE_STATE_DIR=str(tmp_path / "state"), VLMSERVE_PROJECT=f"{project}-orch")
-        clean = subprocess.run([sys.executable, "-m", "orchestrator", "clean", "--runtime", "docker"], env=orch_env,
-                               capture_output=True, text=True, timeout=120)
+        clean = subprocess.run([sys.executable, "-m", "vlmserve.orchestrator", "clean", "--runtime", "docker"],
+                               env=orch_env, capture_output=True, text=True, timeout=120)
         assert clean.returncode == 0, clean.stderr
         for c in containers.values():
             c.reload()

@@ -19,9 +19,9 @@ import docker.errors
 import httpx
 import pytest
 
-from orchestrator.docker_runtime import PROJECT_LABEL
-from orchestrator.images import LABEL
-from orchestrator.ports import stack_port_env, stack_ports
+from vlmserve.orchestrator.docker_runtime import PROJECT_LABEL
+from vlmserve.orchestrator.images import LABEL
+from vlmserve.orchestrator.ports import stack_port_env, stack_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -37,8 +37,8 @@ KILL_TRITON = (
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "vlmserve.orchestrator", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def embed(gateway: str, image: bytes) -> list[list[float]]:
@@ -114,7 +114,7 @@ def test_docker_lifecycle(docker_client, cpu_image: str, tiny_repo: Path, tmp_pa
         ensure = cli(env, "ensure")
         assert ensure.returncode == 0 and "already running and healthy" in ensure.stderr, ensure.stderr
 
-        # The gateway container drains on `docker stop`'s SIGTERM (python -m gateway is PID 1): with nothing in
+        # The gateway container drains on `docker stop`'s SIGTERM (python -m vlmserve.gateway is PID 1): with nothing in
         # progress it exits 0 at once, long before Docker's timeout would SIGKILL it (exit 137).
         gateway_container = docker_client.containers.get(f"{project}-gateway")
         stop_started = time.monotonic()

@@ -12,8 +12,8 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from orchestrator import memory
-from orchestrator.deploy import k8s, spec
+from vlmserve.orchestrator import memory
+from vlmserve.orchestrator.deploy import k8s, spec
 
 pytestmark = pytest.mark.e2e
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchestrator.docker_runtime import PROJECT_LABEL
-from orchestrator.images import LABEL
-from orchestrator.ports import StackPorts, stack_port_env, stack_ports
+from vlmserve.orchestrator.docker_runtime import PROJECT_LABEL
+from vlmserve.orchestrator.images import LABEL
+from vlmserve.orchestrator.ports import StackPorts, stack_port_env, stack_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +43,7 @@ def assert_nothing_left_within_10s(docker_client, project: str) -> None:
     assert not ours(docker_client, project), "left behind 10 s after the SIGKILL"
 
 
-CLI = [sys.executable, "-m", "orchestrator"]
+CLI = [sys.executable, "-m", "vlmserve.orchestrator"]
 
 
 def test_sigkill_of_run_removes_its_containers(docker_client, cpu_image: str, tiny_repo: Path,

@@ -25,8 +25,8 @@ from typing import Any
 import httpx
 import pytest
 
-from orchestrator.deploy import spec, swarm
 from tests.conftest import free_port
+from vlmserve.orchestrator.deploy import spec, swarm
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +44,7 @@ if importlib.util.find_spec("locust") is None:
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
-    return subprocess.run([sys.executable, "-m", "orchestrator", "deploy", "swarm", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "vlmserve.orchestrator", "deploy", "swarm", *args], env=env,
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -233,7 +233,7 @@ def test_swarm_replicas_survive_a_killed_replica(docker_client, cpu_image: str, 
 IN_TRITON = """
 import json, sys, urllib.error, urllib.request
 import psutil
-from orchestrator.heal import stubs_by_model
+from vlmserve.orchestrator.heal import stubs_by_model
 model, port = sys.argv[1], sys.argv[2]
 server = next(p for p in psutil.process_iter(["name"]) if p.info["name"] == "tritonserver")
 body = json.dumps({"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES", "data": ["hi"]}]}).encode()

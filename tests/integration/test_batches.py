@@ -19,7 +19,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from orchestrator.ports import free_port
+from vlmserve.orchestrator.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -182,7 +182,7 @@ def _start_gateway(stack, storage: Path, port: int) -> subprocess.Popen:
            "VLMSERVE_GATEWAY_TRITON_URL": stack.triton_http.removeprefix("http://"),
            "VLMSERVE_GATEWAY_TRITON_GRPC_URL": stack.triton_grpc, "VLMSERVE_GATEWAY_STORAGE_DIR": str(storage),
            "VLMSERVE_GATEWAY_BATCH_LEASE_S": "2", "VLMSERVE_GATEWAY_BATCH_POLL_S": "0.5"}
-    proc = subprocess.Popen([sys.executable, "-m", "gateway"], env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "vlmserve.gateway"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

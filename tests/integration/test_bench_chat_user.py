@@ -26,11 +26,11 @@ if importlib.util.find_spec("locust") is None:  # find_spec, not import: importi
 
 @pytest.fixture(scope="module")
 def baseline_chat(tmp_path_factory: pytest.TempPathFactory):
-    from export.tiny import build_tiny_smolvlm2
+    from vlmserve.export.tiny import build_tiny_smolvlm2
 
     model = build_tiny_smolvlm2(tmp_path_factory.mktemp("bench-chat") / "smolvlm2")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "loadtests.baseline.server", "--smolvlm2", str(model),
+    proc = subprocess.Popen([sys.executable, "-m", "vlmserve.loadtests.baseline.server", "--smolvlm2", str(model),
                              "--device", "cpu", "--port", str(port)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

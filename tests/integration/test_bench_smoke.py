@@ -21,7 +21,7 @@ if importlib.util.find_spec("locust") is None:
 
 def test_bench_harness_runs_every_scenario_and_reports(tiny_repo: Path, state_dir: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from loadtests.bench import run_bench
+    from vlmserve.loadtests.bench import run_bench
 
     # Its own state directory: the bench re-exports with the int8 variants, which must not change the shared
     # tiny repository other tests (and their running stack) use. The tiny checkpoints are copied, not rebuilt.

@@ -1,5 +1,5 @@
 """Chat and OCR through the gateway on the real stack: the openai SDK (streaming and not), images, video,
-seed 002's /ocr and /info, seed 003's /v1/ocr (+ download) and /v1/describe_region."""
+the Qwen2-VL OCR service's /ocr and /info, the SmolVLM2 service's /v1/ocr (+ download) and /v1/describe_region."""
 
 from __future__ import annotations
 

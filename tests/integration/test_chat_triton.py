@@ -218,7 +218,7 @@ def test_each_chat_model_decodes_with_the_engine_export_chose(stack) -> None:
     runs, and ``/v1/models`` shows export's choice."""
     import re
 
-    from export import llamacpp
+    from vlmserve.export import llamacpp
 
     expected = {"qwen2vl": "torch", "smolvlm2": "llamacpp" if llamacpp.bindings_version() else "torch"}
     text = httpx.get(f"http://{stack.settings.host}:{stack.settings.metrics_port}/metrics", timeout=30).text

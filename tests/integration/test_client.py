@@ -114,7 +114,7 @@ def test_ocr_and_region_sync(stack) -> None:
     with OcrClient(stack.gateway) as client:
         assert client.is_ready()
         read = client.ocr(png(), "russian", max_tokens=3)
-        assert read.model == "vlmserve/tiny-qwen2vl" and read.language == "russian"  # seed 002's default model
+        assert read.model == "vlmserve/tiny-qwen2vl" and read.language == "russian"  # the OCR service's default
         assert isinstance(read.text, str) and read.latency_ms is not None and read.latency_ms > 0
         other = client.ocr(ImageRef("blue.jpg"), model="smolvlm2", max_tokens=2)
         assert other.model == "vlmserve/tiny-smolvlm2"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from orchestrator.deploy import dashboard
+from vlmserve.orchestrator.deploy import dashboard
 
 pytestmark = pytest.mark.integration
 

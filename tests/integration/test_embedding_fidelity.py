@@ -1,9 +1,10 @@
 """The end-to-end fidelity fence: ``POST /embed`` vs the transformers reference pipeline, image by image.
 
-The reference is seed 004's way (PIL ``Image.open`` + ``convert("RGB")``, the checkpoint's ``AutoProcessor``,
+The reference is the SigLIP embedding service's way (PIL ``Image.open`` + ``convert("RGB")``, the checkpoint's
+``AutoProcessor``,
 ``SiglipModel.get_image_features`` in torch fp32, L2-normalised); the served path is the gateway, Triton, JPEG
 reduced-scale decoding, the numpy preprocessing and the ONNX encoder. Photos from 224 px to 4000 px, as JPEG (RGB,
-grayscale L, CMYK), PNG (RGB, RGBA, L, palette) and WebP (RGB, RGBA); see ``loadtests.fidelity.fence_images``.
+grayscale L, CMYK), PNG (RGB, RGBA, L, palette) and WebP (RGB, RGBA); see ``vlmserve.loadtests.fidelity.fence_images``.
 
 The tiny SigLIP has random weights, so the cosine measures numerics (decode, resize, normalisation, encoder), not
 semantic quality: any preprocessing mismatch (a wrong filter, channel order, alpha handling, colour conversion or
@@ -18,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export import photos
-from loadtests import fidelity
 from vlmserve import paths
+from vlmserve.export import photos
+from vlmserve.loadtests import fidelity
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Florence-2 through the gateway (seed 000/001 APIs) and the Python client, on the real stack."""
+"""Florence-2 through the gateway (the Florence-2 service APIs) and the Python client, on the real stack."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def gw(stack):
 
 def test_tasks_lists_every_task(gw) -> None:
     seed = gw.get("/tasks")
-    assert seed.status_code == 200 and sorted(seed.json()["tasks"]) == sorted(ALL_TASKS)  # seed 000's shape
+    assert seed.status_code == 200 and sorted(seed.json()["tasks"]) == sorted(ALL_TASKS)  # the old service's shape
     for details in (seed.json()["details"], gw.get("/v1/tasks").json()):
         tasks = {t["name"]: t for t in details}
         assert sorted(tasks) == sorted(ALL_TASKS)

@@ -15,10 +15,10 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from orchestrator import triton
-from orchestrator.ports import stack_ports
-from orchestrator.settings import OrchestratorSettings
 from vlmserve.host import CPUINFO_ENV
+from vlmserve.orchestrator import triton
+from vlmserve.orchestrator.ports import stack_ports
+from vlmserve.orchestrator.settings import OrchestratorSettings
 
 pytestmark = pytest.mark.integration
 

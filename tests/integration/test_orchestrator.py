@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchestrator.ports import stack_port_env, stack_ports
-from orchestrator.process import ProcessRuntime, StartupError
-from orchestrator.settings import OrchestratorSettings
+from vlmserve.orchestrator.ports import stack_port_env, stack_ports
+from vlmserve.orchestrator.process import ProcessRuntime, StartupError
+from vlmserve.orchestrator.settings import OrchestratorSettings
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ def test_foreground_run_stops_everything_on_ctrl_c(tiny_repo: Path, tmp_path: Pa
     ports = stack_ports()
     env = dict(os.environ, VLMSERVE_STATE_DIR=str(tmp_path), VLMSERVE_REPOSITORY=str(tiny_repo),
                **stack_port_env(ports))
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "vlmserve.orchestrator", "run"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -49,8 +49,8 @@ def test_foreground_run_stops_everything_on_ctrl_c(tiny_repo: Path, tmp_path: Pa
         services = json.loads((tmp_path / "run" / "services.json").read_text())
         pgids = {name: os.getpgid(s["pid"]) for name, s in services.items()}
         assert set(pgids) == {"triton", "gateway"}
-        # `python -m orchestrator status` from another process sees both.
-        status = subprocess.run([sys.executable, "-m", "orchestrator", "status"], env=env, capture_output=True,
+        # `python -m vlmserve.orchestrator status` from another process sees both.
+        status = subprocess.run([sys.executable, "-m", "vlmserve.orchestrator", "status"], env=env, capture_output=True,
                                 text=True, timeout=60)
         assert status.returncode == 0 and status.stdout.count("healthy") == 2, status.stdout + status.stderr
         proc.send_signal(signal.SIGINT)
@@ -95,7 +95,7 @@ def test_up_supervises_restarts_and_down_stops(tiny_repo: Path, tmp_path: Path) 
     ports = stack_ports()
     env = dict(os.environ, VLMSERVE_STATE_DIR=str(tmp_path), VLMSERVE_REPOSITORY=str(tiny_repo),
                VLMSERVE_RESTART_BACKOFF_S="0.5", **stack_port_env(ports))
-    cli = [sys.executable, "-m", "orchestrator"]
+    cli = [sys.executable, "-m", "vlmserve.orchestrator"]
     run_dir = tmp_path / "run"
     try:
         up = subprocess.run([*cli, "up", "--accelerator", "cpu"], env=env, capture_output=True, text=True,

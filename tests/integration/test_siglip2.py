@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export import photos
 from vlmserve import paths
+from vlmserve.export import photos
 from vlmserve.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from orchestrator.ports import stack_port_env, stack_ports
+from vlmserve.orchestrator.ports import stack_port_env, stack_ports
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +91,7 @@ def is_stub(p: psutil.Process) -> bool:
 
 
 def is_gateway(p: psutil.Process) -> bool:
-    return cmdline(p).endswith(" -m gateway")
+    return cmdline(p).endswith(" -m vlmserve.gateway")
 
 
 def test_sigkill_of_run_takes_triton_stubs_and_gateway_with_it(tiny_repo: Path, tmp_path: Path) -> None:
@@ -101,7 +101,7 @@ def test_sigkill_of_run_takes_triton_stubs_and_gateway_with_it(tiny_repo: Path, 
                **stack_port_env(ports))
     log = tmp_path / "run.out"
     with open(log, "w") as out:
-        demo = subprocess.Popen([sys.executable, "-m", "orchestrator", "run"], env=env, stdout=out,
+        demo = subprocess.Popen([sys.executable, "-m", "vlmserve.orchestrator", "run"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
     started: list[psutil.Process] = []
     try:
@@ -128,7 +128,7 @@ def test_sigkill_of_run_takes_triton_stubs_and_gateway_with_it(tiny_repo: Path, 
 BENCH = """
 import sys
 from pathlib import Path
-from loadtests.bench import run_bench
+from vlmserve.loadtests.bench import run_bench
 run_bench("sigterm", siglip=False, florence=False, chat_users=(1,), chat_duration_s=600, chat_max_tokens=2,
           chat_structured_share=0, repeats=1, model_set="tiny", out_dir=Path(sys.argv[1]), log=print)
 """
@@ -152,7 +152,7 @@ def test_sigterm_of_bench_mid_run_takes_everything_it_started(tiny_repo: Path, s
         cmdlines = [cmdline(p) for p in started]
         assert any(is_triton(p) for p in started) and any(is_stub(p) for p in started), cmdlines
         assert any(is_gateway(p) for p in started), cmdlines
-        assert any("loadtests.baseline.server" in c for c in cmdlines), cmdlines
+        assert any("vlmserve.loadtests.baseline.server" in c for c in cmdlines), cmdlines
         bench.send_signal(signal.SIGTERM)
         assert_all_gone([*started, psutil.Process(bench.pid)])
         assert bench.wait(timeout=30) == 143

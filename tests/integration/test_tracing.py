@@ -26,11 +26,11 @@ from typing import Any
 import httpx
 import pytest
 
-from orchestrator.ports import stack_ports
-from orchestrator.process import ProcessRuntime
-from orchestrator.settings import OrchestratorSettings
 from tests.conftest import local_http_server
 from vlmserve import telemetry
+from vlmserve.orchestrator.ports import stack_ports
+from vlmserve.orchestrator.process import ProcessRuntime
+from vlmserve.orchestrator.settings import OrchestratorSettings
 
 pytestmark = pytest.mark.integration
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator.ports import stack_ports
-from orchestrator.process import ProcessRuntime
-from orchestrator.settings import OrchestratorSettings
 from vlmserve.host import cpu_info
+from vlmserve.orchestrator.ports import stack_ports
+from vlmserve.orchestrator.process import ProcessRuntime
+from vlmserve.orchestrator.settings import OrchestratorSettings
 
 CHAOS = os.environ.get("VLMSERVE_CHAOS") == "1"
 FIGURES: dict[str, Any] = {}

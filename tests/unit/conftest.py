@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.app import create_app
-from gateway.settings import GatewaySettings
 from tests.conftest import free_port
+from vlmserve.gateway.app import create_app
+from vlmserve.gateway.settings import GatewaySettings
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ import httpx
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from export.repository import ExportOptions, dynamic_batching
-from gateway.limits import ROUTE_GROUPS, InFlightLimit
-from gateway.triton import TritonBackend
-from model_repository.chat import Admission
+from vlmserve.export.repository import ExportOptions, dynamic_batching
+from vlmserve.gateway.limits import ROUTE_GROUPS, InFlightLimit
+from vlmserve.gateway.triton import TritonBackend
+from vlmserve.model_repository.chat import Admission
 
 
 async def _capped_app_run(cap: int, extra_requests: int) -> tuple[list[httpx.Response], list[httpx.Response]]:
@@ -61,8 +61,8 @@ def test_inflight_cap_answers_429_with_retry_after_and_frees_slots() -> None:
 
 
 def test_every_inference_route_is_in_a_group() -> None:
-    from gateway.app import create_app
-    from gateway.settings import GatewaySettings
+    from vlmserve.gateway.app import create_app
+    from vlmserve.gateway.settings import GatewaySettings
 
     app = create_app(GatewaySettings())
     posts = {path for path, ops in app.openapi()["paths"].items() if "post" in ops}
@@ -94,7 +94,7 @@ def test_queue_policy_in_the_rendered_configs(monkeypatch) -> None:
     policy = dynamic_batching(ExportOptions())["default_queue_policy"]
     assert (policy["max_queue_size"], policy["default_timeout_microseconds"], policy["timeout_action"].name) == (
         5, 2_500_000, "REJECT")
-    from export.chat import chat_config
+    from vlmserve.export.chat import chat_config
 
     params = chat_config("qwen2vl", ExportOptions(), {"family": "qwen2vl"})["parameters"]
     assert json.loads(params["max_queue_size"]["string_value"]) == 5
@@ -232,7 +232,8 @@ def test_a_model_being_reloaded_keeps_its_surface_and_answers_503_not_another_fa
 
 
 def test_sigterm_drains_in_flight_requests_and_answers_new_ones_503() -> None:
-    """A real uvicorn (gateway.__main__.DrainingServer) on a free port: after the stop signal a request in progress
+    """A real uvicorn (vlmserve.gateway.__main__.DrainingServer) on a free port: after the stop signal a request in
+    progress
     completes, new requests get 503 + Retry-After + Connection: close, /readyz is 503, /livez 200, and the server
     exits once nothing is in progress (well before the drain timeout)."""
     import signal
@@ -240,11 +241,11 @@ def test_sigterm_drains_in_flight_requests_and_answers_new_ones_503() -> None:
 
     import uvicorn
 
-    from gateway.__main__ import DrainingServer
-    from gateway.app import create_app
-    from gateway.settings import GatewaySettings
     from tests.conftest import free_port
     from tests.fakes import FakeBackend
+    from vlmserve.gateway.__main__ import DrainingServer
+    from vlmserve.gateway.app import create_app
+    from vlmserve.gateway.settings import GatewaySettings
 
     app = create_app(GatewaySettings(retry_after_s=3), backend=FakeBackend())
     entered, release = threading.Event(), threading.Event()
@@ -289,8 +290,8 @@ def test_a_task_whose_model_is_still_loading_is_503_not_404() -> None:
     """A gateway that never saw a model READY (it started while Triton loaded, or a replica's watcher reloads the
     model before this gateway's first look) cannot know its task: while Triton lists a model it has no config for,
     a task with no model answers 503 + Retry-After (retry soon), not 404 (the Swarm heal e2e met the 404)."""
-    from gateway.errors import APIError
-    from gateway.triton import ModelInfo, Registry, TritonUnavailable
+    from vlmserve.gateway.errors import APIError
+    from vlmserve.gateway.triton import ModelInfo, Registry, TritonUnavailable
 
     loading = Registry({"siglip_embed_text": ModelInfo("siglip_embed_text", False, {}, 0, "cpu")},
                        loading=("siglip_embed_text",), retry_after_s=3)

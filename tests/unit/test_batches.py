@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.batches import BatchStore, Line, validate_input
-from gateway.chat import Sampling, build_inputs
-from gateway.limits import PRIORITY_HEADER, InFlightLimit, Interactive, batch_priority
-from model_repository.chat import parse_params
+from vlmserve.gateway.batches import BatchStore, Line, validate_input
+from vlmserve.gateway.chat import Sampling, build_inputs
+from vlmserve.gateway.limits import PRIORITY_HEADER, InFlightLimit, Interactive, batch_priority
+from vlmserve.model_repository.chat import parse_params
 
 CHAT = "/v1/chat/completions"
 
@@ -122,8 +122,8 @@ def test_a_batch_past_its_window_expires_keeping_what_finished(tmp_path) -> None
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
-    from gateway.batches import BatchRunner
-    from gateway.settings import GatewaySettings
+    from vlmserve.gateway.batches import BatchRunner
+    from vlmserve.gateway.settings import GatewaySettings
 
     app = FastAPI()
     app.state.interactive = Interactive()
@@ -166,8 +166,8 @@ def test_a_batch_past_its_window_expires_keeping_what_finished(tmp_path) -> None
 def test_a_batch_cancelled_before_it_ran_runs_nothing(tmp_path) -> None:
     from fastapi import FastAPI
 
-    from gateway.batches import BatchRunner
-    from gateway.settings import GatewaySettings
+    from vlmserve.gateway.batches import BatchRunner
+    from vlmserve.gateway.settings import GatewaySettings
 
     app = FastAPI()
     app.state.interactive = Interactive()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loadtests.bench import derive, llama_cpp_ratios, render_markdown, summarise
+from vlmserve.loadtests.bench import derive, llama_cpp_ratios, render_markdown, summarise
 
 
 def _run(scenario: str, rps: float, round_no: int, **extra) -> dict:
@@ -106,7 +106,7 @@ def test_no_llama_cpp_rows_without_both_sides() -> None:
 
 
 def test_the_image_ttft_line_names_first_and_repeated() -> None:
-    from loadtests.bench import _image_ttft_lines
+    from vlmserve.loadtests.bench import _image_ttft_lines
 
     assert _image_ttft_lines({}) == []
     lines = _image_ttft_lines({"image_chat_ttft": {"image": "1024x768 JPEG", "first_ms": 9123.4,

@@ -1,4 +1,4 @@
-"""Continuous batching (model_repository.chat_engine.DecodeLoop) on the tiny Qwen2-VL and SmolVLM2 checkpoints.
+"""Continuous batching (vlmserve.model_repository.chat_engine.DecodeLoop) on the tiny Qwen2-VL and SmolVLM2 checkpoints.
 
 The loop is stepped by hand, so "B and C are mid-decode when A joins" is a fact of the test, not a timing.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from model_repository.chat_engine import ChatEngine, ChatJob, DecodeLoop, SamplingParams
+from vlmserve.model_repository.chat_engine import ChatEngine, ChatJob, DecodeLoop, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +20,9 @@ def families(tmp_path_factory: pytest.TempPathFactory) -> dict:
     import torch
     from transformers import SmolVLMForConditionalGeneration
 
-    from export.tiny import build_tiny_qwen2vl, build_tiny_smolvlm2
-    from model_repository.qwen2vl import QwenPipeline
-    from model_repository.smolvlm import SmolVLMPipeline, vision_module
+    from vlmserve.export.tiny import build_tiny_qwen2vl, build_tiny_smolvlm2
+    from vlmserve.model_repository.qwen2vl import QwenPipeline
+    from vlmserve.model_repository.smolvlm import SmolVLMPipeline, vision_module
 
     root = tmp_path_factory.mktemp("chat-engine")
     qwen = QwenPipeline(build_tiny_qwen2vl(root / "qwen2vl"))
@@ -102,7 +102,7 @@ def logits_of(trace, job: ChatJob) -> list:
 
 
 def test_family_protocol_is_implemented(families) -> None:
-    from model_repository.chat_engine import DecoderFamily
+    from vlmserve.model_repository.chat_engine import DecoderFamily
 
     assert all(isinstance(p, DecoderFamily) for p in families.values())
 
@@ -374,7 +374,7 @@ def test_smolvlm2_bf16_decoder_serves_images_and_joins(families) -> None:
     bf16, rows still join a running batch; the first-token logits stay close to the fp32 pipeline's."""
     import torch
 
-    from model_repository.smolvlm import SmolVLMPipeline
+    from vlmserve.model_repository.smolvlm import SmolVLMPipeline
 
     fp32 = families["smolvlm2"]
     bf16 = SmolVLMPipeline(fp32.model.name_or_path, encoder=fp32.encoder, decoder_precision="bf16")
@@ -465,7 +465,7 @@ def test_schema_row_cut_by_max_tokens_finishes_with_length(families) -> None:
 
 
 def test_bad_schemas_are_refused_at_compile_time(families) -> None:
-    from model_repository.structured import GrammarError
+    from vlmserve.model_repository.structured import GrammarError
 
     loop = DecodeLoop(families["smolvlm2"])
     for bad in ({"type": "nonsense"}, {"$ref": "#/missing"}):
@@ -557,7 +557,7 @@ def test_a_vanishing_temperature_samples_greedily_instead_of_failing() -> None:
     # nan probabilities (a 502 for the whole request). Its limit is greedy, which is what the row now does.
     import torch
 
-    from model_repository.chat_engine import RowSampler, SamplingParams
+    from vlmserve.model_repository.chat_engine import RowSampler, SamplingParams
 
     logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
     sampler = RowSampler(SamplingParams(max_tokens=4, temperature=5e-324, seed=1))
@@ -606,7 +606,7 @@ def loop_state(loop: DecodeLoop) -> dict:
 
 
 def unused_token(pipeline, *jobs: ChatJob) -> int:
-    from model_repository.chat_engine import vocab_size
+    from vlmserve.model_repository.chat_engine import vocab_size
 
     used = {t for job in jobs for t in job.token_ids}
     return next(t for t in range(vocab_size(pipeline)) if t not in used and t not in pipeline.eos_ids)

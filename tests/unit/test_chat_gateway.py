@@ -23,8 +23,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from gateway.app import create_app
-from gateway.chat import (
+from tests.conftest import free_port, local_http_server
+from tests.fakes import Call, FakeBackend
+from vlmserve.families.contract import MAX_NEW_TOKENS_LIMIT
+from vlmserve.gateway.app import create_app
+from vlmserve.gateway.chat import (
     ChatLimits,
     Sampling,
     build_inputs,
@@ -33,13 +36,10 @@ from gateway.chat import (
     parse_box,
     parse_delta,
 )
-from gateway.errors import APIError
-from gateway.media import video_container
-from gateway.settings import GatewaySettings
-from gateway.triton import ModelInfo, TritonBackend, TritonUnavailable
-from tests.conftest import free_port, local_http_server
-from tests.fakes import Call, FakeBackend
-from vlmserve.families.contract import MAX_NEW_TOKENS_LIMIT
+from vlmserve.gateway.errors import APIError
+from vlmserve.gateway.media import video_container
+from vlmserve.gateway.settings import GatewaySettings
+from vlmserve.gateway.triton import ModelInfo, TritonBackend, TritonUnavailable
 
 SMOL = {
     "family": "smolvlm2", "task": "chat", "role": "client", "source_model": "vlmserve/tiny-smolvlm2",
@@ -419,7 +419,7 @@ def test_triton_stream_closed_early_sends_a_cancel_request_and_drains_instead_of
     """With ``cancel_inputs`` (the chat models) an abandoned stream is never cancelled (Triton 2.51's gRPC frontend
     can abort on a cancel that races a write): the control request goes down the same stream, naming the first
     request's id, the request side is closed, and the rest of the stream is read to its end in the background."""
-    from gateway.chat import cancel_request
+    from vlmserve.gateway.chat import cancel_request
 
     class EndingCall(_FakeCall):
         async def __anext__(self) -> tuple[Any, Any]:
@@ -872,7 +872,7 @@ def test_client_disconnect_cancels_the_triton_request(live_server) -> None:
     assert _wait_until(lambda: backend.cancelled == 2)
 
 
-# --- seed 002: /ocr and /info -----------------------------------------------------------------------------
+# --- the Qwen2-VL OCR service: /ocr and /info -------------------------------------------------------------------------
 
 
 def test_ocr_asks_the_qwen_model_by_default(make_client) -> None:
@@ -935,7 +935,7 @@ def test_info_lists_every_client_model_and_the_limits(make_client) -> None:
     assert body["version"] == "0.1.0" and body["model"] == "vlmserve/tiny-qwen2vl"
 
 
-# --- seed 003: /v1/ocr and /v1/describe_region ---------------------------------------------------------------
+# --- the SmolVLM2 service: /v1/ocr and /v1/describe_region ------------------------------------------------------------
 
 FILENAME_RE = r"ocr_result_\d{8}_\d{6}\.txt"
 
@@ -1164,9 +1164,9 @@ def test_openapi_states_the_typed_openai_contract(make_client) -> None:
 @pytest.mark.parametrize("text", ["1,2,30,40", " 1.5 , 2 ,30.,40.25", "+1,2,3,4", "1,2,3", "a,b,c,d", "1e1,2,3,4",
                                   "1,2,3,4,", "", "1;2;3;4"])
 def test_the_schema_box_pattern_is_the_rule_parse_box_applies(text: str) -> None:
-    """The OpenAPI schema's pattern for a box (gateway.chat.BOX_PATTERN) accepts exactly the strings parse_box
+    """The OpenAPI schema's pattern for a box (vlmserve.gateway.chat.BOX_PATTERN) accepts exactly the strings parse_box
     reads as four numbers (their order and the image bounds are checked after, and the schema says so)."""
-    from gateway.chat import BOX_PATTERN
+    from vlmserve.gateway.chat import BOX_PATTERN
 
     try:
         parse_box(text, (10_000, 10_000))

@@ -10,9 +10,9 @@ import time
 import pytest
 from PIL import Image
 
-from model_repository import runtime
-from model_repository.chat import parse_messages, parse_params, resolve_attention
-from model_repository.chat_engine import ChatJob, RowStreamer, SamplingParams
+from vlmserve.model_repository import common
+from vlmserve.model_repository.chat import parse_messages, parse_params, resolve_attention
+from vlmserve.model_repository.chat_engine import ChatJob, RowStreamer, SamplingParams
 
 
 def b64_png() -> str:
@@ -40,7 +40,7 @@ def test_parse_messages_normalises_and_decodes() -> None:
     (json.dumps([{"role": "user", "content": [{"type": "image", "data": b64_png()}] * 3}]).encode(), "at most 2"),
 ])
 def test_parse_messages_errors(raw: bytes, match: str) -> None:
-    with pytest.raises(runtime.InputError, match=match):
+    with pytest.raises(common.InputError, match=match):
         parse_messages(raw, 1.0, 4, 2)
 
 
@@ -60,7 +60,7 @@ def test_parse_params_defaults_and_limits() -> None:
                        (b'{"top_logprobs": 2}', "needs logprobs"), (b'{"presence_penalty": 3}', "presence_penalty"),
                        (b'{"response_format": {"type": "yaml"}}', "response_format"),
                        (b'{"temprature": 1}', "temprature: Extra inputs are not permitted")]:
-        with pytest.raises(runtime.InputError, match=match):
+        with pytest.raises(common.InputError, match=match):
             parse_params(bad, 64, 1024, max_choices=4)
 
 
@@ -70,10 +70,10 @@ def test_logprobs_in_openai_shape() -> None:
 
     from transformers import AutoTokenizer
 
-    from export.tiny import build_tiny_qwen2vl
-    from model_repository.chat import render_logprobs
-    from model_repository.chat_engine import TokenLogprob
-    from model_repository.structured import Grammars
+    from vlmserve.export.tiny import build_tiny_qwen2vl
+    from vlmserve.model_repository.chat import render_logprobs
+    from vlmserve.model_repository.chat_engine import TokenLogprob
+    from vlmserve.model_repository.structured import Grammars
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = AutoTokenizer.from_pretrained(build_tiny_qwen2vl(Path(tmp) / "q"))
@@ -146,19 +146,19 @@ def test_resolve_attention() -> None:
 
 
 def test_fit_context_mirrors_vllm() -> None:
-    from model_repository.chat import fit_context
+    from vlmserve.model_repository.chat import fit_context
 
     params = SamplingParams(max_tokens=100)
     fit_context(params, True, 50, None)  # no known context: nothing checked
     fit_context(params, True, 28, 128)  # 28 + 100 = 128 fits exactly
     assert params.max_tokens == 100
-    with pytest.raises(runtime.InputError, match=r"the prompt is 29 tokens and max_tokens is 100: 129 exceeds "
+    with pytest.raises(common.InputError, match=r"the prompt is 29 tokens and max_tokens is 100: 129 exceeds "
                                                  r"this model's context of 128 tokens; lower max_tokens to 99"):
         fit_context(params, True, 29, 128)
     fit_context(params, False, 29, 128)  # the default max_tokens: lowered to what is left
     assert params.max_tokens == 99
     for explicit in (True, False):
-        with pytest.raises(runtime.InputError, match="the prompt is 128 tokens: it leaves no room"):
+        with pytest.raises(common.InputError, match="the prompt is 128 tokens: it leaves no room"):
             fit_context(SamplingParams(max_tokens=1), explicit, 128, 128)
 
 
@@ -232,20 +232,20 @@ def fake_pb(monkeypatch):
         TRITONSERVER_RESPONSE_COMPLETE_FINAL=1,
         get_input_tensor_by_name=lambda request, name: request.inputs.get(name),
     )
-    monkeypatch.setattr(runtime, "pb_utils", fake)
+    monkeypatch.setattr(common, "pb_utils", fake)
     return fake
 
 
 @pytest.fixture(scope="module")
 def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory):
-    from export.tiny import build_tiny_qwen2vl
+    from vlmserve.export.tiny import build_tiny_qwen2vl
 
     return build_tiny_qwen2vl(tmp_path_factory.mktemp("qwen") / "checkpoint")
 
 
 def chat_model(root, checkpoint, family: str = "qwen2vl", **parameters):
     """A ChatModel loaded by its own ``initialize``, as Triton would, from a one-model repository in ``root``."""
-    from model_repository.chat import ChatModel
+    from vlmserve.model_repository.chat import ChatModel
 
     version = root / family / "1"
     version.mkdir(parents=True)

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from model_repository import chat, runtime
 from tests.unit.test_chat_model import FakeRequest, chat_model, fake_pb, tiny_qwen_dir  # noqa: F401 (fixtures)
 from tests.unit.test_video_bounds import mp4 as bounds_mp4
+from vlmserve.model_repository import chat, common
 
 
 def mp4(frames: int = 4, fps: int = 1, size: tuple[int, int] = (64, 48)) -> bytes:
@@ -91,7 +91,7 @@ def test_the_pixel_budget_counts_every_video_of_the_request() -> None:
     clip = base64.b64encode(mp4(frames=4)).decode()
     raw = [{"role": "user", "content": [{"type": "video", "data": clip}, {"type": "video", "data": clip}]}]
     assert len(chat.decode_video(mp4(frames=4), 1.0, 8, limits)) == 4  # one fits
-    with pytest.raises(runtime.InputError, match=r"4 frames x 64x48 = 12,288 pixels \+ 12,288 of the request's "
+    with pytest.raises(common.InputError, match=r"4 frames x 64x48 = 12,288 pixels \+ 12,288 of the request's "
                                                  r"earlier videos; the limit is 18,432 .*\(max_video_pixels\)"):
         chat.parse_messages(json.dumps(raw).encode(), 1.0, 8, 16,
                             video_limits=limits)
@@ -102,7 +102,7 @@ def test_the_pixel_budget_is_checked_from_the_header_before_decoding(monkeypatch
     decoded: list[int] = []
     check = chat._check_video_progress  # called on every decoded frame
     monkeypatch.setattr(chat, "_check_video_progress", lambda *a: decoded.append(1) or check(*a))
-    with pytest.raises(runtime.InputError, match="max_video_pixels"):
+    with pytest.raises(common.InputError, match="max_video_pixels"):
         chat.decode_video(mp4(frames=6), 1.0, 8, chat.VideoLimits(max_request_pixels=3 * 64 * 48))
     assert not decoded
     assert len(chat.decode_video(mp4(frames=6), 1.0, 8, chat.VideoLimits())) == 6 and decoded

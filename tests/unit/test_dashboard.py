@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
-from orchestrator.deploy import dashboard
+from vlmserve.orchestrator.deploy import dashboard
 
 
 def test_the_committed_dashboard_is_the_generated_one() -> None:
     committed = dashboard.DEFAULT_PATH.read_text()
     assert committed == dashboard.render(), (
-        "docker/k8s/monitoring/grafana-dashboard.json is stale: run `python -m orchestrator.deploy.dashboard`")
+        "docker/k8s/monitoring/grafana-dashboard.json is stale: run `python -m vlmserve.orchestrator.deploy.dashboard`")
 
 
 def test_every_panel_has_a_query_and_a_unique_id() -> None:

@@ -14,17 +14,17 @@ from typing import Any
 import pytest
 import yaml
 
-from model_repository import runtime
-from orchestrator.docker_runtime import GATEWAY_PORT, PROJECT_LABEL, SERVICE_LABEL, TRITON_PORTS
-from orchestrator.images import IMAGES, LABEL
 from tests.conftest import compose_commands
 from vlmserve import paths
+from vlmserve.model_repository import common
+from vlmserve.orchestrator.docker_runtime import GATEWAY_PORT, PROJECT_LABEL, SERVICE_LABEL, TRITON_PORTS
+from vlmserve.orchestrator.images import IMAGES, LABEL
 
 DOCKER = paths.PROJECT_ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 PROFILES = ("cpu", "gpu", "rocm")
 COMPOSE_PROJECT = "vlmserve-compose"
-HEALTH_CMD = ["python", "-m", "orchestrator.container", "health"]
+HEALTH_CMD = ["python", "-m", "vlmserve.orchestrator.container", "health"]
 # The flavour each image serves by default (orchestrator/hardware.py's choices): the NGC image uses the native
 # config.pbtxt files (no --model-config-name), the wheel's Python-only server the embedded ones.
 CONFIG_NAME = {"cpu": "embedded", "gpu": "", "rocm": "embedded"}
@@ -109,7 +109,7 @@ def test_accelerator_access(services: dict[str, dict[str, Any]]) -> None:
     rocm = services["triton-rocm"]
     assert {"/dev/kfd", "/dev/dri"} <= set(rocm["devices"])
     assert "video" in rocm["group_add"]
-    assert rocm["environment"][runtime.ACCELERATOR_ENV] == "rocm"
+    assert rocm["environment"][common.ACCELERATOR_ENV] == "rocm"
     assert "devices" not in services["triton-cpu"] and "deploy" not in services["triton-cpu"]
     assert "devices" not in gpu and "deploy" not in rocm
 
@@ -183,7 +183,7 @@ def test_dockerfile_shape(image: str) -> None:
     assert len(healthchecks) == 1 and json.dumps(HEALTH_CMD)[1:-1] in healthchecks[0]
     assert any("/hf-cache" in a for k, a in steps if k == "VOLUME")
     (entrypoint,) = [json.loads(a) for k, a in steps if k == "ENTRYPOINT"]
-    assert entrypoint[-3:] == ["python", "-m", "orchestrator.container"]
+    assert entrypoint[-3:] == ["python", "-m", "vlmserve.orchestrator.container"]
     assert [json.loads(a) for k, a in steps if k == "CMD"][-1] == ["triton"]
     env = env_of(image)
     assert env["HF_HUB_OFFLINE"] == "1" and env["HF_HOME"] == "/hf-cache"
@@ -194,7 +194,7 @@ def test_dockerfile_shape(image: str) -> None:
 
 def test_rocm_image_places_models_on_the_amd_gpu() -> None:
     env = env_of("rocm")
-    assert env[runtime.ACCELERATOR_ENV] == "rocm"
+    assert env[common.ACCELERATOR_ENV] == "rocm"
     useradd = next(a for k, a in instructions("rocm") if k == "RUN" and "useradd" in a)
     assert re.search(r"--groups\s+video,render", useradd)
 

@@ -13,8 +13,8 @@ import time
 
 import httpx
 
-from gateway.settings import GatewaySettings
 from tests.conftest import free_port
+from vlmserve.gateway.settings import GatewaySettings
 
 
 def _get(url: str) -> int | None:
@@ -29,7 +29,7 @@ def test_idle_gateway_turns_unready_serves_on_then_drains_and_exits() -> None:
     env = {**os.environ, "VLMSERVE_GATEWAY_PORT": str(port), "VLMSERVE_GATEWAY_HOST": "127.0.0.1",
            "VLMSERVE_GATEWAY_TRITON_URL": f"127.0.0.1:{free_port()}",  # no Triton: not needed here
            "VLMSERVE_GATEWAY_DRAIN_DELAY_S": "4", "VLMSERVE_GATEWAY_RETRY_AFTER_S": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "gateway"], env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "vlmserve.gateway"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -11,11 +11,11 @@ import pytest
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from export import onnx_utils, pbtxt
-from export.progress import Progress
-from export.repository import EMBEDDED_CONFIG, read_stamp
-from export.run import export_model_set
 from tests.conftest import tiny_export_options
+from vlmserve.export import onnx_utils, pbtxt
+from vlmserve.export.progress import Progress
+from vlmserve.export.repository import EMBEDDED_CONFIG, read_stamp
+from vlmserve.export.run import export_model_set
 
 GOLDEN = Path(__file__).parent / "golden"
 # Timed on the exporting host, or (the chat engine) depending on whether llama.cpp's bindings are installed there.
@@ -59,7 +59,7 @@ def test_parity_failure_is_loud_and_reports_the_difference(tiny_repo: Path) -> N
     import torch
     from transformers import SiglipModel
 
-    from export.siglip import _towers
+    from vlmserve.export.siglip import _towers
 
     model = SiglipModel.from_pretrained(Path(os.environ["VLMSERVE_HOME"]) / "tiny-models" / "siglip").eval()
     vision, _ = _towers(model)
@@ -130,7 +130,7 @@ def test_unknown_model_set_is_refused() -> None:
 
 
 def test_int8_variant_keeps_fidelity_and_is_served_beside_fp32(state_dir: Path, tmp_path: Path) -> None:
-    from export.repository import ExportOptions
+    from vlmserve.export.repository import ExportOptions
 
     repo = tmp_path / "repo"
     reports = export_model_set("tiny", repo=repo, options=ExportOptions(int8=True), families=["siglip"],

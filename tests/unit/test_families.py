@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 import vlmserve.families as fam
-from gateway.triton import ModelInfo, Registry
 from vlmserve.families import SURFACES, default_family, families, family
 from vlmserve.families.contract import (
     MAX_NEW_TOKENS_LIMIT,
@@ -19,6 +18,7 @@ from vlmserve.families.contract import (
     ModelParams,
 )
 from vlmserve.families.spec import FamilySpec, load
+from vlmserve.gateway.triton import ModelInfo, Registry
 
 
 def test_every_family_is_discovered_with_loadable_targets() -> None:
@@ -54,7 +54,7 @@ def test_a_spec_file_is_a_family_and_does_not_take_a_surface_over(tmp_path: Path
         "from vlmserve.families.contract import EmbedParams\n"
         "from vlmserve.families.spec import FamilySpec\n"
         "SPEC = FamilySpec(name='newembed', title='New', surfaces=('embeddings',), default_source='org/new',\n"
-        "                  recipe='export.siglip', params=EmbedParams)\n")
+        "                  recipe='vlmserve.export.siglip', params=EmbedParams)\n")
     monkeypatch.setattr(fam, "__path__", [*fam.__path__, str(tmp_path)])
     families.cache_clear()
     try:
@@ -77,9 +77,9 @@ def test_a_spec_file_is_a_family_and_does_not_take_a_surface_over(tmp_path: Path
 
 def test_spec_rejects_unknown_surfaces_and_foreign_defaults() -> None:
     with pytest.raises(ValueError, match="unknown surfaces"):
-        FamilySpec("x", "X", ("speech",), "o/x", "export.siglip", EmbedParams)
+        FamilySpec("x", "X", ("speech",), "o/x", "vlmserve.export.siglip", EmbedParams)
     with pytest.raises(ValueError, match="default_for"):
-        FamilySpec("x", "X", ("embeddings",), "o/x", "export.siglip", EmbedParams, default_for=("chat",))
+        FamilySpec("x", "X", ("embeddings",), "o/x", "vlmserve.export.siglip", EmbedParams, default_for=("chat",))
 
 
 def test_contract_round_trips_through_triton_strings() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from model_repository.florence2_engine import Cancelled, Florence2Engine, StepScheduler
+from vlmserve.model_repository.florence2_engine import Cancelled, Florence2Engine, StepScheduler
 
 
 class Clock:

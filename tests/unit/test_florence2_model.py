@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_repository import runtime
-from model_repository.florence2 import Florence2Pipeline, Job
-from model_repository.florence2_engine import Cancelled, Florence2Engine, StepScheduler
-from model_repository.florence2_tasks import TASKS, UnknownTask, find_task, region_to_loc_tokens
+from vlmserve.model_repository import common
+from vlmserve.model_repository.florence2 import Florence2Pipeline, Job
+from vlmserve.model_repository.florence2_engine import Cancelled, Florence2Engine, StepScheduler
+from vlmserve.model_repository.florence2_tasks import TASKS, UnknownTask, find_task, region_to_loc_tokens
 
 
 def png(w: int = 100, h: int = 80) -> bytes:
@@ -28,7 +28,7 @@ def png(w: int = 100, h: int = 80) -> bytes:
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_repo: Path) -> Florence2Pipeline:
-    encoder = runtime.OnnxEncoder(tiny_repo / "florence2_vision/1/model.onnx")
+    encoder = common.OnnxEncoder(tiny_repo / "florence2_vision/1/model.onnx")
     return Florence2Pipeline(tiny_repo / "florence2/1/checkpoint", encoder, default_max_new_tokens=8)
 
 
@@ -99,15 +99,15 @@ def test_job_validation(pipeline) -> None:
     assert job.prompt == "<REGION_TO_CATEGORY><loc_100><loc_250><loc_500><loc_750>"
     assert (job.max_new_tokens, job.num_beams) == (8, 3)
     assert pipeline.job(0, png(), "caption", "ignored", 4, 1).prompt == "<CAPTION>"
-    with pytest.raises(runtime.InputError, match="needs TEXT"):
+    with pytest.raises(common.InputError, match="needs TEXT"):
         pipeline.job(0, png(), "phrase_grounding", None, None, None)
-    with pytest.raises(runtime.InputError, match="unknown task"):
+    with pytest.raises(common.InputError, match="unknown task"):
         pipeline.job(0, png(), "<NOPE>", None, None, None)
-    with pytest.raises(runtime.InputError, match="MAX_NEW_TOKENS must be 1..1024"):
+    with pytest.raises(common.InputError, match="MAX_NEW_TOKENS must be 1..1024"):
         pipeline.job(0, png(), "caption", None, 5000, None)
-    with pytest.raises(runtime.InputError, match="NUM_BEAMS"):
+    with pytest.raises(common.InputError, match="NUM_BEAMS"):
         pipeline.job(0, png(), "caption", None, None, 0)
-    with pytest.raises(runtime.InputError, match="not a decodable image"):
+    with pytest.raises(common.InputError, match="not a decodable image"):
         pipeline.job(0, b"nope", "caption", None, None, None)
 
 

@@ -14,9 +14,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from gateway.app import create_app
-from gateway.errors import APIError
-from gateway.florence import (
+from tests.fakes import Answer, Call, FakeBackend
+from vlmserve.families.contract import MAX_NEW_TOKENS_LIMIT
+from vlmserve.gateway.app import create_app
+from vlmserve.gateway.errors import APIError
+from vlmserve.gateway.florence import (
     FlorenceInputError,
     FlorenceLimits,
     TaskTable,
@@ -30,12 +32,10 @@ from gateway.florence import (
     prepare_text,
     shape_response,
 )
-from gateway.settings import GatewaySettings
-from gateway.storage import LocalStore, S3Store, build_store
-from gateway.triton import ModelInfo
-from model_repository.florence2_tasks import TASKS
-from tests.fakes import Answer, Call, FakeBackend
-from vlmserve.families.contract import MAX_NEW_TOKENS_LIMIT
+from vlmserve.gateway.settings import GatewaySettings
+from vlmserve.gateway.storage import LocalStore, S3Store, build_store
+from vlmserve.gateway.triton import ModelInfo
+from vlmserve.model_repository.florence2_tasks import TASKS
 
 WIDTH, HEIGHT = 64, 48
 BACKGROUND = (128, 128, 128)
@@ -364,7 +364,7 @@ def test_infer_caption(make_client) -> None:
     assert set(inputs) == {"IMAGE", "TASK"}  # text for a task that takes none is dropped, no optional ints
     assert inputs["IMAGE"].shape == (1, 1) and inputs["IMAGE"][0, 0] == png_bytes()
     assert inputs["TASK"][0, 0] == b"<CAPTION>"
-    # Seed 000's defaults: task "caption"; a data URI works too.
+    # The Florence-2 service's defaults: task "caption"; a data URI works too.
     r = client.post("/infer", json={"image_base64": "data:image/png;base64," + b64(png_bytes())})
     assert r.status_code == 200 and r.json()["task"] == "caption"
     metrics = client.get("/metrics").text
@@ -409,7 +409,7 @@ def test_text_rules_through_the_api(make_client) -> None:
     r = client.post("/infer", json={"image_base64": image, "task": "phrase_grounding"})
     assert r.status_code == 422
     assert "'phrase_grounding' needs text" in error(r)["message"] and "caption whose phrases" in error(r)["message"]
-    # Seed 000 sends the prompt as text_input.
+    # The Florence-2 service sends the prompt as text_input.
     r = client.post("/infer", json={"image_base64": image, "task": "phrase_grounding", "text_input": "a cat"})
     assert r.status_code == 200 and backend.calls[-1].inputs["TEXT"][0, 0] == b"a cat"
     assert r.json()["objects"] == [{"label": "a cat", "bbox": [8.0, 8.0, 40.0, 30.0]}]

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.app import create_app
-from gateway.settings import GatewaySettings
 from tests.conftest import free_port
+from vlmserve.gateway.app import create_app
+from vlmserve.gateway.settings import GatewaySettings
 
 
 @pytest.fixture
@@ -30,7 +32,7 @@ def client_factory():
 
 
 def test_gateway_never_imports_torch() -> None:
-    code = "import sys, gateway.app, gateway.__main__; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, vlmserve.gateway.app, vlmserve.gateway.__main__; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -95,3 +97,11 @@ def test_metrics_count_requests_by_route(client_factory) -> None:
     text = client.get("/metrics").text
     assert 'vlmserve_requests_total{method="POST",route="/embed_text",status="503"} 1.0' in text
     assert 'vlmserve_errors_total{model="-",route="/embed_text",status="503"} 1.0' in text
+
+
+def test_openapi_names_each_api_by_what_it_is(offline_gateway) -> None:
+    """The OpenAPI tags and texts name the APIs (the Florence-2 service API, ...), never an internal file name."""
+    schema = offline_gateway.get("/openapi.json").json()
+    tags = {tag for path in schema["paths"].values() for op in path.values() for tag in op.get("tags", [])}
+    assert {"Florence-2 service API", "OCR service API", "SmolVLM2 service API", "embedding service API"} <= tags
+    assert not re.search(r"seeds? ?0\d\d|seed[- ]compatible|seed (api|route)", json.dumps(schema), re.IGNORECASE)

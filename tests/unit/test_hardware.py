@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator import hardware
-from orchestrator.hardware import AcceleratorUnavailable, Gpu, Hardware, choose, detect, gpu_memory_by_pid
+from vlmserve.orchestrator import hardware
+from vlmserve.orchestrator.hardware import AcceleratorUnavailable, Gpu, Hardware, choose, detect, gpu_memory_by_pid
 
 GIB = 2**30
 

@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from orchestrator.heal import StubWatcher, stubs_by_model
+from vlmserve.orchestrator.heal import StubWatcher, stubs_by_model
 
 
 @pytest.fixture
@@ -152,7 +152,7 @@ def test_stopping_ends_a_heal_that_keeps_failing(triton_like) -> None:
 
 
 def _supervise(cmd: list[str]) -> subprocess.Popen:
-    code = ("import os, sys; from orchestrator.container import supervise_triton; "
+    code = ("import os, sys; from vlmserve.orchestrator.container import supervise_triton; "
             f"sys.exit(supervise_triton({cmd!r}, dict(os.environ), 'http://127.0.0.1:1'))")
     return subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2])
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export import image_fence, runtime_choice
-from export.onnx_utils import FidelityError
+from vlmserve.export import image_fence, runtime_choice
+from vlmserve.export.onnx_utils import FidelityError
 from vlmserve.host import parse_cpuinfo
 
 AVX2_EPYC = "processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse avx2 fma\n"
@@ -22,8 +22,8 @@ def tiny_fence(tmp_path_factory):
     import torch
     from transformers import SmolVLMForConditionalGeneration
 
-    from export.tiny import build_tiny_smolvlm2
-    from model_repository.smolvlm import vision_module
+    from vlmserve.export.tiny import build_tiny_smolvlm2
+    from vlmserve.model_repository.smolvlm import vision_module
 
     checkpoint = build_tiny_smolvlm2(tmp_path_factory.mktemp("tiny-smolvlm2"))
     model = SmolVLMForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32,

@@ -20,7 +20,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from gateway.images import (
+from tests.conftest import local_http_server
+from vlmserve.gateway.images import (
     ImageInputError,
     ImagePolicy,
     check_url_allowed,
@@ -28,7 +29,6 @@ from gateway.images import (
     resolve_image,
     validate_image_bytes,
 )
-from tests.conftest import local_http_server
 
 DEFAULT = ImagePolicy()
 
@@ -570,8 +570,8 @@ def test_fetch_connection_refused() -> None:
 
 def test_no_torch_import() -> None:
     # A fresh interpreter, since other tests in the session may load torch themselves.
-    import gateway.images
+    import vlmserve.gateway.images
 
-    root = Path(gateway.images.__file__).resolve().parents[1]
-    code = "import sys, gateway.images; sys.exit('torch' in sys.modules)"
+    root = Path(vlmserve.gateway.images.__file__).resolve().parents[1]
+    code = "import sys, vlmserve.gateway.images; sys.exit('torch' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)

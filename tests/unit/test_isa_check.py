@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from export import runtime_choice
-from model_repository import onnx_model, runtime
+from vlmserve.export import runtime_choice
 from vlmserve.host import CPUINFO_ENV, IsaError, parse_cpuinfo, serve_choice
+from vlmserve.model_repository import common, onnx_model
 
 AMX_XEON = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n"
             "flags\t\t: fpu sse avx2 fma avx512f avx512bw avx512_vnni avx512_bf16 amx_tile amx_bf16 amx_int8\n")
@@ -68,7 +68,7 @@ def test_loading_on_a_faked_avx2_cpu_serves_the_fallback_and_warns(tiny_repo: Pa
     model = onnx_model.TritonPythonModel()
     with caplog.at_level(logging.WARNING, "vlmserve.models"):
         model.initialize(_encoder_args(tiny_repo, BF16_EXPORT["runtime_faithful"]))
-    assert isinstance(model.encoder, runtime.OnnxEncoder)  # not OpenVINO bf16
+    assert isinstance(model.encoder, common.OnnxEncoder)  # not OpenVINO bf16
     assert any("avx512_bf16 or amx_bf16" in r.getMessage() and "serving onnxruntime/fp32" in r.getMessage()
                for r in caplog.records if r.levelno == logging.WARNING)
 
@@ -86,17 +86,17 @@ def test_loading_on_a_faked_amx_cpu_keeps_the_choice(tiny_repo: Path, tmp_path: 
     monkeypatch.setenv(CPUINFO_ENV, str(tmp_path / "cpuinfo"))
     model = onnx_model.TritonPythonModel()
     model.initialize(_encoder_args(tiny_repo, ""))
-    assert isinstance(model.encoder, runtime.OpenVinoEncoder)
+    assert isinstance(model.encoder, common.OpenVinoEncoder)
 
 
 def test_v1_models_shows_the_fallback_and_the_refusal(tmp_path: Path, monkeypatch) -> None:
     """The gateway re-checks export's choice on its CPU (Triton's, where they share the host) for /v1/models."""
     from fastapi.testclient import TestClient
 
-    from gateway.app import create_app
-    from gateway.settings import GatewaySettings
-    from gateway.triton import ModelInfo
     from tests.fakes import FakeBackend
+    from vlmserve.gateway.app import create_app
+    from vlmserve.gateway.settings import GatewaySettings
+    from vlmserve.gateway.triton import ModelInfo
 
     (tmp_path / "cpuinfo").write_text(AVX2_EPYC)
     monkeypatch.setenv(CPUINFO_ENV, str(tmp_path / "cpuinfo"))

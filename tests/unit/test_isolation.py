@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from model_repository import runtime
+from vlmserve.model_repository import common
 
 
 @dataclass
@@ -26,7 +26,7 @@ class FakeError:
 def pb(monkeypatch):
     fake = SimpleNamespace(Tensor=lambda name, value: (name, value), InferenceResponse=FakeResponse,
                            TritonError=FakeError)
-    monkeypatch.setattr(runtime, "pb_utils", fake)
+    monkeypatch.setattr(common, "pb_utils", fake)
     return fake
 
 
@@ -42,7 +42,7 @@ def poisoned_compute(calls: list[int]):
 def test_poisoned_row_fails_alone_and_the_others_get_their_own_rows(pb) -> None:
     requests = [np.array([[1.0]]), np.array([[2.0], [3.0]]), np.array([[np.nan]]), np.array([[4.0]])]
     calls: list[int] = []
-    responses = runtime.run_batched(requests, lambda r: r, poisoned_compute(calls))
+    responses = common.run_batched(requests, lambda r: r, poisoned_compute(calls))
     assert calls == [5, 1, 2, 1, 1]  # the batch once, then each request alone
     assert responses[2].error is not None and "poisoned row" in responses[2].error.message
     for i in (0, 1, 3):
@@ -53,7 +53,7 @@ def test_poisoned_row_fails_alone_and_the_others_get_their_own_rows(pb) -> None:
 
 def test_a_healthy_batch_runs_once(pb) -> None:
     calls: list[int] = []
-    responses = runtime.run_batched([np.array([[1.0]]), np.array([[2.0]])], lambda r: r, poisoned_compute(calls))
+    responses = common.run_batched([np.array([[1.0]]), np.array([[2.0]])], lambda r: r, poisoned_compute(calls))
     assert calls == [2] and all(r.error is None for r in responses)
 
 
@@ -63,10 +63,10 @@ def test_retry_singly_covers_every_item_once() -> None:
             raise ValueError("unlucky")
         return [x + 1 for x in items]
 
-    assert runtime.retry_singly([1, 2], run) == [([1, 2], [2, 3])]
-    results = runtime.retry_singly([1, 13, 2], run)
+    assert common.retry_singly([1, 2], run) == [([1, 2], [2, 3])]
+    results = common.retry_singly([1, 13, 2], run)
     assert [group for group, _ in results] == [[1], [13], [2]]
     assert results[0][1] == [2] and results[2][1] == [3]
     assert isinstance(results[1][1], ValueError)
-    (group, error), = runtime.retry_singly([13], run)  # one item: no retry, its own error
+    (group, error), = common.retry_singly([13], run)  # one item: no retry, its own error
     assert group == [13] and isinstance(error, ValueError)

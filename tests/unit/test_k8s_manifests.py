@@ -17,13 +17,13 @@ import yaml
 from kubernetes_validate.utils import Version, all_versions, major_minor
 from typer.testing import CliRunner
 
-from gateway.metrics import Metrics
-from orchestrator import memory
-from orchestrator.container import PROBES
-from orchestrator.deploy import k8s, spec
-from orchestrator.triton import EXIT_TIMEOUT_S
 from vlmserve import paths
 from vlmserve.cli import app
+from vlmserve.gateway.metrics import Metrics
+from vlmserve.orchestrator import memory
+from vlmserve.orchestrator.container import PROBES
+from vlmserve.orchestrator.deploy import k8s, spec
+from vlmserve.orchestrator.triton import EXIT_TIMEOUT_S
 
 COMMITTED = paths.PROJECT_ROOT / "docker" / "k8s"
 SERVICEMONITOR_SCHEMA = COMMITTED / "schemas" / "servicemonitor-monitoring-v1.json"
@@ -287,7 +287,7 @@ def test_the_memory_plan_reaches_the_triton_pod(plan_file: Path) -> None:
     assert memory.load_plan(shipped) == memory.load_plan(plan_file)
     init = pod["initContainers"][0]
     # The NGC image serves the native config.pbtxt flavour on GPU instances (run in the image: tests/e2e).
-    assert init["command"][-1].endswith(f"python -m orchestrator.deploy.podplan /models "
+    assert init["command"][-1].endswith(f"python -m vlmserve.orchestrator.deploy.podplan /models "
                                         f"{spec.PLAN_MOUNT}/{spec.PLAN_FILE} native KIND_GPU")
     plan_volume = next(v for v in pod["volumes"] if v["name"] == "plan")
     assert plan_volume["configMap"]["name"] == k8s.PLAN_CONFIGMAP
@@ -344,7 +344,7 @@ def test_hpa_metrics_are_the_adapter_rules_outputs_from_exported_series() -> Non
 
 
 def test_gateway_replicas_share_their_files_and_drain_readiness_first() -> None:
-    from gateway.settings import GatewaySettings
+    from vlmserve.gateway.settings import GatewaySettings
 
     docs = k8s.render(spec.prepare("cpu"))
     pod = one(docs, "Deployment", k8s.GATEWAY)["spec"]["template"]["spec"]
@@ -370,7 +370,7 @@ def test_gateway_replicas_share_their_files_and_drain_readiness_first() -> None:
 def test_the_gateway_gauge_counts_requests_being_served() -> None:
     import asyncio
 
-    from gateway.metrics import MetricsMiddleware
+    from vlmserve.gateway.metrics import MetricsMiddleware
 
     metrics = Metrics()
     seen: list[float] = []

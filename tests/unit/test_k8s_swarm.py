@@ -10,8 +10,8 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from orchestrator.deploy import k8s, spec, swarm
 from vlmserve.cli import app
+from vlmserve.orchestrator.deploy import k8s, spec, swarm
 
 
 def render(tmp_path: Path, replicas: int = 3) -> tuple[dict, str]:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from export import llamacpp as build
-from loadtests import llamacpp
-from loadtests.bench import LLAMA_CPP, chat_scenarios
+from vlmserve.export import llamacpp as build
+from vlmserve.loadtests import llamacpp
+from vlmserve.loadtests.bench import LLAMA_CPP, chat_scenarios
 
 AVX2_EPYC = {"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"}
 SAPPHIRE = AVX2_EPYC | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16", "amx_tile",

@@ -1,4 +1,5 @@
-"""The chat loop on llama.cpp (model_repository.llamacpp_engine.LlamaCppLoop) on the tiny SmolVLM2, its text model
+"""The chat loop on llama.cpp (vlmserve.model_repository.llamacpp_engine.LlamaCppLoop) on the tiny SmolVLM2, its text
+model
 converted to a real GGUF by the vendored converter (export/llamacpp.py) and run by the real llama.cpp library.
 
 Every OpenAI feature of the torch loop is checked on this engine too, against the torch loop (the reference the
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from model_repository.chat_engine import DecodeLoop
 from tests.unit.test_chat_engine import RECEIPT, make_job
+from vlmserve.model_repository.chat_engine import DecodeLoop
 
 
 def _require_bindings() -> None:
@@ -39,9 +40,9 @@ def smol(tmp_path_factory: pytest.TempPathFactory):
     import torch
     from transformers import SmolVLMForConditionalGeneration
 
-    from export import llamacpp
-    from export.tiny import build_tiny_smolvlm2
-    from model_repository.smolvlm import SmolVLMPipeline, vision_module
+    from vlmserve.export import llamacpp
+    from vlmserve.export.tiny import build_tiny_smolvlm2
+    from vlmserve.model_repository.smolvlm import SmolVLMPipeline, vision_module
 
     root = tmp_path_factory.mktemp("llamacpp-engine")
     smol_dir = Path(build_tiny_smolvlm2(root / "smolvlm2"))
@@ -57,7 +58,7 @@ def smol(tmp_path_factory: pytest.TempPathFactory):
 
 
 def llama_loop(smol, **kwargs):
-    from model_repository.llamacpp_engine import LlamaCppLoop
+    from vlmserve.model_repository.llamacpp_engine import LlamaCppLoop
 
     pipeline, gguf = smol
     return LlamaCppLoop(pipeline, gguf, threads=1, **{"max_batch_tokens": 4096, **kwargs})

@@ -12,8 +12,8 @@ import io
 
 import pytest
 
-from gateway.images import ImageInputError, ImagePolicy
-from gateway.media import resolve_video, video_container
+from vlmserve.gateway.images import ImageInputError, ImagePolicy
+from vlmserve.gateway.media import resolve_video, video_container
 
 MP4 = b"\x00\x00\x00\x1cftypisom\x00\x00\x02\x00isomiso2mp41\x00\x00\x00\x08free\x00\x00\x00 "
 MOV = b"\x00\x00\x00\x14ftypqt  \x00\x00\x02\x00qt  \x00\x00\x00\x08wide\x00\x00\x00 mdat\x00\x00\x01\xb3"

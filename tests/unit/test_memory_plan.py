@@ -10,8 +10,8 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from orchestrator.hardware import Gpu, Hardware
-from orchestrator.memory import (
+from vlmserve.orchestrator.hardware import Gpu, Hardware
+from vlmserve.orchestrator.memory import (
     ENFORCEMENT,
     Amount,
     MemoryPlan,

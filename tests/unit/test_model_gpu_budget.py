@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from model_repository import runtime
 from vlmserve.families.contract import ModelParams
+from vlmserve.model_repository import common
 
 
 def config(**params: str) -> dict[str, Any]:
@@ -21,10 +21,10 @@ def config(**params: str) -> dict[str, Any]:
 @pytest.fixture(autouse=True)
 def no_accelerator_env(monkeypatch: pytest.MonkeyPatch):
     """Every test starts without VLMSERVE_ACCELERATOR and without the cached torch-ROCm answer."""
-    monkeypatch.delenv(runtime.ACCELERATOR_ENV, raising=False)
-    runtime._rocm_gpu_available.cache_clear()
+    monkeypatch.delenv(common.ACCELERATOR_ENV, raising=False)
+    common._rocm_gpu_available.cache_clear()
     yield
-    runtime._rocm_gpu_available.cache_clear()
+    common._rocm_gpu_available.cache_clear()
 
 
 @pytest.fixture
@@ -44,21 +44,21 @@ CPU_ARGS = {"model_instance_kind": "CPU", "model_instance_device_id": "0"}
 
 
 def test_apply_gpu_budget_is_a_noop_on_cpu_instances(fake_torch: list) -> None:
-    runtime.apply_gpu_budget(CPU_ARGS, config(gpu_memory_fraction="0.25"))
-    runtime.apply_gpu_budget(GPU_ARGS, config())  # no parameter: behaviour unchanged
+    common.apply_gpu_budget(CPU_ARGS, config(gpu_memory_fraction="0.25"))
+    common.apply_gpu_budget(GPU_ARGS, config())  # no parameter: behaviour unchanged
     assert fake_torch == []
 
 
 def test_apply_gpu_budget_sets_the_fraction_on_the_instance_device(fake_torch: list) -> None:
-    runtime.apply_gpu_budget(GPU_ARGS, config(gpu_memory_fraction="0.25"))
+    common.apply_gpu_budget(GPU_ARGS, config(gpu_memory_fraction="0.25"))
     assert fake_torch == [("fraction", 0.25, 1)]
     with pytest.raises(ValueError, match=r"invalid parameters.*gpu_memory_fraction"):
-        runtime.apply_gpu_budget(GPU_ARGS, config(gpu_memory_fraction="1.5"))
+        common.apply_gpu_budget(GPU_ARGS, config(gpu_memory_fraction="1.5"))
 
 
 def test_torch_device_selects_the_instance_gpu(fake_torch: list) -> None:
-    assert runtime.torch_device(CPU_ARGS) == "cpu"
-    assert runtime.torch_device(GPU_ARGS) == "cuda"
+    assert common.torch_device(CPU_ARGS) == "cpu"
+    assert common.torch_device(GPU_ARGS) == "cuda"
     assert fake_torch == [("device", 1)]
 
 
@@ -83,11 +83,11 @@ CUDA_AVAILABLE = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     ]),
 ])
 def test_providers(use_gpu: bool, device: int, limit: int | None, available: list[str], expected: list) -> None:
-    assert runtime.providers(use_gpu, device, limit, available) == expected
+    assert common.providers(use_gpu, device, limit, available) == expected
 
 
 def test_onnx_encoder_on_cpu_ignores_the_gpu_limit(tiny_repo: Path) -> None:
-    encoder = runtime.OnnxEncoder(tiny_repo / "siglip_vision/1/model.onnx", use_gpu=False, gpu_mem_limit=2**30)
+    encoder = common.OnnxEncoder(tiny_repo / "siglip_vision/1/model.onnx", use_gpu=False, gpu_mem_limit=2**30)
     assert encoder.providers == ["CPUExecutionProvider"]
     assert encoder.session.get_providers() == ["CPUExecutionProvider"]
 
@@ -114,20 +114,20 @@ def make_torch(monkeypatch: pytest.MonkeyPatch, hip: str | None, available: bool
 
 def test_rocm_kind_cpu_instance_is_a_gpu_instance_when_torch_rocm_sees_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = make_torch(monkeypatch, hip="6.4.0", available=True)
-    assert not runtime.uses_gpu(CPU_ARGS)  # no VLMSERVE_ACCELERATOR: CPU behaviour unchanged, torch not asked
+    assert not common.uses_gpu(CPU_ARGS)  # no VLMSERVE_ACCELERATOR: CPU behaviour unchanged, torch not asked
     assert calls == []
-    monkeypatch.setenv(runtime.ACCELERATOR_ENV, "rocm")
-    assert runtime.uses_gpu(CPU_ARGS)
-    assert runtime.torch_device(CPU_ARGS) == "cuda"  # torch-ROCm's HIP devices answer to "cuda"
-    runtime.apply_gpu_budget(CPU_ARGS, config(gpu_memory_fraction="0.5"))
+    monkeypatch.setenv(common.ACCELERATOR_ENV, "rocm")
+    assert common.uses_gpu(CPU_ARGS)
+    assert common.torch_device(CPU_ARGS) == "cuda"  # torch-ROCm's HIP devices answer to "cuda"
+    common.apply_gpu_budget(CPU_ARGS, config(gpu_memory_fraction="0.5"))
     # Device 0 of HIP_VISIBLE_DEVICES (Triton's device id for KIND_CPU instances); torch asked only once.
     assert calls == [("is_available",), ("device", 0), ("fraction", 0.5, 0)]
 
 
 def test_rocm_uses_the_instance_device_id_when_given(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = make_torch(monkeypatch, hip="6.4.0", available=True)
-    monkeypatch.setenv(runtime.ACCELERATOR_ENV, "ROCm")
-    assert runtime.torch_device({"model_instance_kind": "CPU", "model_instance_device_id": "1"}) == "cuda"
+    monkeypatch.setenv(common.ACCELERATOR_ENV, "ROCm")
+    assert common.torch_device({"model_instance_kind": "CPU", "model_instance_device_id": "1"}) == "cuda"
     assert calls[-1] == ("device", 1)
 
 
@@ -138,23 +138,23 @@ def test_rocm_uses_the_instance_device_id_when_given(monkeypatch: pytest.MonkeyP
 def test_rocm_without_a_usable_amd_gpu_stays_on_cpu(monkeypatch: pytest.MonkeyPatch, hip: str | None,
                                                      available: bool) -> None:
     calls = make_torch(monkeypatch, hip=hip, available=available)
-    monkeypatch.setenv(runtime.ACCELERATOR_ENV, "rocm")
-    assert not runtime.uses_gpu(CPU_ARGS)
-    assert runtime.torch_device(CPU_ARGS) == "cpu"
+    monkeypatch.setenv(common.ACCELERATOR_ENV, "rocm")
+    assert not common.uses_gpu(CPU_ARGS)
+    assert common.torch_device(CPU_ARGS) == "cpu"
     assert ("device", 0) not in calls
 
 
 def test_rocm_without_torch_stays_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
-    monkeypatch.setenv(runtime.ACCELERATOR_ENV, "rocm")
-    assert not runtime.uses_gpu(CPU_ARGS)
+    monkeypatch.setenv(common.ACCELERATOR_ENV, "rocm")
+    assert not common.uses_gpu(CPU_ARGS)
 
 
 def test_kind_gpu_is_a_gpu_instance_whatever_the_accelerator(fake_torch: list,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(runtime.ACCELERATOR_ENV, "cuda")
-    assert runtime.uses_gpu(GPU_ARGS)
-    assert not runtime.uses_gpu(CPU_ARGS)
+    monkeypatch.setenv(common.ACCELERATOR_ENV, "cuda")
+    assert common.uses_gpu(GPU_ARGS)
+    assert not common.uses_gpu(CPU_ARGS)
     assert fake_torch == []  # no torch import needed to decide
 
 
@@ -180,12 +180,12 @@ ROCM_ALL = ["MIGraphXExecutionProvider", "ROCMExecutionProvider", "CPUExecutionP
 ])
 def test_providers_on_rocm(monkeypatch: pytest.MonkeyPatch, use_gpu: bool, limit: int | None, available: list[str],
                            expected: list) -> None:
-    monkeypatch.setenv(runtime.ACCELERATOR_ENV, "rocm")
-    assert runtime.providers(use_gpu, 0, limit, available) == expected
+    monkeypatch.setenv(common.ACCELERATOR_ENV, "rocm")
+    assert common.providers(use_gpu, 0, limit, available) == expected
 
 
 def test_providers_without_rocm_ignore_amd_providers(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert runtime.providers(True, 0, None, ROCM_ALL) == ["CPUExecutionProvider"]
-    monkeypatch.setenv(runtime.ACCELERATOR_ENV, "cuda")
-    assert runtime.providers(True, 0, None, ROCM_ALL + ["CUDAExecutionProvider"]) == [
+    assert common.providers(True, 0, None, ROCM_ALL) == ["CPUExecutionProvider"]
+    monkeypatch.setenv(common.ACCELERATOR_ENV, "cuda")
+    assert common.providers(True, 0, None, ROCM_ALL + ["CUDAExecutionProvider"]) == [
         ("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]

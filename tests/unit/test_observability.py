@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.app import create_app
-from gateway.settings import GatewaySettings
-from gateway.triton import TritonBackend
 from tests.conftest import free_port
 from vlmserve import telemetry
+from vlmserve.gateway.app import create_app
+from vlmserve.gateway.settings import GatewaySettings
+from vlmserve.gateway.triton import TritonBackend
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_an_unhandled_error_still_carries_the_request_id() -> None:
 
 
 def test_error_body_outside_a_request_has_no_request_id() -> None:
-    from gateway.errors import error_body
+    from vlmserve.gateway.errors import error_body
 
     assert "request_id" not in error_body(400, "x")["error"]
 
@@ -165,7 +165,7 @@ def test_spans_join_the_clients_trace(monkeypatch) -> None:
 
     class Backend(TritonBackend):
         async def registry(self, refresh: bool = False):  # type: ignore[override]
-            from gateway.triton import ModelInfo, Registry
+            from vlmserve.gateway.triton import ModelInfo, Registry
 
             return Registry({"siglip_embed_text": ModelInfo("siglip_embed_text", True, {
                 "family": "siglip", "task": "embed_text", "source_model": "tiny"}, 8)})
@@ -225,24 +225,24 @@ class _Request:
 
 
 def test_a_models_parent_is_tritons_context_else_the_gateways_parameter(monkeypatch) -> None:
-    from model_repository import runtime
+    from vlmserve.model_repository import common
 
     other = "00-11111111111111111111111111111111-2222222222222222-01"
     monkeypatch.delenv(telemetry.OTLP_ENDPOINT_ENV, raising=False)
-    assert runtime.request_traceparent(_Request(json.dumps({"traceparent": PARENT}))) is None  # tracing off
+    assert common.request_traceparent(_Request(json.dumps({"traceparent": PARENT}))) is None  # tracing off
     monkeypatch.setenv(telemetry.OTLP_ENDPOINT_ENV, "http://127.0.0.1:9")
-    assert runtime.request_traceparent(_Request(json.dumps({"traceparent": PARENT}),
+    assert common.request_traceparent(_Request(json.dumps({"traceparent": PARENT}),
                                                 json.dumps({"traceparent": other}))) == PARENT
-    assert runtime.request_traceparent(_Request(None, json.dumps({"traceparent": other}))) == other
-    assert runtime.request_traceparent(_Request("", json.dumps({"traceparent": "junk"}))) is None
-    assert runtime.request_traceparent(_Request(PARENT)) == PARENT  # a bare traceparent
+    assert common.request_traceparent(_Request(None, json.dumps({"traceparent": other}))) == other
+    assert common.request_traceparent(_Request("", json.dumps({"traceparent": "junk"}))) is None
+    assert common.request_traceparent(_Request(PARENT)) == PARENT  # a bare traceparent
 
 
 def test_a_chat_requests_timeline_becomes_its_spans(monkeypatch) -> None:
-    from model_repository import runtime
-    from model_repository.chat import RequestTrace
+    from vlmserve.model_repository import common
+    from vlmserve.model_repository.chat import RequestTrace
 
-    monkeypatch.setattr(runtime, "MODEL_NAME", "smolvlm2")
+    monkeypatch.setattr(common, "MODEL_NAME", "smolvlm2")
     exporter = _memory_provider(monkeypatch, "smolvlm2")
     trace = RequestTrace("rid-chat", PARENT, received=100.0, queued=100.5)
     trace.first_output = 102.0
@@ -261,10 +261,10 @@ def test_a_chat_requests_timeline_becomes_its_spans(monkeypatch) -> None:
 
 
 def test_the_orchestrator_turns_tracing_on_in_triton_gateway_and_manifests() -> None:
-    from orchestrator import triton
-    from orchestrator.deploy import k8s, spec
-    from orchestrator.process import observability_env
-    from orchestrator.settings import OrchestratorSettings
+    from vlmserve.orchestrator import triton
+    from vlmserve.orchestrator.deploy import k8s, spec
+    from vlmserve.orchestrator.process import observability_env
+    from vlmserve.orchestrator.settings import OrchestratorSettings
 
     assert triton.trace_args(None) == [] and triton.trace_args("") == []
     args = triton.trace_args("http://collector:4318")

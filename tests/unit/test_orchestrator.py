@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import ports, triton
-from orchestrator.ports import free_port
-from orchestrator.settings import OrchestratorSettings
+from vlmserve.orchestrator import ports, triton
+from vlmserve.orchestrator.ports import free_port
+from vlmserve.orchestrator.settings import OrchestratorSettings
 
 
 def test_find_and_prepare_tritonserver(tmp_path: Path) -> None:

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator import cli as orchestrator_cli
-from orchestrator import container, hardware, images
-from orchestrator.docker_runtime import DockerRuntime
-from orchestrator.hardware import Gpu, Hardware
-from orchestrator.launch import plan_launch
-from orchestrator.settings import OrchestratorSettings
 from vlmserve import paths
+from vlmserve.orchestrator import cli as orchestrator_cli
+from vlmserve.orchestrator import container, hardware, images
+from vlmserve.orchestrator.docker_runtime import DockerRuntime
+from vlmserve.orchestrator.hardware import Gpu, Hardware
+from vlmserve.orchestrator.launch import plan_launch
+from vlmserve.orchestrator.settings import OrchestratorSettings
 
 GIB = 2**30
 NONE = Hardware((), "none", ("NVML not available: test",))
@@ -76,7 +76,7 @@ def test_launch_on_cpu_validates_the_plan_but_does_not_apply_it(tmp_path: Path, 
 
 
 def test_launch_rejects_an_overcommitted_plan(tmp_path: Path, repo: Path) -> None:
-    from orchestrator.memory import PlanError
+    from vlmserve.orchestrator.memory import PlanError
 
     with pytest.raises(PlanError, match="vllm 0.55 \\+ florence2 0.45"):
         plan_launch(settings(tmp_path, repo, accelerator="cuda"), budgets=["vllm=0.55:external", "florence2=0.45"],

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from export import perf
+from vlmserve.export import perf
 from vlmserve.families import family
 
 
@@ -112,8 +112,8 @@ def test_perf_smolvlm2_tokenizer_decodes_every_model_id() -> None:
 
 
 def test_export_perf_accepts_the_smolvlm2_family(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from export import run
-    from export.progress import Progress
+    from vlmserve.export import run
+    from vlmserve.export.progress import Progress
 
     built: list[str] = []
     exported: list[tuple[str, Path]] = []
@@ -126,7 +126,7 @@ def test_export_perf_accepts_the_smolvlm2_family(tmp_path: Path, monkeypatch: py
 
 
 def test_perf_source_builds_once_into_the_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from export.progress import Progress
+    from vlmserve.export.progress import Progress
 
     monkeypatch.setenv("VLMSERVE_HOME", str(tmp_path))
     calls: list[Path] = []
@@ -144,7 +144,7 @@ def test_perf_source_builds_once_into_the_state_dir(tmp_path: Path, monkeypatch:
     assert first == second == tmp_path.resolve() / "perf-models" / "siglip"
     assert len(calls) == 1 and calls[0] != first  # built beside the target, then renamed
     assert json.loads((first / "VLMSERVE_PERF.json").read_text())["weights"] == "random"
-    from export.tiny import is_tiny
+    from vlmserve.export.tiny import is_tiny
 
     assert is_tiny(first) and perf.is_perf(first)
     with pytest.raises(ValueError, match="no perf model"):
@@ -156,8 +156,8 @@ def test_perf_source_builds_once_into_the_state_dir(tmp_path: Path, monkeypatch:
 
 @pytest.fixture(scope="module")
 def baseline_app(tmp_path_factory: pytest.TempPathFactory):
-    from export.tiny import build_tiny_florence2, build_tiny_siglip
-    from loadtests.baseline.server import create_app
+    from vlmserve.export.tiny import build_tiny_florence2, build_tiny_siglip
+    from vlmserve.loadtests.baseline.server import create_app
 
     root = tmp_path_factory.mktemp("baseline-tiny")
     return create_app(build_tiny_siglip(root / "siglip"), build_tiny_florence2(root / "florence2"), device="cpu")
@@ -260,7 +260,7 @@ def test_baseline_bad_input_is_4xx_with_a_message(client, path: str, body: dict,
 def test_baseline_serves_one_request_at_a_time(baseline_app, monkeypatch: pytest.MonkeyPatch) -> None:
     import httpx
 
-    from loadtests.baseline import server
+    from vlmserve.loadtests.baseline import server
 
     active = 0
     peak = 0
@@ -295,8 +295,8 @@ def test_baseline_serves_one_request_at_a_time(baseline_app, monkeypatch: pytest
 def chat_client(tmp_path_factory: pytest.TempPathFactory):
     from fastapi.testclient import TestClient
 
-    from export.tiny import build_tiny_smolvlm2
-    from loadtests.baseline.server import create_app
+    from vlmserve.export.tiny import build_tiny_smolvlm2
+    from vlmserve.loadtests.baseline.server import create_app
 
     app = create_app(smolvlm2_dir=build_tiny_smolvlm2(tmp_path_factory.mktemp("baseline-chat") / "smolvlm2"),
                      device="cpu")
@@ -360,8 +360,8 @@ def test_baseline_bf16_runs_model_work_under_autocast(tmp_path: Path, monkeypatc
     import torch
     from fastapi.testclient import TestClient
 
-    from export.tiny import build_tiny_siglip, build_tiny_smolvlm2
-    from loadtests.baseline import server
+    from vlmserve.export.tiny import build_tiny_siglip, build_tiny_smolvlm2
+    from vlmserve.loadtests.baseline import server
 
     seen: list = []
 

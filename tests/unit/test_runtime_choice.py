@@ -10,10 +10,10 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from export import runtime_choice
-from export.onnx_utils import FidelityError
-from model_repository import runtime
+from vlmserve.export import runtime_choice
+from vlmserve.export.onnx_utils import FidelityError
 from vlmserve.host import cpu_info, parse_cpuinfo
+from vlmserve.model_repository import common
 
 AMX_XEON = """processor\t: 0
 model name\t: Intel(R) Xeon(R) Platinum 8481C
@@ -49,7 +49,7 @@ def test_candidates_follow_the_host_and_the_overrides() -> None:
 
 def _tower_inputs(tiny_repo: Path) -> tuple[Path, dict[str, np.ndarray], np.ndarray]:
     path = tiny_repo / "siglip_vision" / "1" / "model.onnx"
-    encoder = runtime.OnnxEncoder(path)
+    encoder = common.OnnxEncoder(path)
     pixels = np.random.default_rng(0).standard_normal((4, *encoder.session.get_inputs()[0].shape[1:]))
     inputs = {"pixel_values": pixels.astype(np.float32)}
     return path, inputs, encoder(inputs)["image_embeds"]
@@ -80,19 +80,19 @@ def test_a_precision_below_the_floor_is_refused(tiny_repo: Path) -> None:
 
 def test_openvino_encoder_matches_onnxruntime(tiny_repo: Path) -> None:
     path, inputs, reference = _tower_inputs(tiny_repo)
-    fp32 = runtime.open_encoder(path, "openvino", "fp32")(inputs)["image_embeds"]
-    bf16 = runtime.open_encoder(path, "openvino", "bf16")(inputs)["image_embeds"]
+    fp32 = common.open_encoder(path, "openvino", "fp32")(inputs)["image_embeds"]
+    bf16 = common.open_encoder(path, "openvino", "bf16")(inputs)["image_embeds"]
     assert np.max(np.abs(fp32 - reference)) < 1e-4
     assert runtime_choice.cosine_min(reference, bf16) > 0.99
     with pytest.raises(ValueError, match="unknown runtime/precision"):
-        runtime.open_encoder(path, "openvino", "int8")
+        common.open_encoder(path, "openvino", "int8")
 
 
 @pytest.mark.parametrize("model", ["siglip_vision", "siglip_text", "florence2_vision", "smolvlm2_vision"])
 def test_openvino_keeps_the_graph_names(tiny_repo: Path, model: str) -> None:
     """OpenVINO may merge an input with an internal tensor's name; the models look tensors up by the graph's."""
     path = tiny_repo / model / "1" / "model.onnx"
-    onnx_encoder, ov_encoder = runtime.OnnxEncoder(path), runtime.open_encoder(path, "openvino", "fp32")
+    onnx_encoder, ov_encoder = common.OnnxEncoder(path), common.open_encoder(path, "openvino", "fp32")
     assert ov_encoder.input_names == onnx_encoder.input_names
     assert ov_encoder.output_names == onnx_encoder.output_names
     rng = np.random.default_rng(0)
@@ -177,7 +177,7 @@ def test_decoder_bf16_is_chosen_only_when_faithful_and_faster() -> None:
 
 def test_status_lists_the_choices(tiny_repo: Path) -> None:
     """`vlmserve status` shows, per model, what export chose on this host and what it timed."""
-    from orchestrator.cli import runtime_rows
+    from vlmserve.orchestrator.cli import runtime_rows
 
     rows = {(r["model"], r["part"]): r for r in runtime_rows(tiny_repo)}
     assert {("siglip_vision", "encoder"), ("siglip_text", "encoder"), ("florence2_vision", "encoder"),

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export import photos, siglip2
-from export.progress import Progress
-from export.repository import ExportOptions
-from model_repository import siglip2 as served
+from vlmserve.export import photos, siglip2
+from vlmserve.export.progress import Progress
+from vlmserve.export.repository import ExportOptions
+from vlmserve.model_repository import siglip2 as served
 
 # Several sizes and aspect ratios, including extreme ones whose patch grid is smaller than the position grid on
 # one side (the resize then downsamples, where antialiasing matters).
@@ -137,9 +137,9 @@ def test_export_writes_the_four_models_and_reports_parity(exported) -> None:
 def test_onnx_and_openvino_equal_transformers_on_photos(exported, name: str) -> None:
     """Photos of several sizes/aspect ratios (and, for NaFlex, patch budgets other than the exported one, which
     change the graph's patch axis and make the position grid downsample) through the checkpoint's processor."""
-    from export.runtime_choice import candidates, cosine_min
-    from model_repository.runtime import open_encoder
+    from vlmserve.export.runtime_choice import candidates, cosine_min
     from vlmserve.host import cpu_info
+    from vlmserve.model_repository.common import open_encoder
 
     source, repo, _ = exported[name]
     model, naflex = siglip2.load(source, name)
@@ -164,7 +164,7 @@ def test_onnx_and_openvino_equal_transformers_on_photos(exported, name: str) -> 
 def test_served_preprocessing_feeds_the_graph_what_transformers_feeds_the_model(exported) -> None:
     """The Triton model's numpy path (decode, NaFlex transform, position weights, tokenizer) end to end against
     ``get_image_features``/``get_text_features`` on the processor's outputs, per image."""
-    from model_repository.runtime import open_encoder
+    from vlmserve.model_repository.common import open_encoder
 
     source, repo, _ = exported["naflex"]
     model, _ = siglip2.load(source, "naflex")
@@ -184,7 +184,7 @@ def test_served_preprocessing_feeds_the_graph_what_transformers_feeds_the_model(
 
 
 def test_recipe_refuses_a_siglip_v1_checkpoint(tmp_path: Path) -> None:
-    from export.tiny import build_tiny_siglip
+    from vlmserve.export.tiny import build_tiny_siglip
 
     build_tiny_siglip(tmp_path / "v1")
     with pytest.raises(ValueError, match="'siglip' family"):
@@ -202,10 +202,10 @@ def test_perf_config_has_the_so400m_dimensions() -> None:
 
 def test_siglip2_is_a_family_that_does_not_take_the_embeddings_surface_over() -> None:
     """Triton lists siglip2_* before siglip_* ('2' < '_'): the gateway still defaults to SigLIP v1 (its spec)."""
-    from gateway.triton import ModelInfo, Registry
     from vlmserve.families import family
+    from vlmserve.gateway.triton import ModelInfo, Registry
 
-    assert family("siglip2").default_source == "google/siglip2-so400m-patch16-naflex"  # seed 004's checkpoint
+    assert family("siglip2").default_source == "google/siglip2-so400m-patch16-naflex"  # the old service's
     v2 = ModelInfo("siglip2_embed_image", True, {"task": "embed_image", "family": "siglip2"})
     v1 = ModelInfo("siglip_embed_image", True, {"task": "embed_image", "family": "siglip"})
     registry = Registry({m.name: m for m in (v2, v1)})
@@ -217,8 +217,8 @@ def test_siglip2_is_a_family_that_does_not_take_the_embeddings_surface_over() ->
 def test_fixed_resolution_served_path_equals_transformers(exported) -> None:
     """Fixed-resolution SigLIP 2: v1's image transform + the Gemma FastTokenizer feed the graph what transformers'
     SiglipProcessor feeds SiglipModel."""
-    from model_repository.runtime import open_encoder
-    from model_repository.siglip import SiglipImagePreprocessor
+    from vlmserve.model_repository.common import open_encoder
+    from vlmserve.model_repository.siglip import SiglipImagePreprocessor
 
     source, repo, _ = exported["fixed"]
     model, naflex = siglip2.load(source, "fixed")

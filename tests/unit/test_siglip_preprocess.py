@@ -18,25 +18,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export import photos
-from model_repository import runtime, siglip
+from vlmserve.export import photos
+from vlmserve.model_repository import common, siglip
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from export.tiny import build_tiny_siglip
+    from vlmserve.export.tiny import build_tiny_siglip
 
     return build_tiny_siglip(tmp_path_factory.mktemp("tiny-siglip"))
 
 
 def reference_pixels(processor, data: bytes) -> np.ndarray:
-    """Seed 004's preprocessing: PIL open + convert RGB + the transformers image processor.
+    """The SigLIP embedding service's preprocessing: PIL open + convert RGB + the transformers image processor.
 
     ``input_data_format`` is stated because transformers otherwise guesses the channel axis from the shape and
     takes an image 1 or 3 pixels high for channels-first (it then fails or transposes; see the module docstring of
-    ``model_repository.siglip``), which is a reference bug, not a behaviour to copy.
+    ``vlmserve.model_repository.siglip``), which is a reference bug, not a behaviour to copy.
     """
     with Image.open(io.BytesIO(data)) as image:
         rgb = image.convert("RGB")
@@ -97,7 +97,7 @@ def test_image_transform_equals_siglip_image_processor(checkpoint: Path, tmp_pat
     for i, (width, height, fmt, mode) in enumerate(cases):
         data = encoded(width, height, fmt, mode, i)
         want = reference_pixels(reference, data)
-        got = ours(runtime.decode_image(data))
+        got = ours(common.decode_image(data))
         assert got.dtype == np.float32 and got.shape == want.shape, (width, height, fmt, mode)
         # Same operations in the same dtypes: bit-identical, not just close.
         assert np.array_equal(got, want), (width, height, fmt, mode, float(np.abs(got - want).max()))
@@ -169,7 +169,7 @@ def test_torch_and_transformers_never_imported(checkpoint: Path) -> None:
         import io, sys
         from pathlib import Path
         from PIL import Image
-        from model_repository import siglip
+        from vlmserve.model_repository import siglip
         buf = io.BytesIO(); Image.new("RGBA", (40, 30), (1, 2, 3, 4)).save(buf, "PNG")
         pixels = siglip.SiglipImagePreprocessor(Path({str(checkpoint)!r}))([buf.getvalue()])
         ids, n = siglip.SiglipTextPreprocessor(Path({str(checkpoint)!r}), 16)([b"a photo of a cat"])

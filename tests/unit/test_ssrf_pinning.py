@@ -19,9 +19,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from gateway.images import ImageInputError, ImagePolicy, resolve_image
-from gateway.media import resolve_video
 from tests.conftest import local_http_server
+from vlmserve.gateway.images import ImageInputError, ImagePolicy, resolve_image
+from vlmserve.gateway.media import resolve_video
 
 PUBLIC = "93.184.216.34"  # outside every private/reserved range; nothing here can reach it
 UNROUTED = "10.255.255.1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gateway.storage import LocalStore, new_key
+from vlmserve.gateway.storage import LocalStore, new_key
 
 NOW = 1_800_000_000.0
 

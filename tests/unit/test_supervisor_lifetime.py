@@ -15,10 +15,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.lifetime import die_with_parent
-from orchestrator.ports import stack_ports
-from orchestrator.process import ProcessRuntime, StartupError
-from orchestrator.settings import OrchestratorSettings
+from vlmserve.orchestrator.lifetime import die_with_parent
+from vlmserve.orchestrator.ports import stack_ports
+from vlmserve.orchestrator.process import ProcessRuntime, StartupError
+from vlmserve.orchestrator.settings import OrchestratorSettings
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
@@ -39,7 +39,7 @@ def test_a_tied_child_dies_with_its_parent_even_by_sigkill() -> None:
     # The parent starts a tied child, prints its pid, then waits; SIGKILL of the parent must end the child.
     parent = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, time\n"
-        "from orchestrator.lifetime import die_with_parent\n"
+        "from vlmserve.orchestrator.lifetime import die_with_parent\n"
         f"child = subprocess.Popen({SLEEPER!r}, preexec_fn=die_with_parent())\n"
         "print(child.pid, flush=True)\n"
         "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)

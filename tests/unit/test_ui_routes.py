@@ -7,10 +7,10 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.app import create_app
-from gateway.settings import GatewaySettings
-from gateway.ui import STATIC
 from tests.conftest import free_port
+from vlmserve.gateway.app import create_app
+from vlmserve.gateway.settings import GatewaySettings
+from vlmserve.gateway.ui import STATIC
 
 
 @pytest.fixture
@@ -67,8 +67,8 @@ def test_ui_is_public_but_its_api_needs_the_key() -> None:
 
 
 def test_triton_stats_are_trimmed_per_model() -> None:
-    from gateway.triton import ModelInfo
     from tests.fakes import FakeBackend
+    from vlmserve.gateway.triton import ModelInfo
 
     backend = FakeBackend([ModelInfo("b", True, {}), ModelInfo("a", True, {})])
     with TestClient(create_app(GatewaySettings(), backend=backend), raise_server_exceptions=False) as c:

@@ -1,4 +1,5 @@
-"""Bounded video decode (model_repository.chat.decode_video): duration, decoded frames, pixels per frame and wall
+"""Bounded video decode (vlmserve.model_repository.chat.decode_video): duration, decoded frames, pixels per frame and
+wall
 time each refuse with an error naming the limit; sampled frames held in memory stay bounded."""
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import json
 import pytest
 from PIL import Image
 
-from model_repository import runtime
-from model_repository.chat import VideoLimits, decode_video, parse_messages
+from vlmserve.model_repository import common
+from vlmserve.model_repository.chat import VideoLimits, decode_video, parse_messages
 
 
 def mp4(frames: int, fps: int = 10, size: tuple[int, int] = (64, 48)) -> bytes:
@@ -49,13 +50,13 @@ def test_within_limits_frames_are_spread_over_the_clip() -> None:
     (VideoLimits(max_decode_s=0.0), "max_video_decode_s"),
 ])
 def test_each_limit_refuses_with_its_name(limits: VideoLimits, names: str) -> None:
-    with pytest.raises(runtime.InputError, match=names):
+    with pytest.raises(common.InputError, match=names):
         decode_video(CLIP, 1.0, 4, limits)
 
 
 def test_limits_reach_the_chat_input_parser() -> None:
     raw = json.dumps([{"role": "user", "content": [
         {"type": "video", "data": base64.b64encode(CLIP).decode()}, {"type": "text", "text": "what happens?"}]}])
-    with pytest.raises(runtime.InputError, match="max_video_seconds"):
+    with pytest.raises(common.InputError, match="max_video_seconds"):
         parse_messages(raw.encode(), 1.0, 4, 16, video_limits=VideoLimits(max_seconds=2.0))
     assert len([p for p in parse_messages(raw.encode(), 1.0, 4, 16)[0]["content"] if p["type"] == "image"]) == 4

@@ -5,7 +5,7 @@ model re-validates with the same field rules.
 Field rules live once, as annotated types (``Temperature``, ``TopP``, ``Penalty``, ...), and every model that has
 the field uses them, so the gateway's 4xx and the model's INVALID_ARG say the same thing. Per-model limits
 (``max_tokens`` against the model's ``max_new_tokens_limit``, ``n`` against its ``max_batch``) are checked where the
-model is known: ``gateway.chat.Sampling.check`` and ``model_repository.chat.parse_params``.
+model is known: ``vlmserve.gateway.chat.Sampling.check`` and ``vlmserve.model_repository.chat.parse_params``.
 """
 
 from __future__ import annotations

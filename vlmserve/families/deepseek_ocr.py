@@ -8,9 +8,9 @@ SPEC = FamilySpec(
     title="DeepSeek-OCR",
     surfaces=("chat", "ocr"),
     default_source="deepseek-ai/DeepSeek-OCR",
-    recipe="export.chat:deepseek_ocr",
+    recipe="vlmserve.export.chat:deepseek_ocr",
     params=ChatParams,
-    pipeline="model_repository.deepseek_ocr:DeepSeekOcrPipeline",
+    pipeline="vlmserve.model_repository.deepseek_ocr:DeepSeekOcrPipeline",
     in_default_set=False,
     tasks=("OCR",),
 )

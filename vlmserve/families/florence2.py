@@ -1,4 +1,4 @@
-"""Florence-2: captioning, detection, OCR, grounding, segmentation (seeds 000 and 001)."""
+"""Florence-2: captioning, detection, OCR, grounding, segmentation (the Florence-2 services)."""
 
 from vlmserve.families.contract import FlorenceParams
 from vlmserve.families.spec import FamilySpec
@@ -9,10 +9,10 @@ SPEC = FamilySpec(
     surfaces=("florence2",),
     default_for=("florence2",),
     default_source="florence-community/Florence-2-base",
-    recipe="export.florence2",
+    recipe="vlmserve.export.florence2",
     params=FlorenceParams,
-    tiny="export.tiny:build_tiny_florence2",
-    perf="export.perf:build_perf_florence2",
+    tiny="vlmserve.export.tiny:build_tiny_florence2",
+    perf="vlmserve.export.perf:build_perf_florence2",
     in_default_perf=True,
     tasks=("caption", "detection", "OCR", "grounding", "segmentation", "region tasks"),
 )

@@ -1,4 +1,4 @@
-"""Qwen2-VL: chat over images and video, and the OCR / region routes (seed 002)."""
+"""Qwen2-VL: chat over images and video, and the OCR / region routes (the Qwen2-VL OCR service)."""
 
 from vlmserve.families.contract import ChatParams
 from vlmserve.families.spec import FamilySpec
@@ -7,11 +7,11 @@ SPEC = FamilySpec(
     name="qwen2vl",
     title="Qwen2-VL",
     surfaces=("chat", "ocr"),
-    default_for=("chat", "ocr"),  # seed 002 served Qwen2-VL: it stays the default wherever it is loaded
+    default_for=("chat", "ocr"),  # the Qwen2-VL OCR service served Qwen2-VL: it stays the default wherever it is loaded
     default_source="Qwen/Qwen2-VL-2B-Instruct",
-    recipe="export.chat:qwen2vl",
+    recipe="vlmserve.export.chat:qwen2vl",
     params=ChatParams,
-    pipeline="model_repository.qwen2vl:QwenPipeline",
-    tiny="export.tiny:build_tiny_qwen2vl",
+    pipeline="vlmserve.model_repository.qwen2vl:QwenPipeline",
+    tiny="vlmserve.export.tiny:build_tiny_qwen2vl",
     tasks=("chat", "OCR", "region description"),
 )

@@ -1,4 +1,4 @@
-"""SigLIP (v1, fixed resolution): image and text embeddings (seed 004's API)."""
+"""SigLIP (v1, fixed resolution): image and text embeddings (the SigLIP embedding service's API)."""
 
 from vlmserve.families.contract import EmbedParams
 from vlmserve.families.spec import FamilySpec
@@ -9,10 +9,10 @@ SPEC = FamilySpec(
     surfaces=("embeddings",),
     default_for=("embeddings",),
     default_source="google/siglip-base-patch16-224",
-    recipe="export.siglip",
+    recipe="vlmserve.export.siglip",
     params=EmbedParams,
-    tiny="export.tiny:build_tiny_siglip",
-    perf="export.perf:build_perf_siglip",
+    tiny="vlmserve.export.tiny:build_tiny_siglip",
+    perf="vlmserve.export.perf:build_perf_siglip",
     in_default_perf=True,
     tasks=("image embeddings", "text embeddings"),
 )

@@ -1,4 +1,5 @@
-"""SigLIP 2: image and text embeddings, fixed-resolution and NaFlex checkpoints (seed 004 served the so400m NaFlex).
+"""SigLIP 2: image and text embeddings, fixed-resolution and NaFlex checkpoints (the SigLIP embedding service served
+the so400m NaFlex).
 
 Not the default of the embeddings surface (SigLIP v1 is): ask for it with ``"model": "siglip2"``.
 """
@@ -24,9 +25,9 @@ SPEC = FamilySpec(
     title="SigLIP 2",
     surfaces=("embeddings",),
     default_source="google/siglip2-so400m-patch16-naflex",
-    recipe="export.siglip2",
+    recipe="vlmserve.export.siglip2",
     params=Siglip2Params,
-    tiny="export.siglip2:build_tiny_siglip2",
-    perf="export.siglip2:build_perf_siglip2",
+    tiny="vlmserve.export.siglip2:build_tiny_siglip2",
+    perf="vlmserve.export.siglip2:build_perf_siglip2",
     tasks=("image embeddings", "text embeddings", "NaFlex: native aspect ratio"),
 )

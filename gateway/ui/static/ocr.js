@@ -1,4 +1,4 @@
-// OCR: POST /v1/ocr (seed 003, multipart upload) with a language hint; the text downloads as the .txt the
+// OCR: POST /v1/ocr (the SmolVLM2 service, multipart upload) with a language hint; the text downloads as the .txt the
 // gateway names (ocr_result_<timestamp>.txt), without running the model again.
 import { $, apiJSON, busy, download, fillModelSelect, showError } from "./common.js";
 

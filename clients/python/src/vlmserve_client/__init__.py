@@ -1,9 +1,12 @@
 """vlmserve-client: typed sync and async clients for a vlmserve gateway (Python 3.9+, httpx only).
 
-- :class:`Florence2Client` / :class:`AsyncFlorence2Client`: Florence-2 tasks (seed 000's API, ``/infer/upload``).
-- :class:`EmbeddingsClient` / :class:`AsyncEmbeddingsClient`: image and text embeddings (seed 004's ``/embed``,
+- :class:`Florence2Client` / :class:`AsyncFlorence2Client`: Florence-2 tasks (the Florence-2 service's API,
+``/infer/upload``).
+- :class:`EmbeddingsClient` / :class:`AsyncEmbeddingsClient`: image and text embeddings (the SigLIP embedding
+service's ``/embed``,
   ``/embed_text``).
-- :class:`OcrClient` / :class:`AsyncOcrClient`: OCR (seed 002's ``/ocr``) and region descriptions (seed 003's
+- :class:`OcrClient` / :class:`AsyncOcrClient`: OCR (the Qwen2-VL OCR service's ``/ocr``) and region descriptions (the
+SmolVLM2 service's
   ``/v1/describe_region``) by the chat models.
 
 Chat (``/v1/chat/completions``) and OpenAI embeddings (``/v1/embeddings``) are OpenAI-compatible: use the

@@ -1,4 +1,4 @@
-"""Image and text embeddings through seed 004's API: ``POST /embed`` and ``POST /embed_text``.
+"""Image and text embeddings through the SigLIP embedding service's API: ``POST /embed`` and ``POST /embed_text``.
 
 Usage::
 
@@ -78,7 +78,7 @@ class _EmbeddingCalls(_ClientBase):
 
 
 class EmbeddingsClient(_SyncClient, _EmbeddingCalls):
-    """Synchronous client for seed 004's embedding API. Errors raise :class:`VlmserveError`
+    """Synchronous client for the SigLIP embedding service's API. Errors raise :class:`VlmserveError`
     (:class:`VlmserveBadRequest` for 4xx such as an undecodable image, :class:`VlmserveUnavailable` for 503)."""
 
     def is_ready(self) -> bool:

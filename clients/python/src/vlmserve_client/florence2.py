@@ -1,4 +1,4 @@
-"""Florence-2 through the gateway: the seed 000 ``Florence2Client`` API, sync and async.
+"""Florence-2 through the gateway: the Florence-2 service ``Florence2Client`` API, sync and async.
 
 Usage::
 

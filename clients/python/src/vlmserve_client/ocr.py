@@ -1,4 +1,4 @@
-"""OCR and region descriptions by the chat models: seed 002's ``POST /ocr`` and seed 003's
+"""OCR and region descriptions by the chat models: the Qwen2-VL OCR service's ``POST /ocr`` and the SmolVLM2 service's
 ``POST /v1/describe_region``.
 
 Usage::
@@ -9,7 +9,8 @@ Usage::
         print(client.ocr("scan.png", language="russian").text)
         print(client.describe_region("photo.jpg", (10, 20, 200, 180)).description)
 
-``ocr`` uses Qwen2-VL when it is loaded (seed 002 served it), else the first chat model; ``describe_region``
+``ocr`` uses Qwen2-VL when it is loaded (the Qwen2-VL OCR service served it), else the first chat model;
+``describe_region``
 uses the first chat model; ``model=`` picks another (its source checkpoint, family or Triton name). Free-form
 questions about images are chat: use the ``openai`` SDK against ``/v1/chat/completions``.
 """

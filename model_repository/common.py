@@ -1,4 +1,5 @@
-"""Shared pieces of the Triton Python models: config access, encoders, image decoding, batching."""
+"""Shared pieces of the Triton Python models: config access, encoders (opened in a runtime: ONNX Runtime or
+OpenVINO), image decoding, batching."""
 
 from __future__ import annotations
 
@@ -434,7 +435,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: in
     """Encoded image bytes -> upright RGB PIL image; refuses non-images and decompression bombs.
 
     Every PIL mode becomes RGB with ``Image.convert("RGB")``, exactly what the reference pipelines do
-    (``Image.open(...).convert("RGB")`` before the transformers processor, as seed 004 and
+    (``Image.open(...).convert("RGB")`` before the transformers processor, as the SigLIP embedding service and
     ``loadtests/baseline`` do; transformers' own ``convert_to_rgb`` is the same call), so that served embeddings
     match them: L/1/P replicate into three channels, RGBA/LA/PA and palette transparency are dropped (not
     composited on a background), CMYK uses PIL's conversion, and 16-bit grayscale (I;16) is clipped to 0..255 like
