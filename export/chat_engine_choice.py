@@ -79,14 +79,15 @@ def time_loops(makers: dict[str, Callable[[], Any]], prompts: list[list[int]], m
                rounds: int = ROUNDS) -> dict[str, dict[str, float]]:
     """Each engine's loop decoding ``prompts`` together (greedy, ``max_tokens`` each), interleaved round by round:
     median output tokens per second and the tokens they gave (engines that agree produce the same work)."""
-    from vlmserve.model_repository.chat_engine import ChatJob, SamplingParams
+    from vlmserve.api.openai import GenerationParameters
+    from vlmserve.model_repository.chat_engine import ChatJob
 
     seconds: dict[str, list[float]] = {name: [] for name in makers}
     tokens: dict[str, int] = {}
     for _ in range(rounds):
         for name, make in makers.items():
             loop = make()
-            jobs = [ChatJob({"input_ids": ids}, SamplingParams(max_tokens=max_tokens), len(ids),
+            jobs = [ChatJob({"input_ids": ids}, GenerationParameters(max_tokens=max_tokens), len(ids),
                             lambda *_: None) for ids in prompts]
             start = time.perf_counter()
             for job in jobs:

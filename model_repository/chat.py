@@ -43,8 +43,9 @@ from vlmserve.model_repository import common
 from vlmserve.model_repository.chat_engine import (
     ChatEngine,
     ChatJob,
-    SamplingParams,
     TokenLogprob,
+    check_engine,
+    decode_loop,
 )
 
 ROLES = {"system", "user", "assistant"}
@@ -240,10 +241,10 @@ def parse_messages(raw: bytes | list[Any], video_fps: float, max_frames: int, ma
 
 
 def parse_params(raw: bytes | None, default_max_tokens: int, max_tokens_limit: int,
-                 max_choices: int = 8) -> tuple[SamplingParams, GenerationParameters]:
-    """``PARAMETERS`` checked with the gateway's own rules (``GenerationParameters``) and the model's limits.
-
-    The grammar of a ``response_format`` is compiled later (``ChatModel``), against the model's tokenizer.
+                 max_choices: int = 8) -> GenerationParameters:
+    """``PARAMETERS`` checked with the gateway's own rules (``GenerationParameters``) and resolved for the model
+    (``GenerationParameters.resolved``: ``max_tokens`` filled in and checked against its limits): what the engine
+    runs. The grammar of a ``response_format`` is compiled later (``ChatModel``), against the model's tokenizer.
     """
     try:
         data = json.loads(raw) if raw else {}
@@ -257,56 +258,51 @@ def parse_params(raw: bytes | None, default_max_tokens: int, max_tokens_limit: i
         problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'PARAMETERS'}: {e['msg']}"
                              for e in exc.errors())
         raise common.InputError(f"PARAMETERS: {problems}") from None
-    max_tokens = default_max_tokens if params.max_tokens is None else params.max_tokens
-    if not 1 <= max_tokens <= max_tokens_limit:
-        raise common.InputError(f"max_tokens must be 1..{max_tokens_limit}, got {max_tokens}")
-    if params.n > max_choices:
-        raise common.InputError(f"n must be 1..{max_choices} for this model (its max_batch), got {params.n}")
-    if params.top_logprobs and not params.logprobs:
-        raise common.InputError("top_logprobs needs logprobs: true")
-    sampling = SamplingParams(
-        max_tokens, params.temperature, params.top_p, tuple(params.stop), params.seed,
-        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-        repetition_penalty=params.repetition_penalty, logprobs=params.logprobs, top_logprobs=params.top_logprobs,
-    )
-    return sampling, params
+    try:
+        return params.resolved(default_max_tokens, max_tokens_limit, max_choices)
+    except ValueError as exc:
+        raise common.InputError(str(exc)) from None
 
 
-def fit_context(params: SamplingParams, explicit: bool, prompt_tokens: int, context: int | None) -> None:
-    """Check that the prompt (images included) plus ``max_tokens`` fits the model's context of ``context`` tokens.
+def fit_context(params: GenerationParameters, prompt_tokens: int, context: int | None) -> GenerationParameters:
+    """Check that the prompt (images included) plus ``max_tokens`` fits the model's context of ``context`` tokens:
+    ``params``, or a copy with ``max_tokens`` lowered.
 
-    vLLM's rule: a prompt that leaves no room for one answer token fails; an explicit ``max_tokens`` that does
-    not fit fails (INVALID_ARG naming both numbers); the default ``max_tokens`` (the client sent none) is
-    lowered to the room that is left. ``context`` None: the pipeline knows no limit, nothing is checked.
+    vLLM's rule: a prompt that leaves no room for one answer token fails; an explicit ``max_tokens`` (the client
+    sent it: ``params.max_tokens_sent``) that does not fit fails (INVALID_ARG naming both numbers); the default
+    ``max_tokens`` is lowered to the room that is left. ``context`` None: the pipeline knows no limit, nothing is
+    checked.
     """
     if context is None:
-        return
+        return params
     room = context - prompt_tokens
     if room < 1:
         raise common.InputError(f"the prompt is {prompt_tokens} tokens: it leaves no room for an answer within "
                                  f"this model's context of {context} tokens; send fewer or smaller images, or "
                                  "less text")
-    if params.max_tokens <= room:
-        return
-    if explicit:
-        raise common.InputError(f"the prompt is {prompt_tokens} tokens and max_tokens is {params.max_tokens}: "
-                                 f"{prompt_tokens + params.max_tokens} exceeds this model's context of {context} "
+    max_tokens = params.token_limit
+    if max_tokens <= room:
+        return params
+    if params.max_tokens_sent:
+        raise common.InputError(f"the prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}: "
+                                 f"{prompt_tokens + max_tokens} exceeds this model's context of {context} "
                                  f"tokens; lower max_tokens to {room} or shorten the prompt")
-    params.max_tokens = room
+    return params.model_copy(update={"max_tokens": room})
 
 
-def fit_kv_budget(choices: int, params: SamplingParams, prompt_tokens: int, budget: int,
-                  bytes_per_token: int) -> None:
-    """A request's KV reservation (each choice holds prompt + ``max_tokens`` positions) must fit the model's KV
-    budget (``max_batch_tokens``) on its own: the engine admits the first request of an empty batch whatever it
-    reserves, so one that can never fit is refused here (INVALID_ARG naming the numbers, in positions and bytes)."""
-    need = choices * (prompt_tokens + params.max_tokens)
+def fit_kv_budget(params: GenerationParameters, prompt_tokens: int, budget: int, bytes_per_token: int) -> None:
+    """A request's KV reservation (each of its ``n`` choices holds prompt + ``max_tokens`` positions) must fit the
+    model's KV budget (``max_batch_tokens``) on its own: the engine admits the first request of an empty batch
+    whatever it reserves, so one that can never fit is refused here (INVALID_ARG naming the numbers, in positions
+    and bytes)."""
+    choices, max_tokens = params.n, params.token_limit
+    need = choices * (prompt_tokens + max_tokens)
     if need <= budget:
         return
     mib = 2**20
     raise common.InputError(
         f"this request needs {need} KV positions ({choices} choice(s) x (prompt {prompt_tokens} + max_tokens "
-        f"{params.max_tokens}), {need * bytes_per_token / mib:.0f} MiB); this model's KV budget is {budget} "
+        f"{max_tokens}), {need * bytes_per_token / mib:.0f} MiB); this model's KV budget is {budget} "
         f"positions ({budget * bytes_per_token / mib:.0f} MiB, max_batch_tokens); lower max_tokens or n, or "
         "shorten the prompt")
 
@@ -445,19 +441,16 @@ class CacheMetrics:
         self.bytes.set(size)
 
 
-# The loop class that decodes -> the engine's name in ``vlmserve_chat_engine{model, engine}``.
-ENGINE_NAMES = {"DecodeLoop": "torch", "LlamaCppLoop": "llamacpp", "static": "static"}
-
-
-def engine_metric(model: str, loop: str) -> Any:
-    """``vlmserve_chat_engine{model, engine} 1``: the engine this model really decodes with (export's choice, or
-    the torch loop where that choice cannot run here). None outside Triton."""
+def engine_metric(model: str, engine: str) -> Any:
+    """``vlmserve_chat_engine{model, engine} 1``: the engine this model really decodes with (a name of
+    ``chat_engine.ENGINES``: export's choice, or the torch loop where that choice cannot run here; "static" for a
+    pipeline without a decode loop). None outside Triton."""
     pb = common.pb_utils
     if pb is None or not hasattr(pb, "MetricFamily"):
         return None
     family = pb.MetricFamily(name="vlmserve_chat_engine", kind=pb.MetricFamily.GAUGE,
                              description="1 for the decode engine this chat model runs (torch, llamacpp, static)")
-    family.Metric(labels={"model": model, "engine": ENGINE_NAMES.get(loop, loop)}).set(1)
+    family.Metric(labels={"model": model, "engine": engine}).set(1)
     return family
 
 
@@ -667,6 +660,10 @@ class ChatModel:
         if not config.get("model_transaction_policy", {}).get("decoupled"):
             raise ValueError(f"{config['name']}: chat models must be decoupled (model_transaction_policy)")
         params = ChatParams.from_config(config)
+        try:  # before loading anything: an unknown engine fails the load, naming the known ones
+            check_engine(params.chat_engine)
+        except ValueError as exc:
+            raise ValueError(f"{config['name']}: {exc}") from None
         family = params.family
         spec = families().get(family)
         if spec is None or spec.pipeline is None:
@@ -711,40 +708,15 @@ class ChatModel:
                                    self.load_metrics.admitted.set if self.load_metrics else lambda _count: None)
         # Prompt prefixes seen again (system prompts, earlier turns) reuse their KV (prefix_cache_bytes; 0: off).
         self.prefix_cache_metrics = CacheMetrics.create("prefix_cache", config["name"])
+        # The decode engine export chose (chat_engine: a name of chat_engine.ENGINES), or the torch loop where it
+        # cannot run here; none for a static pipeline.
+        loop, engine = decode_loop(self.pipeline, params, common.version_dir(args), self.prefix_cache_metrics)
         self.engine = ChatEngine(self.pipeline, params.max_batch, params.batch_window_ms / 1000,
                                  params.max_batch_tokens, params.prefix_cache_bytes, self.prefix_cache_metrics,
-                                 loop=self._llamacpp_loop(args, params),
-                                 load=self.load_metrics.rows if self.load_metrics else None)
-        self.engine_metric = engine_metric(config["name"], type(self.engine.loop).__name__ if self.engine.loop
-                                           else "static")
+                                 loop=loop, load=self.load_metrics.rows if self.load_metrics else None)
+        self.engine_metric = engine_metric(config["name"], engine)
         # Static pipelines (deepseek_ocr) run plain requests only; the per-row features live in the decode loop.
         self.grammars = self.engine.loop.grammars if self.engine.loop is not None else None
-
-    def _llamacpp_loop(self, args: dict[str, Any], params: ChatParams) -> Any:
-        """The llama.cpp loop when export chose it for this family (else None: the torch loop). Where the
-        bindings cannot be imported here (an image built without them, a repository exported elsewhere), the
-        model serves with the torch loop and says so in the log."""
-        if params.chat_engine != "llamacpp":
-            return None
-        try:
-            import llama_cpp  # noqa: F401
-
-            from vlmserve.model_repository.llamacpp_engine import LlamaCppLoop
-        except ImportError as exc:
-            log.warning("%s: export chose the llama.cpp engine (%s) but llama-cpp-python cannot be imported here "
-                        "(%s); serving with the torch loop (`make llamacpp` installs the bindings)",
-                        params.family, params.engine_choice, exc)
-            return None
-        gguf = common.version_dir(args) / params.decoder_gguf
-        log.info("%s: decoding with llama.cpp (%s; %s)", params.family, gguf.name, params.engine_choice)
-        loop = LlamaCppLoop(self.pipeline, gguf, params.max_batch, params.max_batch_tokens,
-                            prefix_cache_bytes=params.prefix_cache_bytes, prefix_metrics=self.prefix_cache_metrics)
-        # The torch copy of the decoder layers is not run any more: only its embeddings (image prompts) and head
-        # (the vocabulary's width) stay.
-        backbone = self.pipeline.model.model
-        text = getattr(backbone, "language_model", None) or backbone.text_model
-        text.layers = type(text.layers)()
-        return loop
 
     def _cancel_request(self, request) -> bool:
         """A request with no MESSAGES/PROMPT and ``PARAMETERS`` ``{"cancel": id}`` ends the running request whose
@@ -830,16 +802,17 @@ class ChatModel:
             sender.send(common.error_response("cancelled before its video was decoded"), flags=final)
             return
         try:
-            params, settings = parse_params(raw["PARAMETERS"], self.default_max_tokens, self.max_tokens_limit,
-                                            self.engine.max_batch)
-            if self.grammars is None and (settings.n > 1 or settings.logprobs or params.penalised
-                                          or settings.response_format is not None):
+            params = parse_params(raw["PARAMETERS"], self.default_max_tokens, self.max_tokens_limit,
+                                  self.engine.max_batch)
+            if self.grammars is None and (params.n > 1 or params.logprobs or params.penalised
+                                          or params.response_format is not None):
                 raise common.InputError("n, logprobs, penalties and response_format need a continuously "
                                          "batched chat model; this one runs plain requests only")
-            if settings.response_format is not None:
+            grammar = None
+            if params.response_format is not None:
                 assert self.grammars is not None
                 try:
-                    params.grammar = self.grammars.compile(settings.response_format)
+                    grammar = self.grammars.compile(params.response_format)
                 except ValueError as exc:
                     raise common.InputError(str(exc)) from None
             if (raw["PROMPT"] is None) == (messages is None):
@@ -851,17 +824,17 @@ class ChatModel:
                 with self.prepare_lock:
                     inputs, prompt_tokens = prepare_text(self.pipeline.tokenizer, prompt)
             else:
-                fps = float(settings.video_fps or self.default_fps)
-                frames = min(int(settings.video_max_frames or self.max_frames), self.max_frames)
+                fps = float(params.video_fps or self.default_fps)
+                frames = min(int(params.video_max_frames or self.max_frames), self.max_frames)
                 parsed = parse_messages(messages, fps, max(1, frames), self.max_images,
                                         self.video_limits.max_pixels, self.video_limits)
                 with self.prepare_lock:
                     inputs, prompt_tokens = self.pipeline.prepare(parsed)
             # Before the job reaches the engine: no image has gone through the vision encoder yet (prepare
             # only runs the image processor).
-            fit_context(params, settings.max_tokens is not None, prompt_tokens, self.context)
+            params = fit_context(params, prompt_tokens, self.context)
             if self.engine.loop is not None:
-                fit_kv_budget(settings.n, params, prompt_tokens, self.engine.loop.max_batch_tokens,
+                fit_kv_budget(params, prompt_tokens, self.engine.loop.max_batch_tokens,
                               self.engine.loop.kv_bytes_per_token)
         except UnicodeDecodeError:
             release()
@@ -881,7 +854,7 @@ class ChatModel:
             return
 
         release, bind = self._register(request.request_id(), release)
-        group = ChoiceGroup(sender, settings.n, request.is_cancelled,
+        group = ChoiceGroup(sender, params.n, request.is_cancelled,
                             lambda entries: render_logprobs(entries, self.pipeline.tokenizer, self.grammars),
                             release)
         group.trace = RequestTrace(request.request_id(), common.request_traceparent(request),
@@ -889,11 +862,11 @@ class ChatModel:
         bind(group)
         group.abandoned = request.request_id() in self.cancelled_early  # a cancel that came while it was prepared
         jobs = []
-        for index in range(settings.n):
+        for index in range(params.n):
             ref: list[ChatJob] = []
             jobs.append(ChatJob(inputs, params, prompt_tokens, group.emitter(ref), group.is_cancelled,
-                                index=index, request_id=request.request_id(),
-                                background=settings.priority == "batch"))
+                                index=index, request_id=request.request_id(), grammar=grammar,
+                                background=params.priority == "batch"))
             ref.append(jobs[-1])
         jobs[0].shared = jobs[1:]
         self.engine.submit(jobs[0])

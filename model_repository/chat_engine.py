@@ -39,38 +39,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from vlmserve.families.contract import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_PREFIX_CACHE_BYTES
+from vlmserve.api.openai import GenerationParameters
+from vlmserve.families.contract import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_PREFIX_CACHE_BYTES, ChatParams
+from vlmserve.families.spec import load
 from vlmserve.model_repository import common
 
 log = logging.getLogger("vlmserve.chat")
-
-# Padded KV positions one batch may hold (rows x longest row, reserved up to each row's max_tokens).
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logprobs: bool = False
-    top_logprobs: int = 0
-    grammar: str | None = None  # a compiled llguidance grammar (vlmserve.model_repository.structured.Grammars.compile)
-
-    @property
-    def plain_greedy(self) -> bool:
-        """Greedy on the raw logits: the batch's one argmax serves this row."""
-        return (self.temperature <= 0 and not self.logprobs and self.grammar is None and not self.penalised)
-
-    @property
-    def penalised(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 @dataclass
@@ -85,10 +62,11 @@ class TokenLogprob:
 
 @dataclass
 class ChatJob:
-    """One request: its prepared model inputs, sampling settings and how to talk back to its client."""
+    """One request: its prepared model inputs, its ``PARAMETERS`` (resolved for the model: ``max_tokens`` set) and
+    how to talk back to its client."""
 
     inputs: Any
-    params: SamplingParams
+    params: GenerationParameters
     prompt_tokens: int
     emit: Callable[[str, str, dict | None], None]  # (delta, finish_reason or "", usage or None)
     is_cancelled: Callable[[], bool] = lambda: False
@@ -106,6 +84,8 @@ class ChatJob:
     background: bool = False  # a batch request (PARAMETERS priority "batch"): admitted after interactive ones
     request_id: str = ""  # Triton's request id (the gateway's X-Request-ID): its log lines carry it
     started_at: float = 0.0  # wall clock (time.time()) when the engine took it from its queue: its prefill began
+    # params.response_format compiled for the model's tokenizer (vlmserve.model_repository.structured.Grammars)
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids and isinstance(self.inputs, dict) and isinstance(self.inputs.get("input_ids"), list):
@@ -120,7 +100,12 @@ class ChatJob:
     @property
     def kv_reservation(self) -> int:
         """The longest this row's cache can grow: the prompt plus every token it may generate."""
-        return self.prompt_tokens + self.params.max_tokens
+        return self.prompt_tokens + self.params.token_limit
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy on the raw logits, unconstrained: the batch's one argmax serves this row."""
+        return self.grammar is None and self.params.plain_greedy
 
 
 def render_prompt(tokenizer, messages: list[dict[str, Any]]) -> tuple[str, list[Any]]:
@@ -161,7 +146,8 @@ class RowSampler:
     presence / frequency penalties, the grammar mask, then greedy or temperature / top-p with the row's own
     seeded generator."""
 
-    def __init__(self, params: SamplingParams, index: int = 0, grammars: Any = None) -> None:
+    def __init__(self, params: GenerationParameters, index: int = 0, grammar: str | None = None,
+                 grammars: Any = None) -> None:
         import torch
 
         self.torch = torch
@@ -170,12 +156,12 @@ class RowSampler:
         # torch takes seeds in [-2**63, 2**64): seed + index (index < MAX_N) of an int64 seed always fits.
         self.generator.manual_seed(params.seed + index if params.seed is not None else time.time_ns() % 2**63)
         self.grammar = None
-        if params.grammar is not None:
+        if grammar is not None:
             from vlmserve.model_repository.structured import RowGrammar
 
             if grammars is None:
                 raise ValueError("structured output needs the model's grammars")
-            self.grammar = RowGrammar(grammars, params.grammar)
+            self.grammar = RowGrammar(grammars, grammar)
         self.last: TokenLogprob | None = None
 
     def __call__(self, logits, job: ChatJob | None = None) -> int:
@@ -260,7 +246,7 @@ class RowStreamer:
             return True
         job.token_ids.append(token)
         self._stream(job)
-        if not job.finish and len(job.token_ids) >= job.params.max_tokens:
+        if not job.finish and len(job.token_ids) >= job.params.token_limit:
             self._finish(job, "length")
         elif not job.finish and job.is_cancelled():
             self._finish(job, "cancelled")
@@ -269,7 +255,7 @@ class RowStreamer:
 
     def _stream(self, job: ChatJob) -> None:
         text = self.tokenizer.decode(job.token_ids, skip_special_tokens=True)
-        for stop in job.params.stop:
+        for stop in job.params.stop_sequences:
             at = text.find(stop)
             if at >= 0:
                 self._send(job, text[:at])
@@ -278,7 +264,7 @@ class RowStreamer:
         # Hold back an incomplete UTF-8 sequence and anything that could still become a stop string.
         if text.endswith("\ufffd"):
             return
-        hold = max((len(s) - 1 for s in job.params.stop), default=0)
+        hold = max((len(s) - 1 for s in job.params.stop_sequences), default=0)
         self._send(job, text[: len(text) - hold] if hold else text)
 
     def _send(self, job: ChatJob, text: str) -> None:
@@ -400,6 +386,14 @@ class DecodeLoop:
         use_gqa_sdpa(family.model)
         self.kv = SlotCache(decoder_layers(family))
         self.prefix = PrefixCache(prefix_cache_bytes, metrics=prefix_metrics)
+
+    @classmethod
+    def for_model(cls, family: DecoderFamily, params: ChatParams, version_dir: Path,
+                  prefix_metrics: Any = None) -> DecodeLoop:
+        """The loop a served chat model runs, from its config parameters (and its version directory, where export
+        put the engine's files). Every engine of :data:`ENGINES` has this constructor; ImportError: the engine
+        cannot run here (the model then serves with the torch loop)."""
+        return cls(family, params.max_batch, params.max_batch_tokens, params.prefix_cache_bytes, prefix_metrics)
 
     def _init_scheduler(self, family: DecoderFamily, max_batch: int, max_batch_tokens: int,
                         max_prefill_tokens: int) -> None:
@@ -563,7 +557,8 @@ class DecodeLoop:
         joining: list[tuple[int, ChatJob, RowSampler, int, int, int]] = []
         for slot, ((_, _, position), group, start, n) in enumerate(zip(run, groups, starts, lengths, strict=True)):
             for choice in group:
-                sampler = RowSampler(choice.params, choice.index, self.grammars if choice.params.grammar else None)
+                sampler = RowSampler(choice.params, choice.index, choice.grammar,
+                                     self.grammars if choice.grammar else None)
                 choice.batch_size = max(choice.batch_size, base + sum(len(g) for g in groups))
                 token = sampler(logits[slot], choice)
                 if not self._answer(choice, token, sampler):
@@ -626,7 +621,7 @@ class DecodeLoop:
         for row, (job, sampler) in enumerate(zip(self.rows, self.samplers, strict=True)):
             job.batch_size = max(job.batch_size, rows)
             try:
-                token = greedy[row] if job.params.plain_greedy else sampler(logits[row], job)
+                token = greedy[row] if job.plain_greedy else sampler(logits[row], job)
             except Exception as exc:  # noqa: BLE001 - e.g. a grammar error: this row fails, the others go on
                 log.exception("chat: choosing the next token failed")
                 _fail(job, exc)
@@ -763,6 +758,48 @@ class DecodeLoop:
             self.step()
 
 
+# The decode engines a chat model may run (``chat_engine`` of its config, which export chooses per host:
+# export/chat_engine_choice.py): name -> its DecodeLoop, or "module:Class" for one imported only when chosen.
+# A new engine is one module with a DecodeLoop subclass (its ``for_model``) and one line here.
+ENGINES: dict[str, type[DecodeLoop] | str] = {
+    "torch": DecodeLoop,
+    "llamacpp": "vlmserve.model_repository.llamacpp_engine:LlamaCppLoop",
+}
+DEFAULT_ENGINE = "torch"
+
+
+def check_engine(name: str) -> None:
+    """ValueError naming the known engines when ``name`` is not one of :data:`ENGINES`."""
+    if name not in ENGINES:
+        raise ValueError(f"chat_engine {name!r} is not a decode engine; the known engines are "
+                         f"{', '.join(sorted(ENGINES))} (model_repository/chat_engine.py ENGINES)")
+
+
+def engine_class(name: str) -> type[DecodeLoop]:
+    """The loop class of engine ``name``, imported on first use (ValueError for an unknown name; ImportError when
+    its module cannot be imported here)."""
+    check_engine(name)
+    engine = ENGINES[name]
+    return load(engine) if isinstance(engine, str) else engine
+
+
+def decode_loop(family: Any, params: ChatParams, version_dir: Path,
+                prefix_metrics: Any = None) -> tuple[DecodeLoop | None, str]:
+    """The loop of the engine ``params.chat_engine`` names, and the name of the engine it really is: the torch loop
+    where the chosen engine cannot run here (logged), None ("static") for a pipeline that is not a
+    :class:`DecoderFamily`. ValueError for an unknown engine name, whatever the pipeline."""
+    name = params.chat_engine
+    check_engine(name)
+    if not isinstance(family, DecoderFamily):
+        return None, "static"
+    if name != DEFAULT_ENGINE:
+        try:
+            return engine_class(name).for_model(family, params, version_dir, prefix_metrics), name
+        except ImportError as exc:
+            log.warning("%s: export chose the %s engine (%s) but it cannot run here (%s); serving with the torch "
+                        "loop", params.family, name, params.engine_choice, exc)
+    return DecodeLoop.for_model(family, params, version_dir, prefix_metrics), DEFAULT_ENGINE
+
 
 class ChatEngine:
     """Background thread feeding submitted jobs to a :class:`DecodeLoop` (or, for pipelines that are not a
@@ -777,8 +814,7 @@ class ChatEngine:
         self.load = load
         self.max_batch = max_batch
         self.window_s = window_s
-        # ``loop``: another engine's loop for the family (vlmserve.model_repository.llamacpp_engine); else the torch
-        # one.
+        # ``loop``: the model's engine's loop (:func:`decode_loop`); else the torch one.
         if loop is None and isinstance(pipeline, DecoderFamily):
             loop = DecodeLoop(pipeline, max_batch, max_batch_tokens, prefix_cache_bytes, prefix_metrics)
         self.loop = loop

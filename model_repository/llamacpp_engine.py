@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmserve.families.contract import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_PREFIX_CACHE_BYTES
+from vlmserve.families.contract import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_PREFIX_CACHE_BYTES, ChatParams
 from vlmserve.model_repository.chat_engine import ChatJob, DecodeLoop, DecoderFamily, RowSampler
 
 log = logging.getLogger("vlmserve.chat")
@@ -183,6 +183,27 @@ class LlamaCppLoop(DecodeLoop):
         self.parked: OrderedDict[int, tuple[list[bytes], int]] = OrderedDict()
         self.prompt_keys: dict[int, list[bytes]] = {}  # id(job) of a row -> its prompt's block keys
 
+    @classmethod
+    def for_model(cls, family: DecoderFamily, params: ChatParams, version_dir: Path,
+                  prefix_metrics: Any = None) -> LlamaCppLoop:
+        """The served loop on export's GGUF (``decoder_gguf`` in ``version_dir``). ImportError where the bindings
+        cannot be imported (an image built without them, a repository exported elsewhere)."""
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(f"llama-cpp-python cannot be imported ({exc}); `make llamacpp` installs the "
+                              "bindings") from exc
+        gguf = version_dir / params.decoder_gguf
+        log.info("%s: decoding with llama.cpp (%s; %s)", params.family, gguf.name, params.engine_choice)
+        loop = cls(family, gguf, params.max_batch, params.max_batch_tokens,
+                   prefix_cache_bytes=params.prefix_cache_bytes, prefix_metrics=prefix_metrics)
+        # The torch copy of the decoder layers is not run any more: only its embeddings (image prompts) and head
+        # (the vocabulary's width) stay.
+        backbone = family.model.model
+        text = getattr(backbone, "language_model", None) or backbone.text_model
+        text.layers = type(text.layers)()
+        return loop
+
     @property
     def kv_bytes_per_token(self) -> int:
         """llama.cpp keeps keys and values in f16: layers x 2 x kv heads x head dim x 2 bytes."""
@@ -275,7 +296,8 @@ class LlamaCppLoop(DecodeLoop):
             row_logits = torch.from_numpy(logits[i])
             taken = False
             for choice in (job, *job.shared):
-                sampler = RowSampler(choice.params, choice.index, self.grammars if choice.params.grammar else None)
+                sampler = RowSampler(choice.params, choice.index, choice.grammar,
+                                     self.grammars if choice.grammar else None)
                 choice.batch_size = max(choice.batch_size, rows)
                 token = sampler(row_logits, choice)
                 if self._answer(choice, token, sampler):

@@ -110,8 +110,8 @@ def test_the_priority_header_marks_the_request_and_its_chat_parameters() -> None
 
 
 def test_the_model_reads_the_priority_and_refuses_unknown_ones() -> None:
-    assert parse_params(b'{"priority": "batch"}', 8, 64)[1].priority == "batch"
-    assert parse_params(b"{}", 8, 64)[1].priority == "interactive"
+    assert parse_params(b'{"priority": "batch"}', 8, 64).priority == "batch"
+    assert parse_params(b"{}", 8, 64).priority == "interactive"
     with pytest.raises(Exception, match="priority"):
         parse_params(b'{"priority": "urgent"}', 8, 64)
 

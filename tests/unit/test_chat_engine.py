@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlmserve.model_repository.chat_engine import ChatEngine, ChatJob, DecodeLoop, SamplingParams
+from vlmserve.api.openai import GenerationParameters
+from vlmserve.model_repository.chat_engine import ChatEngine, ChatJob, DecodeLoop
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,9 @@ def make_job(pipeline, prompt: str, image_size: tuple[int, int] | None = None, *
     content.append({"type": "text", "text": prompt})
     inputs, prompt_tokens = pipeline.prepare([{"role": "user", "content": content}])
     client = Client()
-    sampling = SamplingParams(**{"max_tokens": 10, **params})
-    return ChatJob(inputs, sampling, prompt_tokens, client.emit, lambda: client.cancel), client
+    grammar = params.pop("grammar", None)  # compiled for the loop's tokenizer: the job's, beside its PARAMETERS
+    sampling = GenerationParameters(**{"max_tokens": 10, **params})
+    return ChatJob(inputs, sampling, prompt_tokens, client.emit, lambda: client.cancel, grammar=grammar), client
 
 
 def solo(pipeline, *args, **kwargs) -> tuple[ChatJob, Client]:
@@ -341,7 +343,7 @@ def test_pipelines_without_the_protocol_keep_the_static_path() -> None:
     try:
         assert engine.loop is None
         got: list = []
-        engine.submit(ChatJob(None, SamplingParams(4), 0, lambda t, f, u: got.append((t, f))))
+        engine.submit(ChatJob(None, GenerationParameters(max_tokens=4), 0, lambda t, f, u: got.append((t, f))))
         assert finished.wait(10)
     finally:
         engine.stop()
@@ -557,10 +559,10 @@ def test_a_vanishing_temperature_samples_greedily_instead_of_failing() -> None:
     # nan probabilities (a 502 for the whole request). Its limit is greedy, which is what the row now does.
     import torch
 
-    from vlmserve.model_repository.chat_engine import RowSampler, SamplingParams
+    from vlmserve.model_repository.chat_engine import RowSampler
 
     logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
-    sampler = RowSampler(SamplingParams(max_tokens=4, temperature=5e-324, seed=1))
+    sampler = RowSampler(GenerationParameters(max_tokens=4, temperature=5e-324, seed=1))
     assert sampler(logits) == 1
 
 
@@ -753,7 +755,7 @@ def test_a_failing_static_batch_is_retried_job_by_job() -> None:
     engine = ChatEngine(Static(), max_batch=3, window_s=5.0)  # the batch closes when its third job arrives
     try:
         for name, client in clients.items():
-            engine.submit(ChatJob(name, SamplingParams(4), 0, emit(client)))
+            engine.submit(ChatJob(name, GenerationParameters(max_tokens=4), 0, emit(client)))
         assert finished.wait(10), {k: c.events for k, c in clients.items()}
     finally:
         engine.stop()
@@ -777,7 +779,7 @@ def conversation(pipeline, question: str, image_size: tuple[int, int] | None = N
                 {"role": "user", "content": content}]
     inputs, prompt_tokens = pipeline.prepare(messages)
     client = Client()
-    return ChatJob(inputs, SamplingParams(**{"max_tokens": 8, **params}), prompt_tokens, client.emit), client
+    return ChatJob(inputs, GenerationParameters(**{"max_tokens": 8, **params}), prompt_tokens, client.emit), client
 
 
 class PrefillWidths:

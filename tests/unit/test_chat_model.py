@@ -10,9 +10,10 @@ import time
 import pytest
 from PIL import Image
 
+from vlmserve.api.openai import GenerationParameters
 from vlmserve.model_repository import common
 from vlmserve.model_repository.chat import parse_messages, parse_params, resolve_attention
-from vlmserve.model_repository.chat_engine import ChatJob, RowStreamer, SamplingParams
+from vlmserve.model_repository.chat_engine import ChatJob, RowStreamer
 
 
 def b64_png() -> str:
@@ -45,17 +46,20 @@ def test_parse_messages_errors(raw: bytes, match: str) -> None:
 
 
 def test_parse_params_defaults_and_limits() -> None:
-    params, _ = parse_params(None, 64, 1024)
-    assert params == SamplingParams(64, 0.0, 1.0, (), None)
-    params, settings = parse_params(b'{"max_tokens": 5, "stop": "END", "seed": 7, "video_fps": 2}', 64, 1024)
-    assert (params.max_tokens, params.stop, params.seed, settings.video_fps) == (5, ("END",), 7, 2)
-    params, settings = parse_params(json.dumps({
+    params = parse_params(None, 64, 1024)
+    assert params.model_dump() == GenerationParameters(max_tokens=64).model_dump() and not params.max_tokens_sent
+    assert params.plain_greedy and not params.penalised
+    params = parse_params(b'{"max_tokens": 5, "stop": "END", "seed": 7, "video_fps": 2}', 64, 1024)
+    assert (params.max_tokens, params.stop, params.seed, params.video_fps) == (5, ["END"], 7, 2)
+    assert params.max_tokens_sent
+    params = parse_params(json.dumps({
         "n": 3, "logprobs": True, "top_logprobs": 2, "presence_penalty": 1, "frequency_penalty": -0.5,
         "repetition_penalty": 1.3, "response_format": {"type": "json_object"}}).encode(), 64, 1024, max_choices=4)
-    assert (settings.n, params.logprobs, params.top_logprobs, params.presence_penalty, params.frequency_penalty,
+    assert (params.n, params.logprobs, params.top_logprobs, params.presence_penalty, params.frequency_penalty,
             params.repetition_penalty) == (3, True, 2, 1, -0.5, 1.3)
-    assert settings.response_format == {"type": "json_object"} and params.penalised and not params.plain_greedy
-    for bad, match in [(b'{"max_tokens": 0}', "max_tokens"), (b'{"top_p": 0}', "top_p"),
+    assert params.response_format == {"type": "json_object"} and params.penalised and not params.plain_greedy
+    for bad, match in [(b'{"max_tokens": 0}', "max_tokens"),
+                       (b'{"max_tokens": 1025}', "max_tokens must be 1..1024, got 1025"), (b'{"top_p": 0}', "top_p"),
                        (b'{"stop": [""]}', "stop"), (b'[1]', "JSON object"), (b'{"n": 5}', "n must be 1..4"),
                        (b'{"top_logprobs": 2}', "needs logprobs"), (b'{"presence_penalty": 3}', "presence_penalty"),
                        (b'{"response_format": {"type": "yaml"}}', "response_format"),
@@ -95,7 +99,7 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids)
 
 
-def run_streamer(text: str, params: SamplingParams, eos_at: int | None = None):
+def run_streamer(text: str, params: GenerationParameters, eos_at: int | None = None):
     events: list = []
     job = ChatJob(None, params, 3, lambda t, f, u: events.append((t, f, u)))
     job.batch_size = 1
@@ -109,25 +113,25 @@ def run_streamer(text: str, params: SamplingParams, eos_at: int | None = None):
 
 
 def test_streamer_deltas_join_to_the_text_and_final_has_usage() -> None:
-    events = run_streamer("hello", SamplingParams(max_tokens=50), eos_at=5)
+    events = run_streamer("hello", GenerationParameters(max_tokens=50), eos_at=5)
     assert "".join(t for t, _, _ in events) == "hello"
     assert events[-1][1] == "stop" and events[-1][2]["completion_tokens"] == 5
     assert events[-1][2] == {"prompt_tokens": 3, "completion_tokens": 5, "batch_size": 1}
 
 
 def test_streamer_stop_string_is_not_leaked() -> None:
-    events = run_streamer("abc STOP def", SamplingParams(max_tokens=50, stop=("STOP",)))
+    events = run_streamer("abc STOP def", GenerationParameters(max_tokens=50, stop=["STOP"]))
     assert "".join(t for t, _, _ in events) == "abc "
     assert events[-1][1] == "stop"
 
 
 def test_streamer_length_limit() -> None:
-    events = run_streamer("abcdefgh", SamplingParams(max_tokens=3))
+    events = run_streamer("abcdefgh", GenerationParameters(max_tokens=3))
     assert "".join(t for t, _, _ in events) == "abc" and events[-1][1] == "length"
 
 
 def test_streamer_holds_back_a_possible_stop_string_then_flushes_it() -> None:
-    events = run_streamer("abc ST", SamplingParams(max_tokens=6, stop=("STOP",)))
+    events = run_streamer("abc ST", GenerationParameters(max_tokens=6, stop=["STOP"]))
     deltas = [t for t, f, _ in events if not f]
     assert "".join(deltas) == "abc ST" and events[-1][1] == "length"
     assert "ST" not in "".join(deltas[:-1])  # "ST" could have begun "STOP": sent only at the end
@@ -148,18 +152,19 @@ def test_resolve_attention() -> None:
 def test_fit_context_mirrors_vllm() -> None:
     from vlmserve.model_repository.chat import fit_context
 
-    params = SamplingParams(max_tokens=100)
-    fit_context(params, True, 50, None)  # no known context: nothing checked
-    fit_context(params, True, 28, 128)  # 28 + 100 = 128 fits exactly
-    assert params.max_tokens == 100
+    sent = GenerationParameters(max_tokens=100).resolved(64, 1024, 8)  # the client's max_tokens
+    default = GenerationParameters().resolved(100, 1024, 8)  # the model's default max_tokens
+    assert sent.max_tokens == default.max_tokens == 100 and sent.max_tokens_sent and not default.max_tokens_sent
+    assert fit_context(sent, 50, None) is sent  # no known context: nothing checked
+    assert fit_context(sent, 28, 128) is sent  # 28 + 100 = 128 fits exactly
     with pytest.raises(common.InputError, match=r"the prompt is 29 tokens and max_tokens is 100: 129 exceeds "
                                                  r"this model's context of 128 tokens; lower max_tokens to 99"):
-        fit_context(params, True, 29, 128)
-    fit_context(params, False, 29, 128)  # the default max_tokens: lowered to what is left
-    assert params.max_tokens == 99
-    for explicit in (True, False):
+        fit_context(sent, 29, 128)
+    lowered = fit_context(default, 29, 128)  # the default max_tokens: lowered to what is left, in a copy
+    assert lowered.max_tokens == 99 and default.max_tokens == 100 and not lowered.max_tokens_sent
+    for params in (GenerationParameters(max_tokens=1), GenerationParameters().resolved(1, 1024, 8)):
         with pytest.raises(common.InputError, match="the prompt is 128 tokens: it leaves no room"):
-            fit_context(SamplingParams(max_tokens=1), explicit, 128, 128)
+            fit_context(params, 128, 128)
 
 
 class FakeTensor:

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlmserve.api.openai import GenerationParameters
 from vlmserve.model_repository import common
-from vlmserve.model_repository.chat_engine import ChatJob, DecodeLoop, SamplingParams
+from vlmserve.model_repository.chat_engine import ChatJob, DecodeLoop
 
 
 class Recorder:
@@ -124,7 +125,7 @@ def run(pipeline, images: list[Image.Image], text: str = "what is this?") -> tup
     content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": text}]
     inputs, prompt_tokens = pipeline.prepare([{"role": "user", "content": content}])
     tokens: list[int] = []
-    job = ChatJob(inputs, SamplingParams(max_tokens=8), prompt_tokens, lambda t, f, u: None)
+    job = ChatJob(inputs, GenerationParameters(max_tokens=8), prompt_tokens, lambda t, f, u: None)
     loop = DecodeLoop(pipeline)
     loop.add(job)
     loop.drain()

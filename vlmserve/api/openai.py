@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, field_validator
 
 __all__ = [
     "AssistantMessage", "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "ContentPart",
@@ -267,3 +267,49 @@ class GenerationParameters(BaseModel):
         if value.get("type") == "json_schema" and isinstance(value.get("schema"), dict):
             return {"type": "json_schema", "schema": value["schema"]}
         raise ValueError('must be {"type": "json_object"} or {"type": "json_schema", "schema": {...}}')
+
+    # What the engine reads: the fields above (the public contract) and these, none of them in the JSON schema.
+
+    # Whether the client sent max_tokens: None until :meth:`resolved` fills it in (then the client's value counts).
+    _max_tokens_sent: bool | None = PrivateAttr(None)
+
+    def resolved(self, default_max_tokens: int, max_tokens_limit: int, max_choices: int) -> GenerationParameters:
+        """A copy for one model: ``max_tokens`` filled with its default when the client sent none, and checked, with
+        ``n``, against its limits (ValueError saying which; the only place the model checks ``max_tokens``)."""
+        max_tokens = default_max_tokens if self.max_tokens is None else self.max_tokens
+        if not 1 <= max_tokens <= max_tokens_limit:
+            raise ValueError(f"max_tokens must be 1..{max_tokens_limit}, got {max_tokens}")
+        if self.n > max_choices:
+            raise ValueError(f"n must be 1..{max_choices} for this model (its max_batch), got {self.n}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        out = self.model_copy(update={"max_tokens": max_tokens})
+        out._max_tokens_sent = self.max_tokens_sent
+        return out
+
+    @property
+    def max_tokens_sent(self) -> bool:
+        """The client chose ``max_tokens`` (not the model's default): a context too short for it is the client's
+        error, where the default is lowered to fit (``vlmserve.model_repository.chat.fit_context``)."""
+        return self.max_tokens is not None if self._max_tokens_sent is None else self._max_tokens_sent
+
+    @property
+    def token_limit(self) -> int:
+        """``max_tokens`` as the decode engine counts it: set (by :meth:`resolved`, or by the caller)."""
+        if self.max_tokens is None:
+            raise ValueError("max_tokens is not set: GenerationParameters.resolved() fills in the model's default")
+        return self.max_tokens
+
+    @property
+    def stop_sequences(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else self.stop
+
+    @property
+    def penalised(self) -> bool:
+        """A repetition, presence or frequency penalty changes the logits."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy on the raw logits (no logprobs, penalty or response_format): a batch's one argmax serves it."""
+        return self.temperature <= 0 and not self.logprobs and self.response_format is None and not self.penalised

@@ -165,8 +165,10 @@ class ChatParams(ModelParams):
     # Host memory for the KV of prompt prefixes (system prompts, earlier turns) by blocks of 32 tokens, kept for
     # prompts that begin the same way (docs/chat.md); 0 turns the cache off.
     prefix_cache_bytes: int = Field(DEFAULT_PREFIX_CACHE_BYTES, ge=0)
-    # The decode engine export chose for this host (export/chat_engine_choice.py): the torch loop or llama.cpp
-    # with the GGUF ``decoder_gguf`` (relative to the version directory); ``engine_choice``: the measurement.
-    chat_engine: Literal["torch", "llamacpp"] = "torch"
+    # The decode engine export chose for this host (export/chat_engine_choice.py): a name of the engine table
+    # (vlmserve.model_repository.chat_engine.ENGINES, checked when the model loads), e.g. the torch loop or
+    # llama.cpp with the GGUF ``decoder_gguf`` (relative to the version directory); ``engine_choice``: the
+    # measurement.
+    chat_engine: str = "torch"
     engine_choice: str = ""
     decoder_gguf: str = ""
