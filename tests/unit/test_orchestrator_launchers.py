@@ -1,6 +1,6 @@
 """Orchestrator logic without a server: launch planning, container specs, image context, CLI output and errors.
 
-The Docker Engine and real GPUs are not needed here (tests/e2e runs the docker runtime for real); detection is
+The Docker Engine and real GPUs are not needed here (tests/e2e runs the docker launcher for real); detection is
 replaced by fixed ``Hardware`` values so the tests mean the same on a machine with a GPU.
 """
 
@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from vlmserve import paths
 from vlmserve.orchestrator import cli as orchestrator_cli
 from vlmserve.orchestrator import container, hardware, images
-from vlmserve.orchestrator.docker_runtime import DockerRuntime
 from vlmserve.orchestrator.hardware import Gpu, Hardware
 from vlmserve.orchestrator.launch import plan_launch
+from vlmserve.orchestrator.launchers.docker import DockerLauncher
 from vlmserve.orchestrator.settings import OrchestratorSettings
 
 GIB = 2**30
@@ -49,8 +49,8 @@ def settings(tmp_path: Path, repo: Path | None = None, **kw) -> OrchestratorSett
 # -- launch planning ---------------------------------------------------------------------------------------
 
 
-def test_launch_without_plan_uses_the_runtime_flavour(tmp_path: Path) -> None:
-    launch = plan_launch(settings(tmp_path, accelerator="auto"), detected=H100, runtime="docker")
+def test_launch_without_plan_uses_the_image_flavour(tmp_path: Path) -> None:
+    launch = plan_launch(settings(tmp_path, accelerator="auto"), detected=H100, in_image=True)
     assert launch.choice.accelerator == "cuda" and launch.rendered is None
     assert launch.model_config_name(launch.choice.model_config_name) is None  # NGC image: native config.pbtxt
     # Triton still learns the chosen accelerator (the Python models place their work by it on ROCm).
@@ -59,7 +59,7 @@ def test_launch_without_plan_uses_the_runtime_flavour(tmp_path: Path) -> None:
 
 def test_launch_renders_the_seed_plan_on_a_gpu(tmp_path: Path, repo: Path) -> None:
     s = settings(tmp_path, repo, accelerator="cuda", gpu_plan=EXAMPLE_PLAN)
-    launch = plan_launch(s, runtime="process", detected=H100)
+    launch = plan_launch(s, detected=H100)
     assert launch.model_config_name("embedded") == "vlmserve-plan"
     planned = (repo / "florence2" / "configs" / "vlmserve-plan.pbtxt").read_text()
     assert '"gpu_memory_fraction"' in planned and "KIND_GPU" in planned and "gpus: 0" in planned
@@ -91,7 +91,7 @@ def test_container_specs_are_labelled_published_on_loopback_and_restarted(tmp_pa
     monkeypatch.setenv("VLMSERVE_GATEWAY_API_KEYS", '["k"]')
     monkeypatch.setenv("VLMSERVE_GATEWAY_PORT", "9999")  # the container's own port stays 8080
     s = settings(tmp_path, repo, project="p1", http_port=18000, gateway_port=18080)
-    rt = DockerRuntime(s, launch=plan_launch(s, detected=NONE, runtime="docker"), client=object())
+    rt = DockerLauncher(s, launch=plan_launch(s, detected=NONE, in_image=True), client=object())
     triton, gateway = rt.spec("triton"), rt.spec("gateway")
     assert triton["name"] == "p1-triton" and triton["image"] == "vlmserve:cpu"
     assert triton["labels"] == {"io.vlmserve.managed": "true", "io.vlmserve.project": "p1",
@@ -111,14 +111,14 @@ def test_container_specs_are_labelled_published_on_loopback_and_restarted(tmp_pa
 
 def test_gpu_and_rocm_containers_get_their_devices(tmp_path: Path, repo: Path) -> None:
     s = settings(tmp_path, repo, accelerator="cuda", gpu_plan=EXAMPLE_PLAN)
-    cuda = DockerRuntime(s, launch=plan_launch(s, runtime="docker", detected=H100), client=object())
+    cuda = DockerLauncher(s, launch=plan_launch(s, in_image=True, detected=H100), client=object())
     spec = cuda.spec("triton")
     assert spec["image"] == "vlmserve:gpu" and spec["labels"]["io.vlmserve.accelerator"] == "cuda"
     assert spec["device_requests"][0]["Capabilities"] == [["gpu"]]
     assert spec["environment"]["VLMSERVE_MODEL_CONFIG_NAME"] == "vlmserve-plan"
     assert "--model-load-gpu-limit=0:0.800" in spec["environment"]["VLMSERVE_TRITON_EXTRA_ARGS"]
     s = settings(tmp_path, repo, accelerator="rocm")
-    rocm = DockerRuntime(s, launch=plan_launch(s, runtime="docker", detected=MI300), client=object()).spec("triton")
+    rocm = DockerLauncher(s, launch=plan_launch(s, in_image=True, detected=MI300), client=object()).spec("triton")
     assert rocm["image"] == "vlmserve:rocm" and "/dev/kfd:/dev/kfd:rwm" in rocm["devices"]
     assert rocm["group_add"] == ["video"]
     assert rocm["environment"]["VLMSERVE_ACCELERATOR"] == "rocm"
@@ -253,14 +253,14 @@ def test_plan_command_shows_budgets_and_rejects_overcommit(monkeypatch, tmp_path
 
 def test_status_with_nothing_running(no_gpu, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("VLMSERVE_STATE_DIR", str(tmp_path))
-    result = runner.invoke(orchestrator_cli.app, ["status", "--runtime", "process", "--json"])
+    result = runner.invoke(orchestrator_cli.app, ["status", "--launcher", "process", "--json"])
     assert result.exit_code == 3
     assert json.loads(result.stdout)["services"] == []
-    logs = runner.invoke(orchestrator_cli.app, ["logs", "triton", "--runtime", "process"])
+    logs = runner.invoke(orchestrator_cli.app, ["logs", "triton", "--launcher", "process"])
     assert logs.exit_code == 1 and "no log for triton" in logs.output
 
 
 def test_unknown_runtime_is_rejected(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("VLMSERVE_STATE_DIR", str(tmp_path))
-    result = runner.invoke(orchestrator_cli.app, ["down", "--runtime", "kubernetes"])
+    result = runner.invoke(orchestrator_cli.app, ["down", "--launcher", "kubernetes"])
     assert result.exit_code != 0 and "process, docker" in result.output
