@@ -369,10 +369,18 @@ def test_the_deprecated_runtime_flag_and_variable_still_work_and_warn(fake: Fake
     # The new name wins over the old one; --launcher over --runtime.
     both = runner.invoke(orchestrator_cli.app, ["down", "--runtime", "fake", "--launcher", "kubernetes"], env=env)
     assert both.exit_code == 2 and "unknown launcher 'kubernetes'" in both.output
-    settings_env = {"VLMSERVE_RUNTIME": "docker", "VLMSERVE_LAUNCHER": "fake"}
-    assert OrchestratorSettings(**{"VLMSERVE_RUNTIME": "docker"}).launcher == "docker"
-    assert OrchestratorSettings(**settings_env).launcher == "fake"
-    assert OrchestratorSettings(launcher="docker").launcher == "docker"
-    assert deprecated_env(settings_env) == ["VLMSERVE_RUNTIME is deprecated: set VLMSERVE_LAUNCHER instead "
-                                            "(VLMSERVE_LAUNCHER wins)"]
+    assert deprecated_env({"VLMSERVE_RUNTIME": "docker", "VLMSERVE_LAUNCHER": "fake"}) == [
+        "VLMSERVE_RUNTIME is deprecated: set VLMSERVE_LAUNCHER instead (VLMSERVE_LAUNCHER wins)"]
     assert deprecated_env({"VLMSERVE_LAUNCHER": "docker"}) == []
+
+
+def test_the_launcher_setting_reads_its_old_name_too(monkeypatch) -> None:
+    monkeypatch.delenv("VLMSERVE_LAUNCHER", raising=False)
+    monkeypatch.setenv("VLMSERVE_RUNTIME", "docker")
+    assert OrchestratorSettings().launcher == "docker"
+    monkeypatch.setenv("VLMSERVE_LAUNCHER", "process")
+    assert OrchestratorSettings().launcher == "process"  # the new name wins
+    assert OrchestratorSettings(launcher="docker").launcher == "docker"  # options over the environment
+    monkeypatch.delenv("VLMSERVE_RUNTIME")
+    monkeypatch.delenv("VLMSERVE_LAUNCHER")
+    assert OrchestratorSettings().launcher == "process"
