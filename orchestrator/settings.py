@@ -47,7 +47,7 @@ class OrchestratorSettings(BaseSettings):
     # Which launcher `up`/`ensure`/`restart` use (a key of orchestrator/launchers LAUNCHERS, checked by the commands),
     # and what they run on. VLMSERVE_RUNTIME is its deprecated name, read when VLMSERVE_LAUNCHER is not set.
     launcher: str = Field("process", validation_alias=AliasChoices("VLMSERVE_LAUNCHER", *DEPRECATED_ENV),
-                          description="process (local processes) or docker (containers)")
+                          description="what starts the services: a name in LAUNCHERS (orchestrator/launchers)")
     accelerator: Literal["auto", "cpu", "cuda", "rocm"] = "auto"
     fallback: bool = Field(False, description="fall back to CPU (with a warning) when the accelerator is absent")
     gpu_plan: Path | None = Field(None, description="GPU memory plan (YAML/JSON): docker/gpu-plan.example.yaml")
