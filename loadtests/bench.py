@@ -308,8 +308,8 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
     from vlmserve.export.progress import Progress
     from vlmserve.export.repository import ExportOptions
     from vlmserve.export.run import export_model_set
+    from vlmserve.orchestrator.launchers.process import ProcessLauncher
     from vlmserve.orchestrator.ports import free_port, stack_ports
-    from vlmserve.orchestrator.process import ProcessRuntime
     from vlmserve.orchestrator.settings import OrchestratorSettings
 
     cpu = cpu_info()
@@ -349,7 +349,7 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
 
     settings = OrchestratorSettings(**stack_ports(), repository=repo,
                                     state_dir=paths.state_dir() / "bench", ready_timeout_s=900)
-    runtime = ProcessRuntime(settings, log=log)
+    launcher = ProcessLauncher(settings, log=log)
     baselines: dict[str, tuple[subprocess.Popen, str]] = {}
     model_args = ["--siglip", str(checkpoints / "siglip")] if siglip else []
     if florence:
@@ -379,7 +379,7 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
         image_dir.mkdir(exist_ok=True)
         os.environ["VLMSERVE_GATEWAY_LOCAL_IMAGE_DIR"] = str(image_dir)  # inherited by the gateway process
         try:
-            runtime.start()
+            launcher.start()
         finally:
             os.environ.pop("VLMSERVE_GATEWAY_LOCAL_IMAGE_DIR")
         gw = settings.gateway_url
@@ -441,7 +441,7 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
             log(f"image chat TTFT: {extra['image_chat_ttft']}")
         batched = (["siglip_embed_image"] if siglip else []) + (["florence2"] if florence else [])
         extra["triton_batch_sizes"] = _batch_sizes(settings.triton_http_url, batched)
-        triton = runtime.running().get("triton")
+        triton = launcher.running().get("triton")
         extra["model_rss_bytes"] = model_rss(triton.pid) if triton else {}
         if llama is not None:
             extra["llama_cpp"]["rss_bytes"] = _rss(llama.proc.pid)
@@ -452,7 +452,7 @@ def run_bench(name: str = "cpu-perf", users: int = 16, duration_s: int = 30, flo
         interrupted = isinstance(sys.exc_info()[1], (SystemExit, KeyboardInterrupt))
         if llama is not None:
             llama.stop()
-        runtime.stop(timeout_s=2.0 if interrupted else None)
+        launcher.stop(timeout_s=2.0 if interrupted else None)
         for proc, _ in baselines.values():
             if interrupted:
                 proc.kill()

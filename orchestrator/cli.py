@@ -3,14 +3,15 @@
 Verbs (the old Florence-2 service's docker manager had the same ones): ``up`` (alias ``start``), ``down`` (alias
 ``stop``),
 ``restart``, ``status``, ``health``, ``logs``, ``clean``, ``ensure``, plus ``run`` (foreground, supervised),
-``hardware``, ``plan``, ``image build`` and ``deploy k8s|swarm``. ``--runtime process`` (default) runs local processes;
-``--runtime docker`` runs containers through the Docker Engine API.
+``hardware``, ``plan``, ``image build`` and ``deploy k8s|swarm``. ``--launcher NAME`` picks what starts the services
+from :data:`~vlmserve.orchestrator.launchers.LAUNCHERS` (``process``, the default: local processes; ``docker``:
+containers through the Docker Engine API); the commands know a launcher only through the
+:class:`~vlmserve.orchestrator.launcher.Launcher` protocol.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from vlmserve.orchestrator import hardware, memory
-from vlmserve.orchestrator.console import console, fail, say, settings_from
+from vlmserve.orchestrator.console import console, fail, say, settings_from, warn
 from vlmserve.orchestrator.deploy.cli import app as deploy_app
-from vlmserve.orchestrator.docker_runtime import DockerRuntime, DockerUnavailable
 from vlmserve.orchestrator.images import IMAGES, ImageBuildError
 from vlmserve.orchestrator.launch import Launch, plan_launch
-from vlmserve.orchestrator.process import ProcessRuntime, StartupError
+from vlmserve.orchestrator.launcher import Launcher, LaunchError
+from vlmserve.orchestrator.launchers import LAUNCHERS
 from vlmserve.orchestrator.settings import OrchestratorSettings
-from vlmserve.orchestrator.triton import TritonNotFound
 
 app = typer.Typer(help="Start, stop and inspect vlmserve's services (local processes or Docker containers).",
                   no_args_is_help=True)
@@ -36,32 +36,43 @@ image_app = typer.Typer(help="Build the vlmserve images (docker/Dockerfile.<imag
 app.add_typer(image_app, name="image")
 app.add_typer(deploy_app, name="deploy")
 
+NAMES = " or ".join(LAUNCHERS)
 SetOpt = typer.Option(None, "--set", help="model set whose repository to serve: tiny, hub or perf")
 RepoOpt = typer.Option(None, "--repo", help="model repository path (default: the set's built repository)")
-RuntimeOpt = typer.Option(None, "--runtime", help="process (default, VLMSERVE_RUNTIME) or docker")
-AnyRuntimeOpt = typer.Option(None, "--runtime", help="process or docker (default: both)")
+LauncherOpt = typer.Option(None, "--launcher", help=f"what starts the services: {NAMES} "
+                           "(default: process, or VLMSERVE_LAUNCHER)")
+AnyLauncherOpt = typer.Option(None, "--launcher", help=f"{NAMES} (default: all)")
+# The launcher's old name, before "runtime" meant only export's ONNX Runtime/OpenVINO choice: kept for scripts.
+DeprecatedOpt = typer.Option(None, "--runtime", hidden=True, help="deprecated: --launcher")
 AccelOpt = typer.Option(None, "--accelerator", help="auto (default), cpu, cuda or rocm")
 FallbackOpt = typer.Option(None, "--fallback/--no-fallback", help="fall back to CPU when the accelerator is absent")
 PlanOpt = typer.Option(None, "--plan", help="GPU memory plan file (YAML/JSON); see docker/gpu-plan.example.yaml")
 BudgetOpt = typer.Option(None, "--budget", help="NAME=0.25 | NAME=6GiB[@DEVICE][:external], repeatable; "
                          "overrides the plan file")
 ReserveOpt = typer.Option(None, "--reserve", help="per-device reserve for CUDA contexts (fraction or size)")
-RUNTIMES = ("process", "docker")
 
 
-def runtime(settings: OrchestratorSettings, name: str | None = None, launch: Launch | None = None):
-    """The runtime object for ``name`` (default: the settings' runtime)."""
-    name = name or settings.runtime
-    if name not in RUNTIMES:
-        raise typer.BadParameter(f"--runtime must be one of {', '.join(RUNTIMES)}, not {name!r}")
-    cls = DockerRuntime if name == "docker" else ProcessRuntime
-    return cls(settings, log=say, launch=launch)
+def launcher_name(launcher: str | None, deprecated: str | None) -> str | None:
+    """``--launcher``, or the deprecated ``--runtime`` (with a warning) when only that is given."""
+    if deprecated is not None:
+        warn("--runtime is deprecated: use --launcher (--runtime now means only export's ONNX Runtime/OpenVINO "
+             "choice)")
+    return launcher if launcher is not None else deprecated
 
 
-def _launch(settings: OrchestratorSettings, budget: list[str] | None, reserve: str | None,
-            runtime_name: str) -> Launch:
+def launcher(settings: OrchestratorSettings, name: str | None = None, launch: Launch | None = None) -> Launcher:
+    """The launcher ``name`` from :data:`LAUNCHERS` (default: the settings' launcher)."""
+    name = name or settings.launcher
+    factory = LAUNCHERS.get(name)
+    if factory is None:
+        raise typer.BadParameter(f"unknown launcher {name!r} (--launcher or VLMSERVE_LAUNCHER): one of "
+                                 f"{', '.join(LAUNCHERS)}")
+    return factory(settings, log=say, launch=launch)
+
+
+def _launch(settings: OrchestratorSettings, budget: list[str] | None, reserve: str | None, in_image: bool) -> Launch:
     try:
-        launch = plan_launch(settings, budget, reserve, runtime_name)
+        launch = plan_launch(settings, budget, reserve, in_image=in_image)
     except (hardware.AcceleratorUnavailable, memory.PlanError, ValueError) as exc:
         raise fail(exc) from None
     for warning in launch.warnings:
@@ -73,13 +84,20 @@ def _launch(settings: OrchestratorSettings, budget: list[str] | None, reserve: s
     return launch
 
 
-def _settings(model_set, repo, runtime_name, accelerator, fallback, plan) -> OrchestratorSettings:
-    return settings_from(model_set, repo, runtime=runtime_name, accelerator=accelerator, fallback=fallback,
-                         gpu_plan=plan)
+def _planned(settings: OrchestratorSettings, name: str | None, budget: list[str] | None,
+             reserve: str | None) -> Launcher:
+    """The launcher, with its start planned (fails before anything starts: accelerator, memory plan)."""
+    chosen = launcher(settings, name)
+    chosen.launch = _launch(settings, budget, reserve, chosen.in_image)
+    return chosen
 
 
-def _child_args(model_set, repo, accelerator, fallback, plan, budget, reserve) -> list[str]:
-    """The same options for the detached supervisor (`up` in the process runtime)."""
+def _settings(model_set, repo, name, accelerator, fallback, plan) -> OrchestratorSettings:
+    return settings_from(model_set, repo, launcher=name, accelerator=accelerator, fallback=fallback, gpu_plan=plan)
+
+
+def _run_args(model_set, repo, accelerator, fallback, plan, budget, reserve) -> list[str]:
+    """The same options for a detached supervisor (`run`, started by `up` in the process launcher)."""
     args: list[str] = []
     for flag, value in (("--set", model_set), ("--repo", repo), ("--accelerator", accelerator),
                         ("--plan", plan), ("--reserve", reserve)):
@@ -92,135 +110,121 @@ def _child_args(model_set, repo, accelerator, fallback, plan, budget, reserve) -
     return args
 
 
-def _up(settings: OrchestratorSettings, child_args: list[str], budget, reserve) -> None:
-    name = settings.runtime
+@app.command()
+def up(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, name: str | None = LauncherOpt,
+       accelerator: str | None = AccelOpt, fallback: bool | None = FallbackOpt, plan: Path | None = PlanOpt,
+       budget: list[str] | None = BudgetOpt, reserve: str | None = ReserveOpt,
+       deprecated: str | None = DeprecatedOpt) -> None:
+    """Start Triton + gateway in the background (supervised) and wait until both are healthy."""
+    name = launcher_name(name, deprecated)
+    settings = _settings(model_set, repo, name, accelerator, fallback, plan)
+    chosen = _planned(settings, name, budget, reserve)
     try:
-        if name == "docker":
-            launch = _launch(settings, budget, reserve, "docker")
-            docker_rt = runtime(settings, name, launch)
-            docker_rt.up()
-        else:
-            _launch(settings, budget, reserve, "process")  # fail fast, before detaching
-            runtime(settings, name).up(child_args, dict(os.environ))
-    except (StartupError, TritonNotFound, DockerUnavailable) as exc:
+        chosen.up(_run_args(model_set, repo, accelerator, fallback, plan, budget, reserve))
+    except LaunchError as exc:
         raise fail(exc) from None
 
 
-@app.command()
-def up(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, runtime_name: str | None = RuntimeOpt,
-       accelerator: str | None = AccelOpt, fallback: bool | None = FallbackOpt, plan: Path | None = PlanOpt,
-       budget: list[str] | None = BudgetOpt, reserve: str | None = ReserveOpt) -> None:
-    """Start Triton + gateway in the background (supervised) and wait until both are healthy."""
-    settings = _settings(model_set, repo, runtime_name, accelerator, fallback, plan)
-    _up(settings, _child_args(model_set, repo, accelerator, fallback, plan, budget, reserve), budget, reserve)
-
-
 @app.command("start", help="Alias of `up` (the old Florence-2 service's docker manager's verb).")
-def start(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, runtime_name: str | None = RuntimeOpt,
+def start(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, name: str | None = LauncherOpt,
           accelerator: str | None = AccelOpt, fallback: bool | None = FallbackOpt, plan: Path | None = PlanOpt,
-          budget: list[str] | None = BudgetOpt, reserve: str | None = ReserveOpt) -> None:
-    up(model_set, repo, runtime_name, accelerator, fallback, plan, budget, reserve)
+          budget: list[str] | None = BudgetOpt, reserve: str | None = ReserveOpt,
+          deprecated: str | None = DeprecatedOpt) -> None:
+    up(model_set, repo, name, accelerator, fallback, plan, budget, reserve, deprecated)
 
 
 @app.command()
 def run(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, accelerator: str | None = AccelOpt,
         fallback: bool | None = FallbackOpt, plan: Path | None = PlanOpt, budget: list[str] | None = BudgetOpt,
         reserve: str | None = ReserveOpt,
-        runtime_name: str = typer.Option("process", "--runtime", help="process (default) or docker (containers "
-                                         "that live only as long as this command)")) -> None:
+        name: str | None = typer.Option(None, "--launcher", help=f"{NAMES} (default: process; docker: containers "
+                                        "that live only as long as this command)"),
+        deprecated: str | None = DeprecatedOpt) -> None:
     """Start Triton + gateway in the foreground, restart them if they crash; Ctrl-C stops both. Whatever ends
     this command, nothing it started outlives it."""
-    if runtime_name not in RUNTIMES:
-        raise typer.BadParameter(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime_name!r}")
-    settings = _settings(model_set, repo, runtime_name, accelerator, fallback, plan)
-    launch = _launch(settings, budget, reserve, runtime_name)
+    name = launcher_name(name, deprecated) or "process"  # not VLMSERVE_LAUNCHER: `run` is local unless told
+    settings = _settings(model_set, repo, name, accelerator, fallback, plan)
+    chosen = _planned(settings, name, budget, reserve)
     try:
-        code = runtime(settings, runtime_name, launch).run_foreground()
-    except (StartupError, TritonNotFound, DockerUnavailable) as exc:
+        code = chosen.run_foreground()
+    except LaunchError as exc:
         raise fail(exc) from None
     raise typer.Exit(code)
 
 
-def _present(settings: OrchestratorSettings, runtime_name: str | None) -> list[Any]:
-    """Runtimes to act on: the named one, or every runtime that is usable here."""
-    if runtime_name:
-        return [runtime(settings, runtime_name)]
-    found: list[Any] = [ProcessRuntime(settings, log=say)]
-    docker_rt = DockerRuntime(settings, log=say)
-    try:
-        docker_rt.client  # noqa: B018 - probe for an engine; without one there is nothing of ours in Docker
-        found.append(docker_rt)
-    except DockerUnavailable:
-        pass
-    return found
+def _present(settings: OrchestratorSettings, name: str | None) -> list[Launcher]:
+    """Launchers to act on: the named one, or every launcher that is usable here."""
+    if name:
+        return [launcher(settings, name)]
+    return [found for factory in LAUNCHERS.values() if (found := factory(settings, log=say)).available()]
 
 
 @app.command()
-def down(runtime_name: str | None = AnyRuntimeOpt) -> None:
+def down(name: str | None = AnyLauncherOpt, deprecated: str | None = DeprecatedOpt) -> None:
     """Stop what `up` started (processes and/or containers + network)."""
+    name = launcher_name(name, deprecated)
     settings = settings_from()
     try:
-        stopped = [f"{rt.name} {n}" for rt in _present(settings, runtime_name) for n in rt.down()]
-    except DockerUnavailable as exc:
+        stopped = [f"{chosen.name} {n}" for chosen in _present(settings, name) for n in chosen.down()]
+    except LaunchError as exc:
         raise fail(exc) from None
     console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
 
 @app.command("stop", help="Alias of `down` (the old Florence-2 service's docker manager's verb).")
-def stop(runtime_name: str | None = AnyRuntimeOpt) -> None:
-    down(runtime_name)
+def stop(name: str | None = AnyLauncherOpt, deprecated: str | None = DeprecatedOpt) -> None:
+    down(name, deprecated)
 
 
 @app.command()
-def restart(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, runtime_name: str | None = RuntimeOpt,
+def restart(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, name: str | None = LauncherOpt,
             accelerator: str | None = AccelOpt, fallback: bool | None = FallbackOpt, plan: Path | None = PlanOpt,
-            budget: list[str] | None = BudgetOpt, reserve: str | None = ReserveOpt) -> None:
+            budget: list[str] | None = BudgetOpt, reserve: str | None = ReserveOpt,
+            deprecated: str | None = DeprecatedOpt) -> None:
     """`down` then `up`."""
-    settings = _settings(model_set, repo, runtime_name, accelerator, fallback, plan)
+    name = launcher_name(name, deprecated)
+    settings = _settings(model_set, repo, name, accelerator, fallback, plan)
     try:
-        runtime(settings).down()
-    except DockerUnavailable as exc:
+        launcher(settings, name).down()
+    except LaunchError as exc:
         raise fail(exc) from None
-    _up(settings, _child_args(model_set, repo, accelerator, fallback, plan, budget, reserve), budget, reserve)
+    chosen = _planned(settings, name, budget, reserve)
+    try:
+        chosen.up(_run_args(model_set, repo, accelerator, fallback, plan, budget, reserve))
+    except LaunchError as exc:
+        raise fail(exc) from None
 
 
 @app.command()
-def ensure(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, runtime_name: str | None = RuntimeOpt,
+def ensure(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, name: str | None = LauncherOpt,
            accelerator: str | None = AccelOpt, fallback: bool | None = FallbackOpt, plan: Path | None = PlanOpt,
-           budget: list[str] | None = BudgetOpt, reserve: str | None = ReserveOpt) -> None:
+           budget: list[str] | None = BudgetOpt, reserve: str | None = ReserveOpt,
+           deprecated: str | None = DeprecatedOpt) -> None:
     """Start only what is not running and healthy (safe to call from cron or a boot script)."""
-    settings = _settings(model_set, repo, runtime_name, accelerator, fallback, plan)
-    rt = runtime(settings)
+    name = launcher_name(name, deprecated)
+    settings = _settings(model_set, repo, name, accelerator, fallback, plan)
+    chosen = _planned(settings, name, budget, reserve)
     try:
-        if isinstance(rt, DockerRuntime):
-            rt.launch = _launch(settings, budget, reserve, "docker")
-            started = rt.ensure()
-        else:
-            rows = rt.status()
-            if rt.supervisor() and rows and all(r["health"] == "healthy" for r in rows):
-                started = []
-            else:
-                rt.down()
-                _up(settings, _child_args(model_set, repo, accelerator, fallback, plan, budget, reserve),
-                    budget, reserve)
-                started = ["triton", "gateway"]
-    except (StartupError, TritonNotFound, DockerUnavailable) as exc:
+        started = chosen.ensure(_run_args(model_set, repo, accelerator, fallback, plan, budget, reserve))
+    except LaunchError as exc:
         raise fail(exc) from None
     console.print(f"started: {', '.join(started)}" if started else "already running and healthy")
 
 
-COLUMNS = ("service", "runtime", "state", "restarts", "health", "ports", "device", "memory", "id", "log")
+COLUMNS = ("service", "launcher", "state", "restarts", "health", "ports", "device", "memory", "id", "log")
 
 
 @app.command()
-def status(runtime_name: str | None = AnyRuntimeOpt, as_json: bool = typer.Option(False, "--json"),
-           plan: Path | None = PlanOpt, budget: list[str] | None = BudgetOpt) -> None:
-    """Table of services: runtime, state, restarts, health, ports, device, memory; with --plan, GPU budgets
+def status(name: str | None = AnyLauncherOpt, as_json: bool = typer.Option(False, "--json"),
+           plan: Path | None = PlanOpt, budget: list[str] | None = BudgetOpt,
+           deprecated: str | None = DeprecatedOpt) -> None:
+    """Table of services: launcher, state, restarts, health, ports, device, memory; with --plan, GPU budgets
     next to measured use."""
+    name = launcher_name(name, deprecated)
     settings = settings_from(gpu_plan=plan)
     try:
-        rows = [row for rt in _present(settings, runtime_name) for row in rt.status()]
-    except DockerUnavailable as exc:
+        rows = [row for chosen in _present(settings, name) for row in chosen.status()]
+    except LaunchError as exc:
         raise fail(exc) from None
     budgets = _budget_rows(settings, budget) if (plan or budget) else []
     runtimes = runtime_rows(settings.repository_path)
@@ -290,8 +294,9 @@ def _budget_rows(settings: OrchestratorSettings, budget: list[str] | None) -> li
 
 
 @app.command()
-def health(runtime_name: str | None = AnyRuntimeOpt) -> None:
+def health(name: str | None = AnyLauncherOpt, deprecated: str | None = DeprecatedOpt) -> None:
     """The gateway's /health (per-model readiness) and Triton's readiness; exit 1 when not healthy."""
+    launcher_name(name, deprecated)  # either launcher serves the same ports: the settings' URLs are asked
     settings = settings_from()
     report: dict[str, Any] = {}
     try:
@@ -315,21 +320,19 @@ def health(runtime_name: str | None = AnyRuntimeOpt) -> None:
 def logs(service: str | None = typer.Argument(None, help="triton, gateway (or supervisor); default: all"),
          follow: bool = typer.Option(False, "-f", "--follow", help="keep printing new lines"),
          tail: int | None = typer.Option(None, "--tail", help="only the last N lines"),
-         runtime_name: str | None = AnyRuntimeOpt) -> None:
+         name: str | None = AnyLauncherOpt, deprecated: str | None = DeprecatedOpt) -> None:
     """Print (or follow) the services' logs."""
+    name = launcher_name(name, deprecated)
     settings = settings_from()
     printed = False
     try:
-        for rt in _present(settings, runtime_name):
-            if rt.name == "docker" and not rt.containers():
+        for chosen in _present(settings, name):
+            if not name and not chosen.active():
                 continue
-            if rt.name == "process" and not rt.load() and not runtime_name:
-                continue
-            lines = rt.logs(service, follow, tail) if rt.name == "process" else rt.logs(service, follow, tail or "all")
-            for line in lines:
+            for line in chosen.logs(service, follow, tail):
                 print(line, flush=True)
                 printed = True
-    except ValueError as exc:
+    except (ValueError, LaunchError) as exc:
         raise fail(exc) from None
     except KeyboardInterrupt:
         return
@@ -338,16 +341,16 @@ def logs(service: str | None = typer.Argument(None, help="triton, gateway (or su
 
 
 @app.command()
-def clean(runtime_name: str | None = AnyRuntimeOpt,
-          volumes: bool = typer.Option(False, "--volumes", help="also remove the HF cache volume (docker)")) -> None:
+def clean(name: str | None = AnyLauncherOpt,
+          volumes: bool = typer.Option(False, "--volumes", help="also remove the HF cache volume (docker)"),
+          deprecated: str | None = DeprecatedOpt) -> None:
     """Stop and remove what vlmserve created: labelled containers and networks, run-directory logs.
     Nothing else (other containers, images, the model repository) is touched."""
+    name = launcher_name(name, deprecated)
     settings = settings_from()
     try:
-        removed = []
-        for rt in _present(settings, runtime_name):
-            removed += rt.clean(volumes) if rt.name == "docker" else rt.clean()
-    except DockerUnavailable as exc:
+        removed = [item for chosen in _present(settings, name) for item in chosen.clean(volumes)]
+    except LaunchError as exc:
         raise fail(exc) from None
     console.print("removed:\n  " + "\n  ".join(removed) if removed else "nothing to clean")
 
@@ -417,8 +420,8 @@ def image_build(image: str = typer.Option("cpu", "--image", help=f"one of {', '.
                 tag: str | None = typer.Option(None, "--tag", help="default vlmserve:<image>"),
                 base_image: str = typer.Option("debian:bookworm-slim", "--base-image", help="cpu image base")) -> None:
     """Build docker/Dockerfile.<image> from a local wheelhouse (offline inside the build)."""
-    from vlmserve.orchestrator.docker_runtime import docker_client
     from vlmserve.orchestrator.images import build_image
+    from vlmserve.orchestrator.launchers.docker import DockerUnavailable, docker_client
 
     if image not in IMAGES:
         raise typer.BadParameter(f"--image must be one of {', '.join(IMAGES)}")

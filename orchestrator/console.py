@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from vlmserve.orchestrator.settings import OrchestratorSettings
+from vlmserve.orchestrator.settings import OrchestratorSettings, deprecated_env
 
 console = Console(stderr=True)
 
@@ -24,7 +24,14 @@ def fail(exc: Exception) -> typer.Exit:
     return typer.Exit(1)
 
 
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
+
+
 def settings_from(model_set: str | None = None, repo: Path | None = None, **overrides: Any) -> OrchestratorSettings:
+    """The settings (environment, then these options); warns about deprecated environment names."""
+    for message in deprecated_env():
+        warn(message)
     values = {k: v for k, v in overrides.items() if v is not None}
     if model_set:
         values["model_set"] = model_set

@@ -1,6 +1,6 @@
 """Entry point inside the vlmserve images: ``python -m vlmserve.orchestrator.container triton|gateway|health|prepare``.
 
-One image runs either role; the Docker runtime (and ``docker/compose.yaml``) pick it with the command and
+One image runs either role; the Docker launcher (and ``docker/compose.yaml``) pick it with the command and
 ``VLMSERVE_ROLE``. The gateway is ``exec``'d. The Triton role is a small supervisor: tritonserver runs as its child
 (SIGTERM/SIGINT forwarded to it), a :class:`~vlmserve.orchestrator.heal.StubWatcher` beside it reloads a model whose
 Python

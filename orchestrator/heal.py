@@ -7,7 +7,7 @@ and fails every request to it (``Stub process '<instance>' is not healthy.``, HT
 unload followed by a load gives the model a new stub. Triton's load alone is a no-op for a loaded model whose
 files did not change since it was read (its repository poll classes it "unmodified"), hence unload, then load.
 
-:class:`StubWatcher` runs beside exactly one tritonserver (the process runtime's supervisor, the container
+:class:`StubWatcher` runs beside exactly one tritonserver (the process launcher's supervisor, the container
 entrypoint ``python -m vlmserve.orchestrator.container triton`` in Docker, Swarm and Kubernetes) and talks only to that
 server on localhost: with several replicas each heals its own models and never touches another replica's. The
 gateway does not reload anything; it answers 503 + Retry-After for the model meanwhile.

@@ -39,7 +39,8 @@ def dockerfile(image: str) -> Path:
 
 
 def image_requirements(pyproject: Path | None = None) -> list[str]:
-    """The image's pip requirements: the project's dependencies plus the runtime extras (not the project)."""
+    """The image's pip requirements: the project's dependencies plus the extras its services need to run
+    (IMAGE_EXTRAS; not the project)."""
     data = tomllib.loads((pyproject or paths.PROJECT_ROOT / "pyproject.toml").read_text())
     project = data["project"]
     reqs = list(project["dependencies"])

@@ -1,7 +1,7 @@
 """What a start needs before any process or container exists: the accelerator, the image and the GPU memory plan.
 
-Both runtimes call :func:`plan_launch`; it fails (before anything is started) with a message that says what
-to change: an absent accelerator, an over-committed memory plan, a budget for a model that is not served.
+Every launcher's start calls :func:`plan_launch` first; it fails (before anything is started) with a message that
+says what to change: an absent accelerator, an over-committed memory plan, a budget for a model that is not served.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Launch:
         return {ACCELERATOR_ENV: self.choice.accelerator, **(self.rendered.env if self.rendered else {})}
 
     def model_config_name(self, default: str | None) -> str | None:
-        """The rendered plan's configs when there is one, else the runtime's default flavour."""
+        """The rendered plan's configs when there is one, else the launcher's default flavour."""
         return self.rendered.config_name if self.rendered else default
 
 
@@ -42,18 +42,19 @@ def plan_launch(
     settings: OrchestratorSettings,
     budgets: list[str] | None = None,
     reserve: str | None = None,
-    runtime: str = "process",
+    in_image: bool = False,
     detected: hardware.Hardware | None = None,
 ) -> Launch:
     """Detect, choose the accelerator, validate the memory plan and render it into the repository.
 
-    The plan starts from the configs the runtime would serve: in Docker the image's flavour (native
-    ``config.pbtxt`` in the NGC image, ``embedded`` otherwise); as local processes always the embedded
-    flavour (the wheel's tritonserver has only the Python backend).
+    The plan starts from the configs the launcher would serve: where Triton runs from a vlmserve image
+    (``in_image``: Docker) the image's flavour (native ``config.pbtxt`` in the NGC image, ``embedded`` otherwise);
+    as local processes the settings' flavour, embedded by default (the wheel's tritonserver has only the Python
+    backend).
     """
     hw = detected if detected is not None else hardware.detect()
     choice = hardware.choose(settings.accelerator, hw, settings.fallback)
-    base_config_name = choice.model_config_name if runtime == "docker" else settings.model_config_name
+    base_config_name = choice.model_config_name if in_image else settings.model_config_name
     launch = Launch(choice=choice, hardware=hw, warnings=list(choice.warnings))
     plan_file: Path | None = settings.gpu_plan
     if plan_file is None and not budgets and reserve is None:

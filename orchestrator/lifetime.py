@@ -1,6 +1,6 @@
 """Nothing outlives its supervisor: child processes die with the process that started them.
 
-Triton, the gateway (process runtime), the bench's baseline servers, llama-server and Locust are started with
+Triton, the gateway (process launcher), the bench's baseline servers, llama-server and Locust are started with
 ``preexec_fn=die_with_parent()``: the kernel sends them SIGKILL (``PR_SET_PDEATHSIG``) when the process that
 started them ends, however it ends (SIGKILL, SIGTERM, a crash, the OOM killer). Triton's Python stubs are
 Triton's children: each stub checks every 300 ms that its Triton is alive and exits when it is not.

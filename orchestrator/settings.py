@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vlmserve import paths
 
+# Deprecated environment names and what replaced them (still read; the commands warn).
+DEPRECATED_ENV = {"VLMSERVE_RUNTIME": "VLMSERVE_LAUNCHER"}
+
+
+def deprecated_env(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """One warning per deprecated variable set in ``environ``."""
+    return [f"{old} is deprecated: set {new} instead" + (f" ({new} wins)" if new in environ else "")
+            for old, new in DEPRECATED_ENV.items() if old in environ]
+
 
 class OrchestratorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VLMSERVE_", extra="ignore")
+    # populate_by_name: ``OrchestratorSettings(launcher=...)`` beside the launcher's environment names.
+    model_config = SettingsConfigDict(env_prefix="VLMSERVE_", extra="ignore", populate_by_name=True)
 
     host: str = "127.0.0.1"
     http_port: int = 8000
@@ -32,18 +44,20 @@ class OrchestratorSettings(BaseSettings):
     stop_timeout_s: float = 20.0
     state_dir: Path = Field(default_factory=paths.state_dir)
 
-    # Which runtime `up`/`ensure`/`restart` use, and what they run on.
-    runtime: Literal["process", "docker"] = "process"
+    # Which launcher `up`/`ensure`/`restart` use (a key of orchestrator/launchers LAUNCHERS, checked by the commands),
+    # and what they run on. VLMSERVE_RUNTIME is its deprecated name, read when VLMSERVE_LAUNCHER is not set.
+    launcher: str = Field("process", validation_alias=AliasChoices("VLMSERVE_LAUNCHER", *DEPRECATED_ENV),
+                          description="what starts the services: a name in LAUNCHERS (orchestrator/launchers)")
     accelerator: Literal["auto", "cpu", "cuda", "rocm"] = "auto"
     fallback: bool = Field(False, description="fall back to CPU (with a warning) when the accelerator is absent")
     gpu_plan: Path | None = Field(None, description="GPU memory plan (YAML/JSON): docker/gpu-plan.example.yaml")
 
-    # Supervision (both runtimes): restart a crashed service with exponential backoff.
+    # Supervision (both launchers): restart a crashed service with exponential backoff.
     restart_backoff_s: float = 1.0
     restart_backoff_max_s: float = 30.0
     max_restarts: int = Field(5, description="consecutive failed restarts before giving up (0: never restart)")
 
-    # Docker runtime.
+    # Docker launcher.
     project: str = Field("vlmserve", description="container/network name prefix and label value")
     image: str | None = Field(None, description="image to run; default vlmserve:<cpu|gpu|rocm>")
     hf_cache_volume: str = Field("vlmserve-hf-cache", description="Docker volume mounted as the HF cache")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmserve import paths, telemetry
+from vlmserve.orchestrator.launcher import LaunchError
 from vlmserve.orchestrator.settings import OrchestratorSettings
 
 # How long tritonserver waits for in-flight requests when asked to stop; a supervisor (Docker, Kubernetes'
@@ -23,7 +24,7 @@ from vlmserve.orchestrator.settings import OrchestratorSettings
 EXIT_TIMEOUT_S = 10
 
 
-class TritonNotFound(RuntimeError):
+class TritonNotFound(LaunchError):
     """No usable tritonserver: the message says what to install."""
 
 

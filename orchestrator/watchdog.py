@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
         return 0
     import docker.errors
 
-    from vlmserve.orchestrator.docker_runtime import DockerUnavailable, docker_client
+    from vlmserve.orchestrator.launchers.docker import DockerUnavailable, docker_client
 
     try:
         client = docker_client()

@@ -1,5 +1,5 @@
 """Shared fixtures: the tiny model repository, built once per test session into a temporary state dir, and the
-real stack on it (tritonserver + gateway, process runtime) that the integration and browser tests share: one per
+real stack on it (tritonserver + gateway, process launcher) that the integration and browser tests share: one per
 session, because a second one on the same state dir would refuse to start ("already running")."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from vlmserve.orchestrator.launchers.process import ProcessLauncher
 from vlmserve.orchestrator.ports import free_port, stack_ports
-from vlmserve.orchestrator.process import ProcessRuntime
 from vlmserve.orchestrator.settings import OrchestratorSettings
 
 __all__ = ["Stack", "compose_commands", "free_port", "local_http_server", "tiny_export_options"]
@@ -85,7 +85,7 @@ class Stack:
     triton_grpc: str
     settings: OrchestratorSettings
     image_dir: Path
-    runtime: ProcessRuntime
+    launcher: ProcessLauncher
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +120,7 @@ def stack(tiny_repo: Path, state_dir: Path, image_dir: Path) -> Stack:
         **stack_ports(),
         repository=tiny_repo, state_dir=state_dir, ready_timeout_s=240,
     )
-    runtime = ProcessRuntime(settings, log=lambda m: None)
+    launcher = ProcessLauncher(settings, log=lambda m: None)
     # Gateway settings for the test stack, set only while the processes are spawned (they inherit them),
     # so they do not leak into other tests' settings objects.
     with pytest.MonkeyPatch.context() as mp:
@@ -128,11 +128,11 @@ def stack(tiny_repo: Path, state_dir: Path, image_dir: Path) -> Stack:
         mp.setenv("VLMSERVE_GATEWAY_LOCAL_IMAGE_DIR", str(image_dir))
         mp.setenv("VLMSERVE_GATEWAY_MAX_BODY_BYTES", str(4 * 1024 * 1024))
         mp.setenv("VLMSERVE_GATEWAY_BATCH_MAX_FILE_BYTES", str(1024 * 1024))
-        runtime.start()
-    services = dict(runtime.services)
+        launcher.start()
+    services = dict(launcher.services)
     yield Stack(settings.gateway_url, settings.triton_http_url, f"{settings.host}:{settings.grpc_port}",
-                settings, image_dir, runtime)
-    runtime.stop()
+                settings, image_dir, launcher)
+    launcher.stop()
     leftovers = [s.name for s in services.values() if s.alive()]
     assert not leftovers, f"processes left running after stop: {leftovers}"
 

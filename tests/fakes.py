@@ -7,24 +7,32 @@ this file), so tests pass it to ``create_app(settings, backend=...)`` as they ar
 call,
 or an exception), streams scripted responses for decoupled models, and records every call the gateway made.
 It knows no model contract: the tests that use it build their models, answers and scripts.
+
+:class:`FakeLauncher` is the orchestrator's stand-in launcher: it satisfies
+:class:`vlmserve.orchestrator.launcher.Launcher` and is its own factory, so a test puts it in ``LAUNCHERS`` and drives
+the real commands against it; it starts nothing and records what the commands asked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
 
 from vlmserve.gateway.triton import ModelInfo, Registry, TritonUnavailable
+from vlmserve.orchestrator.launch import Launch
+from vlmserve.orchestrator.launcher import LaunchError
+from vlmserve.orchestrator.settings import OrchestratorSettings
 
 if TYPE_CHECKING:
     from vlmserve.gateway.triton import InferenceBackend
+    from vlmserve.orchestrator.launcher import Launcher, LauncherFactory
 
-__all__ = ["Answer", "Call", "FakeBackend", "StreamItem", "Tensors"]
+__all__ = ["Answer", "Call", "FakeBackend", "FakeLauncher", "StreamItem", "Tensors"]
 
 Tensors: TypeAlias = dict[str, np.ndarray]
 # One streamed response, or an exception raised at that point of the stream (after the responses before it).
@@ -141,3 +149,77 @@ class FakeBackend:
 if TYPE_CHECKING:
     def _is_an_inference_backend(fake: FakeBackend) -> InferenceBackend:
         return fake  # mypy checks FakeBackend against the Protocol here
+
+
+class FakeLauncher:
+    """A launcher the test scripts; the commands build it through ``LAUNCHERS[name]`` (it returns itself, with the
+    settings and the planned launch they passed).
+
+    ``rows``: what ``status`` answers (each row gets ``launcher: <name>``). ``error``: raised by every start
+    (``up``, ``ensure``, ``run_foreground``). ``exit_code``: what ``run_foreground`` returns.
+    ``available_``/``active_``: its answers to ``available()``/``active()``. ``calls`` records each verb with its
+    arguments, in order.
+    """
+
+    def __init__(self, name: str = "fake", *, in_image: bool = False, rows: Sequence[Mapping[str, Any]] = (),
+                 error: LaunchError | None = None, exit_code: int = 0, available_: bool = True,
+                 active_: bool = True) -> None:
+        self.name = name
+        self.in_image = in_image
+        self.rows = [dict(r) for r in rows]
+        self.error = error
+        self.exit_code = exit_code
+        self.available_ = available_
+        self.active_ = active_
+        self.launch: Launch | None = None
+        self.settings: OrchestratorSettings | None = None
+        self.calls: list[tuple[str, Any]] = []
+
+    def __call__(self, settings: OrchestratorSettings, *, log: Callable[[str], None] = print,
+                 launch: Launch | None = None) -> FakeLauncher:
+        self.settings, self.launch = settings, launch
+        return self
+
+    def _start(self, verb: str, detail: Any) -> None:
+        self.calls.append((verb, detail))
+        if self.error is not None:
+            raise self.error
+
+    def available(self) -> bool:
+        return self.available_
+
+    def active(self) -> bool:
+        return self.active_
+
+    def up(self, run_args: Sequence[str]) -> list[str]:
+        self._start("up", list(run_args))
+        return ["triton", "gateway"]
+
+    def ensure(self, run_args: Sequence[str]) -> list[str]:
+        self._start("ensure", list(run_args))
+        return ["gateway"]
+
+    def run_foreground(self) -> int:
+        self._start("run_foreground", None)
+        return self.exit_code
+
+    def down(self) -> list[str]:
+        self.calls.append(("down", None))
+        return ["gateway", "triton"]
+
+    def status(self) -> list[dict[str, Any]]:
+        self.calls.append(("status", None))
+        return [{**r, "launcher": self.name} for r in self.rows]
+
+    def logs(self, service: str | None, follow: bool, tail: int | None) -> Iterator[str]:
+        self.calls.append(("logs", (service, follow, tail)))
+        yield f"{service or 'triton'} | a line from {self.name}"
+
+    def clean(self, volumes: bool) -> list[str]:
+        self.calls.append(("clean", volumes))
+        return [f"{self.name} things"]
+
+
+if TYPE_CHECKING:
+    def _is_a_launcher_and_its_factory(fake: FakeLauncher) -> tuple[Launcher, LauncherFactory]:
+        return fake, fake  # mypy checks FakeLauncher against both Protocols here

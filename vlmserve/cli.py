@@ -82,7 +82,7 @@ def _export(model_set: str, repo: Path | None, sources: dict[str, str], families
 def _export_and_run(model_set: str, sources: dict[str, str] | None = None) -> None:
     _export(model_set, None, sources or {})
     orchestrator_cli.run(model_set=model_set, repo=None, accelerator=None, fallback=None, plan=None, budget=None,
-                         reserve=None, runtime_name="process")
+                         reserve=None, name="process", deprecated=None)
 
 
 @app.command()

@@ -62,7 +62,7 @@ def deploy_swarm(
     down: bool = typer.Option(False, "--down", help="remove the stack and wait until nothing is left"),
 ) -> None:
     """N gateway+Triton replicas behind nginx on Docker Swarm (CPU images; dnsrr, no routing mesh needed)."""
-    from vlmserve.orchestrator.docker_runtime import DockerUnavailable, docker_client
+    from vlmserve.orchestrator.launchers.docker import DockerUnavailable, docker_client
 
     try:
         if down:

@@ -3,8 +3,8 @@
 Nothing here is a hand-kept copy: the image and model-config flavour per accelerator come from
 :mod:`vlmserve.orchestrator.hardware`, the GPU memory plan's knobs from :mod:`vlmserve.orchestrator.memory`, the
 containers'
-environment, ports and commands from the Docker runtime's own container specs
-(:meth:`vlmserve.orchestrator.docker_runtime.DockerRuntime.spec`), the health endpoints from
+environment, ports and commands from the Docker launcher's own container specs
+(:meth:`vlmserve.orchestrator.launchers.docker.DockerLauncher.spec`), the health endpoints from
 :mod:`vlmserve.orchestrator.container` and Triton's exit timeout from :mod:`vlmserve.orchestrator.triton`. Both
 renderers
 (:mod:`vlmserve.orchestrator.deploy.k8s`, :mod:`vlmserve.orchestrator.deploy.swarm`) start from :func:`prepare`.
@@ -19,8 +19,8 @@ from typing import Any
 from vlmserve import telemetry
 from vlmserve.orchestrator import hardware, memory
 from vlmserve.orchestrator.container import PROBES
-from vlmserve.orchestrator.docker_runtime import GATEWAY_PORT, TRITON_PORTS, DockerRuntime
 from vlmserve.orchestrator.launch import Launch
+from vlmserve.orchestrator.launchers.docker import GATEWAY_PORT, TRITON_PORTS, DockerLauncher
 from vlmserve.orchestrator.settings import OrchestratorSettings
 from vlmserve.orchestrator.triton import EXIT_TIMEOUT_S
 
@@ -72,16 +72,16 @@ class Replica:
         """The config flavour the plan starts from: the image's own (``native`` in the NGC image)."""
         return self.launch.choice.model_config_name or "native"
 
-    def _runtime(self) -> DockerRuntime:
+    def _docker(self) -> DockerLauncher:
         settings = OrchestratorSettings(project=NAME, image=self.image)
-        return DockerRuntime(settings, log=lambda _m: None, client=object(), launch=self.launch)
+        return DockerLauncher(settings, log=lambda _m: None, client=object(), launch=self.launch)
 
     def env(self, service: str) -> dict[str, str]:
-        """The container environment of ``service`` exactly as the Docker runtime gives it, less what the Docker
-        runtime copies from the local shell (a cluster gets its settings from its own manifests)."""
-        runtime = self._runtime()
-        env: dict[str, str] = dict(runtime.spec(service)["environment"])
-        for key in runtime._pass_through_env():
+        """The container environment of ``service`` exactly as the Docker launcher gives it, less what the Docker
+        launcher copies from the local shell (a cluster gets its settings from its own manifests)."""
+        docker = self._docker()
+        env: dict[str, str] = dict(docker.spec(service)["environment"])
+        for key in docker._pass_through_env():
             env.pop(key, None)
         env.pop(telemetry.OTLP_ENDPOINT_ENV, None)  # this shell's collector is not the cluster's
         if service == "gateway":
@@ -99,11 +99,11 @@ class Replica:
     @property
     def triton_service_host(self) -> str:
         """The host name the gateway's Triton URL names (``vlmserve-triton``): the Service/stack service name."""
-        return self._runtime().container_name("triton")
+        return self._docker().container_name("triton")
 
     @property
     def gateway_service_host(self) -> str:
-        return self._runtime().container_name("gateway")
+        return self._docker().container_name("gateway")
 
 
 def prepare(accelerator: str, plan: Path | None = None, budgets: list[str] | None = None,

@@ -25,8 +25,8 @@ import yaml
 
 from vlmserve.orchestrator.deploy import spec
 from vlmserve.orchestrator.deploy.spec import NAME, Replica
-from vlmserve.orchestrator.docker_runtime import PROJECT_LABEL
 from vlmserve.orchestrator.images import LABEL
+from vlmserve.orchestrator.launchers.docker import PROJECT_LABEL
 
 LB_IMAGE = f"{NAME}-lb:latest"
 LB = f"{NAME}-lb"
@@ -96,7 +96,7 @@ def _tmpfs(target: str, size: int | None = None) -> dict[str, Any]:
 
 
 def _shm_size() -> int:
-    """The Docker runtime's ``shm_size`` (Docker's notation, e.g. ``1g``) in bytes, as a tmpfs size."""
+    """The Docker launcher's ``shm_size`` (Docker's notation, e.g. ``1g``) in bytes, as a tmpfs size."""
     from docker.utils import parse_bytes
 
     from vlmserve.orchestrator.settings import OrchestratorSettings

@@ -20,7 +20,7 @@ IMAGE_TAG = "vlmserve:cpu-e2e"
 
 @pytest.fixture(scope="session")
 def docker_client():
-    from vlmserve.orchestrator.docker_runtime import DockerUnavailable, docker_client
+    from vlmserve.orchestrator.launchers.docker import DockerUnavailable, docker_client
 
     try:
         return docker_client()

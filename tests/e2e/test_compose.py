@@ -1,6 +1,6 @@
 """docker/compose.yaml's cpu profile on a real Docker Engine with a real Compose (the `docker compose` plugin or
 Debian's docker-compose): up -> both services healthy (the compose healthchecks) -> /embed through the gateway
-container -> the orchestrator's own docker runtime neither lists nor cleans the compose project -> down -v leaves
+container -> the orchestrator's own docker launcher neither lists nor cleans the compose project -> down -v leaves
 nothing behind."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import compose_commands
-from tests.e2e.test_docker_runtime import embed
+from tests.e2e.test_docker_launcher import embed
 from vlmserve import paths
-from vlmserve.orchestrator.docker_runtime import PROJECT_LABEL, SERVICE_LABEL
 from vlmserve.orchestrator.images import LABEL
+from vlmserve.orchestrator.launchers.docker import PROJECT_LABEL, SERVICE_LABEL
 from vlmserve.orchestrator.ports import stack_port_env, stack_ports
 
 pytestmark = pytest.mark.e2e
@@ -82,9 +82,9 @@ def test_compose_cpu_profile(docker_client, cpu_image: str, tiny_repo: Path, tmp
         vectors = embed(f"http://127.0.0.1:{ports['gateway_port']}", sample_image.read_bytes())
         assert len(vectors) == 1 and len(vectors[0]) > 8
 
-        # The orchestrator's docker runtime (project "vlmserve" and its own) does not see or remove compose's.
+        # The orchestrator's docker launcher (project "vlmserve" and its own) does not see or remove compose's.
         orch_env = dict(env, VLMSERVE_STATE_DIR=str(tmp_path / "state"), VLMSERVE_PROJECT=f"{project}-orch")
-        clean = subprocess.run([sys.executable, "-m", "vlmserve.orchestrator", "clean", "--runtime", "docker"],
+        clean = subprocess.run([sys.executable, "-m", "vlmserve.orchestrator", "clean", "--launcher", "docker"],
                                env=orch_env, capture_output=True, text=True, timeout=120)
         assert clean.returncode == 0, clean.stderr
         for c in containers.values():

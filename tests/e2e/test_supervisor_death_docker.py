@@ -1,7 +1,7 @@
-"""The docker runtime: containers are nobody's children, so what starts them ties them to a watchdog.
-`vlmserve run --runtime docker` SIGKILLed while serving, and `vlmserve up --runtime docker` SIGKILLed mid-start
+"""The docker launcher: containers are nobody's children, so what starts them ties them to a watchdog.
+`vlmserve run --launcher docker` SIGKILLed while serving, and `vlmserve up --launcher docker` SIGKILLed mid-start
 (its Triton container created, not yet ready), leave no container or network of their project behind within
-10 s. (A successful `up` releases them to Docker's supervision: test_docker_runtime.py uses the stack after `up`
+10 s. (A successful `up` releases them to Docker's supervision: test_docker_launcher.py uses the stack after `up`
 has returned.)"""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from vlmserve.orchestrator.docker_runtime import PROJECT_LABEL
 from vlmserve.orchestrator.images import LABEL
+from vlmserve.orchestrator.launchers.docker import PROJECT_LABEL
 from vlmserve.orchestrator.ports import StackPorts, stack_port_env, stack_ports
 
 pytestmark = pytest.mark.e2e
@@ -32,7 +32,7 @@ def ours(docker_client, project: str) -> list[str]:
 def docker_env(cpu_image: str, tiny_repo: Path, tmp_path: Path, ports: StackPorts) -> tuple[str, dict[str, str]]:
     project = f"vlmserve-e2e-death-{uuid.uuid4().hex[:6]}"
     return project, dict(os.environ, VLMSERVE_STATE_DIR=str(tmp_path / "state"), VLMSERVE_REPOSITORY=str(tiny_repo),
-                         VLMSERVE_PROJECT=project, VLMSERVE_IMAGE=cpu_image, VLMSERVE_RUNTIME="docker",
+                         VLMSERVE_PROJECT=project, VLMSERVE_IMAGE=cpu_image, VLMSERVE_LAUNCHER="docker",
                          **stack_port_env(ports))
 
 
@@ -52,7 +52,7 @@ def test_sigkill_of_run_removes_its_containers(docker_client, cpu_image: str, ti
     project, env = docker_env(cpu_image, tiny_repo, tmp_path, ports)
     log = tmp_path / "run.out"
     with open(log, "w") as out:
-        run = subprocess.Popen([*CLI, "run", "--runtime", "docker", "--accelerator", "cpu"], env=env, stdout=out,
+        run = subprocess.Popen([*CLI, "run", "--launcher", "docker", "--accelerator", "cpu"], env=env, stdout=out,
                                stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 400
@@ -68,7 +68,7 @@ def test_sigkill_of_run_removes_its_containers(docker_client, cpu_image: str, ti
     finally:
         if run.poll() is None:
             run.kill()
-        subprocess.run([*CLI, "clean", "--runtime", "docker"], env=env, capture_output=True, timeout=300)
+        subprocess.run([*CLI, "clean", "--launcher", "docker"], env=env, capture_output=True, timeout=300)
 
 
 def test_sigkill_of_up_mid_start_leaves_no_container(docker_client, cpu_image: str, tiny_repo: Path,
@@ -91,4 +91,4 @@ def test_sigkill_of_up_mid_start_leaves_no_container(docker_client, cpu_image: s
     finally:
         if up.poll() is None:
             up.kill()
-        subprocess.run([*cli, "clean", "--runtime", "docker"], env=env, capture_output=True, timeout=300)
+        subprocess.run([*cli, "clean", "--launcher", "docker"], env=env, capture_output=True, timeout=300)

@@ -135,7 +135,7 @@ def test_concurrent_requests_share_one_batch(stack) -> None:
 
 
 def test_cancellation_stops_generation(stack) -> None:
-    log = stack.runtime.services["triton"].log
+    log = stack.launcher.services["triton"].log
     before = log.read_text(errors="replace").count("request cancelled by the client")
     got = stream(stack, "smolvlm2", [{"role": "user", "content": "tell me a long story"}], {"max_tokens": 1000},
                  cancel_after=2)

@@ -1,4 +1,4 @@
-"""Process runtime lifecycle: foreground run stopped by Ctrl-C leaves nothing behind; startup failures are clear."""
+"""Process launcher lifecycle: foreground run stopped by Ctrl-C leaves nothing behind; startup failures are clear."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from vlmserve.orchestrator.launcher import StartupError
+from vlmserve.orchestrator.launchers.process import ProcessLauncher
 from vlmserve.orchestrator.ports import stack_port_env, stack_ports
-from vlmserve.orchestrator.process import ProcessRuntime, StartupError
 from vlmserve.orchestrator.settings import OrchestratorSettings
 
 pytestmark = pytest.mark.integration
@@ -78,16 +79,16 @@ def test_startup_failure_reports_triton_log_tail(tmp_path: Path) -> None:
         **stack_ports(),
         repository=repo, state_dir=tmp_path / "state", ready_timeout_s=120,
     )
-    runtime = ProcessRuntime(settings, log=lambda m: None)
+    launcher = ProcessLauncher(settings, log=lambda m: None)
     with pytest.raises(StartupError, match="(?s)triton exited during startup.*boom-from-initialize"):
-        runtime.start()
-    assert runtime.running() == {}
+        launcher.start()
+    assert launcher.running() == {}
 
 
 def test_empty_repository_is_refused_before_starting(tmp_path: Path) -> None:
     settings = OrchestratorSettings(repository=tmp_path / "nothing", state_dir=tmp_path / "state")
     with pytest.raises(StartupError, match="vlmserve export"):
-        ProcessRuntime(settings, log=lambda m: None).start()
+        ProcessLauncher(settings, log=lambda m: None).start()
 
 
 def test_up_supervises_restarts_and_down_stops(tiny_repo: Path, tmp_path: Path) -> None:
@@ -122,7 +123,7 @@ def test_up_supervises_restarts_and_down_stops(tiny_repo: Path, tmp_path: Path) 
         assert "triton exited unexpectedly (killed by SIGKILL); restart 1" in log, log[-3000:]
         assert now["gateway"]["pid"] == first["gateway"]["pid"]  # the gateway was left alone
 
-        status = subprocess.run([*cli, "status", "--runtime", "process", "--json"], env=env, capture_output=True,
+        status = subprocess.run([*cli, "status", "--launcher", "process", "--json"], env=env, capture_output=True,
                                 text=True, timeout=60)
         rows = {r["service"]: r for r in json.loads(status.stdout)["services"]}
         assert rows["triton"]["restarts"] == 1 and rows["triton"]["health"] == "healthy", rows
@@ -131,11 +132,11 @@ def test_up_supervises_restarts_and_down_stops(tiny_repo: Path, tmp_path: Path) 
         ensure = subprocess.run([*cli, "ensure"], env=env, capture_output=True, text=True, timeout=120)
         assert "already running and healthy" in ensure.stderr, ensure.stderr
 
-        down = subprocess.run([*cli, "down", "--runtime", "process"], env=env, capture_output=True, text=True,
+        down = subprocess.run([*cli, "down", "--launcher", "process"], env=env, capture_output=True, text=True,
                               timeout=120)
         assert down.returncode == 0 and "process supervisor" in down.stderr, down.stderr
     finally:
-        subprocess.run([*cli, "down", "--runtime", "process"], env=env, capture_output=True, timeout=120)
+        subprocess.run([*cli, "down", "--launcher", "process"], env=env, capture_output=True, timeout=120)
     assert not group_alive(supervisor)
     for service in now.values():
         assert not group_alive(service["pid"]), "a service outlived `down`"

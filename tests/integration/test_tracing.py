@@ -28,8 +28,8 @@ import pytest
 
 from tests.conftest import local_http_server
 from vlmserve import telemetry
+from vlmserve.orchestrator.launchers.process import ProcessLauncher
 from vlmserve.orchestrator.ports import stack_ports
-from vlmserve.orchestrator.process import ProcessRuntime
 from vlmserve.orchestrator.settings import OrchestratorSettings
 
 pytestmark = pytest.mark.integration
@@ -138,16 +138,16 @@ def traced(tiny_repo: Path, tmp_path_factory) -> Iterator[TracedStack]:
     with local_http_server(receiver.handler()) as port:
         settings = OrchestratorSettings(**stack_ports(), repository=repo, state_dir=root / "state",
                                         ready_timeout_s=240, otlp_endpoint=f"http://127.0.0.1:{port}")
-        runtime = ProcessRuntime(settings, log=lambda m: None)
+        launcher = ProcessLauncher(settings, log=lambda m: None)
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(telemetry.LOG_FORMAT_ENV, "json")
             mp.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")  # the SDK's batch export, every 0.2 s (default 5 s)
             mp.setenv("VLMSERVE_GATEWAY_API_KEYS", json.dumps([API_KEY]))
-            runtime.start()
+            launcher.start()
         try:
             yield TracedStack(settings.gateway_url, receiver, settings.run_path)
         finally:
-            runtime.stop()
+            launcher.stop()
 
 
 def _png() -> bytes:

@@ -1,4 +1,4 @@
-"""The reliability suite's own stack (tiny models, process runtime) with small in-flight caps, and its report.
+"""The reliability suite's own stack (tiny models, process launcher) with small in-flight caps, and its report.
 
 ``make test`` runs the smoke parts. ``make chaos`` (VLMSERVE_CHAOS=1) adds the long ones (kill -9 of Triton under
 load, the soak at saturation, schemathesis with more examples) and writes ``loadtests/reports/chaos.{json,md}``
@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from vlmserve.host import cpu_info
+from vlmserve.orchestrator.launchers.process import ProcessLauncher
 from vlmserve.orchestrator.ports import stack_ports
-from vlmserve.orchestrator.process import ProcessRuntime
 from vlmserve.orchestrator.settings import OrchestratorSettings
 
 CHAOS = os.environ.get("VLMSERVE_CHAOS") == "1"
@@ -38,7 +38,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
             "exit_status": int(exitstatus), "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     base.with_suffix(".json").write_text(json.dumps({"meta": meta, "figures": FIGURES}, indent=2, default=str))
     lines = ["# vlmserve chaos report", "", f"Host `{meta['host']}`: {meta['cpu']}, tiny models, "
-             f"process runtime, finished {meta['finished_utc']}, pytest exit status {meta['exit_status']}.", ""]
+             f"process launcher, finished {meta['finished_utc']}, pytest exit status {meta['exit_status']}.", ""]
     for name, values in FIGURES.items():
         lines += [f"## {name}", "", "| figure | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in values.items()]
@@ -52,16 +52,16 @@ def rstack(tiny_repo: Path, state_dir: Path):
         **stack_ports(),
         repository=tiny_repo, state_dir=state_dir / "reliability", ready_timeout_s=240,
     )
-    runtime = ProcessRuntime(settings, log=SUPERVISOR_LOG.append)
+    launcher = ProcessLauncher(settings, log=SUPERVISOR_LOG.append)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLMSERVE_GATEWAY_URL_ALLOWLIST", '["127.0.0.1"]')
         mp.setenv("VLMSERVE_GATEWAY_MAX_INFLIGHT_CHAT", str(CHAT_CAP))
         mp.setenv("VLMSERVE_GATEWAY_RETRY_AFTER_S", "2")
         mp.setenv("VLMSERVE_GATEWAY_REGISTRY_TTL_S", "1")
-        runtime.start()
+        launcher.start()
     # Supervised as `vlmserve run` / `up` supervise: crashed services restart, dead Python stubs are reloaded.
     stop = threading.Event()
-    supervisor = threading.Thread(target=runtime.supervise, args=(stop.is_set,), daemon=True)
+    supervisor = threading.Thread(target=launcher.supervise, args=(stop.is_set,), daemon=True)
     supervisor.start()
 
     def halt_supervision() -> None:
@@ -72,7 +72,7 @@ def rstack(tiny_repo: Path, state_dir: Path):
         supervisor.join(300)
         assert not supervisor.is_alive(), "the supervisor did not stop"
 
-    runtime.halt_supervision = halt_supervision  # type: ignore[attr-defined]
-    yield runtime
+    launcher.halt_supervision = halt_supervision  # type: ignore[attr-defined]
+    yield launcher
     halt_supervision()
-    runtime.stop()
+    launcher.stop()

@@ -17,8 +17,8 @@ import yaml
 from tests.conftest import compose_commands
 from vlmserve import paths
 from vlmserve.model_repository import common
-from vlmserve.orchestrator.docker_runtime import GATEWAY_PORT, PROJECT_LABEL, SERVICE_LABEL, TRITON_PORTS
 from vlmserve.orchestrator.images import IMAGES, LABEL
+from vlmserve.orchestrator.launchers.docker import GATEWAY_PORT, PROJECT_LABEL, SERVICE_LABEL, TRITON_PORTS
 
 DOCKER = paths.PROJECT_ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
@@ -83,7 +83,7 @@ def test_triton_mounts_the_repository_read_only_and_the_hf_cache(compose: dict[s
         assert service["shm_size"] == "1g"
         assert service["environment"]["VLMSERVE_MODEL_CONFIG_NAME"] == CONFIG_NAME[profile]
         assert service["build"]["context"].endswith(f"/context-{profile}")  # what `vlmserve image build` assembles
-    # Shared with the orchestrator's docker runtime, which creates it unlabelled (compose warns on a label change).
+    # Shared with the orchestrator's docker launcher, which creates it unlabelled (compose warns on a label change).
     assert compose["volumes"]["hf-cache"]["name"] == "${VLMSERVE_HF_CACHE_VOLUME:-vlmserve-hf-cache}"
     assert "labels" not in compose["volumes"]["hf-cache"]
     # The gateway learns what is served from Triton; it gets neither the repository nor the GPU.

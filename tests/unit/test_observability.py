@@ -263,7 +263,7 @@ def test_a_chat_requests_timeline_becomes_its_spans(monkeypatch) -> None:
 def test_the_orchestrator_turns_tracing_on_in_triton_gateway_and_manifests() -> None:
     from vlmserve.orchestrator import triton
     from vlmserve.orchestrator.deploy import k8s, spec
-    from vlmserve.orchestrator.process import observability_env
+    from vlmserve.orchestrator.launcher import observability_env
     from vlmserve.orchestrator.settings import OrchestratorSettings
 
     assert triton.trace_args(None) == [] and triton.trace_args("") == []

@@ -15,9 +15,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from vlmserve.orchestrator.launcher import StartupError
+from vlmserve.orchestrator.launchers.process import ProcessLauncher
 from vlmserve.orchestrator.lifetime import die_with_parent
 from vlmserve.orchestrator.ports import stack_ports
-from vlmserve.orchestrator.process import ProcessRuntime, StartupError
 from vlmserve.orchestrator.settings import OrchestratorSettings
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -62,13 +63,13 @@ def test_no_tie_from_another_thread() -> None:
     assert got == [None] and die_with_parent() is not None
 
 
-def runtime(tmp_path: Path, **ports: int) -> ProcessRuntime:
+def launcher(tmp_path: Path, **ports: int) -> ProcessLauncher:
     settings = OrchestratorSettings(**(ports or stack_ports()), repository=tmp_path / "repo",
                                     state_dir=tmp_path / "state")
-    return ProcessRuntime(settings, log=lambda m: None)
+    return ProcessLauncher(settings, log=lambda m: None)
 
 
-def record(rt: ProcessRuntime, pid: int, supervisor: int, started: float | None = None) -> None:
+def record(rt: ProcessLauncher, pid: int, supervisor: int, started: float | None = None) -> None:
     rt.run_dir.mkdir(parents=True, exist_ok=True)
     started = psutil.Process(pid).create_time() if started is None else started
     rt.state_file.write_text(json.dumps({"triton": {"pid": pid, "log": str(rt.run_dir / "triton.log"),
@@ -77,7 +78,7 @@ def record(rt: ProcessRuntime, pid: int, supervisor: int, started: float | None 
 
 
 def test_start_stops_a_stack_whose_supervisor_is_gone(tmp_path: Path) -> None:
-    rt = runtime(tmp_path)
+    rt = launcher(tmp_path)
     # Its recorded supervisor is not its parent: the supervisor that started it died (it was reparented).
     orphan = subprocess.Popen(SLEEPER, start_new_session=True)
     try:
@@ -93,7 +94,7 @@ def test_start_stops_a_stack_whose_supervisor_is_gone(tmp_path: Path) -> None:
 
 
 def test_start_refuses_a_stack_whose_supervisor_is_alive(tmp_path: Path) -> None:
-    rt = runtime(tmp_path)
+    rt = launcher(tmp_path)
     child = subprocess.Popen(SLEEPER, start_new_session=True)
     try:
         record(rt, child.pid, supervisor=os.getpid())  # we started it and we are alive: it is supervised
@@ -107,7 +108,7 @@ def test_start_refuses_a_stack_whose_supervisor_is_alive(tmp_path: Path) -> None
 
 def test_start_refuses_a_busy_port_and_names_who_holds_it(tmp_path: Path) -> None:
     ports = stack_ports()
-    rt = runtime(tmp_path, **ports)
+    rt = launcher(tmp_path, **ports)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", ports["gateway_port"]))
         holder.listen()
@@ -119,7 +120,7 @@ def test_start_refuses_a_busy_port_and_names_who_holds_it(tmp_path: Path) -> Non
 
 
 def test_a_reused_pid_is_neither_stopped_nor_counted_as_running(tmp_path: Path) -> None:
-    rt = runtime(tmp_path)
+    rt = launcher(tmp_path)
     stranger = subprocess.Popen(SLEEPER, start_new_session=True)
     try:
         # The recorded process started at another time: this pid now belongs to someone else.

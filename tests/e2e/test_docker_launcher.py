@@ -1,4 +1,4 @@
-"""The docker runtime on a real Docker Engine, driven through the CLI as a user would:
+"""The docker launcher on a real Docker Engine, driven through the CLI as a user would:
 up -> healthy -> /embed through the container -> status/logs show it -> Triton killed inside the container ->
 Docker restarts it and /embed answers again -> down/clean leave nothing of ours behind (and nothing else is
 touched)."""
@@ -19,8 +19,8 @@ import docker.errors
 import httpx
 import pytest
 
-from vlmserve.orchestrator.docker_runtime import PROJECT_LABEL
 from vlmserve.orchestrator.images import LABEL
+from vlmserve.orchestrator.launchers.docker import PROJECT_LABEL
 from vlmserve.orchestrator.ports import stack_port_env, stack_ports
 
 pytestmark = pytest.mark.e2e
@@ -58,7 +58,7 @@ def test_docker_lifecycle(docker_client, cpu_image: str, tiny_repo: Path, tmp_pa
     project = f"vlmserve-e2e-{uuid.uuid4().hex[:6]}"
     ports = stack_ports()
     env = dict(os.environ, VLMSERVE_STATE_DIR=str(tmp_path / "state"), VLMSERVE_REPOSITORY=str(tiny_repo),
-               VLMSERVE_PROJECT=project, VLMSERVE_IMAGE=cpu_image, VLMSERVE_RUNTIME="docker",
+               VLMSERVE_PROJECT=project, VLMSERVE_IMAGE=cpu_image, VLMSERVE_LAUNCHER="docker",
                **stack_port_env(ports))
     gateway = f"http://127.0.0.1:{ports['gateway_port']}"
     # A container that is not ours: clean must leave it alone.
@@ -71,18 +71,18 @@ def test_docker_lifecycle(docker_client, cpu_image: str, tiny_repo: Path, tmp_pa
         vectors = embed(gateway, sample_image.read_bytes())
         assert len(vectors) == 1 and len(vectors[0]) > 8
 
-        status = cli(env, "status", "--runtime", "docker", "--json")
+        status = cli(env, "status", "--launcher", "docker", "--json")
         assert status.returncode == 0, status.stderr
         rows = {r["service"]: r for r in json.loads(status.stdout)["services"]}
         assert set(rows) == {"triton", "gateway"}
         for row in rows.values():
-            assert row["runtime"] == "docker" and row["state"] == "running", row
+            assert row["launcher"] == "docker" and row["state"] == "running", row
             assert row["device"] == "cpu" and ("MiB" in row["memory"] or "GiB" in row["memory"]), row
         assert f"127.0.0.1:{ports['gateway_port']}->8080" in rows["gateway"]["ports"]
-        table = cli(env, "status", "--runtime", "docker")
+        table = cli(env, "status", "--launcher", "docker")
         assert f"{project}" in table.stdout or "triton" in table.stdout, table.stdout
 
-        logs = cli(env, "logs", "triton", "--runtime", "docker", "--tail", "200")
+        logs = cli(env, "logs", "triton", "--launcher", "docker", "--tail", "200")
         assert logs.returncode == 0, logs.stderr
         assert "siglip_embed_image" in logs.stdout and "Started HTTPService" in logs.stdout, logs.stdout[-2000:]
 
@@ -106,7 +106,7 @@ def test_docker_lifecycle(docker_client, cpu_image: str, tiny_repo: Path, tmp_pa
         else:
             pytest.fail(f"triton was not restarted/answering; restarts={triton.attrs['RestartCount']}\n"
                         f"{triton.logs(tail=40).decode(errors='replace')}")
-        rows = {r["service"]: r for r in json.loads(cli(env, "status", "--runtime", "docker", "--json").stdout)[
+        rows = {r["service"]: r for r in json.loads(cli(env, "status", "--launcher", "docker", "--json").stdout)[
             "services"]}
         assert rows["triton"]["restarts"] >= 1 and rows["gateway"]["restarts"] == 0
 
@@ -125,14 +125,14 @@ def test_docker_lifecycle(docker_client, cpu_image: str, tiny_repo: Path, tmp_pa
         assert gateway_container.attrs["State"]["ExitCode"] == 0, gateway_logs
         assert "drained: no request in progress" in gateway_logs and stop_s < 30, (stop_s, gateway_logs)
 
-        down = cli(env, "down", "--runtime", "docker")
+        down = cli(env, "down", "--launcher", "docker")
         assert down.returncode == 0 and "docker triton" in down.stderr, down.stderr
         assert ours(docker_client, project) == []
-        clean = cli(env, "clean", "--runtime", "docker")
+        clean = cli(env, "clean", "--launcher", "docker")
         assert clean.returncode == 0, clean.stderr
         assert ours(docker_client, project) == []
         bystander.reload()  # still there: clean only removes what carries our labels
     finally:
-        cli(env, "clean", "--runtime", "docker", timeout=120)
+        cli(env, "clean", "--launcher", "docker", timeout=120)
         bystander.remove(force=True)
     assert ours(docker_client, project) == []

@@ -1,6 +1,6 @@
-"""The ``docker`` runtime: Triton and the gateway as two containers of one vlmserve image.
+"""The ``docker`` launcher: Triton and the gateway as two containers of one vlmserve image.
 
-Everything this runtime creates carries the labels ``io.vlmserve.managed=true`` and
+Everything this launcher creates carries the labels ``io.vlmserve.managed=true`` and
 ``io.vlmserve.project=<project>``; ``down`` and ``clean`` remove only what carries them. Supervision is
 Docker's: containers run with ``--init`` and the ``on-failure`` restart policy, so a crashed Triton or gateway
 (the role process is the init's only child) is restarted with Docker's exponential backoff; ``status``
@@ -9,7 +9,7 @@ shows the restart count and ``logs`` the container's output across restarts.
 Containers are nobody's children: while ``up`` starts them, a watchdog
 (:class:`vlmserve.orchestrator.lifetime.Watchdog`)
 removes them if ``up`` dies before both are healthy (SIGKILL, a crash); once they are, ``up`` releases them to
-Docker's supervision, like ``docker compose up -d``. ``run --runtime docker`` keeps them tied for its whole life.
+Docker's supervision, like ``docker compose up -d``. ``run --launcher docker`` keeps them tied for its whole life.
 """
 
 from __future__ import annotations
@@ -17,19 +17,18 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from vlmserve.orchestrator.images import LABEL
 from vlmserve.orchestrator.launch import Launch
+from vlmserve.orchestrator.launcher import SERVICES, LaunchError, StartupError, healthy, human, observability_env
 from vlmserve.orchestrator.lifetime import Watchdog
-from vlmserve.orchestrator.process import StartupError, _healthy, _human, observability_env
 from vlmserve.orchestrator.settings import OrchestratorSettings
 
 PROJECT_LABEL = "io.vlmserve.project"
 SERVICE_LABEL = "io.vlmserve.service"
 ACCELERATOR_LABEL = "io.vlmserve.accelerator"
-SERVICES = ("triton", "gateway")  # start order; stopped in reverse
 # Fixed ports inside the containers; the host side comes from the settings.
 TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 GATEWAY_PORT = 8080
@@ -40,7 +39,7 @@ PASS_THROUGH_SKIP = {"VLMSERVE_GATEWAY_HOST", "VLMSERVE_GATEWAY_PORT", "VLMSERVE
                      "VLMSERVE_GATEWAY_TRITON_GRPC_URL"}
 
 
-class DockerUnavailable(RuntimeError):
+class DockerUnavailable(LaunchError):
     """No Docker Engine to talk to; the message says how to get one."""
 
 
@@ -54,12 +53,15 @@ def docker_client() -> Any:
     except Exception as exc:  # noqa: BLE001 - the SDK raises several unrelated types for "no engine"
         raise DockerUnavailable(
             f"cannot reach a Docker Engine ({exc}). Install and start one (Debian: `apt-get install docker.io` "
-            "then `dockerd &`), or use --runtime process"
+            "then `dockerd &`), or use --launcher process"
         ) from None
 
 
-class DockerRuntime:
+class DockerLauncher:
+    """Implements :class:`~vlmserve.orchestrator.launcher.Launcher`."""
+
     name = "docker"
+    in_image = True  # the image's config flavour: native config.pbtxt in the NGC image, embedded otherwise
 
     def __init__(self, settings: OrchestratorSettings, log: Callable[[str], None] = print,
                  client: Any = None, launch: Launch | None = None) -> None:
@@ -192,14 +194,14 @@ class DockerRuntime:
             if state["Status"] in ("exited", "dead") and not state.get("Restarting"):
                 raise StartupError(f"{service} container exited during startup (code {state['ExitCode']}). "
                                    f"Last lines of its log:\n{self.tail(service)}")
-            if _healthy(url):
+            if healthy(url):
                 return
             time.sleep(0.5)
         raise StartupError(f"{service} not ready after {self.settings.ready_timeout_s:.0f}s ({url}). "
                            f"Last lines of its log:\n{self.tail(service)}")
 
-    def _is_healthy(self, service: str, container: Any) -> bool:
-        return bool(container.status == "running" and _healthy(self.health_url(service)))
+    def _ishealthy(self, service: str, container: Any) -> bool:
+        return bool(container.status == "running" and healthy(self.health_url(service)))
 
     def _start_service(self, service: str, existing: Any | None) -> Any:
         if existing is not None:
@@ -207,8 +209,19 @@ class DockerRuntime:
         self.log(f"starting container {self.container_name(service)} ({self.image_tag()})")
         return self.client.containers.run(**self.spec(service))
 
-    def ensure(self) -> list[str]:
-        """Start (or recreate) only the services that are not running and healthy; returns their names."""
+    def available(self) -> bool:
+        try:
+            self.client  # noqa: B018 - probe for an engine; without one there is nothing of ours in Docker
+        except DockerUnavailable:
+            return False
+        return True
+
+    def active(self) -> bool:
+        return bool(self.containers())
+
+    def ensure(self, run_args: Sequence[str] = ()) -> list[str]:
+        """Start (or recreate) only the services that are not running and healthy; returns their names.
+        (``run_args``: unused, Docker supervises the containers.)"""
         if not self.settings.repository_path.is_dir():
             raise StartupError(f"model repository {self.settings.repository_path} is missing: "
                                "run `vlmserve export` first")
@@ -219,7 +232,7 @@ class DockerRuntime:
         try:
             for service in SERVICES:
                 container = current.get(service)
-                if container is not None and self._is_healthy(service, container):
+                if container is not None and self._ishealthy(service, container):
                     continue
                 # Triton's restart makes the gateway reconnect by itself; no need to touch a healthy gateway.
                 container = self._start_service(service, container)
@@ -231,8 +244,9 @@ class DockerRuntime:
             raise
         return started
 
-    def up(self) -> list[str]:
-        """Start both containers and wait until they are healthy; then they are Docker's to supervise."""
+    def up(self, run_args: Sequence[str] = ()) -> list[str]:
+        """Start both containers and wait until they are healthy; then they are Docker's to supervise.
+        (``run_args``: unused, there is no supervisor process to hand them to.)"""
         watchdog = Watchdog(self.labels())  # removes what this start created if this process dies before it ends
         try:
             return self._up()
@@ -249,7 +263,7 @@ class DockerRuntime:
         return started
 
     def run_foreground(self) -> int:
-        """``run --runtime docker``: start both containers and keep them only while this process lives. Ctrl-C or
+        """``run --launcher docker``: start both containers and keep them only while this process lives. Ctrl-C or
         SIGTERM removes them (``down``); so does this process's death, SIGKILL included (the watchdog)."""
         started = False
 
@@ -318,8 +332,10 @@ class DockerRuntime:
             return "(no container)"
         return container.logs(tail=lines).decode(errors="replace")
 
-    def logs(self, service: str | None = None, follow: bool = False, tail: int | str = "all") -> Iterator[str]:
+    def logs(self, service: str | None = None, follow: bool = False, tail: int | None = None) -> Iterator[str]:
         containers = self.containers()
+        if not containers:
+            return  # nothing of ours in Docker (stopped and removed): no logs, not an error
         names = [service] if service else [n for n in SERVICES if n in containers]
         for name in names:
             if name not in containers:
@@ -327,7 +343,7 @@ class DockerRuntime:
         if follow and len(names) > 1:
             raise ValueError("logs -f follows one service: name it (triton or gateway)")
         for name in names:
-            stream = containers[name].logs(stream=True, follow=follow, tail=tail)
+            stream = containers[name].logs(stream=True, follow=follow, tail=tail or "all")
             buffer = b""
             for chunk in stream:
                 buffer += chunk
@@ -352,10 +368,10 @@ class DockerRuntime:
                 used = stats.get("memory_stats", {}).get("usage")
                 limit = c.attrs["HostConfig"].get("Memory") or None
             rows.append({
-                "service": service, "runtime": "docker", "state": c.status,
+                "service": service, "launcher": "docker", "state": c.status,
                 "restarts": c.attrs.get("RestartCount", 0), "health": health, "ports": ", ".join(sorted(ports)),
                 "device": c.labels.get(ACCELERATOR_LABEL, "cpu"),
-                "memory": f"{_human(used)} / {_human(limit) if limit else 'no limit'}",
+                "memory": f"{human(used)} / {human(limit) if limit else 'no limit'}",
                 "id": c.short_id, "log": f"docker logs {c.name}",
             })
         return sorted(rows, key=lambda r: SERVICES.index(r["service"]) if r["service"] in SERVICES else 99)

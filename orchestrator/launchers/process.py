@@ -1,4 +1,4 @@
-"""The ``process`` runtime: tritonserver and the gateway as local child processes.
+"""The ``process`` launcher: tritonserver and the gateway as local child processes.
 
 Each service runs in its own session (process group), so stopping it also stops what it started
 (Triton's Python stubs), and dies with the process that started it (:mod:`vlmserve.orchestrator.lifetime`): a supervisor
@@ -6,7 +6,7 @@ that is killed takes its stack with it. A ``services.json`` in the run directory
 which process supervises it) so that ``python -m vlmserve.orchestrator down|status`` work from another terminal, and so
 that a start finds a stale stack: one whose supervisor is gone is stopped; a port held by anything else is refused.
 
-Supervision: :meth:`ProcessRuntime.supervise` (the foreground ``run``, and the detached supervisor that ``up``
+Supervision: :meth:`ProcessLauncher.supervise` (the foreground ``run``, and the detached supervisor that ``up``
 starts) restarts a crashed Triton or gateway with exponential backoff and logs every restart; it gives up
 after ``max_restarts`` consecutive failures (a service that stayed up for ``STABLE_S`` resets the count).
 """
@@ -21,23 +21,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
-from vlmserve import telemetry
 from vlmserve.orchestrator import triton
 from vlmserve.orchestrator.launch import Launch
+from vlmserve.orchestrator.launcher import SERVICES, StartupError, healthy, human, observability_env
 from vlmserve.orchestrator.lifetime import die_with_parent, sleep_unless
 from vlmserve.orchestrator.settings import OrchestratorSettings
-
-
-class StartupError(RuntimeError):
-    """A service did not become ready; the message carries the tail of its log."""
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -66,13 +61,6 @@ class Service:
             return Path(f"/proc/{self.pid}/stat").read_text().split()[2] != "Z"
         except OSError:
             return True
-
-
-def _healthy(url: str, timeout: float = 2.0) -> bool:
-    try:
-        return httpx.get(url, timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _stop_group(service: Service, timeout: float) -> None:
@@ -105,8 +93,11 @@ def _reap(pid: int) -> None:
 STABLE_S = 60.0  # a service up this long counts as recovered: its backoff and failure count reset
 
 
-class ProcessRuntime:
+class ProcessLauncher:
+    """Implements :class:`~vlmserve.orchestrator.launcher.Launcher`."""
+
     name = "process"
+    in_image = False  # the wheel's tritonserver: the settings' config flavour (embedded)
 
     def __init__(self, settings: OrchestratorSettings, log: Callable[[str], None] = print,
                  launch: Launch | None = None) -> None:
@@ -175,7 +166,7 @@ class ProcessRuntime:
             if not service.alive():
                 raise StartupError(f"{service.name} exited during startup. Last lines of {service.log}:\n"
                                    f"{tail(service.log)}")
-            if _healthy(health_url):
+            if healthy(health_url):
                 return
             time.sleep(0.5)
         raise StartupError(
@@ -302,11 +293,11 @@ class ProcessRuntime:
         for name, service in self.load().items():
             alive = service.alive()
             rows.append({
-                "service": name, "runtime": "process", "state": "running" if alive else "exited",
+                "service": name, "launcher": "process", "state": "running" if alive else "exited",
                 "restarts": raw.get(name, {}).get("restarts", 0),
-                "health": ("healthy" if _healthy(self.health_url(name)) else "unhealthy") if alive else "-",
+                "health": ("healthy" if healthy(self.health_url(name)) else "unhealthy") if alive else "-",
                 "ports": service.url.removeprefix("http://"), "device": self._device(),
-                "memory": f"{_human(group_rss(service.pid))} RSS" if alive else "-",
+                "memory": f"{human(group_rss(service.pid))} RSS" if alive else "-",
                 "id": f"pid {service.pid}", "log": str(service.log),
             })
         return rows
@@ -390,8 +381,15 @@ class ProcessRuntime:
 
     # -- detached (up / down) --------------------------------------------------------------------------
 
-    def up(self, args: list[str], env: dict[str, str]) -> None:
-        """Start a detached supervisor (``python -m vlmserve.orchestrator run ARGS``) and wait until both are ready.
+    def available(self) -> bool:
+        return True
+
+    def active(self) -> bool:
+        return bool(self.load())
+
+    def up(self, run_args: Sequence[str]) -> list[str]:
+        """Start a detached supervisor (``python -m vlmserve.orchestrator run --launcher process ARGS``, this
+        command's environment) and wait until both are ready.
 
         The supervisor is detached on purpose (its own session, not tied to this command); its services die
         with it."""
@@ -401,22 +399,30 @@ class ProcessRuntime:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log = self.run_dir / "supervisor.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "vlmserve.orchestrator", "run", *args], stdout=out,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen([sys.executable, "-m", "vlmserve.orchestrator", "run", "--launcher", self.name,
+                                     *run_args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=dict(os.environ), start_new_session=True)
         self.supervisor_file.write_text(json.dumps({"pid": proc.pid, "log": str(log)}))
         deadline = time.monotonic() + self.settings.ready_timeout_s * 2
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise StartupError(f"startup failed; last lines of {log}:\n{tail(log)}")
             running = self.running()
-            if set(running) == set(SERVICES) and all(_healthy(self.health_url(n)) for n in SERVICES):
+            if set(running) == set(SERVICES) and all(healthy(self.health_url(n)) for n in SERVICES):
                 self.log(f"vlmserve is up (process, supervised by pid {proc.pid}): gateway "
                          f"{self.settings.gateway_url}, triton {self.settings.triton_http_url}; log: {log}")
-                return
+                return list(SERVICES)
             time.sleep(0.5)
         self.down()
         raise StartupError(f"not ready after {self.settings.ready_timeout_s * 2:.0f}s; see {log}")
+
+    def ensure(self, run_args: Sequence[str]) -> list[str]:
+        """Nothing when the supervisor is alive and both services are healthy; else ``down``, then ``up``."""
+        rows = self.status()
+        if self.supervisor() and rows and all(r["health"] == "healthy" for r in rows):
+            return []
+        self.down()
+        return self.up(run_args)
 
     def down(self) -> list[str]:
         """Stop the supervisor (it stops its services), then anything left over."""
@@ -428,15 +434,15 @@ class ProcessRuntime:
         self.supervisor_file.unlink(missing_ok=True)
         return stopped + [n for n in self.stop() if n not in stopped]
 
-    def clean(self) -> list[str]:
-        """``down``, then remove the run directory's logs and state (not the model repository)."""
+    def clean(self, volumes: bool = False) -> list[str]:
+        """``down``, then remove the run directory's logs and state (not the model repository; no volumes)."""
         removed = [f"process {n}" for n in self.down()]
         for f in sorted(self.run_dir.glob("*.log")) + sorted(self.run_dir.glob("*.json")):
             f.unlink(missing_ok=True)
             removed.append(str(f))
         return removed
 
-    def logs(self, service: str | None = None, follow: bool = False, tail_lines: int | None = None):
+    def logs(self, service: str | None = None, follow: bool = False, tail: int | None = None) -> Iterator[str]:
         """Lines of the services' logs (``follow``: keep reading until interrupted)."""
         names = [service] if service else [*SERVICES, "supervisor"]
         files = [(n, self.run_dir / f"{n}.log") for n in names if (self.run_dir / f"{n}.log").exists()]
@@ -447,7 +453,7 @@ class ProcessRuntime:
         for name, path in files:
             with open(path, errors="replace") as f:
                 lines = f.readlines()
-                for line in lines[-tail_lines:] if tail_lines else lines:
+                for line in lines[-tail:] if tail else lines:
                     yield f"{name} | {line.rstrip()}"
                 while follow:
                     line = f.readline()
@@ -455,14 +461,6 @@ class ProcessRuntime:
                         yield f"{name} | {line.rstrip()}"
                     else:
                         time.sleep(0.2)
-
-
-SERVICES = ("triton", "gateway")  # start order; stopped in reverse
-
-
-def observability_env(settings: OrchestratorSettings) -> dict[str, str]:
-    """What turns tracing on in a service (vlmserve/telemetry.py), from the orchestrator's settings."""
-    return {telemetry.OTLP_ENDPOINT_ENV: settings.otlp_endpoint} if settings.otlp_endpoint else {}
 
 
 def _create_time(pid: int) -> float | None:
@@ -528,12 +526,3 @@ def group_rss(pid: int) -> int | None:
             continue  # gone meanwhile, or not ours to read
     return total
 
-
-def _human(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
