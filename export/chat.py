@@ -18,20 +18,16 @@ from vlmserve.export.repository import (
     ExportOptions,
     copy_checkpoint,
     onnx_configs,
+    tensor_configs,
     write_config,
     write_python_model,
 )
 from vlmserve.families.contract import ChatParams, ModelParams
+from vlmserve.families.tensors import ChatTensors
 
 
 def chat_config(name: str, options: ExportOptions, meta: dict[str, Any], extra: dict[str, Any] | None = None,
                 runner: str | None = None) -> dict[str, Any]:
-    def tensor(n: str, optional: bool = False, kind: str = "TYPE_STRING") -> dict[str, Any]:
-        spec: dict[str, Any] = {"name": n, "data_type": Enum(kind), "dims": [1]}
-        if optional:
-            spec["optional"] = True
-        return spec
-
     params = ChatParams(**meta, device=options.device, max_queue_size=options.max_queue_size, **(extra or {}),
                         **({"runner": runner} if runner else {}))
     return {
@@ -40,11 +36,9 @@ def chat_config(name: str, options: ExportOptions, meta: dict[str, Any], extra: 
         "max_batch_size": 0,  # the model batches itself (chat_engine), streaming per request
         "model_transaction_policy": {"decoupled": True},
         # MESSAGES (a conversation) or PROMPT (raw text, /v1/completions): the model requires exactly one.
-        "input": [tensor("MESSAGES", optional=True), tensor("PROMPT", optional=True),
-                  tensor("PARAMETERS", optional=True)],
+        "input": tensor_configs(ChatTensors.inputs),
         # INDEX: the choice a response belongs to (n > 1); LOGPROBS: JSON, when asked for.
-        "output": [tensor("TEXT"), tensor("FINISH_REASON"), tensor("USAGE"), tensor("INDEX", kind="TYPE_INT32"),
-                   tensor("LOGPROBS")],
+        "output": tensor_configs(ChatTensors.outputs),
         "instance_group": [{"count": 1, "kind": options.kind()}],
         "parameters": parameters(params.to_triton()),
     }

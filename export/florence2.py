@@ -22,11 +22,13 @@ from vlmserve.export.repository import (
     copy_checkpoint,
     dynamic_batching,
     onnx_configs,
+    tensor_configs,
     write_config,
     write_python_model,
 )
 from vlmserve.families import family
 from vlmserve.families.contract import MAX_NEW_TOKENS_LIMIT, FlorenceParams, ModelParams
+from vlmserve.families.tensors import FlorenceTensors
 from vlmserve.model_repository.florence2_tasks import TASKS
 
 FAMILY = "florence2"
@@ -143,25 +145,13 @@ def _choose_decoder(model, image_processor, source_dir: Path, options: ExportOpt
 
 
 def _write_client_model(repo: Path, options: ExportOptions, meta: dict[str, Any], default_max_new_tokens: int) -> None:
-    def scalar(name: str, dtype: str, optional: bool = False) -> dict[str, Any]:
-        spec: dict[str, Any] = {"name": name, "data_type": Enum(dtype), "dims": [1]}
-        if optional:
-            spec["optional"] = True
-        return spec
-
     def config(runner: str) -> dict[str, Any]:
         return {
             "name": "florence2",
             "backend": "python",
             "max_batch_size": MAX_BATCH,
-            "input": [
-                scalar("IMAGE", "TYPE_STRING"),
-                scalar("TASK", "TYPE_STRING"),
-                scalar("TEXT", "TYPE_STRING", optional=True),
-                scalar("MAX_NEW_TOKENS", "TYPE_INT32", optional=True),
-                scalar("NUM_BEAMS", "TYPE_INT32", optional=True),
-            ],
-            "output": [scalar("RESULT", "TYPE_STRING")],
+            "input": tensor_configs(FlorenceTensors.inputs),
+            "output": tensor_configs(FlorenceTensors.outputs),
             "instance_group": [{"count": 1, "kind": options.kind()}],
             # A longer window than the encoders: one generate() for many requests is the whole point.
             "dynamic_batching": dynamic_batching(options, max_queue_delay_us=20000),

@@ -1,9 +1,10 @@
 """Triton ``config.pbtxt`` files from plain Python data, through Triton's own ``ModelConfig`` protobuf.
 
 Dicts are messages (``parameters`` and other map fields are dicts too), lists are repeated fields, :class:`Enum`
-values are enum names. Rendering goes through ``json_format.ParseDict`` into ``model_config_pb2.ModelConfig``, so a
-misspelt field or a wrong type fails at export, not when Triton loads the model; ``text_format`` writes the text
-(map entries sorted by key: stable output for golden tests).
+values are enum names; a plain string names an enum value too (protobuf's JSON mapping), as the ``data_type`` of
+:meth:`vlmserve.families.tensors.TensorSpec.config` does. Rendering goes through ``json_format.ParseDict`` into
+``model_config_pb2.ModelConfig``, so a misspelt field or a wrong type fails at export, not when Triton loads the
+model; ``text_format`` writes the text (map entries sorted by key: stable output for golden tests).
 """
 
 from __future__ import annotations

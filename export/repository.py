@@ -6,12 +6,14 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vlmserve.export import pbtxt
-from vlmserve.families.contract import ModelParams
+from vlmserve.families.contract import DEFAULT_MAX_PIXELS, ModelParams
+from vlmserve.families.tensors import TensorSpec
 
 EMBEDDED_CONFIG = "embedded"  # tritonserver --model-config-name=embedded selects configs/embedded.pbtxt
 STAMP_PREFIX = ".vlmserve-export-"  # files at the repository root: Triton only treats directories as models
@@ -34,7 +36,7 @@ class ExportOptions:
     gpu_mem_limit_bytes: int = 2 * 1024**3  # onnxruntime CUDA arena cap (top-level parameter)
     trt_precision: str = "FP32"  # the parity check is fp32; FP16 is faster and not parity-checked here
     trt_workspace_bytes: int = 1024**3
-    max_pixels: int = 40_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     int8: bool = False  # also write dynamic-int8 SigLIP towers (+ client models with the suffix _int8)
     runtime: str = "auto"  # CPU runtime of the encoders: auto (timed at export), onnxruntime or openvino
     precision: str = "auto"  # CPU precision of the encoders: auto, fp32 or bf16 (see export/runtime_choice.py)
@@ -42,6 +44,14 @@ class ExportOptions:
 
     def kind(self) -> pbtxt.Enum:
         return pbtxt.Enum("KIND_GPU" if self.device == "cuda" else "KIND_CPU")
+
+
+def tensor_configs(specs: Sequence[TensorSpec], width: int | None = None) -> list[dict[str, Any]]:
+    """The ``input``/``output`` entries of a client-facing model, from its declared tensors
+    (``vlmserve/families/tensors.py``); ``width`` fills a ``-1`` dim (the embedding width)."""
+    if width is None:
+        return [t.config() for t in specs]
+    return [t.config([width if d == -1 else d for d in t.dims]) for t in specs]
 
 
 def write_config(repo: Path, model: str, config: dict[str, Any], variant: str | None = None) -> Path:

@@ -21,10 +21,12 @@ from vlmserve.export.repository import (
     copy_tree,
     dynamic_batching,
     onnx_configs,
+    tensor_configs,
     write_config,
     write_python_model,
 )
 from vlmserve.families.contract import EmbedParams
+from vlmserve.families.tensors import EmbedImageTensors, EmbedTextTensors
 
 FAMILY = "siglip"
 RECIPE_VERSION = "siglip-2"  # 2: per-host runtime/precision choice
@@ -67,21 +69,22 @@ def _towers(model):
 
 def _client_configs(
     name: str,
-    inp: dict[str, Any],
-    outputs: list[dict[str, Any]],
+    tensors: type[EmbedImageTensors | EmbedTextTensors],
+    width: int,
     encoder_model: str,
     options: ExportOptions,
     params: EmbedParams,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(native, embedded) configs of a client-facing embedding model; ``params``: its contract, less the runner."""
+    """(native, embedded) configs of a client-facing embedding model; ``tensors``: its inputs and outputs (``width``:
+    the embedding's); ``params``: its contract, less the runner."""
 
     def config(runner: str) -> dict[str, Any]:
         return {
             "name": name,
             "backend": "python",
             "max_batch_size": options.max_batch_size,
-            "input": [inp],
-            "output": outputs,
+            "input": tensor_configs(tensors.inputs, width),
+            "output": tensor_configs(tensors.outputs, width),
             # Decoding and preprocessing are CPU work even when the encoder runs on a GPU.
             "instance_group": [
                 {"count": options.instance_count, "kind": Enum("KIND_CPU") if runner == "triton" else options.kind()}
@@ -197,19 +200,16 @@ def _write_models(repo: Path, source_dir: Path, options: ExportOptions, meta: di
         write_config(repo, name + suffix, embedded, EMBEDDED_CONFIG)
         write_python_model(repo, name + suffix, "vlmserve.model_repository.onnx_model.TritonPythonModel")
 
-    embedding = {"name": "EMBEDDING", "data_type": Enum("TYPE_FP32"), "dims": [dim]}
-    clients = [
-        ("siglip_embed_image", {"name": "IMAGE", "data_type": Enum("TYPE_STRING"), "dims": [1]}, [embedding],
-         "siglip_vision", {"task": "embed_image", "image_size": size, "max_pixels": options.max_pixels},
+    clients: list[tuple[str, type[EmbedImageTensors | EmbedTextTensors], str, dict[str, Any], str]] = [
+        ("siglip_embed_image", EmbedImageTensors, "siglip_vision",
+         {"task": "embed_image", "image_size": size, "max_pixels": options.max_pixels},
          "vlmserve.model_repository.siglip.EmbedImageModel"),
-        ("siglip_embed_text", {"name": "TEXT", "data_type": Enum("TYPE_STRING"), "dims": [1]},
-         [embedding, {"name": "NUM_TOKENS", "data_type": Enum("TYPE_INT32"), "dims": [1]}],
-         "siglip_text", {"task": "embed_text", "max_text_length": seq},
+        ("siglip_embed_text", EmbedTextTensors, "siglip_text", {"task": "embed_text", "max_text_length": seq},
          "vlmserve.model_repository.siglip.EmbedTextModel"),
     ]
-    for name, inp, outs, encoder, extra, cls in clients:
+    for name, tensors, encoder, extra, cls in clients:
         chosen = runtime_choice.config_params(choices.get(encoder))
-        native, embedded = _client_configs(name + suffix, inp, outs, encoder + suffix, options,
+        native, embedded = _client_configs(name + suffix, tensors, dim, encoder + suffix, options,
                                            EmbedParams(**meta, role="client", **extra, **chosen))
         write_config(repo, name + suffix, native)
         write_config(repo, name + suffix, embedded, EMBEDDED_CONFIG)

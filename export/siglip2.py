@@ -37,6 +37,7 @@ from vlmserve.export.repository import (
 from vlmserve.export.siglip import _client_configs
 from vlmserve.export.tiny import TINY_SEED
 from vlmserve.families.siglip2 import Siglip2Params
+from vlmserve.families.tensors import EmbedImageTensors, EmbedTextTensors
 
 FAMILY = "siglip2"
 RECIPE_VERSION = "siglip2-1"
@@ -273,18 +274,16 @@ def _write_models(repo: Path, source_dir: Path, options: ExportOptions, meta: di
         write_config(repo, name, embedded, EMBEDDED_CONFIG)
         write_python_model(repo, name, "vlmserve.model_repository.onnx_model.TritonPythonModel")
 
-    embedding = _tensor("EMBEDDING", "TYPE_FP32", [dim])
-    clients = [
-        ("siglip2_embed_image", _tensor("IMAGE", "TYPE_STRING", [1]), [embedding], "siglip2_vision",
+    clients: list[tuple[str, type[EmbedImageTensors | EmbedTextTensors], str, dict[str, Any], str]] = [
+        ("siglip2_embed_image", EmbedImageTensors, "siglip2_vision",
          {"task": "embed_image", "max_pixels": options.max_pixels, **vision_meta},
          "vlmserve.model_repository.siglip2.EmbedImageModel"),
-        ("siglip2_embed_text", _tensor("TEXT", "TYPE_STRING", [1]),
-         [embedding, _tensor("NUM_TOKENS", "TYPE_INT32", [1])], "siglip2_text",
-         {"task": "embed_text", "max_text_length": seq}, "vlmserve.model_repository.siglip2.EmbedTextModel"),
+        ("siglip2_embed_text", EmbedTextTensors, "siglip2_text", {"task": "embed_text", "max_text_length": seq},
+         "vlmserve.model_repository.siglip2.EmbedTextModel"),
     ]
-    for name, inp, outs, encoder, extra, cls in clients:
+    for name, tensors, encoder, extra, cls in clients:
         chosen = runtime_choice.config_params(choices.get(encoder))
-        native, embedded = _client_configs(name, inp, outs, encoder, options,
+        native, embedded = _client_configs(name, tensors, dim, encoder, options,
                                            Siglip2Params(**meta, role="client", **extra, **chosen))
         write_config(repo, name, native)
         write_config(repo, name, embedded, EMBEDDED_CONFIG)

@@ -12,10 +12,10 @@ import os
 import random
 import time
 
-import numpy as np
 from locust import HttpUser, User, constant, task
 
 from vlmserve.export.photos import photo_jpeg as _photo
+from vlmserve.families.tensors import EmbedImageTensors
 
 MODEL = os.environ.get("VLMSERVE_BENCH_MODEL") or None
 MAX_NEW_TOKENS = int(os.environ.get("VLMSERVE_BENCH_MAX_NEW_TOKENS", "32"))
@@ -98,12 +98,12 @@ class DirectEmbedUser(User):
 
     @task
     def embed(self) -> None:
-        item = self.th.InferInput("IMAGE", [1, 1], "BYTES")
-        item.set_data_from_numpy(np.array([[random.choice(IMAGES)]], dtype=np.object_))
+        item = self.th.InferInput(EmbedImageTensors.IMAGE.name, [1, 1], "BYTES")
+        item.set_data_from_numpy(EmbedImageTensors.IMAGE.pack([random.choice(IMAGES)]))
         start = time.perf_counter()
         exception = None
         try:
-            out = self.triton.infer(self.model, [item]).as_numpy("EMBEDDING")
+            out = self.triton.infer(self.model, [item]).as_numpy(EmbedImageTensors.EMBEDDING.name)
             if out.shape[0] != 1:
                 raise ValueError(f"unexpected shape {out.shape}")
         except Exception as exc:  # noqa: BLE001 - any failure is a failed request for Locust

@@ -39,6 +39,7 @@ from vlmserve.api.openai import GenerationParameters
 from vlmserve.families import families
 from vlmserve.families.contract import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VIDEO_PIXELS, ChatParams
 from vlmserve.families.spec import load
+from vlmserve.families.tensors import ChatTensors
 from vlmserve.model_repository import common
 from vlmserve.model_repository.chat_engine import (
     ChatEngine,
@@ -379,11 +380,12 @@ def resolve_attention(setting: str, device: str) -> str:
 def _response(text: str, finish: str, usage: dict | None, index: int = 0, logprobs: list | None = None):
     pb = common.pb_utils
     tensors = [
-        pb.Tensor("TEXT", np.array([text.encode("utf-8")], dtype=np.object_)),
-        pb.Tensor("FINISH_REASON", np.array([finish.encode()], dtype=np.object_)),
-        pb.Tensor("USAGE", np.array([json.dumps(usage).encode() if usage else b""], dtype=np.object_)),
-        pb.Tensor("INDEX", np.array([index], dtype=np.int32)),
-        pb.Tensor("LOGPROBS", np.array([json.dumps(logprobs).encode() if logprobs else b""], dtype=np.object_)),
+        pb.Tensor(ChatTensors.TEXT.name, np.array([text.encode("utf-8")], dtype=np.object_)),
+        pb.Tensor(ChatTensors.FINISH_REASON.name, np.array([finish.encode()], dtype=np.object_)),
+        pb.Tensor(ChatTensors.USAGE.name, np.array([json.dumps(usage).encode() if usage else b""], dtype=np.object_)),
+        pb.Tensor(ChatTensors.INDEX.name, np.array([index], dtype=np.int32)),
+        pb.Tensor(ChatTensors.LOGPROBS.name,
+                  np.array([json.dumps(logprobs).encode() if logprobs else b""], dtype=np.object_)),
     ]
     return pb.InferenceResponse(output_tensors=tensors)
 
@@ -725,9 +727,9 @@ class ChatModel:
         stream when its client goes away, instead of cancelling the gRPC call (see gateway/triton.py). True when
         ``request`` was such a request."""
         pb = common.pb_utils
-        raw = pb.get_input_tensor_by_name(request, "PARAMETERS")
-        if raw is None or pb.get_input_tensor_by_name(request, "MESSAGES") is not None \
-                or pb.get_input_tensor_by_name(request, "PROMPT") is not None:
+        raw = pb.get_input_tensor_by_name(request, ChatTensors.PARAMETERS.name)
+        if raw is None or pb.get_input_tensor_by_name(request, ChatTensors.MESSAGES.name) is not None \
+                or pb.get_input_tensor_by_name(request, ChatTensors.PROMPT.name) is not None:
             return False
         try:
             data = json.loads(common.as_bytes_list(raw.as_numpy())[0])
@@ -774,12 +776,12 @@ class ChatModel:
                 continue
             # Read on this thread: the request's tensors are Triton's.
             raw = {name: (None if tensor is None else common.as_bytes_list(tensor.as_numpy())[0])
-                   for name in ("PARAMETERS", "PROMPT", "MESSAGES")
+                   for name in (ChatTensors.PARAMETERS.name, ChatTensors.PROMPT.name, ChatTensors.MESSAGES.name)
                    for tensor in [pb.get_input_tensor_by_name(request, name)]}
             messages: list[Any] | None = None
-            if raw["MESSAGES"] is not None:
+            if raw[ChatTensors.MESSAGES.name] is not None:
                 try:
-                    messages = load_messages(raw["MESSAGES"])
+                    messages = load_messages(raw[ChatTensors.MESSAGES.name])
                 except common.InputError as exc:
                     release()
                     log.info("chat request refused: invalid MESSAGES", extra={"request_id": request.request_id()})
@@ -802,7 +804,7 @@ class ChatModel:
             sender.send(common.error_response("cancelled before its video was decoded"), flags=final)
             return
         try:
-            params = parse_params(raw["PARAMETERS"], self.default_max_tokens, self.max_tokens_limit,
+            params = parse_params(raw[ChatTensors.PARAMETERS.name], self.default_max_tokens, self.max_tokens_limit,
                                   self.engine.max_batch)
             if self.grammars is None and (params.n > 1 or params.logprobs or params.penalised
                                           or params.response_format is not None):
@@ -815,12 +817,12 @@ class ChatModel:
                     grammar = self.grammars.compile(params.response_format)
                 except ValueError as exc:
                     raise common.InputError(str(exc)) from None
-            if (raw["PROMPT"] is None) == (messages is None):
+            if (raw[ChatTensors.PROMPT.name] is None) == (messages is None):
                 raise common.InputError("send MESSAGES (a conversation) or PROMPT (raw text), one of them")
             if messages is None:
                 if self.grammars is None:
                     raise common.InputError("PROMPT needs a continuously batched chat model; send MESSAGES")
-                prompt = (raw["PROMPT"] or b"").decode("utf-8", errors="strict")
+                prompt = (raw[ChatTensors.PROMPT.name] or b"").decode("utf-8", errors="strict")
                 with self.prepare_lock:
                     inputs, prompt_tokens = prepare_text(self.pipeline.tokenizer, prompt)
             else:

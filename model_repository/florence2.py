@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from vlmserve.families.contract import DEFAULT_MAX_PIXELS, FlorenceParams
+from vlmserve.families.tensors import FlorenceTensors
 from vlmserve.model_repository import common
 from vlmserve.model_repository.florence2_engine import Cancelled, Florence2Engine
 from vlmserve.model_repository.florence2_tasks import (
@@ -204,9 +205,11 @@ class Florence2Model:
 
     def initialize(self, args: dict[str, Any]) -> None:
         config = common.model_config(args)
-        names = {i["name"] for i in config["input"]}
-        if not {"IMAGE", "TASK"} <= names or {o["name"] for o in config["output"]} != {"RESULT"}:
-            raise ValueError("florence2: config must declare inputs IMAGE, TASK (+ optional) and output RESULT")
+        required = {t.name for t in FlorenceTensors.inputs if not t.optional}
+        if not required <= {i["name"] for i in config["input"]} \
+                or {o["name"] for o in config["output"]} != set(FlorenceTensors.output_names()):
+            raise ValueError(f"florence2: config must declare inputs {', '.join(sorted(required))} (+ optional) and "
+                             f"output {', '.join(FlorenceTensors.output_names())}")
         device = common.torch_device(args)
         common.apply_gpu_budget(args, config)  # before loading: an over-budget checkpoint fails loudly here
         params = FlorenceParams.from_config(config)
@@ -229,16 +232,17 @@ class Florence2Model:
         sender (exactly one final response: non-decoupled), so ``execute`` returns None at once."""
         pb = common.pb_utils
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        t = FlorenceTensors
         for i, request in enumerate(requests):
             sender = request.get_response_sender()
             try:
-                images = common.as_bytes_list(pb.get_input_tensor_by_name(request, "IMAGE").as_numpy())
+                images = common.as_bytes_list(pb.get_input_tensor_by_name(request, t.IMAGE.name).as_numpy())
                 if len(images) != 1:
-                    raise common.InputError("send one image per request (IMAGE shape [1, 1])")
-                task = common.as_bytes_list(pb.get_input_tensor_by_name(request, "TASK").as_numpy())[0]
+                    raise common.InputError(f"send one image per request ({t.IMAGE.name} shape [1, 1])")
+                task = common.as_bytes_list(pb.get_input_tensor_by_name(request, t.TASK.name).as_numpy())[0]
                 job = self.pipeline.job(
-                    i, images[0], task.decode("utf-8", "replace"), _optional_text(request, "TEXT"),
-                    _optional_int(request, "MAX_NEW_TOKENS"), _optional_int(request, "NUM_BEAMS"),
+                    i, images[0], task.decode("utf-8", "replace"), _optional_text(request, t.TEXT.name),
+                    _optional_int(request, t.MAX_NEW_TOKENS.name), _optional_int(request, t.NUM_BEAMS.name),
                 )
             except common.InputError as exc:
                 sender.send(common.error_response(str(exc), invalid_arg=True), flags=final)
@@ -271,6 +275,7 @@ def _answer(sender) -> Callable[[Any], None]:
                         flags=final)
         else:
             payload = np.array([[json.dumps(result).encode("utf-8")]], dtype=np.object_)
-            sender.send(pb.InferenceResponse(output_tensors=[pb.Tensor("RESULT", payload)]), flags=final)
+            result_tensor = pb.Tensor(FlorenceTensors.RESULT.name, payload)
+            sender.send(pb.InferenceResponse(output_tensors=[result_tensor]), flags=final)
 
     return send

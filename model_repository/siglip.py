@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from vlmserve.families.contract import DEFAULT_MAX_PIXELS, EmbedParams
+from vlmserve.families.tensors import EmbedImageTensors, EmbedTextTensors
 from vlmserve.model_repository import common
 
 
@@ -293,17 +294,19 @@ class SiglipTextPreprocessor:
 
 
 class _SiglipModel:
-    input_name: str
+    tensors: type[EmbedImageTensors | EmbedTextTensors]
     encoder_input: str
     encoder_output: str
 
     def _setup(self, args: dict[str, Any]) -> dict[str, Any]:
         config = common.model_config(args)
         names = {i["name"] for i in config["input"]}
-        if names != {self.input_name}:
-            raise ValueError(f"{config['name']}: expected the single input {self.input_name}, got {sorted(names)}")
-        if "EMBEDDING" not in {o["name"] for o in config["output"]}:
-            raise ValueError(f"{config['name']}: output EMBEDDING missing from config")
+        if names != self.tensors.input_names():
+            raise ValueError(f"{config['name']}: expected the inputs {sorted(self.tensors.input_names())}, "
+                             f"got {sorted(names)}")
+        missing = set(self.tensors.output_names()) - {o["name"] for o in config["output"]}
+        if missing:
+            raise ValueError(f"{config['name']}: output {', '.join(sorted(missing))} missing from config")
         self.encoder = common.make_encoder(args, config, [self.encoder_output])
         return config
 
@@ -314,7 +317,7 @@ class _SiglipModel:
 class EmbedImageModel(_SiglipModel):
     """Triton model ``siglip_embed_image``."""
 
-    input_name = "IMAGE"
+    tensors = EmbedImageTensors
     encoder_input = "pixel_values"
     encoder_output = "image_embeds"
 
@@ -329,15 +332,16 @@ class EmbedImageModel(_SiglipModel):
         pb = common.pb_utils
 
         def prepare(request):
-            return self.preprocess(common.as_bytes_list(pb.get_input_tensor_by_name(request, "IMAGE").as_numpy()))
+            image = pb.get_input_tensor_by_name(request, EmbedImageTensors.IMAGE.name)
+            return self.preprocess(common.as_bytes_list(image.as_numpy()))
 
-        return common.run_batched(requests, prepare, lambda px: {"EMBEDDING": self._encode(px)})
+        return common.run_batched(requests, prepare, lambda px: {EmbedImageTensors.EMBEDDING.name: self._encode(px)})
 
 
 class EmbedTextModel(_SiglipModel):
     """Triton model ``siglip_embed_text``."""
 
-    input_name = "TEXT"
+    tensors = EmbedTextTensors
     encoder_input = "input_ids"
     encoder_output = "text_embeds"
 
@@ -351,12 +355,13 @@ class EmbedTextModel(_SiglipModel):
 
         def prepare(request):
             ids, lengths = self.preprocess(
-                common.as_bytes_list(pb.get_input_tensor_by_name(request, "TEXT").as_numpy())
+                common.as_bytes_list(pb.get_input_tensor_by_name(request, EmbedTextTensors.TEXT.name).as_numpy())
             )
             # Carry the token counts through the batch as an extra column; split off in compute.
             return np.concatenate([ids, lengths[:, None].astype(np.int64)], axis=1)
 
         def compute(rows):
-            return {"EMBEDDING": self._encode(rows[:, :-1]), "NUM_TOKENS": rows[:, -1:].astype(np.int32)}
+            return {EmbedTextTensors.EMBEDDING.name: self._encode(rows[:, :-1]),
+                    EmbedTextTensors.NUM_TOKENS.name: rows[:, -1:].astype(np.int32)}
 
         return common.run_batched(requests, prepare, compute)

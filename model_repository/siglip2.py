@@ -27,6 +27,7 @@ import numpy as np
 
 from vlmserve.families.contract import DEFAULT_MAX_PIXELS
 from vlmserve.families.siglip2 import Siglip2Params
+from vlmserve.families.tensors import EmbedImageTensors, EmbedTextTensors
 from vlmserve.model_repository import common
 from vlmserve.model_repository.siglip import (
     SiglipImagePreprocessor,
@@ -247,7 +248,7 @@ class FastTokenizer:
 class EmbedImageModel(_SiglipModel):
     """Triton model ``siglip2_embed_image``: NaFlex (``vision_mode`` naflex) or fixed resolution (v1's transform)."""
 
-    input_name = "IMAGE"
+    tensors = EmbedImageTensors
     encoder_output = "image_embeds"
 
     def initialize(self, args: dict[str, Any]) -> None:
@@ -268,12 +269,12 @@ class EmbedImageModel(_SiglipModel):
         pb = common.pb_utils
 
         def prepare(request):
-            images = common.as_bytes_list(pb.get_input_tensor_by_name(request, "IMAGE").as_numpy())
+            images = common.as_bytes_list(pb.get_input_tensor_by_name(request, EmbedImageTensors.IMAGE.name).as_numpy())
             out = self.preprocess(images)
             return out if isinstance(out, dict) else {"pixel_values": out}
 
         def compute(inputs):
-            return {"EMBEDDING": l2_normalise(self.encoder(inputs)[self.encoder_output])}
+            return {EmbedImageTensors.EMBEDDING.name: l2_normalise(self.encoder(inputs)[self.encoder_output])}
 
         return common.run_batched(requests, prepare, compute)
 
@@ -281,7 +282,7 @@ class EmbedImageModel(_SiglipModel):
 class EmbedTextModel(_SiglipModel):
     """Triton model ``siglip2_embed_text``: Gemma tokenizer (``tokenizers``), ``input_ids`` + ``attention_mask``."""
 
-    input_name = "TEXT"
+    tensors = EmbedTextTensors
     encoder_output = "text_embeds"
 
     def initialize(self, args: dict[str, Any]) -> None:
@@ -291,14 +292,16 @@ class EmbedTextModel(_SiglipModel):
 
     def execute(self, requests):
         pb = common.pb_utils
+        t = EmbedTextTensors
 
         def prepare(request):
-            texts = utf8_texts(common.as_bytes_list(pb.get_input_tensor_by_name(request, "TEXT").as_numpy()))
+            texts = utf8_texts(common.as_bytes_list(pb.get_input_tensor_by_name(request, t.TEXT.name).as_numpy()))
             ids, mask, counts = self.tokenizer(texts)
-            return {"input_ids": ids, "attention_mask": mask, "NUM_TOKENS": counts[:, None]}
+            return {"input_ids": ids, "attention_mask": mask, t.NUM_TOKENS.name: counts[:, None]}
 
         def compute(rows):
             encoded = self.encoder({"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"]})
-            return {"EMBEDDING": l2_normalise(encoded[self.encoder_output]), "NUM_TOKENS": rows["NUM_TOKENS"]}
+            return {t.EMBEDDING.name: l2_normalise(encoded[self.encoder_output]),
+                    t.NUM_TOKENS.name: rows[t.NUM_TOKENS.name]}
 
         return common.run_batched(requests, prepare, compute)

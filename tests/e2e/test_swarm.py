@@ -233,10 +233,12 @@ def test_swarm_replicas_survive_a_killed_replica(docker_client, cpu_image: str, 
 IN_TRITON = """
 import json, sys, urllib.error, urllib.request
 import psutil
+from vlmserve.families.tensors import EmbedTextTensors
 from vlmserve.orchestrator.heal import stubs_by_model
 model, port = sys.argv[1], sys.argv[2]
 server = next(p for p in psutil.process_iter(["name"]) if p.info["name"] == "tritonserver")
-body = json.dumps({"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES", "data": ["hi"]}]}).encode()
+text = {"name": EmbedTextTensors.TEXT.name, "shape": [1, 1], "datatype": "BYTES", "data": ["hi"]}
+body = json.dumps({"inputs": [text]}).encode()
 request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{model}/infer", body,
                                  {"Content-Type": "application/json"})
 try:

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlmserve.families.tensors import ChatTensors
+
 pytestmark = pytest.mark.integration
 
 
@@ -54,15 +56,16 @@ def stream(stack, model: str, messages, params=None, cancel_after: int | None = 
             errors.append(error)
             done.set()
             return
-        item = tuple(result.as_numpy(n)[0].decode() for n in ("TEXT", "FINISH_REASON", "USAGE"))
+        item = tuple(result.as_numpy(t.name)[0].decode()
+                     for t in (ChatTensors.TEXT, ChatTensors.FINISH_REASON, ChatTensors.USAGE))
         got.append(item)
         if item[1] or (cancel_after is not None and len(got) >= cancel_after):
             done.set()
 
     client.start_stream(callback=callback)
     inputs = []
-    for name, value in [("MESSAGES", messages), ("PARAMETERS", params or {})]:
-        tensor = tg.InferInput(name, [1], "BYTES")
+    for spec, value in [(ChatTensors.MESSAGES, messages), (ChatTensors.PARAMETERS, params or {})]:
+        tensor = tg.InferInput(spec.name, [1], "BYTES")
         tensor.set_data_from_numpy(np.array([json.dumps(value).encode()], dtype=np.object_))
         inputs.append(tensor)
     client.async_stream_infer(model, inputs)
@@ -107,15 +110,16 @@ def test_video_input(stack, model) -> None:
 
 
 def test_http_generate_stream_sse(stack) -> None:
-    body = {"MESSAGES": json.dumps([{"role": "user", "content": "hello"}]), "PARAMETERS": json.dumps({"max_tokens": 5})}
+    body = {ChatTensors.MESSAGES.name: json.dumps([{"role": "user", "content": "hello"}]),
+            ChatTensors.PARAMETERS.name: json.dumps({"max_tokens": 5})}
     events = []
     with httpx.stream("POST", f"{stack.triton_http}/v2/models/qwen2vl/generate_stream", json=body, timeout=60) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data:"):
                 events.append(json.loads(line[5:]))
-    assert events and events[-1]["FINISH_REASON"] in ("stop", "length")
-    assert json.loads(events[-1]["USAGE"])["completion_tokens"] <= 5
+    assert events and events[-1][ChatTensors.FINISH_REASON.name] in ("stop", "length")
+    assert json.loads(events[-1][ChatTensors.USAGE.name])["completion_tokens"] <= 5
 
 
 def test_concurrent_requests_share_one_batch(stack) -> None:

@@ -33,6 +33,7 @@ from vlmserve_client.bulk import find_images
 
 from tests.integration.test_embeddings import triton_http_embed
 from tests.integration.test_readme import _localise
+from vlmserve.families.tensors import EmbedImageTensors, EmbedTextTensors
 from vlmserve.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
@@ -71,10 +72,11 @@ def test_embeddings_sync_match_triton(stack, image_server) -> None:
                                        ImageRef("red.png")], model=TINY_SIGLIP)
         texts = client.embed_texts(["a red square", "a blue circle"])
         one = client.embed_text("a red square")
-    direct = triton_http_embed(stack, "siglip_embed_image", "IMAGE", [red])[0]
+    direct = triton_http_embed(stack, "siglip_embed_image", EmbedImageTensors.IMAGE, [red])[0]
     assert len(vectors) == 4 and all(close(v, direct) for v in vectors)
     assert all(math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-4) for v in vectors + texts)
-    text_direct = triton_http_embed(stack, "siglip_embed_text", "TEXT", [b"a red square", b"a blue circle"])
+    text_direct = triton_http_embed(stack, "siglip_embed_text", EmbedTextTensors.TEXT,
+                                    [b"a red square", b"a blue circle"])
     assert close(texts[0], text_direct[0]) and close(texts[1], text_direct[1]) and close(one, texts[0])
     assert not close(texts[0], texts[1], tol=1e-3)
 
@@ -197,7 +199,7 @@ def test_pypy3_installs_only_httpx_and_runs_every_client(stack, pypy_venv) -> No
     assert out["florence"]["task"] == "object_detection" and out["florence"]["image_size"] == [64, 48]
     assert out["florence_error"] == {"status": 422, "class": "VlmserveBadRequest", "param": "text"}
     red = (stack.image_dir / "red.png").read_bytes()
-    assert close(out["image_vector"], triton_http_embed(stack, "siglip_embed_image", "IMAGE", [red])[0])
+    assert close(out["image_vector"], triton_http_embed(stack, "siglip_embed_image", EmbedImageTensors.IMAGE, [red])[0])
     same, again, other = out["text_vectors"]
     assert close(same, again) and not close(same, other, tol=1e-3)
     assert close(out["async"]["text_vector"], same)
@@ -218,7 +220,8 @@ def test_pypy3_runs_the_command(stack, pypy_venv, tmp_path: Path) -> None:
     assert f"done 0, skipped {len(images)}" in run.stderr and "0 requests" in run.stderr, run.stderr
     index = [json.loads(line) for line in (tmp_path / "vectors.index.jsonl").read_text().splitlines()]
     assert [e["path"] for e in index] == images and len(images) >= 2
-    red = triton_http_embed(stack, "siglip_embed_image", "IMAGE", [(stack.image_dir / "red.png").read_bytes()])[0]
+    red = triton_http_embed(stack, "siglip_embed_image", EmbedImageTensors.IMAGE,
+                            [(stack.image_dir / "red.png").read_bytes()])[0]
     assert close(np.load(out)[images.index(str(stack.image_dir / "red.png"))].tolist(), red)
     caption = subprocess.run([str(pypy_venv / "bin" / "python"), "-m", "vlmserve_client", "caption",
                               str(stack.image_dir / "red.png"), "--out", str(tmp_path / "caps.jsonl"),

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlmserve.families.tensors import EmbedImageTensors, EmbedTextTensors, TensorSpec
+
 pytestmark = pytest.mark.integration
 
 
@@ -43,13 +45,14 @@ def gw(stack):
         yield client
 
 
-def triton_http_embed(stack, model: str, name: str, items: list[bytes]) -> np.ndarray:
+def triton_http_embed(stack, model: str, tensor: TensorSpec, items: list[bytes]) -> np.ndarray:
+    """``items`` as ``tensor`` (``EmbedImageTensors.IMAGE`` or ``EmbedTextTensors.TEXT``) straight to Triton."""
     import tritonclient.http as th
 
     client = th.InferenceServerClient(stack.triton_http.removeprefix("http://"))
-    inp = th.InferInput(name, [len(items), 1], "BYTES")
-    inp.set_data_from_numpy(np.array([[x] for x in items], dtype=np.object_))
-    return client.infer(model, [inp]).as_numpy("EMBEDDING")
+    inp = th.InferInput(tensor.name, [len(items), 1], "BYTES")
+    inp.set_data_from_numpy(tensor.pack(items))
+    return client.infer(model, [inp]).as_numpy(EmbedImageTensors.EMBEDDING.name)
 
 
 def test_health_reports_models_and_random_weights(gw) -> None:
@@ -79,7 +82,7 @@ def test_embed_all_image_reference_kinds_and_match_triton_direct(gw, stack, imag
     assert vectors.shape == (4, 32)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     # Same image four ways -> the same vector; and what a Triton direct client gets.
-    direct = triton_http_embed(stack, "siglip_embed_image", "IMAGE", [red])
+    direct = triton_http_embed(stack, "siglip_embed_image", EmbedImageTensors.IMAGE, [red])
     for v in vectors:
         assert np.allclose(v, direct[0], atol=1e-5)
     other = np.array(gw.post("/embed", json={"images": [str(stack.image_dir / "blue.jpg")]}).json())
@@ -94,7 +97,7 @@ def test_embed_text_both_forms_match_triton_direct(gw, stack) -> None:
     assert many_v.shape == (2, 32) and one_v.shape == (1, 32)
     assert np.allclose(many_v[0], one_v[0], atol=1e-5)
     assert not np.allclose(many_v[0], many_v[1], atol=1e-3)
-    direct = triton_http_embed(stack, "siglip_embed_text", "TEXT", [b"a photo of a cat"])
+    direct = triton_http_embed(stack, "siglip_embed_text", EmbedTextTensors.TEXT, [b"a photo of a cat"])
     assert np.allclose(one_v[0], direct[0], atol=1e-5)
 
 
@@ -103,13 +106,13 @@ def test_triton_grpc_client(stack) -> None:
 
     client = tg.InferenceServerClient(stack.triton_grpc)
     assert client.is_model_ready("siglip_embed_image")
-    inp = tg.InferInput("IMAGE", [2, 1], "BYTES")
-    inp.set_data_from_numpy(np.array([[png_bytes()], [png_bytes((0, 0, 0))]], dtype=np.object_))
-    out = client.infer("siglip_embed_image", [inp]).as_numpy("EMBEDDING")
+    inp = tg.InferInput(EmbedImageTensors.IMAGE.name, [2, 1], "BYTES")
+    inp.set_data_from_numpy(EmbedImageTensors.IMAGE.pack([png_bytes(), png_bytes((0, 0, 0))]))
+    out = client.infer("siglip_embed_image", [inp]).as_numpy(EmbedImageTensors.EMBEDDING.name)
     assert out.shape == (2, 32) and np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
     # A bad image from a direct client is that request's INVALID_ARG error, not a crash.
-    bad = tg.InferInput("IMAGE", [1, 1], "BYTES")
-    bad.set_data_from_numpy(np.array([[b"not an image"]], dtype=np.object_))
+    bad = tg.InferInput(EmbedImageTensors.IMAGE.name, [1, 1], "BYTES")
+    bad.set_data_from_numpy(EmbedImageTensors.IMAGE.pack([b"not an image"]))
     with pytest.raises(Exception, match="not a decodable image"):
         client.infer("siglip_embed_image", [bad])
     assert client.is_model_ready("siglip_embed_image")
@@ -203,9 +206,9 @@ def test_concurrent_requests_are_batched_by_triton(stack) -> None:
 
     def call(_: int) -> np.ndarray:
         client = th.InferenceServerClient(stack.triton_http.removeprefix("http://"))
-        inp = th.InferInput("IMAGE", [1, 1], "BYTES")
-        inp.set_data_from_numpy(np.array([[image]], dtype=np.object_))
-        return client.infer("siglip_embed_image", [inp]).as_numpy("EMBEDDING")
+        inp = th.InferInput(EmbedImageTensors.IMAGE.name, [1, 1], "BYTES")
+        inp.set_data_from_numpy(EmbedImageTensors.IMAGE.pack([image]))
+        return client.infer("siglip_embed_image", [inp]).as_numpy(EmbedImageTensors.EMBEDDING.name)
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         results = list(pool.map(call, range(64)))

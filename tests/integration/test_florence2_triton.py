@@ -7,9 +7,10 @@ import io
 import json
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
+
+from vlmserve.families.tensors import FlorenceTensors
 
 pytestmark = pytest.mark.integration
 
@@ -25,16 +26,17 @@ def http_call(stack, task: str, text: str | None = None, max_new_tokens: int | N
 
     client = th.InferenceServerClient(stack.triton_http.removeprefix("http://"))
     inputs = []
-    named = [("IMAGE", image or png()), ("TASK", task.encode())] + ([("TEXT", text.encode())] if text else [])
-    for name, value in named:
-        item = th.InferInput(name, [1, 1], "BYTES")
-        item.set_data_from_numpy(np.array([[value]], dtype=np.object_))
+    t = FlorenceTensors
+    named = [(t.IMAGE, image or png()), (t.TASK, task)] + ([(t.TEXT, text)] if text else [])
+    for spec, value in named:
+        item = th.InferInput(spec.name, [1, 1], "BYTES")
+        item.set_data_from_numpy(spec.pack([value]))
         inputs.append(item)
     if max_new_tokens is not None:
-        item = th.InferInput("MAX_NEW_TOKENS", [1, 1], "INT32")
-        item.set_data_from_numpy(np.array([[max_new_tokens]], dtype=np.int32))
+        item = th.InferInput(t.MAX_NEW_TOKENS.name, [1, 1], "INT32")
+        item.set_data_from_numpy(t.MAX_NEW_TOKENS.pack([max_new_tokens]))
         inputs.append(item)
-    return json.loads(client.infer("florence2", inputs).as_numpy("RESULT")[0, 0])
+    return json.loads(client.infer("florence2", inputs).as_numpy(t.RESULT.name)[0, 0])
 
 
 @pytest.mark.parametrize(("task", "text"), [
@@ -51,17 +53,18 @@ def test_direct_grpc_and_errors(stack) -> None:
     import tritonclient.grpc as tg
 
     client = tg.InferenceServerClient(stack.triton_grpc)
-    image = tg.InferInput("IMAGE", [1, 1], "BYTES")
-    image.set_data_from_numpy(np.array([[png()]], dtype=np.object_))
-    task = tg.InferInput("TASK", [1, 1], "BYTES")
-    task.set_data_from_numpy(np.array([[b"referring_expression_segmentation"]], dtype=np.object_))
-    with pytest.raises(Exception, match="needs TEXT"):
+    t = FlorenceTensors
+    image = tg.InferInput(t.IMAGE.name, [1, 1], "BYTES")
+    image.set_data_from_numpy(t.IMAGE.pack([png()]))
+    task = tg.InferInput(t.TASK.name, [1, 1], "BYTES")
+    task.set_data_from_numpy(t.TASK.pack([b"referring_expression_segmentation"]))
+    with pytest.raises(Exception, match=f"needs {t.TEXT.name}"):
         client.infer("florence2", [image, task])
-    text = tg.InferInput("TEXT", [1, 1], "BYTES")
-    text.set_data_from_numpy(np.array([[b"the cat"]], dtype=np.object_))
-    tokens = tg.InferInput("MAX_NEW_TOKENS", [1, 1], "INT32")
-    tokens.set_data_from_numpy(np.array([[3]], dtype=np.int32))
-    out = json.loads(client.infer("florence2", [image, task, text, tokens]).as_numpy("RESULT")[0, 0])
+    text = tg.InferInput(t.TEXT.name, [1, 1], "BYTES")
+    text.set_data_from_numpy(t.TEXT.pack([b"the cat"]))
+    tokens = tg.InferInput(t.MAX_NEW_TOKENS.name, [1, 1], "INT32")
+    tokens.set_data_from_numpy(t.MAX_NEW_TOKENS.pack([3]))
+    out = json.loads(client.infer("florence2", [image, task, text, tokens]).as_numpy(t.RESULT.name)[0, 0])
     assert out["task"] == "referring_expression_segmentation" and "polygons" in out["result"]
 
 

@@ -21,6 +21,7 @@ from PIL import Image
 
 from vlmserve import paths
 from vlmserve.export import photos
+from vlmserve.families.tensors import EmbedImageTensors, EmbedTextTensors
 from vlmserve.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
@@ -98,9 +99,9 @@ def test_image_embeddings_equal_the_transformers_pipeline_and_triton_direct(gw, 
     assert served.shape == expected.shape and (cosines >= MIN_COSINE).all(), cosines
 
     client = th.InferenceServerClient(stack.triton_http.removeprefix("http://"))
-    inp = th.InferInput("IMAGE", [len(encoded), 1], "BYTES")
-    inp.set_data_from_numpy(np.array([[d] for d in encoded], dtype=np.object_))
-    direct = client.infer("siglip2_embed_image", [inp]).as_numpy("EMBEDDING")
+    inp = th.InferInput(EmbedImageTensors.IMAGE.name, [len(encoded), 1], "BYTES")
+    inp.set_data_from_numpy(EmbedImageTensors.IMAGE.pack(encoded))
+    direct = client.infer("siglip2_embed_image", [inp]).as_numpy(EmbedImageTensors.EMBEDDING.name)
     np.testing.assert_allclose(direct, served, atol=1e-5)
 
 
@@ -113,12 +114,12 @@ def test_text_embeddings_equal_the_transformers_pipeline_and_triton_grpc(gw, sta
     np.testing.assert_allclose(served, reference[1](TEXTS), atol=1e-5)
 
     client = tg.InferenceServerClient(stack.triton_grpc)
-    inp = tg.InferInput("TEXT", [len(TEXTS), 1], "BYTES")
-    inp.set_data_from_numpy(np.array([[t.encode()] for t in TEXTS], dtype=np.object_))
+    inp = tg.InferInput(EmbedTextTensors.TEXT.name, [len(TEXTS), 1], "BYTES")
+    inp.set_data_from_numpy(EmbedTextTensors.TEXT.pack(TEXTS))
     result = client.infer("siglip2_embed_text", [inp])
-    np.testing.assert_allclose(result.as_numpy("EMBEDDING"), served, atol=1e-5)
+    np.testing.assert_allclose(result.as_numpy(EmbedTextTensors.EMBEDDING.name), served, atol=1e-5)
     # Gemma tokens + the appended </eos>, before truncation to 16: "" is just the EOS.
-    counts = result.as_numpy("NUM_TOKENS").ravel().tolist()
+    counts = result.as_numpy(EmbedTextTensors.NUM_TOKENS.name).ravel().tolist()
     assert counts[3] == 1 and counts[4] > 16 and all(c >= 1 for c in counts)
 
 

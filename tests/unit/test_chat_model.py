@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from vlmserve.api.openai import GenerationParameters
+from vlmserve.families.tensors import ChatTensors
 from vlmserve.model_repository import common
 from vlmserve.model_repository.chat import parse_messages, parse_params, resolve_attention
 from vlmserve.model_repository.chat_engine import ChatJob, RowStreamer
@@ -212,7 +213,7 @@ class FakeRequest:
         if final.error is not None:
             assert final.error.code == "INVALID_ARG", final.error.message
             return final.error.message, {}
-        usage = dict(final.output_tensors)["USAGE"].reshape(-1)[0]
+        usage = dict(final.output_tensors)[ChatTensors.USAGE.name].reshape(-1)[0]
         return None, json.loads(usage)
 
 
@@ -390,7 +391,7 @@ def test_a_cancel_request_ends_the_running_request_it_names(fake_pb, tiny_qwen_d
         assert cancel.sender.responses == [None] and cancel.sender.done.is_set()
         error, usage = long.outcome(timeout=30)
         assert error is None and usage["completion_tokens"] < 1000
-        finish = dict(long.sender.responses[-1].output_tensors)["FINISH_REASON"].reshape(-1)[0]
+        finish = dict(long.sender.responses[-1].output_tensors)[ChatTensors.FINISH_REASON.name].reshape(-1)[0]
         assert (finish.decode() if isinstance(finish, bytes) else finish) == "cancelled"
         assert model.admission.count == 0 and model.open_groups == {}
         # A request whose PARAMETERS merely contain "cancel" among generation settings is not a cancel.

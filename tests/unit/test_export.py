@@ -12,6 +12,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from tests.conftest import tiny_export_options
+from tests.unit.test_tensors import assert_client_tensors
 from vlmserve.export import onnx_utils, pbtxt
 from vlmserve.export.progress import Progress
 from vlmserve.export.repository import EMBEDDED_CONFIG, read_stamp
@@ -144,6 +145,9 @@ def test_int8_variant_keeps_fidelity_and_is_served_beside_fp32(state_dir: Path, 
                                model_config_pb2.ModelConfig())
     assert client.parameters["encoder_model"].string_value == "siglip_vision_int8"
     assert client.parameters["source_model"].string_value == "vlmserve/tiny-siglip:int8"
+    # The int8 clients declare the same tensors as every client of their kind (vlmserve/families/tensors.py).
+    assert assert_client_tensors(repo) == dict.fromkeys(
+        ["siglip_embed_image", "siglip_embed_text", "siglip_embed_image_int8", "siglip_embed_text_int8"], 2)
 
 
 def test_int8_fidelity_floor_is_enforced(tiny_repo: Path, tmp_path: Path) -> None:
