@@ -173,6 +173,10 @@ async def _florence_model(request: Request) -> ModelInfo:
     candidates = registry.by_task(FLORENCE_TASK)
     ready = [m for m in candidates if m.ready]
     if not ready:
+        broken = [f"{m.name}: {m.problem}" for m in registry.models.values() if m.problem and not candidates]
+        if broken:
+            raise APIError(502, f"no Florence-2 model can serve; models with broken configs: {'; '.join(broken)}",
+                           code="bad_model_config")
         # Triton reads a model's config only once it is READY, so a loading model is known by name alone.
         loading = [m.name for m in registry.models.values() if not m.ready and FLORENCE_TASK in m.name]
         if loading:
