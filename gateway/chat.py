@@ -57,6 +57,7 @@ __all__ = [
     "ocr_prompt",
     "parse_box",
     "run_cancellable",
+    "with_priority",
     "source_model",
     "translate_messages",
 ]
@@ -360,10 +361,7 @@ class ChatService:
         Close it (``aclose``) to abandon the answer: the engine ends the request.
         """
         request.app.state.metrics.items.labels(info.name).inc()
-        params = job.params
-        if batch_priority.get():
-            params = params.model_copy(update={"priority": "batch"})  # admitted after the interactive rows
-        responses = self.generator.generate(info, params, messages=job.messages, prompt=job.prompt)
+        responses = self.generator.generate(info, with_priority(job.params), messages=job.messages, prompt=job.prompt)
         finished: set[int] = set()
         try:
             async for delta in responses:
@@ -415,6 +413,12 @@ class ChatService:
             {"type": "text", "text": prompt},
         ]}]
         return await run_cancellable(request, self.complete(request, info, ChatJob(params, messages=messages)))
+
+
+def with_priority(params: GenerationParameters) -> GenerationParameters:
+    """``params`` of a Batch API request (``batch_priority``) marked ``batch``: the model admits its rows after
+    the interactive ones."""
+    return params.model_copy(update={"priority": "batch"}) if batch_priority.get() else params
 
 
 def source_model(info: ModelInfo) -> str:

@@ -18,6 +18,7 @@ from PIL import Image
 from tests.fakes import Call, FakeEngine, FlorenceAnswer, model
 from vlmserve.families.contract import MAX_NEW_TOKENS_LIMIT, FlorenceParams
 from vlmserve.gateway.app import create_app
+from vlmserve.gateway.engines import FlorenceRequest, ModelInfo
 from vlmserve.gateway.errors import APIError
 from vlmserve.gateway.florence import (
     FlorenceInputError,
@@ -32,7 +33,6 @@ from vlmserve.gateway.florence import (
 )
 from vlmserve.gateway.settings import GatewaySettings
 from vlmserve.gateway.storage import LocalStore, S3Store, build_store
-from vlmserve.gateway.engines import FlorenceRequest, ModelInfo
 from vlmserve.model_repository.florence2_tasks import TASKS
 
 WIDTH, HEIGHT = 64, 48
