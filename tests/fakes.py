@@ -190,8 +190,7 @@ class FakeEngine:
 
 def vectors(n: int, dim: int = 4) -> np.ndarray:
     """``n`` unit vectors of ``dim`` floats (float32), distinct per row."""
-    rows = np.eye(max(n, dim), dim, dtype=np.float32)[:n]
-    return rows
+    return np.eye(max(n, dim), dim, dtype=np.float32)[:n]
 
 
 if TYPE_CHECKING:

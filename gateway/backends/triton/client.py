@@ -128,7 +128,7 @@ class TritonClient:
             self._refresher = asyncio.create_task(loop(), name="triton-registry-refresh")
 
     async def cached_registry(self) -> Registry:
-        """The last registry read (refreshed by :meth:`start_refresh`), read once if there is none yet."""
+        """The last registry read (refreshed by :meth:`start`), read once if there is none yet."""
         return self._registry if self._registry is not None else await self.registry()
 
     def unhealthy(self, model: str) -> bool:
@@ -245,7 +245,7 @@ class TritonClient:
 
     async def stream(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str], *,
                      cancel_inputs: Callable[[str], dict[str, np.ndarray]] | None = None,
-                     final_output: str = "FINISH_REASON") -> AsyncGenerator[dict[str, np.ndarray], None]:
+                     final_output: str | None = None) -> AsyncGenerator[dict[str, np.ndarray], None]:
         """Stream the responses of a decoupled model for one request (gRPC streaming).
 
         Yields one ``{output: array}`` dict per response and stops after the final one: the response whose
@@ -316,7 +316,7 @@ class TritonClient:
                     outbox.put_nowait(None)
                     raise self._map_stream_error(model, error)
                 values = {n: array for n in outputs if (array := result.as_numpy(n)) is not None}
-                final = _is_final(result, values.get(final_output))
+                final = _is_final(result, values.get(final_output) if final_output else None)
                 if final:
                     finished = True
                     outbox.put_nowait(None)

@@ -82,7 +82,7 @@ def _collect(backend: TritonBackend, stop_after: int | None = None) -> list[dict
     async def run() -> list[dict[str, np.ndarray]]:
         out = []
         gen = backend.stream("chat", {"MESSAGES": np.array([b"[]"], dtype=np.object_)},
-                             ["TEXT", "FINISH_REASON", "USAGE"])
+                             ["TEXT", "FINISH_REASON", "USAGE"], final_output="FINISH_REASON")
         try:
             async for values in gen:
                 out.append(values)
@@ -145,7 +145,7 @@ def test_triton_stream_closed_early_sends_a_cancel_request_and_drains_instead_of
 
     async def run() -> None:
         gen = backend.stream("chat", {"MESSAGES": np.array([b"[]"], dtype=np.object_)}, ["TEXT", "FINISH_REASON"],
-                             cancel_inputs=cancel_request)
+                             cancel_inputs=cancel_request, final_output="FINISH_REASON")
         async for _ in gen:
             break
         await gen.aclose()
@@ -181,7 +181,8 @@ def test_two_open_streams_with_one_client_request_id_get_distinct_triton_ids() -
 
     async def one(started: asyncio.Event, release: asyncio.Event) -> None:
         telemetry.current.set(telemetry.RequestContext(request_id="dup"))
-        gen = backend.stream("chat", {"MESSAGES": np.array([b"[]"], dtype=np.object_)}, ["TEXT", "FINISH_REASON"])
+        gen = backend.stream("chat", {"MESSAGES": np.array([b"[]"], dtype=np.object_)}, ["TEXT", "FINISH_REASON"],
+                             final_output="FINISH_REASON")
         await gen.__anext__()
         started.set()
         await release.wait()

@@ -44,7 +44,7 @@ class RecordingTriton(TritonBackend):
 
     async def stream(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str], *,
                      cancel_inputs: Any = None,
-                     final_output: str = "FINISH_REASON") -> AsyncGenerator[dict[str, np.ndarray], None]:
+                     final_output: str | None = None) -> AsyncGenerator[dict[str, np.ndarray], None]:
         self.sent.append({"model": model, "inputs": inputs, "outputs": outputs, "final_output": final_output,
                           "cancel_inputs": cancel_inputs})
         for values in self.script:
