@@ -161,8 +161,6 @@ class GenerationLimits(Protocol):
     """What a chat model allows, from its typed config (``vlmserve.families.contract.ChatParams`` is one)."""
 
     @property
-    def default_max_new_tokens(self) -> int: ...
-    @property
     def max_new_tokens_limit(self) -> int: ...
     @property
     def max_batch(self) -> int: ...
@@ -178,11 +176,12 @@ class RequestRejected(ValueError):
         self.message, self.param, self.code = message, param, code
 
 
-def max_tokens_for(max_tokens: int | None, limits: GenerationLimits, param: str = "max_tokens") -> int:
-    """The answer's length cap: the request's (``1..max_new_tokens_limit``, the one check of it before the engine),
-    else the model's default."""
+def max_tokens_for(max_tokens: int | None, limits: GenerationLimits, param: str = "max_tokens") -> int | None:
+    """The answer's length cap as the request sets it, checked against ``1..max_new_tokens_limit`` (the one check
+    before the engine). None stays None: the model's default (``default_max_new_tokens``), which the model lowers
+    to what is left of its context (vLLM's rule), so the gateway does not copy it."""
     if max_tokens is None:
-        return min(limits.default_max_new_tokens, limits.max_new_tokens_limit)
+        return None
     if not 1 <= max_tokens <= limits.max_new_tokens_limit:
         raise RequestRejected(f"{param} must be 1..{limits.max_new_tokens_limit} for this model, got {max_tokens}",
                               param)

@@ -39,7 +39,7 @@ def test_image_data_uri_becomes_a_base64_image_part(make_client) -> None:
     })
     assert r.status_code == 200, r.text
     call = backend.calls[0]
-    assert call.model == "smolvlm2" and call.sent == {"max_tokens": 16}  # the model's default, from its config
+    assert call.model == "smolvlm2" and call.sent == {}  # nothing set: the model's defaults
     assert call.messages[0] == {"role": "system", "content": "be brief"}
     assert call.messages[1]["content"][0] == {"type": "text", "text": "what is this?"}
     part = call.messages[1]["content"][1]
@@ -80,7 +80,7 @@ def test_video_part_data_uri_and_url(make_client, png_server: str) -> None:
     assert r.status_code == 200, r.text
     part = backend.calls[0].messages[0]["content"][0]
     assert part["type"] == "video" and base64.b64decode(part["data"]) == MP4
-    assert backend.calls[0].sent == {"max_tokens": 16, "video_fps": 2.0, "video_max_frames": 4}
+    assert backend.calls[0].sent == {"video_fps": 2.0, "video_max_frames": 4}
     r = client.post("/v1/chat/completions",
                     json={"model": "smolvlm2", "messages": user(video_part(f"{png_server}/v.mp4"))})
     assert r.status_code == 200 and base64.b64decode(backend.calls[1].messages[0]["content"][0]["data"]) == MP4
@@ -322,15 +322,15 @@ def test_new_settings_become_the_parameters_json(make_client) -> None:
         "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}})
     assert r.status_code == 200, r.text
     assert backend.calls[0].sent == {
-        "max_tokens": 16, "n": 2, "logprobs": True, "top_logprobs": 1, "presence_penalty": 0.5,
+        "n": 2, "logprobs": True, "top_logprobs": 1, "presence_penalty": 0.5,
         "frequency_penalty": -0.25, "repetition_penalty": 1.2,
         "response_format": {"type": "json_schema", "schema": schema}}
     r = client.post("/v1/chat/completions", json={"model": "smolvlm2", "messages": [{"role": "user", "content": "x"}],
                                                    "response_format": {"type": "json_object"}, "n": 1})
-    assert backend.calls[1].sent == {"max_tokens": 16, "response_format": {"type": "json_object"}}
+    assert backend.calls[1].sent == {"response_format": {"type": "json_object"}}
     client.post("/v1/chat/completions", json={"model": "smolvlm2", "messages": [{"role": "user", "content": "x"}],
                                                "response_format": {"type": "text"}, "presence_penalty": 0})
-    assert backend.calls[2].sent == {"max_tokens": 16}  # text and zero penalties are the defaults
+    assert backend.calls[2].sent == {}  # text and zero penalties are the defaults
 
 
 def test_n_choices_and_logprobs_are_aggregated(make_client) -> None:

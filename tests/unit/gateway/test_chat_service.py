@@ -49,7 +49,8 @@ def _chat(**fields: Any) -> ChatCompletionRequest:
 
 def test_a_chat_request_becomes_the_models_generation_parameters() -> None:
     params = _chat().to_generation_parameters(SMOL_LIMITS)
-    assert params.model_dump(exclude_defaults=True) == {"max_tokens": 16}  # the model's default, from its config
+    # Nothing set: the model's defaults (max_tokens: its default_max_new_tokens, lowered to the context left).
+    assert params.model_dump(exclude_defaults=True) == {}
     params = _chat(max_completion_tokens=9, stop="\n", seed=3, n=2, logprobs=True, top_logprobs=2, video_fps=2,
                    video_max_frames=4, response_format={"type": "json_object"}).to_generation_parameters(SMOL_LIMITS)
     assert params.model_dump(exclude_defaults=True) == {
