@@ -97,7 +97,7 @@ async def translate_messages(
     max_media: int,
     model_name: str,
 ) -> list[dict[str, Any]]:
-    """OpenAI chat ``messages`` as the Triton ``MESSAGES`` list: images and videos fetched, checked, base64'd.
+    """OpenAI chat ``messages`` as the conversation the chat models take: media fetched, checked, base64'd.
 
     Content is a string or a list of parts: ``text``, ``image_url`` (``{"url": data URI | http(s) URL}``) and
     ``video_url`` (same, a video). Raises APIError (400/413/415) naming the offending message and part.
