@@ -12,9 +12,11 @@ import httpx
 from fastapi import FastAPI
 
 from vlmserve.gateway import errors
+from vlmserve.gateway.backends import load_backend
 from vlmserve.gateway.batches import BatchStore, batch_root, batch_runner
 from vlmserve.gateway.chat import ChatService
 from vlmserve.gateway.embedding import EmbeddingService
+from vlmserve.gateway.engines import Engine
 from vlmserve.gateway.limits import BodySizeLimit, Drain, InFlightLimit, Interactive
 from vlmserve.gateway.metrics import Metrics, MetricsMiddleware
 from vlmserve.gateway.observability import RequestIdMiddleware
@@ -24,33 +26,30 @@ from vlmserve.gateway.routes import embeddings, health, openai
 from vlmserve.gateway.routes import florence as florence_routes
 from vlmserve.gateway.settings import GatewaySettings
 from vlmserve.gateway.storage import LocalStore, build_store, sweep_forever
-from vlmserve.gateway.triton import InferenceBackend, TritonBackend
 from vlmserve.gateway.ui import router as ui_router
 
 log = logging.getLogger("vlmserve.gateway")
 
 
-def create_app(settings: GatewaySettings, backend: InferenceBackend | None = None) -> FastAPI:
-    """Build the app; ``backend`` defaults to a Triton client for ``settings.triton_url``."""
-    backend = backend or TritonBackend(settings.triton_url, settings.triton_timeout_s, settings.retry_after_s,
-                                       settings.registry_ttl_s, grpc_url=settings.triton_grpc_url,
-                                       reconnect_s=settings.triton_reconnect_s)
+def create_app(settings: GatewaySettings, backend: Engine | None = None) -> FastAPI:
+    """Build the app; ``backend`` defaults to the engine ``settings.backend`` names (Triton at
+    ``settings.triton_url``)."""
+    backend = backend or load_backend(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Redirects are followed by vlmserve.gateway.images itself, re-checking every hop against the SSRF rules.
         async with httpx.AsyncClient(follow_redirects=False, timeout=settings.fetch_timeout_s) as http:
-            app.state.embeddings = EmbeddingService(settings, backend, http)
-            app.state.chat = ChatService(settings, backend, http)
+            app.state.embeddings = EmbeddingService(settings, backend, backend, http)
+            app.state.chat = ChatService(settings, backend, backend, http)
             registry = await backend.registry(refresh=True)
             if registry.reachable:
                 log.info("triton at %s serves: %s", backend.url, ", ".join(sorted(registry.models)) or "nothing")
-                if any(m.params.get("weights") == "random" for m in registry.models.values()):
+                if any(m.declared("weights") == "random" for m in registry.models.values()):
                     log.warning("serving RANDOM weights (tiny test models): outputs are meaningless")
             else:
                 log.warning("triton at %s not reachable yet; requests get 503 until it is", backend.url)
-            if isinstance(backend, TritonBackend):  # (unit tests pass stand-ins without a timer)
-                backend.start_refresh()
+            backend.start()
             sweeper = (asyncio.create_task(sweep_forever(app.state.storage, settings.storage_sweep_s))
                        if isinstance(app.state.storage, LocalStore) else None)
             try:

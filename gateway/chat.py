@@ -1,10 +1,10 @@
 """Chat logic behind ``/v1/chat/completions`` and the chat models' service routes (``/ocr``, ``/v1/ocr``,
 ``/v1/describe_region``).
 
-It turns OpenAI-style requests into the chat models' Triton contract (``MESSAGES`` or ``PROMPT``, and
-``PARAMETERS`` as JSON; answers streamed back as ``TEXT`` / ``FINISH_REASON`` / ``USAGE`` / ``INDEX`` /
-``LOGPROBS``), and checks everything a client can get wrong before Triton sees it, so mistakes come back as 4xx
-with the offending field named.
+It turns OpenAI-style requests into a conversation (media fetched, checked, inlined) and the model's
+``GenerationParameters``, hands them to the engine's :class:`~vlmserve.gateway.engines.Generator`, and checks
+everything a client can get wrong before the engine sees it, so mistakes come back as 4xx with the offending field
+named.
 """
 
 from __future__ import annotations
@@ -12,46 +12,52 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import logging
 import math
 import re
 import time
-from collections.abc import AsyncGenerator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
-import numpy as np
 from fastapi import Request
 from PIL import Image, ImageOps
 
+from vlmserve.api.openai import GenerationParameters, max_tokens_for
 from vlmserve.families.contract import ChatParams
+from vlmserve.gateway.engines import (
+    Delta,
+    Generator,
+    ModelInfo,
+    ModelRegistry,
+    Registry,
+    Usage,
+    live_registry,
+    use_model,
+)
 from vlmserve.gateway.errors import APIError
 from vlmserve.gateway.images import ImageInputError, ImagePolicy, resolve_image
 from vlmserve.gateway.limits import batch_priority
 from vlmserve.gateway.media import resolve_video, video_policy
 from vlmserve.gateway.settings import GatewaySettings
-from vlmserve.gateway.triton import InferenceBackend, ModelInfo, Registry, live_registry, use_model
 
 __all__ = [
     "BOX_PATTERN",
     "CHAT_TASK",
-    "ChatLimits",
+    "ChatJob",
     "Choice",
     "ChatService",
     "Completion",
     "Delta",
     "OCR_INSTRUCTION",
     "REGION_PROMPT",
-    "Sampling",
     "Usage",
-    "build_inputs",
     "crop_region",
     "ocr_prompt",
     "parse_box",
-    "parse_delta",
     "run_cancellable",
+    "with_priority",
     "source_model",
     "translate_messages",
 ]
@@ -59,13 +65,8 @@ __all__ = [
 log = logging.getLogger("vlmserve.gateway")
 
 CHAT_TASK = "chat"
-OUTPUTS = ["TEXT", "FINISH_REASON", "USAGE", "INDEX", "LOGPROBS"]
-# The request's last response carries USAGE (with n > 1 each choice ends with a FINISH_REASON first).
-FINAL_OUTPUT = "USAGE"
 # OpenAI's "developer" role is its newer name for "system".
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-MAX_STOP = 4  # what the chat models accept (model_repository/chat.py), and OpenAI's own limit
-MAX_VIDEO_FPS = 30.0
 OCR_INSTRUCTION = "Extract all text from this image. Return only the text, no commentary."
 REGION_PROMPT = "Describe the object shown in this image region in one or two sentences."
 # Vision processors refuse very small or very thin images (Qwen2-VL needs 28 px per side); crops are upscaled or
@@ -74,94 +75,6 @@ MIN_CROP_SIDE = 64
 MAX_CROP_UPSCALE_SIDE = 1024
 
 T = TypeVar("T")
-
-
-# --- limits and sampling ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ChatLimits:
-    """What one served chat model accepts, from its Triton config ``parameters``."""
-
-    max_new_tokens_limit: int = 1024
-    default_max_new_tokens: int | None = None
-    supports_video: bool = False
-    max_video_frames: int = 8
-    max_images: int | None = None
-    max_batch: int = 8
-
-    @classmethod
-    def of(cls, info: ModelInfo) -> ChatLimits:
-        params = info.contract(ChatParams)
-        return cls(max_new_tokens_limit=params.max_new_tokens_limit,
-                   default_max_new_tokens=params.default_max_new_tokens, supports_video=params.supports_video,
-                   max_video_frames=params.max_video_frames, max_images=params.max_images,
-                   max_batch=params.max_batch)
-
-
-@dataclass
-class Sampling:
-    """Generation settings sent as ``PARAMETERS`` (None = the model's default)."""
-
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: list[str] | None = None
-    seed: int | None = None
-    video_fps: float | None = None
-    video_max_frames: int | None = None
-    n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None  # vlmserve.api.openai.grammar_spec
-
-    @property
-    def choices(self) -> int:
-        return self.n or 1
-
-    def check(self, limits: ChatLimits) -> None:
-        """Raise APIError 400 naming the field that is out of range."""
-        if self.max_tokens is not None and not 1 <= self.max_tokens <= limits.max_new_tokens_limit:
-            raise APIError(400, f"max_tokens must be 1..{limits.max_new_tokens_limit} for this model, "
-                                f"got {self.max_tokens}", code="invalid_value", param="max_tokens")
-        if self.temperature is not None and not (math.isfinite(self.temperature) and 0 <= self.temperature <= 2):
-            raise APIError(400, f"temperature must be 0..2, got {self.temperature}", code="invalid_value",
-                           param="temperature")
-        if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise APIError(400, f"top_p must be in (0, 1], got {self.top_p}", code="invalid_value", param="top_p")
-        if self.stop is not None:
-            if len(self.stop) > MAX_STOP:
-                raise APIError(400, f"stop takes at most {MAX_STOP} sequences, got {len(self.stop)}",
-                               code="invalid_value", param="stop")
-            if any(not s for s in self.stop):
-                raise APIError(400, "stop sequences must be non-empty strings", code="invalid_value", param="stop")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
-            raise APIError(400, "seed must fit in a signed 64-bit integer", code="invalid_value", param="seed")
-        if self.video_fps is not None and not (math.isfinite(self.video_fps)
-                                               and 0 < self.video_fps <= MAX_VIDEO_FPS):
-            raise APIError(400, f"video_fps must be in (0, {MAX_VIDEO_FPS:g}], got {self.video_fps}",
-                           code="invalid_value", param="video_fps")
-        if self.video_max_frames is not None and not 1 <= self.video_max_frames <= limits.max_video_frames:
-            raise APIError(400, f"video_max_frames must be 1..{limits.max_video_frames} for this model, "
-                                f"got {self.video_max_frames}", code="invalid_value", param="video_max_frames")
-        if self.n is not None and not 1 <= self.n <= limits.max_batch:
-            raise APIError(400, f"n must be 1..{limits.max_batch} for this model (each choice is a row of its batch), "
-                                f"got {self.n}", code="invalid_value", param="n")
-
-    def to_json(self) -> dict[str, Any]:
-        values = {
-            "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p, "stop": self.stop,
-            "seed": self.seed, "video_fps": self.video_fps, "video_max_frames": self.video_max_frames,
-            "n": self.n if self.n != 1 else None, "presence_penalty": self.presence_penalty or None,
-            "frequency_penalty": self.frequency_penalty or None,
-            "repetition_penalty": self.repetition_penalty if self.repetition_penalty not in (None, 1.0) else None,
-            "logprobs": self.logprobs or None, "top_logprobs": self.top_logprobs or None,
-            "response_format": self.response_format,
-        }
-        return {k: v for k, v in values.items() if v is not None}
 
 
 # --- messages ---------------------------------------------------------------------------------------------
@@ -180,11 +93,11 @@ async def translate_messages(
     image_policy: ImagePolicy,
     video_policy: ImagePolicy,
     http: httpx.AsyncClient | None,
-    limits: ChatLimits,
+    limits: ChatParams,
     max_media: int,
     model_name: str,
 ) -> list[dict[str, Any]]:
-    """OpenAI chat ``messages`` as the Triton ``MESSAGES`` list: images and videos fetched, checked, base64'd.
+    """OpenAI chat ``messages`` as the conversation the chat models take: media fetched, checked, base64'd.
 
     Content is a string or a list of parts: ``text``, ``image_url`` (``{"url": data URI | http(s) URL}``) and
     ``video_url`` (same, a video). Raises APIError (400/413/415) naming the offending message and part.
@@ -268,64 +181,6 @@ async def translate_messages(
     return out
 
 
-def cancel_request(request_id: str) -> dict[str, np.ndarray]:
-    """The inputs of a request that makes a chat model end its request ``request_id`` (model_repository/chat.py:
-    no MESSAGES/PROMPT, ``PARAMETERS`` ``{"cancel": id}``; answered with a final flag only)."""
-    return {"PARAMETERS": _bytes_tensor(json.dumps({"cancel": request_id}))}
-
-
-def build_inputs(messages: list[dict[str, Any]] | None, sampling: Sampling | None = None,
-                 prompt: str | None = None) -> dict[str, np.ndarray]:
-    """The Triton inputs: ``MESSAGES`` (or ``PROMPT``, raw text) and, when any setting is given, ``PARAMETERS``
-    (BYTES [1], JSON)."""
-    if prompt is not None:
-        inputs = {"PROMPT": _bytes_tensor(prompt)}
-    else:
-        inputs = {"MESSAGES": _bytes_tensor(json.dumps(messages, ensure_ascii=False))}
-    params = sampling.to_json() if sampling is not None else {}
-    if batch_priority.get():
-        params["priority"] = "batch"  # the model admits this request's rows after the interactive ones
-    if params:
-        inputs["PARAMETERS"] = _bytes_tensor(json.dumps(params))
-    return inputs
-
-
-def _bytes_tensor(text: str) -> np.ndarray:
-    return np.array([text.encode("utf-8")], dtype=np.object_)
-
-
-# --- responses --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Token counts from the model's final ``USAGE``."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    batch_size: int | None = None
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def as_openai(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.total_tokens}
-
-
-@dataclass(frozen=True)
-class Delta:
-    """One streamed response of choice ``index``: new text (and its tokens' log probabilities when asked); when
-    the choice ends, its finish reason; on the request's last response, the usage."""
-
-    text: str
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    index: int = 0
-    logprobs: list[dict[str, Any]] | None = None
-
-
 @dataclass
 class Choice:
     """One choice of a whole answer."""
@@ -352,40 +207,6 @@ class Completion:
     @property
     def finish_reason(self) -> str:
         return self.choices[0].finish_reason or ""
-
-
-def parse_delta(values: Mapping[str, np.ndarray]) -> Delta:
-    """One Triton response (``TEXT``, ``FINISH_REASON``, ``USAGE``, ``INDEX``, ``LOGPROBS``) as a :class:`Delta`."""
-    text = _first_str(values.get("TEXT"))
-    index_array = values.get("INDEX")
-    index = int(index_array.reshape(-1)[0]) if index_array is not None and index_array.size else 0
-    raw_logprobs = _first_str(values.get("LOGPROBS"))
-    logprobs = None
-    if raw_logprobs:
-        try:
-            logprobs = json.loads(raw_logprobs)
-        except ValueError:
-            log.warning("chat model sent unreadable LOGPROBS: %.200r", raw_logprobs)
-    finish = _first_str(values.get("FINISH_REASON")) or None
-    raw_usage = _first_str(values.get("USAGE"))
-    usage = None
-    if raw_usage:
-        try:
-            data = json.loads(raw_usage)
-            usage = Usage(int(data.get("prompt_tokens", 0)), int(data.get("completion_tokens", 0)),
-                          int(data["batch_size"]) if data.get("batch_size") is not None else None)
-        except (ValueError, TypeError, AttributeError):
-            # Token counts are bookkeeping; a malformed USAGE must not throw away the answer itself.
-            log.warning("chat model sent an unreadable USAGE: %.200r", raw_usage)
-            usage = Usage()
-    return Delta(text, finish, usage, index, logprobs)
-
-
-def _first_str(array: np.ndarray | None) -> str:
-    if array is None or array.size == 0:
-        return ""
-    value = array.reshape(-1)[0]
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
 # --- service-route helpers: OCR and regions -----------------------------------------------------------------------
@@ -484,76 +305,83 @@ class _Timer:
         return round((time.perf_counter() - self.start) * 1000, 3)
 
 
-class ChatService:
-    """Finds chat models in Triton's registry and runs requests on them (streamed or aggregated)."""
+@dataclass(frozen=True)
+class ChatJob:
+    """One generation, ready for the engine: a conversation (media inline) or a raw prompt, and its parameters."""
 
-    def __init__(self, settings: GatewaySettings, backend: InferenceBackend, http: httpx.AsyncClient | None) -> None:
+    params: GenerationParameters
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+
+    @property
+    def choices(self) -> int:
+        return self.params.n
+
+
+class ChatService:
+    """Finds chat models in the engine's registry and runs requests on them (streamed or aggregated)."""
+
+    def __init__(self, settings: GatewaySettings, registry: ModelRegistry, generator: Generator,
+                 http: httpx.AsyncClient | None) -> None:
         self.settings = settings
-        self.backend = backend
+        self.engine = registry
+        self.generator = generator
         self.http = http
 
     async def registry(self) -> Registry:
-        return await live_registry(self.backend)
+        return await live_registry(self.engine)
 
     async def model(self, request: Request, name: str | None, surface: str = "chat") -> ModelInfo:
-        """The chat model ``name`` (source id, family or Triton name); None = the ``surface``'s default family's.
+        """The chat model ``name`` (source id, family or engine name); None = the ``surface``'s default family's.
 
         404 lists the served chat models; 503 while it is loading.
         """
         registry = await self.registry()
         return use_model(request, registry.find(CHAT_TASK, name, surface), self.settings.retry_after_s)
 
-    async def prepare(self, info: ModelInfo, messages: Any, sampling: Sampling,
-                      prompt: str | None = None) -> dict[str, np.ndarray]:
-        """Validate and translate a request for ``info`` (``messages``, or a raw text ``prompt``): the Triton
-        inputs to send."""
-        limits = ChatLimits.of(info)
-        sampling.check(limits)
+    async def prepare(self, info: ModelInfo, messages: Any, params: GenerationParameters,
+                      prompt: str | None = None) -> ChatJob:
+        """Validate and translate a request for ``info`` (``messages``, or a raw text ``prompt``)."""
         if prompt is not None:
-            return build_inputs(None, sampling, prompt=prompt)
-        max_media = self.settings.max_images_per_request
-        if limits.max_images is not None:
-            max_media = min(max_media, limits.max_images)
+            return ChatJob(params, prompt=prompt)
+        limits = info.contract(ChatParams)
         image_policy = self.settings.image_policy()
         translated = await translate_messages(
             messages, image_policy=image_policy,
             video_policy=video_policy(image_policy, self.settings.max_video_bytes),
-            http=self.http, limits=limits, max_media=max_media, model_name=source_model(info),
+            http=self.http, limits=limits, max_media=min(self.settings.max_images_per_request, limits.max_images),
+            model_name=source_model(info),
         )
-        return build_inputs(translated, sampling)
+        return ChatJob(params, messages=translated)
 
-    async def stream(self, request: Request, info: ModelInfo, inputs: dict[str, np.ndarray],
-                     choices: int = 1) -> AsyncGenerator[Delta, None]:
-        """The answer as deltas; it ends after every one of the ``choices`` has had its ``finish_reason`` (the
+    async def stream(self, request: Request, info: ModelInfo, job: ChatJob) -> AsyncGenerator[Delta, None]:
+        """The answer as deltas; it ends after every one of the job's choices has had its ``finish_reason`` (the
         last delta usually has ``usage``).
 
-        Close it (``aclose``) to abandon the answer: the model ends the request at its next step (a
-        ``{"cancel": request id}`` request down the same stream, :func:`cancel_request`).
+        Close it (``aclose``) to abandon the answer: the engine ends the request.
         """
         request.app.state.metrics.items.labels(info.name).inc()
-        responses = self.backend.stream(info.name, inputs, OUTPUTS, final_output=FINAL_OUTPUT,
-                                        cancel_inputs=cancel_request)
+        responses = self.generator.generate(info, with_priority(job.params), messages=job.messages, prompt=job.prompt)
         finished: set[int] = set()
         try:
-            async for values in responses:
-                delta = parse_delta(values)
+            async for delta in responses:
                 yield delta
                 if delta.finish_reason:
                     finished.add(delta.index)
-                if len(finished) >= choices or delta.usage is not None:
+                if len(finished) >= job.choices or delta.usage is not None:
                     return
         finally:
             # Closed here, not left to garbage collection, so an abandoned answer is cancelled right away.
             await responses.aclose()
 
-    async def complete(self, request: Request, info: ModelInfo, inputs: dict[str, np.ndarray],
-                       choices: int = 1) -> Completion:
+    async def complete(self, request: Request, info: ModelInfo, job: ChatJob) -> Completion:
         """The whole answer (the stream aggregated, per choice)."""
         timer = _Timer()
+        choices = job.choices
         answers = [Choice(i) for i in range(choices)]
         texts: list[list[str]] = [[] for _ in range(choices)]
         usage = None
-        deltas = self.stream(request, info, inputs, choices)
+        deltas = self.stream(request, info, job)
         try:
             async for delta in deltas:
                 if not 0 <= delta.index < choices:
@@ -578,18 +406,24 @@ class ChatService:
                               response_format: dict[str, Any] | None = None) -> Completion:
         """One user turn: ``image`` then ``prompt``; used by the OCR and region routes (``response_format``: the
         model's grammar spec, for JSON answers)."""
-        sampling = Sampling(max_tokens=max_tokens, response_format=response_format)
-        sampling.check(ChatLimits.of(info))
+        params = GenerationParameters(max_tokens=max_tokens_for(max_tokens, info.contract(ChatParams)),
+                                      response_format=response_format)
         messages = [{"role": "user", "content": [
             {"type": "image", "data": base64.b64encode(image).decode("ascii")},
             {"type": "text", "text": prompt},
         ]}]
-        return await run_cancellable(request, self.complete(request, info, build_inputs(messages, sampling)))
+        return await run_cancellable(request, self.complete(request, info, ChatJob(params, messages=messages)))
+
+
+def with_priority(params: GenerationParameters) -> GenerationParameters:
+    """``params`` of a Batch API request (``batch_priority``) marked ``batch``: the model admits its rows after
+    the interactive ones."""
+    return params.model_copy(update={"priority": "batch"}) if batch_priority.get() else params
 
 
 def source_model(info: ModelInfo) -> str:
     """The id clients know a model by: its checkpoint (``source_model``), else its Triton name."""
-    return info.params.get("source_model") or info.name
+    return info.source
 
 
 async def run_cancellable(request: Request, work: Awaitable[T]) -> T:

@@ -9,10 +9,10 @@ import httpx
 import numpy as np
 from fastapi import Request
 
+from vlmserve.gateway.engines import Embedder, ModelInfo, ModelRegistry, live_registry, use_model
 from vlmserve.gateway.errors import APIError, about
 from vlmserve.gateway.images import resolve_image
 from vlmserve.gateway.settings import GatewaySettings
-from vlmserve.gateway.triton import InferenceBackend, ModelInfo, live_registry, use_model
 
 IMAGE_TASK = "embed_image"
 TEXT_TASK = "embed_text"
@@ -26,13 +26,15 @@ class Embeddings:
 
 
 class EmbeddingService:
-    def __init__(self, settings: GatewaySettings, backend: InferenceBackend, http: httpx.AsyncClient) -> None:
+    def __init__(self, settings: GatewaySettings, registry: ModelRegistry, embedder: Embedder,
+                 http: httpx.AsyncClient) -> None:
         self.settings = settings
-        self.backend = backend
+        self.engine = registry
+        self.embedder = embedder
         self.http = http
 
     async def _model(self, request: Request, task: str, model: str | None) -> ModelInfo:
-        registry = await live_registry(self.backend)
+        registry = await live_registry(self.engine)
         return use_model(request, registry.find(task, model), self.settings.retry_after_s)
 
     def _check_count(self, n: int, what: str) -> None:
@@ -41,14 +43,6 @@ class EmbeddingService:
         if n > self.settings.max_items:
             raise APIError(413, f"{what} has {n} items; at most {self.settings.max_items} per request",
                            code="too_many_items", param=what)
-
-    async def _run(self, info: ModelInfo, input_name: str, items: list[bytes], outputs: list[str]):
-        chunk = info.max_batch_size or len(items)
-        results: list[dict[str, np.ndarray]] = []
-        for start in range(0, len(items), chunk):
-            part = np.array([[x] for x in items[start:start + chunk]], dtype=np.object_)
-            results.append(await self.backend.infer(info.name, {input_name: part}, outputs))
-        return {n: np.concatenate([r[n] for r in results]) for n in outputs}
 
     async def embed_images(self, request: Request, refs: list[str], model: str | None = None) -> Embeddings:
         self._check_count(len(refs), "images")
@@ -63,9 +57,9 @@ class EmbeddingService:
                 return await resolve_image(ref, policy, self.http)
 
         data = list(await asyncio.gather(*(one(i, r) for i, r in enumerate(refs))))
-        out = await self._run(info, "IMAGE", data, ["EMBEDDING"])
+        out = await self.embedder.embed_images(info, data)
         self.count(request, info, len(data))
-        return Embeddings(info, out["EMBEDDING"])
+        return Embeddings(info, out.vectors)
 
     async def embed_texts(self, request: Request, texts: list[str], model: str | None = None) -> Embeddings:
         self._check_count(len(texts), "texts")
@@ -76,9 +70,9 @@ class EmbeddingService:
                 raise APIError(413, f"texts[{i}] has {len(t)} characters; at most {self.settings.max_text_chars}",
                                code="text_too_long", param=f"texts[{i}]")
         info = await self._model(request, TEXT_TASK, model)
-        out = await self._run(info, "TEXT", [t.encode("utf-8") for t in texts], ["EMBEDDING", "NUM_TOKENS"])
+        out = await self.embedder.embed_texts(info, texts)
         self.count(request, info, len(texts))
-        return Embeddings(info, out["EMBEDDING"], int(out["NUM_TOKENS"].sum()))
+        return Embeddings(info, out.vectors, out.tokens)
 
     def count(self, request: Request, info: ModelInfo, n: int) -> None:
         request.app.state.metrics.items.labels(info.name).inc(n)

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmserve import telemetry
+from vlmserve.api.openai import RequestRejected
 from vlmserve.model_repository.florence2_tasks import UnknownTask
 
 log = logging.getLogger("vlmserve.gateway")
@@ -109,6 +110,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(request: Request, exc: DomainError) -> JSONResponse:
         return JSONResponse(error_body(exc.status, exc.message, exc.code, exc.param), exc.status)
+
+    @app.exception_handler(RequestRejected)
+    async def _rejected(request: Request, exc: RequestRejected) -> JSONResponse:
+        return JSONResponse(error_body(400, exc.message, exc.code, exc.param), 400)
 
     @app.exception_handler(UnknownTask)
     async def _unknown_task(request: Request, exc: UnknownTask) -> JSONResponse:

@@ -1,40 +1,35 @@
 """Florence-2 logic behind the old services' routes, free of FastAPI and torch so it is unit-testable on its own.
 
 The task table comes from the served model's config (parameter ``tasks``, written by the export), so the
-gateway offers exactly what Triton serves. This module checks a request against that table, builds the Triton
-inputs, turns the model's ``RESULT`` JSON into the response the old services' users read (``bboxes``, ``labels``,
+gateway offers exactly what Triton serves. This module checks a request against that table and the model's
+limits, turns the model's answer into the response the old services' users read (``bboxes``, ``labels``,
 ``objects``, ...), and draws the result onto the image for ``/v1/predict``.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from vlmserve.families.contract import FlorenceParams
+from vlmserve.gateway.engines import ModelInfo
 from vlmserve.gateway.errors import APIError, DomainError
-from vlmserve.gateway.triton import ModelInfo
 from vlmserve.model_repository.florence2_tasks import REGION_HINT, REGION_TASKS, Task, UnknownTask, region_to_loc_tokens
 
 __all__ = [
     "FlorenceInputError",
-    "FlorenceLimits",
     "FlorenceTask",
     "TaskTable",
     "UnknownTask",
     "annotate",
-    "build_inputs",
     "check_generation_args",
     "image_format",
     "oriented_size",
-    "parse_result",
     "prepare_text",
     "shape_response",
 ]
@@ -99,25 +94,16 @@ class TaskTable:
         return task
 
 
-@dataclass(frozen=True)
-class FlorenceLimits:
-    """Upper bounds for the generation knobs, from the model config (``max_new_tokens_limit``, ...)."""
-
-    max_new_tokens: int
-    num_beams: int
-
-    @classmethod
-    def of(cls, info: ModelInfo) -> FlorenceLimits:
-        params = info.contract(FlorenceParams)
-        return cls(params.max_new_tokens_limit, params.num_beams_limit)
-
-
-def check_generation_args(max_new_tokens: int | None, num_beams: int | None, limits: FlorenceLimits) -> None:
-    """422 (FlorenceInputError) when a knob is outside ``1..limit``."""
-    for name, value, limit in (("max_new_tokens", max_new_tokens, limits.max_new_tokens),
-                               ("num_beams", num_beams, limits.num_beams)):
+def check_generation_args(max_new_tokens: int | None, num_beams: int | None,
+                          params: FlorenceParams) -> tuple[int, int]:
+    """The knobs to run with: the request's, else the model's defaults (its config, ``default_*``); 422
+    (FlorenceInputError) when one is outside ``1..limit`` (``max_new_tokens_limit``, ``num_beams_limit``)."""
+    for name, value, limit in (("max_new_tokens", max_new_tokens, params.max_new_tokens_limit),
+                               ("num_beams", num_beams, params.num_beams_limit)):
         if value is not None and not 1 <= value <= limit:
             raise FlorenceInputError(f"{name} must be between 1 and {limit}; got {value}", param=name)
+    return (max_new_tokens if max_new_tokens is not None else params.default_max_new_tokens,
+            num_beams if num_beams is not None else params.default_num_beams)
 
 
 def prepare_text(task: FlorenceTask, text: str | None, image_size: tuple[int, int], max_chars: int) -> str | None:
@@ -144,39 +130,6 @@ def prepare_text(task: FlorenceTask, text: str | None, image_size: tuple[int, in
         except ValueError as exc:
             raise FlorenceInputError(f"task {task.name!r}: {exc}", param="text", code="invalid_region") from None
     return text
-
-
-def build_inputs(image: bytes, task: FlorenceTask, text: str | None, max_new_tokens: int | None = None,
-                 num_beams: int | None = None) -> dict[str, np.ndarray]:
-    """Triton inputs for one request: BYTES/INT32 arrays shaped [1, 1]; optional ones only when given."""
-    inputs = {
-        "IMAGE": np.array([[image]], dtype=np.object_),
-        "TASK": np.array([[task.token.encode("utf-8")]], dtype=np.object_),
-    }
-    if text is not None:
-        inputs["TEXT"] = np.array([[text.encode("utf-8")]], dtype=np.object_)
-    if max_new_tokens is not None:
-        inputs["MAX_NEW_TOKENS"] = np.array([[max_new_tokens]], dtype=np.int32)
-    if num_beams is not None:
-        inputs["NUM_BEAMS"] = np.array([[num_beams]], dtype=np.int32)
-    return inputs
-
-
-def parse_result(output: np.ndarray) -> dict[str, Any]:
-    """Decode the RESULT tensor ([1, 1] BYTES of UTF-8 JSON); ValueError when it is not what the model promises."""
-    flat = np.asarray(output).reshape(-1)
-    if flat.size != 1:
-        raise ValueError(f"RESULT has {flat.size} elements, expected 1")
-    raw = flat[0]
-    if isinstance(raw, bytes | bytearray):
-        raw = raw.decode("utf-8", errors="replace")
-    try:
-        payload = json.loads(str(raw))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"RESULT is not JSON ({exc.msg})") from None
-    if not isinstance(payload, dict) or "result" not in payload:
-        raise ValueError("RESULT JSON has no 'result'")
-    return payload
 
 
 def shape_response(payload: Mapping[str, Any], task: FlorenceTask, *, model: str, latency_ms: float,

@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic.json_schema import JsonDict
 
 from vlmserve import telemetry
+from vlmserve.families.contract import DEFAULT_MAX_PIXELS
 from vlmserve.gateway.errors import DomainError
 
 __all__ = [
@@ -92,7 +93,7 @@ class ImagePolicy:
     """
 
     max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 40_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     fetch_timeout_s: float = 10.0
     allow_urls: bool = True
     url_allowlist: tuple[str, ...] = ()

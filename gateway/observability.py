@@ -3,8 +3,8 @@
 :class:`RequestIdMiddleware` is the outermost middleware: every request gets an id (the client's
 ``X-Request-ID`` when it is a plain token, else a new one) that every response carries back in the same header,
 every error body in ``error.request_id`` (gateway/errors.py), every log line written while the request is served,
-and every Triton call as its request id (gateway/triton.py). With tracing on, it also opens the request's server
-span, child of the client's W3C ``traceparent`` when it sends one.
+and every Triton call as its request id (gateway/backends/triton/client.py). With tracing on, it also opens the
+request's server span, child of the client's W3C ``traceparent`` when it sends one.
 """
 
 from __future__ import annotations

@@ -5,12 +5,15 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from vlmserve.families.contract import DEFAULT_MAX_PIXELS
 from vlmserve.gateway.images import ImagePolicy
 
 
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VLMSERVE_GATEWAY_", extra="ignore")
 
+    backend: str = Field("triton", description="the inference engine behind the gateway "
+                         "(vlmserve.gateway.backends.BACKENDS)")
     host: str = "127.0.0.1"
     port: int = 8080
     triton_url: str = Field("127.0.0.1:8000", description="Triton HTTP endpoint, host:port")
@@ -35,7 +38,7 @@ class GatewaySettings(BaseSettings):
     max_items: int = 32
     max_text_chars: int = 20_000
     max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
     max_video_bytes: int = Field(32 * 1024 * 1024, description="cap on one chat video (decoded/downloaded bytes)")
     max_images_per_request: int = Field(8, description="images + videos in one chat request")
     allow_urls: bool = True

@@ -1,12 +1,13 @@
-"""The one stand-in for the gateway's inference server in unit tests: no Triton, no network, no torch.
+"""The stand-ins for the gateway's inference engine and the orchestrator's launchers in unit tests: no Triton, no
+tensors, no network, no torch, no processes.
 
-:class:`FakeBackend` satisfies :class:`vlmserve.gateway.triton.InferenceBackend` structurally (``make lint`` runs mypy
-on
-this file), so tests pass it to ``create_app(settings, backend=...)`` as they are. It serves a registry of
-:class:`~vlmserve.gateway.triton.ModelInfo`, answers one-shot calls per model (a fixed answer, one computed from the
-call,
-or an exception), streams scripted responses for decoupled models, and records every call the gateway made.
-It knows no model contract: the tests that use it build their models, answers and scripts.
+:class:`FakeEngine` implements the protocols of :mod:`vlmserve.gateway.engines` (``Embedder``, ``Generator``,
+``FlorenceRunner``, ``ModelRegistry``) structurally (``make lint`` runs mypy on this file), so tests pass it to
+``create_app(settings, backend=...)`` as they are. It serves a registry of
+:class:`~vlmserve.gateway.engines.ModelInfo` (:func:`model` builds one from config parameters, parsed the way the
+registry parses them), answers embeddings and Florence-2 calls per model (a fixed answer, one computed from the
+call, or an exception), streams scripted :class:`~vlmserve.gateway.engines.Delta` s for generations, and records
+every call the gateway made, typed (the ``GenerationParameters`` it asked for, the ``FlorenceRequest`` it ran).
 
 :class:`FakeLauncher` is the orchestrator's stand-in launcher: it satisfies
 :class:`vlmserve.orchestrator.launcher.Launcher` and is its own factory, so a test puts it in ``LAUNCHERS`` and drives
@@ -16,112 +17,158 @@ the real commands against it; it starts nothing and records what the commands as
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
 
-from vlmserve.gateway.triton import ModelInfo, Registry, TritonUnavailable
+from vlmserve.api.openai import GenerationParameters
+from vlmserve.gateway.engines import (
+    Delta,
+    Embedded,
+    EngineUnavailable,
+    FlorenceRequest,
+    ModelInfo,
+    Registry,
+    Usage,
+)
 from vlmserve.orchestrator.launch import Launch
 from vlmserve.orchestrator.launcher import LaunchError
 from vlmserve.orchestrator.settings import OrchestratorSettings
 
 if TYPE_CHECKING:
-    from vlmserve.gateway.triton import InferenceBackend
+    from vlmserve.gateway.engines import Embedder, Engine, FlorenceRunner, Generator, ModelRegistry
     from vlmserve.orchestrator.launcher import Launcher, LauncherFactory
 
-__all__ = ["Answer", "Call", "FakeBackend", "FakeLauncher", "StreamItem", "Tensors"]
+__all__ = ["Call", "EmbedAnswer", "FakeEngine", "FakeLauncher", "FlorenceAnswer", "StreamItem", "delta", "model",
+           "vectors"]
 
-Tensors: TypeAlias = dict[str, np.ndarray]
-# One streamed response, or an exception raised at that point of the stream (after the responses before it).
-StreamItem: TypeAlias = "Tensors | BaseException"
-# What ``infer`` does for a model: return these tensors, compute them from the call, or raise.
-Answer: TypeAlias = "Tensors | BaseException | Callable[[Call], Tensors]"
+# One streamed delta, or an exception raised at that point of the stream (after the deltas before it).
+StreamItem: TypeAlias = "Delta | BaseException"
+# What an embedding call answers for a model: these vectors, vectors computed from the call, or an exception.
+EmbedAnswer: TypeAlias = "Embedded | BaseException | Callable[[Call], Embedded]"
+# What a Florence-2 call answers: the model's payload ({"result": ..., ...}), one computed from the call, or raise.
+FlorenceAnswer: TypeAlias = "dict[str, Any] | BaseException | Callable[[Call], dict[str, Any]]"
+
+
+def model(name: str, ready: bool = True, max_batch_size: int = 0, device: str = "cpu", **params: Any) -> ModelInfo:
+    """A served model from its config parameters (values as export writes them: strings, or anything ``str``-able),
+    validated as the registry validates them."""
+    raw = {k: v if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+           for k, v in params.items()}
+    return ModelInfo.of(name, ready, raw, max_batch_size, device)
+
+
+def delta(text: str, finish: str | None = None, usage: dict[str, int] | None = None, index: int = 0,
+          logprobs: list[dict[str, Any]] | None = None) -> Delta:
+    """One streamed piece of an answer."""
+    counts = None if usage is None else Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
+                                             usage.get("batch_size"))
+    return Delta(text, finish or None, counts, index, logprobs)
 
 
 @dataclass
 class Call:
-    """One request the gateway sent: ``infer`` (one-shot) or ``stream`` (decoupled)."""
+    """One request the gateway made of the engine."""
 
-    kind: Literal["infer", "stream"]
+    kind: Literal["embed_images", "embed_texts", "generate", "florence"]
     model: str
-    inputs: Tensors
-    outputs: list[str]
-    final_output: str | None = None  # streams only
+    items: Sequence[Any] = ()  # embeddings: the images (bytes) or texts
+    params: GenerationParameters | None = None  # generate
+    messages: list[dict[str, Any]] | None = None  # generate: the conversation, media inline
+    prompt: str | None = None  # generate: a raw prompt
+    florence: FlorenceRequest | None = None  # florence
 
-    def value(self, name: str) -> Any:
-        """The first element of input ``name`` (None when it was not sent)."""
-        if name not in self.inputs:
-            return None
-        return np.asarray(self.inputs[name]).reshape(-1)[0]
-
-    def text(self, name: str) -> str | None:
-        """Input ``name`` as text (its first element, UTF-8 decoded); None when it was not sent."""
-        value = self.value(name)
-        return value.decode() if isinstance(value, bytes) else None if value is None else str(value)
-
-    def json(self, name: str) -> Any:
-        """Input ``name`` parsed as JSON (its first element); None when it was not sent."""
-        value = self.value(name)
-        return None if value is None else json.loads(value)
+    @property
+    def sent(self) -> dict[str, Any]:
+        """The generation parameters the gateway set (what differs from the model's defaults)."""
+        assert self.params is not None
+        return self.params.model_dump(mode="json", exclude_defaults=True)
 
 
-class FakeBackend:
-    """An inference server the test scripts.
+class FakeEngine:
+    """An inference engine the test scripts.
 
     ``models``: the registry (ModelInfo objects or a name -> ModelInfo mapping; change ``self.models`` to change
-    what the next ``registry()`` returns). ``infer``: per model, the :data:`Answer` to a one-shot call; a model
-    without one fails the call with AssertionError (a decoupled model must be streamed). ``script``: the responses
-    every stream yields, ``streams``: per-model scripts overriding it; a stream with neither fails. ``reachable``:
-    False answers an empty, unreachable registry (the gateway's 503). ``delay``: seconds slept before each streamed
-    response and before each infer answer. ``calls`` records every call in order; ``cancelled`` counts streams
-    closed before their script ended (the client went away); ``closed`` is set by ``close()``.
+    what the next ``registry()`` returns). ``embed``/``florence``: per model, the answer to those calls; a model
+    without one fails the call with AssertionError. ``script``: the deltas every generation yields, ``streams``:
+    per-model scripts overriding it; a generation with neither fails. ``reachable``: False answers an empty,
+    unreachable registry (the gateway's 503). ``delay``: seconds slept before each delta and each answer. ``calls``
+    records every call in order; ``cancelled`` counts generations closed before their script ended (the client
+    went away); ``started``/``closed`` are set by ``start()``/``close()``.
     """
 
     url = "fake-triton:8000"
     retry_after_s = 5
 
     def __init__(self, models: Mapping[str, ModelInfo] | Iterable[ModelInfo] = (), *,
-                 infer: Mapping[str, Answer] | None = None, script: Sequence[StreamItem] | None = None,
-                 streams: Mapping[str, Sequence[StreamItem]] | None = None, reachable: bool = True,
-                 delay: float = 0.0) -> None:
+                 embed: Mapping[str, EmbedAnswer] | None = None, florence: Mapping[str, FlorenceAnswer] | None = None,
+                 script: Sequence[StreamItem] | None = None, streams: Mapping[str, Sequence[StreamItem]] | None = None,
+                 reachable: bool = True, delay: float = 0.0) -> None:
         self.models: dict[str, ModelInfo] = (dict(models) if isinstance(models, Mapping)
                                              else {m.name: m for m in models})
-        self.answers: dict[str, Answer] = dict(infer or {})
+        self.embed_answers: dict[str, EmbedAnswer] = dict(embed or {})
+        self.florence_answers: dict[str, FlorenceAnswer] = dict(florence or {})
         self.script = None if script is None else list(script)
         self.streams = {name: list(s) for name, s in (streams or {}).items()}
         self.reachable = reachable
         self.delay = delay
         self.calls: list[Call] = []
         self.cancelled = 0
+        self.started = False
         self.closed = False
+
+    # --- ModelRegistry ---
 
     async def registry(self, refresh: bool = False) -> Registry:
         if not self.reachable:
             return Registry({}, reachable=False)
         return Registry(dict(self.models))
 
-    async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        call = Call("infer", model, inputs, list(outputs))
+    async def cached_registry(self) -> Registry:
+        return await self.registry()
+
+    def start(self) -> None:
+        self.started = True
+
+    async def statistics(self) -> dict[str, Any]:
+        if not self.reachable:
+            raise EngineUnavailable("fake engine is down", self.retry_after_s)
+        return {"model_stats": [{"name": name, "version": "1", "inference_count": 0, "execution_count": 0,
+                                 "inference_stats": {}} for name in sorted(self.models)]}
+
+    async def close(self) -> None:
+        self.closed = True
+
+    # --- Embedder ---
+
+    async def embed_images(self, model: ModelInfo, images: Sequence[bytes]) -> Embedded:
+        return await self._embed(Call("embed_images", model.name, list(images)))
+
+    async def embed_texts(self, model: ModelInfo, texts: Sequence[str]) -> Embedded:
+        return await self._embed(Call("embed_texts", model.name, list(texts)))
+
+    async def _embed(self, call: Call) -> Embedded:
         self.calls.append(call)
         if self.delay:
             await asyncio.sleep(self.delay)
-        answer = self.answers.get(model)
+        answer = self.embed_answers.get(call.model)
         if answer is None:
-            raise AssertionError(f"FakeBackend: no infer answer for {model!r} (is it a decoupled model? stream it)")
+            raise AssertionError(f"FakeEngine: no embedding answer for {call.model!r}")
         if isinstance(answer, BaseException):
             raise answer
         return answer(call) if callable(answer) else answer
 
-    async def stream(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str], *,
-                     cancel_inputs: Any = None,
-                     final_output: str = "FINISH_REASON") -> AsyncGenerator[dict[str, np.ndarray], None]:
-        self.calls.append(Call("stream", model, inputs, list(outputs), final_output))
-        script = self.streams.get(model, self.script)
+    # --- Generator ---
+
+    async def generate(self, model: ModelInfo, params: GenerationParameters, *,
+                       messages: list[dict[str, Any]] | None = None,
+                       prompt: str | None = None) -> AsyncGenerator[Delta, None]:
+        self.calls.append(Call("generate", model.name, params=params, messages=messages, prompt=prompt))
+        script = self.streams.get(model.name, self.script)
         if script is None:
-            raise AssertionError(f"FakeBackend: no stream scripted for {model!r}")
+            raise AssertionError(f"FakeEngine: no generation scripted for {model.name!r}")
         done = False
         try:
             for item in script:
@@ -136,19 +183,32 @@ class FakeBackend:
             if not done:
                 self.cancelled += 1
 
-    async def statistics(self) -> dict[str, Any]:
-        if not self.reachable:
-            raise TritonUnavailable("fake Triton is down", self.retry_after_s)
-        return {"model_stats": [{"name": name, "version": "1", "inference_count": 0, "execution_count": 0,
-                                 "inference_stats": {}} for name in sorted(self.models)]}
+    # --- FlorenceRunner ---
 
-    async def close(self) -> None:
-        self.closed = True
+    async def run_florence(self, model: ModelInfo, request: FlorenceRequest) -> dict[str, Any]:
+        call = Call("florence", model.name, florence=request)
+        self.calls.append(call)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        answer = self.florence_answers.get(model.name)
+        if answer is None:
+            raise AssertionError(f"FakeEngine: no Florence-2 answer for {model.name!r}")
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer(call) if callable(answer) else answer
+
+
+def vectors(n: int, dim: int = 4) -> np.ndarray:
+    """``n`` unit vectors of ``dim`` floats (float32), distinct per row."""
+    return np.eye(max(n, dim), dim, dtype=np.float32)[:n]
 
 
 if TYPE_CHECKING:
-    def _is_an_inference_backend(fake: FakeBackend) -> InferenceBackend:
-        return fake  # mypy checks FakeBackend against the Protocol here
+    def _is_an_engine(fake: FakeEngine) -> Engine:
+        return fake  # mypy checks FakeEngine against every protocol here
+
+    def _surfaces(fake: FakeEngine) -> tuple[ModelRegistry, Embedder, Generator, FlorenceRunner]:
+        return fake, fake, fake, fake
 
 
 class FakeLauncher:

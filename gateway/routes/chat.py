@@ -23,17 +23,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import JsonDict
 from starlette.datastructures import UploadFile
 
-from vlmserve.api.openai import ChatCompletionRequest, CompletionRequest, StreamOptions, grammar_spec
+from vlmserve.api.openai import ChatCompletionRequest, CompletionRequest, StreamOptions
+from vlmserve.families.contract import ChatParams, FlorenceParams
 from vlmserve.gateway.auth import require_api_key
 from vlmserve.gateway.chat import (
     BOX_PATTERN,
     CHAT_TASK,
     REGION_PROMPT,
-    ChatLimits,
+    ChatJob,
     ChatService,
     Completion,
     Delta,
-    Sampling,
     Usage,
     crop_region,
     ocr_prompt,
@@ -41,11 +41,11 @@ from vlmserve.gateway.chat import (
     run_cancellable,
     source_model,
 )
+from vlmserve.gateway.engines import ModelInfo
 from vlmserve.gateway.errors import APIError, about, error_body
 from vlmserve.gateway.florence import oriented_size
 from vlmserve.gateway.images import EXAMPLE_IMAGE, IMAGE_REF_SCHEMA, resolve_image, validate_image_bytes
 from vlmserve.gateway.routes.openai import OpenAIRoute
-from vlmserve.gateway.triton import ModelInfo
 
 log = logging.getLogger("vlmserve.gateway")
 
@@ -67,31 +67,6 @@ def get_chat(request: Request) -> ChatService:
 openai_router = APIRouter(dependencies=[Depends(require_api_key)], route_class=OpenAIRoute)
 
 
-def _sampling(body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None) -> Sampling:
-    return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop_list(),
-                    seed=body.seed, n=body.n, presence_penalty=body.presence_penalty,
-                    frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty)
-
-
-def chat_sampling(body: ChatCompletionRequest) -> Sampling:
-    """The chat request's settings; 400 for what these models cannot honour (rather than ignoring it)."""
-    if body.tools:
-        raise APIError(400, "tool calling is not supported by these models", code="unsupported_parameter",
-                       param="tools")
-    if body.top_logprobs and not body.logprobs:
-        raise APIError(400, "top_logprobs needs logprobs: true", code="invalid_value", param="top_logprobs")
-    if body.max_tokens is not None and body.max_completion_tokens is not None \
-            and body.max_tokens != body.max_completion_tokens:
-        raise APIError(400, "max_tokens and max_completion_tokens disagree; send one of them",
-                       param="max_completion_tokens")
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    sampling = _sampling(body, max_tokens)
-    sampling.video_fps, sampling.video_max_frames = body.video_fps, body.video_max_frames
-    sampling.logprobs, sampling.top_logprobs = body.logprobs, body.top_logprobs
-    sampling.response_format = grammar_spec(body.response_format)
-    return sampling
-
-
 @openai_router.post("/v1/chat/completions", tags=["OpenAI"], response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            chat: ChatService = Depends(get_chat)) -> dict[str, Any] | StreamingResponse:
@@ -101,16 +76,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     ``frequency_penalty``, ``repetition_penalty`` and ``response_format`` (``json_object``, ``json_schema``) act
     per choice, inside the running batch.
     """
-    sampling = chat_sampling(body)
     info = await chat.model(request, body.model)
+    params = body.to_generation_parameters(info.contract(ChatParams))
     messages = [m.model_dump(mode="json", exclude_none=True) for m in body.messages]
-    inputs = await chat.prepare(info, messages, sampling)
+    job = await chat.prepare(info, messages, params)
     answer = Answer(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), source_model(info), "chat.completion",
                     bool(body.logprobs))
     if not body.stream:
-        result = await run_cancellable(request, chat.complete(request, info, inputs, sampling.choices))
-        return answer.whole(result)
-    return await _stream(request, chat, info, inputs, sampling.choices, answer, body.stream_options)
+        return answer.whole(await run_cancellable(request, chat.complete(request, info, job)))
+    return await _stream(request, chat, info, job, answer, body.stream_options)
 
 
 @openai_router.post("/v1/completions", tags=["OpenAI"], response_model=None)
@@ -129,23 +103,21 @@ async def completions(body: CompletionRequest, request: Request,
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if any(not p for p in prompts):
         raise APIError(400, "prompt must be non-empty text", param="prompt")
-    sampling = _sampling(body, body.max_tokens)
-    sampling.logprobs = body.logprobs is not None or None
-    sampling.top_logprobs = body.logprobs or None
     info = await chat.model(request, body.model)
-    inputs = [await chat.prepare(info, None, sampling, prompt=p) for p in prompts]
+    params = body.to_generation_parameters(info.contract(ChatParams))
+    jobs = [await chat.prepare(info, None, params, prompt=p) for p in prompts]
     answer = Answer(f"cmpl-{uuid.uuid4().hex}", int(time.time()), source_model(info), "text_completion",
                     body.logprobs is not None)
-    n = sampling.choices
+    n = params.n
     if len(prompts) == 1:
         if body.stream:
-            return await _stream(request, chat, info, inputs[0], n, answer, body.stream_options)
-        return answer.whole(await run_cancellable(request, chat.complete(request, info, inputs[0], n)))
+            return await _stream(request, chat, info, jobs[0], answer, body.stream_options)
+        return answer.whole(await run_cancellable(request, chat.complete(request, info, jobs[0])))
     if body.stream:
         raise APIError(400, "stream with a list of prompts is not supported; send one prompt per request",
                        code="unsupported_parameter", param="stream")
     # Several prompts: one request each, all at once (they join the same running batch).
-    results = await run_cancellable(request, asyncio.gather(*(chat.complete(request, info, x, n) for x in inputs)))
+    results = await run_cancellable(request, asyncio.gather(*(chat.complete(request, info, job) for job in jobs)))
     merged = Completion(info, [], Usage(), max(r.latency_ms for r in results))
     prompt_tokens = completion_tokens = 0
     for p, result in enumerate(results):
@@ -217,9 +189,10 @@ class Answer:
                 "model": self.model, "choices": [choice]}
 
 
-async def _stream(request: Request, chat: ChatService, info: ModelInfo, inputs: dict[str, Any], choices: int,
-                  answer: Answer, options: StreamOptions | None) -> StreamingResponse:
-    deltas = chat.stream(request, info, inputs, choices)
+async def _stream(request: Request, chat: ChatService, info: ModelInfo, job: ChatJob, answer: Answer,
+                  options: StreamOptions | None) -> StreamingResponse:
+    deltas = chat.stream(request, info, job)
+    choices = job.choices
 
     async def first_delta() -> Delta:
         try:
@@ -349,28 +322,28 @@ async def model_info(request: Request, chat: ChatService = Depends(get_chat)) ->
     settings = request.app.state.settings
     models = []
     for m in registry.models.values():
-        if m.params.get("role") != "client":
+        p = m.params
+        if p is None or p.role != "client":
             continue
-        limit = m.params.get("max_new_tokens_limit")
         models.append({
             "id": source_model(m),
             "triton_model": m.name,
             "family": m.family,
             "task": m.task,
-            "weights": m.params.get("weights"),
+            "weights": m.declared("weights"),
             "ready": m.ready,
             "device": m.device,
-            "runtime": m.params.get("runtime"),
-            "precision": m.params.get("precision"),
-            "supports_video": m.params.get("supports_video", "false").lower() == "true",
-            "max_new_tokens_limit": int(limit) if limit and limit.isdigit() else None,
+            "runtime": m.declared("runtime"),
+            "precision": m.declared("precision"),
+            "supports_video": isinstance(p, ChatParams) and p.supports_video,
+            "max_new_tokens_limit": p.max_new_tokens_limit if isinstance(p, ChatParams | FlorenceParams) else None,
         })
     default = registry.default(CHAT_TASK, "ocr")
     return {
         "models": models,
         # The Qwen2-VL OCR service's /info described its one model: the one /ocr uses by default.
         "model": source_model(default) if default else None,
-        "max_new_tokens": ChatLimits.of(default).default_max_new_tokens if default else None,
+        "max_new_tokens": default.contract(ChatParams).default_max_new_tokens if default else None,
         "limits": {
             "max_body_bytes": settings.max_body_bytes,
             "max_image_bytes": settings.max_image_bytes,

@@ -2,8 +2,8 @@
 Florence-2 v1 service (``/v1/tasks``,
 ``/v1/predict`` with ``store_image``), plus ``GET /files/{key}`` for images kept in the local object store.
 
-Every route runs the Triton model whose config says ``task: florence2``; its config's ``tasks`` parameter is the
-task table served here.
+Every route runs the model whose config says ``task: florence2`` (through the engine's
+:class:`~vlmserve.gateway.engines.FlorenceRunner`); its config's ``tasks`` parameter is the task table served here.
 """
 
 from __future__ import annotations
@@ -19,24 +19,22 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from vlmserve.families.contract import FlorenceParams
 from vlmserve.gateway.auth import require_api_key
+from vlmserve.gateway.engines import FlorenceRequest, ModelInfo, live_registry, use_model
 from vlmserve.gateway.errors import APIError, about
 from vlmserve.gateway.florence import (
-    FlorenceLimits,
     FlorenceTask,
     TaskTable,
     annotate,
-    build_inputs,
     check_generation_args,
     image_format,
     oriented_size,
-    parse_result,
     prepare_text,
     shape_response,
 )
 from vlmserve.gateway.images import EXAMPLE_IMAGE, IMAGE_REF_SCHEMA, decode_base64_image, validate_image_bytes
 from vlmserve.gateway.storage import LocalStore, StorageError, media_type_for
-from vlmserve.gateway.triton import ModelInfo, live_registry, use_model
 
 log = logging.getLogger("vlmserve.gateway")
 
@@ -175,6 +173,10 @@ async def _florence_model(request: Request) -> ModelInfo:
     candidates = registry.by_task(FLORENCE_TASK)
     ready = [m for m in candidates if m.ready]
     if not ready:
+        broken = [f"{m.name}: {m.problem}" for m in registry.models.values() if m.problem and not candidates]
+        if broken:
+            raise APIError(502, f"no Florence-2 model can serve; models with broken configs: {'; '.join(broken)}",
+                           code="bad_model_config")
         # Triton reads a model's config only once it is READY, so a loading model is known by name alone.
         loading = [m.name for m in registry.models.values() if not m.ready and FLORENCE_TASK in m.name]
         if loading:
@@ -187,7 +189,7 @@ async def _florence_model(request: Request) -> ModelInfo:
 
 
 def _source_model(info: ModelInfo) -> str:
-    return info.params.get("source_model") or info.name
+    return info.source
 
 
 def _one_text(text: str | None, text_input: str | None) -> str | None:
@@ -213,17 +215,12 @@ async def _run(request: Request, image: bytes, size: tuple[int, int], task_key: 
     info = await _florence_model(request)
     table = TaskTable.of(info)
     task = table.find(task_key)
-    check_generation_args(max_new_tokens, num_beams, FlorenceLimits.of(info))
+    max_new_tokens, num_beams = check_generation_args(max_new_tokens, num_beams, info.contract(FlorenceParams))
     send_text = prepare_text(task, text, size, settings.max_text_chars)
-    inputs = build_inputs(image, task, send_text, max_new_tokens, num_beams)
     start = time.perf_counter()
-    outputs = await request.app.state.backend.infer(info.name, inputs, ["RESULT"])
+    payload = await request.app.state.backend.run_florence(
+        info, FlorenceRequest(image, task.token, send_text, max_new_tokens, num_beams))
     latency_ms = (time.perf_counter() - start) * 1000
     request.app.state.metrics.items.labels(info.name).inc()
-    try:
-        payload = parse_result(outputs["RESULT"])
-    except (KeyError, ValueError) as exc:
-        log.error("%s returned an unreadable RESULT: %s", info.name, exc)
-        raise APIError(502, f"{info.name} returned an unreadable result ({exc})", code="bad_model_output") from None
     response = shape_response(payload, task, model=_source_model(info), latency_ms=latency_ms, image_size=size)
     return response, task

@@ -7,7 +7,6 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from vlmserve.gateway.embedding import IMAGE_TASK, TEXT_TASK
-from vlmserve.gateway.triton import TritonBackend
 
 router = APIRouter(tags=["health"])
 
@@ -27,29 +26,33 @@ async def readyz() -> dict[str, str]:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 when Triton is up and every model is READY, else 503 (with the same body)."""
+    """200 when Triton is up and every model is READY, else 503 (with the same body; ``problems``: the models whose
+    config parameters break the contract, and why)."""
     backend = request.app.state.backend
     # The cached registry (refreshed on a timer, and dropped when a call finds Triton down): /health is
     # unauthenticated and must not cost a Triton round trip per call.
-    registry = await (backend.cached_registry() if isinstance(backend, TritonBackend) else backend.registry())
+    registry = await backend.cached_registry()
     models = {name: m.ready for name, m in sorted(registry.models.items())}
     # The SigLIP embedding service's "model": the embedding model a request naming none gets (the surface's default
     # family).
     primary = registry.default(IMAGE_TASK) or registry.default(TEXT_TASK)
     devices = {m.device for m in registry.models.values()}
-    weights = sorted({m.params["weights"] for m in registry.models.values() if m.params.get("weights")})
+    weights = sorted({w for m in registry.models.values() if (w := m.declared("weights"))})
     ok = registry.reachable and bool(models) and all(models.values())
     body = {
         "status": "ok" if ok else ("unavailable" if not registry.reachable else "degraded"),
-        "model": primary.params.get("source_model") if primary else None,
+        "model": (primary.declared("source_model") or None) if primary else None,
         "device": "cuda" if "cuda" in devices else "cpu",
         "cuda_available": "cuda" in devices,
         "models": models,
         "weights": weights[0] if len(weights) == 1 else (weights or None),
         "triton": {"url": backend.url, "reachable": registry.reachable},
     }
-    if any(m.params.get("weights") == "random" for m in registry.models.values()):
+    if "random" in weights:
         body["warning"] = "serving randomly initialised test models (tiny set): outputs are meaningless"
+    broken = {m.name: m.problem for m in registry.models.values() if m.problem}
+    if broken:
+        body["problems"] = broken  # listed as not ready above; the reason, for the operator
     headers = {} if ok else {"Retry-After": str(request.app.state.settings.retry_after_s)}
     return JSONResponse(body, 200 if ok else 503, headers)
 

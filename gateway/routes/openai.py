@@ -14,8 +14,9 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
+from vlmserve.families.contract import EmbedParams, ModelParams
 from vlmserve.gateway.auth import require_api_key
-from vlmserve.gateway.embedding import IMAGE_TASK, TEXT_TASK, EmbeddingService, get_service
+from vlmserve.gateway.embedding import EmbeddingService, get_service
 from vlmserve.gateway.errors import APIError
 from vlmserve.host import IsaError, serve_choice, serving_cpu
 
@@ -98,7 +99,7 @@ async def embeddings(body: EmbeddingsRequest, request: Request, service: Embeddi
         result = await service.embed_texts(request, items, body.model)
     dim = result.vectors.shape[1]
     if body.dimensions is not None and body.dimensions != dim:
-        raise APIError(400, f"model {result.model.params.get('source_model')} returns {dim} dimensions; "
+        raise APIError(400, f"model {result.model.source} returns {dim} dimensions; "
                             f"'dimensions' must be omitted or {dim}", param="dimensions")
     return {
         "object": "list",
@@ -106,7 +107,7 @@ async def embeddings(body: EmbeddingsRequest, request: Request, service: Embeddi
             {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
             for i, v in enumerate(result.vectors)
         ],
-        "model": result.model.params.get("source_model", result.model.name),
+        "model": result.model.source,
         "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens},
     }
 
@@ -133,47 +134,48 @@ async def _model_entries(request: Request) -> list[dict[str, Any]]:
     registry = await request.app.state.backend.registry()
     by_source: dict[str, dict[str, Any]] = {}
     for m in registry.models.values():
-        source = m.params.get("source_model")
-        if not source or m.params.get("role") != "client":
+        p = m.params
+        if p is None or not p.source_model or p.role != "client":
             continue
-        entry = by_source.setdefault(source, {
-            "id": source, "object": "model", "created": int(request.app.state.started_at), "owned_by": "vlmserve",
-            "family": m.family, "weights": m.params.get("weights"), "tasks": [], "triton_models": [],
-            "ready": True,
+        entry = by_source.setdefault(p.source_model, {
+            "id": p.source_model, "object": "model", "created": int(request.app.state.started_at),
+            "owned_by": "vlmserve", "family": m.family, "weights": m.declared("weights"), "tasks": [],
+            "triton_models": [], "ready": True,
         })
         entry["tasks"].append(m.task)
         entry["triton_models"].append(m.name)
         entry["ready"] = entry["ready"] and m.ready
-        if m.task in (IMAGE_TASK, TEXT_TASK):
-            entry["embedding_dim"] = int(m.params.get("embedding_dim", "0"))
-        if "runtime" in m.params or "decoder_precision" in m.params:
+        if isinstance(p, EmbedParams):
+            entry["embedding_dim"] = p.embedding_dim
+        decoder, engine = m.declared("decoder_precision"), m.declared("chat_engine")
+        if m.declared("runtime") is not None or decoder is not None:
             # Chosen at export by timing the candidates on this host (export/runtime_choice.py).
             entry.setdefault("runtimes", {})[m.name] = {
-                "runtime": m.params.get("runtime"), "precision": m.params.get("precision"),
-                "why": m.params.get("runtime_choice"),
-                **({"decoder_precision": m.params["decoder_precision"], "decoder_why": m.params.get("decoder_choice")}
-                   if "decoder_precision" in m.params else {}),
-                **({"chat_engine": m.params["chat_engine"], "engine_why": m.params.get("engine_choice")}
-                   if "chat_engine" in m.params else {}),
-                **_isa_check(m.params),
+                "runtime": m.declared("runtime"), "precision": m.declared("precision"),
+                "why": m.declared("runtime_choice"),
+                **({"decoder_precision": decoder, "decoder_why": m.declared("decoder_choice")}
+                   if decoder is not None else {}),
+                **({"chat_engine": engine, "engine_why": m.declared("engine_choice")} if engine is not None else {}),
+                **_isa_check(p),
             }
     return list(by_source.values())
 
 
-def _isa_check(params: dict[str, str]) -> dict[str, Any]:
+def _isa_check(params: ModelParams) -> dict[str, Any]:
     """Export's CPU choice re-checked on the gateway's CPU, as the model does at load (``vlmserve.host``):
     ``served_as`` (runtime/precision, decoder) and ``isa_warnings`` where it falls back, ``isa_error`` where the
     model refuses to load. Exact where the gateway shares Triton's host (the process and Docker runtimes); across
     nodes it is the gateway's node, and Triton's log is the word of each replica (docs/operating-limits.md)."""
-    if params.get("device", "cpu") != "cpu":
+    if params.device != "cpu":
         return {}
+    recorded = params.to_triton()  # what export wrote: the choice, its faithful candidates, the decoder's
     try:
-        choice = serve_choice(params, serving_cpu())
+        choice = serve_choice(recorded, serving_cpu())
     except IsaError as exc:
         return {"isa_error": str(exc)}
     if not choice.warnings:
         return {}
-    served = {"served_as": f"{choice.runtime}/{choice.precision}"} if "runtime" in params else {}
-    if "decoder_precision" in params:
+    served = {"served_as": f"{choice.runtime}/{choice.precision}"} if "runtime" in recorded else {}
+    if "decoder_precision" in recorded:
         served["decoder_served_as"] = choice.decoder_precision
     return {**served, "isa_warnings": list(choice.warnings)}

@@ -14,8 +14,8 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from vlmserve.export.repository import ExportOptions, dynamic_batching
+from vlmserve.gateway.backends.triton import TritonBackend
 from vlmserve.gateway.limits import ROUTE_GROUPS, InFlightLimit
-from vlmserve.gateway.triton import TritonBackend
 from vlmserve.model_repository.chat import Admission
 
 
@@ -242,12 +242,12 @@ def test_sigterm_drains_in_flight_requests_and_answers_new_ones_503() -> None:
     import uvicorn
 
     from tests.conftest import free_port
-    from tests.fakes import FakeBackend
+    from tests.fakes import FakeEngine
     from vlmserve.gateway.__main__ import DrainingServer
     from vlmserve.gateway.app import create_app
     from vlmserve.gateway.settings import GatewaySettings
 
-    app = create_app(GatewaySettings(retry_after_s=3), backend=FakeBackend())
+    app = create_app(GatewaySettings(retry_after_s=3), backend=FakeEngine())
     entered, release = threading.Event(), threading.Event()
 
     @app.get("/slow")
@@ -290,12 +290,12 @@ def test_a_task_whose_model_is_still_loading_is_503_not_404() -> None:
     """A gateway that never saw a model READY (it started while Triton loaded, or a replica's watcher reloads the
     model before this gateway's first look) cannot know its task: while Triton lists a model it has no config for,
     a task with no model answers 503 + Retry-After (retry soon), not 404 (the Swarm heal e2e met the 404)."""
+    from vlmserve.gateway.engines import EngineUnavailable, ModelInfo, Registry
     from vlmserve.gateway.errors import APIError
-    from vlmserve.gateway.triton import ModelInfo, Registry, TritonUnavailable
 
-    loading = Registry({"siglip_embed_text": ModelInfo("siglip_embed_text", False, {}, 0, "cpu")},
+    loading = Registry({"siglip_embed_text": ModelInfo.of("siglip_embed_text", False, {}, 0, "cpu")},
                        loading=("siglip_embed_text",), retry_after_s=3)
-    with pytest.raises(TritonUnavailable) as info:
+    with pytest.raises(EngineUnavailable) as info:
         loading.find("embed_text", None)
     assert info.value.status == 503 and info.value.headers["Retry-After"] == "3"
     assert "siglip_embed_text" in info.value.message

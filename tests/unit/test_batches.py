@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from vlmserve.families.tensors import ChatTensors
+from vlmserve.api.openai import GenerationParameters
 from vlmserve.gateway.batches import BatchStore, Line, validate_input
-from vlmserve.gateway.chat import Sampling, build_inputs
+from vlmserve.gateway.chat import with_priority
 from vlmserve.gateway.limits import PRIORITY_HEADER, InFlightLimit, Interactive, batch_priority
 from vlmserve.model_repository.chat import parse_params
 
@@ -96,7 +96,7 @@ def test_the_priority_header_marks_the_request_and_its_chat_parameters() -> None
 
     async def app(scope, receive, send) -> None:
         seen.append(batch_priority.get())
-        seen.append("priority" in json.loads(build_inputs([], Sampling(max_tokens=2))[ChatTensors.PARAMETERS.name][0]))
+        seen.append(with_priority(GenerationParameters(max_tokens=2)).priority == "batch")
 
     interactive = Interactive()
     limit = InFlightLimit(app, {"chat": 4}, retry_after_s=1, interactive=interactive)

@@ -18,7 +18,7 @@ from vlmserve.families.contract import (
     ModelParams,
 )
 from vlmserve.families.spec import FamilySpec, load
-from vlmserve.gateway.triton import ModelInfo, Registry
+from vlmserve.gateway.engines import ModelInfo, Registry
 
 
 def test_every_family_is_discovered_with_loadable_targets() -> None:
@@ -61,7 +61,7 @@ def test_a_spec_file_is_a_family_and_does_not_take_a_surface_over(tmp_path: Path
         assert "newembed" in families() and family("newembed").default_source == "org/new"
         # Both loaded: a request naming no model still gets the surface's default family, whatever the order.
         registry = Registry({
-            name: ModelInfo(name, True, {"family": fam_name, "task": "embed_image", "role": "client"})
+            name: ModelInfo.of(name, True, {"family": fam_name, "task": "embed_image", "role": "client"})
             for name, fam_name in (("aaa_newembed_embed_image", "newembed"), ("siglip_embed_image", "siglip"))
         })
         assert registry.find("embed_image", None).name == "siglip_embed_image"

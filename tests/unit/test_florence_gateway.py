@@ -1,4 +1,5 @@
-"""Florence-2 gateway routes and logic, against a fake Triton backend (no server, no torch)."""
+"""Florence-2 gateway routes and logic, against the typed fake engine (no server, no tensors, no torch); the
+Triton side of Florence-2 (its tensors) is tests/unit/gateway/backends/test_triton_tensors.py."""
 
 from __future__ import annotations
 
@@ -14,27 +15,24 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.fakes import Answer, Call, FakeBackend
-from vlmserve.families.contract import MAX_NEW_TOKENS_LIMIT
+from tests.fakes import Call, FakeEngine, FlorenceAnswer, model
+from vlmserve.families.contract import MAX_NEW_TOKENS_LIMIT, FlorenceParams
 from vlmserve.gateway.app import create_app
+from vlmserve.gateway.engines import FlorenceRequest, ModelInfo
 from vlmserve.gateway.errors import APIError
 from vlmserve.gateway.florence import (
     FlorenceInputError,
-    FlorenceLimits,
     TaskTable,
     UnknownTask,
     annotate,
-    build_inputs,
     check_generation_args,
     image_format,
     oriented_size,
-    parse_result,
     prepare_text,
     shape_response,
 )
 from vlmserve.gateway.settings import GatewaySettings
 from vlmserve.gateway.storage import LocalStore, S3Store, build_store
-from vlmserve.gateway.triton import ModelInfo
 from vlmserve.model_repository.florence2_tasks import TASKS
 
 WIDTH, HEIGHT = 64, 48
@@ -81,32 +79,30 @@ def decode(data: bytes) -> Image.Image:
     return img
 
 
-def canned_answer(call: Call) -> dict[str, np.ndarray]:
-    """The florence2 model's RESULT for a call: the CANNED result of its task token, sized to the sent image."""
-    token = call.inputs["TASK"][0, 0].decode()
-    width, height = decode(call.inputs["IMAGE"][0, 0]).size
-    payload = {"task": token, "task_token": token, "text": f"</s><s>raw {token}</s>",
-               "result": CANNED[token], "image_size": [width, height]}
-    return {"RESULT": np.array([[json.dumps(payload).encode()]], dtype=np.object_)}
+def canned_answer(call: Call) -> dict[str, Any]:
+    """The florence2 model's answer to a call: the CANNED result of its task token, sized to the sent image."""
+    assert call.florence is not None
+    token = call.florence.task_token
+    width, height = decode(call.florence.image).size
+    return {"task": token, "task_token": token, "text": f"</s><s>raw {token}</s>",
+            "result": CANNED[token], "image_size": [width, height]}
 
 
 def florence_backend(*, reachable: bool = True, params: dict[str, str] | None = None, ready: bool = True,
-                     loaded: bool = True, raw_result: bytes | None = None) -> FakeBackend:
+                     loaded: bool = True, answer: FlorenceAnswer | None = None) -> FakeEngine:
     """A registry with one florence2 model (``params``; none while not ``ready``, absent unless ``loaded``) beside
-    an embedding model; it answers :func:`canned_answer`, or ``raw_result`` as its RESULT."""
-    models = [ModelInfo("siglip_embed_text", True, {"task": "embed_text"}, 32)]
+    an embedding model; it answers :func:`canned_answer` (or ``answer``)."""
+    models = [model("siglip_embed_text", True, 32, family="siglip", task="embed_text")]
     if loaded:
-        models.append(ModelInfo("florence2", ready, dict(PARAMS if params is None else params) if ready else {}, 8))
-    answer: Answer = (canned_answer if raw_result is None
-                      else {"RESULT": np.array([[raw_result]], dtype=np.object_)})
-    return FakeBackend(models, infer={"florence2": answer}, reachable=reachable)
+        models.append(ModelInfo.of("florence2", ready, dict(PARAMS if params is None else params) if ready else {}, 8))
+    return FakeEngine(models, florence={"florence2": answer or canned_answer}, reachable=reachable)
 
 
 @pytest.fixture
 def make_client(tmp_path) -> Iterator[Any]:
     clients: list[TestClient] = []
 
-    def make(backend: FakeBackend | None = None, **overrides: Any) -> tuple[TestClient, FakeBackend]:
+    def make(backend: FakeEngine | None = None, **overrides: Any) -> tuple[TestClient, FakeEngine]:
         backend = backend or florence_backend()
         overrides.setdefault("storage_dir", str(tmp_path / "storage"))
         settings = GatewaySettings(**overrides)
@@ -118,6 +114,13 @@ def make_client(tmp_path) -> Iterator[Any]:
     yield make
     for c in clients:
         c.__exit__(None, None, None)
+
+
+def sent(backend: FakeEngine) -> FlorenceRequest:
+    """What the gateway asked the engine to run last."""
+    request = backend.calls[-1].florence
+    assert request is not None
+    return request
 
 
 def b64(data: bytes) -> str:
@@ -132,7 +135,7 @@ def error(r: httpx.Response) -> dict[str, Any]:
 
 
 def served(**params: str) -> ModelInfo:
-    return ModelInfo("florence2", True, {"family": "florence2", **params})
+    return model("florence2", **{"family": "florence2", "task": "florence2", **params})
 
 
 def test_task_table_comes_from_the_served_params() -> None:
@@ -176,34 +179,17 @@ def test_prepare_text_rules() -> None:
 
 
 def test_generation_limits() -> None:
-    limits = FlorenceLimits.of(served(max_new_tokens_limit="64", num_beams_limit="4"))
-    assert limits == FlorenceLimits(64, 4)
-    assert FlorenceLimits.of(served()) == FlorenceLimits(MAX_NEW_TOKENS_LIMIT, 8)
-    check_generation_args(64, 4, limits)
-    check_generation_args(None, None, limits)
+    limits = served(max_new_tokens_limit="64", num_beams_limit="4", default_max_new_tokens="20",
+                    default_num_beams="2").contract(FlorenceParams)
+    assert (limits.max_new_tokens_limit, limits.num_beams_limit) == (64, 4)
+    defaults = served().contract(FlorenceParams)
+    assert (defaults.max_new_tokens_limit, defaults.num_beams_limit) == (MAX_NEW_TOKENS_LIMIT, 8)
+    assert check_generation_args(64, 4, limits) == (64, 4)
+    assert check_generation_args(None, None, limits) == (20, 2)  # the model's defaults, from its config
+    assert check_generation_args(None, None, defaults) == (MAX_NEW_TOKENS_LIMIT, 3)
     for mnt, beams in ((0, None), (65, None), (None, 0), (None, 5)):
         with pytest.raises(FlorenceInputError, match="must be between 1 and"):
             check_generation_args(mnt, beams, limits)
-
-
-def test_build_inputs_shapes_and_optional_inputs() -> None:
-    task = TaskTable.of(served(**PARAMS)).find("caption")
-    inputs = build_inputs(b"img", task, None)
-    assert set(inputs) == {"IMAGE", "TASK"}
-    assert inputs["IMAGE"].shape == (1, 1) and inputs["IMAGE"].dtype == np.object_
-    assert inputs["TASK"][0, 0] == b"<CAPTION>"
-    inputs = build_inputs(b"img", task, "héllo", 32, 2)
-    assert inputs["TEXT"][0, 0] == "héllo".encode()
-    assert inputs["MAX_NEW_TOKENS"].dtype == np.int32 and inputs["MAX_NEW_TOKENS"].tolist() == [[32]]
-    assert inputs["NUM_BEAMS"].dtype == np.int32 and inputs["NUM_BEAMS"].tolist() == [[2]]
-
-
-def test_parse_result_rejects_what_the_model_does_not_promise() -> None:
-    ok = parse_result(np.array([[b'{"result": "x", "text": "y"}']], dtype=np.object_))
-    assert ok["result"] == "x"
-    for raw in (b"not json", b'["a"]', b'{"text": "no result"}'):
-        with pytest.raises(ValueError, match="."):
-            parse_result(np.array([[raw]], dtype=np.object_))
 
 
 def _shape(token: str, result: Any) -> dict[str, Any]:
@@ -359,11 +345,10 @@ def test_infer_caption(make_client) -> None:
     assert body["text"] == "</s><s>raw <CAPTION></s>" and body["model"] == "microsoft/Florence-2-large"
     assert body["image_size"] == {"width": WIDTH, "height": HEIGHT} and body["latency_ms"] >= 0
     [call] = backend.calls
-    assert call.kind == "infer" and call.model == "florence2" and call.outputs == ["RESULT"]
-    inputs = call.inputs
-    assert set(inputs) == {"IMAGE", "TASK"}  # text for a task that takes none is dropped, no optional ints
-    assert inputs["IMAGE"].shape == (1, 1) and inputs["IMAGE"][0, 0] == png_bytes()
-    assert inputs["TASK"][0, 0] == b"<CAPTION>"
+    assert call.kind == "florence" and call.model == "florence2" and call.florence is not None
+    # Text for a task that takes none is dropped; the knobs are the model's defaults (its config).
+    assert call.florence.text is None and (call.florence.max_new_tokens, call.florence.num_beams) == (1024, 3)
+    assert call.florence.image == png_bytes() and call.florence.task_token == "<CAPTION>"
     # The Florence-2 service's defaults: task "caption"; a data URI works too.
     r = client.post("/infer", json={"image_base64": "data:image/png;base64," + b64(png_bytes())})
     assert r.status_code == 200 and r.json()["task"] == "caption"
@@ -385,7 +370,7 @@ def test_region_is_converted_to_loc_tokens_before_triton(make_client) -> None:
     r = client.post("/infer", json={"image_base64": b64(png_bytes()), "task": "region_to_category",
                                     "text": "16,12,32,36"})
     assert r.status_code == 200 and r.json()["result"] == "cat"
-    assert backend.calls[-1].inputs["TEXT"][0, 0] == b"<loc_250><loc_250><loc_500><loc_750>"
+    assert sent(backend).text == "<loc_250><loc_250><loc_500><loc_750>"
     calls = len(backend.calls)
     r = client.post("/infer", json={"image_base64": b64(png_bytes()), "task": "region_to_description",
                                     "text": "10,10,100,20"})
@@ -398,7 +383,7 @@ def test_region_uses_the_upright_image_size(make_client) -> None:
     image = b64(rotated_jpeg())  # 48 wide, 64 high once upright
     r = client.post("/infer", json={"image_base64": image, "task": "region_to_category", "text": "0,0,48,64"})
     assert r.status_code == 200, r.text
-    assert backend.calls[-1].inputs["TEXT"][0, 0] == b"<loc_0><loc_0><loc_999><loc_999>"
+    assert sent(backend).text == "<loc_0><loc_0><loc_999><loc_999>"
     r = client.post("/infer", json={"image_base64": image, "task": "region_to_category", "text": "0,0,64,48"})
     assert r.status_code == 422 and "x2 <= 48" in error(r)["message"]
 
@@ -411,7 +396,7 @@ def test_text_rules_through_the_api(make_client) -> None:
     assert "'phrase_grounding' needs text" in error(r)["message"] and "caption whose phrases" in error(r)["message"]
     # The Florence-2 service sends the prompt as text_input.
     r = client.post("/infer", json={"image_base64": image, "task": "phrase_grounding", "text_input": "a cat"})
-    assert r.status_code == 200 and backend.calls[-1].inputs["TEXT"][0, 0] == b"a cat"
+    assert r.status_code == 200 and sent(backend).text == "a cat"
     assert r.json()["objects"] == [{"label": "a cat", "bbox": [8.0, 8.0, 40.0, 30.0]}]
     r = client.post("/infer", json={"image_base64": image, "task": "phrase_grounding", "text": "a", "text_input": "b"})
     assert r.status_code == 422
@@ -437,9 +422,7 @@ def test_generation_args(make_client) -> None:
     assert r.status_code == 422 and error(r)["param"] == "max_new_tokens"  # the schema's minimum
     r = client.post("/infer", json={"image_base64": image, "task": "caption", "max_new_tokens": 16, "num_beams": 4})
     assert r.status_code == 200
-    inputs = backend.calls[-1].inputs
-    assert inputs["MAX_NEW_TOKENS"].tolist() == [[16]] and inputs["NUM_BEAMS"].tolist() == [[4]]
-    assert inputs["NUM_BEAMS"].dtype == np.int32
+    assert (sent(backend).max_new_tokens, sent(backend).num_beams) == (16, 4)
 
 
 def test_bad_images(make_client) -> None:
@@ -457,8 +440,10 @@ def test_bad_images(make_client) -> None:
     assert not backend.calls
 
 
-def test_unreadable_model_output_is_502(make_client) -> None:
-    client, _ = make_client(florence_backend(raw_result=b"<html>"))
+def test_an_engine_error_reaches_the_client_as_it_is(make_client) -> None:
+    # The engine's own 502 for an unreadable answer (tests/unit/gateway/backends/test_triton_tensors.py).
+    failure = APIError(502, "florence2 returned an unreadable result", code="bad_model_output")
+    client, _ = make_client(florence_backend(answer=failure))
     r = client.post("/infer", json={"image_base64": b64(png_bytes()), "task": "caption"})
     assert r.status_code == 502 and error(r)["code"] == "bad_model_output"
 
@@ -470,7 +455,7 @@ def test_infer_upload(make_client) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["quad_boxes"] == CANNED["<OCR_WITH_REGION>"]["quad_boxes"] and body["labels"] == ["HELLO"]
-    assert backend.calls[-1].inputs["MAX_NEW_TOKENS"].tolist() == [[32]]
+    assert sent(backend).max_new_tokens == 32
     r = client.post("/infer/upload", files={"file": ("a.png", png_bytes(), "image/png")})  # task defaults
     assert r.status_code == 200 and r.json()["task"] == "caption"
     r = client.post("/infer/upload", data={"task": "caption"})

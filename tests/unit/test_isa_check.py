@@ -93,25 +93,25 @@ def test_v1_models_shows_the_fallback_and_the_refusal(tmp_path: Path, monkeypatc
     """The gateway re-checks export's choice on its CPU (Triton's, where they share the host) for /v1/models."""
     from fastapi.testclient import TestClient
 
-    from tests.fakes import FakeBackend
+    from tests.fakes import FakeEngine
     from vlmserve.gateway.app import create_app
+    from vlmserve.gateway.engines import ModelInfo
     from vlmserve.gateway.settings import GatewaySettings
-    from vlmserve.gateway.triton import ModelInfo
 
     (tmp_path / "cpuinfo").write_text(AVX2_EPYC)
     monkeypatch.setenv(CPUINFO_ENV, str(tmp_path / "cpuinfo"))
     common = {"role": "client", "task": "embed_image", "runtime_choice": "timed on an AMX Xeon"}
     models = {
-        "siglip_embed_image": ModelInfo("siglip_embed_image", True, {
+        "siglip_embed_image": ModelInfo.of("siglip_embed_image", True, {
             **common, "family": "siglip", "source_model": "vlmserve/tiny-siglip", **BF16_EXPORT}, 32),
-        "florence2": ModelInfo("florence2", False, {
+        "florence2": ModelInfo.of("florence2", False, {
             **common, "family": "florence2", "task": "florence2", "source_model": "microsoft/Florence-2-base",
             "runtime": "openvino", "precision": "bf16", "decoder_precision": "bf16"}, 8),
-        "siglip2_embed_image": ModelInfo("siglip2_embed_image", True, {
+        "siglip2_embed_image": ModelInfo.of("siglip2_embed_image", True, {
             **common, "family": "siglip2", "source_model": "google/siglip2", "runtime": "onnxruntime",
             "precision": "fp32"}, 32),
     }
-    app = create_app(GatewaySettings(storage_dir=str(tmp_path / "storage")), backend=FakeBackend(models))
+    app = create_app(GatewaySettings(storage_dir=str(tmp_path / "storage")), backend=FakeEngine(models))
     with TestClient(app) as client:
         listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     siglip = listed["vlmserve/tiny-siglip"]["runtimes"]["siglip_embed_image"]

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from tests.conftest import free_port
 from vlmserve import telemetry
 from vlmserve.gateway.app import create_app
+from vlmserve.gateway.backends.triton import TritonBackend
 from vlmserve.gateway.settings import GatewaySettings
-from vlmserve.gateway.triton import TritonBackend
 
 
 @pytest.fixture
@@ -165,9 +165,9 @@ def test_spans_join_the_clients_trace(monkeypatch) -> None:
 
     class Backend(TritonBackend):
         async def registry(self, refresh: bool = False):  # type: ignore[override]
-            from vlmserve.gateway.triton import ModelInfo, Registry
+            from vlmserve.gateway.engines import ModelInfo, Registry
 
-            return Registry({"siglip_embed_text": ModelInfo("siglip_embed_text", True, {
+            return Registry({"siglip_embed_text": ModelInfo.of("siglip_embed_text", True, {
                 "family": "siglip", "task": "embed_text", "source_model": "tiny"}, 8)})
 
     backend = Backend("127.0.0.1:1", grpc_url="127.0.0.1:2")

@@ -203,11 +203,11 @@ def test_perf_config_has_the_so400m_dimensions() -> None:
 def test_siglip2_is_a_family_that_does_not_take_the_embeddings_surface_over() -> None:
     """Triton lists siglip2_* before siglip_* ('2' < '_'): the gateway still defaults to SigLIP v1 (its spec)."""
     from vlmserve.families import family
-    from vlmserve.gateway.triton import ModelInfo, Registry
+    from vlmserve.gateway.engines import ModelInfo, Registry
 
     assert family("siglip2").default_source == "google/siglip2-so400m-patch16-naflex"  # the old service's
-    v2 = ModelInfo("siglip2_embed_image", True, {"task": "embed_image", "family": "siglip2"})
-    v1 = ModelInfo("siglip_embed_image", True, {"task": "embed_image", "family": "siglip"})
+    v2 = ModelInfo.of("siglip2_embed_image", True, {"task": "embed_image", "family": "siglip2"})
+    v1 = ModelInfo.of("siglip_embed_image", True, {"task": "embed_image", "family": "siglip"})
     registry = Registry({m.name: m for m in (v2, v1)})
     assert registry.find("embed_image", None) is v1
     assert registry.find("embed_image", "siglip2") is v2

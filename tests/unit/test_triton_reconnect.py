@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from vlmserve.gateway.triton import TritonBackend
+from vlmserve.gateway.backends.triton import TritonBackend
 
 
 def test_clients_are_replaced_after_reconnect_s_and_the_old_ones_closed() -> None:

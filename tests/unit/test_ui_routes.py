@@ -67,12 +67,12 @@ def test_ui_is_public_but_its_api_needs_the_key() -> None:
 
 
 def test_triton_stats_are_trimmed_per_model() -> None:
-    from tests.fakes import FakeBackend
-    from vlmserve.gateway.triton import ModelInfo
+    from tests.fakes import FakeEngine
+    from vlmserve.gateway.engines import ModelInfo
 
-    backend = FakeBackend([ModelInfo("b", True, {}), ModelInfo("a", True, {})])
+    backend = FakeEngine([ModelInfo.of("b", True, {}), ModelInfo.of("a", True, {})])
     with TestClient(create_app(GatewaySettings(), backend=backend), raise_server_exceptions=False) as c:
         stats = c.get("/ui/api/triton-stats").json()
-    assert stats["triton"] == FakeBackend.url
+    assert stats["triton"] == FakeEngine.url
     assert [m["name"] for m in stats["models"]] == ["a", "b"]
     assert stats["models"][0]["success"] == {"count": 0, "ns": 0}

@@ -5,18 +5,21 @@ model re-validates with the same field rules.
 Field rules live once, as annotated types (``Temperature``, ``TopP``, ``Penalty``, ...), and every model that has
 the field uses them, so the gateway's 4xx and the model's INVALID_ARG say the same thing. Per-model limits
 (``max_tokens`` against the model's ``max_new_tokens_limit``, ``n`` against its ``max_batch``) are checked where the
-model is known: ``vlmserve.gateway.chat.Sampling.check`` and ``vlmserve.model_repository.chat.parse_params``.
+model is known: once in the gateway, by the request models' ``to_generation_parameters`` (against the model's
+typed config, :class:`GenerationLimits`), and again by the model itself as the engine's own guard
+(``vlmserve.model_repository.chat.parse_params``).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, field_validator
 
 __all__ = [
     "AssistantMessage", "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "ContentPart",
-    "DeveloperMessage", "GenerationParameters", "ImagePart", "JsonObjectFormat", "JsonSchemaFormat",
+    "DeveloperMessage", "GenerationLimits", "GenerationParameters", "RequestRejected",
+    "max_tokens_for", "ImagePart", "JsonObjectFormat", "JsonSchemaFormat",
     "JsonSchemaSpec", "MAX_N", "MAX_STOP", "MAX_TOP_LOGPROBS", "MAX_COMPLETION_LOGPROBS", "ResponseFormat",
     "StreamOptions", "SystemMessage", "TextFormat", "TextPart", "UserMessage", "VideoPart", "grammar_spec",
 ]
@@ -151,6 +154,47 @@ ChatMessage = Annotated[SystemMessage | DeveloperMessage | UserMessage | Assista
                         Field(discriminator="role")]
 
 
+# --- per-model limits -------------------------------------------------------------------------------------------
+
+
+class GenerationLimits(Protocol):
+    """What a chat model allows, from its typed config (``vlmserve.families.contract.ChatParams`` is one)."""
+
+    @property
+    def max_new_tokens_limit(self) -> int: ...
+    @property
+    def max_batch(self) -> int: ...
+    @property
+    def max_video_frames(self) -> int: ...
+
+
+class RequestRejected(ValueError):
+    """A request this model cannot honour as sent (the gateway answers 400 naming ``param``)."""
+
+    def __init__(self, message: str, param: str, code: str | None = "invalid_value") -> None:
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+def max_tokens_for(max_tokens: int | None, limits: GenerationLimits, param: str = "max_tokens") -> int | None:
+    """The answer's length cap as the request sets it, checked against ``1..max_new_tokens_limit`` (the one check
+    before the engine). None stays None: the model's default (``default_max_new_tokens``), which the model lowers
+    to what is left of its context (vLLM's rule), so the gateway does not copy it."""
+    if max_tokens is None:
+        return None
+    if not 1 <= max_tokens <= limits.max_new_tokens_limit:
+        raise RequestRejected(f"{param} must be 1..{limits.max_new_tokens_limit} for this model, got {max_tokens}",
+                              param)
+    return max_tokens
+
+
+def _choices(n: int | None, limits: GenerationLimits) -> int:
+    if n is not None and n > limits.max_batch:
+        raise RequestRejected(f"n must be 1..{limits.max_batch} for this model (each choice is a row of its batch), "
+                              f"got {n}", "n")
+    return n or 1
+
+
 # --- requests ---------------------------------------------------------------------------------------------------
 
 
@@ -187,6 +231,13 @@ class _Sampling(BaseModel):
     def stop_list(self) -> list[str] | None:
         return [self.stop] if isinstance(self.stop, str) else self.stop
 
+    def _common(self, limits: GenerationLimits) -> dict[str, Any]:
+        """The settings both kinds send (None: the model's default)."""
+        values = {"temperature": self.temperature, "top_p": self.top_p, "stop": self.stop_list(), "seed": self.seed,
+                  "n": _choices(self.n, limits), "presence_penalty": self.presence_penalty,
+                  "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty}
+        return {k: v for k, v in values.items() if v is not None}
+
 
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
@@ -201,6 +252,28 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Any] | None = None
     video_fps: VideoFps | None = None
     video_max_frames: VideoFrames | None = None
+
+    def to_generation_parameters(self, limits: GenerationLimits) -> GenerationParameters:
+        """What the model is asked for; :class:`RequestRejected` for what it cannot honour (rather than ignoring
+        it), with the model's limits (``max_tokens``, ``n``, ``video_max_frames``) checked here once."""
+        if self.tools:
+            raise RequestRejected("tool calling is not supported by these models", "tools", "unsupported_parameter")
+        if self.top_logprobs and not self.logprobs:
+            raise RequestRejected("top_logprobs needs logprobs: true", "top_logprobs")
+        if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
+            raise RequestRejected("max_tokens and max_completion_tokens disagree; send one of them",
+                                  "max_completion_tokens", None)
+        wire = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        param = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        if self.video_max_frames is not None and self.video_max_frames > limits.max_video_frames:
+            raise RequestRejected(f"video_max_frames must be 1..{limits.max_video_frames} for this model, "
+                                  f"got {self.video_max_frames}", "video_max_frames")
+        return GenerationParameters.model_validate({
+            **self._common(limits), "max_tokens": max_tokens_for(wire, limits, param),
+            "logprobs": bool(self.logprobs), "top_logprobs": self.top_logprobs or 0,
+            "response_format": grammar_spec(self.response_format), "video_fps": self.video_fps,
+            "video_max_frames": self.video_max_frames,
+        })
 
 
 # The gateway answers 400 for the unsupported values; the schema states the ones that work.
@@ -220,6 +293,14 @@ class CompletionRequest(_Sampling):
     echo: bool | None = Field(False, description="not supported: false only", json_schema_extra={"enum": [False, None]})
     suffix: str | None = Field(None, description="not supported: empty only", json_schema_extra={"maxLength": 0})
     best_of: int | None = Field(None, description="equal to n only (no server-side reranking)")
+
+    def to_generation_parameters(self, limits: GenerationLimits) -> GenerationParameters:
+        """What the model is asked for each prompt (see :meth:`ChatCompletionRequest.to_generation_parameters`);
+        ``logprobs`` N asks for the answer's log probabilities and N alternatives."""
+        return GenerationParameters.model_validate({
+            **self._common(limits), "max_tokens": max_tokens_for(self.max_tokens, limits),
+            "logprobs": self.logprobs is not None, "top_logprobs": self.logprobs or 0,
+        })
 
 
 # --- the chat models' PARAMETERS ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Torch-free and Triton-free: imported by the gateway, the Triton stubs and export
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -50,6 +50,19 @@ class TensorSpec:
             rows = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]
             return np.array(rows, dtype=np.object_).reshape(len(rows), 1)
         return np.array(list(values), dtype=self.numpy_dtype).reshape(len(values), 1)
+
+    def pack_one(self, value: Any) -> np.ndarray:
+        """One value for a model that does not batch requests (``max_batch_size`` 0: the decoupled chat models):
+        its ``[1]`` input."""
+        return self.pack([value]).reshape(1)
+
+    def first_text(self, outputs: Mapping[str, np.ndarray]) -> str:
+        """This output's first element as text, UTF-8 decoded (``""`` when ``outputs`` lack it or it is empty)."""
+        array = outputs.get(self.name)
+        if array is None or array.size == 0:
+            return ""
+        value = np.asarray(array).reshape(-1)[0]
+        return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
 class _Tensors:

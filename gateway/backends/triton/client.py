@@ -14,8 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any
 
 import grpc
 import numpy as np
@@ -24,88 +23,14 @@ import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
 from vlmserve import telemetry
-from vlmserve.families import TASK_SURFACE, default_family
-from vlmserve.families.contract import ModelParams
+from vlmserve.gateway.engines import EngineUnavailable, ModelInfo, Registry
 from vlmserve.gateway.errors import APIError
 from vlmserve.gateway.limits import TRITON_PRIORITY, batch_priority
-
-P = TypeVar("P", bound=ModelParams)
 
 log = logging.getLogger("vlmserve.gateway")
 
 
-class TritonUnavailable(APIError):
-    def __init__(self, detail: str, retry_after: int) -> None:
-        super().__init__(503, f"inference server unavailable: {detail}; retry later", code="triton_unavailable",
-                         headers={"Retry-After": str(retry_after)})
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    ready: bool
-    params: dict[str, str] = field(default_factory=dict)
-    max_batch_size: int = 0
-    device: str = "cpu"
-
-    @property
-    def family(self) -> str | None:
-        return self.params.get("family")
-
-    @property
-    def task(self) -> str | None:
-        return self.params.get("task")
-
-    def contract(self, kind: type[P]) -> P:
-        """Its config parameters read through the model contract (502 when the config breaks it)."""
-        try:
-            return kind.from_triton(self.params)
-        except ValueError as exc:
-            raise APIError(502, f"{self.name}: invalid model config parameters ({exc}); re-export the model "
-                                "repository", code="bad_model_config") from None
-
-
-@dataclass(frozen=True)
-class Registry:
-    models: dict[str, ModelInfo]
-    reachable: bool = True
-    # Models Triton lists but has not READY, whose config this gateway never saw (it cannot know what they serve):
-    # a task with no model may be served by one of them once it is loaded (at start, or while a replica's watcher
-    # reloads it before this gateway first saw it ready), so find() answers 503 + Retry-After instead of 404.
-    loading: tuple[str, ...] = ()
-    retry_after_s: int = 5
-
-    def by_task(self, task: str) -> list[ModelInfo]:
-        return [m for m in self.models.values() if m.task == task]
-
-    def default(self, task: str, surface: str | None = None) -> ModelInfo | None:
-        """The model answering ``task`` when a request names none.
-
-        The default family of the surface (its spec's ``default_for``) when loaded, else the first by Triton
-        name: adding a family never silently takes a surface over.
-        """
-        candidates = sorted(self.by_task(task), key=lambda m: m.name)
-        preferred = default_family(surface or TASK_SURFACE.get(task, task))
-        return next((m for m in candidates if m.family == preferred), candidates[0] if candidates else None)
-
-    def find(self, task: str, model: str | None, surface: str | None = None) -> ModelInfo:
-        """The model serving ``task`` that matches ``model`` (source id, family or Triton name; None = default)."""
-        candidates = self.by_task(task)
-        if not candidates and self.loading:
-            raise TritonUnavailable(f"no model serving {task!r} is ready; not ready yet: {', '.join(self.loading)}",
-                                    self.retry_after_s)
-        if not candidates:
-            raise APIError(404, f"no model serving {task!r} is loaded in Triton", code="model_not_found")
-        if model is None:
-            return self.default(task, surface) or candidates[0]
-        for m in candidates:
-            if model in (m.name, m.family, m.params.get("source_model")):
-                return m
-        known = {m.params.get("source_model", m.name) for m in candidates}
-        known |= {m.family or "" for m in candidates}
-        available = ", ".join(sorted(k for k in known if k))
-        raise APIError(404, f"model {model!r} not found for {task}; available: {available}",
-                       code="model_not_found", param="model")
+TritonUnavailable = EngineUnavailable  # Triton is the engine here
 
 
 def _params(config: dict[str, Any]) -> dict[str, str]:
@@ -117,40 +42,9 @@ def _device(config: dict[str, Any]) -> str:
     return "cuda" if "KIND_GPU" in kinds else "cpu"
 
 
-@runtime_checkable
-class InferenceBackend(Protocol):
-    """The gateway's seam to the inference server: what the routes and services use of it.
-
-    :class:`TritonBackend` is the real one; tests use one fake (``tests/fakes.py``).
-    """
-
-    url: str
-    retry_after_s: int
-
-    async def registry(self, refresh: bool = False) -> Registry:
-        """What is served: models, readiness, config parameters (cached; ``refresh`` re-reads)."""
-        ...
-
-    async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        """One request to a non-decoupled model; errors as :class:`APIError` (4xx/5xx, Retry-After on 503)."""
-        ...
-
-    def stream(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str], *,
-               cancel_inputs: Callable[[str], dict[str, np.ndarray]] | None = None,
-               final_output: str = "FINISH_REASON") -> AsyncGenerator[dict[str, np.ndarray], None]:
-        """The responses of a decoupled model as they come; closing the generator ends the request (through
-        ``cancel_inputs`` when given, else by cancelling the call)."""
-        ...
-
-    async def statistics(self) -> dict[str, Any]:
-        """The server's inference statistics (Triton's ``/v2/models/stats`` JSON); TritonUnavailable if down."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-class TritonBackend:
-    """Async client for one Triton server (HTTP/REST, binary tensors)."""
+class TritonClient:
+    """Async client for one Triton server: the registry, one-shot calls (HTTP/REST, binary tensors) and streams
+    (gRPC); :class:`~vlmserve.gateway.backends.triton.TritonBackend` speaks the surfaces over it."""
 
     def __init__(self, url: str, timeout_s: float = 120.0, retry_after_s: int = 5, registry_ttl_s: float = 10.0,
                  grpc_url: str | None = None, reconnect_s: float = 0.0):
@@ -223,7 +117,7 @@ class TritonBackend:
             self._grpc_at = self.clock()
         return self._grpc_client
 
-    def start_refresh(self) -> None:
+    def start(self) -> None:
         """Refresh the registry every ``registry_ttl_s`` in the background, so ``/health`` never waits on Triton."""
         async def loop() -> None:
             while True:
@@ -234,7 +128,7 @@ class TritonBackend:
             self._refresher = asyncio.create_task(loop(), name="triton-registry-refresh")
 
     async def cached_registry(self) -> Registry:
-        """The last registry read (refreshed by :meth:`start_refresh`), read once if there is none yet."""
+        """The last registry read (refreshed by :meth:`start`), read once if there is none yet."""
         return self._registry if self._registry is not None else await self.registry()
 
     def unhealthy(self, model: str) -> bool:
@@ -298,16 +192,19 @@ class TritonBackend:
                     config: dict[str, Any] = {}
                     if ready:
                         config = await self.client.get_model_config(name)
-                    models[name] = ModelInfo(name, ready, _params(config), int(config.get("max_batch_size", 0)),
-                                             _device(config))
-                    if ready:
+                    models[name] = ModelInfo.of(name, ready, _params(config), int(config.get("max_batch_size", 0)),
+                                                _device(config))
+                    if models[name].problem:
+                        log.error("model %s: %s", name, models[name].problem)
+                    if models[name].ready:
                         self._served[name] = models[name]
-                    elif name in self._served:
+                    elif not ready and name in self._served:
                         # Unloaded for its reload (orchestrator/heal.py), Triton has no config to give; without its
                         # task the model would drop out of its surface and the default would silently move to
                         # another family (another embedding space): it stays, not ready: 503 + Retry-After.
                         models[name] = dataclasses.replace(self._served[name], ready=False)
-                loading = tuple(sorted(n for n, m in models.items() if not m.ready and not m.params))
+                loading = tuple(sorted(n for n, m in models.items()
+                                       if not m.ready and m.params is None and not m.problem))
                 registry = Registry({name: dataclasses.replace(m, ready=False) if self.unhealthy(name) else m
                                      for name, m in models.items()}, reachable=True, loading=loading,
                                     retry_after_s=self.retry_after_s)
@@ -348,7 +245,7 @@ class TritonBackend:
 
     async def stream(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str], *,
                      cancel_inputs: Callable[[str], dict[str, np.ndarray]] | None = None,
-                     final_output: str = "FINISH_REASON") -> AsyncGenerator[dict[str, np.ndarray], None]:
+                     final_output: str | None = None) -> AsyncGenerator[dict[str, np.ndarray], None]:
         """Stream the responses of a decoupled model for one request (gRPC streaming).
 
         Yields one ``{output: array}`` dict per response and stops after the final one: the response whose
@@ -419,7 +316,7 @@ class TritonBackend:
                     outbox.put_nowait(None)
                     raise self._map_stream_error(model, error)
                 values = {n: array for n in outputs if (array := result.as_numpy(n)) is not None}
-                final = _is_final(result, values.get(final_output))
+                final = _is_final(result, values.get(final_output) if final_output else None)
                 if final:
                     finished = True
                     outbox.put_nowait(None)
@@ -561,23 +458,3 @@ def _np_to_triton(dtype: np.dtype) -> str:
     from tritonclient.utils import np_to_triton_dtype
 
     return np_to_triton_dtype(dtype)
-
-
-async def live_registry(backend: InferenceBackend) -> Registry:
-    """``backend``'s registry, re-read once if Triton looked unreachable; 503 (Retry-After) when it still is."""
-    registry = await backend.registry()
-    if not registry.reachable:
-        registry = await backend.registry(refresh=True)
-        if not registry.reachable:
-            raise TritonUnavailable(f"no answer from Triton at {backend.url}", backend.retry_after_s)
-    return registry
-
-
-def use_model(request: Any, info: ModelInfo, retry_after_s: int) -> ModelInfo:
-    """Refuse a model that is still loading (503 + Retry-After); label the request's metrics with it."""
-    if not info.ready:
-        raise APIError(503, f"model {info.name} is not ready yet; retry later", code="model_not_ready",
-                       headers={"Retry-After": str(retry_after_s)})
-    request.scope.setdefault("state", {})["model"] = info.name
-    telemetry.set_model(info.name)  # the request's log lines and span name it
-    return info
