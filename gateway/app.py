@@ -17,16 +17,12 @@ from vlmserve.gateway.batches import BatchStore, batch_root, batch_runner
 from vlmserve.gateway.chat import ChatService
 from vlmserve.gateway.embedding import EmbeddingService
 from vlmserve.gateway.engines import Engine
-from vlmserve.gateway.limits import BodySizeLimit, Drain, InFlightLimit, Interactive
+from vlmserve.gateway.limits import BodySizeLimit, Drain, InFlightLimit, Interactive, route_groups
 from vlmserve.gateway.metrics import Metrics, MetricsMiddleware
 from vlmserve.gateway.observability import RequestIdMiddleware
-from vlmserve.gateway.routes import batches as batch_routes
-from vlmserve.gateway.routes import chat as chat_routes
-from vlmserve.gateway.routes import embeddings, health, openai
-from vlmserve.gateway.routes import florence as florence_routes
+from vlmserve.gateway.routes import ROUTERS
 from vlmserve.gateway.settings import GatewaySettings
 from vlmserve.gateway.storage import LocalStore, build_store, sweep_forever
-from vlmserve.gateway.ui import router as ui_router
 
 log = logging.getLogger("vlmserve.gateway")
 
@@ -71,16 +67,11 @@ def create_app(settings: GatewaySettings, backend: Engine | None = None) -> Fast
     app.state.interactive = Interactive()  # counted by InFlightLimit; a running batch yields to it
     app.state.batches = BatchStore(batch_root(settings))  # lazy too: the database opens on first use
     errors.install(app)
-    app.include_router(health.router)
-    app.include_router(embeddings.router)
-    app.include_router(openai.router)
-    app.include_router(florence_routes.router)
-    app.include_router(florence_routes.files_router)
-    app.include_router(chat_routes.router)
-    app.include_router(batch_routes.router)
-    app.include_router(ui_router)
+    for router in ROUTERS:
+        app.include_router(router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(InFlightLimit, caps=settings.inflight_caps(), retry_after_s=settings.retry_after_s,
+    app.add_middleware(InFlightLimit, caps=settings.inflight_caps(), groups=route_groups(app.openapi()),
+                       retry_after_s=settings.retry_after_s,
                        interactive=app.state.interactive)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(app.state.drain.middleware)  # a draining gateway refuses before any work

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from contextvars import ContextVar
 from types import SimpleNamespace
+from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -69,13 +71,21 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, guarded_send)
 
 
-# Inference routes by group; each group has its own in-flight cap (settings max_inflight_<group>).
-ROUTE_GROUPS: dict[str, str] = {
-    "/embed": "embeddings", "/embed_text": "embeddings", "/v1/embeddings": "embeddings",
-    "/infer": "florence", "/infer/upload": "florence", "/v1/predict": "florence",
-    "/v1/chat/completions": "chat", "/v1/completions": "chat", "/ocr": "chat", "/v1/ocr": "chat",
-    "/v1/describe_region": "chat",
-}
+# Inference routes belong to a group; each group has its own in-flight cap (settings max_inflight_<group>). A route
+# names its group where it is declared (``openapi_extra=inflight_group("chat")``, shown in the OpenAPI schema), and
+# the app hands the middleware the map of every declared route, read from its OpenAPI schema (:func:`route_groups`).
+INFLIGHT_GROUP_KEY = "x-vlmserve-inflight-group"
+
+
+def inflight_group(group: str) -> dict[str, str]:
+    """The ``openapi_extra`` that puts a POST route into an in-flight group."""
+    return {INFLIGHT_GROUP_KEY: group}
+
+
+def route_groups(openapi: Mapping[str, Any]) -> dict[str, str]:
+    """Path -> in-flight group of every POST route whose schema declares one (``app.openapi()``)."""
+    return {path: ops["post"][INFLIGHT_GROUP_KEY] for path, ops in openapi.get("paths", {}).items()
+            if INFLIGHT_GROUP_KEY in ops.get("post", {})}
 
 
 # ``X-Vlmserve-Priority: batch`` (the Batch API's runner sends it; any client may) puts a request below interactive
@@ -112,16 +122,17 @@ class InFlightLimit:
     the next one gets 429 + Retry-After at once instead of queueing in the gateway (fetching URLs, decoding).
     It also reads the request's priority header into ``batch_priority`` for the handlers below it."""
 
-    def __init__(self, app: ASGIApp, caps: dict[str, int], retry_after_s: int,
+    def __init__(self, app: ASGIApp, caps: dict[str, int], groups: Mapping[str, str], retry_after_s: int,
                  interactive: Interactive | None = None) -> None:
         self.app = app
         self.caps = caps
+        self.groups = dict(groups)  # path -> group (route_groups(app.routes))
         self.retry_after_s = retry_after_s
         self.active = dict.fromkeys(caps, 0)
         self.interactive = interactive or Interactive()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        group = ROUTE_GROUPS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        group = self.groups.get(scope.get("path", "")) if scope["type"] == "http" else None
         if group is None or group not in self.caps or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return

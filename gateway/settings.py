@@ -31,7 +31,8 @@ class GatewaySettings(BaseSettings):
                                    "progress (new ones get 503 + Retry-After), then exit")
     api_keys: list[str] = Field(default_factory=list, description="if set, Bearer keys required (JSON list)")
     max_body_bytes: int = 64 * 1024 * 1024
-    # In-flight caps per route group (gateway/limits.py ROUTE_GROUPS): beyond them, 429 + Retry-After at once.
+    # In-flight caps per route group (each route names its group: gateway/limits.py inflight_group): beyond them, 429
+    # + Retry-After at once.
     max_inflight_embeddings: int = Field(64, ge=1, description="/embed, /embed_text, /v1/embeddings in progress")
     max_inflight_florence: int = Field(32, ge=1, description="/infer, /infer/upload, /v1/predict in progress")
     max_inflight_chat: int = Field(64, ge=1, description="chat completions, /ocr, /v1/ocr, describe_region")

@@ -67,6 +67,7 @@ TTFT_TYPE = "TTFT"
 TTFT_NAME = "chat ttft"
 
 _user_ids = itertools.count()
+_covered = itertools.count(1)  # users that finished their VLMSERVE_LT_COVER_FIRST pass
 
 
 class GatewayUser(HttpUser):
@@ -89,6 +90,9 @@ class GatewayUser(HttpUser):
             for fn in dict.fromkeys(self.tasks):
                 for _ in range(self.cover_repeats):
                     fn(self)  # type: ignore[operator]  # our tasks are plain functions, not TaskSets
+            runner = self.environment.runner
+            if CONFIG.stop_after_cover and runner is not None and next(_covered) >= runner.target_user_count:
+                runner.quit()  # every user has covered its tasks: the stats are complete
 
     def post_json(self, name: str, path: str, body: dict[str, Any], check: Callable[[Any], None]) -> None:
         """POST ``body``; the request fails on a non-2xx status or when ``check(parsed_body)`` raises."""

@@ -155,6 +155,9 @@ class Config:
     timeout_s: float = 120.0
     api_key: str | None = None
     cover_first: bool = False
+    # With cover_first: stop the run once every user has run each of its tasks (a smoke test then ends as soon
+    # as every request name has shown up; -t is only its cap, however slow the host).
+    stop_after_cover: bool = False
     max_fail_ratio: float = 0.01
     max_p95_ms: float | None = None
     weights: Mapping[str, int] = field(default_factory=dict)
@@ -187,6 +190,7 @@ class Config:
             timeout_s=env_float("TIMEOUT_S", cls.timeout_s, minimum=0.1) or cls.timeout_s,
             api_key=_env("API_KEY"),
             cover_first=env_bool("COVER_FIRST", False),
+            stop_after_cover=env_bool("STOP_AFTER_COVER", False),
             max_fail_ratio=env_float("MAX_FAIL_RATIO", cls.max_fail_ratio, minimum=0.0) or 0.0,
             max_p95_ms=env_float("MAX_P95_MS", None, minimum=0.0),
         )

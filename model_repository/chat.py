@@ -724,7 +724,8 @@ class ChatModel:
         """A request with no MESSAGES/PROMPT and ``PARAMETERS`` ``{"cancel": id}`` ends the running request whose
         Triton request id is ``id`` (its rows stop at their next step and it gets its final response,
         ``finish_reason`` "cancelled"); it is answered with a final flag only. The gateway sends one down the same
-        stream when its client goes away, instead of cancelling the gRPC call (see gateway/triton.py). True when
+        stream when its client goes away, instead of cancelling the gRPC call (see gateway/backends/triton/client.py).
+        True when
         ``request`` was such a request."""
         pb = common.pb_utils
         raw = pb.get_input_tensor_by_name(request, ChatTensors.PARAMETERS.name)

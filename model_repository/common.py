@@ -578,7 +578,8 @@ def retry_singly(items: list[T], run: Callable[[list[T]], R]) -> list[tuple[list
 
 
 def error_response(message: str, invalid_arg: bool = False, unavailable: bool = False):
-    """An error response whose Triton code the gateway maps (gateway/triton.py): INVALID_ARG (the client's input)
+    """An error response whose Triton code the gateway maps (gateway/backends/triton/client.py): INVALID_ARG (the
+    client's input)
     -> 400, UNAVAILABLE (full, retry later) -> 429/503 + Retry-After, otherwise INTERNAL -> 502."""
     code = "INVALID_ARG" if invalid_arg else "UNAVAILABLE" if unavailable else None
     if code is not None and hasattr(pb_utils.TritonError, code):

@@ -45,6 +45,7 @@ from vlmserve.gateway.engines import ModelInfo
 from vlmserve.gateway.errors import APIError, about, error_body
 from vlmserve.gateway.florence import oriented_size
 from vlmserve.gateway.images import EXAMPLE_IMAGE, IMAGE_REF_SCHEMA, resolve_image, validate_image_bytes
+from vlmserve.gateway.limits import inflight_group
 from vlmserve.gateway.routes.openai import OpenAIRoute
 
 log = logging.getLogger("vlmserve.gateway")
@@ -67,7 +68,8 @@ def get_chat(request: Request) -> ChatService:
 openai_router = APIRouter(dependencies=[Depends(require_api_key)], route_class=OpenAIRoute)
 
 
-@openai_router.post("/v1/chat/completions", tags=["OpenAI"], response_model=None)
+@openai_router.post("/v1/chat/completions", tags=["OpenAI"], response_model=None,
+                    openapi_extra=inflight_group("chat"))
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            chat: ChatService = Depends(get_chat)) -> dict[str, Any] | StreamingResponse:
     """OpenAI chat completions; ``stream: true`` answers with server-sent ``chat.completion.chunk`` events.
@@ -87,7 +89,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     return await _stream(request, chat, info, job, answer, body.stream_options)
 
 
-@openai_router.post("/v1/completions", tags=["OpenAI"], response_model=None)
+@openai_router.post("/v1/completions", tags=["OpenAI"], response_model=None, openapi_extra=inflight_group("chat"))
 async def completions(body: CompletionRequest, request: Request,
                       chat: ChatService = Depends(get_chat)) -> dict[str, Any] | StreamingResponse:
     """OpenAI legacy text completions on the chat models: the prompt goes in as is (no chat template), as
@@ -304,7 +306,7 @@ async def _read_text(request: Request, chat: ChatService, info: ModelInfo, image
     return result, {"json": parsed, "finish_reason": result.finish_reason}
 
 
-@router.post("/ocr", tags=["OCR service API"])
+@router.post("/ocr", tags=["OCR service API"], openapi_extra=inflight_group("chat"))
 async def ocr(body: OcrRequest, request: Request, chat: ChatService = Depends(get_chat)) -> dict[str, Any]:
     """The Qwen2-VL OCR service: the text in an image, read by a chat model (``schema``: as JSON matching it)."""
     language = _check_language(body.language)
@@ -409,7 +411,8 @@ _STR = {"type": "string"}
 
 
 @router.post("/v1/ocr", tags=["SmolVLM2 service API"], response_model=None,
-             openapi_extra=_body_schema(OcrV1Request, {"file": _FILE, "model": _STR, "language": _STR}))
+             openapi_extra=_body_schema(OcrV1Request, {"file": _FILE, "model": _STR, "language": _STR})
+             | inflight_group("chat"))
 async def ocr_v1(request: Request, fmt: Literal["json", "txt"] | None = Query(None, alias="format"),
                  chat: ChatService = Depends(get_chat)) -> dict[str, Any] | Response:
     """The SmolVLM2 service's OCR: plain text (JSON, or ``?format=txt`` / ``Accept: text/plain`` for a .txt
@@ -428,7 +431,8 @@ async def ocr_v1(request: Request, fmt: Literal["json", "txt"] | None = Query(No
 
 @router.post("/v1/describe_region", tags=["SmolVLM2 service API"],
              openapi_extra=_body_schema(DescribeRegionRequest, {"file": _FILE, "box": _BOX_TEXT,
-                                                                "model": _STR, "prompt": _STR}, "box"))
+                                                                "model": _STR, "prompt": _STR}, "box")
+             | inflight_group("chat"))
 async def describe_region(request: Request, chat: ChatService = Depends(get_chat)) -> dict[str, Any]:
     """The SmolVLM2 service: describe the object inside ``box`` (``x1,y1,x2,y2``, strictly validated)."""
     body, image, size = await _image_request(request, DescribeRegionRequest)

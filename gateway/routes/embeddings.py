@@ -11,6 +11,7 @@ from pydantic.json_schema import JsonDict
 from vlmserve.gateway.auth import require_api_key
 from vlmserve.gateway.embedding import EmbeddingService, get_service
 from vlmserve.gateway.images import EXAMPLE_IMAGE, IMAGE_REF_SCHEMA
+from vlmserve.gateway.limits import inflight_group
 
 router = APIRouter(tags=["embedding service API"], dependencies=[Depends(require_api_key)])
 
@@ -60,13 +61,13 @@ class EmbedTextRequest(BaseModel):
         return self
 
 
-@router.post("/embed", response_model=list[list[float]])
+@router.post("/embed", response_model=list[list[float]], openapi_extra=inflight_group("embeddings"))
 async def embed(body: EmbedRequest, request: Request, service: EmbeddingService = Depends(get_service)):
     result = await service.embed_images(request, body.images, body.model)
     return result.vectors.tolist()
 
 
-@router.post("/embed_text", response_model=list[list[float]])
+@router.post("/embed_text", response_model=list[list[float]], openapi_extra=inflight_group("embeddings"))
 async def embed_text(body: EmbedTextRequest, request: Request, service: EmbeddingService = Depends(get_service)):
     texts = body.texts if body.texts is not None else [body.text or ""]
     result = await service.embed_texts(request, texts, body.model)

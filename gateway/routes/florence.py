@@ -34,6 +34,7 @@ from vlmserve.gateway.florence import (
     shape_response,
 )
 from vlmserve.gateway.images import EXAMPLE_IMAGE, IMAGE_REF_SCHEMA, decode_base64_image, validate_image_bytes
+from vlmserve.gateway.limits import inflight_group
 from vlmserve.gateway.storage import LocalStore, StorageError, media_type_for
 
 log = logging.getLogger("vlmserve.gateway")
@@ -80,7 +81,7 @@ async def list_tasks_v1(request: Request) -> list[dict[str, Any]]:
     return [t.as_dict() for t in TaskTable.of(info)]
 
 
-@router.post("/infer")
+@router.post("/infer", openapi_extra=inflight_group("florence"))
 async def infer(body: InferRequest, request: Request) -> dict[str, Any]:
     """Run one task on a base64 image (the Florence-2 service)."""
     policy = request.app.state.settings.image_policy()
@@ -92,7 +93,7 @@ async def infer(body: InferRequest, request: Request) -> dict[str, Any]:
     return response
 
 
-@router.post("/infer/upload")
+@router.post("/infer/upload", openapi_extra=inflight_group("florence"))
 async def infer_upload(
     request: Request,
     file: UploadFile = File(..., description="the image file"),
@@ -108,7 +109,7 @@ async def infer_upload(
     return response
 
 
-@router.post("/v1/predict")
+@router.post("/v1/predict", openapi_extra=inflight_group("florence"))
 async def predict(
     request: Request,
     task: str = Form(..., description="Florence token (<OD>) or task name"),

@@ -18,6 +18,7 @@ from vlmserve.families.contract import EmbedParams, ModelParams
 from vlmserve.gateway.auth import require_api_key
 from vlmserve.gateway.embedding import EmbeddingService, get_service
 from vlmserve.gateway.errors import APIError
+from vlmserve.gateway.limits import inflight_group
 from vlmserve.host import IsaError, serve_choice, serving_cpu
 
 # Discriminator values pydantic puts into an error's location (messages[0].user.content ...): not fields.
@@ -87,7 +88,7 @@ def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:
     return vector.tolist()
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", openapi_extra=inflight_group("embeddings"))
 async def embeddings(body: EmbeddingsRequest, request: Request, service: EmbeddingService = Depends(get_service)):
     items = [body.input] if isinstance(body.input, str) else body.input
     if any(isinstance(x, (int, list)) for x in items):

@@ -89,7 +89,8 @@ class Replica:
             env["VLMSERVE_GATEWAY_HOST"] = "0.0.0.0"  # noqa: S104 - a container's service port
             env["VLMSERVE_GATEWAY_PORT"] = str(GATEWAY_PORT)
             # Triton is several replicas behind one name here: reopen its connections every 30 s, so that a
-            # replica that comes back or is added gets its share (gateway/triton.py, TritonBackend.reconnect_s).
+            # replica that comes back or is added gets its share (gateway/backends/triton/client.py,
+            # TritonClient.reconnect_s).
             env["VLMSERVE_GATEWAY_TRITON_RECONNECT_S"] = str(TRITON_RECONNECT_S)
             # Behind a balancer: on SIGTERM turn unready first and keep serving while it stops routing here.
             env["VLMSERVE_GATEWAY_DRAIN_DELAY_S"] = str(DRAIN_DELAY_S)

@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from vlmserve.export.repository import ExportOptions, dynamic_batching
 from vlmserve.gateway.backends.triton import TritonBackend
-from vlmserve.gateway.limits import ROUTE_GROUPS, InFlightLimit
+from vlmserve.gateway.limits import InFlightLimit, route_groups
 from vlmserve.model_repository.chat import Admission
 
 
@@ -35,7 +35,8 @@ async def _capped_app_run(cap: int, extra_requests: int) -> tuple[list[httpx.Res
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    limited = InFlightLimit(app, {"chat": cap, "embeddings": 1}, retry_after_s=7)
+    limited = InFlightLimit(app, {"chat": cap, "embeddings": 1},
+                            {"/v1/chat/completions": "chat", "/embed": "embeddings"}, retry_after_s=7)
     transport = httpx.ASGITransport(app=limited)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
         held = [asyncio.create_task(client.post("/v1/chat/completions", json={})) for _ in range(cap)]
@@ -65,10 +66,13 @@ def test_every_inference_route_is_in_a_group() -> None:
     from vlmserve.gateway.settings import GatewaySettings
 
     app = create_app(GatewaySettings())
+    groups = route_groups(app.openapi())
     posts = {path for path, ops in app.openapi()["paths"].items() if "post" in ops}
     # The Batch API's own routes only store files and queue batches (their lines run through the routes above).
-    assert posts - {"/v1/files", "/v1/batches", "/v1/batches/{batch_id}/cancel"} == set(ROUTE_GROUPS)
-    assert set(ROUTE_GROUPS.values()) == set(GatewaySettings().inflight_caps())
+    assert posts - {"/v1/files", "/v1/batches", "/v1/batches/{batch_id}/cancel"} == set(groups)
+    assert set(groups.values()) == set(GatewaySettings().inflight_caps())
+    # The schema says which cap each inference route counts against.
+    assert app.openapi()["paths"]["/v1/ocr"]["post"]["x-vlmserve-inflight-group"] == "chat"
 
 
 def test_chat_admission_is_bounded_and_releases_once() -> None:

@@ -99,7 +99,7 @@ def test_the_priority_header_marks_the_request_and_its_chat_parameters() -> None
         seen.append(with_priority(GenerationParameters(max_tokens=2)).priority == "batch")
 
     interactive = Interactive()
-    limit = InFlightLimit(app, {"chat": 4}, retry_after_s=1, interactive=interactive)
+    limit = InFlightLimit(app, {"chat": 4}, {CHAT: "chat"}, retry_after_s=1, interactive=interactive)
     for headers in ([(PRIORITY_HEADER, b"batch")], [(PRIORITY_HEADER, b"urgent")], []):
         scope = {"type": "http", "path": CHAT, "method": "POST", "headers": headers}
         asyncio.run(limit(scope, None, None))
