@@ -14,6 +14,7 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from tests.unit.gateway.backends.tensors import USAGE, resp
+from vlmserve.families.tensors import ChatTensors as Chat
 from vlmserve.gateway.backends.triton import TritonBackend, TritonUnavailable, cancel_request
 from vlmserve.gateway.errors import APIError
 
@@ -81,8 +82,9 @@ def _backend_with(call: _FakeCall) -> tuple[TritonBackend, _FakeGrpc]:
 def _collect(backend: TritonBackend, stop_after: int | None = None) -> list[dict[str, np.ndarray]]:
     async def run() -> list[dict[str, np.ndarray]]:
         out = []
-        gen = backend.stream("chat", {"MESSAGES": np.array([b"[]"], dtype=np.object_)},
-                             ["TEXT", "FINISH_REASON", "USAGE"], final_output="FINISH_REASON")
+        gen = backend.stream("chat", {Chat.MESSAGES.name: np.array([b"[]"], dtype=np.object_)},
+                             [Chat.TEXT.name, Chat.FINISH_REASON.name, Chat.USAGE.name],
+                             final_output=Chat.FINISH_REASON.name)
         try:
             async for values in gen:
                 out.append(values)
@@ -99,9 +101,9 @@ def test_triton_stream_ends_at_the_final_response_without_cancelling() -> None:
     call = _FakeCall([(_FakeResult(resp("a")), None), (_FakeResult(resp("b", "stop", USAGE)), None)])
     backend, fake = _backend_with(call)
     out = _collect(backend)
-    assert [v["TEXT"][0] for v in out] == [b"a", b"b"] and not call.cancelled
+    assert [v[Chat.TEXT.name][0] for v in out] == [b"a", b"b"] and not call.cancelled
     assert fake.sent[0]["model_name"] == "chat"
-    assert [i.name() for i in fake.sent[0]["inputs"]] == ["MESSAGES"]
+    assert [i.name() for i in fake.sent[0]["inputs"]] == [Chat.MESSAGES.name]
     # Errors end the call with their gRPC status code instead of a bare message in the stream (issue 23).
     assert fake.headers == {"triton_grpc_error": "true"}
     # An empty final response flagged by Triton (enable_empty_final_response) ends the stream too.
@@ -144,8 +146,9 @@ def test_triton_stream_closed_early_sends_a_cancel_request_and_drains_instead_of
     backend._grpc_client = Grpc()  # type: ignore[assignment]
 
     async def run() -> None:
-        gen = backend.stream("chat", {"MESSAGES": np.array([b"[]"], dtype=np.object_)}, ["TEXT", "FINISH_REASON"],
-                             cancel_inputs=cancel_request, final_output="FINISH_REASON")
+        gen = backend.stream("chat", {Chat.MESSAGES.name: np.array([b"[]"], dtype=np.object_)},
+                             [Chat.TEXT.name, Chat.FINISH_REASON.name],
+                             cancel_inputs=cancel_request, final_output=Chat.FINISH_REASON.name)
         async for _ in gen:
             break
         await gen.aclose()
@@ -157,8 +160,8 @@ def test_triton_stream_closed_early_sends_a_cancel_request_and_drains_instead_of
     asyncio.run(run())
     assert not call.cancelled and not call.items
     first, control, closed = sent
-    assert first["request_id"] and [i.name() for i in first["inputs"]] == ["MESSAGES"]
-    assert [i.name() for i in control["inputs"]] == ["PARAMETERS"] and closed == "closed"
+    assert first["request_id"] and [i.name() for i in first["inputs"]] == [Chat.MESSAGES.name]
+    assert [i.name() for i in control["inputs"]] == [Chat.PARAMETERS.name] and closed == "closed"
     assert json.loads(control["inputs"][0]._raw_content[4:]) == {"cancel": first["request_id"]}
 
 
@@ -181,8 +184,9 @@ def test_two_open_streams_with_one_client_request_id_get_distinct_triton_ids() -
 
     async def one(started: asyncio.Event, release: asyncio.Event) -> None:
         telemetry.current.set(telemetry.RequestContext(request_id="dup"))
-        gen = backend.stream("chat", {"MESSAGES": np.array([b"[]"], dtype=np.object_)}, ["TEXT", "FINISH_REASON"],
-                             final_output="FINISH_REASON")
+        gen = backend.stream("chat", {Chat.MESSAGES.name: np.array([b"[]"], dtype=np.object_)},
+                             [Chat.TEXT.name, Chat.FINISH_REASON.name],
+                             final_output=Chat.FINISH_REASON.name)
         await gen.__anext__()
         started.set()
         await release.wait()
