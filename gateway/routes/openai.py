@@ -165,7 +165,7 @@ async def _model_entries(request: Request) -> list[dict[str, Any]]:
 def _isa_check(params: ModelParams) -> dict[str, Any]:
     """Export's CPU choice re-checked on the gateway's CPU, as the model does at load (``vlmserve.host``):
     ``served_as`` (runtime/precision, decoder) and ``isa_warnings`` where it falls back, ``isa_error`` where the
-    model refuses to load. Exact where the gateway shares Triton's host (the process and Docker runtimes); across
+    model refuses to load. Exact where the gateway shares Triton's host (the process and Docker launchers); across
     nodes it is the gateway's node, and Triton's log is the word of each replica (docs/operating-limits.md)."""
     if params.device != "cpu":
         return {}

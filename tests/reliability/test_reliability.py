@@ -495,6 +495,6 @@ def test_sigterm_drains_in_flight_requests_then_exits(rstack) -> None:
             if p.info["name"] == "tritonserver" and run_dir in " ".join(p.info["cmdline"] or [])]
     assert not left, f"tritonserver still running after the stop: {left}"
     assert elapsed < rstack.settings.stop_timeout_s + 15
-    FIGURES["SIGTERM drain (process runtime)"] = {"in-flight request": answer.status_code,
+    FIGURES["SIGTERM drain (process launcher)"] = {"in-flight request": answer.status_code,
                                                   "new request while draining": refused.status_code,
                                                   "stop took s": round(elapsed, 1)}
