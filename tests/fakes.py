@@ -150,12 +150,16 @@ class FakeEngine:
         return await self._embed(Call("embed_texts", model.name, list(texts)))
 
     async def _embed(self, call: Call) -> Embedded:
+        return await self._answer(call, self.embed_answers, "embedding")
+
+    async def _answer(self, call: Call, answers: Mapping[str, Any], what: str) -> Any:
+        """Record ``call``, wait ``delay``, then the model's answer: raised, computed from the call, or as is."""
         self.calls.append(call)
         if self.delay:
             await asyncio.sleep(self.delay)
-        answer = self.embed_answers.get(call.model)
+        answer = answers.get(call.model)
         if answer is None:
-            raise AssertionError(f"FakeEngine: no embedding answer for {call.model!r}")
+            raise AssertionError(f"FakeEngine: no {what} answer for {call.model!r}")
         if isinstance(answer, BaseException):
             raise answer
         return answer(call) if callable(answer) else answer
@@ -186,16 +190,9 @@ class FakeEngine:
     # --- FlorenceRunner ---
 
     async def run_florence(self, model: ModelInfo, request: FlorenceRequest) -> dict[str, Any]:
-        call = Call("florence", model.name, florence=request)
-        self.calls.append(call)
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        answer = self.florence_answers.get(model.name)
-        if answer is None:
-            raise AssertionError(f"FakeEngine: no Florence-2 answer for {model.name!r}")
-        if isinstance(answer, BaseException):
-            raise answer
-        return answer(call) if callable(answer) else answer
+        result: dict[str, Any] = await self._answer(Call("florence", model.name, florence=request),
+                                                    self.florence_answers, "Florence-2")
+        return result
 
 
 def vectors(n: int, dim: int = 4) -> np.ndarray:
