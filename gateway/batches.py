@@ -382,6 +382,7 @@ class BatchRunner:
                                         headers=headers, timeout=None)
         self.wake = asyncio.Event()
         self.interactive: Interactive = app.state.interactive
+        self._writes: set[asyncio.Future[None]] = set()  # lines' results being committed (see _record)
 
     def concurrency(self, endpoint: str) -> int:
         cap = self.settings.inflight_caps()[ENDPOINTS[endpoint]]
@@ -472,13 +473,24 @@ class BatchRunner:
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            # A cancelled worker leaves its result's write running in its thread: wait for every one, so the
+            # output files written next hold every line that request_counts counts.
+            await asyncio.gather(*self._writes, return_exceptions=True)
         return outcome
+
+    async def _record(self, *args: Any) -> None:
+        """Commit one line's result (``BatchStore.record``). The write runs to its end even when the line's worker
+        is cancelled (a thread cannot be stopped), and :meth:`_work` waits for it before the batch is finalized."""
+        write = asyncio.ensure_future(asyncio.to_thread(self.store.record, *args))
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+        await asyncio.shield(write)
 
     async def _run_line(self, batch_id: str, endpoint: str, line: Line, expires_at: int) -> None:
         request_id = _line_id()
         telemetry.current.set(telemetry.RequestContext(request_id))  # this line's id in the bodies made here
         if line.body.get("stream"):
-            await asyncio.to_thread(self.store.record, batch_id, line, 400, error_body(
+            await self._record(batch_id, line, 400, error_body(
                 400, "streaming is not supported inside a batch: drop 'stream'", "invalid_request", "stream"),
                 None, request_id)
             return
@@ -496,7 +508,7 @@ class BatchRunner:
             body = response.json()
         except ValueError:
             body = {"error": {"message": response.text[:500], "type": "server_error"}}
-        await asyncio.to_thread(self.store.record, batch_id, line, response.status_code, body, None, request_id)
+        await self._record(batch_id, line, response.status_code, body, None, request_id)
 
     async def _finalize(self, batch_id: str, lines: list[Line], status: str) -> None:
         if status == "completed":

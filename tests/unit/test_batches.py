@@ -192,3 +192,51 @@ def test_a_batch_cancelled_before_it_ran_runs_nothing(tmp_path) -> None:
     assert batch["status"] == "cancelled" and calls == [] and batch["output_file_id"] is None
     errors = store.file_path(batch["error_file_id"]).read_text().splitlines()
     assert [json.loads(x)["error"]["code"] for x in errors] == ["batch_cancelled", "batch_cancelled"]
+
+
+def test_a_cancel_waits_for_the_results_being_written(tmp_path) -> None:
+    """A cancel that lands while a line's result is still being committed (a slow disk: the write runs in a thread
+    that cancelling its worker cannot stop) finalizes only after that write: the output file holds every line that
+    request_counts counts, and output + errors name each line once."""
+    from fastapi import FastAPI
+
+    from vlmserve.gateway.batches import BatchRunner
+    from vlmserve.gateway.settings import GatewaySettings
+
+    class SlowDisk(BatchStore):
+        def record(self, batch_id, *args) -> None:  # type: ignore[no-untyped-def]
+            self.cancel(batch_id)  # the first write asks for the cancel (later ones find it asked), then takes its time
+            time.sleep(0.8)
+            super().record(batch_id, *args)
+
+    app = FastAPI()
+    app.state.interactive = Interactive()
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: dict) -> dict:
+        return {"object": "list", "data": [], "input": body["input"]}
+
+    store = SlowDisk(tmp_path / "batches")
+    store.root.mkdir(parents=True)
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/embeddings", "body": {"input": f"r{i}"}}
+             for i in range(40)]
+    file_id = store.add_file(write(tmp_path, lines), "in.jsonl", "batch", None)["id"]
+    batch_id = store.add_batch("/v1/embeddings", file_id, "24h", None, len(lines), [])["id"]
+
+    async def run() -> None:
+        # Two lines at a time (the writes must leave the default thread pool free for the lease's renewal).
+        settings = GatewaySettings(batch_dir=str(store.root), batch_lease_s=0.6, max_inflight_embeddings=4)
+        runner = BatchRunner(store, app, settings)
+        assert runner.concurrency("/v1/embeddings") == 2  # both are being written when the cancel lands
+        await runner.run(store.claim(runner.owner, runner.lease_s))
+        await runner.client.aclose()
+
+    asyncio.run(run())
+    batch = store.batch(batch_id)
+    assert batch["status"] == "cancelled" and batch["request_counts"]["completed"] == 2
+    assert batch["output_file_id"], "the lines being written when the cancel landed are missing from the output"
+    output = [json.loads(x) for x in store.file_path(batch["output_file_id"]).read_text().splitlines()]
+    errors = [json.loads(x) for x in store.file_path(batch["error_file_id"]).read_text().splitlines()]
+    assert 1 <= len(output) < len(lines) and len(output) == batch["request_counts"]["completed"]
+    assert sorted(x["custom_id"] for x in output + errors) == sorted(f"r{i}" for i in range(len(lines)))
+    assert {x["error"]["code"] for x in errors} == {"batch_cancelled"}
