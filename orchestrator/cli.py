@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import typer
@@ -110,19 +110,25 @@ def _run_args(model_set, repo, accelerator, fallback, plan, budget, reserve) -> 
     return args
 
 
+def _start(verb: Literal["up", "ensure"], model_set, repo, name, accelerator, fallback, plan, budget, reserve,
+           deprecated) -> list[str]:
+    """``up`` or ``ensure`` on the launcher the options name, with its memory plan; what it started."""
+    name = launcher_name(name, deprecated)
+    chosen = _planned(_settings(model_set, repo, name, accelerator, fallback, plan), name, budget, reserve)
+    run_args = _run_args(model_set, repo, accelerator, fallback, plan, budget, reserve)
+    try:
+        return chosen.up(run_args) if verb == "up" else chosen.ensure(run_args)
+    except LaunchError as exc:
+        raise fail(exc) from None
+
+
 @app.command()
 def up(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, name: str | None = LauncherOpt,
        accelerator: str | None = AccelOpt, fallback: bool | None = FallbackOpt, plan: Path | None = PlanOpt,
        budget: list[str] | None = BudgetOpt, reserve: str | None = ReserveOpt,
        deprecated: str | None = DeprecatedOpt) -> None:
     """Start Triton + gateway in the background (supervised) and wait until both are healthy."""
-    name = launcher_name(name, deprecated)
-    settings = _settings(model_set, repo, name, accelerator, fallback, plan)
-    chosen = _planned(settings, name, budget, reserve)
-    try:
-        chosen.up(_run_args(model_set, repo, accelerator, fallback, plan, budget, reserve))
-    except LaunchError as exc:
-        raise fail(exc) from None
+    _start("up", model_set, repo, name, accelerator, fallback, plan, budget, reserve, deprecated)
 
 
 @app.command("start", help="Alias of `up` (the old Florence-2 service's docker manager's verb).")
@@ -201,13 +207,7 @@ def ensure(model_set: str | None = SetOpt, repo: Path | None = RepoOpt, name: st
            budget: list[str] | None = BudgetOpt, reserve: str | None = ReserveOpt,
            deprecated: str | None = DeprecatedOpt) -> None:
     """Start only what is not running and healthy (safe to call from cron or a boot script)."""
-    name = launcher_name(name, deprecated)
-    settings = _settings(model_set, repo, name, accelerator, fallback, plan)
-    chosen = _planned(settings, name, budget, reserve)
-    try:
-        started = chosen.ensure(_run_args(model_set, repo, accelerator, fallback, plan, budget, reserve))
-    except LaunchError as exc:
-        raise fail(exc) from None
+    started = _start("ensure", model_set, repo, name, accelerator, fallback, plan, budget, reserve, deprecated)
     console.print(f"started: {', '.join(started)}" if started else "already running and healthy")
 
 
